@@ -1,0 +1,69 @@
+"""What a served model needs besides its graph: task, labels and the preprocessing that feeds it.
+
+`export` writes one `model.json` per model directory (next to `config.pbtxt`); the server reads it so
+that image clients never repeat preprocessing. pydantic validates both sides of that file.
+"""
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+META_FILENAME = "model.json"
+
+
+class Task(str, Enum):
+    classification = "classification"
+    detection = "detection"
+    segmentation = "segmentation"
+    autoencoder = "autoencoder"  # image in, (latent, reconstruction) out
+    encoder = "encoder"  # image in, latent vector out
+
+
+class PreprocessSpec(BaseModel):
+    """How an encoded image becomes the model's input tensor.
+
+    Pipeline: decode -> convert to `color` -> resize per `resize` -> (center crop) -> scale to [0,1]
+    -> (x - mean) / std -> CHW float32. `letterbox` keeps aspect ratio and pads (detection), so boxes
+    map back to the original pixels with one scale and offset.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_size: tuple[int, int] = Field(description="(height, width) of the model input")
+    color: Literal["RGB", "L"] = "RGB"
+    resize: Literal["shorter_side_then_center_crop", "stretch", "letterbox"] = "stretch"
+    resize_shorter_side: int | None = Field(
+        default=None, description="for shorter_side_then_center_crop: shorter side before the crop (256 for 224)"
+    )
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    pad_value: float = Field(default=0.0, description="letterbox fill, in [0,1] pixel units before normalization")
+    invert: bool = Field(default=False, description="1 - x after scaling (Fashion-MNIST is light-on-dark)")
+
+
+class ModelMeta(BaseModel):
+    """Contents of `<repo>/<model>/model.json`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    task: Task
+    preprocess: PreprocessSpec
+    labels: list[str] | None = None
+    input_name: str = "input"
+    description: str = ""
+    weights: str = Field(default="", description="where the served weights came from")
+    metrics: dict[str, float] = Field(default_factory=dict, description="measured quality, e.g. top1, mAP50, mIoU")
+
+    def write(self, model_dir: Path) -> Path:
+        path = Path(model_dir) / META_FILENAME
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, model_dir: Path) -> "ModelMeta":
+        return cls.model_validate_json((Path(model_dir) / META_FILENAME).read_text())

@@ -1,0 +1,79 @@
+"""The one interface the service and the batcher know a backend by.
+
+A backend owns one loaded model version and executes whole batches. `execute` is called from a worker
+thread (ONNX Runtime and TensorRT release the GIL), at most once at a time per instance; the batcher
+runs `instance_count` instances for concurrent executions. Adding TensorRT, a CUDA provider or torch
+means adding a class here and registering it: nothing in the service or batcher changes.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+class BackendUnavailable(RuntimeError):
+    """The machine lacks what this backend needs (no GPU, no TensorRT, ...): the model fails to load,
+    with this message, and the rest of the repository keeps serving."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: np.dtype  # numpy dtype; the protocol name comes from server's datatype table
+    shape: tuple[int, ...]  # per-request shape WITHOUT the batch dimension; -1 = variable
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    intra_op_threads: int = 0  # 0: library default
+    inter_op_threads: int = 0
+    device_id: int = 0
+    # Free-form settings from config.pbtxt (parameters / optimization), e.g. execution accelerators.
+    extra: tuple[tuple[str, str], ...] = ()
+
+
+class Backend(ABC):
+    """One loaded model version. Inputs and outputs carry the batch dimension first."""
+
+    kind: str = "abstract"
+
+    def __init__(self, model_file: Path, options: BackendOptions) -> None:
+        self.model_file = Path(model_file)
+        self.options = options
+
+    @property
+    @abstractmethod
+    def inputs(self) -> list[TensorSpec]: ...
+
+    @property
+    @abstractmethod
+    def outputs(self) -> list[TensorSpec]: ...
+
+    @abstractmethod
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch. Arrays are C-contiguous with the batch dimension first."""
+
+    def close(self) -> None:  # release sessions, device buffers
+        pass
+
+
+BackendFactory = Callable[[Path, BackendOptions], Backend]
+_BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(kind: str, factory: BackendFactory) -> None:
+    _BACKENDS[kind] = factory
+
+
+def create_backend(kind: str, model_file: Path, options: BackendOptions) -> Backend:
+    if kind not in _BACKENDS:
+        raise BackendUnavailable(f"unknown backend {kind!r}; available: {', '.join(sorted(_BACKENDS))}")
+    return _BACKENDS[kind](model_file, options)
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
