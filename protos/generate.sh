@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 "$PYTHON" -m grpc_tools.protoc -I . \
   --python_out=. --pyi_out=. --grpc_python_out=. \
-  protos/model_config.proto $(ls protos/grpc_service.proto 2>/dev/null || true)
+  protos/model_config.proto $(ls protos/grpc_service.proto protos/vision.proto 2>/dev/null || true)
 # model_config.proto declares no service: its empty *_pb2_grpc.py is noise.
 rm -f protos/model_config_pb2_grpc.py
