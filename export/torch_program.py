@@ -1,0 +1,93 @@
+"""Save a model's `torch.export` ExportedProgram as `<repo>/<model>/<version>/model.pt2`.
+
+The torch backend (server/backends/torch_program.py) runs this program on CUDA on machines without
+TensorRT, and on CPU for parity checks. torch.export (not TorchScript) because it is the graph the ONNX
+dynamo exporter also starts from, so the served .pt2 and .onnx are the same capture of the model. The
+tensor names that config.pbtxt uses travel inside the archive (extra file `cnnserve.json`), since an
+ExportedProgram's outputs are positional.
+
+    python -m export.torch_program --repository DIR [--models NAME ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+PROGRAM_FILENAME = "model.pt2"
+NAMES_FILE = "cnnserve.json"
+
+
+def export_program(model: nn.Module, example: torch.Tensor, max_batch_size: int) -> torch.export.ExportedProgram:
+    """Capture `model` with a dynamic batch dimension in [1, max_batch_size]."""
+    model = model.eval()
+    if max_batch_size > 1:
+        batch = torch.export.Dim("batch", min=1, max=max_batch_size)
+        dynamic_shapes = ({0: batch},)
+    else:
+        dynamic_shapes = None
+    with torch.no_grad():
+        return torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
+
+
+def save_program(program: torch.export.ExportedProgram, path: Path, input_names: Sequence[str],
+                 output_names: Sequence[str]) -> Path:
+    path = Path(path)
+    names = json.dumps({"inputs": list(input_names), "outputs": list(output_names)})
+    tmp = path.with_name(path.stem + ".tmp.pt2")  # torch.export.save wants the .pt2 suffix
+    torch.export.save(program, str(tmp), extra_files={NAMES_FILE: names})
+    tmp.replace(path)
+    return path
+
+
+def load_program(path: Path) -> tuple[torch.export.ExportedProgram, list[str], list[str]]:
+    extra = {NAMES_FILE: ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    names = json.loads(extra[NAMES_FILE]) if extra[NAMES_FILE] else {}
+    n_out = len(program.graph_signature.user_outputs)
+    inputs = names.get("inputs") or list(program.graph_signature.user_inputs)
+    outputs = names.get("outputs") or [f"output{i}" for i in range(n_out)]
+    return program, list(inputs), list(outputs)
+
+
+def write_repository_programs(repository: Path, models: Sequence[str] | None = None) -> list[Path]:
+    """Export the registry model behind each repository model into its latest version directory."""
+    from models import get_entry, get_model
+    from modelrepo.config import load_config
+
+    repository = Path(repository)
+    names = list(models) if models else sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+    written = []
+    for name in names:
+        model_dir = repository / name
+        config = load_config(model_dir)
+        versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        if not versions:
+            raise FileNotFoundError(f"{model_dir}: no version directory")
+        entry = get_entry(name)
+        model = get_model(name, weights="default" if entry.has_weights else None)
+        example = entry.example_inputs(2) if entry.example_inputs else torch.randn(2, *entry.input_shape)
+        program = export_program(model, example, max(config.max_batch_size, 1))
+        path = save_program(program, model_dir / str(versions[-1]) / PROGRAM_FILENAME,
+                            [i.name for i in config.input], [o.name for o in config.output])
+        print(f"{name}: wrote {path}", file=sys.stderr)
+        written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export.torch_program", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repository", required=True, type=Path)
+    ap.add_argument("--models", nargs="*")
+    args = ap.parse_args(argv)
+    write_repository_programs(args.repository, args.models)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

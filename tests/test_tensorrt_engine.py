@@ -1,0 +1,297 @@
+"""TensorRT engine build support: naming, manifest, refusal of mismatched engines, profiles, calibration.
+
+Everything but the build itself runs without TensorRT or a GPU; the build test skips with the reason.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from export.engine_manifest import (
+    MANIFEST_FILENAME,
+    EngineManifest,
+    EngineMismatch,
+    EngineRecord,
+    ProfileShapes,
+    capability_tag,
+    engine_filename,
+    file_sha256,
+    select_engine,
+)
+from export.tensorrt_engine import (
+    BuildError,
+    calibration_batches,
+    check_precision_supported,
+    derive_profile,
+    load_calibration_samples,
+    main,
+    profiles_from_config,
+    select_calibration_files,
+    timing_cache_path,
+    GpuInfo,
+)
+from modelrepo.config import parse_config
+from modelrepo.spec import ModelMeta, PreprocessSpec, Task
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def _version_dir(tmp_path: Path) -> Path:
+    vdir = tmp_path / "repo" / "resnet18" / "1"
+    vdir.mkdir(parents=True)
+    (vdir / "model.onnx").write_bytes(b"onnx graph bytes v1")
+    return vdir
+
+
+def _record(vdir: Path, cc: str = "8.6", trt: str = "10.7.0", precision: str = "fp16") -> EngineRecord:
+    name = engine_filename(cc, trt, precision)
+    (vdir / name).write_bytes(b"engine " + name.encode())
+    prof = ProfileShapes(min=(1, 3, 224, 224), opt=(8, 3, 224, 224), max=(32, 3, 224, 224))
+    return EngineRecord(file=name, compute_capability=cc, tensorrt_version=trt, precision=precision,
+                        gpu_name="NVIDIA A10", onnx_sha256=file_sha256(vdir / "model.onnx"), profiles={"input": prof})
+
+
+# ------------------------------------------------------------------ naming
+
+def test_engine_filename_names_capability_tensorrt_and_precision():
+    assert engine_filename("8.6", "10.7.0", "fp16") == "model.sm86.trt10.7.0.fp16.plan"
+    assert engine_filename("9.0", "10.13.3.9", "int8") == "model.sm90.trt10.13.3.9.int8.plan"
+    assert capability_tag("12.0") == "sm120"
+    # Different GPUs / TensorRT releases never collide in one directory.
+    assert len({engine_filename(cc, v, "fp16") for cc in ("7.5", "8.6", "8.9") for v in ("10.6.0", "10.7.0")}) == 6
+
+
+@pytest.mark.parametrize("args", [("86", "10.7.0", "fp16"), ("8.6", "ten", "fp16"), ("8.6", "10.7.0", "bf16")])
+def test_engine_filename_rejects_malformed_parts(args):
+    with pytest.raises(ValueError):
+        engine_filename(*args)
+
+
+def test_timing_cache_is_per_capability_and_tensorrt_version(tmp_path):
+    a = timing_cache_path(tmp_path, GpuInfo("8.6", "A10"), "10.7.0")
+    b = timing_cache_path(tmp_path, GpuInfo("8.9", "L4"), "10.7.0")
+    assert a != b and a.parent == b.parent == tmp_path / ".tensorrt"
+    assert "sm86" in a.name and "10.7.0" in a.name
+
+
+# ------------------------------------------------------------------ manifest
+
+def test_manifest_roundtrip_and_replace(tmp_path):
+    vdir = _version_dir(tmp_path)
+    m = EngineManifest()
+    m.add(_record(vdir, "8.6", "10.7.0", "fp16"))
+    m.add(_record(vdir, "8.9", "10.7.0", "fp16"))
+    m.write(vdir)
+    back = EngineManifest.read(vdir)
+    assert back == m and len(back.engines) == 2
+    assert back.engines[0].profiles["input"].opt == (8, 3, 224, 224)
+    # Rebuilding the same (capability, TensorRT, precision) replaces, never duplicates.
+    back.add(_record(vdir, "8.6", "10.7.0", "fp16"))
+    assert len(back.engines) == 2
+    assert json.loads((vdir / MANIFEST_FILENAME).read_text())["engines"][1]["compute_capability"] == "8.9"
+
+
+def test_select_engine_matches_capability_and_version(tmp_path):
+    vdir = _version_dir(tmp_path)
+    m = EngineManifest()
+    for rec in (_record(vdir, "8.6", "10.7.0", "fp32"), _record(vdir, "8.6", "10.7.0", "fp16"),
+                _record(vdir, "8.9", "10.7.0", "fp16")):
+        m.add(rec)
+    m.write(vdir)
+    assert select_engine(vdir, "8.6", "10.7.0").file == "model.sm86.trt10.7.0.fp16.plan"  # fastest present
+    assert select_engine(vdir, "8.6", "10.7.0", "fp32").precision == "fp32"
+    assert select_engine(vdir, "8.9", "10.7.0").compute_capability == "8.9"
+
+
+def test_select_engine_refuses_other_gpu_with_a_clear_message(tmp_path):
+    vdir = _version_dir(tmp_path)
+    m = EngineManifest()
+    m.add(_record(vdir, "8.6", "10.7.0"))
+    m.write(vdir)
+    with pytest.raises(EngineMismatch) as exc:
+        select_engine(vdir, "9.0", "10.7.0")
+    msg = str(exc.value)
+    assert "no TensorRT engine for this GPU" in msg and "8.6" in msg and "9.0" in msg
+    assert "python -m export.tensorrt_engine --repository" in msg and "--models resnet18" in msg
+
+
+def test_select_engine_refuses_other_tensorrt_version(tmp_path):
+    vdir = _version_dir(tmp_path)
+    m = EngineManifest()
+    m.add(_record(vdir, "8.6", "10.6.0"))
+    m.write(vdir)
+    with pytest.raises(EngineMismatch, match=r"TensorRT version mismatch.*10\.6\.0.*TensorRT 10\.7\.0"):
+        select_engine(vdir, "8.6", "10.7.0")
+
+
+def test_select_engine_refuses_missing_precision_file_and_stale_onnx(tmp_path):
+    vdir = _version_dir(tmp_path)
+    rec = _record(vdir, "8.6", "10.7.0", "fp16")
+    m = EngineManifest()
+    m.add(rec)
+    m.write(vdir)
+    with pytest.raises(EngineMismatch, match="no int8 engine.*have: fp16.*--precision int8"):
+        select_engine(vdir, "8.6", "10.7.0", "int8")
+    (vdir / "model.onnx").write_bytes(b"re-exported graph")
+    with pytest.raises(EngineMismatch, match="stale engine"):
+        select_engine(vdir, "8.6", "10.7.0")
+    (vdir / "model.onnx").write_bytes(b"onnx graph bytes v1")
+    (vdir / rec.file).unlink()
+    with pytest.raises(EngineMismatch, match="file is missing"):
+        select_engine(vdir, "8.6", "10.7.0")
+
+
+def test_no_or_corrupt_manifest_is_a_refusal_not_a_crash(tmp_path):
+    vdir = _version_dir(tmp_path)
+    with pytest.raises(EngineMismatch, match="no TensorRT engine built"):
+        select_engine(vdir, "8.6", "10.7.0")
+    (vdir / MANIFEST_FILENAME).write_text("{not json")
+    with pytest.raises(EngineMismatch, match="unreadable engine manifest"):
+        select_engine(vdir, "8.6", "10.7.0")
+
+
+def test_server_side_resolution_turns_mismatch_into_backend_unavailable(tmp_path):
+    from server.backends.base import BackendUnavailable
+    from server.backends.trt_engine import resolve_engine_file
+
+    vdir = _version_dir(tmp_path)
+    rec = _record(vdir, "8.6", "10.7.0")
+    m = EngineManifest()
+    m.add(rec)
+    m.write(vdir)
+    assert resolve_engine_file(vdir, "8.6", "10.7.0") == vdir / rec.file
+    assert resolve_engine_file(vdir / rec.file, "8.6", "10.7.0") == vdir / rec.file
+    with pytest.raises(BackendUnavailable, match="compute capability 8.6.*this machine has compute capability 7.5"):
+        resolve_engine_file(vdir, "7.5", "10.7.0")
+    with pytest.raises(BackendUnavailable, match="TensorRT version mismatch"):
+        resolve_engine_file(vdir / rec.file, "8.6", "10.8.0")
+
+
+# ------------------------------------------------------------------ optimization profile
+
+def test_profile_min_one_opt_preferred_max_batch():
+    p = derive_profile([3, 224, 224], max_batch_size=32, preferred_batch_sizes=[4, 8])
+    assert p.min == (1, 3, 224, 224) and p.opt == (8, 3, 224, 224) and p.max == (32, 3, 224, 224)
+
+
+def test_profile_without_preferred_batch_optimizes_for_full_batches():
+    assert derive_profile([1, 28, 28], 16).opt == (16, 1, 28, 28)
+    # A preferred size beyond max_batch_size cannot be a profile opt: ignored.
+    assert derive_profile([1, 28, 28], 16, [64]).opt == (16, 1, 28, 28)
+
+
+def test_profile_without_batching_and_bad_dims():
+    p = derive_profile([1, 3, 64, 64], max_batch_size=0)
+    assert p.min == p.opt == p.max == (1, 3, 64, 64)
+    with pytest.raises(BuildError, match="variable"):
+        derive_profile([3, -1, -1], 8)
+    with pytest.raises(BuildError, match="max_batch_size"):
+        derive_profile([3, 8, 8], -1)
+
+
+def test_profiles_from_config_pbtxt():
+    cfg = parse_config("""
+name: "resnet18"
+platform: "onnxruntime_onnx"
+max_batch_size: 32
+input [{ name: "input" data_type: TYPE_FP32 dims: [3, 224, 224] }]
+output [{ name: "logits" data_type: TYPE_FP32 dims: [1000] }]
+dynamic_batching { preferred_batch_size: [8, 16] max_queue_delay_microseconds: 500 }
+""")
+    profiles = profiles_from_config(cfg)
+    assert list(profiles) == ["input"]
+    assert profiles["input"].opt == (16, 3, 224, 224) and profiles["input"].max[0] == 32
+
+
+# ------------------------------------------------------------------ calibration data
+
+def test_calibration_selection_is_deterministic_and_mixed(tmp_path):
+    cal = tmp_path / "calibration"
+    cal.mkdir()
+    for cls in range(4):
+        for i in range(10):
+            (cal / f"class{cls}_{i:02d}.npy").write_bytes(b"")
+    (cal / "README.txt").write_text("not a sample")
+    a = select_calibration_files(cal, 12, seed=0)
+    assert a == select_calibration_files(cal, 12, seed=0)
+    assert a != select_calibration_files(cal, 12, seed=1)
+    assert len(a) == 12 and all(p.suffix == ".npy" for p in a)
+    assert len({p.name[:6] for p in a}) > 1  # not the first class only
+    assert len(select_calibration_files(cal, 0)) == 40  # 0: all of them
+
+
+def test_calibration_without_samples_is_a_clear_error(tmp_path):
+    with pytest.raises(BuildError, match="needs sample inputs"):
+        select_calibration_files(tmp_path / "missing", 8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BuildError, match="no calibration samples"):
+        select_calibration_files(tmp_path / "empty", 8)
+
+
+def test_calibration_images_use_the_models_own_preprocessing(tmp_path):
+    from modelrepo.preprocess import preprocess
+
+    model_dir = tmp_path / "fashion"
+    cal = model_dir / "calibration"
+    cal.mkdir(parents=True)
+    spec = PreprocessSpec(input_size=(28, 28), color="L", mean=(0.5,), std=(0.25,), invert=True)
+    ModelMeta(name="fashion", task=Task.classification, preprocess=spec).write(model_dir)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40, 32), dtype=np.uint8)).save(cal / f"{i}.png")
+    np.save(cal / "extra.npy", rng.standard_normal((3, 1, 28, 28)).astype(np.float32))
+    files = select_calibration_files(cal, 0)
+    samples = load_calibration_samples(files, model_dir, (1, 28, 28))
+    assert samples.shape == (8, 1, 28, 28) and samples.dtype == np.float32
+    with Image.open(cal / "0.png") as img:
+        expected, _ = preprocess(img, spec)
+    np.testing.assert_array_equal(samples[0], expected)
+    batches = list(calibration_batches(samples, 3))
+    assert [b.shape[0] for b in batches] == [3, 3]  # the short tail is dropped
+    with pytest.raises(BuildError, match="preprocessed to"):
+        load_calibration_samples(files[:1], model_dir, (3, 28, 28))
+
+
+# ------------------------------------------------------------------ precision / TensorRT availability
+
+def test_tensorrt_11_refuses_weak_typing_precisions():
+    check_precision_supported("fp16", "10.7.0")
+    check_precision_supported("int8", "10.13.3.9")
+    check_precision_supported("fp32", "11.4.0")
+    with pytest.raises(BuildError, match="removed weak-typing precision flags"):
+        check_precision_supported("fp16", "11.4.0")
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="checks the message on machines without TensorRT")
+def test_cli_without_tensorrt_says_so(tmp_path, capsys):
+    assert main(["--repository", str(tmp_path), "--precision", "fp16"]) == 1
+    assert "TensorRT is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed on this machine")
+def test_build_engine_and_parity_on_gpu(tmp_path):
+    import torch
+    from torch import nn
+
+    from export.tensorrt_engine import build_engine, engine_parity
+
+    vdir = tmp_path / "tiny" / "1"
+    vdir.mkdir(parents=True)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
+    torch.onnx.export(model, (torch.randn(2, 3, 32, 32),), str(vdir / "model.onnx"), input_names=["input"],
+                      output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch", max=16)},),
+                      dynamo=True, external_data=False)
+    profiles = {"input": derive_profile([3, 32, 32], 16, [8])}
+    rec = build_engine(vdir / "model.onnx", profiles, precision="fp32", workspace_mib=256,
+                       timing_cache=tmp_path / "timing.cache")
+    assert (vdir / rec.file).is_file() and (tmp_path / "timing.cache").is_file()
+    err = engine_parity(vdir, rec)
+    assert err["max_rel"] < 1e-3
