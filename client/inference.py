@@ -1,0 +1,304 @@
+"""A client for the Open Inference Protocol (KServe v2) on the project's own generated stubs.
+
+One method per RPC, named like tritonclient's, in a blocking (`InferenceClient`) and an asyncio
+(`AsyncInferenceClient`) flavour that share request building and response parsing. The project keeps
+its own client instead of wrapping tritonclient: tritonclient ships its own generated `inference.*`
+messages, and importing them next to `protos.grpc_service_pb2` in one process fails with duplicate
+symbols, so a program using our vision stubs could not use tritonclient for the tensor half.
+"""
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
+from server.datatypes import from_numpy, to_numpy
+from server.tensors import deserialize_bytes, serialize_bytes
+
+DEFAULT_URL = "127.0.0.1:8001"
+# Large requests (a 32-image FP32 batch is ~19 MB) must not trip gRPC's 4 MB default.
+_MAX_MESSAGE = 2**31 - 1
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+)
+
+
+class InferenceServerError(Exception):
+    """A failed call: `code` is the gRPC status, `message` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"[{code.name}] {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.RpcError) -> "InferenceServerError":
+        return cls(exc.code(), exc.details() or "")
+
+
+# ---- request building and response parsing, shared by both flavours ---------------------------------
+
+
+def _parameter(value: Any) -> pb.InferParameter:
+    p = pb.InferParameter()
+    if isinstance(value, bool):
+        p.bool_param = value
+    elif isinstance(value, int):
+        p.int64_param = value
+    elif isinstance(value, float):
+        p.double_param = value
+    else:
+        p.string_param = str(value)
+    return p
+
+
+def build_infer_request(
+    model_name: str,
+    inputs: Mapping[str, np.ndarray],
+    outputs: Sequence[str] | None = None,
+    model_version: str = "",
+    request_id: str = "",
+    parameters: Mapping[str, Any] | None = None,
+) -> pb.ModelInferRequest:
+    """numpy inputs -> ModelInferRequest with raw contents (the fast path on both sides)."""
+    request = pb.ModelInferRequest(model_name=model_name, model_version=model_version, id=request_id)
+    for key, value in (parameters or {}).items():
+        request.parameters[key].CopyFrom(_parameter(value))
+    for name, array in inputs.items():
+        arr = np.asarray(array)
+        datatype = from_numpy(arr.dtype)
+        # raw_input_contents[i] belongs to inputs[i]: append both in the same order.
+        request.inputs.add(name=name, datatype=datatype, shape=arr.shape)
+        if datatype == "BYTES":
+            request.raw_input_contents.append(serialize_bytes(arr))
+        else:
+            request.raw_input_contents.append(np.ascontiguousarray(arr).tobytes())
+    for name in outputs or ():
+        request.outputs.add(name=name)
+    return request
+
+
+def parse_infer_response(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """ModelInferResponse -> {output name: numpy array}, from raw or typed contents."""
+    result: dict[str, np.ndarray] = {}
+    raw = response.raw_output_contents
+    for i, out in enumerate(response.outputs):
+        shape = tuple(int(d) for d in out.shape)
+        count = int(np.prod(shape)) if shape else 1
+        if i < len(raw):
+            if out.datatype == "BYTES":
+                result[out.name] = deserialize_bytes(raw[i], count, out.name).reshape(shape)
+            else:
+                result[out.name] = np.frombuffer(raw[i], dtype=to_numpy(out.datatype)).reshape(shape)
+        else:  # typed contents: standard servers may answer this way
+            fields = out.contents.ListFields()
+            values = list(fields[0][1]) if fields else []
+            result[out.name] = np.asarray(values, dtype=to_numpy(out.datatype)).reshape(shape)
+    return result
+
+
+def _health_status(response: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+# ---- blocking -----------------------------------------------------------------------------------------
+
+
+class InferenceClient:
+    """Blocking client. `with InferenceClient("127.0.0.1:8001") as c: c.infer("m", {"input": x})`."""
+
+    def __init__(self, url: str = DEFAULT_URL, channel: grpc.Channel | None = None) -> None:
+        self._own_channel = channel is None
+        self.channel = channel or grpc.insecure_channel(url, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> "InferenceClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._own_channel:
+            self.channel.close()
+
+    def _call(self, rpc: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return getattr(self._stub, rpc)(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise InferenceServerError.from_rpc(exc) from None
+
+    def is_server_live(self, timeout: float | None = None) -> bool:
+        return self._call("ServerLive", pb.ServerLiveRequest(), timeout).live
+
+    def is_server_ready(self, timeout: float | None = None) -> bool:
+        return self._call("ServerReady", pb.ServerReadyRequest(), timeout).ready
+
+    def is_model_ready(self, model_name: str, model_version: str = "", timeout: float | None = None) -> bool:
+        return self._call("ModelReady", pb.ModelReadyRequest(name=model_name, version=model_version), timeout).ready
+
+    def get_server_metadata(self, timeout: float | None = None) -> pb.ServerMetadataResponse:
+        return self._call("ServerMetadata", pb.ServerMetadataRequest(), timeout)
+
+    def get_model_metadata(
+        self, model_name: str, model_version: str = "", timeout: float | None = None
+    ) -> pb.ModelMetadataResponse:
+        return self._call("ModelMetadata", pb.ModelMetadataRequest(name=model_name, version=model_version), timeout)
+
+    def get_model_config(
+        self, model_name: str, model_version: str = "", timeout: float | None = None
+    ) -> pb.ModelConfigResponse:
+        return self._call("ModelConfig", pb.ModelConfigRequest(name=model_name, version=model_version), timeout)
+
+    def get_inference_statistics(
+        self, model_name: str = "", model_version: str = "", timeout: float | None = None
+    ) -> pb.ModelStatisticsResponse:
+        return self._call("ModelStatistics", pb.ModelStatisticsRequest(name=model_name, version=model_version), timeout)
+
+    def get_model_repository_index(self, ready: bool = False, timeout: float | None = None) -> pb.RepositoryIndexResponse:
+        return self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready), timeout)
+
+    def load_model(self, model_name: str, timeout: float | None = None) -> None:
+        self._call("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=model_name), timeout)
+
+    def unload_model(self, model_name: str, timeout: float | None = None) -> None:
+        self._call("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=model_name), timeout)
+
+    def infer(
+        self,
+        model_name: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        model_version: str = "",
+        request_id: str = "",
+        parameters: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """One ModelInfer call; `timeout` (seconds) is the gRPC deadline, which the server honours."""
+        request = build_infer_request(model_name, inputs, outputs, model_version, request_id, parameters)
+        return parse_infer_response(self._call("ModelInfer", request, timeout))
+
+    def stream_infer(
+        self, requests: Iterable[pb.ModelInferRequest], timeout: float | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """ModelStreamInfer: one result per request, in order; a failed request raises at its turn."""
+        try:
+            for reply in self._stub.ModelStreamInfer(iter(requests), timeout=timeout):
+                if reply.error_message:
+                    raise InferenceServerError(grpc.StatusCode.UNKNOWN, reply.error_message)
+                yield parse_infer_response(reply.infer_response)
+        except grpc.RpcError as exc:
+            raise InferenceServerError.from_rpc(exc) from None
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """grpc.health.v1 status of `service` ("" = the whole server): SERVING, NOT_SERVING, ..."""
+        try:
+            return _health_status(self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout))
+        except grpc.RpcError as exc:
+            raise InferenceServerError.from_rpc(exc) from None
+
+
+# ---- asyncio ------------------------------------------------------------------------------------------
+
+
+class AsyncInferenceClient:
+    """asyncio client over grpc.aio, the same methods as `InferenceClient`, awaited."""
+
+    def __init__(self, url: str = DEFAULT_URL, channel: grpc.aio.Channel | None = None) -> None:
+        self._own_channel = channel is None
+        self.channel = channel or grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def __aenter__(self) -> "AsyncInferenceClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._own_channel:
+            await self.channel.close()
+
+    async def _call(self, rpc: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return await getattr(self._stub, rpc)(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise InferenceServerError.from_rpc(exc) from None
+
+    async def is_server_live(self, timeout: float | None = None) -> bool:
+        return (await self._call("ServerLive", pb.ServerLiveRequest(), timeout)).live
+
+    async def is_server_ready(self, timeout: float | None = None) -> bool:
+        return (await self._call("ServerReady", pb.ServerReadyRequest(), timeout)).ready
+
+    async def is_model_ready(self, model_name: str, model_version: str = "", timeout: float | None = None) -> bool:
+        request = pb.ModelReadyRequest(name=model_name, version=model_version)
+        return (await self._call("ModelReady", request, timeout)).ready
+
+    async def get_server_metadata(self, timeout: float | None = None) -> pb.ServerMetadataResponse:
+        return await self._call("ServerMetadata", pb.ServerMetadataRequest(), timeout)
+
+    async def get_model_metadata(
+        self, model_name: str, model_version: str = "", timeout: float | None = None
+    ) -> pb.ModelMetadataResponse:
+        return await self._call("ModelMetadata", pb.ModelMetadataRequest(name=model_name, version=model_version), timeout)
+
+    async def get_model_config(
+        self, model_name: str, model_version: str = "", timeout: float | None = None
+    ) -> pb.ModelConfigResponse:
+        return await self._call("ModelConfig", pb.ModelConfigRequest(name=model_name, version=model_version), timeout)
+
+    async def get_inference_statistics(
+        self, model_name: str = "", model_version: str = "", timeout: float | None = None
+    ) -> pb.ModelStatisticsResponse:
+        request = pb.ModelStatisticsRequest(name=model_name, version=model_version)
+        return await self._call("ModelStatistics", request, timeout)
+
+    async def get_model_repository_index(
+        self, ready: bool = False, timeout: float | None = None
+    ) -> pb.RepositoryIndexResponse:
+        return await self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready), timeout)
+
+    async def load_model(self, model_name: str, timeout: float | None = None) -> None:
+        await self._call("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=model_name), timeout)
+
+    async def unload_model(self, model_name: str, timeout: float | None = None) -> None:
+        await self._call("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=model_name), timeout)
+
+    async def infer(
+        self,
+        model_name: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        model_version: str = "",
+        request_id: str = "",
+        parameters: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        request = build_infer_request(model_name, inputs, outputs, model_version, request_id, parameters)
+        return parse_infer_response(await self._call("ModelInfer", request, timeout))
+
+    async def stream_infer(
+        self, requests: Iterable[pb.ModelInferRequest], timeout: float | None = None
+    ) -> AsyncIterator[dict[str, np.ndarray]]:
+        try:
+            async for reply in self._stub.ModelStreamInfer(iter(requests), timeout=timeout):
+                if reply.error_message:
+                    raise InferenceServerError(grpc.StatusCode.UNKNOWN, reply.error_message)
+                yield parse_infer_response(reply.infer_response)
+        except grpc.RpcError as exc:
+            raise InferenceServerError.from_rpc(exc) from None
+
+    async def health(self, service: str = "", timeout: float | None = None) -> str:
+        try:
+            request = health_pb2.HealthCheckRequest(service=service)
+            return _health_status(await self._health.Check(request, timeout=timeout))
+        except grpc.RpcError as exc:
+            raise InferenceServerError.from_rpc(exc) from None
