@@ -29,6 +29,8 @@ from server import metrics, postprocess
 from server.errors import InferError
 from server.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, PreparedImage, prepare_image
 from server.model import ServedModel
+from server.repository import ModelRepository
+from server.service import ServerState
 
 log = logging.getLogger("cnnserve.vision")
 
@@ -77,8 +79,10 @@ class _Outcome:
 
 
 class VisionService(vpb_grpc.VisionServiceServicer):
-    def __init__(self, resolve: ModelResolver, workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, resolve: ModelResolver, state: ServerState | None = None, workers: int = 2,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self._resolve = resolve
+        self._state = state or ServerState()
         # Decoding and resizing release the GIL in Pillow's C code: a small pool keeps the event loop
         # free to accept and answer while pictures are decoded. Sized to the cores, like the batcher.
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="vision")
@@ -129,7 +133,10 @@ class VisionService(vpb_grpc.VisionServiceServicer):
     async def _run(self, rpc: str, request: Any, context: grpc.aio.ServicerContext,
                    answer: Callable[[ServedModel, ModelMeta, list[_Outcome], Any], Awaitable[Any]]) -> Any:
         received_ns = time.perf_counter_ns()
+        self._state.inflight += 1  # graceful shutdown waits for these, as for ModelInfer
         try:
+            if self._state.shutting_down:
+                raise InferError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; not accepting new requests")
             if not request.model_name:
                 raise InferError(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: model_name is empty")
             model, meta = self._model_for(rpc, request.model_name, request.model_version)
@@ -138,7 +145,8 @@ class VisionService(vpb_grpc.VisionServiceServicer):
             IMAGES_PER_REQUEST.labels(model.name, rpc).observe(len(request.images))
             remaining = context.time_remaining()
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + remaining if remaining is not None else None
+            # No deadline reads as None or as a huge number, depending on the grpc version.
+            deadline = loop.time() + remaining if remaining is not None and remaining < 1e9 else None
             # gather cancels the siblings when one fails, so a refused request leaves nothing queued.
             outcomes = await _gather_or_cancel(
                 [self._one(model, meta, data, i, deadline, received_ns) for i, data in enumerate(request.images)]
@@ -150,6 +158,13 @@ class VisionService(vpb_grpc.VisionServiceServicer):
             return await answer(model, meta, outcomes, request)
         except InferError as exc:
             await context.abort(exc.code, exc.message)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # a bug or a model answering nonsense: this request fails, not the server
+            log.exception("vision request failed", extra={"model": request.model_name, "rpc": rpc})
+            await context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error: {exc}")
+        finally:
+            self._state.inflight -= 1
 
     async def _post(self, model: ServedModel, fn: Callable[..., Any], *args: Any, offload: bool = False) -> Any:
         """Run one image's postprocessing, timed; heavy ones (mask resize, PNG) in the worker pool."""
@@ -247,6 +262,12 @@ class VisionService(vpb_grpc.VisionServiceServicer):
             return response
 
         return await self._run("Reconstruct", request, context, answer)
+
+
+def add_vision_service(server: grpc.aio.Server, repository: ModelRepository, state: ServerState) -> str:
+    """The server's servicer hook (server.app.SERVICER_ADDERS): models come from the same repository."""
+    vpb_grpc.add_VisionServiceServicer_to_server(VisionService(repository.get, state), server)
+    return vpb.DESCRIPTOR.services_by_name["VisionService"].full_name
 
 
 # -- helpers -------------------------------------------------------------------------------------------------

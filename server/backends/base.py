@@ -34,6 +34,12 @@ class BackendOptions:
     device_id: int = 0
     # Free-form settings from config.pbtxt (parameters / optimization), e.g. execution accelerators.
     extra: tuple[tuple[str, str], ...] = ()
+    # max_batch_size > 0 in the config: the model's first dimension is the batch, absent from TensorSpec.
+    batched: bool = True
+    # From config.pbtxt: instance_group kind ("cpu" | "gpu") and optimization.execution_accelerators
+    # as (name, ((key, value), ...)) in the config's order, gpu ones first.
+    device_kind: str = "cpu"
+    accelerators: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
 
 
 class Backend(ABC):
@@ -56,6 +62,10 @@ class Backend(ABC):
     @abstractmethod
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch. Arrays are C-contiguous with the batch dimension first."""
+
+    def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+        """Backend-specific request checks, run before queueing so one bad request never fails a batch.
+        Raise ValueError with a message naming the input; the default accepts everything."""
 
     def close(self) -> None:  # release sessions, device buffers
         pass

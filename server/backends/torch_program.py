@@ -4,8 +4,8 @@ It is the GPU path for machines or models without TensorRT, and with device cpu 
 CI for parity against ONNX Runtime. torch is imported only when a model asks for this backend
 (`backend: "pytorch"`), keeping the serving image torch-free otherwise (docs/architecture.md).
 
-The device comes from the model's instance group: KIND_GPU -> cuda:<gpu> (BackendOptions.device_id),
-KIND_CPU -> cpu; the loader passes it as BackendOptions.extra ("device", ...).
+The device comes from the model's instance group: KIND_GPU -> cuda:<gpu> (BackendOptions.device_kind
+and device_id, set by the loader), otherwise cpu.
 """
 from __future__ import annotations
 
@@ -25,8 +25,13 @@ def _torch():
 
 
 def resolve_device(options: BackendOptions) -> str:
-    """'cpu' or 'cuda:N'; BackendUnavailable when CUDA is asked for and torch has none."""
-    requested = dict(options.extra).get("device", "cuda")
+    """'cpu' or 'cuda:N'; BackendUnavailable when CUDA is asked for and torch has none.
+
+    The instance group decides (KIND_GPU -> cuda, else cpu); a config parameter `device` (cpu|cuda)
+    overrides it, e.g. to check a GPU repository's numbers on a CPU machine.
+    """
+    kind = getattr(options, "device_kind", "cpu")
+    requested = dict(options.extra).get("device") or ("cuda" if kind == "gpu" else "cpu")
     if requested == "cpu":
         return "cpu"
     torch = _torch()
@@ -60,6 +65,7 @@ class TorchProgramBackend(Backend):
         elif options.intra_op_threads > 0:
             torch.set_num_threads(options.intra_op_threads)
         self._module = program.module()
+        self._batched = getattr(options, "batched", True)
         self._inputs = [self._spec(name, node) for name, node in zip(input_names, self._placeholders(program))]
         self._output_names = output_names
         self._outputs = self._output_specs(program, output_names)
@@ -72,7 +78,10 @@ class TorchProgramBackend(Backend):
     def _spec(self, name: str, node) -> TensorSpec:
         val = node.meta["val"]
         shape = tuple(d if isinstance(d, int) else -1 for d in val.shape)
-        return TensorSpec(name, np.dtype(self._torch.empty((), dtype=val.dtype).numpy().dtype), shape[1:])
+        return TensorSpec(name, self._np_dtype(val.dtype), shape[1:] if self._batched else shape)
+
+    def _np_dtype(self, dtype) -> np.dtype:
+        return np.dtype(self._torch.empty((), dtype=dtype).numpy().dtype)
 
     def _output_specs(self, program, names: list[str]) -> list[TensorSpec]:
         out_node = next(n for n in program.graph.nodes if n.op == "output")
@@ -80,7 +89,7 @@ class TorchProgramBackend(Backend):
         specs = []
         for name, val in zip(names, vals):
             shape = tuple(d if isinstance(d, int) else -1 for d in val.shape)
-            specs.append(TensorSpec(name, np.dtype(self._torch.empty((), dtype=val.dtype).numpy().dtype), shape[1:]))
+            specs.append(TensorSpec(name, self._np_dtype(val.dtype), shape[1:] if self._batched else shape))
         return specs
 
     @property

@@ -98,8 +98,9 @@ def local_compute_capability(device_id: int) -> str:
 def resolve_engine_file(model_file: Path, compute_capability: str, tensorrt_version: str) -> Path:
     """The engine to load for `model_file` on this GPU.
 
-    model_file is a version directory (the engine is chosen from its engines.json) or an engine file
-    (checked against the manifest when one lists it). A mismatch is refused with the manifest's message
+    model_file is a version directory (the engine is chosen from its engines.json; a lone Triton-style
+    model.plan without manifest is taken as is) or an engine file (checked against the manifest when one
+    lists it). A mismatch is refused with the manifest's message
     as BackendUnavailable, so the loader fails this model and keeps the others.
     """
     from export.engine_manifest import EngineManifest, EngineMismatch, select_engine
@@ -107,6 +108,8 @@ def resolve_engine_file(model_file: Path, compute_capability: str, tensorrt_vers
     model_file = Path(model_file)
     try:
         if model_file.is_dir():
+            if not EngineManifest.read(model_file).engines and (model_file / "model.plan").is_file():
+                return model_file / "model.plan"  # Triton's plain layout: the user vouches for it
             return model_file / select_engine(model_file, compute_capability, tensorrt_version).file
         version_dir = model_file.parent
         listed = {e.file: e for e in EngineManifest.read(version_dir).engines}
@@ -155,7 +158,7 @@ class TensorRTBackend(Backend):
         for name in names:
             dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
             shape = tuple(int(d) for d in self._engine.get_tensor_shape(name))
-            spec = TensorSpec(name, dtype, shape[1:])
+            spec = TensorSpec(name, dtype, shape[1:] if getattr(options, "batched", True) else shape)
             (self._inputs if name in input_names else self._outputs).append(spec)
             # At the profile's max input shapes, every output has its largest size: size buffers once.
             nbytes = int(np.prod(tuple(self._context.get_tensor_shape(name)))) * dtype.itemsize

@@ -1,0 +1,68 @@
+"""`python -m server --model-repository DIR`: the inference server CLI (Triton's flag names)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, serve
+from server.logs import setup_logging
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m server",
+        description="cnnserve: KServe v2 / Open Inference Protocol gRPC server with dynamic batching "
+                    "(ONNX Runtime backend) and Prometheus metrics.",
+    )
+    p.add_argument("--model-repository", "--model-store", dest="model_repository", type=Path, required=True,
+                   help="model repository directory (<model>/config.pbtxt, <model>/<version>/model.onnx)")
+    p.add_argument("--grpc-address", default="0.0.0.0", help="gRPC bind address (default 0.0.0.0)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 = pick a free one)")
+    p.add_argument("--allow-metrics", type=_bool, default=True, help="serve Prometheus metrics (default true)")
+    p.add_argument("--metrics-address", default="0.0.0.0", help="metrics HTTP bind address (default 0.0.0.0)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="metrics HTTP port (default 8002; 0 = free one)")
+    p.add_argument("--grpc-max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                   help=f"largest gRPC message received or sent (default {DEFAULT_MAX_MESSAGE_BYTES})")
+    p.add_argument("--intra-op-threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads per model instance (0 = library default; "
+                        "config parameter intra_op_thread_count overrides)")
+    p.add_argument("--inter-op-threads", type=int, default=0, help="ONNX Runtime inter-op threads (0 = default)")
+    p.add_argument("--model-control-mode", choices=["none", "explicit"], default="none",
+                   help="none: load every model at start; explicit: load only --load-model, then via RPC")
+    p.add_argument("--load-model", action="append", default=[], help="model to load at start (explicit mode)")
+    p.add_argument("--strict-readiness", type=_bool, default=False,
+                   help="server ready only when every model in the repository loaded (default false)")
+    p.add_argument("--exit-timeout-secs", type=float, default=30.0,
+                   help="on SIGTERM, how long accepted requests may take to finish (default 30)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.add_argument("--log-format", choices=["json", "text"], default="json")
+    p.add_argument("--ready-file", type=Path, default=None,
+                   help="write JSON {grpc_port, metrics_port, pid} here once serving (for supervisors, tests)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    setup_logging(a.log_level, a.log_format)
+    cfg = ServerConfig(
+        model_repository=a.model_repository, grpc_address=a.grpc_address, grpc_port=a.grpc_port,
+        metrics_address=a.metrics_address, metrics_port=a.metrics_port, allow_metrics=a.allow_metrics,
+        max_message_bytes=a.grpc_max_message_bytes, intra_op_threads=a.intra_op_threads,
+        inter_op_threads=a.inter_op_threads, exit_timeout_s=a.exit_timeout_secs,
+        strict_readiness=a.strict_readiness, model_control_mode=a.model_control_mode,
+        load_models=a.load_model, ready_file=a.ready_file,
+    )
+    asyncio.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    main()

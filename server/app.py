@@ -1,0 +1,152 @@
+"""Builds and runs the process: gRPC (grpc.aio) with every servicer, health, reflection, metrics HTTP.
+
+Adding a service to the same server is one line in SERVICER_ADDERS: a function
+`(server, repository, state) -> full service name` (the name goes to reflection). For example the vision
+API appends `server.vision_service.add_vision_service`; it finds models with `repository.get(name)`
+and infers with `await model.infer(...)`, i.e. through the same batcher as the inference protocol.
+
+Shutdown (SIGTERM/SIGINT): readiness and health turn NOT_SERVING, new inference requests are refused
+with UNAVAILABLE, every accepted request is answered (batchers drain), then the process exits.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from server import metrics
+from server.repository import ModelRepository, RuntimeDefaults
+from server.service import ServerState, ServicerAdder, add_inference_service
+
+log = logging.getLogger("cnnserve.app")
+
+SERVICER_ADDERS: list[ServicerAdder] = [add_inference_service]
+
+# A 32x3x224x224 FP32 batch is 19.3 MB; 64 MiB leaves room for its outputs and larger inputs.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class ServerConfig:
+    model_repository: Path
+    grpc_address: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_address: str = "0.0.0.0"
+    metrics_port: int = 8002
+    allow_metrics: bool = True
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    exit_timeout_s: float = 30.0
+    strict_readiness: bool = False
+    model_control_mode: str = "none"  # none: load all at start; explicit: only load_models, then RPCs
+    load_models: list[str] = field(default_factory=list)
+    ready_file: Path | None = None  # written (JSON: ports, pid) once serving; lets tests use port 0
+
+
+class InferenceServer:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.state = ServerState()
+        self.state.strict_readiness = cfg.strict_readiness
+        self.repository = ModelRepository(
+            cfg.model_repository, RuntimeDefaults(cfg.intra_op_threads, cfg.inter_op_threads))
+        self.health = health.aio.HealthServicer()
+        self.grpc_server: grpc.aio.Server | None = None
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._metrics_http = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        if not cfg.model_repository.is_dir():
+            raise SystemExit(f"model repository {cfg.model_repository} is not a directory")
+        opts = [("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0)]
+        server = grpc.aio.server(options=opts)
+        names = []
+        for add in SERVICER_ADDERS:
+            name = add(server, self.repository, self.state)
+            if inspect.isawaitable(name):
+                name = await name
+            names.append(name)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        reflection.enable_server_reflection(names + [reflection.SERVICE_NAME], server)
+        self.grpc_port = server.add_insecure_port(f"{cfg.grpc_address}:{cfg.grpc_port}")
+        if self.grpc_port == 0:
+            raise SystemExit(f"could not bind gRPC to {cfg.grpc_address}:{cfg.grpc_port}")
+        self.grpc_server = server
+        for n in names:
+            await self.health.set(n, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()  # live (ServerLive) while models load; ready only after
+        if cfg.allow_metrics:
+            metrics.REGISTRY.register(metrics.TritonCollector(self.repository.all_stats))
+            self._metrics_http, _ = start_http_server(cfg.metrics_port, cfg.metrics_address, registry=metrics.REGISTRY)
+            self.metrics_port = self._metrics_http.server_port
+        if cfg.model_control_mode == "explicit":
+            await self.repository.load_all(cfg.load_models)
+        else:
+            await self.repository.load_all()
+        self.state.started = True
+        for n in names:
+            await self.health.set(n, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        models = {n: s.state for n, s in self.repository.models.items()}
+        log.info("server ready", extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
+                                        "models": models})
+        if cfg.ready_file is not None:
+            tmp = cfg.ready_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
+                                       "pid": os.getpid(), "models": models}))
+            tmp.replace(cfg.ready_file)  # atomic: a reader never sees half a file
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        log.info("shutting down: refusing new requests, draining accepted ones",
+                 extra={"inflight": self.state.inflight})
+        self.state.shutting_down = True
+        await self.health.enter_graceful_shutdown()
+        assert self.grpc_server is not None
+        # grpc refuses new RPCs at once and lets accepted handlers finish (up to exit_timeout_s); the
+        # batchers keep executing meanwhile, so every accepted request is answered. Only then are the
+        # models drained and released.
+        await self.grpc_server.stop(self.cfg.exit_timeout_s)
+        await self.repository.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        log.info("server stopped")
+
+
+async def serve(cfg: ServerConfig) -> None:
+    srv = InferenceServer(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, srv.request_stop)
+    start = asyncio.create_task(srv.start())
+    stop_wait = asyncio.create_task(srv.wait())
+    await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if start.done():
+        start.result()
+        await stop_wait
+    else:
+        start.cancel()
+    await srv.stop()

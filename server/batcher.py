@@ -1,0 +1,330 @@
+"""The dynamic batcher: one per loaded model version, shared by every service that infers on it.
+
+API (what a service calls; the inference protocol and the vision API both go through it):
+
+    outputs = await batcher.infer(inputs, deadline=None, received_ns=None)
+
+    inputs:      {input name: np.ndarray}, already validated against the model (ServedModel.infer does
+                 that); for a batching model (max_batch_size > 0) every array has the request's batch
+                 size as its first dimension, and all share it.
+    deadline:    absolute time on the event loop clock (asyncio.get_running_loop().time()) after which
+                 the request must not start executing; None = no limit. A request still queued at its
+                 deadline fails with DEADLINE_EXCEEDED and is never executed; one whose awaiting task is
+                 cancelled (client gone, gRPC deadline) is dropped from the queue and never executed.
+    received_ns: time.perf_counter_ns() when the request arrived, so latency metrics include decoding.
+    returns:     {output name: np.ndarray} with this request's batch size first; views into the batch's
+                 output arrays (read-only use; copy if you mutate).
+    raises:      server.errors.InferError: RESOURCE_EXHAUSTED (queue full, at once), DEADLINE_EXCEEDED,
+                 UNAVAILABLE (batcher stopping), INTERNAL (backend failure).
+
+Scheduling follows Triton's dynamic batcher. An idle instance takes the oldest queued request and, with
+it, as many following requests (same per-item shapes) as fit in max_batch_size, never splitting one.
+It dispatches at once when the batch is full or reaches the largest preferred_batch_size; otherwise it
+waits up to max_queue_delay_microseconds after the oldest request's arrival for more. With preferred
+sizes, the batch taken is the largest prefix whose size is preferred, if one exists. While every
+instance is busy requests accumulate, which is where batches come from under load. Backends execute in
+a thread pool with one thread per instance (ONNX Runtime releases the GIL), so the event loop keeps
+decoding and answering while a batch runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+import numpy as np
+
+from server import metrics
+from server.backends.base import Backend
+from server.errors import InferError
+from server.stats import ModelStats
+
+log = logging.getLogger("cnnserve.batcher")
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    max_batch_size: int = 0  # 0: the model has no batch dimension; each request executes alone
+    dynamic: bool = True  # config has dynamic_batching; False: one request per execution (Triton default)
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 0  # queued requests; 0 = unbounded
+    default_timeout_us: int = 0  # from default_queue_policy; 0 = none
+
+
+_QUEUED, _RUNNING, _DROPPED = 0, 1, 2
+
+
+class _Request:
+    __slots__ = ("inputs", "items", "key", "future", "enqueued_ns", "received_ns", "timer", "state")
+
+    def __init__(self, inputs: dict[str, np.ndarray], items: int, key: tuple, future: asyncio.Future,
+                 received_ns: int) -> None:
+        self.inputs = inputs
+        self.items = items
+        self.key = key  # per-item shapes: only requests with equal keys can be concatenated
+        self.future = future
+        self.enqueued_ns = time.perf_counter_ns()
+        self.received_ns = received_ns
+        self.timer: asyncio.TimerHandle | None = None
+        self.state = _QUEUED
+
+
+class DynamicBatcher:
+    def __init__(self, name: str, version: str, instances: Sequence[Backend], settings: BatchSettings,
+                 stats: ModelStats | None = None) -> None:
+        if not instances:
+            raise ValueError("a batcher needs at least one backend instance")
+        self.name = name
+        self.version = version
+        self.instances = list(instances)
+        self.settings = settings
+        self.stats = stats or ModelStats(name, version)
+        self._queue: deque[_Request] = deque()
+        self._queued = 0  # live (not dropped) requests in _queue
+        self._inflight = 0
+        self._executor = ThreadPoolExecutor(len(self.instances), thread_name_prefix=f"exec-{name}")
+        self._free: asyncio.Queue[int] | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._exec_tasks: set[asyncio.Task] = set()
+        self._closing = False
+        self._latency = metrics.REQUEST_LATENCY.labels(name, version)
+        self._queue_time = metrics.QUEUE_TIME.labels(name, version)
+        self._batch_size = metrics.BATCH_SIZE.labels(name, version)
+        preferred = sorted({p for p in settings.preferred_batch_sizes if 0 < p})
+        if settings.max_batch_size:
+            preferred = [p for p in preferred if p <= settings.max_batch_size]
+        self._preferred = preferred
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start scheduling; call from the event loop that will call `infer`."""
+        self._free = asyncio.Queue()
+        for i in range(len(self.instances)):
+            self._free.put_nowait(i)
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._schedule(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        """Refuse new requests, execute everything already accepted, then release the thread pool."""
+        self._closing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        if self._exec_tasks:
+            await asyncio.gather(*self._exec_tasks, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    # -- submission --------------------------------------------------------------------------------------
+    async def infer(self, inputs: dict[str, np.ndarray], deadline: float | None = None,
+                    received_ns: int | None = None) -> dict[str, np.ndarray]:
+        if received_ns is None:
+            received_ns = time.perf_counter_ns()
+        if self._closing or self._task is None:
+            raise InferError(grpc.StatusCode.UNAVAILABLE, f"model '{self.name}' is not accepting requests (stopping)")
+        s = self.settings
+        if s.max_queue_size and self._queued >= s.max_queue_size:
+            self.stats.record_failure("REJECTED", time.perf_counter_ns() - received_ns)
+            raise InferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"model '{self.name}': queue is full ({s.max_queue_size} requests queued)")
+        loop = asyncio.get_running_loop()
+        if s.default_timeout_us:
+            default = loop.time() + s.default_timeout_us / 1e6
+            deadline = default if deadline is None else min(deadline, default)
+        first = next(iter(inputs.values()))
+        items = first.shape[0] if s.max_batch_size and first.ndim else 1
+        key = tuple((k, v.shape[1:] if s.max_batch_size else v.shape) for k, v in inputs.items())
+        req = _Request(inputs, items, key, loop.create_future(), received_ns)
+        if deadline is not None:
+            if deadline <= loop.time():
+                self.stats.never_executed += 1
+                self.stats.record_failure("TIMEOUT", time.perf_counter_ns() - received_ns)
+                raise InferError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 f"model '{self.name}': request deadline passed before it was queued")
+            req.timer = loop.call_at(deadline, self._expire, req)
+        self._queue.append(req)
+        self._queued += 1
+        self.stats.pending += 1
+        assert self._wakeup is not None
+        self._wakeup.set()
+        try:
+            result = await req.future
+        except asyncio.CancelledError:
+            if req.state == _QUEUED:  # client gone while queued: never executed
+                self._drop(req)
+                self.stats.record_failure("CANCELED", time.perf_counter_ns() - received_ns)
+            raise
+        except InferError as exc:
+            if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:  # timeouts were counted by _expire
+                self.stats.record_failure("BACKEND", time.perf_counter_ns() - received_ns)
+            raise
+        done = time.perf_counter_ns() - received_ns
+        self.stats.success.add(done)
+        self._latency.observe(done / 1e9)
+        return result
+
+    def _drop(self, req: _Request) -> None:
+        req.state = _DROPPED
+        self._queued -= 1
+        self.stats.pending -= 1
+        self.stats.never_executed += 1
+        if req.timer is not None:
+            req.timer.cancel()
+
+    def _expire(self, req: _Request) -> None:
+        if req.state != _QUEUED or req.future.done():
+            return
+        self._drop(req)
+        waited_us = (time.perf_counter_ns() - req.enqueued_ns) // 1000
+        self.stats.record_failure("TIMEOUT", time.perf_counter_ns() - req.received_ns)
+        req.future.set_exception(InferError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"model '{self.name}': request timed out after {waited_us} us in the queue, not executed"))
+
+    # -- scheduling --------------------------------------------------------------------------------------
+    def _prune_head(self) -> None:
+        while self._queue and self._queue[0].state != _QUEUED:
+            self._queue.popleft()
+
+    def _candidates(self) -> tuple[list[_Request], int]:
+        """Live requests from the head that could share one batch, and their item total."""
+        s = self.settings
+        if not s.dynamic or not s.max_batch_size:
+            head = self._queue[0]
+            return [head], head.items
+        taken: list[_Request] = []
+        total = 0
+        key = self._queue[0].key
+        for r in self._queue:
+            if r.state != _QUEUED:
+                continue
+            if r.key != key or total + r.items > s.max_batch_size:
+                break
+            taken.append(r)
+            total += r.items
+        return taken, total
+
+    def _choose(self, taken: list[_Request]) -> list[_Request]:
+        if not self._preferred:
+            return taken
+        best, total = 0, 0
+        for i, r in enumerate(taken):
+            total += r.items
+            if total in self._preferred:
+                best = i + 1
+        return taken[:best] if best else taken
+
+    async def _schedule(self) -> None:
+        assert self._free is not None and self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        delay_s = s.max_queue_delay_us / 1e6 if s.dynamic and s.max_batch_size else 0.0
+        target = max(self._preferred) if self._preferred else s.max_batch_size
+        while True:
+            self._prune_head()
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            instance = await self._free.get()
+            # Gather: wait for more requests until the batch is full, reaches the largest preferred size,
+            # or the oldest request has waited max_queue_delay.
+            while True:
+                self._prune_head()
+                if not self._queue:
+                    break
+                taken, total = self._candidates()
+                oldest_wait = (time.perf_counter_ns() - self._queue[0].enqueued_ns) / 1e9
+                remaining = delay_s - oldest_wait
+                # len(taken) < queued: the next request cannot join (other shapes, or it would overflow the
+                # batch), so waiting longer cannot grow this batch.
+                if total >= target or remaining <= 0 or self._closing or len(taken) < self._queued:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+            self._prune_head()
+            if not self._queue:
+                self._free.put_nowait(instance)
+                continue
+            batch = self._choose(self._candidates()[0])
+            for r in batch:
+                r.state = _RUNNING
+                if r.timer is not None:
+                    r.timer.cancel()
+            ids = {id(r) for r in batch}
+            self._queue = deque(r for r in self._queue if id(r) not in ids and r.state == _QUEUED)
+            self._queued -= len(batch)
+            task = loop.create_task(self._execute(instance, batch))
+            self._exec_tasks.add(task)
+            task.add_done_callback(self._exec_tasks.discard)
+
+    async def _execute(self, instance: int, batch: list[_Request]) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter_ns()
+        for r in batch:
+            q = start - r.enqueued_ns
+            self.stats.queue.add(q)
+            self._queue_time.observe(q / 1e9)
+        self._inflight += 1
+        try:
+            outputs, (t_in, t_infer, t_out) = await loop.run_in_executor(
+                self._executor, self._run_batch, self.instances[instance], batch)
+        except Exception as exc:  # a backend failure fails this batch's requests, never the server
+            log.error("execution failed", extra={"model": self.name, "version": self.version, "error": str(exc)})
+            for r in batch:
+                self.stats.pending -= 1
+                if not r.future.done():
+                    r.future.set_exception(InferError(
+                        grpc.StatusCode.INTERNAL, f"model '{self.name}' execution failed: {exc}"))
+        else:
+            items = sum(r.items for r in batch)
+            self.stats.record_execution(items, len(batch), t_in, t_infer, t_out)
+            self._batch_size.observe(items)
+            for r, out in zip(batch, outputs):
+                self.stats.pending -= 1
+                if not r.future.done():  # the client may have gone while it ran
+                    r.future.set_result(out)
+        finally:
+            self._inflight -= 1
+            assert self._free is not None
+            self._free.put_nowait(instance)
+
+    def _run_batch(self, backend: Backend, batch: list[_Request]) -> tuple[list[dict[str, np.ndarray]], tuple[int, int, int]]:
+        """Worker thread: concatenate, execute, split. Returns per-request outputs and stage timings (ns)."""
+        t0 = time.perf_counter_ns()
+        if len(batch) == 1:
+            inputs = batch[0].inputs  # no copy for a lone request
+        else:
+            inputs = {name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
+        t1 = time.perf_counter_ns()
+        outputs = backend.execute(inputs)
+        t2 = time.perf_counter_ns()
+        if len(batch) == 1:
+            split = [outputs]
+        else:
+            total = sum(r.items for r in batch)
+            for name, arr in outputs.items():
+                if arr.ndim == 0 or arr.shape[0] != total:
+                    raise RuntimeError(f"output '{name}' has shape {list(arr.shape)}; expected batch {total} first")
+            split, off = [], 0
+            for r in batch:
+                split.append({name: arr[off:off + r.items] for name, arr in outputs.items()})
+                off += r.items
+        t3 = time.perf_counter_ns()
+        return split, (t1 - t0, t2 - t1, t3 - t2)

@@ -1,0 +1,117 @@
+"""A loaded model version: its config, metadata, backend instances and batcher, and request validation.
+
+`ServedModel.infer` is the entry point every service uses (inference protocol and vision API alike):
+it validates the arrays against the model's config BEFORE anything is queued, then hands them to the
+model's dynamic batcher. Validation errors are INVALID_ARGUMENT and name the input, what was expected
+and what came.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelrepo.spec import ModelMeta
+from protos import model_config_pb2 as mc
+from server.backends.base import Backend
+from server.batcher import DynamicBatcher
+from server.datatypes import from_config, from_numpy, to_numpy
+from server.errors import InferError, invalid
+from server.stats import ModelStats
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """An input or output as the protocol describes it: dims exclude the batch dimension."""
+
+    name: str
+    datatype: str  # protocol name, e.g. "FP32"
+    dims: tuple[int, ...]  # -1 = any size
+
+    @property
+    def dtype(self) -> np.dtype:
+        return to_numpy(self.datatype)
+
+    def metadata_shape(self, batched: bool) -> list[int]:
+        return ([-1] if batched else []) + list(self.dims)
+
+
+def io_specs(tensors: list[mc.ModelInput] | list[mc.ModelOutput]) -> list[IOSpec]:
+    return [IOSpec(t.name, from_config(t.data_type), tuple(int(d) for d in t.dims)) for t in tensors]
+
+
+class ServedModel:
+    def __init__(self, name: str, version: int, config: mc.ModelConfig, meta: ModelMeta | None,
+                 instances: list[Backend], batcher: DynamicBatcher, platform: str) -> None:
+        self.name = name
+        self.version = version
+        self.config = config
+        self.meta = meta  # model.json, for the vision API (preprocessing, labels, task); None if absent
+        self.instances = instances
+        self.batcher = batcher
+        self.platform = platform
+        self.inputs = io_specs(list(config.input))
+        self.outputs = io_specs(list(config.output))
+        self._inputs_by_name = {s.name: s for s in self.inputs}
+        self.output_names = [s.name for s in self.outputs]
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.config.max_batch_size
+
+    @property
+    def stats(self) -> ModelStats:
+        return self.batcher.stats
+
+    def validate(self, inputs: dict[str, np.ndarray]) -> None:
+        """INVALID_ARGUMENT unless `inputs` match the config exactly (names, dtypes, shapes, batch)."""
+        where = f"model '{self.name}' version {self.version}"
+        missing = [n for n in self._inputs_by_name if n not in inputs]
+        extra = [n for n in inputs if n not in self._inputs_by_name]
+        if missing:
+            raise invalid(f"{where}: missing input(s) {', '.join(repr(m) for m in missing)}; "
+                          f"expected inputs {sorted(self._inputs_by_name)}, got {sorted(inputs)}")
+        if extra:
+            raise invalid(f"{where}: unexpected input(s) {', '.join(repr(e) for e in extra)}; "
+                          f"expected inputs {sorted(self._inputs_by_name)}")
+        batched = self.max_batch_size > 0
+        batch: int | None = None
+        for name, arr in inputs.items():
+            spec = self._inputs_by_name[name]
+            got_type = from_numpy(arr.dtype)
+            if got_type != spec.datatype:
+                raise invalid(f"{where}: input '{name}': expected datatype {spec.datatype}, got {got_type}")
+            shape = arr.shape
+            expected = spec.metadata_shape(batched)
+            if len(shape) != len(expected) or any(e != -1 and e != g for e, g in zip(expected, shape)):
+                raise invalid(f"{where}: input '{name}': expected shape {expected}, got {list(shape)}")
+            if batched:
+                if shape[0] < 1:
+                    raise invalid(f"{where}: input '{name}': batch size must be at least 1, got {shape[0]}")
+                if shape[0] > self.max_batch_size:
+                    raise invalid(f"{where}: input '{name}': batch size {shape[0]} exceeds max_batch_size "
+                                  f"{self.max_batch_size}")
+                if batch is not None and shape[0] != batch:
+                    raise invalid(f"{where}: input '{name}': batch size {shape[0]} differs from the other "
+                                  f"inputs' {batch}")
+                batch = shape[0]
+        try:
+            self.instances[0].check_inputs(inputs)
+        except ValueError as exc:
+            raise invalid(f"{where}: {exc}") from None
+
+    async def infer(self, inputs: dict[str, np.ndarray], deadline: float | None = None,
+                    received_ns: int | None = None) -> dict[str, np.ndarray]:
+        """Validate, queue on this model's batcher, await the outputs (see server/batcher.py)."""
+        try:
+            self.validate(inputs)
+        except InferError:
+            self.stats.record_failure("INVALID", 0)
+            raise
+        return await self.batcher.infer(inputs, deadline=deadline, received_ns=received_ns)
+
+    async def close(self) -> None:
+        """Drain accepted requests, then release the backends."""
+        await self.batcher.stop()
+        for inst in self.instances:
+            inst.close()

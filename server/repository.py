@@ -1,0 +1,315 @@
+"""The model repository loader: Triton's layout, one failure never takes the others down.
+
+    <repo>/<model>/config.pbtxt          ModelConfig (text); name must match the directory (or be empty)
+    <repo>/<model>/model.json            optional: task, labels, preprocessing (modelrepo.spec.ModelMeta)
+    <repo>/<model>/<version>/model.onnx  numbered versions; config.default_model_filename overrides the name
+
+Version policy as Triton: latest (1 by default), all, or specific. Each served version gets its own
+backend instances (instance_group counts) and its own batcher. Loading builds backends in a worker
+thread (ONNX Runtime session creation takes seconds for big graphs) so the server keeps answering.
+A model that fails to load is recorded UNAVAILABLE with the reason; RepositoryIndex shows it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from pydantic import ValidationError
+
+from modelrepo.config import CONFIG_FILENAME, ConfigError, load_config
+from modelrepo.spec import META_FILENAME, ModelMeta
+from protos import model_config_pb2 as mc
+from server import backends as _backends  # noqa: F401  (registers the backends)
+from server.backends.base import Backend, BackendOptions, BackendUnavailable, TensorSpec, create_backend
+from server.batcher import BatchSettings, DynamicBatcher
+from server.datatypes import from_config, from_numpy, to_config
+from server.errors import not_found, unavailable
+from server.model import ServedModel
+from server.stats import ModelStats
+
+log = logging.getLogger("cnnserve.repository")
+
+# config `platform` -> backend name, and what each backend reports as platform / looks for on disk.
+_PLATFORM_BACKEND = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt", "pytorch_libtorch": "pytorch"}
+_BACKEND_PLATFORM = {v: k for k, v in _PLATFORM_BACKEND.items()}
+_DEFAULT_FILENAME = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "pytorch": "model.pt2"}
+
+
+class LoadError(RuntimeError):
+    """Why one model could not be loaded; the message names the model and the file at fault."""
+
+
+@dataclass
+class ModelState:
+    name: str
+    state: str = "UNAVAILABLE"  # READY | UNAVAILABLE | LOADING | UNLOADING (RepositoryIndex strings)
+    reason: str = ""
+    versions: dict[int, ServedModel] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RuntimeDefaults:
+    """Server-wide defaults that a model's config.pbtxt parameters may override."""
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+
+
+@dataclass
+class _Built:
+    version: int
+    config: mc.ModelConfig
+    meta: ModelMeta | None
+    instances: list[Backend]
+    settings: BatchSettings
+    platform: str
+
+
+def _backend_name(cfg: mc.ModelConfig, model_dir: Path) -> str:
+    if cfg.backend:
+        return cfg.backend
+    if cfg.platform:
+        if cfg.platform not in _PLATFORM_BACKEND:
+            raise LoadError(f"{model_dir / CONFIG_FILENAME}: unknown platform {cfg.platform!r} "
+                            f"(known: {', '.join(_PLATFORM_BACKEND)})")
+        return _PLATFORM_BACKEND[cfg.platform]
+    for backend, filename in _DEFAULT_FILENAME.items():  # Triton's auto-complete: guess from the files
+        if any(model_dir.glob(f"*/{filename}")):
+            return backend
+    raise LoadError(f"{model_dir / CONFIG_FILENAME}: neither backend nor platform set, and no known model file found")
+
+
+def _select_versions(cfg: mc.ModelConfig, model_dir: Path) -> list[int]:
+    on_disk = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    if not on_disk:
+        raise LoadError(f"{model_dir}: no numbered version directories")
+    policy = cfg.version_policy
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
+        return on_disk
+    if choice == "specific":
+        wanted = list(policy.specific.versions)
+        absent = [v for v in wanted if v not in on_disk]
+        if absent:
+            raise LoadError(f"{model_dir}: version_policy asks for version(s) {absent}, not on disk (have {on_disk})")
+        return sorted(wanted)
+    n = policy.latest.num_versions if choice == "latest" and policy.latest.num_versions else 1
+    return on_disk[-n:]
+
+
+def _check_io(cfg_specs: Iterable, backend_specs: list[TensorSpec], kind: str, where: str) -> None:
+    by_name = {s.name: s for s in backend_specs}
+    cfg_names = set()
+    for t in cfg_specs:
+        cfg_names.add(t.name)
+        if t.name not in by_name:
+            raise LoadError(f"{where}: config {kind} '{t.name}' is not in the model (model has {sorted(by_name)})")
+        b = by_name[t.name]
+        want, have = from_config(t.data_type), from_numpy(b.dtype)
+        if want != have:
+            raise LoadError(f"{where}: {kind} '{t.name}': config says {want}, model has {have}")
+        dims = list(t.dims)
+        if len(dims) != len(b.shape) or any(c != -1 and m != -1 and c != m for c, m in zip(dims, b.shape)):
+            raise LoadError(f"{where}: {kind} '{t.name}': config dims {dims} do not match the model's {list(b.shape)}")
+    if kind == "input" and cfg_names != set(by_name):
+        raise LoadError(f"{where}: model inputs {sorted(by_name)} differ from config inputs {sorted(cfg_names)}")
+
+
+def _complete(cfg: mc.ModelConfig, backend: Backend, where: str) -> None:
+    """Fill inputs/outputs the config leaves out from the model (Triton's auto-complete), check the rest."""
+    if not cfg.input:
+        for s in backend.inputs:
+            cfg.input.add(name=s.name, data_type=to_config(from_numpy(s.dtype)), dims=list(s.shape))
+    if not cfg.output:
+        for s in backend.outputs:
+            cfg.output.add(name=s.name, data_type=to_config(from_numpy(s.dtype)), dims=list(s.shape))
+    _check_io(cfg.input, backend.inputs, "input", where)
+    _check_io(cfg.output, backend.outputs, "output", where)
+
+
+def _options(cfg: mc.ModelConfig, defaults: RuntimeDefaults) -> tuple[BackendOptions, int]:
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+
+    def int_param(key: str, default: int) -> int:
+        if key not in params:
+            return default
+        try:
+            return int(params[key])
+        except ValueError:
+            raise LoadError(f"config parameter {key} must be an integer, got {params[key]!r}") from None
+
+    groups = list(cfg.instance_group) or [mc.ModelInstanceGroup(count=1)]
+    count = sum(g.count if g.count > 0 else 1 for g in groups)
+    gpu = any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in groups)
+    device_id = next((g.gpus[0] for g in groups if g.gpus), 0)
+    accel = cfg.optimization.execution_accelerators
+    accelerators = tuple(
+        (a.name, tuple(sorted(a.parameters.items())))
+        for a in list(accel.gpu_execution_accelerator) + list(accel.cpu_execution_accelerator)
+    )
+    options = BackendOptions(
+        intra_op_threads=int_param("intra_op_thread_count", defaults.intra_op_threads),
+        inter_op_threads=int_param("inter_op_thread_count", defaults.inter_op_threads),
+        device_id=device_id,
+        extra=tuple(sorted(params.items())),
+        batched=cfg.max_batch_size > 0,
+        device_kind="gpu" if gpu else "cpu",
+        accelerators=accelerators,
+    )
+    return options, count
+
+
+def _settings(cfg: mc.ModelConfig) -> BatchSettings:
+    db = cfg.dynamic_batching
+    return BatchSettings(
+        max_batch_size=cfg.max_batch_size,
+        dynamic=cfg.HasField("dynamic_batching") and cfg.max_batch_size > 0,
+        preferred_batch_sizes=tuple(db.preferred_batch_size),
+        max_queue_delay_us=db.max_queue_delay_microseconds,
+        max_queue_size=db.default_queue_policy.max_queue_size,
+        default_timeout_us=db.default_queue_policy.default_timeout_microseconds,
+    )
+
+
+def build_model(model_dir: Path, defaults: RuntimeDefaults) -> list[_Built]:
+    """Blocking: parse and check the config, create every selected version's backend instances."""
+    name = model_dir.name
+    try:
+        cfg = load_config(model_dir)
+    except ConfigError as exc:
+        raise LoadError(str(exc)) from None
+    if cfg.name and cfg.name != name:
+        raise LoadError(f"{model_dir / CONFIG_FILENAME}: config name {cfg.name!r} differs from directory {name!r}")
+    cfg.name = name
+    if cfg.max_batch_size < 0:
+        raise LoadError(f"{model_dir / CONFIG_FILENAME}: max_batch_size must be >= 0")
+    meta = None
+    if (model_dir / META_FILENAME).exists():
+        try:
+            meta = ModelMeta.read(model_dir)
+        except (ValidationError, ValueError) as exc:
+            raise LoadError(f"{model_dir / META_FILENAME}: invalid model metadata: {exc}") from None
+    backend = _backend_name(cfg, model_dir)
+    if not cfg.backend and not cfg.platform:
+        cfg.backend = backend
+    platform = cfg.platform or _BACKEND_PLATFORM.get(backend, backend)
+    filename = cfg.default_model_filename or _DEFAULT_FILENAME.get(backend, "model")
+    options, count = _options(cfg, defaults)
+    settings = _settings(cfg)
+    built: list[_Built] = []
+    try:
+        for version in _select_versions(cfg, model_dir):
+            path = model_dir / str(version) / filename
+            if backend == "tensorrt" and not cfg.default_model_filename:
+                # The version directory: its engines.json picks the engine built for this GPU and
+                # TensorRT, or refuses clearly (server/backends/trt_engine.py).
+                path = path.parent
+            if not path.exists():
+                raise LoadError(f"{path}: model file not found")
+            vcfg = mc.ModelConfig()
+            vcfg.CopyFrom(cfg)
+            instances: list[Backend] = []
+            built.append(_Built(version, vcfg, meta, instances, settings, platform))
+            for _ in range(count):
+                try:
+                    instances.append(create_backend(backend, path, options))
+                except BackendUnavailable as exc:
+                    raise LoadError(f"model '{name}' version {version}: backend {backend!r} unavailable: {exc}") from None
+                except Exception as exc:  # a corrupt file or an unsupported graph fails this model only
+                    raise LoadError(f"model '{name}' version {version}: {exc}") from None
+            _complete(vcfg, instances[0], str(path))
+    except BaseException:
+        for b in built:
+            for inst in b.instances:
+                inst.close()
+        raise
+    return built
+
+
+class ModelRepository:
+    def __init__(self, root: Path, defaults: RuntimeDefaults = RuntimeDefaults()) -> None:
+        self.root = Path(root)
+        self.defaults = defaults
+        self.models: dict[str, ModelState] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def names_on_disk(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    async def load_all(self, names: Iterable[str] | None = None) -> None:
+        for name in (self.names_on_disk() if names is None else names):
+            await self.load(name)
+
+    async def load(self, name: str) -> ModelState:
+        """(Re)load `name`; on failure the model is UNAVAILABLE with the reason (and the old copy, if any,
+        keeps serving until a load succeeds, as Triton does)."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            model_dir = self.root / name
+            state = self.models.setdefault(name, ModelState(name))
+            old = dict(state.versions)
+            if not old:
+                state.state = "LOADING"
+            try:
+                if "/" in name or name in ("", ".", "..") or not model_dir.is_dir():
+                    raise LoadError(f"model '{name}' not found in repository {self.root}")
+                built = await asyncio.to_thread(build_model, model_dir, self.defaults)
+            except LoadError as exc:
+                state.reason = str(exc)
+                state.state = "READY" if old else "UNAVAILABLE"
+                log.error("model load failed", extra={"model": name, "reason": str(exc)})
+                return state
+            versions: dict[int, ServedModel] = {}
+            for b in built:
+                stats = ModelStats(name, str(b.version))
+                batcher = DynamicBatcher(name, str(b.version), b.instances, b.settings, stats)
+                batcher.start()
+                versions[b.version] = ServedModel(name, b.version, b.config, b.meta, b.instances, batcher, b.platform)
+            state.versions, state.state, state.reason = versions, "READY", ""
+            log.info("model loaded", extra={"model": name, "versions": sorted(versions),
+                                            "instances": len(built[0].instances) if built else 0})
+            for m in old.values():
+                await m.close()
+            return state
+
+    async def unload(self, name: str) -> None:
+        state = self.models.get(name)
+        if state is None:
+            raise not_found(f"model '{name}' is not loaded")
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            old = dict(state.versions)
+            state.versions, state.state, state.reason = {}, "UNAVAILABLE", "unloaded"
+            for m in old.values():
+                await m.close()
+            log.info("model unloaded", extra={"model": name})
+
+    def get(self, name: str, version: str = "") -> ServedModel:
+        """The served version (latest when `version` is empty); NOT_FOUND / UNAVAILABLE otherwise."""
+        state = self.models.get(name)
+        if state is None:
+            raise not_found(f"unknown model '{name}'; known: {', '.join(sorted(self.models)) or 'none'}")
+        if not state.versions:
+            raise unavailable(f"model '{name}' is not ready: {state.reason or state.state}")
+        if not version:
+            return state.versions[max(state.versions)]
+        if not version.isdigit() or int(version) not in state.versions:
+            raise not_found(f"model '{name}' has no version '{version}'; served versions: "
+                            f"{', '.join(str(v) for v in sorted(state.versions))}")
+        return state.versions[int(version)]
+
+    def served(self) -> Iterable[ServedModel]:
+        for state in list(self.models.values()):
+            yield from list(state.versions.values())
+
+    def all_stats(self) -> Iterable[ModelStats]:
+        return [m.stats for m in self.served()]
+
+    async def close(self) -> None:
+        """Drain and release every model (graceful shutdown)."""
+        await asyncio.gather(*(m.close() for m in list(self.served())))
+        for state in self.models.values():
+            state.versions = {}
+            state.state = "UNAVAILABLE"
