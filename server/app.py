@@ -27,10 +27,11 @@ from prometheus_client import start_http_server
 from server import metrics
 from server.repository import ModelRepository, RuntimeDefaults
 from server.service import ServerState, ServicerAdder, add_inference_service
+from server.vision_service import add_vision_service
 
 log = logging.getLogger("cnnserve.app")
 
-SERVICER_ADDERS: list[ServicerAdder] = [add_inference_service]
+SERVICER_ADDERS: list[ServicerAdder] = [add_inference_service, add_vision_service]
 
 # A 32x3x224x224 FP32 batch is 19.3 MB; 64 MiB leaves room for its outputs and larger inputs.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
