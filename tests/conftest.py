@@ -1,13 +1,204 @@
-"""Shared test fixtures.
+"""Shared test fixtures: small real ONNX models, test model repositories, and the real server process.
 
-The repository root goes on sys.path so tests import the project's packages without an install
-(CI runs `pytest` from a checkout).
+The repository root goes on sys.path so tests import the project's packages without an install.
+`start_server(repo)` runs `python -m server` as a subprocess on 127.0.0.1 with ephemeral ports (the
+server writes the ports it bound to --ready-file) and waits until it reports ready; it is how users run
+it, and it keeps tritonclient's generated protos out of the server's process.
 """
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+# -- small ONNX models built with onnx.helper (milliseconds to build, real ONNX Runtime to run) ----------
+def affine_model() -> bytes:
+    """a FP32 [N,4] -> y = 2a + 1 (FP32); b INT64 [N,2] -> z = b + 3 (INT64): two inputs, two outputs."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Mul", ["a", "two"], ["a2"]),
+        helper.make_node("Add", ["a2", "one"], ["y"]),
+        helper.make_node("Add", ["b", "three"], ["z"]),
+    ]
+    inits = [
+        helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+        helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+        helper.make_tensor("three", TensorProto.INT64, [], [3]),
+    ]
+    g = helper.make_graph(
+        nodes, "affine",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("b", TensorProto.INT64, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("z", TensorProto.INT64, ["N", 2])],
+        inits,
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+
+
+def cast_model() -> bytes:
+    """x UINT8 [N,2,3] -> y FP16 = x / 2 (cast then scale); exercises UINT8 in and FP16 out."""
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT16),
+         helper.make_node("Div", ["xf", "d"], ["y"])],
+        "cast",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 2, 3])],
+        [helper.make_tensor("d", TensorProto.FLOAT16, [], np.array([2.0], np.float16).view(np.uint16).tolist())],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+
+
+def strings_model() -> bytes:
+    """BYTES in, BYTES out (Identity on strings), no batching: exercises the 4-byte length prefix path."""
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["s"], ["t"])], "strings",
+        [helper.make_tensor_value_info("s", TensorProto.STRING, [3])],
+        [helper.make_tensor_value_info("t", TensorProto.STRING, [3])],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+
+
+def slow_model(iterations: int = 400, width: int = 256) -> bytes:
+    """x FP32 [N,width] -> y: `iterations` rounds of tanh(x W) in a Loop (one weight, small file).
+
+    Its run time is what the deadline and shutdown tests need: long enough to keep the only instance
+    busy while other requests wait in the queue.
+    """
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", ["h_in", "W"], ["hw"]),
+         helper.make_node("Tanh", ["hw"], ["h_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", width])],
+    )
+    g = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "cond", "x"], ["y"], body=body)],
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor("trips", TensorProto.INT64, [], [iterations]),
+         helper.make_tensor("cond", TensorProto.BOOL, [], [True]),
+         helper.make_tensor("W", TensorProto.FLOAT, [width, width], w.reshape(-1).tolist())],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+
+
+def write_model(repo: Path, name: str, onnx_bytes: bytes, config: str, versions: tuple[int, ...] = (1,)) -> Path:
+    d = repo / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.pbtxt").write_text(config)
+    for v in versions:
+        (d / str(v)).mkdir(exist_ok=True)
+        (d / str(v) / "model.onnx").write_bytes(onnx_bytes)
+    return d
+
+
+@pytest.fixture
+def affine_onnx(tmp_path: Path) -> Path:
+    p = tmp_path / "affine.onnx"
+    p.write_bytes(affine_model())
+    return p
+
+
+@pytest.fixture
+def slow_onnx(tmp_path: Path) -> Path:
+    p = tmp_path / "slow.onnx"
+    p.write_bytes(slow_model())
+    return p
+
+
+# -- the real server as a subprocess -------------------------------------------------------------------
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+    ready: dict
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def start_server(repo: Path, workdir: Path, *extra: str, timeout: float = 120.0) -> ServerProcess:
+    ready = workdir / "ready.json"
+    log_path = workdir / "server.log"
+    ready.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
+           "--grpc-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", "0",
+           "--ready-file", str(ready), "--intra-op-threads", "1", *extra]
+    logf = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    logf.close()
+    t_end = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+        if time.monotonic() > t_end:
+            proc.kill()
+            raise RuntimeError(f"server not ready after {timeout}s:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    info = json.loads(ready.read_text())
+    return ServerProcess(proc, info["grpc_port"], info["metrics_port"], log_path, info)
+
+
+@pytest.fixture(scope="session")
+def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
+    """Start servers on repositories; every one still running is stopped at the end of the session."""
+    started: list[ServerProcess] = []
+
+    def factory(repo: Path, *extra: str) -> ServerProcess:
+        srv = start_server(repo, tmp_path_factory.mktemp("server"), *extra)
+        started.append(srv)
+        return srv
+
+    yield factory
+    for srv in started:
+        srv.terminate()
