@@ -1,9 +1,11 @@
-"""GPU backends: which backend a config asks for, clear refusals where the machine lacks it, and the
-torch.export backend's parity with ONNX Runtime (on CPU here; on CUDA where there is a GPU)."""
+"""GPU backends through the server's real loader: which backend a config.pbtxt asks for, a clear
+refusal (that model only) where the machine lacks it, and the torch.export backend's parity with ONNX
+Runtime (on CPU here; on CUDA where there is a GPU)."""
 from __future__ import annotations
 
+import asyncio
 import importlib.util
-import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +14,14 @@ import pytest
 import torch
 from torch import nn
 
+from export.engine_manifest import EngineManifest, EngineRecord, ProfileShapes, engine_filename, file_sha256
 from export.torch_program import PROGRAM_FILENAME, export_program, load_program, save_program
-from modelrepo.config import parse_config
 from server.backends.base import BackendOptions, BackendUnavailable, available_backends, create_backend
-from server.backends.selection import backend_kind, check_ort_providers, ort_execution_providers, select_backend
-import server.backends.torch_program  # noqa: F401  (registers "pytorch")
-import server.backends.trt_engine  # noqa: F401  (registers "tensorrt")
+from server.repository import LoadError, ModelRepository, build_model, RuntimeDefaults
 
 HAVE_CUDA = torch.cuda.is_available()
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+ORT_PROVIDERS = ort.get_available_providers()
 
 IO = """
 max_batch_size: 8
@@ -28,134 +29,113 @@ input [{ name: "input" data_type: TYPE_FP32 dims: [3, 16, 16] }]
 output [{ name: "logits" data_type: TYPE_FP32 dims: [5] }]
 """
 
-
-def cfg(text: str):
-    return parse_config('name: "m"\n' + text + IO)
-
-
-# ------------------------------------------------------------------ config -> backend
-
-@pytest.mark.parametrize("text, kind", [
-    ('platform: "tensorrt_plan"', "tensorrt"),
-    ('backend: "tensorrt"', "tensorrt"),
-    ('platform: "onnxruntime_onnx"', "onnxruntime"),
-    ('backend: "onnxruntime"', "onnxruntime"),
-    ('platform: "pytorch_libtorch"', "pytorch"),
-    ('backend: "pytorch"', "pytorch"),
-    ("", "onnxruntime"),
-])
-def test_backend_kind_from_platform_or_backend(text, kind):
-    assert backend_kind(cfg(text)) == kind
+# name -> config body (besides name and IO): one per way a config picks a backend.
+CONFIGS = {
+    "ort_cpu": 'backend: "onnxruntime"\ninstance_group [{ kind: KIND_CPU count: 1 }]',
+    "torch_cpu": 'backend: "pytorch"\ninstance_group [{ kind: KIND_CPU count: 1 }]',
+    "torch_platform_cpu": 'platform: "pytorch_libtorch"\ninstance_group [{ kind: KIND_CPU }]',
+    "torch_gpu": 'backend: "pytorch"\ninstance_group [{ kind: KIND_GPU gpus: [0] }]',
+    "engine": 'platform: "tensorrt_plan"\ninstance_group [{ kind: KIND_GPU }]',
+    "engine_other_gpu": 'backend: "tensorrt"\ninstance_group [{ kind: KIND_GPU }]',
+    "ort_trt_ep": ('backend: "onnxruntime"\noptimization { execution_accelerators { gpu_execution_accelerator [{\n'
+                   '  name: "tensorrt" parameters { key: "precision_mode" value: "FP16" } }] } }\n'
+                   'instance_group [{ kind: KIND_GPU }]'),
+    "ort_cuda": 'platform: "onnxruntime_onnx"\ninstance_group [{ kind: KIND_GPU }]',
+}
 
 
-@pytest.mark.parametrize("text, message", [
-    ('backend: "tensorflow"', "unknown backend 'tensorflow'"),
-    ('platform: "tensorflow_savedmodel"', "unsupported platform"),
-    ('platform: "tensorrt_plan" backend: "pytorch"', "contradicts"),
-])
-def test_unknown_or_contradictory_backend_is_refused(text, message):
-    with pytest.raises(BackendUnavailable, match=message):
-        backend_kind(cfg(text))
+@pytest.fixture(scope="module")
+def repo(exported, tmp_path_factory) -> Path:
+    vdir, _, _ = exported
+    root = tmp_path_factory.mktemp("gpu_repo")
+    for name, body in CONFIGS.items():
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "config.pbtxt").write_text(f'name: "{name}"\n{body}\n{IO}')
+        for f in ("model.onnx", PROGRAM_FILENAME):
+            shutil.copy(vdir / f, root / name / "1" / f)
+    # An engine recorded for a GPU nobody here has: the loader must refuse it by name, not crash.
+    other = root / "engine_other_gpu" / "1"
+    fname = engine_filename("5.0", "10.0.0", "fp16")
+    (other / fname).write_bytes(b"not for this machine")
+    m = EngineManifest()
+    m.add(EngineRecord(file=fname, compute_capability="5.0", tensorrt_version="10.0.0", precision="fp16",
+                       onnx_sha256=file_sha256(other / "model.onnx"),
+                       profiles={"input": ProfileShapes(min=(1, 3, 16, 16), opt=(8, 3, 16, 16), max=(8, 3, 16, 16))}))
+    m.write(other)
+    return root
 
 
-def test_ort_tensorrt_accelerator_translates_triton_parameters():
-    c = cfg('''backend: "onnxruntime"
-optimization { execution_accelerators { gpu_execution_accelerator [{
-  name: "tensorrt"
-  parameters { key: "precision_mode" value: "FP16" }
-  parameters { key: "max_workspace_size_bytes" value: "1073741824" }
-  parameters { key: "trt_engine_cache_enable" value: "true" }
-  parameters { key: "trt_engine_cache_path" value: "/cache" } }] } }
-instance_group [{ kind: KIND_GPU gpus: [1] }]''')
-    providers = ort_execution_providers(c, device_id=1)
-    assert [p for p, _ in providers] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    trt_opts = providers[0][1]
-    assert trt_opts == {"device_id": "1", "trt_fp16_enable": "True", "trt_max_workspace_size": "1073741824",
-                        "trt_engine_cache_enable": "True", "trt_engine_cache_path": "/cache"}
-
-
-def test_ort_cuda_accelerator_and_gpu_instance_group():
-    c = cfg('backend: "onnxruntime"\noptimization { execution_accelerators { gpu_execution_accelerator [{ name: "cuda" }] } }')
-    assert [p for p, _ in ort_execution_providers(c)] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    c = cfg('backend: "onnxruntime"\ninstance_group [{ kind: KIND_GPU count: 2 }]')
-    assert [p for p, _ in ort_execution_providers(c)] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    c = cfg('backend: "onnxruntime"\ninstance_group [{ kind: KIND_CPU count: 2 }]')
-    assert ort_execution_providers(c) == [("CPUExecutionProvider", {})]
-    c = cfg('backend: "onnxruntime"\noptimization { execution_accelerators { gpu_execution_accelerator [{ name: "openvino" }] } }')
-    with pytest.raises(BackendUnavailable, match="unknown gpu_execution_accelerator 'openvino'"):
-        ort_execution_providers(c)
-
-
-def test_select_backend_files_and_options(tmp_path):
-    choice = select_backend(cfg('backend: "onnxruntime"'), tmp_path / "1", available_ort_providers=["CPUExecutionProvider"])
-    assert choice.kind == "onnxruntime" and choice.model_file == tmp_path / "1" / "model.onnx"
-    assert json.loads(choice.option("providers")) == [["CPUExecutionProvider", {}]]
-    choice = select_backend(cfg('platform: "tensorrt_plan"'), tmp_path / "1")
-    assert choice.kind == "tensorrt" and choice.model_file == tmp_path / "1"  # engines.json picks the engine
-    choice = select_backend(cfg('platform: "tensorrt_plan"\ndefault_model_filename: "custom.plan"'), tmp_path / "1")
-    assert choice.model_file == tmp_path / "1" / "custom.plan"
-    choice = select_backend(cfg('backend: "pytorch"\ninstance_group [{ kind: KIND_CPU }]'), tmp_path / "1")
-    assert choice.kind == "pytorch" and choice.model_file.name == PROGRAM_FILENAME and choice.option("device") == "cpu"
-    choice = select_backend(cfg('backend: "pytorch"\ninstance_group [{ kind: KIND_GPU gpus: [2] }]'), tmp_path / "1")
-    assert choice.option("device") == "cuda" and choice.options.device_id == 2
-    with pytest.raises(BackendUnavailable, match="KIND_CPU"):
-        select_backend(cfg('platform: "tensorrt_plan"\ninstance_group [{ kind: KIND_CPU }]'), tmp_path / "1")
-
-
-@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
-                    reason="this onnxruntime build has the CUDA provider")
-def test_gpu_accelerator_on_cpu_onnxruntime_is_refused_not_silently_cpu(tmp_path):
-    c = cfg('backend: "onnxruntime"\noptimization { execution_accelerators { gpu_execution_accelerator [{ name: "tensorrt" }] } }')
-    with pytest.raises(BackendUnavailable) as exc:
-        select_backend(c, tmp_path / "1")
-    msg = str(exc.value)
-    assert "TensorrtExecutionProvider" in msg and "CUDAExecutionProvider" in msg and "onnxruntime-gpu" in msg
-    check_ort_providers([("CPUExecutionProvider", {})], "m")  # the CPU default is always fine
+def _load_error(model_dir: Path) -> str:
+    with pytest.raises(LoadError) as exc:
+        build_model(model_dir, RuntimeDefaults())
+    return str(exc.value)
 
 
 def test_backends_are_registered():
-    assert {"tensorrt", "pytorch"} <= set(available_backends())
+    assert {"onnxruntime", "tensorrt", "pytorch"} <= set(available_backends())
+
+
+@pytest.mark.parametrize("name", ["torch_cpu", "torch_platform_cpu"])
+def test_pytorch_backend_selected_by_backend_or_platform(repo, name):
+    (built,) = build_model(repo / name, RuntimeDefaults())
+    assert built.instances[0].kind == "pytorch" and built.instances[0].device == "cpu"
+    for inst in built.instances:
+        inst.close()
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="checks the refusal on machines without TensorRT")
-def test_tensorrt_backend_without_tensorrt_fails_that_model_only(tmp_path):
-    with pytest.raises(BackendUnavailable, match="needs TensorRT, which is not installed"):
-        create_backend("tensorrt", tmp_path, BackendOptions())
+def test_tensorrt_plan_without_tensorrt_is_refused_clearly(repo):
+    msg = _load_error(repo / "engine")
+    assert "'engine'" in msg and "needs TensorRT, which is not installed" in msg
+
+
+@pytest.mark.skipif(not HAVE_TRT or not HAVE_CUDA, reason="needs TensorRT and a GPU to get past the import")
+def test_engine_for_another_gpu_is_refused_clearly(repo):
+    msg = _load_error(repo / "engine_other_gpu")
+    assert "no TensorRT engine for this GPU" in msg and "5.0" in msg
+
+
+@pytest.mark.skipif("TensorrtExecutionProvider" in ORT_PROVIDERS, reason="this onnxruntime has the TensorRT EP")
+def test_ort_tensorrt_accelerator_on_cpu_onnxruntime_is_refused_not_silently_cpu(repo):
+    msg = _load_error(repo / "ort_trt_ep")
+    assert "TensorrtExecutionProvider" in msg and "onnxruntime-gpu" in msg
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ORT_PROVIDERS, reason="this onnxruntime has the CUDA EP")
+def test_ort_gpu_instance_group_on_cpu_onnxruntime_is_refused(repo):
+    assert "CUDAExecutionProvider" in _load_error(repo / "ort_cuda")
 
 
 @pytest.mark.skipif(HAVE_CUDA, reason="checks the refusal on machines without CUDA")
-def test_torch_backend_asked_for_gpu_without_cuda_is_refused(tmp_path):
-    with pytest.raises(BackendUnavailable, match="sees no CUDA device"):
-        create_backend("pytorch", tmp_path / PROGRAM_FILENAME, BackendOptions(extra=(("device", "cuda"),)))
+def test_pytorch_on_gpu_without_cuda_is_refused(repo):
+    assert "sees no CUDA device" in _load_error(repo / "torch_gpu")
 
 
 def test_torch_backend_missing_program_is_refused(tmp_path):
     with pytest.raises(BackendUnavailable, match="no exported program"):
-        create_backend("pytorch", tmp_path / PROGRAM_FILENAME, BackendOptions(extra=(("device", "cpu"),)))
+        create_backend("pytorch", tmp_path / PROGRAM_FILENAME, BackendOptions(device_kind="cpu"))
 
 
-def test_one_bad_model_does_not_stop_the_others(tmp_path, exported):
-    """Selection + creation per model, as the loader does it: the TensorRT / GPU models fail with their
-    reasons, the CPU one loads and runs."""
-    vdir, _, _ = exported
-    configs = {
-        "engine": 'platform: "tensorrt_plan"',
-        "ort_gpu": 'backend: "onnxruntime"\ninstance_group [{ kind: KIND_GPU }]',
-        "torch_cpu": 'backend: "pytorch"\ninstance_group [{ kind: KIND_CPU }]',
-    }
-    loaded, failed = {}, {}
-    for name, text in configs.items():
+def test_models_the_machine_cannot_run_fail_alone(repo):
+    """The whole repository through ModelRepository, as the server loads it at start."""
+    async def go():
+        repository = ModelRepository(repo)
+        await repository.load_all()
         try:
-            choice = select_backend(cfg(text), vdir)
-            loaded[name] = create_backend(choice.kind, choice.model_file, choice.options)
-        except BackendUnavailable as exc:
-            failed[name] = str(exc)
-    assert "torch_cpu" in loaded
+            states = {n: (s.state, s.reason) for n, s in repository.models.items()}
+            served = repository.get("torch_cpu")
+            x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+            out = served.instances[0].execute({"input": x})
+            return states, out
+        finally:
+            await repository.close()
+
+    states, out = asyncio.run(go())
+    assert states["ort_cpu"][0] == "READY" and states["torch_cpu"][0] == "READY"
     if not HAVE_TRT:
-        assert "TensorRT" in failed["engine"]
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        assert "CUDAExecutionProvider" in failed["ort_gpu"]
-    out = loaded["torch_cpu"].execute({"input": np.zeros((2, 3, 16, 16), np.float32)})
+        assert states["engine"][0] == "UNAVAILABLE" and "TensorRT" in states["engine"][1]
+    if not HAVE_CUDA:
+        assert states["torch_gpu"][0] == "UNAVAILABLE"
     assert out["logits"].shape == (2, 5)
 
 
@@ -196,7 +176,7 @@ def test_program_archive_carries_tensor_names(exported):
 
 def test_torch_backend_on_cpu_matches_onnx_runtime(exported):
     vdir, model, session = exported
-    backend = create_backend("pytorch", vdir / PROGRAM_FILENAME, BackendOptions(extra=(("device", "cpu"),)))
+    backend = create_backend("pytorch", vdir / PROGRAM_FILENAME, BackendOptions(device_kind="cpu"))
     assert [(s.name, s.dtype, s.shape) for s in backend.inputs] == [("input", np.dtype(np.float32), (3, 16, 16))]
     assert [(s.name, s.shape) for s in backend.outputs] == [("logits", (5,))]
     rng = np.random.default_rng(1)
@@ -213,7 +193,7 @@ def test_torch_backend_on_cpu_matches_onnx_runtime(exported):
 @pytest.mark.skipif(not HAVE_CUDA, reason="no CUDA GPU visible to torch")
 def test_torch_backend_on_cuda_matches_onnx_runtime(exported):
     vdir, _, session = exported
-    backend = create_backend("pytorch", vdir / PROGRAM_FILENAME, BackendOptions(extra=(("device", "cuda"),)))
+    backend = create_backend("pytorch", vdir / PROGRAM_FILENAME, BackendOptions(device_kind="gpu"))
     assert backend.device == "cuda:0"
     x = np.random.default_rng(2).standard_normal((8, 3, 16, 16)).astype(np.float32)
     np.testing.assert_allclose(backend.execute({"input": x})["logits"], session.run(None, {"input": x})[0],

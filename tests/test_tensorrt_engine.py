@@ -39,6 +39,7 @@ from modelrepo.config import parse_config
 from modelrepo.spec import ModelMeta, PreprocessSpec, Task
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+HAVE_GPU = Path("/dev/nvidiactl").exists()  # the NVIDIA driver's control node: a GPU box, torch or not
 
 
 def _version_dir(tmp_path: Path) -> Path:
@@ -276,6 +277,7 @@ def test_cli_without_tensorrt_says_so(tmp_path, capsys):
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed on this machine")
+@pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU on this machine")
 def test_build_engine_and_parity_on_gpu(tmp_path):
     import torch
     from torch import nn
