@@ -362,6 +362,35 @@ def engine_parity(version_dir: Path, record: EngineRecord, batch_sizes: Sequence
     return {"max_abs": worst_abs, "max_rel": worst_rel}
 
 
+def current_engine(version_dir: Path, gpu: GpuInfo, tensorrt_version: str, precision: str) -> EngineRecord | None:
+    """The engine already built for this GPU, TensorRT, precision and ONNX, if any: the export service
+    re-runs at every `docker compose up` and must only build what the volume does not hold yet."""
+    from export.engine_manifest import EngineMismatch, select_engine
+
+    try:
+        return select_engine(version_dir, gpu.compute_capability, tensorrt_version, precision)
+    except EngineMismatch:
+        return None
+
+
+def activate_tensorrt(model_dir: Path) -> Path:
+    """Point a model's config.pbtxt at its TensorRT engines: backend tensorrt on KIND_GPU instances
+    (instance counts kept), no default_model_filename so engines.json picks the file per GPU."""
+    from modelrepo.config import load_config, write_config
+    from protos.model_config_pb2 import ModelInstanceGroup
+
+    config = load_config(model_dir)
+    config.platform = ""
+    config.backend = "tensorrt"
+    config.default_model_filename = ""
+    config.ClearField("optimization")  # ONNX Runtime accelerators mean nothing to a native engine
+    if not config.instance_group:
+        config.instance_group.add(count=1)
+    for group in config.instance_group:
+        group.kind = ModelInstanceGroup.KIND_GPU
+    return write_config(config, model_dir)
+
+
 def build_repository_engines(
     repository: Path,
     *,
@@ -370,6 +399,8 @@ def build_repository_engines(
     models: Sequence[str] | None = None,
     calibration_samples: int = 256,
     parity: bool = True,
+    skip_existing: bool = False,
+    activate: bool = False,
     progress: Progress = _print_progress,
 ) -> dict[str, EngineRecord]:
     """Build an engine for the latest version of each model in the repository; returns model -> record.
@@ -400,6 +431,13 @@ def build_repository_engines(
                 raise BuildError(f"{model_dir}: no version directory with {ONNX_FILENAME}")
             version_dir = model_dir / str(versions[-1])
             progress(f"[{i}/{len(names)}] {name} v{versions[-1]}")
+            existing = current_engine(version_dir, gpu, trt.__version__, precision) if skip_existing else None
+            if existing is not None:
+                progress(f"    cached: {existing.file}")
+                built[name] = existing
+                if activate:
+                    activate_tensorrt(model_dir)
+                continue
             profiles = profiles_from_config(config)
             calib = None
             if precision == "int8":
@@ -423,6 +461,8 @@ def build_repository_engines(
             manifest.add(record)
             manifest.write(version_dir)
             built[name] = record
+            if activate:
+                activate_tensorrt(model_dir)
         except Exception as exc:  # noqa: BLE001 - reported per model, summarised below
             failed[name] = str(exc)
             progress(f"    FAILED: {exc}")
@@ -439,11 +479,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--models", nargs="*", help="only these models (default: all in the repository)")
     ap.add_argument("--calibration-samples", type=int, default=256, help="int8: samples from <model>/calibration/")
     ap.add_argument("--skip-parity", action="store_true", help="do not compare engines against ONNX Runtime")
+    ap.add_argument("--skip-existing", action="store_true",
+                    help="keep engines already built for this GPU, TensorRT, precision and ONNX (a cache)")
+    ap.add_argument("--activate", action="store_true",
+                    help="switch each built model's config.pbtxt to backend tensorrt on KIND_GPU")
     args = ap.parse_args(argv)
     try:
         built = build_repository_engines(args.repository, precision=args.precision, workspace_mib=args.workspace_mib,
                                          models=args.models, calibration_samples=args.calibration_samples,
-                                         parity=not args.skip_parity)
+                                         parity=not args.skip_parity, skip_existing=args.skip_existing,
+                                         activate=args.activate)
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

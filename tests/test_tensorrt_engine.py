@@ -30,6 +30,8 @@ from export.tensorrt_engine import (
     derive_profile,
     load_calibration_samples,
     main,
+    activate_tensorrt,
+    current_engine,
     profiles_from_config,
     select_calibration_files,
     timing_cache_path,
@@ -171,6 +173,41 @@ def test_server_side_resolution_turns_mismatch_into_backend_unavailable(tmp_path
         resolve_engine_file(vdir, "7.5", "10.7.0")
     with pytest.raises(BackendUnavailable, match="TensorRT version mismatch"):
         resolve_engine_file(vdir / rec.file, "8.6", "10.8.0")
+
+
+def test_cached_engine_is_found_only_for_the_same_gpu_tensorrt_precision_and_onnx(tmp_path):
+    vdir = _version_dir(tmp_path)
+    m = EngineManifest()
+    m.add(_record(vdir, "8.6", "10.7.0", "fp16"))
+    m.write(vdir)
+    a10 = GpuInfo("8.6", "A10")
+    assert current_engine(vdir, a10, "10.7.0", "fp16").file == "model.sm86.trt10.7.0.fp16.plan"
+    assert current_engine(vdir, a10, "10.7.0", "fp32") is None
+    assert current_engine(vdir, GpuInfo("9.0", "H100"), "10.7.0", "fp16") is None
+    assert current_engine(vdir, a10, "10.8.0", "fp16") is None
+    (vdir / "model.onnx").write_bytes(b"new export")
+    assert current_engine(vdir, a10, "10.7.0", "fp16") is None
+
+
+def test_activate_points_the_config_at_the_engines(tmp_path):
+    from modelrepo.config import load_config
+
+    model_dir = tmp_path / "resnet18"
+    model_dir.mkdir()
+    (model_dir / "config.pbtxt").write_text("""
+name: "resnet18"
+platform: "onnxruntime_onnx"
+max_batch_size: 32
+input [{ name: "input" data_type: TYPE_FP32 dims: [3, 224, 224] }]
+output [{ name: "logits" data_type: TYPE_FP32 dims: [1000] }]
+instance_group [{ kind: KIND_CPU count: 2 }]
+dynamic_batching { preferred_batch_size: [8] }
+""")
+    activate_tensorrt(model_dir)
+    cfg = load_config(model_dir)
+    assert cfg.backend == "tensorrt" and cfg.platform == "" and cfg.default_model_filename == ""
+    assert [(g.kind, g.count) for g in cfg.instance_group] == [(1, 2)]  # KIND_GPU, count kept
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [8] and cfg.max_batch_size == 32
 
 
 # ------------------------------------------------------------------ optimization profile
