@@ -1,0 +1,248 @@
+"""`python -m export`: registry models -> checked ONNX -> Triton-layout model repository.
+
+    python -m export list
+    python -m export describe resnet18
+    python -m export onnx mobilenet_v2 --repository model_repository --version 1
+    python -m export repository                     # every served_by_default model
+    python -m export lint some_model.onnx
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_REPOSITORY = Path("model_repository")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def _err(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 1
+
+
+@contextlib.contextmanager
+def _step_factory(console):
+    """A rich status spinner per long step, and a timing line when it ends."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        @contextlib.contextmanager
+        def step(desc: str):
+            task = progress.add_task(desc, total=None)
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                progress.remove_task(task)
+            console.print(f"[green]done[/] {desc} [dim]({time.perf_counter() - t0:.1f}s)[/]")
+
+        yield step
+
+
+def _load_registry():
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    import models  # noqa: F401  (registers every family)
+    from models import registry
+
+    return registry
+
+
+# --- subcommands ----------------------------------------------------------------------------------
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    registry = _load_registry()
+    table = Table(title="registry models")
+    for col in ("name", "task", "input (CxHxW)", "served by default", "weights", "max batch"):
+        table.add_column(col)
+    for name in registry.list_models():
+        e = registry.get_entry(name)
+        table.add_row(name, e.task.value, "x".join(map(str, e.input_shape)), "yes" if e.served_by_default else "no",
+                      "yes" if e.has_weights else "no", str(e.max_batch_size))
+    _console().print(table)
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    registry = _load_registry()
+    from export.card import build_card, render_card
+    from export.onnx_export import example_batch
+
+    try:
+        entry = registry.get_entry(args.name)
+    except KeyError as exc:
+        return _err(str(exc.args[0]))
+    model = registry.get_model(args.name, weights=None)
+    card = build_card(args.name, model, entry.input_shape, example_batch(entry, 1, seed=0))
+    render_card(card, _console(), max_rows=None if args.all else 60)
+    return 0
+
+
+def _options(args: argparse.Namespace):
+    from export.pipeline import ExportOptions
+    from export.repository import BatchingDefaults
+
+    return ExportOptions(
+        weights=args.weights,
+        version=args.version,
+        opset=args.opset,
+        max_batch_size=args.max_batch_size,
+        parity_batch_sizes=args.parity_batch_sizes,
+        atol=args.atol,
+        rtol=args.rtol,
+        lint=not args.no_lint,
+        batching=BatchingDefaults(max_queue_delay_microseconds=args.max_queue_delay_us,
+                                  instance_count=args.instances),
+    )
+
+
+def _print_outcome(console, outcome) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{outcome.staged.name}: parity PyTorch eager vs ONNX Runtime (CPU)")
+    for col in ("batch", "output", "max abs", "max rel", "tolerance", "ok"):
+        table.add_column(col, justify="right")
+    for r in outcome.parity.results:
+        table.add_row(str(r.batch_size), r.output, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}", f"{r.tolerance:.3g}",
+                      "[green]yes[/]" if r.ok else "[red]NO[/]")
+    console.print(table)
+    lint = outcome.lint
+    console.print(f"TensorRT {lint.tensorrt_version} lint: {'[green]ok[/]' if lint.ok else '[red]FAILED[/]'} "
+                  f"({lint.node_count} nodes, ops: {', '.join(sorted(lint.op_types))})")
+
+
+def _export_into(repo: Path, names: Sequence[str], args: argparse.Namespace) -> int:
+    from export.pipeline import ExportFailed, export_model
+    from export.repository import write_models
+
+    console = _console()
+    options = _options(args)
+    outcomes = []
+    with tempfile.TemporaryDirectory(prefix="cnnserve-export-") as work, _step_factory(console) as step:
+        for name in names:
+            try:
+                outcome = export_model(name, Path(work), options, repository=repo, step=step)
+            except ExportFailed as exc:
+                return _err(f"{exc} (repository {repo} left untouched)")
+            _print_outcome(console, outcome)
+            outcomes.append(outcome)
+        with step(f"write {len(outcomes)} model(s) into {repo}"):
+            written = write_models(repo, [o.staged for o in outcomes])
+    for path, o in zip(written, outcomes):
+        console.print(f"[bold]{o.staged.name}[/] -> {path}/{o.staged.version}/model.onnx "
+                      f"({o.export.size_bytes / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_onnx(args: argparse.Namespace) -> int:
+    _load_registry()
+    return _export_into(Path(args.repository), [args.name], args)
+
+
+def cmd_repository(args: argparse.Namespace) -> int:
+    registry = _load_registry()
+    names = args.models or registry.list_models(served_by_default=True)
+    if not names:
+        return _err("no models to export: the registry has no served_by_default entries")
+    if args.weights != "default" and not args.models:
+        return _err("--weights other than 'default' needs an explicit --models list")
+    return _export_into(Path(args.repository), names, args)
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    import onnx
+
+    from export.trt_lint import lint_model
+
+    path = Path(args.file)
+    if not path.is_file():
+        return _err(f"no such file: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        return _err(f"{path}: not a readable ONNX model: {exc}")
+    report = lint_model(model)
+    console = _console()
+    console.print(f"{path}: opset {report.opset}, {report.node_count} nodes, TensorRT {report.tensorrt_version} table")
+    if report.ok:
+        console.print("[green]ok[/]: every node and tensor type is supported")
+        return 0
+    for issue in report.issues:
+        print(f"  {issue}", file=sys.stderr)
+    return _err(f"{len(report.issues)} TensorRT compatibility issue(s) in {path}")
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+def _add_export_options(p: argparse.ArgumentParser) -> None:
+    from export.onnx_export import DEFAULT_OPSET
+    from export.parity import DEFAULT_ATOL, DEFAULT_RTOL
+
+    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="model repository dir (default: %(default)s)")
+    p.add_argument("--version", type=int, default=1, help="model version directory (default: %(default)s)")
+    p.add_argument("--weights", default="default",
+                   help="'default' (the entry's trained weights), 'none' (random init, seed 0) or a checkpoint "
+                        "path (.safetensors / .pth, torchvision key layout, strict)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, >= 18 (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="max_batch_size in config.pbtxt and the exported dynamic range (default: the entry's)")
+    p.add_argument("--parity-batch-sizes", type=int, nargs="+", default=None,
+                   help="batch sizes for the parity check (default: 1 2 3 and max batch)")
+    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="parity: absolute tolerance (default: %(default)s)")
+    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                   help="parity: tolerance relative to the output's max magnitude (default: %(default)s)")
+    p.add_argument("--no-lint", action="store_true", help="record the TensorRT lint but do not fail on it")
+    p.add_argument("--max-queue-delay-us", type=int, default=100,
+                   help="dynamic_batching.max_queue_delay_microseconds (default: %(default)s)")
+    p.add_argument("--instances", type=int, default=1, help="instance_group count, KIND_CPU (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export registry models to checked ONNX (parity vs PyTorch, TensorRT lint) in a "
+                    "Triton-layout model repository.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("list", help="registry models: task, served by default, weights")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("describe", help="architecture card: layers, output shapes, params, FLOPs, receptive field")
+    p.add_argument("name", help="registry model name")
+    p.add_argument("--all", action="store_true", help="print every layer (default: the first 60)")
+    p.set_defaults(func=cmd_describe)
+    p = sub.add_parser("onnx", help="export one model into the repository")
+    p.add_argument("name", help="registry model name")
+    _add_export_options(p)
+    p.set_defaults(func=cmd_onnx)
+    p = sub.add_parser("repository", help="build the default repository (all served_by_default models)")
+    p.add_argument("--models", nargs="+", default=None, help="export these instead of the default set")
+    _add_export_options(p)
+    p.set_defaults(func=cmd_repository)
+    p = sub.add_parser("lint", help="TensorRT 10 compatibility lint of any ONNX file")
+    p.add_argument("file", help="path to a .onnx file")
+    p.set_defaults(func=cmd_lint)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
