@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterator
 
-from prometheus_client.core import REGISTRY, CollectorRegistry, GaugeMetricFamily
+from prometheus_client.core import CollectorRegistry, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,17 @@ class NvmlCollector(Collector):
         yield from (util, total, used, power)
 
 
-def register_gpu_metrics(registry: CollectorRegistry = REGISTRY, nvml: Any | None = None) -> NvmlCollector | None:
-    """Register the NVML collector on `registry`; None (with a log line) when NVML is not available."""
+_registered: dict[int, NvmlCollector] = {}
+
+
+def register_gpu_metrics(registry: CollectorRegistry | None = None, nvml: Any | None = None) -> NvmlCollector | None:
+    """Register the NVML collector on `registry` (default: the server's, server.metrics.REGISTRY);
+    None (with a log line) when NVML is not available. Idempotent per registry, so a server restarted
+    inside one process (tests) does not register the same series twice."""
+    if registry is None:
+        from server.metrics import REGISTRY as registry
+    if id(registry) in _registered:
+        return _registered[id(registry)]
     if nvml is None:
         try:
             import pynvml as nvml
@@ -90,5 +99,6 @@ def register_gpu_metrics(registry: CollectorRegistry = REGISTRY, nvml: Any | Non
         log.info("GPU metrics disabled: NVML sees no GPU")
         return None
     registry.register(collector)
+    _registered[id(registry)] = collector
     log.info("GPU metrics enabled for %d GPU(s)", collector.gpu_count)
     return collector
