@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from server import metrics
+from server.gpu_metrics import register_gpu_metrics
 from server.repository import ModelRepository, RuntimeDefaults
 from server.service import ServerState, ServicerAdder, add_inference_service
 from server.vision_service import add_vision_service
@@ -96,6 +97,7 @@ class InferenceServer:
         await server.start()  # live (ServerLive) while models load; ready only after
         if cfg.allow_metrics:
             metrics.REGISTRY.register(metrics.TritonCollector(self.repository.all_stats))
+            register_gpu_metrics(metrics.REGISTRY)  # per-GPU NVML gauges; a logged no-op without NVML
             self._metrics_http, _ = start_http_server(cfg.metrics_port, cfg.metrics_address, registry=metrics.REGISTRY)
             self.metrics_port = self._metrics_http.server_port
         if cfg.model_control_mode == "explicit":
@@ -126,11 +128,17 @@ class InferenceServer:
                  extra={"inflight": self.state.inflight})
         self.state.shutting_down = True
         await self.health.enter_graceful_shutdown()
-        assert self.grpc_server is not None
-        # grpc refuses new RPCs at once and lets accepted handlers finish (up to exit_timeout_s); the
-        # batchers keep executing meanwhile, so every accepted request is answered. Only then are the
-        # models drained and released.
-        await self.grpc_server.stop(self.cfg.exit_timeout_s)
+        if self.grpc_server is None:  # signalled before the server was built
+            await self.repository.close()
+            return
+        # Drain first with the server still up: accepted inference RPCs finish (the batchers keep
+        # executing), new ones are refused with UNAVAILABLE by the servicers, and probes can still see
+        # ServerReady false / health NOT_SERVING. Then grpc stops, giving any other RPC the time left.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.exit_timeout_s
+        while self.state.inflight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await self.grpc_server.stop(max(0.5, deadline - loop.time()))
         await self.repository.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

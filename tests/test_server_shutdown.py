@@ -1,0 +1,66 @@
+"""SIGTERM with requests in flight: readiness turns false, new requests are refused, none accepted is lost."""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.grpc.aio as tca
+from tritonclient.utils import InferenceServerException
+
+from conftest import slow_model, write_model
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_sigterm_answers_every_accepted_request(tmp_path: Path, server_factory) -> None:
+    repo = tmp_path / "repo"
+    write_model(repo, "slow", slow_model(iterations=6000), "max_batch_size: 4\ndynamic_batching { }\n")
+    srv = server_factory(repo)
+    n = 8
+
+    async def main():
+        async with tca.InferenceServerClient(srv.grpc_url) as c:
+            async def one(i: int):
+                x = np.full((1, 256), i / n, np.float32)
+                inp = tc.InferInput("x", [1, 256], "FP32")
+                inp.set_data_from_numpy(x)
+                r = await c.infer("slow", [inp], request_id=str(i))
+                return i, r.as_numpy("y")
+
+            tasks = [asyncio.create_task(one(i)) for i in range(n)]
+            await asyncio.sleep(0.15)  # all accepted; the first batch is executing, the rest queued
+            srv.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.1)
+            sync = tc.InferenceServerClient(srv.grpc_url)
+            ready_during_drain = sync.is_server_ready()
+            late = tc.InferInput("x", [1, 256], "FP32")
+            late.set_data_from_numpy(np.zeros((1, 256), np.float32))
+            try:
+                sync.infer("slow", [late])
+                late_error = None
+            except InferenceServerException as exc:
+                late_error = exc
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            return results, ready_during_drain, late_error
+
+    results, ready_during_drain, late_error = asyncio.run(main())
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors
+    assert sorted(i for i, _ in results) == list(range(n))
+    assert all(y.shape == (1, 256) for _, y in results)
+    assert ready_during_drain is False
+    assert late_error is not None and late_error.status() == "StatusCode.UNAVAILABLE", late_error
+    t0 = time.monotonic()
+    rc = srv.proc.wait(30)
+    assert rc == 0, srv.log()
+    assert time.monotonic() - t0 < 30
+    records = [json.loads(line) for line in srv.log().splitlines() if line.startswith("{")]
+    shutdown = next(r for r in records if r["msg"].startswith("shutting down"))
+    assert shutdown["inflight"] >= 4, "SIGTERM must arrive while requests are in flight"
+    assert records[-1]["msg"] == "server stopped"
