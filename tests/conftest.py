@@ -78,6 +78,18 @@ def strings_model() -> bytes:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
 
 
+def pool_model() -> bytes:
+    """x FP32 [N,3,224,224] -> y = global average pool [N,3,1,1]: an image-sized input that costs little."""
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["y"])], "pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 1, 1])],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+
+
 def slow_model(iterations: int = 400, width: int = 256) -> bytes:
     """x FP32 [N,width] -> y: `iterations` rounds of tanh(x W) in a Loop (one weight, small file).
 

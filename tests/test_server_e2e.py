@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import ServerProcess, affine_model, cast_model, slow_model, strings_model, write_model
+from conftest import ServerProcess, affine_model, cast_model, pool_model, slow_model, strings_model, write_model
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -41,6 +41,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(repo, "affine", affine_model(), AFFINE_CFG)
     write_model(repo, "cast", cast_model(), 'max_batch_size: 4\ndynamic_batching { }\n')  # inputs auto-completed
     write_model(repo, "strings", strings_model(), "max_batch_size: 0\n")
+    write_model(repo, "pool", pool_model(), "max_batch_size: 32\ndynamic_batching { }\n")
     write_model(repo, "slow", slow_model(iterations=6000), SLOW_CFG)  # ~0.25 s a run
     write_model(repo, "versioned", affine_model(), "max_batch_size: 8\n", versions=(1, 2))
     write_model(repo, "broken", b"this is not an onnx file", "max_batch_size: 4\n")
@@ -150,6 +151,12 @@ def test_inference_matches_onnxruntime_sync(client: tc.InferenceServerClient) ->
     s = np.array([b"hello", b"", "caf\u00e9".encode()], dtype=np.object_)
     t = client.infer("strings", [_input("s", s, "BYTES")]).as_numpy("t")
     assert list(t) == list(s)
+
+
+def test_default_message_limit_fits_a_32_image_batch(client: tc.InferenceServerClient) -> None:
+    x = np.random.default_rng(0).random((32, 3, 224, 224), dtype=np.float32)  # 19.3 MB
+    y = client.infer("pool", [_input("x", x, "FP32")]).as_numpy("y")
+    np.testing.assert_allclose(y, x.mean(axis=(2, 3), keepdims=True), rtol=1e-5, atol=1e-6)
 
 
 def test_requested_output_subset(client: tc.InferenceServerClient) -> None:
