@@ -7,7 +7,6 @@ segmentation quality), exported on demand or taken from CNNSERVE_TEST_REPOSITORY
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import shutil
 import subprocess
@@ -218,3 +217,156 @@ def test_vision_metrics_exported(synthetic_server, vision: VisionClient) -> None
     assert 'cnnserve_vision_preprocess_seconds_count{model="colour_classifier"}' in text
     assert 'cnnserve_vision_images_per_request_bucket{le="2.0",model="colour_classifier",rpc="Classify"}' in text
     assert 'cnnserve_vision_image_errors_total{model="colour_classifier",reason="EMPTY"}' in text
+
+
+# -- the real models ---------------------------------------------------------------------------------------
+
+REAL_MODELS = (
+    "mobilenet_v2",
+    "fashion_resnet20",
+    "fashion_mnist_autoencoder",
+    "shapes_detector",
+    "shapes_segmenter_bilinear",
+    "shapes_segmenter_transposed",
+)
+IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def _export(name: str, repo: Path) -> str | None:
+    """Export `name` into `repo` with the project's exporter; the reason it failed, or None."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "export", "onnx", name, "--repository", str(repo)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    )
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return f"`python -m export onnx {name}` failed: {lines[-1] if lines else proc.returncode}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def real_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The real models, from CNNSERVE_TEST_REPOSITORY or ./model_repository when built there, else exported
+    now. Returns (repository, {model: why it is missing})."""
+    sources = [Path(p) for p in (os.environ.get("CNNSERVE_TEST_REPOSITORY"), ROOT / "model_repository") if p]
+    repo = tmp_path_factory.mktemp("real_repo")
+    missing: dict[str, str] = {}
+    for name in REAL_MODELS:
+        source = next((s / name for s in sources if (s / name / "model.json").is_file()), None)
+        if source is not None:
+            shutil.copytree(source, repo / name)
+            continue
+        reason = _export(name, repo)
+        if reason is not None:
+            missing[name] = reason
+    return repo, missing
+
+
+@pytest.fixture(scope="module")
+def real_vision(real_repo, server_factory):
+    repo, missing = real_repo
+    if len(missing) == len(REAL_MODELS):
+        pytest.skip(f"no real model could be exported: {missing}")
+    server = server_factory(repo)
+    with VisionClient(server.grpc_url) as client:
+        yield client, missing
+
+
+def _need(missing: dict[str, str], name: str) -> None:
+    if name in missing:
+        pytest.skip(f"{name} unavailable: {missing[name]}")
+
+
+def _jpeg(array: np.ndarray, quality: int = 90) -> bytes:
+    return encode(Image.fromarray(array), "JPEG", quality=quality)
+
+
+@pytest.mark.slow
+def test_real_cat_photo_top1_is_a_cat(real_vision) -> None:
+    import skimage.data
+
+    vision, missing = real_vision
+    _need(missing, "mobilenet_v2")
+    response = vision.classify("mobilenet_v2", [_jpeg(skimage.data.chelsea())], top_k=3)
+    top = response.results[0].classes[0]
+    assert top.class_index in IMAGENET_CATS, f"top-1 is {top.label} ({top.class_index})"
+    assert top.score > 0.3
+
+
+@pytest.mark.slow
+def test_real_fashion_items(real_vision) -> None:
+    import gzip
+
+    vision, missing = real_vision
+    _need(missing, "fashion_resnet20")
+    root = Path("/usr/share/datasets/fashion-mnist")
+    images_gz, labels_gz = root / "t10k-images-idx3-ubyte.gz", root / "t10k-labels-idx1-ubyte.gz"
+    if not images_gz.exists():
+        pytest.skip(f"Fashion-MNIST not installed at {root} (Debian package dataset-fashion-mnist)")
+    images = np.frombuffer(gzip.open(images_gz).read(), np.uint8, offset=16).reshape(-1, 28, 28)[:32]
+    labels = np.frombuffer(gzip.open(labels_gz).read(), np.uint8, offset=8)[:32]
+    # Sent as users have them: PNG files of the dataset's pictures; the stored preprocessing does the rest.
+    response = vision.classify("fashion_resnet20", [encode(Image.fromarray(im, "L")) for im in images], top_k=1)
+    predicted = np.array([r.classes[0].class_index for r in response.results])
+    assert (predicted == labels).mean() >= 0.85
+
+
+@pytest.mark.slow
+def test_real_autoencoder_reconstructs(real_vision) -> None:
+    import gzip
+
+    vision, missing = real_vision
+    _need(missing, "fashion_mnist_autoencoder")
+    images_gz = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+    if not images_gz.exists():
+        pytest.skip("Fashion-MNIST not installed (Debian package dataset-fashion-mnist)")
+    images = np.frombuffer(gzip.open(images_gz).read(), np.uint8, offset=16).reshape(-1, 28, 28)[:8]
+    response = vision.reconstruct("fashion_mnist_autoencoder", [encode(Image.fromarray(im, "L")) for im in images])
+    mean_image = images.astype(np.float32).mean(axis=0)
+    for im, result in zip(images, response.results):
+        recon = np.asarray(png_image(result.image_png), np.float32)
+        assert recon.shape == (28, 28) and len(result.latent) > 0
+        # Far closer to its own input than the mean picture is.
+        assert ((recon - im) ** 2).mean() < 0.5 * ((mean_image - im) ** 2).mean()
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@pytest.mark.slow
+def test_real_detector_finds_the_shapes(real_vision) -> None:
+    from models.data.shapes import generate_sample
+
+    vision, missing = real_vision
+    _need(missing, "shapes_detector")
+    samples = [generate_sample(seed, size=(240, 320)) for seed in (101, 202, 303)]
+    response = vision.detect("shapes_detector", [_jpeg(s.image, 95) for s in samples], score_threshold=0.5)
+    for sample, result in zip(samples, response.results):
+        found = [(np.array([d.box.x1, d.box.y1, d.box.x2, d.box.y2]), d.class_index) for d in result.detections]
+        for box, label in zip(sample.boxes, sample.labels):
+            best = max((_iou(box, b) for b, c in found if c == label), default=0.0)
+            assert best >= 0.7, f"shape {label} at {box.tolist()}: best IoU {best:.2f}; found {found}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["shapes_segmenter_bilinear", "shapes_segmenter_transposed"])
+def test_real_segmenter_mask_matches_truth(real_vision, model: str) -> None:
+    from models.data.shapes import generate_sample
+
+    vision, missing = real_vision
+    _need(missing, model)
+    samples = [generate_sample(seed, size=(200, 300)) for seed in (11, 22)]
+    response = vision.segment(model, [encode(Image.fromarray(s.image)) for s in samples])
+    for sample, result in zip(samples, response.results):
+        mask = mask_array(result)
+        assert mask.shape == sample.semantic.shape
+        ious = [
+            np.logical_and(mask == c, sample.semantic == c).sum() / np.logical_or(mask == c, sample.semantic == c).sum()
+            for c in np.unique(sample.semantic)
+        ]
+        assert np.mean(ious) >= 0.8, f"per-class IoU {ious}"
