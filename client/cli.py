@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from PIL import Image
 
 from client.draw import draw_detections, overlay_mask
@@ -27,12 +28,25 @@ from client.inference import DEFAULT_URL, InferenceClient, InferenceServerError
 from client.vision import VisionClient, failures, mask_array, png_image
 from server.imaging import ImageDecodeError, decode_image
 
-# Large fields that JSON would turn into base64 noise: written to files instead (--out-*).
-_BINARY_FIELDS = ("mask_png", "image_png")
-
-
-def _as_dict(message: Any) -> dict:
-    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+def _as_dict(message: Message) -> dict:
+    """A message as JSON-ready dict in declaration order, numbers as numbers (MessageToDict writes int64
+    as strings and moves default-valued fields to the end), unset sub-messages (no error) left out,
+    bytes fields left out (they go to files)."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.type == FieldDescriptor.TYPE_BYTES:
+            continue
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.label == FieldDescriptor.LABEL_REPEATED:
+                out[field.name] = [_as_dict(v) for v in value]
+            elif message.HasField(field.name):
+                out[field.name] = _as_dict(value)
+        elif field.type == FieldDescriptor.TYPE_ENUM:  # (no repeated enums in our messages)
+            out[field.name] = field.enum_type.values_by_number[value].name
+        else:
+            out[field.name] = list(value) if field.label == FieldDescriptor.LABEL_REPEATED else value
+    return out
 
 
 def _output_path(template: str | None, i: int, count: int) -> Path | None:
@@ -51,14 +65,10 @@ def _source_picture(data: bytes) -> Image.Image | None:
         return None
 
 
-def _results_json(response: Any, sources: Sequence[str]) -> dict:
+def _results_json(response: Message, sources: Sequence[str]) -> dict:
     out = _as_dict(response)
     for result, source in zip(out["results"], sources):
         result["source"] = source
-        for field in _BINARY_FIELDS:
-            result.pop(field, None)
-        if not result["image"].get("error"):
-            result["image"].pop("error", None)
     return out
 
 

@@ -1,6 +1,12 @@
 """The client's drawing and CLI plumbing; the CLI against the real server is in test_vision_e2e.py."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,6 +15,9 @@ from client.cli import _output_path, build_parser
 from client.draw import draw_detections, overlay_mask
 from protos import vision_pb2 as vpb
 from server.postprocess import UNSEEN
+from vision_synthetic import build_synthetic_repository
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_draw_detections_marks_the_box_only() -> None:
@@ -48,3 +57,89 @@ def test_parser_commands() -> None:
     assert parser.parse_args(["classify", "m", "x.png"]).top_k == 5
     with pytest.raises(SystemExit):
         parser.parse_args(["classify", "m"])  # an image is required
+
+
+# -- the CLI as users run it, against the real server --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory, server_factory) -> str:
+    return server_factory(build_synthetic_repository(tmp_path_factory.mktemp("cli_repo"))).grpc_url
+
+
+def cli(*args: str) -> tuple[int, dict, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    out = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return proc.returncode, out, proc.stderr
+
+
+@pytest.fixture
+def picture(tmp_path: Path) -> Path:
+    arr = np.zeros((64, 128, 3), np.uint8)
+    arr[16:48, 32:96] = 255
+    path = tmp_path / "rect.png"
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_cli_detect_writes_annotated_picture(url: str, picture: Path, tmp_path: Path) -> None:
+    out_image = tmp_path / "boxes.png"
+    code, out, _ = cli("--url", url, "detect", "box_detector", str(picture), "--out-image", str(out_image))
+    assert code == 0
+    det = out["results"][0]["detections"][0]
+    assert det["label"] == "thing" and det["box"] == {"x1": 32.0, "y1": 0.0, "x2": 96.0, "y2": 64.0}
+    assert out["results"][0]["files"]["annotated_image"] == str(out_image)
+    drawn = np.asarray(Image.open(out_image).convert("RGB"))
+    assert drawn.shape == (64, 128, 3)
+    assert (drawn != np.asarray(Image.open(picture).convert("RGB"))).any()  # boxes really drawn
+
+
+def test_cli_segment_writes_overlay_and_mask(url: str, picture: Path, tmp_path: Path) -> None:
+    overlay, mask_path = tmp_path / "overlay.png", tmp_path / "mask.png"
+    code, out, _ = cli("--url", url, "segment", "bright_segmenter", str(picture), "--out-image", str(overlay),
+                       "--out-mask", str(mask_path))
+    assert code == 0
+    result = out["results"][0]
+    assert "mask_png" not in result  # binary goes to files, not into the JSON
+    assert result["fractions"][1]["label"] == "bright"
+    assert result["fractions"][1]["fraction"] == pytest.approx(0.25, abs=0.02)
+    mask = np.asarray(Image.open(mask_path))
+    assert mask.shape == (64, 128) and set(np.unique(mask)) == {0, 1}
+    tinted = np.asarray(Image.open(overlay).convert("RGB"))
+    assert tinted.shape == (64, 128, 3) and (tinted[32, 64] != 255).any()
+
+
+def test_cli_classify_reconstruct_encode(url: str, picture: Path, tmp_path: Path) -> None:
+    red = tmp_path / "red.jpg"
+    Image.new("RGB", (20, 20), (230, 10, 10)).save(red)
+    code, out, _ = cli("--url", url, "classify", "colour_classifier", str(red), "--top-k", "2")
+    assert code == 0 and out["results"][0]["classes"][0]["label"] == "red"
+    assert len(out["results"][0]["classes"]) == 2
+    recon = tmp_path / "recon.png"
+    code, out, _ = cli("--url", url, "reconstruct", "grey_autoencoder", str(picture), "--out-image", str(recon))
+    assert code == 0 and Image.open(recon).size == (8, 8)
+    code, out, _ = cli("--url", url, "encode", "grey_encoder", str(picture))
+    assert code == 0 and out["results"][0]["latent"] == [pytest.approx(-0.5, abs=0.02)]
+
+
+def test_cli_exit_codes_and_errors(url: str, picture: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    code, out, _ = cli("--url", url, "classify", "colour_classifier", str(picture), str(broken))
+    assert code == 2  # some images failed: JSON still printed
+    assert out["results"][1]["image"]["error"]["reason"] == "CORRUPT"
+    assert out["results"][1]["source"] == str(broken)
+    code, _, err = cli("--url", url, "classify", "bright_segmenter", str(picture))
+    assert code == 1 and json.loads(err)["error"]["code"] == "FAILED_PRECONDITION"
+
+
+def test_cli_health_and_models(url: str, tmp_path: Path) -> None:
+    code, out, _ = cli("--url", url, "health")
+    assert code == 0 and out == {"live": True, "ready": True, "health": "SERVING"}
+    target = tmp_path / "models.json"
+    code, _, _ = cli("--url", url, "--output", str(target), "models")
+    models = {m["name"]: m for m in json.loads(target.read_text())["models"]}
+    assert code == 0 and models["colour_classifier"]["state"] == "READY"
+    assert models["colour_classifier"]["inputs"][0]["shape"] == [-1, 3, 8, 8]
