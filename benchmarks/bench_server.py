@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -38,26 +37,37 @@ def model_file(repo: Path, name: str) -> Path:
     return repo / name / str(versions[-1]) / "model.onnx"
 
 
-def bench_raw(path: Path, threads: int, batch_sizes: list[int], seconds: float) -> dict[int, dict]:
-    from server.backends.base import BackendOptions
-    from server.backends.ort_backend import OrtBackend
+def ort_session(path: Path, threads: int):
+    """A session configured as the server's ONNX Runtime backend configures its own.
 
-    backend = OrtBackend(path, BackendOptions(intra_op_threads=threads, inter_op_threads=1))
-    spec = backend.inputs[0]
+    Plain onnxruntime here, not server.backends: this process also imports tritonclient, whose generated
+    `inference.*` protos cannot live beside the server's (docs: known traps).
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def bench_raw(path: Path, threads: int, batch_sizes: list[int], seconds: float) -> dict[int, dict]:
+    sess = ort_session(path, threads)
+    inp = sess.get_inputs()[0]
     out = {}
     for bs in batch_sizes:
-        x = np.random.default_rng(0).standard_normal((bs, *spec.shape)).astype(np.float32)
+        x = np.random.default_rng(0).standard_normal((bs, *inp.shape[1:])).astype(np.float32)
         for _ in range(2):
-            backend.execute({spec.name: x})
+            sess.run(None, {inp.name: x})
         lat = []
         t_end = time.perf_counter() + seconds
         while time.perf_counter() < t_end or len(lat) < 3:
             t = time.perf_counter()
-            backend.execute({spec.name: x})
+            sess.run(None, {inp.name: x})
             lat.append(time.perf_counter() - t)
         out[bs] = {"ips": bs * len(lat) / sum(lat), "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
                    "n": len(lat)}
-    backend.close()
     return out
 
 
@@ -137,11 +147,8 @@ def main() -> None:
             for m in args.models:
                 path = model_file(args.repository, m)
                 raw = bench_raw(path, args.threads, args.batch_sizes, args.seconds)
-                from server.backends.base import BackendOptions
-                from server.backends.ort_backend import OrtBackend
-
-                spec = OrtBackend(path, BackendOptions(intra_op_threads=1)).inputs[0]
-                served = {c: asyncio.run(bench_server_conc(f"127.0.0.1:{port}", m, spec.name, list(spec.shape), c,
+                inp = ort_session(path, 1).get_inputs()[0]
+                served = {c: asyncio.run(bench_server_conc(f"127.0.0.1:{port}", m, inp.name, list(inp.shape[1:]), c,
                                                            args.seconds)) for c in args.concurrency}
                 results[m] = {"raw": raw, "server": served}
         finally:
