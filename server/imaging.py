@@ -9,6 +9,7 @@ image's index in its request and a machine-readable reason, so one bad image nev
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -21,6 +22,7 @@ from modelrepo.spec import PreprocessSpec
 # 40 Mpx: a 50-Mpx camera photo is still refused, but every phone photo is accepted. Below Pillow's
 # own warning threshold (89 Mpx), so Pillow's global guard never fires first for legitimate sizes.
 DEFAULT_MAX_PIXELS = 40_000_000
+_EXIF_ORIENTATION = 0x0112
 
 
 def accepted_formats() -> tuple[str, ...]:
@@ -95,11 +97,24 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV: Pillow converts these correctly
 
 
-def decode_image(data: bytes, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode one encoded image into an upright 'RGB' or 'L' PIL image.
+def _resized_size(spec: PreprocessSpec, width: int, height: int) -> tuple[int, int]:
+    """The size `preprocess` resizes a width x height picture to, before any crop or padding."""
+    h, w = spec.input_size
+    if spec.resize == "stretch":
+        return w, h
+    if spec.resize == "shorter_side_then_center_crop":
+        s = (spec.resize_shorter_side or min(h, w)) / min(width, height)
+    else:  # letterbox
+        s = min(w / width, h / height)
+    return math.ceil(width * s), math.ceil(height * s)
 
-    Raises ImageDecodeError (never anything else for bad bytes) naming `index` and the reason.
-    """
+
+def _decode(data: bytes, index: int, max_pixels: int,
+            spec: PreprocessSpec | None) -> tuple[Image.Image, tuple[int, int]]:
+    """(upright 8-bit picture, upright full-resolution size). With `spec`, a JPEG much larger than the
+    model needs is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling): a 12-Mpx phone photo
+    then costs a fraction of a full decode, and the picture stays at least as large as `preprocess`
+    will resize it to, so quality is unchanged."""
     if not data:
         raise ImageDecodeError(index, ImageErrorReason.EMPTY, "no bytes (empty image)")
     try:
@@ -131,6 +146,13 @@ def decode_image(data: bytes, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXE
                 f"header claims {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
             )
         try:
+            # Orientations 5-8 turn the picture by 90 degrees: the upright size is the stored one swapped.
+            # (Reading EXIF may decode a PNG whole, as its eXIf chunk can follow the pixels.)
+            sideways = img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            full_size = (height, width) if sideways else (width, height)
+            if spec is not None and img.format == "JPEG":
+                needed = _resized_size(spec, *full_size)
+                img.draft(img.mode, needed[::-1] if sideways else needed)
             img.load()
         except Exception as exc:
             text = str(exc)
@@ -140,7 +162,15 @@ def decode_image(data: bytes, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXE
         # EXIF orientation: phones store pixels sideways and a tag saying so; the model and the box
         # coordinates must refer to the picture as people see it.
         upright = ImageOps.exif_transpose(img)
-        return _to_8bit(upright)
+        return _to_8bit(upright), full_size
+
+
+def decode_image(data: bytes, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode one encoded image into an upright 'RGB' or 'L' PIL image at full resolution.
+
+    Raises ImageDecodeError (never anything else for bad bytes) naming `index` and the reason.
+    """
+    return _decode(data, index, max_pixels, None)[0]
 
 
 @dataclass(frozen=True)
@@ -155,7 +185,13 @@ class PreparedImage:
 def prepare_image(
     data: bytes, spec: PreprocessSpec, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> PreparedImage:
-    """Decode + the one shared preprocessing (modelrepo.preprocess). Runs in a worker thread."""
-    image = decode_image(data, index=index, max_pixels=max_pixels)
-    tensor, geometry = preprocess(image, spec)
-    return PreparedImage(index=index, tensor=tensor, geometry=geometry)
+    """Decode + the one shared preprocessing (modelrepo.preprocess). Runs in a worker thread.
+
+    The geometry always refers to the full-resolution upright picture, even when it was decoded smaller.
+    """
+    image, (full_w, full_h) = _decode(data, index, max_pixels, spec)
+    tensor, geo = preprocess(image, spec)
+    if (geo.orig_width, geo.orig_height) != (full_w, full_h):
+        fx, fy = geo.orig_width / full_w, geo.orig_height / full_h
+        geo = Geometry(geo.scale_x * fx, geo.scale_y * fy, geo.pad_x, geo.pad_y, full_w, full_h)
+    return PreparedImage(index=index, tensor=tensor, geometry=geo)

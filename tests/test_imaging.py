@@ -162,3 +162,25 @@ def test_prepare_image_uses_model_spec() -> None:
     assert prepared.tensor.shape == (1, 28, 28) and prepared.tensor.dtype == np.float32
     assert (prepared.geometry.orig_width, prepared.geometry.orig_height) == (56, 84)
     assert prepared.tensor.min() >= -1.0 - 1e-6 and prepared.tensor.max() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_large_jpeg_reduced_decode_keeps_full_size_geometry(orientation: int) -> None:
+    from modelrepo.preprocess import preprocess
+
+    stored = gradient_rgb(2000, 1200)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+    spec = PreprocessSpec(input_size=(100, 100), resize="letterbox")
+    prepared = prepare_image(data, spec)
+    full_tensor, full_geo = preprocess(decode_image(data), spec)
+    upright = (2000, 1200) if orientation == 1 else (1200, 2000)
+    assert (prepared.geometry.orig_width, prepared.geometry.orig_height) == upright
+    assert (full_geo.orig_width, full_geo.orig_height) == upright
+    assert prepared.geometry.scale_x == pytest.approx(full_geo.scale_x, rel=0.01)
+    assert prepared.geometry.scale_y == pytest.approx(full_geo.scale_y, rel=0.01)
+    # A box in model pixels lands on the same original pixels either way.
+    box = np.array([[10.0, 30.0, 60.0, 70.0]])
+    np.testing.assert_allclose(prepared.geometry.to_original(box), full_geo.to_original(box), atol=upright[0] * 0.01)
+    assert np.abs(prepared.tensor - full_tensor).mean() < 0.02
