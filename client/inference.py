@@ -102,6 +102,14 @@ def parse_infer_response(response: pb.ModelInferResponse) -> dict[str, np.ndarra
     return result
 
 
+def _stream_result(reply: pb.ModelStreamInferResponse) -> tuple[str, dict[str, np.ndarray]]:
+    if reply.error_message:
+        # The stream carries no status code per response; the message says what went wrong.
+        raise InferenceServerError(grpc.StatusCode.UNKNOWN,
+                                   f"request '{reply.infer_response.id}': {reply.error_message}")
+    return reply.infer_response.id, parse_infer_response(reply.infer_response)
+
+
 def _health_status(response: health_pb2.HealthCheckResponse) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
@@ -186,13 +194,12 @@ class InferenceClient:
 
     def stream_infer(
         self, requests: Iterable[pb.ModelInferRequest], timeout: float | None = None
-    ) -> Iterator[dict[str, np.ndarray]]:
-        """ModelStreamInfer: one result per request, in order; a failed request raises at its turn."""
+    ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """ModelStreamInfer: yields (request id, outputs) as each request finishes, which may not be the
+        order sent (give requests ids, see `build_infer_request`); a failed request raises."""
         try:
             for reply in self._stub.ModelStreamInfer(iter(requests), timeout=timeout):
-                if reply.error_message:
-                    raise InferenceServerError(grpc.StatusCode.UNKNOWN, reply.error_message)
-                yield parse_infer_response(reply.infer_response)
+                yield _stream_result(reply)
         except grpc.RpcError as exc:
             raise InferenceServerError.from_rpc(exc) from None
 
@@ -287,12 +294,10 @@ class AsyncInferenceClient:
 
     async def stream_infer(
         self, requests: Iterable[pb.ModelInferRequest], timeout: float | None = None
-    ) -> AsyncIterator[dict[str, np.ndarray]]:
+    ) -> AsyncIterator[tuple[str, dict[str, np.ndarray]]]:
         try:
             async for reply in self._stub.ModelStreamInfer(iter(requests), timeout=timeout):
-                if reply.error_message:
-                    raise InferenceServerError(grpc.StatusCode.UNKNOWN, reply.error_message)
-                yield parse_infer_response(reply.infer_response)
+                yield _stream_result(reply)
         except grpc.RpcError as exc:
             raise InferenceServerError.from_rpc(exc) from None
 

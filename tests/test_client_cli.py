@@ -143,3 +143,56 @@ def test_cli_health_and_models(url: str, tmp_path: Path) -> None:
     models = {m["name"]: m for m in json.loads(target.read_text())["models"]}
     assert code == 0 and models["colour_classifier"]["state"] == "READY"
     assert models["colour_classifier"]["inputs"][0]["shape"] == [-1, 3, 8, 8]
+
+
+# -- the client library over the inference protocol ----------------------------------------------------------
+
+
+def test_inference_client_sync(url: str) -> None:
+    from client import InferenceClient, InferenceServerError
+    from client.inference import build_infer_request
+
+    x = np.random.default_rng(0).random((3, 3, 8, 8), dtype=np.float32)
+    expected = x.mean(axis=(2, 3)) * 10  # colour_classifier: 10 x channel means
+    with InferenceClient(url) as c:
+        assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("colour_classifier")
+        assert c.get_server_metadata().name
+        assert c.get_model_metadata("colour_classifier").inputs[0].name == "input"
+        assert c.get_model_config("colour_classifier").config.max_batch_size == 8
+        np.testing.assert_allclose(c.infer("colour_classifier", {"input": x})["logits"], expected, rtol=1e-5)
+        requests = [build_infer_request("colour_classifier", {"input": x[i : i + 1]}, request_id=str(i)) for i in range(3)]
+        streamed = dict(c.stream_infer(requests))
+        assert sorted(streamed) == ["0", "1", "2"]
+        for i in range(3):
+            np.testing.assert_allclose(streamed[str(i)]["logits"][0], expected[i], rtol=1e-5)
+        with pytest.raises(InferenceServerError) as info:
+            c.infer("colour_classifier", {"input": x[:, :2]})
+        assert info.value.code.name == "INVALID_ARGUMENT" and "input" in info.value.message
+        assert c.get_inference_statistics("colour_classifier").model_stats[0].inference_count >= 6
+        assert "grey_encoder" in {m.name for m in c.get_model_repository_index().models}
+        c.unload_model("grey_encoder")
+        assert not c.is_model_ready("grey_encoder")
+        c.load_model("grey_encoder")
+        assert c.is_model_ready("grey_encoder")
+
+
+def test_inference_client_async(url: str) -> None:
+    import asyncio
+
+    from client import AsyncInferenceClient
+    from client.inference import build_infer_request
+
+    x = np.random.default_rng(1).random((2, 3, 8, 8), dtype=np.float32)
+
+    async def run() -> None:
+        async with AsyncInferenceClient(url) as c:
+            assert await c.is_server_ready() and await c.health() == "SERVING"
+            assert (await c.get_model_metadata("colour_classifier")).outputs[0].name == "logits"
+            outs = await asyncio.gather(*(c.infer("colour_classifier", {"input": x[i : i + 1]}) for i in range(2)))
+            for i, out in enumerate(outs):
+                np.testing.assert_allclose(out["logits"][0], x[i].mean(axis=(1, 2)) * 10, rtol=1e-5)
+            streamed = [rid async for rid, _ in c.stream_infer(
+                [build_infer_request("colour_classifier", {"input": x[:1]}, request_id=f"r{i}") for i in range(2)])]
+            assert sorted(streamed) == ["r0", "r1"]
+
+    asyncio.run(run())
