@@ -97,8 +97,8 @@ def layer_table(module: nn.Module, input_shape: Sequence[int],
         return fn
 
     for name, mod in module.named_modules():
-        if name and not any(True for _ in mod.children()):
-            handles.append(mod.register_forward_hook(hook(name)))
+        if not any(True for _ in mod.children()):  # leaves only (the root itself when it is a single layer)
+            handles.append(mod.register_forward_hook(hook(name or type(mod).__name__)))
     x = example if example is not None else torch.randn(1, *input_shape)
     try:
         with torch.no_grad():

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-DEFAULT_REPOSITORY = Path("model_repository")
+from export.defaults import DEFAULT_REPOSITORY
+
 
 
 def _console():
@@ -190,10 +191,9 @@ def cmd_lint(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------------
 
 def _add_export_options(p: argparse.ArgumentParser) -> None:
-    from export.onnx_export import DEFAULT_OPSET
-    from export.parity import DEFAULT_ATOL, DEFAULT_RTOL
+    from export.defaults import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL
 
-    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="model repository dir (default: %(default)s)")
+    p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="model repository dir (default: %(default)s)")
     p.add_argument("--version", type=int, default=1, help="model version directory (default: %(default)s)")
     p.add_argument("--weights", default="default",
                    help="'default' (the entry's trained weights), 'none' (random init, seed 0) or a checkpoint "

@@ -13,9 +13,9 @@ import onnx
 import torch
 from torch import nn
 
+from export.defaults import DEFAULT_OPSET
 from models.registry import ModelEntry
 
-DEFAULT_OPSET = 18
 BATCH_DIM_NAME = "batch"
 INPUT_NAME = "input"
 

@@ -21,11 +21,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from export.defaults import DEFAULT_ATOL, DEFAULT_RTOL
 from export.onnx_export import INPUT_NAME, example_batch
 from models.registry import ModelEntry
 
-DEFAULT_ATOL = 1e-4
-DEFAULT_RTOL = 1e-3
 
 
 class ParityError(AssertionError):
