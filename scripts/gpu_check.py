@@ -286,8 +286,7 @@ def _free_port() -> int:
 
 def server_stack_available() -> str | None:
     """None when the real server can run here, else why not."""
-    for mod in ("grpc", "grpc_health.v1.health", "google.protobuf", "prometheus_client", "pydantic", "numpy",
-                "onnxruntime"):
+    for mod in ("grpc", "grpc_health", "google.protobuf", "prometheus_client", "pydantic", "numpy"):
         if not module_version(mod):
             return f"{mod} missing"
     try:
@@ -342,7 +341,7 @@ async def _bench_server(grpc_port: int, variants, concurrencies, cpu_concurrenci
     rows = []
     async with AsyncInferenceClient(f"127.0.0.1:{grpc_port}") as client:
         for v in variants:
-            levels = concurrencies if v.device == "gpu" or v.backend == "pytorch" else cpu_concurrencies
+            levels = concurrencies if v.device == "gpu" else cpu_concurrencies
             # Warm-up at the highest level: cuDNN autotunes per batch shape, ORT allocates its arena.
             await _drive(client, v, max(levels), min(2.0, seconds), _NullSampler())
             for c in levels:

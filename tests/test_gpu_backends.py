@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -199,3 +200,27 @@ def test_torch_backend_on_cuda_matches_onnx_runtime(exported):
     np.testing.assert_allclose(backend.execute({"input": x})["logits"], session.run(None, {"input": x})[0],
                                rtol=1e-2, atol=1e-2)  # TF32 convolutions on Ampere+ are allowed to differ a little
     backend.close()
+
+
+# ------------------------------------------------------------------ scripts/gpu_check.sh, CPU dry run
+
+@pytest.mark.slow
+def test_gpu_check_cpu_dry_run_serves_and_prints_the_table(tmp_path):
+    """The GPU check's own steps on CPU: export, the real server with the torch backend and the ONNX
+    Runtime default, driven at two concurrencies, table and JSON."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-only", "--quick", "--seconds", "0.5",
+                           "--concurrency", "1,2", "--cpu-concurrency", "1,2", "--json", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| model" in proc.stdout and "avg batch" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["mode"] == "cpu-only" and result["serving"].startswith("server")
+    paths = {(r["path"], r["concurrency"]) for r in result["rows"]}
+    assert paths == {("pytorch cpu", 1), ("pytorch cpu", 2), ("onnxruntime cpu", 1), ("onnxruntime cpu", 2)}
+    for row in result["rows"]:
+        assert row["errors"] == 0 and row["requests"] > 0 and row["throughput"] > 0
+        assert row["avg_batch"] >= 1.0 and row["p99_ms"] >= row["p50_ms"] > 0
