@@ -1,8 +1,8 @@
 """Builds and runs the process: gRPC (grpc.aio) with every servicer, health, reflection, metrics HTTP.
 
 Adding a service to the same server is one line in SERVICER_ADDERS: a function
-`(server, repository, state) -> full service name` (the name goes to reflection). For example the vision
-API appends `server.vision_service.add_vision_service`; it finds models with `repository.get(name)`
+`(server, repository, state) -> full service name` (the name goes to reflection). The vision API
+(`server.vision_service.add_vision_service`) is registered so: it finds models with `repository.get(name)`
 and infers with `await model.infer(...)`, i.e. through the same batcher as the inference protocol.
 
 Shutdown (SIGTERM/SIGINT): readiness and health turn NOT_SERVING, new inference requests are refused
@@ -28,6 +28,7 @@ from server import metrics
 from server.gpu_metrics import register_gpu_metrics
 from server.repository import ModelRepository, RuntimeDefaults
 from server.service import ServerState, ServicerAdder, add_inference_service
+from server.vision_service import add_vision_service
 from server.vision_service import add_vision_service
 
 log = logging.getLogger("cnnserve.app")

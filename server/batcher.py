@@ -255,8 +255,10 @@ class DynamicBatcher:
                     break
                 self._wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
+                    # asyncio.timeout, not wait_for: no extra task per wait on the hot path.
+                    async with asyncio.timeout(remaining):
+                        await self._wakeup.wait()
+                except TimeoutError:
                     pass
             self._prune_head()
             if not self._queue:
