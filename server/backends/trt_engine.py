@@ -188,7 +188,7 @@ class TensorRTBackend(Backend):
                                           staged.nbytes, h2d, self._stream))
             if not self._context.set_input_shape(spec.name, tuple(array.shape)):
                 raise ValueError(f"input {spec.name!r} shape {list(array.shape)} is outside the engine profile")
-        if not self._context.execute_async_v3(self._stream):
+        if not self._context.execute_async_v3(int(self._stream)):  # TensorRT takes the raw cudaStream_t handle
             raise RuntimeError(f"{self.model_file}: TensorRT execution failed")
         shapes = {}
         for spec in self._outputs:
