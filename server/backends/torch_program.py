@@ -60,8 +60,9 @@ class TorchProgramBackend(Backend):
             # The documented way to relocate an ExportedProgram (constants included), then unlift it.
             from torch.export.passes import move_to_device_pass
 
+            # cudnn.benchmark stays off: the batcher sends every batch size from 1 to max, and autotuning
+            # each new shape on a live request would show up as p99 spikes.
             program = move_to_device_pass(program, self.device)
-            torch.backends.cudnn.benchmark = True  # fixed spatial sizes: let cuDNN pick kernels per batch
         elif options.intra_op_threads > 0:
             torch.set_num_threads(options.intra_op_threads)
         self._module = program.module()
