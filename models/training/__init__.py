@@ -1,0 +1,1 @@
+"""Training recipes that reproduce the committed checkpoints under models/weights/."""
