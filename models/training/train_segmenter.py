@@ -1,0 +1,214 @@
+"""Train the shapes segmenter (one upsampling mode per run) and write its committed checkpoint.
+
+    .venv/bin/python -m models.training.train_segmenter --upsampling bilinear
+    .venv/bin/python -m models.training.train_segmenter --upsampling transposed
+
+Reproduces models/weights/segmenter_{bilinear,transposed}.safetensors (seeded, CPU).
+
+Recipe, and why:
+- Encoder: MobileNetV2 with torchvision's ImageNet weights. Layers 0-13 (strides 2 to 16) stay frozen
+  at their ImageNet values, and so do their BatchNorm statistics: edges, colours and textures transfer
+  as they are. The stride-32 stage (layers 14-17) and the decoder are trained. Because the frozen layers
+  never change, their outputs (the decoder's skip taps and the input of layer 14) are computed once per
+  training image and cached (fp16): on a shared 2-core CPU the full-resolution depthwise convolutions
+  and their backward pass are what makes fine-tuning slow, and the cache removes both from every step.
+  Both modes read one cache (`--cache`), built by whichever run starts first.
+- Data: the synthetic shapes generator (models/data/shapes.py), pictures of several aspect ratios
+  preprocessed with the served PreprocessSpec (letterbox to 128x128, ImageNet normalisation); semantic
+  masks go through the same letterbox geometry with nearest-neighbour resizing (labels are never
+  interpolated), and the padding is IGNORE (no loss: the server never shows predictions there).
+  Held-out images come from a different base seed.
+- Augmentation: horizontal flips of image and mask together, chosen per sample per step from the
+  cached flipped and unflipped taps. Label-safe: every class (circle, square, triangle, ellipse, star,
+  cross) is still the same class in a mirror, and the mask flips with the pixels.
+- Loss: per-pixel cross-entropy at model resolution. AdamW, one-cycle schedule, decoder lr 10x the
+  encoder's (new layers learn from scratch, pretrained ones only adapt).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
+
+from modelrepo.preprocess import Geometry, preprocess
+from models.segmentation import INPUT_SIZE, LABELS, PREPROCESS, weights_path
+from models.segmentation.encoder_decoder import EncoderDecoderSegmenter
+from models.segmentation.evaluate import HELD_OUT_SEED, confusion_matrix, iou_per_class, shape_samples
+
+FROZEN_LAST = 13  # encoder layers 0..13 stay at their ImageNet weights
+TRAIN_SEED = 0
+IGNORE = 255  # target value of letterbox padding
+
+
+def letterbox_target(semantic: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The semantic mask placed exactly where preprocess put the picture; IGNORE elsewhere."""
+    h, w = INPUT_SIZE
+    rw = max(1, round(geometry.orig_width * geometry.scale_x))
+    rh = max(1, round(geometry.orig_height * geometry.scale_y))
+    canvas = Image.new("L", (w, h), IGNORE)
+    canvas.paste(Image.fromarray(semantic).resize((rw, rh), Image.NEAREST), (int(geometry.pad_x), int(geometry.pad_y)))
+    return np.asarray(canvas)
+
+
+def _inputs_and_targets(samples) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for s in samples:
+        x, geometry = preprocess(Image.fromarray(s.image), PREPROCESS)
+        xs.append(x)
+        ys.append(letterbox_target(s.semantic, geometry))
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+@torch.no_grad()
+def frozen_taps(model: EncoderDecoderSegmenter, x: torch.Tensor, batch_size: int = 16) -> list[torch.Tensor]:
+    """fp16 taps of the frozen layers (strides 2, 4, 8, 16; the last also feeds layer 14)."""
+    model.eval()
+    parts: list[list[torch.Tensor]] = []
+    for start in range(0, len(x), batch_size):
+        parts.append([t.half() for t in model.encode(x[start : start + batch_size], stop=FROZEN_LAST)])
+    return [torch.cat(level) for level in zip(*parts)]
+
+
+def build_cache(model: EncoderDecoderSegmenter, n_train: int, n_val: int) -> dict:
+    t0 = time.time()
+    cache: dict = {"n_train": n_train, "n_val": n_val, "spec": PREPROCESS.model_dump_json()}
+    x, y = _inputs_and_targets(shape_samples(n_train, TRAIN_SEED))
+    print(f"generated {n_train} training images ({time.time() - t0:.0f}s); computing frozen taps...", flush=True)
+    cache["taps"] = frozen_taps(model, x)
+    print(f"  unflipped done ({time.time() - t0:.0f}s)", flush=True)
+    cache["taps_flipped"] = frozen_taps(model, x.flip(-1))
+    cache["targets"] = y
+    vx, vy = _inputs_and_targets(shape_samples(n_val, HELD_OUT_SEED))
+    cache["val_taps"] = frozen_taps(model, vx)
+    cache["val_targets"] = vy
+    print(f"cache built in {time.time() - t0:.0f}s", flush=True)
+    return cache
+
+
+def load_or_build_cache(path: Path, model: EncoderDecoderSegmenter, n_train: int, n_val: int) -> dict:
+    if path.is_file():
+        cache = torch.load(path, weights_only=True)
+        if (cache["n_train"], cache["n_val"], cache.get("spec")) == (n_train, n_val, PREPROCESS.model_dump_json()):
+            print(f"using cached frozen taps from {path}", flush=True)
+            return cache
+    cache = build_cache(model, n_train, n_val)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(cache, tmp)
+    tmp.replace(path)  # atomic: a concurrent run never reads half a file
+    return cache
+
+
+def _trainable_forward(model: EncoderDecoderSegmenter, taps: list[torch.Tensor]) -> torch.Tensor:
+    taps = [t.float() for t in taps]
+    full = model.encode(taps[-1], start=FROZEN_LAST + 1, taps=taps)
+    return model.decode(full, INPUT_SIZE)
+
+
+@torch.no_grad()
+def val_miou(model: EncoderDecoderSegmenter, cache: dict, batch_size: int = 25) -> float:
+    """mIoU at model resolution on the cached held-out images (a quick proxy for evaluate.py)."""
+    model.eval()
+    conf = np.zeros((len(LABELS), len(LABELS)), dtype=np.int64)
+    for start in range(0, len(cache["val_targets"]), batch_size):
+        taps = [t[start : start + batch_size] for t in cache["val_taps"]]
+        pred = _trainable_forward(model, taps).argmax(1).numpy()
+        truth = cache["val_targets"][start : start + batch_size].numpy()
+        seen = truth != IGNORE
+        conf += confusion_matrix(pred[seen], truth[seen], len(LABELS))
+    return float(np.nanmean(iou_per_class(conf)))
+
+
+def train(args: argparse.Namespace) -> tuple[EncoderDecoderSegmenter, dict[str, float]]:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    model = EncoderDecoderSegmenter(len(LABELS), args.upsampling, skips=True, pretrained_encoder=True)
+    cache = load_or_build_cache(args.cache, model, args.n_train, args.n_val)
+    # The checkpoint's frozen layers must be exactly the ImageNet weights the cache was computed with.
+    for p in model.encoder[: FROZEN_LAST + 1].parameters():
+        p.requires_grad_(False)
+    encoder_params = [p for p in model.encoder[FROZEN_LAST + 1 :].parameters()]
+    decoder_params = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    opt = torch.optim.AdamW(
+        [{"params": encoder_params, "lr": args.lr / 10}, {"params": decoder_params, "lr": args.lr}], weight_decay=1e-4
+    )
+    n = args.n_train
+    steps_per_epoch = n // args.batch_size
+    total = steps_per_epoch * args.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[args.lr / 10, args.lr], total_steps=total, pct_start=0.15)
+    gen = torch.Generator().manual_seed(args.seed)
+    targets = cache["targets"].long()
+    t0 = time.time()
+    history: list[float] = []
+    for epoch in range(args.epochs):
+        model.train()
+        model.encoder[: FROZEN_LAST + 1].eval()  # frozen BatchNorm statistics too
+        perm = torch.randperm(n, generator=gen)
+        running = 0.0
+        for step in range(steps_per_epoch):
+            idx = perm[step * args.batch_size : (step + 1) * args.batch_size]
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            # Flipped samples take the taps computed from the mirrored image, and the mirrored mask.
+            taps = [torch.where(flip[:, None, None, None], f[idx], u[idx])
+                    for u, f in zip(cache["taps"], cache["taps_flipped"])]
+            y = torch.where(flip[:, None, None], targets[idx].flip(-1), targets[idx])
+            loss = F.cross_entropy(_trainable_forward(model, taps), y, ignore_index=IGNORE)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += loss.item()
+            if (step + 1) % 25 == 0:
+                print(f"  [{args.upsampling}] epoch {epoch + 1} step {step + 1}/{steps_per_epoch} "
+                      f"loss {running / (step + 1):.4f} ({time.time() - t0:.0f}s)", flush=True)
+        miou = val_miou(model, cache)
+        history.append(miou)
+        print(f"[{args.upsampling}] epoch {epoch + 1}/{args.epochs}: loss {running / steps_per_epoch:.4f}  "
+              f"held-out mIoU@{INPUT_SIZE[0]} {miou:.4f}  ({time.time() - t0:.0f}s)", flush=True)
+    metrics = {"val_miou_model_res": history[-1], "train_seconds": time.time() - t0}
+    return model.eval(), metrics
+
+
+def save_fp16(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    # fp16 halves the file (about 4 MB instead of 8 MB); the loader casts back to fp32.
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=metadata)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--upsampling", choices=("bilinear", "transposed"), required=True)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--n-train", type=int, default=1200, help="distinct training images (x2 with flips)")
+    parser.add_argument("--n-val", type=int, default=100, help="held-out images scored after each epoch")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a contended CPU; 2 at most")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/cnnserve_segmenter_taps.pt"))
+    parser.add_argument("--build-cache-only", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="default: the committed weights path")
+    args = parser.parse_args()
+    if args.build_cache_only:
+        torch.set_num_threads(args.threads)
+        model = EncoderDecoderSegmenter(len(LABELS), args.upsampling, pretrained_encoder=True)
+        load_or_build_cache(args.cache, model, args.n_train, args.n_val)
+        return
+    model, metrics = train(args)
+    out = args.out or weights_path(args.upsampling)
+    save_fp16(model, out, {k: f"{v:.6f}" for k, v in metrics.items()})
+    print(f"[{args.upsampling}] held-out mIoU@{INPUT_SIZE[0]} {metrics['val_miou_model_res']:.4f}, "
+          f"{metrics['train_seconds']:.0f}s -> wrote {out} ({out.stat().st_size / 1e6:.2f} MB)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
