@@ -13,10 +13,12 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from server.errors import InferError, invalid, unavailable
+from server.infer_request import InferRequest, WireError, from_message, parse_infer_request
 from server.model import ServedModel
 from server.repository import ModelRepository
 from server.tensors import decode_input, encode_output
@@ -65,13 +67,13 @@ def _deadline(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) 
     return deadline
 
 
-def decode_request(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise invalid(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+def decode_request(request: InferRequest) -> dict[str, np.ndarray]:
+    header, raw = request.header, request.raw
+    if raw and len(raw) != len(header.inputs):
+        raise invalid(f"raw_input_contents has {len(raw)} entries for {len(header.inputs)} inputs; "
                       "when raw contents are used every input must have one")
     inputs: dict[str, np.ndarray] = {}
-    for i, t in enumerate(request.inputs):
+    for i, t in enumerate(header.inputs):
         if t.name in inputs:
             raise invalid(f"input '{t.name}' given twice")
         if raw and t.HasField("contents"):
@@ -198,29 +200,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(exc.code, exc.message)
             raise  # unreachable: abort raises
 
-    async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+    async def _infer(self, request: InferRequest, context) -> pb.ModelInferResponse:
         received = time.perf_counter_ns()
         if self.state.shutting_down:
             raise unavailable("server is shutting down; not accepting new requests")
-        model = self.repository.get(request.model_name, request.model_version)
-        for o in request.outputs:
+        header = request.header
+        model = self.repository.get(header.model_name, header.model_version)
+        for o in header.outputs:
             if o.name not in model.output_names:
                 raise invalid(f"model '{model.name}': requested output '{o.name}' does not exist; "
                               f"outputs are {model.output_names}")
         inputs = decode_request(request)
-        outputs = await model.infer(inputs, deadline=_deadline(request, context), received_ns=received)
-        return build_response(model, request, outputs)
+        outputs = await model.infer(inputs, deadline=_deadline(header, context), received_ns=received)
+        return build_response(model, header, outputs)
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, request: bytes, context):
+        # Registered with no request deserializer: `request` is the serialized message, decoded here
+        # without copying tensor bytes (server/infer_request.py).
         self.state.inflight += 1
         try:
-            return await self._infer(request, context)
+            try:
+                parsed = parse_infer_request(request)
+            except (WireError, DecodeError) as exc:
+                raise invalid(f"malformed ModelInferRequest: {exc}") from None
+            return await self._infer(parsed, context)
         except InferError as exc:
             await context.abort(exc.code, exc.message)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            log.exception("inference failed", extra={"model": request.model_name})
+            log.exception("inference failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
         finally:
             self.state.inflight -= 1
@@ -234,7 +243,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def one(req: pb.ModelInferRequest) -> None:
             self.state.inflight += 1
             try:
-                resp = await self._infer(req, context)
+                resp = await self._infer(from_message(req), context)
                 await out.put(pb.ModelStreamInferResponse(infer_response=resp))
             except InferError as exc:
                 await out.put(pb.ModelStreamInferResponse(
@@ -270,6 +279,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 ServicerAdder = Callable[[grpc.aio.Server, ModelRepository, ServerState], Awaitable[str] | str]
 
 
+class _HandlerCapture:
+    """Stands in for the server to collect the generated method handlers, so one can be swapped."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers = dict(handlers)
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
 def add_inference_service(server: grpc.aio.Server, repository: ModelRepository, state: ServerState) -> str:
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository, state), server)
-    return pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    servicer = InferenceServicer(repository, state)
+    capture = _HandlerCapture()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
+    handlers = capture.handlers
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer, request_deserializer=None,
+        response_serializer=pb.ModelInferResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    return SERVICE_NAME

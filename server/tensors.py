@@ -27,7 +27,7 @@ def element_count(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def deserialize_bytes(buf: bytes, count: int, name: str) -> np.ndarray:
+def deserialize_bytes(buf: bytes | memoryview, count: int, name: str) -> np.ndarray:
     """BYTES wire form: each element is a little-endian uint32 length followed by that many bytes."""
     items = []
     off, n = 0, len(buf)
@@ -56,7 +56,7 @@ def serialize_bytes(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | memoryview | None) -> np.ndarray:
     """One request input as a numpy array shaped as declared; INVALID_ARGUMENT on any inconsistency."""
     name = tensor.name
     shape = tuple(int(d) for d in tensor.shape)
