@@ -219,6 +219,35 @@ def test_vision_metrics_exported(synthetic_server, vision: VisionClient) -> None
     assert 'cnnserve_vision_image_errors_total{model="colour_classifier",reason="EMPTY"}' in text
 
 
+
+def test_sigterm_answers_accepted_image_requests(synthetic_repo, server_factory) -> None:
+    import re
+    import signal
+
+    server = server_factory(synthetic_repo)  # its own server: this one is stopped
+    noise = Image.fromarray(np.random.default_rng(2).integers(0, 255, (1200, 1600, 3), np.uint8))
+    data = encode(noise, "PNG")  # ~5 MB, slow to decode: requests are still decoding at SIGTERM
+    accepted_re = re.compile(r'cnnserve_vision_images_per_request_count\{model="colour_classifier",rpc="Classify"\} (\S+)')
+
+    def accepted() -> float:
+        match = accepted_re.search(urllib.request.urlopen(server.metrics_url, timeout=10).read().decode())
+        return float(match.group(1)) if match else 0.0
+
+    async def run() -> tuple[int, list]:
+        async with AsyncVisionClient(server.grpc_url) as client:
+            tasks = [asyncio.create_task(client.classify("colour_classifier", [data] * 3)) for _ in range(6)]
+            while await asyncio.to_thread(accepted) < 6:
+                await asyncio.sleep(0.01)
+            server.proc.send_signal(signal.SIGTERM)
+            unfinished = sum(not t.done() for t in tasks)
+            return unfinished, await asyncio.gather(*tasks)
+
+    unfinished, answers = asyncio.run(run())
+    assert unfinished > 0, "every request finished before SIGTERM: the test proves nothing"
+    assert all(len(a.results) == 3 and not failures(a.results) for a in answers)
+    assert server.proc.wait(30) == 0
+
+
 # -- the real models ---------------------------------------------------------------------------------------
 
 REAL_MODELS = (
