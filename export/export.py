@@ -24,7 +24,9 @@ from export.defaults import DEFAULT_REPOSITORY
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    console = Console(highlight=False)
+    # piped output (CI logs, tests) would otherwise wrap tables at 80 columns
+    return console if console.is_terminal else Console(highlight=False, width=160)
 
 
 def _err(msg: str) -> int:
@@ -162,6 +164,10 @@ def cmd_repository(args: argparse.Namespace) -> int:
         return _err("no models to export: the registry has no served_by_default entries")
     if args.weights != "default" and not args.models:
         return _err("--weights other than 'default' needs an explicit --models list")
+    unknown = [n for n in names if n not in registry.list_models()]
+    if unknown:  # fail before spending minutes exporting the valid ones
+        known = ", ".join(registry.list_models())
+        return _err(f"unknown model {unknown[0]!r}; known: {known} (repository {args.repository} left untouched)")
     return _export_into(Path(args.repository), names, args)
 
 
