@@ -158,7 +158,7 @@ def _config_text(name: str, backend: str, kind: str, input_name: str, input_shap
             f"dynamic_batching {{ max_queue_delay_microseconds: 500 }}\n")
 
 
-def build_repository(root: Path, models, gpu: bool, max_batch: int) -> tuple[list[Variant], list[str]]:
+def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool = True) -> tuple[list[Variant], list[str]]:
     """Export each model once (torch.export, and ONNX for the CPU default when ONNX Runtime is here) and
     write one repository entry per (model, backend)."""
     import torch
@@ -166,7 +166,7 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int) -> tuple[lis
     from export.torch_program import PROGRAM_FILENAME, export_program, save_program
     from models import get_entry, get_model
 
-    have_ort = bool(module_version("onnxruntime") and module_version("onnxscript"))
+    have_ort = onnx and bool(module_version("onnxruntime") and module_version("onnxscript"))
     notes: list[str] = []
     variants: list[Variant] = []
     for name in models:
@@ -455,6 +455,8 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", default=None, help="GPU concurrency levels (default 1,8,32; quick 1,4)")
     ap.add_argument("--cpu-concurrency", default=None, help="CPU default levels (default 1,8; quick 1,4)")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--no-onnx", action="store_true", help="CPU default through the torch backend, no ONNX export")
+    ap.add_argument("--in-process", action="store_true", help="skip the server: call the torch backend directly")
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new steps after this long")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -480,10 +482,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(min(os.cpu_count() or 2, 8))
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         repo = Path(tmp) / "repo"
-        say(f"\n== exporting {', '.join(models)} (torch.export{', ONNX' if module_version('onnxruntime') else ''})")
-        variants, notes = build_repository(repo, models, gpu=gpu, max_batch=32)
+        onnx_note = ", ONNX" if module_version("onnxruntime") and not args.no_onnx else ""
+        say(f"\n== exporting {', '.join(models)} (torch.export{onnx_note})")
+        variants, notes = build_repository(repo, models, gpu=gpu, max_batch=32, onnx=not args.no_onnx)
         result["notes"] = notes
-        why_not = server_stack_available()
+        why_not = "--in-process asked for" if args.in_process else server_stack_available()
         if why_not is None:
             say(f"\n== serving through the real server, {seconds:g}s per level")
             rows = bench_with_server(repo, variants, levels, cpu_levels, seconds, budget_end)

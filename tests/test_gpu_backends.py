@@ -224,3 +224,21 @@ def test_gpu_check_cpu_dry_run_serves_and_prints_the_table(tmp_path):
     for row in result["rows"]:
         assert row["errors"] == 0 and row["requests"] > 0 and row["throughput"] > 0
         assert row["avg_batch"] >= 1.0 and row["p99_ms"] >= row["p50_ms"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_in_process_fallback(tmp_path):
+    """The path a GPU box without grpc takes: the torch backend called directly at fixed batch sizes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-only", "--quick", "--in-process", "--no-onnx",
+                           "--seconds", "0.3", "--json", str(out)], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["serving"].startswith("in-process")
+    rows = result["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 4]  # quick batch sizes
+    assert all(r["path"].startswith("pytorch cpu (in-process") and r["throughput"] > 0 for r in rows)
