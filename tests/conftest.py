@@ -25,6 +25,36 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def _import_tritonclient_privately() -> None:
+    """Load tritonclient's generated protos into their own descriptor pool.
+
+    tritonclient ships generated `inference.*` messages; the project's protos define the same symbols,
+    and both in protobuf's default pool fail with "duplicate symbol" (docs: known traps). The whole
+    suite runs in one pytest process, where the end-to-end tests use tritonclient (the server itself
+    runs as a subprocess) while other tests import the project's protos. Generated code asks
+    `descriptor_pool.Default()` for its pool at import time, so importing tritonclient once, here,
+    with that pointing at a private pool keeps the two sets apart; later `import tritonclient...`
+    statements get these cached modules. Bytes on the wire are the same either way.
+    """
+    if "tritonclient.grpc" in sys.modules:
+        return
+    from google.protobuf import descriptor_pool
+
+    private = descriptor_pool.DescriptorPool()
+    default = descriptor_pool.Default
+    descriptor_pool.Default = lambda: private
+    try:
+        import tritonclient.grpc  # noqa: F401
+        import tritonclient.grpc.aio  # noqa: F401
+    except ImportError:  # tritonclient is a dev dependency; tests that need it fail on their own import
+        pass
+    finally:
+        descriptor_pool.Default = default
+
+
+_import_tritonclient_privately()
+
+
 # -- small ONNX models built with onnx.helper (milliseconds to build, real ONNX Runtime to run) ----------
 def affine_model() -> bytes:
     """a FP32 [N,4] -> y = 2a + 1 (FP32); b INT64 [N,2] -> z = b + 3 (INT64): two inputs, two outputs."""
