@@ -285,6 +285,8 @@ def build_engine(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    # `monitor` stays referenced until the function returns: TensorRT requires the monitor to outlive
+    # every object using it and does not keep the Python object alive itself.
     config.progress_monitor = monitor = _make_progress_monitor(trt, progress)
 
     profile = builder.create_optimization_profile()
@@ -307,9 +309,10 @@ def build_engine(
         input_name = network.get_input(0).name
         batch = min(8, len(calibration), profiles[input_name].max[0])
         config.set_calibration_profile(profile)
-        config.int8_calibrator = _make_calibrator(
-            trt, list(calibration_batches(calibration, batch)), input_name,
-            onnx_path.parent / f"calibration.{gpu.compute_capability}.cache")
+        # Held in a local as well: TensorRT keeps only a raw pointer to Python-implemented interfaces.
+        calibrator = _make_calibrator(trt, list(calibration_batches(calibration, batch)), input_name,
+                                      onnx_path.parent / f"calibration.{gpu.compute_capability}.cache")
+        config.int8_calibrator = calibrator
 
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
@@ -319,7 +322,6 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError(f"{onnx_path}: TensorRT build failed (see the TensorRT log above)")
-    del monitor
     out_name = engine_filename(gpu.compute_capability, trt.__version__, precision)
     out_path = onnx_path.parent / out_name
     tmp = out_path.with_suffix(".plan.tmp")
@@ -329,6 +331,7 @@ def build_engine(
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
         timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
     progress(f"    built {out_name} in {time.perf_counter() - start:.1f}s ({out_path.stat().st_size / 2**20:.1f} MiB)")
+    del config, monitor  # the config (holding the monitor's pointer) goes first
     return EngineRecord(
         file=out_name, compute_capability=gpu.compute_capability, tensorrt_version=trt.__version__,
         precision=precision, gpu_name=gpu.name, onnx_sha256=file_sha256(onnx_path), profiles=profiles,

@@ -149,6 +149,7 @@ class TensorRTBackend(Backend):
         self._device: dict[str, DeviceBuffer] = {}
         self._host: dict[str, PinnedBuffer] = {}
         self.max_batch = 0
+        self._batched = getattr(options, "batched", True)
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         input_names = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         for name in input_names:
@@ -158,7 +159,7 @@ class TensorRTBackend(Backend):
         for name in names:
             dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
             shape = tuple(int(d) for d in self._engine.get_tensor_shape(name))
-            spec = TensorSpec(name, dtype, shape[1:] if getattr(options, "batched", True) else shape)
+            spec = TensorSpec(name, dtype, shape[1:] if self._batched else shape)
             (self._inputs if name in input_names else self._outputs).append(spec)
             # At the profile's max input shapes, every output has its largest size: size buffers once.
             nbytes = int(np.prod(tuple(self._context.get_tensor_shape(name)))) * dtype.itemsize
@@ -180,7 +181,7 @@ class TensorRTBackend(Backend):
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for spec in self._inputs:
             array = inputs[spec.name]
-            if array.shape[0] > self.max_batch:
+            if self._batched and array.shape[0] > self.max_batch:
                 raise ValueError(f"batch {array.shape[0]} exceeds the engine profile's max batch {self.max_batch}")
             staged = self._host[spec.name].view(spec.dtype, array.shape)
             np.copyto(staged, array, casting="same_kind")
