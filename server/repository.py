@@ -197,7 +197,10 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults) -> list[_Built]:
         cfg.backend = backend
     platform = cfg.platform or _BACKEND_PLATFORM.get(backend, backend)
     filename = cfg.default_model_filename or _DEFAULT_FILENAME.get(backend, "model")
-    options, count = _options(cfg, defaults)
+    try:
+        options, count = _options(cfg, defaults)
+    except LoadError as exc:
+        raise LoadError(f"{model_dir / CONFIG_FILENAME}: {exc}") from None
     settings = _settings(cfg)
     built: list[_Built] = []
     try:

@@ -27,8 +27,8 @@ log = logging.getLogger("cnnserve.service")
 
 SERVER_NAME = "cnnserve"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["model_configuration", "model_repository", "model_repository(unload_dependents)", "statistics",
-              "schedule_policy", "parameters"]
+# The protocol extensions this server implements (what ServerMetadata advertises to clients).
+EXTENSIONS = ["model_configuration", "model_repository", "statistics", "parameters"]
 
 
 class ServerState:

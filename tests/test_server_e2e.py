@@ -46,6 +46,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(repo, "versioned", affine_model(), "max_batch_size: 8\n", versions=(1, 2))
     write_model(repo, "broken", b"this is not an onnx file", "max_batch_size: 4\n")
     write_model(repo, "badconfig", affine_model(), "max_batch_size: 8\ndynamic_batching { max_delay: 5 }\n")
+    write_model(repo, "needs_trt", affine_model(), 'max_batch_size: 8\noptimization { execution_accelerators {'
+                ' gpu_execution_accelerator [{ name: "tensorrt" }] } }\n')
+    write_model(repo, "needs_gpu", affine_model(), "max_batch_size: 8\ninstance_group [{ kind: KIND_GPU }]\n")
+    write_model(repo, "badparam", affine_model(),
+                'max_batch_size: 8\nparameters { key: "intra_op_thread_count" value { string_value: "two" } }\n')
     return repo
 
 
@@ -132,6 +137,10 @@ def test_repository_index_reports_broken_models_with_reasons(client: tc.Inferenc
     assert index["broken"].state == "UNAVAILABLE" and "broken/1/model.onnx" in index["broken"].reason
     assert index["badconfig"].state == "UNAVAILABLE"
     assert "config.pbtxt:2:" in index["badconfig"].reason and "max_delay" in index["badconfig"].reason
+    # Accelerators this onnxruntime build lacks fail that model with a clear reason (no silent CPU fallback).
+    assert "TensorrtExecutionProvider" in index["needs_trt"].reason
+    assert "CUDAExecutionProvider" in index["needs_gpu"].reason
+    assert "intra_op_thread_count must be an integer" in index["badparam"].reason
 
 
 # -- inference equals in-process ONNX Runtime --------------------------------------------------------
