@@ -21,7 +21,7 @@ from export.pipeline import ExportFailed, ExportOptions, export_model
 from models.registry import get_entry
 
 ROOT = Path(__file__).resolve().parents[1]
-BIG = re.compile(r"^(vgg|alexnet|resnet101|resnet152|preact_resnet1001)")
+BIG = re.compile(r"^(vgg|alexnet|resnet101|resnet152|preact_resnet1001|fasterrcnn_resnet50)")
 
 
 def _params():
