@@ -79,6 +79,7 @@ def train(
     threads: int = 2,
     limit_batches: int | None = None,
     eval_every_epoch: bool = False,
+    eval_limit: int | None = None,
 ) -> dict:
     """Train, evaluate on the 10k test set, write the safetensors checkpoint; return the metrics."""
     console = Console()
@@ -86,6 +87,7 @@ def train(
     gen = seed_everything(seed)
     train_x, train_y = fashion_mnist.load("train")
     test_x, test_y = fashion_mnist.load("test")
+    test_x, test_y = test_x[:eval_limit], test_y[:eval_limit]
     xs, ys = to_input(train_x), torch.as_tensor(train_y)
 
     model = resnet20(num_classes=10, in_channels=1).to(memory_format=torch.channels_last)
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (capped at 2)")
     parser.add_argument("--limit-batches", type=int, default=None, help="steps per epoch, for smoke runs")
     parser.add_argument("--eval-every-epoch", action="store_true", help="test accuracy after each epoch")
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="safetensors checkpoint to write")
     args = parser.parse_args(argv)
     train(
@@ -185,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         limit_batches=args.limit_batches,
         eval_every_epoch=args.eval_every_epoch,
+        eval_limit=args.eval_limit,
     )
 
 
