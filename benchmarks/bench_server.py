@@ -2,14 +2,16 @@
 
     .venv/bin/python benchmarks/bench_server.py --repository /tmp/bench_repo --models resnet18 mobilenet_v2
 
-The repository must hold the models (e.g. `python -m export onnx resnet18 --repository DIR --weights none`
-and `python -m export onnx mobilenet_v2 --repository DIR`); `--export` runs those commands first.
-For each model: raw ONNX Runtime at batch sizes 1..32 (latency per batch, images/s), then the server
-started as a subprocess, driven by tritonclient aio clients at each concurrency (every client sends
-batch-1 requests back to back). Prints throughput, p50/p99 and the two target ratios:
+The repository must hold the models (`python -m export onnx resnet18 --repository DIR --weights none`,
+`python -m export onnx mobilenet_v2 --repository DIR`); `--export` runs those commands first.
+For each model, in interleaved rounds (so a machine whose load drifts affects both sides alike):
+raw ONNX Runtime at each batch size, and the server (a subprocess) driven by tritonclient aio clients at
+each concurrency, every client sending batch-1 requests back to back. Prints images/s, p50/p99, the
+server's own breakdown per point (queue, compute, the rest = protocol/copies/event loop; mean executed
+batch) and the two target ratios:
   concurrency-8 throughput / raw throughput at its best batch   (target >= 0.95)
   concurrency-1 p50 - raw batch-1 p50                            (target <= 1 ms)
-Raw ORT uses the session options the server's ONNX Runtime backend uses, with the same thread count.
+Raw ORT uses the session options of the server's ONNX Runtime backend, with the same thread count.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -52,38 +55,57 @@ def ort_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def bench_raw(path: Path, threads: int, batch_sizes: list[int], seconds: float) -> dict[int, dict]:
-    sess = ort_session(path, threads)
+class Point:
+    """Accumulates one configuration's measurements over rounds."""
+
+    def __init__(self) -> None:
+        self.lat: list[float] = []
+        self.items = 0
+        self.wall = 0.0
+        self.server: dict[str, float] = defaultdict(float)
+
+    def row(self) -> dict:
+        out = {"ips": self.items / self.wall if self.wall else float("nan"), "p50_ms": pct(self.lat, 50) * 1e3,
+               "p99_ms": pct(self.lat, 99) * 1e3, "n": len(self.lat)}
+        s = self.server
+        if s.get("requests"):
+            n = s["requests"]
+            out.update(server_request_ms=s["request_ns"] / n / 1e6, server_queue_ms=s["queue_ns"] / n / 1e6,
+                       server_compute_ms=s["infer_ns"] / n / 1e6,
+                       server_other_ms=(s["request_ns"] - s["queue_ns"] - s["infer_ns"]) / n / 1e6,
+                       mean_batch=s["items"] / max(1, s["executions"]))
+        return out
+
+
+def run_raw(sess, bs: int, seconds: float, point: Point) -> None:
     inp = sess.get_inputs()[0]
-    out = {}
-    for bs in batch_sizes:
-        x = np.random.default_rng(0).standard_normal((bs, *inp.shape[1:])).astype(np.float32)
-        for _ in range(2):
-            sess.run(None, {inp.name: x})
-        lat = []
-        t_end = time.perf_counter() + seconds
-        while time.perf_counter() < t_end or len(lat) < 3:
-            t = time.perf_counter()
-            sess.run(None, {inp.name: x})
-            lat.append(time.perf_counter() - t)
-        out[bs] = {"ips": bs * len(lat) / sum(lat), "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
-                   "n": len(lat)}
-    return out
+    x = np.random.default_rng(0).standard_normal((bs, *inp.shape[1:])).astype(np.float32)
+    sess.run(None, {inp.name: x})
+    t_end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < t_end or n < 2:
+        t = time.perf_counter()
+        sess.run(None, {inp.name: x})
+        dt = time.perf_counter() - t
+        point.lat.append(dt)
+        point.wall += dt
+        point.items += bs
+        n += 1
 
 
-async def bench_server_conc(url: str, model: str, input_name: str, shape: list[int], concurrency: int,
-                            seconds: float) -> dict:
+async def run_server(url: str, model: str, input_name: str, shape: list[int], concurrency: int,
+                     seconds: float, point: Point) -> None:
     import tritonclient.grpc.aio as tca
     from tritonclient.grpc import InferInput
 
     x = np.random.default_rng(1).standard_normal([1, *shape]).astype(np.float32)
-    lat: list[float] = []
     async with tca.InferenceServerClient(url) as client:
         inp = InferInput(input_name, [1, *shape], "FP32")
         inp.set_data_from_numpy(x)
-        for _ in range(3):
-            await client.infer(model, [inp])
+        await asyncio.gather(*(client.infer(model, [inp]) for _ in range(concurrency)))  # warm connections
+        before = (await client.get_inference_statistics(model)).model_stats[0]
         stop = time.perf_counter() + seconds
+        lat: list[float] = []
 
         async def worker() -> None:
             while time.perf_counter() < stop:
@@ -93,15 +115,18 @@ async def bench_server_conc(url: str, model: str, input_name: str, shape: list[i
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-        stats = await client.get_inference_statistics(model)
-    s = stats.model_stats[0]
-    n_exec = s.execution_count
-    return {"ips": len(lat) / wall, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3, "n": len(lat),
-            "server_exec_total": n_exec, "server_infer_total": s.inference_count,
-            "server_queue_ms_avg": s.inference_stats.queue.ns / max(1, s.inference_stats.queue.count) / 1e6,
-            "server_compute_ms_avg": s.inference_stats.compute_infer.ns / max(1, s.inference_stats.compute_infer.count) / 1e6,
-            "server_request_ms_avg": s.inference_stats.success.ns / max(1, s.inference_stats.success.count) / 1e6}
+        point.wall += time.perf_counter() - t0
+        after = (await client.get_inference_statistics(model)).model_stats[0]
+    point.lat += lat
+    point.items += len(lat)
+    a, b = after.inference_stats, before.inference_stats
+    s = point.server
+    s["requests"] += a.success.count - b.success.count
+    s["request_ns"] += a.success.ns - b.success.ns
+    s["queue_ns"] += a.queue.ns - b.queue.ns
+    s["infer_ns"] += a.compute_infer.ns - b.compute_infer.ns
+    s["items"] += after.inference_count - before.inference_count
+    s["executions"] += after.execution_count - before.execution_count
 
 
 def start_server(repo: Path, models: list[str], threads: int, workdir: Path) -> tuple[subprocess.Popen, int]:
@@ -112,8 +137,9 @@ def start_server(repo: Path, models: list[str], threads: int, workdir: Path) -> 
            "--log-level", "warning"]
     for m in models:
         cmd += ["--load-model", m]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=open(workdir / "server.log", "w"), stderr=subprocess.STDOUT)
+    log = open(workdir / "server.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
+                            stderr=subprocess.STDOUT)
     t_end = time.monotonic() + 300
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > t_end:
@@ -130,8 +156,9 @@ def main() -> None:
     ap.add_argument("--export", action="store_true", help="export the models into --repository first")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads, server and raw (default 2)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    ap.add_argument("--seconds", type=float, default=8.0, help="measuring time per point (default 8)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--seconds", type=float, default=3.0, help="measuring time per point per round (default 3)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -140,28 +167,40 @@ def main() -> None:
             weights = ["--weights", "none"] if m == "resnet18" else []
             subprocess.run([sys.executable, "-m", "export", "onnx", m, "--repository", str(args.repository),
                             *weights], cwd=ROOT, check=True)
-    results = {}
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as work:
         proc, port = start_server(args.repository, args.models, args.threads, Path(work))
         try:
             for m in args.models:
-                path = model_file(args.repository, m)
-                raw = bench_raw(path, args.threads, args.batch_sizes, args.seconds)
-                inp = ort_session(path, 1).get_inputs()[0]
-                served = {c: asyncio.run(bench_server_conc(f"127.0.0.1:{port}", m, inp.name, list(inp.shape[1:]), c,
-                                                           args.seconds)) for c in args.concurrency}
-                results[m] = {"raw": raw, "server": served}
+                sess = ort_session(model_file(args.repository, m), args.threads)
+                inp = sess.get_inputs()[0]
+                raw = {bs: Point() for bs in args.batch_sizes}
+                served = {c: Point() for c in args.concurrency}
+                for r in range(args.rounds):
+                    for bs in args.batch_sizes:
+                        run_raw(sess, bs, args.seconds, raw[bs])
+                    for c in args.concurrency:
+                        asyncio.run(run_server(f"127.0.0.1:{port}", m, inp.name, list(inp.shape[1:]), c,
+                                               args.seconds, served[c]))
+                    print(f"{m}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+                results[m] = {"raw": {bs: p.row() for bs, p in raw.items()},
+                              "server": {c: p.row() for c, p in served.items()}}
         finally:
             proc.terminate()
             proc.wait(60)
 
+    load = os.getloadavg()
+    print(f"\nmachine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end")
     for m, r in results.items():
-        print(f"\n== {m} (ONNX Runtime CPU, {args.threads} intra-op threads) ==")
-        print(f"{'mode':<22}{'img/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'n':>7}")
+        print(f"\n== {m} (ONNX Runtime CPU, {args.threads} intra-op threads; {args.rounds} rounds x {args.seconds:g} s) ==")
+        print(f"{'mode':<18}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'n':>6}   server: request = queue + compute + other"
+              f" ms, mean batch")
         for bs, x in r["raw"].items():
-            print(f"{'raw ORT batch ' + str(bs):<22}{x['ips']:9.1f}{x['p50_ms']:9.2f}{x['p99_ms']:9.2f}{x['n']:7d}")
+            print(f"{'raw ORT batch ' + str(bs):<18}{x['ips']:8.1f}{x['p50_ms']:9.2f}{x['p99_ms']:9.2f}{x['n']:6d}")
         for c, x in r["server"].items():
-            print(f"{'server conc ' + str(c):<22}{x['ips']:9.1f}{x['p50_ms']:9.2f}{x['p99_ms']:9.2f}{x['n']:7d}")
+            extra = (f"   {x['server_request_ms']:.2f} = {x['server_queue_ms']:.2f} + {x['server_compute_ms']:.2f} + "
+                     f"{x['server_other_ms']:.2f}, {x['mean_batch']:.1f}") if "server_request_ms" in x else ""
+            print(f"{'server conc ' + str(c):<18}{x['ips']:8.1f}{x['p50_ms']:9.2f}{x['p99_ms']:9.2f}{x['n']:6d}{extra}")
         best_bs = max(r["raw"], key=lambda b: r["raw"][b]["ips"])
         best = r["raw"][best_bs]["ips"]
         if 8 in r["server"]:
@@ -169,10 +208,6 @@ def main() -> None:
         if 1 in r["server"] and 1 in r["raw"]:
             d = r["server"][1]["p50_ms"] - r["raw"][1]["p50_ms"]
             print(f"conc-1 p50 - raw batch-1 p50: {d:+.2f} ms  (target <= 1 ms)")
-        last = r["server"][max(r["server"])]
-        print(f"server-side averages (all runs): request {last['server_request_ms_avg']:.2f} ms, queue "
-              f"{last['server_queue_ms_avg']:.2f} ms, compute {last['server_compute_ms_avg']:.2f} ms; "
-              f"{last['server_infer_total']} items in {last['server_exec_total']} executions")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
