@@ -9,8 +9,9 @@ grpcio, and cannot install anything: every step checks what it needs and says wh
 
 Serving path, best available first:
   server     the real server (python -m server) on loopback, driven over gRPC by the project's asyncio
-             client; GPU models on backend pytorch (torch.export program on CUDA), CPU default on
-             ONNX Runtime; average executed batch size from the ModelStatistics RPC.
+             client; GPU models on backend pytorch (torch.export program on CUDA), plus tensorrt (an
+             fp16 engine built here) and onnxruntime on CUDA when those exist; CPU default on ONNX
+             Runtime; average executed batch size from the ModelStatistics RPC.
   in-process the torch backend called directly at fixed batch sizes (when the server's own
              dependencies are missing): no batching, no gRPC, labelled as such.
 """
@@ -158,9 +159,23 @@ def _config_text(name: str, backend: str, kind: str, input_name: str, input_shap
             f"dynamic_batching {{ max_queue_delay_microseconds: 500 }}\n")
 
 
-def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool = True) -> tuple[list[Variant], list[str]]:
-    """Export each model once (torch.export, and ONNX for the CPU default when ONNX Runtime is here) and
-    write one repository entry per (model, backend)."""
+def gpu_backends_found(info: dict) -> list[str]:
+    """GPU backends this machine can serve with, besides the torch one: TensorRT (TensorRT + cuda-python +
+    an ONNX exporter) and ONNX Runtime's CUDA provider."""
+    found = []
+    if all(info["modules"].get(m) for m in ("tensorrt", "cuda.bindings", "onnxscript")):
+        found.append("tensorrt")
+    if "CUDAExecutionProvider" in info.get("ort_providers", []):
+        found.append("onnxruntime")
+    return found
+
+
+def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool = True,
+                     extra_gpu: tuple[str, ...] = ()) -> tuple[list[Variant], list[str]]:
+    """Export each model once (torch.export; ONNX for the CPU default when ONNX Runtime is here and for
+    the TensorRT engine) and write one repository entry per (model, backend, device)."""
+    import shutil as _shutil
+
     import torch
 
     from export.torch_program import PROGRAM_FILENAME, export_program, save_program
@@ -187,12 +202,19 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
         program = export_program(model, example, max_batch)
         input_name = "input"
         kinds = [("pytorch", "KIND_GPU", "gpu")] if gpu else [("pytorch", "KIND_CPU", "cpu")]
+        if gpu:
+            kinds += [(b, "KIND_GPU", "gpu") for b in extra_gpu]
         if have_ort:
             kinds.append(("onnxruntime", "KIND_CPU", "cpu"))
         else:
             notes.append(f"{name}: CPU default measured with the torch backend (onnxruntime/onnxscript missing)")
             if gpu:
                 kinds.append(("pytorch", "KIND_CPU", "cpu"))
+        onnx_file = root / ".onnx" / f"{name}.onnx"
+        if any(b != "pytorch" for b, _, _ in kinds):
+            onnx_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.onnx.export(program, (example,), str(onnx_file), input_names=[input_name],
+                              output_names=list(outputs), dynamo=True, external_data=False)
         for backend, kind, device in kinds:
             served = f"{name}__{backend}_{device}"
             vdir = root / served / "1"
@@ -200,14 +222,32 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
             if backend == "pytorch":
                 save_program(program, vdir / PROGRAM_FILENAME, [input_name], list(outputs))
             else:
-                torch.onnx.export(program, (example,), str(vdir / "model.onnx"), input_names=[input_name],
-                                  output_names=list(outputs), dynamo=True, external_data=False)
+                _shutil.copy(onnx_file, vdir / "model.onnx")
+            if backend == "tensorrt":
+                try:
+                    _build_engine(vdir, root, input_name, entry.input_shape, max_batch)
+                except Exception as exc:  # noqa: BLE001 - reported; the other variants still run
+                    notes.append(f"{name}: TensorRT engine build failed: {exc}")
+                    _shutil.rmtree(root / served)
+                    continue
             (root / served / "config.pbtxt").write_text(_config_text(
                 served, backend, kind, input_name, entry.input_shape, outputs, max_batch,
                 instances=2 if device == "gpu" else 1))
             variants.append(Variant(name, served, backend, device, input_name, tuple(entry.input_shape)))
         say(f"  {name}: exported in {time.perf_counter() - t0:.1f}s ({weights})")
     return variants, notes
+
+
+def _build_engine(vdir: Path, root: Path, input_name: str, input_shape, max_batch: int) -> None:
+    from export.engine_manifest import EngineManifest
+    from export.tensorrt_engine import build_engine, derive_profile
+
+    record = build_engine(vdir / "model.onnx", {input_name: derive_profile(input_shape, max_batch, [8])},
+                          precision="fp16", workspace_mib=2048, timing_cache=root / ".tensorrt" / "timing.cache",
+                          progress=lambda m: say(f"  {m.strip()}"))
+    manifest = EngineManifest()
+    manifest.add(record)
+    manifest.write(vdir)
 
 
 # ------------------------------------------------------------------ 4. GPU utilisation sampling
@@ -463,12 +503,14 @@ def main(argv=None) -> int:
     budget_end = time.monotonic() + args.budget_s
     quick = args.quick
     models = args.models.split(",") if args.models else list(QUICK_MODELS if quick else DEFAULT_MODELS)
-    seconds = args.seconds or (1.0 if quick else 5.0)
+    seconds = args.seconds or (1.0 if quick else 5.0)  # lowered below when more GPU backends are found
     levels = [int(c) for c in (args.concurrency or ("1,4" if quick else "1,8,32")).split(",")]
     cpu_levels = [int(c) for c in (args.cpu_concurrency or ("1,4" if quick else "1,8")).split(",")]
 
     info = report_environment()
     gpu = info["cuda"] and not args.cpu_only
+    if gpu and not args.seconds and gpu_backends_found(info):
+        seconds = 3.0  # keep the whole check well under 8 minutes with up to three GPU backends
     if not gpu and not args.cpu_only:
         say("\nno CUDA GPU visible to torch: running the CPU dry run instead (--cpu-only)")
     result: dict = {"environment": info, "mode": "gpu" if gpu else "cpu-only"}
@@ -484,7 +526,11 @@ def main(argv=None) -> int:
         repo = Path(tmp) / "repo"
         onnx_note = ", ONNX" if module_version("onnxruntime") and not args.no_onnx else ""
         say(f"\n== exporting {', '.join(models)} (torch.export{onnx_note})")
-        variants, notes = build_repository(repo, models, gpu=gpu, max_batch=32, onnx=not args.no_onnx)
+        extra = tuple(gpu_backends_found(info)) if gpu else ()
+        if gpu:
+            say(f"GPU backends: pytorch{''.join(', ' + b for b in extra)}")
+        variants, notes = build_repository(repo, models, gpu=gpu, max_batch=32, onnx=not args.no_onnx,
+                                           extra_gpu=extra)
         result["notes"] = notes
         why_not = "--in-process asked for" if args.in_process else server_stack_available()
         if why_not is None:
