@@ -376,9 +376,11 @@ def current_engine(version_dir: Path, gpu: GpuInfo, tensorrt_version: str, preci
         return None
 
 
-def activate_tensorrt(model_dir: Path) -> Path:
+def activate_tensorrt(model_dir: Path, record: EngineRecord | None = None) -> Path:
     """Point a model's config.pbtxt at its TensorRT engines: backend tensorrt on KIND_GPU instances
-    (instance counts kept), no default_model_filename so engines.json picks the file per GPU."""
+    (instance counts kept), no default_model_filename so engines.json picks the file per GPU. The
+    record's engine is also listed in Triton's own per-GPU map, cc_model_filenames, so Triton itself can
+    serve the same repository."""
     from modelrepo.config import load_config, write_config
     from protos.model_config_pb2 import ModelInstanceGroup
 
@@ -391,6 +393,8 @@ def activate_tensorrt(model_dir: Path) -> Path:
         config.instance_group.add(count=1)
     for group in config.instance_group:
         group.kind = ModelInstanceGroup.KIND_GPU
+    if record is not None:
+        config.cc_model_filenames[record.compute_capability] = record.file
     return write_config(config, model_dir)
 
 
@@ -439,7 +443,7 @@ def build_repository_engines(
                 progress(f"    cached: {existing.file}")
                 built[name] = existing
                 if activate:
-                    activate_tensorrt(model_dir)
+                    activate_tensorrt(model_dir, existing)
                 continue
             profiles = profiles_from_config(config)
             calib = None
@@ -465,7 +469,7 @@ def build_repository_engines(
             manifest.write(version_dir)
             built[name] = record
             if activate:
-                activate_tensorrt(model_dir)
+                activate_tensorrt(model_dir, record)
         except Exception as exc:  # noqa: BLE001 - reported per model, summarised below
             failed[name] = str(exc)
             progress(f"    FAILED: {exc}")

@@ -203,11 +203,24 @@ output [{ name: "logits" data_type: TYPE_FP32 dims: [1000] }]
 instance_group [{ kind: KIND_CPU count: 2 }]
 dynamic_batching { preferred_batch_size: [8] }
 """)
-    activate_tensorrt(model_dir)
+    vdir = model_dir / "1"
+    vdir.mkdir()
+    (vdir / "model.onnx").write_bytes(b"graph")
+    activate_tensorrt(model_dir, _record(vdir, "8.9", "10.7.0", "fp16"))
     cfg = load_config(model_dir)
     assert cfg.backend == "tensorrt" and cfg.platform == "" and cfg.default_model_filename == ""
     assert [(g.kind, g.count) for g in cfg.instance_group] == [(1, 2)]  # KIND_GPU, count kept
     assert list(cfg.dynamic_batching.preferred_batch_size) == [8] and cfg.max_batch_size == 32
+    assert dict(cfg.cc_model_filenames) == {"8.9": "model.sm89.trt10.7.0.fp16.plan"}  # Triton's per-GPU map
+
+
+def test_lone_triton_style_model_plan_is_taken_as_is(tmp_path):
+    from server.backends.trt_engine import resolve_engine_file
+
+    vdir = tmp_path / "m" / "1"
+    vdir.mkdir(parents=True)
+    (vdir / "model.plan").write_bytes(b"engine")
+    assert resolve_engine_file(vdir, "8.6", "10.7.0") == vdir / "model.plan"
 
 
 # ------------------------------------------------------------------ optimization profile
