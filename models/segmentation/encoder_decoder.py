@@ -2,7 +2,7 @@
 
 Design.
 - Encoder: the zoo's MobileNetV2 `features` (torchvision layout), trained on ImageNet, reused as the
-  feature extractor and fine-tuned. Its stride-32 output knows *what* is in the picture (a star, not a
+  feature extractor (the shipped recipe fine-tunes its stride-32 stage). Its stride-32 output knows *what* is in the picture (a star, not a
   cross) but has lost *where* the boundaries are: every stride-2 stage throws away three quarters of the
   positions, and no decoder can invent them back from 1/32 resolution.
 - Skip connections (U-Net style, optional): the decoder upsamples one stage at a time and concatenates
@@ -16,11 +16,13 @@ Design.
     divisible by the stride (k=3, s=2), neighbouring outputs receive unequal numbers of kernel taps and
     the output shows checkerboard artefacts (Odena et al., 2016); k=4, s=2 overlaps evenly. The kernels
     start as bilinear interpolation (per channel, as in FCN), so training begins from the bilinear
-    decoder and can only learn to do better.
+    decoder's behaviour instead of from noise.
+- Cost: the decoder fuses and classifies at stride 2 (the finest skip) and the last 2x upsampling acts
+  on the few class-logit channels, so nothing wide runs at full resolution.
 - Any input size works: each upsampled map is cropped to its skip's size (a stride-2 conv rounds up,
-  so 2x upsampling can overshoot by one pixel), and the last stage is cropped or resized to the input
-  size. With the spatial size fixed at export and only the batch dynamic, those sizes are constants in
-  the ONNX graph (Resize with constant scales, static Slice), which TensorRT builds without shape logic.
+  so 2x upsampling can overshoot by one pixel), and the last stage to the input size. With the
+  spatial size fixed at export and only the batch dynamic, those sizes are constants in the ONNX graph
+  (Resize with constant scales, static Slice), which TensorRT builds without shape arithmetic.
 
 Output: per-pixel class logits [N, num_classes, H, W] at the input resolution.
 """

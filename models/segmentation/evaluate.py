@@ -1,6 +1,7 @@
 """Mean IoU of an exported segmenter on the held-out synthetic shapes set, through ONNX Runtime.
 
     python -m models.segmentation.evaluate --onnx PATH [--model shapes_segmenter_bilinear] [--n 200]
+    python -m models.segmentation.evaluate --repository REPO --model NAME [--record] [--benchmark]
 
 Each held-out image (several sizes and aspect ratios, generated from a seed the training never uses)
 goes through exactly what
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from modelrepo.spec import PreprocessSpec
 
 HELD_OUT_SEED = 20261127  # per-image seeds derive from (base seed, index): no overlap with training
 HELD_OUT_SIZE = 200
@@ -54,28 +57,26 @@ def held_out_samples(n: int = HELD_OUT_SIZE) -> list:
     return shape_samples(n, HELD_OUT_SEED)
 
 
-def evaluate_onnx(onnx_path: Path, model_name: str, n: int = HELD_OUT_SIZE, batch_size: int = 8) -> dict:
+def evaluate_onnx(onnx_path: Path, spec: PreprocessSpec, labels: list[str] | None, n: int = HELD_OUT_SIZE,
+                  batch_size: int = 8) -> dict:
     """{"iou": {class: IoU}, "miou": float, "images": n, "seconds": float} for the ONNX model at `onnx_path`."""
     import onnxruntime as ort
     from PIL import Image
 
     from modelrepo.preprocess import preprocess
-    from models.registry import get_entry
     from server.postprocess import segmentation_mask
 
-    entry = get_entry(model_name)
-    labels = list(entry.labels()) if entry.labels else None
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     num_classes = session.get_outputs()[0].shape[1]
     if labels is not None and len(labels) != num_classes:
-        raise ValueError(f"{onnx_path}: {num_classes} output classes, entry {model_name!r} has {len(labels)} labels")
+        raise ValueError(f"{onnx_path}: {num_classes} output classes but {len(labels)} labels")
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     samples = held_out_samples(n)
     t0 = time.perf_counter()
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        inputs, geometries = zip(*(preprocess(Image.fromarray(s.image), entry.preprocess) for s in chunk))
+        inputs, geometries = zip(*(preprocess(Image.fromarray(s.image), spec) for s in chunk))
         (logits,) = session.run(None, {input_name: np.stack(inputs)})
         for sample, geometry, lg in zip(chunk, geometries, logits):
             conf += confusion_matrix(segmentation_mask(lg, geometry), sample.semantic, num_classes)
@@ -90,23 +91,64 @@ def evaluate_onnx(onnx_path: Path, model_name: str, n: int = HELD_OUT_SIZE, batc
     }
 
 
+def benchmark_onnx(onnx_path: Path, input_shape: tuple[int, ...], batch_size: int, seconds: float = 5.0) -> float:
+    """Images per second of the bare ONNX Runtime session (no pre/postprocessing) at `batch_size`."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)
+    session.run(None, {name: x})  # warm-up
+    runs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        session.run(None, {name: x})
+        runs += 1
+    return runs * batch_size / (time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.segmentation.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--onnx", type=Path, required=True, help="exported segmenter model.onnx")
-    parser.add_argument("--model", default="shapes_segmenter_bilinear",
-                        help="registry entry whose preprocessing and labels the model uses")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--onnx", type=Path, help="exported segmenter model.onnx (preprocessing from the registry entry)")
+    src.add_argument("--repository", type=Path, help="a model repository written by `python -m export`")
+    parser.add_argument("--model", default="shapes_segmenter_bilinear", help="registry / repository model name")
     parser.add_argument("--n", type=int, default=HELD_OUT_SIZE, help="number of held-out images")
+    parser.add_argument("--record", action="store_true", help="with --repository: store mIoU in model.json metrics")
+    parser.add_argument("--benchmark", action="store_true", help="also time the bare ONNX session at batch 1 and 8")
     args = parser.parse_args(argv)
-    if not args.onnx.is_file():
-        parser.error(f"no such file: {args.onnx}")
-    import models  # noqa: F401  (registers the entries)
+    if args.repository is not None:
+        from modelrepo.spec import ModelMeta
 
-    result = evaluate_onnx(args.onnx, args.model, args.n)
+        model_dir = args.repository / args.model
+        meta = ModelMeta.read(model_dir)
+        versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+        if not versions:
+            parser.error(f"no numbered version directory in {model_dir}")
+        path, spec, labels = versions[-1] / "model.onnx", meta.preprocess, meta.labels
+    else:
+        import models  # noqa: F401  (registers the entries)
+        from models.registry import get_entry
+
+        entry = get_entry(args.model)
+        path, spec = args.onnx, entry.preprocess
+        labels = list(entry.labels()) if entry.labels else None
+    if not path.is_file():
+        parser.error(f"no such file: {path}")
+
+    result = evaluate_onnx(path, spec, labels, args.n)
     print(f"{args.model}: {result['images']} held-out images (seed {HELD_OUT_SEED}), ONNX Runtime, "
-          f"{result['seconds']:.1f}s incl. preprocessing")
+          f"{result['seconds']:.1f}s incl. pre/postprocessing")
     for name, iou in result["iou"].items():
         print(f"  IoU {name:<12} {iou:.4f}")
     print(f"mean IoU {result['miou']:.4f}")
+    if args.benchmark:
+        shape = (3 if spec.color == "RGB" else 1, *spec.input_size)
+        for bs in (1, 8):
+            print(f"ONNX Runtime CPU, batch {bs}: {benchmark_onnx(path, shape, bs):.1f} images/s")
+    if args.record and args.repository is not None:
+        meta.metrics["mIoU"] = round(result["miou"], 4)
+        meta.write(args.repository / args.model)
+        print(f"recorded mIoU in {args.repository / args.model / 'model.json'}")
     return 0
 
 
