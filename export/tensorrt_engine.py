@@ -40,9 +40,9 @@ ONNX_FILENAME = "model.onnx"
 CALIBRATION_DIRNAME = "calibration"  # <repo>/<model>/calibration/: images or .npy the model really sees
 TIMING_CACHE_DIRNAME = ".tensorrt"  # <repo>/.tensorrt/timing.<sm>.trt<ver>.cache
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# Parity tolerances against ONNX Runtime FP32, by engine precision (max abs error relative to the
-# output's scale). INT8 is reported, not enforced: its error depends on the calibration set.
-PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "int8": float("inf")}
+# Parity (atol, rtol) against ONNX Runtime FP32 by engine precision, in export/parity.py's criterion
+# max|d| <= atol + rtol * max|ref|. INT8 is reported, not enforced: its error depends on calibration.
+PARITY_TOLERANCE = {"fp32": (1e-4, 1e-3), "fp16": (1e-3, 2e-2), "int8": (float("inf"), 0.0)}
 
 Progress = Callable[[str], None]
 
@@ -338,31 +338,40 @@ def build_engine(
         workspace_mib=workspace_mib)
 
 
-def engine_parity(version_dir: Path, record: EngineRecord, batch_sizes: Sequence[int] = (1, 2, 7),
-                  seed: int = 0) -> dict[str, float]:
-    """Max abs / relative error of the engine against ONNX Runtime (CPU) on the same random inputs."""
+def parity_against_onnxruntime(backend, onnx_path: Path, batch_sizes: Sequence[int], atol: float, rtol: float,
+                               label: str, seed: int = 0):
+    """Any backend against ONNX Runtime (CPU, FP32) on the same random inputs, as the ONNX export's own
+    parity report (export/parity.py: scale-aware max |d| <= atol + rtol * max |ref|, per output and
+    batch size)."""
     import onnxruntime as ort
 
+    from export.parity import ParityReport, _compare
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    results = []
+    for n in batch_sizes:
+        feeds = {spec.name: rng.standard_normal((n, *spec.shape)).astype(spec.dtype) for spec in backend.inputs}
+        got = backend.execute(feeds)
+        want = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        results.extend(_compare(ref, got[name], atol, rtol, n, name) for name, ref in want.items())
+    return ParityReport(label, list(batch_sizes), atol, rtol, results, custom_check=False)
+
+
+def engine_parity(version_dir: Path, record: EngineRecord, batch_sizes: Sequence[int] | None = None):
+    """The engine against ONNX Runtime, with tolerances by engine precision."""
+    from export.parity import default_batch_sizes
     from server.backends.base import BackendOptions
     from server.backends.trt_engine import TensorRTBackend
 
-    engine = TensorRTBackend(Path(version_dir) / record.file, BackendOptions())
-    session = ort.InferenceSession(str(Path(version_dir) / ONNX_FILENAME), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(seed)
-    worst_abs = worst_rel = 0.0
+    atol, rtol = PARITY_TOLERANCE[record.precision]
+    engine = TensorRTBackend(Path(version_dir) / record.file, BackendOptions(device_kind="gpu"))
     try:
-        for n in batch_sizes:
-            n = min(n, record.max_batch) if record.max_batch else n
-            feeds = {spec.name: rng.standard_normal((n, *spec.shape)).astype(spec.dtype) for spec in engine.inputs}
-            got = engine.execute(feeds)
-            want = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-            for name, ref in want.items():
-                diff = np.abs(got[name].astype(np.float64) - ref.astype(np.float64))
-                worst_abs = max(worst_abs, float(diff.max(initial=0.0)))
-                worst_rel = max(worst_rel, float(diff.max(initial=0.0) / (np.abs(ref).max(initial=0.0) + 1e-12)))
+        return parity_against_onnxruntime(
+            engine, Path(version_dir) / ONNX_FILENAME, list(batch_sizes or default_batch_sizes(record.max_batch or 1)),
+            atol, rtol, f"{Path(version_dir).parent.name} ({record.precision} engine)")
     finally:
         engine.close()
-    return {"max_abs": worst_abs, "max_rel": worst_rel}
 
 
 def current_engine(version_dir: Path, gpu: GpuInfo, tensorrt_version: str, precision: str) -> EngineRecord | None:
@@ -459,11 +468,13 @@ def build_repository_engines(
                                   workspace_mib=workspace_mib, timing_cache=cache, calibration=calib,
                                   gpu=gpu, progress=progress)
             if parity:
-                err = engine_parity(version_dir, record)
-                progress(f"    parity vs ONNX Runtime: max abs {err['max_abs']:.3g}, max rel {err['max_rel']:.3g}")
-                if err["max_rel"] > PARITY_TOLERANCE[precision]:
-                    raise BuildError(f"{name}: {precision} engine differs from ONNX Runtime by {err['max_rel']:.3g} "
-                                     f"(relative), over the {PARITY_TOLERANCE[precision]} tolerance")
+                report = engine_parity(version_dir, record)
+                worst = report.worst()
+                progress(f"    parity vs ONNX Runtime, batches {report.batch_sizes}: max abs {worst.max_abs:.3g} "
+                         f"(tolerance {worst.tolerance:.3g}), max rel {worst.max_rel:.3g}")
+                if not report.ok:
+                    raise BuildError(report.failure_message().replace("PyTorch vs ONNX Runtime",
+                                                                      "TensorRT vs ONNX Runtime"))
             manifest = EngineManifest.read(version_dir)
             manifest.add(record)
             manifest.write(version_dir)

@@ -190,6 +190,21 @@ def test_torch_backend_on_cpu_matches_onnx_runtime(exported):
     backend.close()
 
 
+def test_backend_parity_report_is_the_onnx_export_report(exported):
+    """The engine parity check's comparison, run here with the torch backend in the engine's place."""
+    from export.parity import ParityReport
+    from export.tensorrt_engine import parity_against_onnxruntime
+
+    vdir, _, _ = exported
+    backend = create_backend("pytorch", vdir / PROGRAM_FILENAME, BackendOptions(device_kind="cpu"))
+    report = parity_against_onnxruntime(backend, vdir / "model.onnx", [1, 3, 8], 1e-4, 1e-3, "tiny")
+    assert isinstance(report, ParityReport) and report.ok, report.failure_message()
+    assert sorted({(r.batch_size, r.output) for r in report.results}) == [(1, "logits"), (3, "logits"), (8, "logits")]
+    strict = parity_against_onnxruntime(backend, vdir / "model.onnx", [8], 0.0, 0.0, "tiny")
+    assert strict.ok == (strict.worst().max_abs == 0.0)  # zero tolerance passes only bit-identical outputs
+    backend.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_CUDA, reason="no CUDA GPU visible to torch")
 def test_torch_backend_on_cuda_matches_onnx_runtime(exported):
