@@ -22,7 +22,7 @@ COPY client ./client
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
     && pip install --no-cache-dir ".[export]"
-COPY deploy/scripts/export-entrypoint.sh /usr/local/bin/export-entrypoint.sh
+COPY --chmod=755 deploy/scripts/export-entrypoint.sh /usr/local/bin/export-entrypoint.sh
 ENTRYPOINT ["/usr/local/bin/export-entrypoint.sh"]
 
 FROM ${TENSORRT_IMAGE} AS gpu
@@ -41,5 +41,5 @@ COPY client ./client
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
     && pip install --no-cache-dir ".[export]" cuda-bindings==12.9.4 nvidia-ml-py==12.570.172
-COPY deploy/scripts/export-entrypoint.sh /usr/local/bin/export-entrypoint.sh
+COPY --chmod=755 deploy/scripts/export-entrypoint.sh /usr/local/bin/export-entrypoint.sh
 ENTRYPOINT ["/usr/local/bin/export-entrypoint.sh"]

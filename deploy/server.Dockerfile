@@ -20,7 +20,7 @@ COPY client ./client
 # The serving half only: no torch (docs/architecture.md).
 RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --home-dir /opt/cnnserve cnnserve
-COPY deploy/scripts/grpc_health.py /usr/local/bin/grpc-health
+COPY --chmod=755 deploy/scripts/grpc_health.py /usr/local/bin/grpc-health
 USER 10001
 EXPOSE 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=5 \
@@ -43,7 +43,7 @@ COPY export ./export
 COPY client ./client
 RUN pip install --no-cache-dir . cuda-bindings==12.9.4 nvidia-ml-py==12.570.172 \
     && useradd --system --uid 10001 --home-dir /opt/cnnserve cnnserve
-COPY deploy/scripts/grpc_health.py /usr/local/bin/grpc-health
+COPY --chmod=755 deploy/scripts/grpc_health.py /usr/local/bin/grpc-health
 USER 10001
 EXPOSE 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=5 \
