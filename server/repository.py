@@ -23,7 +23,8 @@ from modelrepo.config import CONFIG_FILENAME, ConfigError, load_config
 from modelrepo.spec import META_FILENAME, ModelMeta
 from protos import model_config_pb2 as mc
 from server import backends as _backends  # noqa: F401  (registers the backends)
-from server.backends.base import Backend, BackendOptions, BackendUnavailable, TensorSpec, create_backend
+from server.backends.base import (Backend, BackendOptions, BackendUnavailable, TensorSpec, available_backends,
+                                  create_backend)
 from server.batcher import BatchSettings, DynamicBatcher
 from server.datatypes import from_config, from_numpy, to_config
 from server.errors import not_found, unavailable
@@ -193,6 +194,9 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults) -> list[_Built]:
         except (ValidationError, ValueError) as exc:
             raise LoadError(f"{model_dir / META_FILENAME}: invalid model metadata: {exc}") from None
     backend = _backend_name(cfg, model_dir)
+    if backend not in available_backends():
+        raise LoadError(f"{model_dir / CONFIG_FILENAME}: unknown backend {backend!r}; "
+                        f"available: {', '.join(available_backends())}")
     if not cfg.backend and not cfg.platform:
         cfg.backend = backend
     platform = cfg.platform or _BACKEND_PLATFORM.get(backend, backend)
