@@ -7,7 +7,6 @@ parity from ever damaging a served repository.
 from __future__ import annotations
 
 import hashlib
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +180,3 @@ def _rounded(obj):
         return [_rounded(v) for v in obj]
     return obj
 
-
-def dumps_report(outcome: ExportOutcome) -> str:
-    return json.dumps(outcome.staged.parity, indent=2, sort_keys=True)
