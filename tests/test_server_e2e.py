@@ -43,6 +43,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(repo, "strings", strings_model(), "max_batch_size: 0\n")
     write_model(repo, "pool", pool_model(), "max_batch_size: 32\ndynamic_batching { }\n")
     write_model(repo, "slow", slow_model(iterations=6000), SLOW_CFG)  # ~0.25 s a run
+    write_model(repo, "tiny_queue", slow_model(iterations=3000),
+                "max_batch_size: 1\ndynamic_batching { default_queue_policy { max_queue_size: 1 } }\n")
     write_model(repo, "versioned", affine_model(), "max_batch_size: 8\n", versions=(1, 2))
     write_model(repo, "broken", b"this is not an onnx file", "max_batch_size: 4\n")
     write_model(repo, "badconfig", affine_model(), "max_batch_size: 8\ndynamic_batching { max_delay: 5 }\n")
@@ -370,6 +372,30 @@ def test_request_whose_deadline_passes_in_queue_is_not_executed(
     m = _scrape(server)
     key = ("cnnserve_inference_request_never_executed", (("model", "slow"), ("version", "1")))
     assert m[key] - before_metrics.get(key, 0) == 2
+
+
+def test_queue_full_is_resource_exhausted(server: ServerProcess, client: tc.InferenceServerClient) -> None:
+    x = np.ones((1, 256), np.float32)
+
+    async def main():
+        async with tca.InferenceServerClient(server.grpc_url) as c:
+            first = asyncio.create_task(c.infer("tiny_queue", [_input("x", x, "FP32")]))
+            await asyncio.sleep(0.03)  # executing; the queue (size 1) is empty
+            second = asyncio.create_task(c.infer("tiny_queue", [_input("x", x, "FP32")]))
+            await asyncio.sleep(0.03)  # queued: the queue is now full
+            try:
+                await c.infer("tiny_queue", [_input("x", x, "FP32")])
+                third = None
+            except InferenceServerException as exc:
+                third = exc
+            second_waiting = not second.done()
+            return await first, await second, third, second_waiting
+
+    first, second, third, second_waiting = asyncio.run(main())
+    assert first.as_numpy("y").shape == (1, 256) and second.as_numpy("y").shape == (1, 256)
+    assert third is not None and third.status() == "StatusCode.RESOURCE_EXHAUSTED", third
+    assert "queue is full" in third.message()
+    assert second_waiting  # rejected at once, while the queued request still waited
 
 
 def test_metrics_scrape_parses_and_moves(server: ServerProcess, client: tc.InferenceServerClient) -> None:
