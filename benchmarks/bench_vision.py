@@ -47,28 +47,34 @@ def sample_jpegs() -> list[bytes]:
     return out
 
 
-def in_process(model_dir: Path, jpegs: list[bytes], batch: int, seconds: float, threads: int) -> float:
-    meta = ModelMeta.read(model_dir)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    done, i = 0, 0
+class InProcess:
+    """decode + preprocess + ONNX Runtime + top-k in this process: the reference the server is held to."""
 
-    def one_batch() -> None:
-        nonlocal i
-        tensors = [prepare_image(jpegs[(i + k) % len(jpegs)], meta.preprocess).tensor for k in range(batch)]
-        i += batch
-        (logits,) = session.run(None, {meta.input_name: np.stack(tensors)})[:1]
+    def __init__(self, model_dir: Path, jpegs: list[bytes], threads: int) -> None:
+        self.meta = ModelMeta.read(model_dir)
+        self.jpegs = jpegs
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), opts,
+                                            providers=["CPUExecutionProvider"])
+        self._next = 0
+        self.run_batch(8)  # warm-up
+
+    def run_batch(self, batch: int) -> None:
+        n = len(self.jpegs)
+        tensors = [prepare_image(self.jpegs[(self._next + k) % n], self.meta.preprocess).tensor for k in range(batch)]
+        self._next += batch
+        (logits,) = self.session.run(None, {self.meta.input_name: np.stack(tensors)})[:1]
         for row in logits:
             top_k(row, 5)
 
-    one_batch()  # warm-up
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        one_batch()
-        done += batch
-    return done / (time.perf_counter() - start)
+    def measure(self, batch: int, seconds: float) -> float:
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            self.run_batch(batch)
+            done += batch
+        return done / (time.perf_counter() - start)
 
 
 async def drive(call, concurrency: int, seconds: float) -> tuple[float, list[float]]:
@@ -89,10 +95,12 @@ async def drive(call, concurrency: int, seconds: float) -> tuple[float, list[flo
     return len(latencies) / (time.perf_counter() - start), latencies
 
 
-async def through_server(url: str, model: str, meta: ModelMeta, jpegs: list[bytes], concurrency: int,
-                         seconds: float) -> dict[str, tuple[float, list[float]]]:
+async def measure_all(url: str, model: str, local: InProcess, concurrency: int, seconds: float,
+                      rounds: int) -> dict[str, list[tuple[float, list[float]]]]:
+    """Every path once per round, interleaved, so a noisy neighbour slows all of them alike."""
+    meta, jpegs = local.meta, local.jpegs
     tensors = [prepare_image(j, meta.preprocess).tensor[None] for j in jpegs]
-    results = {}
+    results: dict[str, list[tuple[float, list[float]]]] = {}
     async with AsyncVisionClient(url) as vision, AsyncInferenceClient(url) as infer:
         async def classify(n: int) -> None:
             response = await vision.classify(model, [jpegs[n % len(jpegs)]], top_k=5)
@@ -101,9 +109,17 @@ async def through_server(url: str, model: str, meta: ModelMeta, jpegs: list[byte
         async def model_infer(n: int) -> None:
             await infer.infer(model, {meta.input_name: tensors[n % len(tensors)]})
 
-        for name, call in (("Classify (JPEG)", classify), ("ModelInfer (tensor)", model_infer)):
+        served = (("Classify (JPEG)", classify), ("ModelInfer (tensor)", model_infer))
+        for _, call in served:
             await drive(call, concurrency, min(2.0, seconds))  # warm-up: sessions, connections, caches
-            results[name] = await drive(call, concurrency, seconds)
+        for r in range(rounds):
+            for batch in (1, 8):
+                name = f"in-process batch {batch}"
+                results.setdefault(name, []).append((local.measure(batch, seconds), []))
+            for name, call in served:
+                results.setdefault(name, []).append(await drive(call, concurrency, seconds))
+            print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1][0]:.1f}/s" for k, v in results.items()),
+                  flush=True)
     return results
 
 
@@ -129,20 +145,15 @@ def main() -> None:
     parser.add_argument("--model", default="mobilenet_v2")
     parser.add_argument("--url", help="use this running server instead of starting one")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads, both sides")
     args = parser.parse_args()
 
-    model_dir = args.repository / args.model
-    meta = ModelMeta.read(model_dir)
     jpegs = sample_jpegs()
+    local = InProcess(args.repository / args.model, jpegs, args.threads)
     print(f"model {args.model}, {len(jpegs)} JPEG photos ({', '.join(str(len(j) // 1024) + ' KiB' for j in jpegs)}), "
-          f"concurrency {args.concurrency}, {args.seconds:.0f} s per measurement, {args.threads} ORT threads")
-
-    rows: dict[str, float] = {}
-    for batch in (1, 8):
-        rows[f"in-process batch {batch}"] = in_process(model_dir, jpegs, batch, args.seconds, args.threads)
-        print(f"  in-process batch {batch}: {rows[f'in-process batch {batch}']:.1f} images/s", flush=True)
+          f"concurrency {args.concurrency}, {args.rounds} rounds x {args.seconds:.0f} s, {args.threads} ORT threads")
 
     with tempfile.TemporaryDirectory() as tmp:
         proc = None
@@ -150,7 +161,7 @@ def main() -> None:
         if url is None:
             proc, url = start_server(args.repository, args.model, args.threads, Path(tmp))
         try:
-            served = asyncio.run(through_server(url, args.model, meta, jpegs, args.concurrency, args.seconds))
+            results = asyncio.run(measure_all(url, args.model, local, args.concurrency, args.seconds, args.rounds))
             with InferenceClient(url) as client:
                 stats = client.get_inference_statistics(args.model).model_stats[0]
         finally:
@@ -158,16 +169,18 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(30)
 
-    print(f"\n{'path':<24}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
-    for name, value in rows.items():
-        print(f"{name:<24}{value:>10.1f}{'':>9}{'':>9}")
-    for name, (rate, lat) in served.items():
-        lat_ms = sorted(x * 1000 for x in lat)
-        p99 = lat_ms[min(len(lat_ms) - 1, int(0.99 * len(lat_ms)))]
-        print(f"{name:<24}{rate:>10.1f}{statistics.median(lat_ms):>9.1f}{p99:>9.1f}")
-        rows[name] = rate
-    best = max(rows["in-process batch 1"], rows["in-process batch 8"])
-    classify, tensor = rows["Classify (JPEG)"], rows["ModelInfer (tensor)"]
+    rate: dict[str, float] = {}
+    print(f"\n{'path':<24}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}   (median of rounds)")
+    for name, runs in results.items():
+        rate[name] = statistics.median(r for r, _ in runs)
+        lat_ms = sorted(x * 1000 for _, lat in runs for x in lat)
+        if lat_ms:
+            p50, p99 = statistics.median(lat_ms), lat_ms[min(len(lat_ms) - 1, int(0.99 * len(lat_ms)))]
+            print(f"{name:<24}{rate[name]:>10.1f}{p50:>9.1f}{p99:>9.1f}")
+        else:
+            print(f"{name:<24}{rate[name]:>10.1f}")
+    best = max(rate["in-process batch 1"], rate["in-process batch 8"])
+    classify, tensor = rate["Classify (JPEG)"], rate["ModelInfer (tensor)"]
     print(f"\nserver executions: {stats.execution_count} for {stats.inference_count} images "
           f"(average batch {stats.inference_count / max(1, stats.execution_count):.1f})")
     print(f"Classify / in-process (best batch) = {classify / best:.3f}  (cost of the image path: "
