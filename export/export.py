@@ -121,7 +121,8 @@ def _print_outcome(console, outcome) -> None:
     for col in ("batch", "output", "max abs", "max rel", "tolerance", "ok"):
         table.add_column(col, justify="right")
     for r in outcome.parity.results:
-        table.add_row(str(r.batch_size), r.output, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}", f"{r.tolerance:.3g}",
+        tol = "entry's parity_check" if outcome.parity.custom_check else f"{r.tolerance:.3g}"
+        table.add_row(str(r.batch_size), r.output, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}", tol,
                       "[green]yes[/]" if r.ok else "[red]NO[/]")
     console.print(table)
     lint = outcome.lint
