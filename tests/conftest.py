@@ -120,11 +120,16 @@ def pool_model() -> bytes:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
 
 
-def slow_model(iterations: int = 400, width: int = 256) -> bytes:
-    """x FP32 [N,width] -> y: `iterations` rounds of tanh(x W) in a Loop (one weight, small file).
+SLOW_WIDTH = 1024
 
-    Its run time is what the deadline and shutdown tests need: long enough to keep the only instance
-    busy while other requests wait in the queue.
+
+def slow_model(iterations: int = 1500, width: int = SLOW_WIDTH) -> bytes:
+    """x FP32 [N,width] -> y: `iterations` rounds of tanh(x W) in a Loop (one 4 MB weight).
+
+    Its run time is what the deadline, queue and shutdown tests need: long enough (about 0.4 s for a
+    batch of one on one thread, more on a loaded machine) to keep the only instance busy while other
+    requests wait, with a wide margin over the tests' 20-30 ms deadlines. Matrix products, not loop
+    overhead, dominate, so the time scales with the machine rather than with interpreter noise.
     """
     from onnx import TensorProto, helper
 
@@ -148,7 +153,7 @@ def slow_model(iterations: int = 400, width: int = 256) -> bytes:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
         [helper.make_tensor("trips", TensorProto.INT64, [], [iterations]),
          helper.make_tensor("cond", TensorProto.BOOL, [], [True]),
-         helper.make_tensor("W", TensorProto.FLOAT, [width, width], w.reshape(-1).tolist())],
+         helper.make_tensor("W", TensorProto.FLOAT, [width, width], w.tobytes(), raw=True)],
     )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
 
@@ -196,6 +201,28 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def scrape(self) -> dict[tuple[str, tuple], float]:
+        """The metrics endpoint parsed: (sample name, sorted label items) -> value."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    async def wait_pending(self, model: str, n: int, timeout: float = 30.0) -> None:
+        """Until the server holds `n` accepted, unanswered requests for `model` (its pending gauge), so
+        a test orders events by what the server saw, not by sleeps that a loaded machine stretches."""
+        import asyncio
+
+        key = ("nv_inference_pending_request_count", (("model", model), ("version", "1")))
+        t_end = time.monotonic() + timeout
+        while (await asyncio.to_thread(self.scrape)).get(key) != n:
+            if time.monotonic() > t_end:
+                raise AssertionError(f"the server never held {n} pending requests for {model}")
+            await asyncio.sleep(0.005)
 
     def terminate(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import affine_model, slow_model
+from conftest import SLOW_WIDTH, affine_model, slow_model
 from server.backends.base import BackendOptions
 from server.backends.ort_backend import OrtBackend
 from server.batcher import BatchSettings, DynamicBatcher
@@ -31,9 +31,9 @@ def affine_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def slow_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # ~0.1-0.2 s per execution on one thread: long enough to hold the only instance busy.
+    # ~0.15 s or more per execution on one thread: long enough to hold the only instance busy.
     p = tmp_path_factory.mktemp("m") / "slow.onnx"
-    p.write_bytes(slow_model(iterations=3000))
+    p.write_bytes(slow_model(iterations=600))
     return p
 
 
@@ -141,7 +141,7 @@ def test_queue_full_is_resource_exhausted_at_once(slow_file: Path) -> None:
     async def main():
         b = DynamicBatcher("slow", "1", _backends(slow_file), BatchSettings(max_batch_size=1, max_queue_size=2))
         b.start()
-        x = {"x": np.ones((1, 256), np.float32)}
+        x = {"x": np.ones((1, SLOW_WIDTH), np.float32)}
         running = asyncio.create_task(b.infer(x))
         await asyncio.sleep(0.02)  # the first is executing; the next two fill the queue
         queued = [asyncio.create_task(b.infer(x)) for _ in range(2)]
@@ -167,11 +167,11 @@ def test_request_expiring_in_queue_is_never_executed(slow_file: Path) -> None:
         b = DynamicBatcher("slow", "1", _backends(slow_file), BatchSettings(max_batch_size=4))
         b.start()
         loop = asyncio.get_running_loop()
-        running = asyncio.create_task(b.infer({"x": np.ones((1, 256), np.float32)}))
+        running = asyncio.create_task(b.infer({"x": np.ones((1, SLOW_WIDTH), np.float32)}))
         await asyncio.sleep(0.02)
         # Different shape from nothing else queued: it would run next, but its deadline passes first.
         with pytest.raises(InferError) as err:
-            await b.infer({"x": np.ones((2, 256), np.float32)}, deadline=loop.time() + 0.02)
+            await b.infer({"x": np.ones((2, SLOW_WIDTH), np.float32)}, deadline=loop.time() + 0.02)
         await running
         await b.stop()
         return b, err.value
@@ -188,9 +188,9 @@ def test_cancelled_while_queued_is_never_executed(slow_file: Path) -> None:
     async def main():
         b = DynamicBatcher("slow", "1", _backends(slow_file), BatchSettings(max_batch_size=4))
         b.start()
-        running = asyncio.create_task(b.infer({"x": np.ones((1, 256), np.float32)}))
+        running = asyncio.create_task(b.infer({"x": np.ones((1, SLOW_WIDTH), np.float32)}))
         await asyncio.sleep(0.02)
-        doomed = asyncio.create_task(b.infer({"x": np.ones((3, 256), np.float32)}))
+        doomed = asyncio.create_task(b.infer({"x": np.ones((3, SLOW_WIDTH), np.float32)}))
         await asyncio.sleep(0.01)
         doomed.cancel()  # what grpc.aio does when the client goes away or its deadline passes
         await running
@@ -207,7 +207,7 @@ def test_instance_count_is_concurrent_executions(slow_file: Path) -> None:
     async def queue_wait(n_instances: int) -> tuple[float, float]:
         b = DynamicBatcher("slow", "1", _backends(slow_file, n_instances), BatchSettings(max_batch_size=1))
         b.start()
-        x = {"x": np.ones((1, 256), np.float32)}
+        x = {"x": np.ones((1, SLOW_WIDTH), np.float32)}
         await b.infer(x)  # warm up
         q0 = b.stats.queue.ns
         t0 = time.perf_counter()

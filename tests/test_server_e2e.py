@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -12,12 +11,12 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import ServerProcess, affine_model, cast_model, pool_model, slow_model, strings_model, write_model
+from conftest import (SLOW_WIDTH, ServerProcess, affine_model, cast_model, pool_model, slow_model, strings_model,
+                      write_model)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -42,8 +41,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(repo, "cast", cast_model(), 'max_batch_size: 4\ndynamic_batching { }\n')  # inputs auto-completed
     write_model(repo, "strings", strings_model(), "max_batch_size: 0\n")
     write_model(repo, "pool", pool_model(), "max_batch_size: 32\ndynamic_batching { }\n")
-    write_model(repo, "slow", slow_model(iterations=6000), SLOW_CFG)  # ~0.25 s a run
-    write_model(repo, "tiny_queue", slow_model(iterations=3000),
+    write_model(repo, "slow", slow_model(), SLOW_CFG)
+    write_model(repo, "tiny_queue", slow_model(),
                 "max_batch_size: 1\ndynamic_batching { default_queue_policy { max_queue_size: 1 } }\n")
     write_model(repo, "versioned", affine_model(), "max_batch_size: 8\n", versions=(1, 2))
     write_model(repo, "broken", b"this is not an onnx file", "max_batch_size: 4\n")
@@ -86,12 +85,7 @@ def _stats(client: tc.InferenceServerClient, model: str):
 
 
 def _scrape(server: ServerProcess) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+    return server.scrape()
 
 
 # -- health, metadata, config -----------------------------------------------------------------------
@@ -348,12 +342,13 @@ def test_request_whose_deadline_passes_in_queue_is_not_executed(
         server: ServerProcess, client: tc.InferenceServerClient) -> None:
     before = _stats(client, "slow")
     before_metrics = _scrape(server)
-    x1, x2 = np.ones((1, 256), np.float32), np.ones((2, 256), np.float32)  # different shapes: never co-batched
+    x1, x2 = np.ones((1, SLOW_WIDTH), np.float32), np.ones((2, SLOW_WIDTH), np.float32)  # different shapes: never co-batched
 
     async def main():
         async with tca.InferenceServerClient(server.grpc_url) as c:
+            await c.is_server_ready()  # connect first: request arrival order must be the sending order
             first = asyncio.create_task(c.infer("slow", [_input("x", x1, "FP32")]))
-            await asyncio.sleep(0.03)  # the first is executing; the next ones queue behind it
+            await server.wait_pending("slow", 1)  # the first is executing; the next ones queue behind it
             # One with a gRPC deadline, one with the protocol's `timeout` parameter (microseconds).
             late = [c.infer("slow", [_input("x", x2, "FP32")], **kw)
                     for kw in ({"client_timeout": 0.03}, {"timeout": 30_000})]
@@ -375,14 +370,14 @@ def test_request_whose_deadline_passes_in_queue_is_not_executed(
 
 
 def test_queue_full_is_resource_exhausted(server: ServerProcess, client: tc.InferenceServerClient) -> None:
-    x = np.ones((1, 256), np.float32)
-
+    x = np.ones((1, SLOW_WIDTH), np.float32)
     async def main():
         async with tca.InferenceServerClient(server.grpc_url) as c:
+            await c.is_server_ready()  # connect first: request arrival order must be the sending order
             first = asyncio.create_task(c.infer("tiny_queue", [_input("x", x, "FP32")]))
-            await asyncio.sleep(0.03)  # executing; the queue (size 1) is empty
+            await server.wait_pending("tiny_queue", 1)  # executing (~0.3 s); the queue (size 1) is empty
             second = asyncio.create_task(c.infer("tiny_queue", [_input("x", x, "FP32")]))
-            await asyncio.sleep(0.03)  # queued: the queue is now full
+            await server.wait_pending("tiny_queue", 2)  # queued behind it: the queue is full
             try:
                 await c.infer("tiny_queue", [_input("x", x, "FP32")])
                 third = None
@@ -392,7 +387,7 @@ def test_queue_full_is_resource_exhausted(server: ServerProcess, client: tc.Infe
             return await first, await second, third, second_waiting
 
     first, second, third, second_waiting = asyncio.run(main())
-    assert first.as_numpy("y").shape == (1, 256) and second.as_numpy("y").shape == (1, 256)
+    assert first.as_numpy("y").shape == (1, SLOW_WIDTH) and second.as_numpy("y").shape == (1, SLOW_WIDTH)
     assert third is not None and third.status() == "StatusCode.RESOURCE_EXHAUSTED", third
     assert "queue is full" in third.message()
     assert second_waiting  # rejected at once, while the queued request still waited

@@ -13,34 +13,35 @@ import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
 from tritonclient.utils import InferenceServerException
 
-from conftest import slow_model, write_model
+from conftest import SLOW_WIDTH, slow_model, write_model
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def test_sigterm_answers_every_accepted_request(tmp_path: Path, server_factory) -> None:
     repo = tmp_path / "repo"
-    write_model(repo, "slow", slow_model(iterations=6000), "max_batch_size: 4\ndynamic_batching { }\n")
+    write_model(repo, "slow", slow_model(), "max_batch_size: 4\ndynamic_batching { }\n")
     srv = server_factory(repo)
     n = 8
 
     async def main():
         async with tca.InferenceServerClient(srv.grpc_url) as c:
             async def one(i: int):
-                x = np.full((1, 256), i / n, np.float32)
-                inp = tc.InferInput("x", [1, 256], "FP32")
+                x = np.full((1, SLOW_WIDTH), i / n, np.float32)
+                inp = tc.InferInput("x", [1, SLOW_WIDTH], "FP32")
                 inp.set_data_from_numpy(x)
                 r = await c.infer("slow", [inp], request_id=str(i))
                 return i, r.as_numpy("y")
 
+            await c.is_server_ready()
             tasks = [asyncio.create_task(one(i)) for i in range(n)]
-            await asyncio.sleep(0.15)  # all accepted; the first batch is executing, the rest queued
+            await srv.wait_pending("slow", n)  # all accepted; the first batch is executing, the rest queued
             srv.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the signal is handled; the batches still run for a second or more
             sync = tc.InferenceServerClient(srv.grpc_url)
             ready_during_drain = sync.is_server_ready()
-            late = tc.InferInput("x", [1, 256], "FP32")
-            late.set_data_from_numpy(np.zeros((1, 256), np.float32))
+            late = tc.InferInput("x", [1, SLOW_WIDTH], "FP32")
+            late.set_data_from_numpy(np.zeros((1, SLOW_WIDTH), np.float32))
             try:
                 sync.infer("slow", [late])
                 late_error = None
@@ -53,7 +54,7 @@ def test_sigterm_answers_every_accepted_request(tmp_path: Path, server_factory) 
     errors = [r for r in results if isinstance(r, BaseException)]
     assert not errors, errors
     assert sorted(i for i, _ in results) == list(range(n))
-    assert all(y.shape == (1, 256) for _, y in results)
+    assert all(y.shape == (1, SLOW_WIDTH) for _, y in results)
     assert ready_during_drain is False
     assert late_error is not None and late_error.status() == "StatusCode.UNAVAILABLE", late_error
     t0 = time.monotonic()
