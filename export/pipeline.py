@@ -17,7 +17,8 @@ import onnxruntime
 import torch
 
 from export.onnx_export import DEFAULT_OPSET, ExportResult, export_onnx
-from export.parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityError, ParityReport, check_parity
+from export.parity import (DEFAULT_ATOL, DEFAULT_RTOL, ParityError, ParityReport, check_parity,
+                           default_batch_sizes)
 from export.repository import LABELS_FILENAME, BatchingDefaults, StagedModel, build_config
 from export.trt_lint import LintReport, TensorRTLintError, lint_model
 from modelrepo.spec import META_FILENAME, ModelMeta, Task
@@ -124,7 +125,7 @@ def export_model(name: str, workdir: Path, options: ExportOptions, *, repository
         except Exception as exc:
             raise ExportFailed(str(exc).splitlines()[0]) from None
 
-    sizes = list(options.parity_batch_sizes) if options.parity_batch_sizes else sorted({1, 2, 3, max_batch})
+    sizes = list(options.parity_batch_sizes) if options.parity_batch_sizes else default_batch_sizes(max_batch)
     with step(f"{name}: parity eager vs ONNX Runtime at batch {sizes}"):
         try:
             parity = check_parity(model, entry, onnx_path, batch_sizes=sizes, atol=options.atol, rtol=options.rtol)
