@@ -40,7 +40,7 @@ def model_file(repo: Path, name: str) -> Path:
     return repo / name / str(versions[-1]) / "model.onnx"
 
 
-def ort_session(path: Path, threads: int):
+def ort_session(path: Path, threads: int, spinning: bool = False):
     """A session configured as the server's ONNX Runtime backend configures its own.
 
     Plain onnxruntime here, not server.backends: this process also imports tritonclient, whose generated
@@ -52,6 +52,7 @@ def ort_session(path: Path, threads: int):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
@@ -129,12 +130,12 @@ async def run_server(url: str, model: str, input_name: str, shape: list[int], co
     s["executions"] += after.execution_count - before.execution_count
 
 
-def start_server(repo: Path, models: list[str], threads: int, workdir: Path) -> tuple[subprocess.Popen, int]:
+def start_server(repo: Path, models: list[str], threads: int, spinning: bool, workdir: Path) -> tuple[subprocess.Popen, int]:
     ready = workdir / "ready.json"
     cmd = [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
            "--grpc-port", "0", "--metrics-port", "0", "--metrics-address", "127.0.0.1", "--ready-file", str(ready),
            "--intra-op-threads", str(threads), "--inter-op-threads", "1", "--model-control-mode", "explicit",
-           "--log-level", "warning"]
+           "--ort-allow-spinning", str(spinning).lower(), "--log-level", "warning"]
     for m in models:
         cmd += ["--load-model", m]
     log = open(workdir / "server.log", "w")
@@ -155,6 +156,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     ap.add_argument("--export", action="store_true", help="export the models into --repository first")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads, server and raw (default 2)")
+    ap.add_argument("--spinning", action="store_true",
+                    help="let ONNX Runtime threads spin, server and raw alike (default off, as the server)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--seconds", type=float, default=3.0, help="measuring time per point per round (default 3)")
@@ -169,10 +172,10 @@ def main() -> None:
                             *weights], cwd=ROOT, check=True)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as work:
-        proc, port = start_server(args.repository, args.models, args.threads, Path(work))
+        proc, port = start_server(args.repository, args.models, args.threads, args.spinning, Path(work))
         try:
             for m in args.models:
-                sess = ort_session(model_file(args.repository, m), args.threads)
+                sess = ort_session(model_file(args.repository, m), args.threads, args.spinning)
                 inp = sess.get_inputs()[0]
                 raw = {bs: Point() for bs in args.batch_sizes}
                 served = {c: Point() for c in args.concurrency}
@@ -192,7 +195,8 @@ def main() -> None:
     load = os.getloadavg()
     print(f"\nmachine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end")
     for m, r in results.items():
-        print(f"\n== {m} (ONNX Runtime CPU, {args.threads} intra-op threads; {args.rounds} rounds x {args.seconds:g} s) ==")
+        print(f"\n== {m} (ONNX Runtime CPU, {args.threads} intra-op threads, spinning {'on' if args.spinning else 'off'}; "
+              f"{args.rounds} rounds x {args.seconds:g} s) ==")
         print(f"{'mode':<18}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'n':>6}   server: request = queue + compute + other"
               f" ms, mean batch")
         for bs, x in r["raw"].items():

@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ONNX Runtime intra-op threads per model instance (0 = library default; "
                         "config parameter intra_op_thread_count overrides)")
     p.add_argument("--inter-op-threads", type=int, default=0, help="ONNX Runtime inter-op threads (0 = default)")
+    p.add_argument("--ort-allow-spinning", type=_bool, default=False,
+                   help="let ONNX Runtime's intra-op threads spin between runs (default false: spinning steals "
+                        "the cores the event loop needs; config parameter intra_op_allow_spinning overrides)")
     p.add_argument("--model-control-mode", choices=["none", "explicit"], default="none",
                    help="none: load every model at start; explicit: load only --load-model, then via RPC")
     p.add_argument("--load-model", action="append", default=[], help="model to load at start (explicit mode)")
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         model_repository=a.model_repository, grpc_address=a.grpc_address, grpc_port=a.grpc_port,
         metrics_address=a.metrics_address, metrics_port=a.metrics_port, allow_metrics=a.allow_metrics,
         max_message_bytes=a.grpc_max_message_bytes, intra_op_threads=a.intra_op_threads,
-        inter_op_threads=a.inter_op_threads, exit_timeout_s=a.exit_timeout_secs,
+        inter_op_threads=a.inter_op_threads, allow_spinning=a.ort_allow_spinning, exit_timeout_s=a.exit_timeout_secs,
         strict_readiness=a.strict_readiness, model_control_mode=a.model_control_mode,
         load_models=a.load_model, ready_file=a.ready_file,
     )

@@ -50,6 +50,7 @@ class ServerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    allow_spinning: bool = False
     exit_timeout_s: float = 30.0
     strict_readiness: bool = False
     model_control_mode: str = "none"  # none: load all at start; explicit: only load_models, then RPCs
@@ -63,7 +64,7 @@ class InferenceServer:
         self.state = ServerState()
         self.state.strict_readiness = cfg.strict_readiness
         self.repository = ModelRepository(
-            cfg.model_repository, RuntimeDefaults(cfg.intra_op_threads, cfg.inter_op_threads))
+            cfg.model_repository, RuntimeDefaults(cfg.intra_op_threads, cfg.inter_op_threads, cfg.allow_spinning))
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.grpc_port = 0

@@ -57,6 +57,7 @@ class RuntimeDefaults:
 
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    allow_spinning: bool = False  # ONNX Runtime intra-op spin-waiting (config intra_op_allow_spinning wins)
 
 
 @dataclass
@@ -155,7 +156,7 @@ def _options(cfg: mc.ModelConfig, defaults: RuntimeDefaults) -> tuple[BackendOpt
         intra_op_threads=int_param("intra_op_thread_count", defaults.intra_op_threads),
         inter_op_threads=int_param("inter_op_thread_count", defaults.inter_op_threads),
         device_id=device_id,
-        extra=tuple(sorted(params.items())),
+        extra=tuple(sorted({"intra_op_allow_spinning": "1" if defaults.allow_spinning else "0", **params}.items())),
         batched=cfg.max_batch_size > 0,
         device_kind="gpu" if gpu else "cpu",
         accelerators=accelerators,

@@ -71,6 +71,8 @@ def _unversion(model_dir: Path) -> None:
                                                'dims: [5] }, { name: "b" data_type: TYPE_INT64 dims: [2] }]'),
      "config dims [5] do not match the model's [4]"),
     (lambda d: (d / "config.pbtxt").write_text('max_batch_size: 4\nbackend: "tensorflow"\n'), "unknown backend"),
+    (lambda d: (d / "config.pbtxt").write_text('max_batch_size: 4\nparameters { key: "intra_op_allow_spinning" '
+                                               'value { string_value: "2" } }\n'), "must be 0 or 1"),
 ])
 def test_a_broken_model_fails_alone_with_a_reason(tmp_path: Path, setup, fragment: str) -> None:
     write_model(tmp_path, "good", affine_model(), "max_batch_size: 4\n")
