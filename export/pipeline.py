@@ -16,7 +16,7 @@ import onnx
 import onnxruntime
 import torch
 
-from export.onnx_export import DEFAULT_OPSET, ExportResult, export_onnx
+from export.onnx_export import DEFAULT_OPSET, ExportResult, example_batch, export_onnx
 from export.parity import (DEFAULT_ATOL, DEFAULT_RTOL, ParityError, ParityReport, check_parity,
                            default_batch_sizes)
 from export.repository import LABELS_FILENAME, BatchingDefaults, StagedModel, build_config
@@ -79,6 +79,33 @@ def _previous_metrics(repo: Path | None, name: str, weights: str) -> dict[str, f
     return dict(old.metrics) if old.weights == weights else {}
 
 
+def calibrate_batchnorm(model: torch.nn.Module, entry: ModelEntry, batch: int = 4) -> None:
+    """Give a randomly initialised model BatchNorm statistics measured on random inputs.
+
+    In eval mode a fresh BatchNorm (running mean 0, var 1) is the identity, so activations of a deep
+    random network grow block after block: preact_resnet164 reaches 1e6, preact_resnet1001 overflows to
+    NaN, and parity on NaN proves nothing. One pass over random inputs (per-channel statistics over
+    batch x height x width positions) with only the BatchNorm layers in training mode (detection
+    heads must stay in inference mode) keeps every layer's activations in range, so parity measures
+    the exporter, not float overflow.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # plain average: the statistics of exactly this batch
+        m.train()
+    try:
+        with torch.no_grad():
+            model(example_batch(entry, batch, seed=10_000))
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+            m.eval()
+
+
 def export_model(name: str, workdir: Path, options: ExportOptions, *, repository: Path | None = None,
                  step: Step | None = None) -> ExportOutcome:
     """Run the whole pipeline for `name`, writing only under `workdir`; raise ExportFailed on any failure."""
@@ -107,7 +134,10 @@ def export_model(name: str, workdir: Path, options: ExportOptions, *, repository
                 model = model.eval()
             else:
                 model = get_model(name, weights=weights)
-                weights_desc = ("none (random initialisation, seed 0)" if weights is None else
+                if weights is None:
+                    calibrate_batchnorm(model, entry)
+                weights_desc = ("none (random initialisation, seed 0, BatchNorm statistics calibrated on random "
+                                "inputs)" if weights is None else
                                 f"checkpoint {Path(weights).name} sha256 {_sha256(Path(weights))[:16]}")
         except ExportFailed:
             raise
