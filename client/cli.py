@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from PIL import Image
@@ -35,18 +36,26 @@ def _as_dict(message: Message) -> dict:
     out: dict[str, Any] = {}
     for field in message.DESCRIPTOR.fields:
         value = getattr(message, field.name)
+        repeated = field.label == FieldDescriptor.LABEL_REPEATED
         if field.type == FieldDescriptor.TYPE_BYTES:
             continue
         if field.type == FieldDescriptor.TYPE_MESSAGE:
-            if field.label == FieldDescriptor.LABEL_REPEATED:
+            if repeated:
                 out[field.name] = [_as_dict(v) for v in value]
             elif message.HasField(field.name):
                 out[field.name] = _as_dict(value)
         elif field.type == FieldDescriptor.TYPE_ENUM:  # (no repeated enums in our messages)
             out[field.name] = field.enum_type.values_by_number[value].name
+        elif field.type == FieldDescriptor.TYPE_FLOAT:
+            # float32 on the wire: print its shortest round-trip form, not float64 noise (160.78993225097656).
+            out[field.name] = [_short_float(v) for v in value] if repeated else _short_float(value)
         else:
-            out[field.name] = list(value) if field.label == FieldDescriptor.LABEL_REPEATED else value
+            out[field.name] = list(value) if repeated else value
     return out
+
+
+def _short_float(value: float) -> float:
+    return float(np.format_float_positional(np.float32(value), unique=True, trim="0"))
 
 
 def _output_path(template: str | None, i: int, count: int) -> Path | None:
