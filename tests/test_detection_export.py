@@ -27,7 +27,6 @@ pytestmark = pytest.mark.skipif(not SHAPES_WEIGHTS.is_file(), reason="shipped de
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
-    torch.set_num_threads(1)
     entry = get_entry("shapes_detector")
     model = get_model("shapes_detector")
     path = tmp_path_factory.mktemp("det") / "model.onnx"
