@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,12 +23,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 
+from bench_server import model_file, pct, start_server  # noqa: E402  (same folder)
 from client import AsyncInferenceClient, AsyncVisionClient, InferenceClient  # noqa: E402
 from modelrepo.spec import ModelMeta  # noqa: E402
+from server.backends.base import BackendOptions  # noqa: E402
+from server.backends.ort_backend import OrtBackend  # noqa: E402
 from server.imaging import prepare_image  # noqa: E402
 from server.postprocess import top_k  # noqa: E402
 
@@ -48,16 +49,17 @@ def sample_jpegs() -> list[bytes]:
 
 
 class InProcess:
-    """decode + preprocess + ONNX Runtime + top-k in this process: the reference the server is held to."""
+    """decode + preprocess + ONNX Runtime + top-k in this process: the reference the server is held to.
 
-    def __init__(self, model_dir: Path, jpegs: list[bytes], threads: int) -> None:
-        self.meta = ModelMeta.read(model_dir)
+    ONNX Runtime through the server's own backend class, so both sides run identically configured
+    sessions (threads, spinning); this process never imports tritonclient, so that is safe here.
+    """
+
+    def __init__(self, repository: Path, model: str, jpegs: list[bytes], threads: int) -> None:
+        self.meta = ModelMeta.read(repository / model)
         self.jpegs = jpegs
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), opts,
-                                            providers=["CPUExecutionProvider"])
+        self.backend = OrtBackend(model_file(repository, model),
+                                  BackendOptions(intra_op_threads=threads, inter_op_threads=1))
         self._next = 0
         self.run_batch(8)  # warm-up
 
@@ -65,8 +67,8 @@ class InProcess:
         n = len(self.jpegs)
         tensors = [prepare_image(self.jpegs[(self._next + k) % n], self.meta.preprocess).tensor for k in range(batch)]
         self._next += batch
-        (logits,) = self.session.run(None, {self.meta.input_name: np.stack(tensors)})[:1]
-        for row in logits:
+        outputs = self.backend.execute({self.meta.input_name: np.stack(tensors)})
+        for row in next(iter(outputs.values())):
             top_k(row, 5)
 
     def measure(self, batch: int, seconds: float) -> float:
@@ -123,22 +125,6 @@ async def measure_all(url: str, model: str, local: InProcess, concurrency: int, 
     return results
 
 
-def start_server(repository: Path, model: str, threads: int, workdir: Path) -> tuple[subprocess.Popen, str]:
-    ready = workdir / "ready.json"
-    cmd = [sys.executable, "-m", "server", "--model-repository", str(repository), "--grpc-address", "127.0.0.1",
-           "--grpc-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--ready-file", str(ready),
-           "--intra-op-threads", str(threads), "--model-control-mode", "explicit", "--load-model", model,
-           "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(workdir / "server.log", "w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"server did not start:\n{(workdir / 'server.log').read_text()}")
-        time.sleep(0.1)
-    return proc, f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
@@ -151,7 +137,7 @@ def main() -> None:
     args = parser.parse_args()
 
     jpegs = sample_jpegs()
-    local = InProcess(args.repository / args.model, jpegs, args.threads)
+    local = InProcess(args.repository, args.model, jpegs, args.threads)
     print(f"model {args.model}, {len(jpegs)} JPEG photos ({', '.join(str(len(j) // 1024) + ' KiB' for j in jpegs)}), "
           f"concurrency {args.concurrency}, {args.rounds} rounds x {args.seconds:.0f} s, {args.threads} ORT threads")
 
@@ -159,7 +145,8 @@ def main() -> None:
         proc = None
         url = args.url
         if url is None:
-            proc, url = start_server(args.repository, args.model, args.threads, Path(tmp))
+            proc, port = start_server(args.repository, [args.model], args.threads, False, Path(tmp))
+            url = f"127.0.0.1:{port}"
         try:
             results = asyncio.run(measure_all(url, args.model, local, args.concurrency, args.seconds, args.rounds))
             with InferenceClient(url) as client:
@@ -173,10 +160,9 @@ def main() -> None:
     print(f"\n{'path':<24}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}   (median of rounds)")
     for name, runs in results.items():
         rate[name] = statistics.median(r for r, _ in runs)
-        lat_ms = sorted(x * 1000 for _, lat in runs for x in lat)
+        lat_ms = [x * 1000 for _, lat in runs for x in lat]
         if lat_ms:
-            p50, p99 = statistics.median(lat_ms), lat_ms[min(len(lat_ms) - 1, int(0.99 * len(lat_ms)))]
-            print(f"{name:<24}{rate[name]:>10.1f}{p50:>9.1f}{p99:>9.1f}")
+            print(f"{name:<24}{rate[name]:>10.1f}{pct(lat_ms, 50):>9.1f}{pct(lat_ms, 99):>9.1f}")
         else:
             print(f"{name:<24}{rate[name]:>10.1f}")
     best = max(rate["in-process batch 1"], rate["in-process batch 8"])
