@@ -25,7 +25,8 @@ from google.protobuf.message import Message
 from PIL import Image
 
 from client.draw import draw_detections, overlay_mask
-from client.inference import DEFAULT_URL, InferenceClient, InferenceServerError
+from client.channel import DEFAULT_URL, InferenceServerError
+from client.inference import InferenceClient
 from client.vision import VisionClient, failures, mask_array, png_image
 from server.imaging import ImageDecodeError, decode_image
 

@@ -14,32 +14,11 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client.channel import DEFAULT_URL, AsyncClient, BlockingClient, InferenceServerError
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from server.datatypes import from_numpy, to_numpy
 from server.tensors import deserialize_bytes, serialize_bytes
-
-DEFAULT_URL = "127.0.0.1:8001"
-# Large requests (a 32-image FP32 batch is ~19 MB) must not trip gRPC's 4 MB default.
-_MAX_MESSAGE = 2**31 - 1
-CHANNEL_OPTIONS = (
-    ("grpc.max_send_message_length", _MAX_MESSAGE),
-    ("grpc.max_receive_message_length", _MAX_MESSAGE),
-)
-
-
-class InferenceServerError(Exception):
-    """A failed call: `code` is the gRPC status, `message` the server's explanation."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"[{code.name}] {message}")
-        self.code = code
-        self.message = message
-
-    @classmethod
-    def from_rpc(cls, exc: grpc.RpcError) -> "InferenceServerError":
-        return cls(exc.code(), exc.details() or "")
-
 
 # ---- request building and response parsing, shared by both flavours ---------------------------------
 
@@ -117,30 +96,14 @@ def _health_status(response: health_pb2.HealthCheckResponse) -> str:
 # ---- blocking -----------------------------------------------------------------------------------------
 
 
-class InferenceClient:
+class InferenceClient(BlockingClient):
     """Blocking client. `with InferenceClient("127.0.0.1:8001") as c: c.infer("m", {"input": x})`."""
 
+    stub_type = pb_grpc.GRPCInferenceServiceStub
+
     def __init__(self, url: str = DEFAULT_URL, channel: grpc.Channel | None = None) -> None:
-        self._own_channel = channel is None
-        self.channel = channel or grpc.insecure_channel(url, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        super().__init__(url, channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
-
-    def __enter__(self) -> "InferenceClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._own_channel:
-            self.channel.close()
-
-    def _call(self, rpc: str, request: Any, timeout: float | None = None) -> Any:
-        try:
-            return getattr(self._stub, rpc)(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise InferenceServerError.from_rpc(exc) from None
 
     def is_server_live(self, timeout: float | None = None) -> bool:
         return self._call("ServerLive", pb.ServerLiveRequest(), timeout).live
@@ -214,30 +177,14 @@ class InferenceClient:
 # ---- asyncio ------------------------------------------------------------------------------------------
 
 
-class AsyncInferenceClient:
+class AsyncInferenceClient(AsyncClient):
     """asyncio client over grpc.aio, the same methods as `InferenceClient`, awaited."""
 
+    stub_type = pb_grpc.GRPCInferenceServiceStub
+
     def __init__(self, url: str = DEFAULT_URL, channel: grpc.aio.Channel | None = None) -> None:
-        self._own_channel = channel is None
-        self.channel = channel or grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        super().__init__(url, channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
-
-    async def __aenter__(self) -> "AsyncInferenceClient":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._own_channel:
-            await self.channel.close()
-
-    async def _call(self, rpc: str, request: Any, timeout: float | None = None) -> Any:
-        try:
-            return await getattr(self._stub, rpc)(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise InferenceServerError.from_rpc(exc) from None
 
     async def is_server_live(self, timeout: float | None = None) -> bool:
         return (await self._call("ServerLive", pb.ServerLiveRequest(), timeout)).live

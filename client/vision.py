@@ -13,11 +13,10 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
-import grpc
 import numpy as np
 from PIL import Image
 
-from client.inference import CHANNEL_OPTIONS, DEFAULT_URL, InferenceServerError
+from client.channel import AsyncClient, BlockingClient
 from protos import vision_pb2 as vpb
 from protos import vision_pb2_grpc as vpb_grpc
 
@@ -65,29 +64,10 @@ def _request(
     return request_type(model_name=model_name, model_version=model_version, images=_encode_all(images), **options)
 
 
-class VisionClient:
+class VisionClient(BlockingClient):
     """Blocking vision client; shares a channel with `InferenceClient` if given one."""
 
-    def __init__(self, url: str = DEFAULT_URL, channel: grpc.Channel | None = None) -> None:
-        self._own_channel = channel is None
-        self.channel = channel or grpc.insecure_channel(url, options=CHANNEL_OPTIONS)
-        self._stub = vpb_grpc.VisionServiceStub(self.channel)
-
-    def __enter__(self) -> "VisionClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._own_channel:
-            self.channel.close()
-
-    def _call(self, kind: str, request: Any, timeout: float | None) -> Any:
-        try:
-            return getattr(self._stub, kind)(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise InferenceServerError.from_rpc(exc) from None
+    stub_type = vpb_grpc.VisionServiceStub
 
     def classify(
         self, model_name: str, images: ImageInput | Sequence[ImageInput], top_k: int = 5,
@@ -123,29 +103,10 @@ class VisionClient:
         return self._call("Reconstruct", _request("Reconstruct", model_name, images, model_version), timeout)
 
 
-class AsyncVisionClient:
+class AsyncVisionClient(AsyncClient):
     """asyncio vision client over grpc.aio, the same methods as `VisionClient`, awaited."""
 
-    def __init__(self, url: str = DEFAULT_URL, channel: grpc.aio.Channel | None = None) -> None:
-        self._own_channel = channel is None
-        self.channel = channel or grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
-        self._stub = vpb_grpc.VisionServiceStub(self.channel)
-
-    async def __aenter__(self) -> "AsyncVisionClient":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._own_channel:
-            await self.channel.close()
-
-    async def _call(self, kind: str, request: Any, timeout: float | None) -> Any:
-        try:
-            return await getattr(self._stub, kind)(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise InferenceServerError.from_rpc(exc) from None
+    stub_type = vpb_grpc.VisionServiceStub
 
     async def classify(
         self, model_name: str, images: ImageInput | Sequence[ImageInput], top_k: int = 5,
