@@ -15,7 +15,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -181,10 +181,7 @@ class VisionService(vpb_grpc.VisionServiceServicer):
         async def answer(model: ServedModel, meta: ModelMeta, outcomes: list[_Outcome], req: Any) -> Any:
             k = req.top_k or DEFAULT_TOP_K
             response = vpb.ClassifyResponse(model_name=model.name, model_version=str(model.version))
-            for i, o in enumerate(outcomes):
-                result = response.results.add(image=_info(i, o))
-                if o.outputs is None:
-                    continue
+            for result, o in _answered(response, outcomes):
                 idx, probs = await self._post(model, postprocess.top_k, _first(o.outputs)[0], k)
                 for c, p in zip(idx.tolist(), probs.tolist()):
                     result.classes.add(class_index=c, label=postprocess.label_of(meta.labels, c), score=p)
@@ -200,10 +197,7 @@ class VisionService(vpb_grpc.VisionServiceServicer):
 
         async def answer(model: ServedModel, meta: ModelMeta, outcomes: list[_Outcome], req: Any) -> Any:
             response = vpb.DetectResponse(model_name=model.name, model_version=str(model.version))
-            for i, o in enumerate(outcomes):
-                result = response.results.add(image=_info(i, o))
-                if o.outputs is None:
-                    continue
+            for result, o in _answered(response, outcomes):
                 out = o.outputs
                 det = await self._post(
                     model, postprocess.detections, _named(out, "num_detections")[0], _named(out, "boxes")[0],
@@ -221,10 +215,7 @@ class VisionService(vpb_grpc.VisionServiceServicer):
         async def answer(model: ServedModel, meta: ModelMeta, outcomes: list[_Outcome], req: Any) -> Any:
             response = vpb.SegmentResponse(model_name=model.name, model_version=str(model.version))
             num_classes = None
-            for i, o in enumerate(outcomes):
-                result = response.results.add(image=_info(i, o))
-                if o.outputs is None:
-                    continue
+            for result, o in _answered(response, outcomes):
                 logits = _first(o.outputs)[0]
                 num_classes = logits.shape[0]
                 png, fractions = await self._post(model, _segment_one, logits, o.prepared.geometry, offload=True)
@@ -240,10 +231,8 @@ class VisionService(vpb_grpc.VisionServiceServicer):
     async def Encode(self, request: vpb.EncodeRequest, context: grpc.aio.ServicerContext) -> vpb.EncodeResponse:
         async def answer(model: ServedModel, meta: ModelMeta, outcomes: list[_Outcome], req: Any) -> Any:
             response = vpb.EncodeResponse(model_name=model.name, model_version=str(model.version))
-            for i, o in enumerate(outcomes):
-                result = response.results.add(image=_info(i, o))
-                if o.outputs is not None:
-                    result.latent.extend(_named(o.outputs, "latent")[0].reshape(-1).tolist())
+            for result, o in _answered(response, outcomes):
+                result.latent.extend(_named(o.outputs, "latent")[0].reshape(-1).tolist())
             return response
 
         return await self._run("Encode", request, context, answer)
@@ -252,10 +241,7 @@ class VisionService(vpb_grpc.VisionServiceServicer):
                           context: grpc.aio.ServicerContext) -> vpb.ReconstructResponse:
         async def answer(model: ServedModel, meta: ModelMeta, outcomes: list[_Outcome], req: Any) -> Any:
             response = vpb.ReconstructResponse(model_name=model.name, model_version=str(model.version))
-            for i, o in enumerate(outcomes):
-                result = response.results.add(image=_info(i, o))
-                if o.outputs is None:
-                    continue
+            for result, o in _answered(response, outcomes):
                 result.latent.extend(_named(o.outputs, "latent")[0].reshape(-1).tolist())
                 recon = _named(o.outputs, "reconstruction")[0]
                 result.image_png = await self._post(model, _reconstruct_one, recon, meta, offload=True)
@@ -282,6 +268,15 @@ async def _gather_or_cancel(coros: list[Awaitable[_Outcome]]) -> list[_Outcome]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _answered(response: Any, outcomes: list[_Outcome]) -> Iterator[tuple[Any, _Outcome]]:
+    """Add one result per image to `response` (a failed image's carries its error) and yield
+    (result, outcome) for the images the model answered, to be filled in."""
+    for i, outcome in enumerate(outcomes):
+        result = response.results.add(image=_info(i, outcome))
+        if outcome.outputs is not None:
+            yield result, outcome
 
 
 def _info(index: int, outcome: _Outcome) -> vpb.ImageInfo:
