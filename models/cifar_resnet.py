@@ -268,11 +268,9 @@ def fashion_checkpoint_accuracy() -> float | None:
 
     with safe_open(str(FASHION_WEIGHTS), framework="pt") as fh:
         value = (fh.metadata() or {}).get("test_acc")
-    return float(value) if value is not None else None
-
-
-def _fashion_resnet20(num_classes: int = 10, in_channels: int = 1) -> CifarResNet:
-    return resnet20(num_classes=num_classes, in_channels=in_channels)
+    if value is None or value == "nan":  # "nan": a run interrupted before its final evaluation
+        return None
+    return float(value)
 
 
 def _load_fashion_weights(model: nn.Module) -> str:
@@ -299,7 +297,7 @@ FASHION_PREPROCESS = PreprocessSpec(
 register(
     ModelEntry(
         name="fashion_resnet20",
-        builder=_fashion_resnet20,
+        builder=resnet20,
         task=Task.classification,
         input_shape=(1, 28, 28),
         preprocess=FASHION_PREPROCESS,

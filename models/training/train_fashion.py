@@ -1,11 +1,19 @@
 """Train the served `fashion_resnet20` checkpoint: CIFAR ResNet-20 on Fashion-MNIST, reproducibly.
 
 Recipe: resnet20 (1 input channel, 10 classes, 28x28), SGD with Nesterov momentum 0.9, weight decay
-5e-4 (not on BN/bias), batch 128, one-cycle learning rate (peak 0.2, cosine down), the label-safe
-augmentation policy of models/data/augment.py, fixed seed. Few epochs on purpose: the recipe has to
-run on two shared CPU cores; one-cycle reaches a good optimum on a short budget.
+5e-4 (not on BN/bias), batch 128, one-cycle learning rate (linear-cosine warm-up to the peak, cosine
+down to ~0), the label-safe augmentation policy of models/data/augment.py, fixed seeds. The
+committed checkpoint is two such cycles (`--reproduce` runs both):
 
-    python -m models.training.train_fashion --epochs 2 --out models/weights/fashion_resnet20.safetensors
+    stage 1: --epochs 2 --lr 0.2 --warmup 0.25 --seed 0                    (measured 90.8% test top-1)
+    stage 2: --init <stage 1> --epochs 2 --lr 0.1 --warmup 0.15 --seed 1    (the committed weights)
+
+Why two short cycles instead of one long one: the recipe had to run on two CPU cores shared by many
+jobs, where a step cost 1.5-13 s; a first cycle short enough to finish is a usable checkpoint on its
+own, and a second, gentler cycle from it adds accuracy at the same cost as extending the first.
+
+    python -m models.training.train_fashion --reproduce          # writes models/weights/fashion_resnet20.safetensors
+    python -m models.training.train_fashion --epochs 1 --limit-batches 20 --out /tmp/smoke.safetensors
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.cifar_resnet import resnet20
@@ -80,6 +89,8 @@ def train(
     limit_batches: int | None = None,
     eval_every_epoch: bool = False,
     eval_limit: int | None = None,
+    init: Path | None = None,
+    warmup: float = 0.25,
 ) -> dict:
     """Train, evaluate on the 10k test set, write the safetensors checkpoint; return the metrics."""
     console = Console()
@@ -90,14 +101,17 @@ def train(
     test_x, test_y = test_x[:eval_limit], test_y[:eval_limit]
     xs, ys = to_input(train_x), torch.as_tensor(train_y)
 
-    model = resnet20(num_classes=10, in_channels=1).to(memory_format=torch.channels_last)
+    model = resnet20(num_classes=10, in_channels=1)
+    if init is not None:  # continue from a checkpoint (a second, short cycle at a lower peak lr)
+        model.load_state_dict(load_file(str(init)), strict=True)
+    model = model.to(memory_format=torch.channels_last)
     policy = default_policy()
     steps_per_epoch = (len(xs) + batch_size - 1) // batch_size
     if limit_batches is not None:
         steps_per_epoch = min(steps_per_epoch, limit_batches)
     opt = torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=0.25, anneal_strategy="cos"
+        opt, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=warmup, anneal_strategy="cos"
     )
     console.print(f"resnet20 on Fashion-MNIST: {epochs} epochs x {steps_per_epoch} steps, policy: {policy.describe()}")
     history = []
@@ -136,7 +150,10 @@ def train(
             console.print(f"epoch {epoch + 1}: train loss {running:.4f}, test accuracy {acc:.4f}, "
                           f"{time.time() - start:.0f}s elapsed")
             # Written every epoch so an interrupted run still leaves a usable checkpoint.
-            _save(model, out, {"epoch": epoch + 1, "test_acc": acc, "seed": seed, "epochs": epochs})
+            meta = {"epoch": epoch + 1, "test_acc": acc, "seed": seed, "epochs": epochs, "lr": lr}
+            if init is not None:
+                meta["init"] = init.name
+            _save(model, out, meta)
     metrics = {"test_acc": history[-1]["test_acc"], "seconds": time.time() - start, "history": history}
     console.print(json.dumps(metrics))
     return metrics
@@ -148,6 +165,14 @@ def _save(model: nn.Module, out: Path, meta: dict) -> None:
     tmp = out.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={k: str(v) for k, v in meta.items()})
     tmp.replace(out)
+
+
+def reproduce(out: Path = DEFAULT_OUT) -> dict:
+    """The two cycles that produced the committed checkpoint (see the module docstring)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stage1 = Path(tmp) / "stage1.safetensors"
+        train(epochs=2, out=stage1, lr=0.2, warmup=0.25, seed=0)
+        return train(epochs=2, out=out, lr=0.1, warmup=0.15, seed=1, init=stage1)
 
 
 def _ensure_passive_openmp(argv: list[str] | None) -> None:
@@ -176,8 +201,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit-batches", type=int, default=None, help="steps per epoch, for smoke runs")
     parser.add_argument("--eval-every-epoch", action="store_true", help="test accuracy after each epoch")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images")
+    parser.add_argument("--init", type=Path, default=None, help="start from this safetensors checkpoint")
+    parser.add_argument("--warmup", type=float, default=0.25, help="fraction of steps rising to the peak lr")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="safetensors checkpoint to write")
+    parser.add_argument("--reproduce", action="store_true",
+                        help="run the committed two-stage recipe (ignores the other training options)")
     args = parser.parse_args(argv)
+    if args.reproduce:
+        reproduce(args.out)
+        return
     train(
         epochs=args.epochs,
         out=args.out,
@@ -189,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         limit_batches=args.limit_batches,
         eval_every_epoch=args.eval_every_epoch,
         eval_limit=args.eval_limit,
+        init=args.init,
+        warmup=args.warmup,
     )
 
 
