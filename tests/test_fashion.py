@@ -213,7 +213,7 @@ def test_training_cli_help():
 @needs_data
 def test_training_smoke_writes_a_strict_loadable_checkpoint(tmp_path):
     out = tmp_path / "smoke.safetensors"
-    metrics = train(epochs=1, out=out, limit_batches=3, eval_limit=500)
+    metrics = train(epochs=1, out=out, limit_batches=3, eval_limit=500, threads=1)
     assert out.is_file() and 0.0 <= metrics["test_acc"] <= 1.0
     model = get_model("fashion_resnet20", weights=out)
     assert model.fc.out_features == 10
