@@ -10,10 +10,16 @@ and then runs for at least --seconds. Not a test: numbers depend on the machine 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+# Spinning OpenMP workers (libgomp's default) collapse eager PyTorch on a shared or oversubscribed
+# CPU: measured here, MobileNetV2 eager at 2 threads fell from 14 to 0.4 img/s. Passive waiting must be
+# set before torch loads libgomp; an explicit OMP_WAIT_POLICY from the caller wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -82,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     console = Console()
-    table = Table(title=f"images/s, CPU, {args.threads} threads (ONNX Runtime vs PyTorch {torch.__version__} eager)")
+    table = Table(title=f"images/s, CPU, {args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} "
+                        f"(ONNX Runtime vs PyTorch {torch.__version__} eager)")
     for col in ("model", "batch", "ONNX Runtime img/s", "eager img/s", "ORT / eager"):
         table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as work:
