@@ -55,7 +55,7 @@ def _example_inputs(n: int) -> torch.Tensor:
 
 
 # Served mean IoU of the committed weights on evaluate.py's 200 held-out pictures (ONNX Runtime).
-HELD_OUT_MIOU: dict[str, float] = {"bilinear": 0.838, "transposed": 0.842}
+HELD_OUT_MIOU: dict[str, float] = {"bilinear": 0.854, "transposed": 0.850}
 
 for _mode in ("bilinear", "transposed"):
     register(
