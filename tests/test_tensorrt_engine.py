@@ -348,3 +348,20 @@ def test_build_engine_and_parity_on_gpu(tmp_path):
     report = engine_parity(vdir, rec)
     assert report.ok, report.failure_message()
     assert report.batch_sizes == [1, 2, 3, 16]
+
+
+def test_main_cli_engine_subcommand_reaches_the_builder(tmp_path):
+    """`python -m export engine ...` is the engine builder's own CLI; without TensorRT it says so."""
+    import subprocess
+    import sys as _sys
+
+    root = Path(__file__).resolve().parents[1]
+    help_out = subprocess.run([_sys.executable, "-m", "export", "engine", "--help"], cwd=root,
+                              capture_output=True, text=True, timeout=300)
+    assert help_out.returncode == 0 and "--precision" in help_out.stdout
+    if importlib.util.find_spec("tensorrt") is not None:
+        return
+    run = subprocess.run([_sys.executable, "-m", "export", "engine", "--repository", str(tmp_path)], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert "TensorRT is not installed" in run.stderr
