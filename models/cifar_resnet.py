@@ -232,8 +232,12 @@ _ARCH_ONLY: dict[str, tuple[Callable[..., nn.Module], int]] = {
     "resnet56_cifar": (resnet56, 56),
     "resnet110_cifar": (resnet110, 110),
     "preact_resnet164": (preact_resnet164, 164),
-    "preact_resnet1001": (preact_resnet1001, 1001),
 }
+# preact_resnet1001 stays a builder, not a registry entry: it demonstrates that the pre-activation
+# identity path lets a 1001-layer net build and run forward (tests/test_cifar_resnet.py), but with random
+# weights its tiny logits (~5e-3) are dominated by float32 rounding accumulated over 1001 layers, so
+# eager vs ONNX Runtime parity is not a meaningful check of the exporter for it, and an entry the
+# registry lists is one `export` must be able to check.
 
 for _name, (_builder, _depth) in _ARCH_ONLY.items():
     register(

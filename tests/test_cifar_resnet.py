@@ -132,7 +132,6 @@ ARCH_ONLY = {
     "resnet56_cifar": 56,
     "resnet110_cifar": 110,
     "preact_resnet164": 164,
-    "preact_resnet1001": 1001,
 }
 
 

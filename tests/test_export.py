@@ -21,14 +21,14 @@ from export.pipeline import ExportFailed, ExportOptions, export_model
 from models.registry import get_entry
 
 ROOT = Path(__file__).resolve().parents[1]
-BIG = re.compile(r"^(vgg|alexnet|resnet101|resnet152|preact_resnet1001|fasterrcnn_resnet50)")
+BIG = re.compile(r"^(vgg|alexnet|resnet101|resnet152|fasterrcnn_resnet50)")
 
 
-# Float32 rounding differences between two correct runtimes grow with depth: through the 1001-layer
-# pre-activation ResNet (random init, BatchNorm calibrated) eager vs ONNX Runtime differ by ~3e-3 of the
-# output scale, against ~1e-6 for 20-150-layer nets. A registry field for per-model tolerance would be
-# the better home for this (asked for in the export report).
-LOOSE_RTOL = {"preact_resnet1001": 2e-2}
+# Float32 rounding differences between two correct runtimes grow with depth: through ResNet-152 with
+# random weights (BatchNorm calibrated) eager vs ONNX Runtime differ by ~4.5e-4 of the output scale
+# (measured 0.0009 at scale ~2), against ~1e-6 for 20-50-layer nets. A registry field for per-model
+# tolerance would be the better home for this.
+LOOSE_RTOL = {"resnet152": 1e-3}
 
 
 def _params():

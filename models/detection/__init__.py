@@ -85,9 +85,16 @@ def resnet50_example_inputs(n: int) -> torch.Tensor:
 
 
 def detection_parity(
-    torch_out: dict[str, np.ndarray], ort_out: dict[str, np.ndarray], box_atol: float = 1e-2, score_atol: float = 1e-3
+    torch_out: dict[str, np.ndarray],
+    ort_out: dict[str, np.ndarray],
+    box_atol: float = 1e-2,
+    score_atol: float = 1e-3,
+    box_rtol: float = 5e-4,
 ) -> dict:
     """Same detections: counts and labels equal, boxes and scores within tolerance, padding zero.
+
+    Box tolerance is scale-aware (box_atol + box_rtol * |coordinate|): float32 rounding in the decoded
+    deltas grows with the coordinate, measured at 0.06 px near x=200 on an 800 px ResNet-50 FPN input.
 
     Rows are compared in score order; two detections whose scores tie within float noise may swap
     places between runtimes, so a row that differs is accepted when it matches a tied neighbour.
@@ -102,7 +109,9 @@ def detection_parity(
         for j in range(k):
             match = [
                 m for m in range(max(0, j - 2), min(k, j + 3))
-                if ol[m] == tl[j] and np.abs(ob[m] - tb[j]).max() <= box_atol and abs(os_[m] - ts[j]) <= score_atol
+                if ol[m] == tl[j]
+                and np.all(np.abs(ob[m] - tb[j]) <= box_atol + box_rtol * np.abs(tb[j]))
+                and abs(os_[m] - ts[j]) <= score_atol
             ]
             if not match:
                 raise AssertionError(
