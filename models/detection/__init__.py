@@ -78,10 +78,12 @@ def shapes_example_inputs(n: int) -> torch.Tensor:
 
 def resnet50_example_inputs(n: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(n)
-    x = torch.rand((n, 3, *RESNET50_FPN_INPUT), generator=g)
-    if n > 1:
-        x[-1] = 0.0  # a blank picture
-    return x
+    # Noise pictures only. A blank picture through this random-init network gives many detections with
+    # bit-identical scores (a translation-equivariant net on a constant input): boxes one anchor stride
+    # apart, between which NMS may keep either, and ONNX Runtime's NonMaxSuppression breaks such exact
+    # ties differently from the eager reference. Blank pictures are checked on the trained detector,
+    # where they give no detections (shapes_example_inputs).
+    return torch.rand((n, 3, *RESNET50_FPN_INPUT), generator=g)
 
 
 def detection_parity(
@@ -93,11 +95,11 @@ def detection_parity(
 ) -> dict:
     """Same detections: counts and labels equal, boxes and scores within tolerance, padding zero.
 
-    Box tolerance is scale-aware (box_atol + box_rtol * |coordinate|): float32 rounding in the decoded
-    deltas grows with the coordinate, measured at 0.06 px near x=200 on an 800 px ResNet-50 FPN input.
-
-    Rows are compared in score order; two detections whose scores tie within float noise may swap
-    places between runtimes, so a row that differs is accepted when it matches a tied neighbour.
+    Rows are compared in score order; detections whose scores tie within float noise may come out in
+    any order between runtimes, so a row is accepted when any row with the same label and a tied score
+    matches it. Box tolerance scales with the box (box_atol + box_rtol * max(width, height, |coord|)):
+    float32 rounding in a decoded delta grows with the box it scales (measured on the random-init
+    ResNet-50 FPN at 800 px: 0.06-0.1 px on boxes 60-370 px wide).
     """
     n_t, n_o = torch_out["num_detections"], ort_out["num_detections"]
     if not np.array_equal(n_t, n_o):
@@ -107,11 +109,12 @@ def detection_parity(
         tb, ts, tl = torch_out["boxes"][i, :k], torch_out["scores"][i, :k], torch_out["labels"][i, :k]
         ob, os_, ol = ort_out["boxes"][i, :k], ort_out["scores"][i, :k], ort_out["labels"][i, :k]
         for j in range(k):
+            extent = max(tb[j, 2] - tb[j, 0], tb[j, 3] - tb[j, 1], np.abs(tb[j]).max())
             match = [
-                m for m in range(max(0, j - 2), min(k, j + 3))
+                m for m in range(k)
                 if ol[m] == tl[j]
-                and np.all(np.abs(ob[m] - tb[j]) <= box_atol + box_rtol * np.abs(tb[j]))
                 and abs(os_[m] - ts[j]) <= score_atol
+                and np.all(np.abs(ob[m] - tb[j]) <= box_atol + box_rtol * extent)
             ]
             if not match:
                 raise AssertionError(
