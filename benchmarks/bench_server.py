@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from modelrepo.layout import version_numbers
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,7 +38,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def model_file(repo: Path, name: str) -> Path:
-    versions = sorted(int(p.name) for p in (repo / name).iterdir() if p.is_dir() and p.name.isdigit())
+    versions = version_numbers(repo / name)
     return repo / name / str(versions[-1]) / "model.onnx"
 
 

@@ -59,6 +59,7 @@ def write_repository_programs(repository: Path, models: Sequence[str] | None = N
     """Export the registry model behind each repository model into its latest version directory."""
     from models import get_entry, get_model
     from modelrepo.config import load_config
+    from modelrepo.layout import version_numbers
 
     repository = Path(repository)
     names = list(models) if models else sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
@@ -66,7 +67,7 @@ def write_repository_programs(repository: Path, models: Sequence[str] | None = N
     for name in names:
         model_dir = repository / name
         config = load_config(model_dir)
-        versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        versions = version_numbers(model_dir)
         if not versions:
             raise FileNotFoundError(f"{model_dir}: no version directory")
         entry = get_entry(name)

@@ -20,6 +20,7 @@ from typing import Iterable
 from pydantic import ValidationError
 
 from modelrepo.config import CONFIG_FILENAME, ConfigError, load_config
+from modelrepo.layout import version_numbers
 from modelrepo.spec import META_FILENAME, ModelMeta
 from protos import model_config_pb2 as mc
 from server import backends as _backends  # noqa: F401  (registers the backends)
@@ -85,7 +86,7 @@ def _backend_name(cfg: mc.ModelConfig, model_dir: Path) -> str:
 
 
 def _select_versions(cfg: mc.ModelConfig, model_dir: Path) -> list[int]:
-    on_disk = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    on_disk = version_numbers(model_dir)
     if not on_disk:
         raise LoadError(f"{model_dir}: no numbered version directories")
     policy = cfg.version_policy

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from modelrepo.layout import version_numbers
 from modelrepo.preprocess import preprocess
 from modelrepo.spec import ModelMeta, PreprocessSpec
 
@@ -164,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repository is not None:
         model_dir = args.repository / args.model
         meta = ModelMeta.read(model_dir)
-        versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+        versions = [model_dir / str(v) for v in version_numbers(model_dir)]
         if not versions:
             parser.error(f"no numbered version directory in {model_dir}")
         path = versions[-1] / "model.onnx"

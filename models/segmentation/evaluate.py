@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modelrepo.layout import version_numbers
 from modelrepo.spec import PreprocessSpec
 
 HELD_OUT_SEED = 20261127  # per-image seeds derive from (base seed, index): no overlap with training
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model_dir = args.repository / args.model
         meta = ModelMeta.read(model_dir)
-        versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+        versions = [model_dir / str(v) for v in version_numbers(model_dir)]
         if not versions:
             parser.error(f"no numbered version directory in {model_dir}")
         path, spec, labels = versions[-1] / "model.onnx", meta.preprocess, meta.labels
