@@ -425,6 +425,7 @@ def build_repository_engines(
     so one model TensorRT cannot parse does not cost the other engines.
     """
     from modelrepo.config import load_config
+    from modelrepo.layout import version_numbers
 
     repository = Path(repository)
     trt = import_tensorrt()
@@ -441,8 +442,7 @@ def build_repository_engines(
         model_dir = repository / name
         try:
             config = load_config(model_dir)
-            versions = sorted((int(p.name) for p in model_dir.iterdir() if p.name.isdigit()
-                               and (p / ONNX_FILENAME).is_file()))
+            versions = [v for v in version_numbers(model_dir) if (model_dir / str(v) / ONNX_FILENAME).is_file()]
             if not versions:
                 raise BuildError(f"{model_dir}: no version directory with {ONNX_FILENAME}")
             version_dir = model_dir / str(versions[-1])
