@@ -409,9 +409,15 @@ def bench_with_server(repo: Path, variants, concurrencies, cpu_concurrencies, se
            "--grpc-port", str(grpc_port), "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port),
            "--log-format", "text", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     try:
-        _wait_ready(grpc_port, proc, variants, timeout=min(180.0, max(10.0, budget_end - time.monotonic())))
+        try:
+            _wait_ready(grpc_port, proc, variants, timeout=min(180.0, max(10.0, budget_end - time.monotonic())))
+        except RuntimeError as exc:
+            log.flush()
+            tail = (repo / "server.log").read_text(errors="replace").strip().splitlines()[-15:]
+            raise RuntimeError(f"{exc}\n  server log (last lines):\n    " + "\n    ".join(tail)) from None
         return asyncio.run(_bench_server(grpc_port, variants, concurrencies, cpu_concurrencies, seconds, GpuSampler()))
     finally:
         proc.terminate()
@@ -430,7 +436,7 @@ def _wait_ready(port: int, proc: subprocess.Popen, variants, timeout: float) -> 
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}; see its log")
+                raise RuntimeError(f"server exited with {proc.returncode}")
             try:
                 if all(client.is_model_ready(v.served_as, timeout=2) for v in variants):
                     return
@@ -535,9 +541,14 @@ def main(argv=None) -> int:
         why_not = "--in-process asked for" if args.in_process else server_stack_available()
         if why_not is None:
             say(f"\n== serving through the real server, {seconds:g}s per level")
-            rows = bench_with_server(repo, variants, levels, cpu_levels, seconds, budget_end)
-            result["serving"] = "server (gRPC, dynamic batching)"
-        else:
+            try:
+                rows = bench_with_server(repo, variants, levels, cpu_levels, seconds, budget_end)
+                result["serving"] = "server (gRPC, dynamic batching)"
+            except RuntimeError as exc:
+                # A server that cannot start here still leaves the GPU numbers worth having.
+                say(f"  server failed: {exc}")
+                why_not = f"server failed: {str(exc).splitlines()[0]}"
+        if why_not is not None:
             say(f"\n== server stack unavailable ({why_not}): in-process torch backend at fixed batch sizes")
             rows = bench_in_process(repo, variants, [1, 8, 32] if not quick else [1, 4], seconds, GpuSampler())
             result["serving"] = f"in-process ({why_not})"
