@@ -145,10 +145,15 @@ class Variant:
     device: str  # cpu | gpu
     input_name: str
     input_shape: tuple[int, ...]  # per item, no batch
+    graphs: bool = False  # optimization.cuda.graphs (torch backend on CUDA)
+
+    @property
+    def path(self) -> str:
+        return f"{self.backend} {self.device}" + (" graphs" if self.graphs else "")
 
 
 def _config_text(name: str, backend: str, kind: str, input_name: str, input_shape, outputs: dict[str, tuple],
-                 max_batch: int, instances: int) -> str:
+                 max_batch: int, instances: int, graphs: bool = False) -> str:
     dims = ", ".join(str(d) for d in input_shape)
     out = ",\n  ".join(f'{{ name: "{o}" data_type: TYPE_FP32 dims: [{", ".join(str(d) for d in s)}] }}'
                        for o, s in outputs.items())
@@ -156,7 +161,8 @@ def _config_text(name: str, backend: str, kind: str, input_name: str, input_shap
             f'input [{{ name: "{input_name}" data_type: TYPE_FP32 dims: [{dims}] }}]\n'
             f"output [\n  {out}\n]\n"
             f"instance_group [{{ kind: {kind} count: {instances} }}]\n"
-            f"dynamic_batching {{ max_queue_delay_microseconds: 500 }}\n")
+            f"dynamic_batching {{ max_queue_delay_microseconds: 500 }}\n"
+            + ("optimization { cuda { graphs: true } }\n" if graphs else ""))
 
 
 def gpu_backends_found(info: dict) -> list[str]:
@@ -201,22 +207,24 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
         t0 = time.perf_counter()
         program = export_program(model, example, max_batch)
         input_name = "input"
-        kinds = [("pytorch", "KIND_GPU", "gpu")] if gpu else [("pytorch", "KIND_CPU", "cpu")]
+        # (backend, instance kind, device, CUDA graphs): the eager torch program and its CUDA-graph replay.
+        kinds = ([("pytorch", "KIND_GPU", "gpu", False), ("pytorch", "KIND_GPU", "gpu", True)] if gpu
+                 else [("pytorch", "KIND_CPU", "cpu", False)])
         if gpu:
-            kinds += [(b, "KIND_GPU", "gpu") for b in extra_gpu]
+            kinds += [(b, "KIND_GPU", "gpu", False) for b in extra_gpu]
         if have_ort:
-            kinds.append(("onnxruntime", "KIND_CPU", "cpu"))
+            kinds.append(("onnxruntime", "KIND_CPU", "cpu", False))
         else:
             notes.append(f"{name}: CPU default measured with the torch backend (onnxruntime/onnxscript missing)")
             if gpu:
-                kinds.append(("pytorch", "KIND_CPU", "cpu"))
+                kinds.append(("pytorch", "KIND_CPU", "cpu", False))
         onnx_file = root / ".onnx" / f"{name}.onnx"
-        if any(b != "pytorch" for b, _, _ in kinds):
+        if any(k[0] != "pytorch" for k in kinds):
             onnx_file.parent.mkdir(parents=True, exist_ok=True)
             torch.onnx.export(program, (example,), str(onnx_file), input_names=[input_name],
                               output_names=list(outputs), dynamo=True, external_data=False)
-        for backend, kind, device in kinds:
-            served = f"{name}__{backend}_{device}"
+        for backend, kind, device, graphs in kinds:
+            served = f"{name}__{backend}_{device}" + ("_graphs" if graphs else "")
             vdir = root / served / "1"
             vdir.mkdir(parents=True)
             if backend == "pytorch":
@@ -232,8 +240,8 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
                     continue
             (root / served / "config.pbtxt").write_text(_config_text(
                 served, backend, kind, input_name, entry.input_shape, outputs, max_batch,
-                instances=2 if device == "gpu" else 1))
-            variants.append(Variant(name, served, backend, device, input_name, tuple(entry.input_shape)))
+                instances=2 if device == "gpu" else 1, graphs=graphs))
+            variants.append(Variant(name, served, backend, device, input_name, tuple(entry.input_shape), graphs))
         say(f"  {name}: exported in {time.perf_counter() - t0:.1f}s ({weights})")
     return variants, notes
 
@@ -363,7 +371,7 @@ async def _drive(client, v: Variant, concurrency: int, seconds: float, sampler: 
     stats1 = await _counts(client, v.served_as)
     items, execs = stats1[0] - stats0[0], stats1[1] - stats0[1]
     lat = sorted(latencies) or [float("nan")]
-    return Row(v.model, f"{v.backend} {v.device}", concurrency, len(latencies) / elapsed,
+    return Row(v.model, v.path, concurrency, len(latencies) / elapsed,
                lat[len(lat) // 2] * 1e3, lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
                items / execs if execs else None, sampler.mean() if v.device == "gpu" else None,
                len(latencies), errors)
@@ -458,7 +466,8 @@ def bench_in_process(repo: Path, variants, batch_sizes, seconds, sampler: GpuSam
     for v in variants:
         if v.backend != "pytorch":
             continue
-        backend = TorchProgramBackend(repo / v.served_as / "1" / "model.pt2", BackendOptions(device_kind=v.device))
+        backend = TorchProgramBackend(repo / v.served_as / "1" / "model.pt2", BackendOptions(
+            device_kind=v.device, cuda_graphs=v.graphs, max_batch_size=max(batch_sizes)))
         for n in batch_sizes:
             x = np.random.default_rng(0).standard_normal((n, *v.input_shape)).astype(np.float32)
             for _ in range(3):
@@ -472,7 +481,7 @@ def bench_in_process(repo: Path, variants, batch_sizes, seconds, sampler: GpuSam
                     lat.append(time.perf_counter() - t)
                 elapsed = time.perf_counter() - t0
             lat.sort()
-            rows.append(Row(v.model, f"{v.backend} {v.device} (in-process, batch {n})", n, len(lat) * n / elapsed,
+            rows.append(Row(v.model, f"{v.path} (in-process, batch {n})", n, len(lat) * n / elapsed,
                             lat[len(lat) // 2] * 1e3, lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, float(n),
                             sampler.mean() if v.device == "gpu" else None, len(lat), 0))
         backend.close()

@@ -161,6 +161,8 @@ def _options(cfg: mc.ModelConfig, defaults: RuntimeDefaults) -> tuple[BackendOpt
         batched=cfg.max_batch_size > 0,
         device_kind="gpu" if gpu else "cpu",
         accelerators=accelerators,
+        cuda_graphs=cfg.optimization.cuda.graphs,
+        max_batch_size=cfg.max_batch_size,
     )
     return options, count
 

@@ -36,6 +36,8 @@ CONFIGS = {
     "torch_cpu": 'backend: "pytorch"\ninstance_group [{ kind: KIND_CPU count: 1 }]',
     "torch_platform_cpu": 'platform: "pytorch_libtorch"\ninstance_group [{ kind: KIND_CPU }]',
     "torch_gpu": 'backend: "pytorch"\ninstance_group [{ kind: KIND_GPU gpus: [0] }]',
+    "torch_cpu_graphs": 'backend: "pytorch"\ninstance_group [{ kind: KIND_CPU }]\noptimization { cuda { graphs: true } }',
+    "torch_gpu_graphs": 'backend: "pytorch"\ninstance_group [{ kind: KIND_GPU }]\noptimization { cuda { graphs: true } }',
     "engine": 'platform: "tensorrt_plan"\ninstance_group [{ kind: KIND_GPU }]',
     "engine_other_gpu": 'backend: "tensorrt"\ninstance_group [{ kind: KIND_GPU }]',
     "ort_trt_ep": ('backend: "onnxruntime"\noptimization { execution_accelerators { gpu_execution_accelerator [{\n'
@@ -80,6 +82,51 @@ def test_backends_are_registered():
 def test_pytorch_backend_selected_by_backend_or_platform(repo, name):
     (built,) = build_model(repo / name, RuntimeDefaults())
     assert built.instances[0].kind == "pytorch" and built.instances[0].device == "cpu"
+    for inst in built.instances:
+        inst.close()
+
+
+def test_cuda_graph_batch_sizes():
+    from server.backends.torch_program import graph_batch_sizes
+
+    assert graph_batch_sizes(1) == [1] and graph_batch_sizes(8) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert graph_batch_sizes(64) == list(range(1, 65))
+    assert graph_batch_sizes(100) == [1, 2, 4, 8, 16, 32, 64, 100]  # every batch fits the next size up
+
+
+@pytest.mark.skipif(HAVE_CUDA, reason="checks the CPU fallback")
+def test_cuda_graphs_on_a_cpu_instance_run_eagerly_with_a_warning(repo, exported, caplog):
+    _, _, session = exported
+    with caplog.at_level("WARNING", logger="cnnserve.backends.pytorch"):
+        (built,) = build_model(repo / "torch_cpu_graphs", RuntimeDefaults())
+    backend = built.instances[0]
+    assert backend.options.cuda_graphs and backend.options.max_batch_size == 8
+    assert backend.cuda_graph_sizes == []
+    assert "optimization.cuda.graphs ignored" in caplog.text and "CPU" in caplog.text
+    x = np.random.default_rng(3).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(backend.execute({"input": x})["logits"], session.run(None, {"input": x})[0],
+                               rtol=1e-4, atol=1e-5)
+    for inst in built.instances:
+        inst.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_CUDA, reason="no CUDA GPU visible to torch")
+def test_cuda_graphs_replay_every_batch_size_with_onnx_runtime_parity(repo, exported):
+    _, _, session = exported
+    (built,) = build_model(repo / "torch_gpu_graphs", RuntimeDefaults())
+    backend = built.instances[0]
+    assert backend.device == "cuda:0" and backend.cuda_graph_sizes == list(range(1, 9))
+    rng = np.random.default_rng(4)
+    held = []
+    for n in (8, 1, 3, 8, 5, 2):  # sizes out of order, a size twice: each replay reads its own inputs
+        x = rng.standard_normal((n, 3, 16, 16)).astype(np.float32)
+        got = backend.execute({"input": x})["logits"]
+        assert got.shape == (n, 5)
+        np.testing.assert_allclose(got, session.run(None, {"input": x})[0], rtol=1e-2, atol=1e-2)
+        held.append((x, got.copy(), got))
+    for x, copy, got in held:  # returned arrays are the caller's: later replays never overwrite them
+        np.testing.assert_array_equal(got, copy)
     for inst in built.instances:
         inst.close()
 

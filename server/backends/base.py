@@ -40,6 +40,9 @@ class BackendOptions:
     # as (name, ((key, value), ...)) in the config's order, gpu ones first.
     device_kind: str = "cpu"
     accelerators: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    # optimization.cuda.graphs in config.pbtxt, and the config's max_batch_size (the sizes to capture).
+    cuda_graphs: bool = False
+    max_batch_size: int = 0
 
 
 class Backend(ABC):
