@@ -14,7 +14,7 @@ from torch.nn import functional as F
 import models
 from modelrepo.preprocess import preprocess
 from models.registry import get_entry
-from models.segmentation import LABELS, PREPROCESS, weights_path
+from models.segmentation import INPUT_SIZE, LABELS, PREPROCESS, weights_path
 from models.segmentation.encoder_decoder import EncoderDecoderSegmenter, Upsample2x, transposed_conv_output_size
 from models.segmentation.evaluate import confusion_matrix, held_out_samples, iou_per_class
 
@@ -79,7 +79,7 @@ def test_letterbox_target_round_trips_through_served_postprocessing() -> None:
     target = letterbox_target(sample.semantic, geometry)
     assert (target == IGNORE).any() and set(np.unique(target)) - {IGNORE} <= set(range(len(LABELS)))
     # Perfect logits for the target, mapped back to the picture as the server does, give the truth back,
-    # up to the detail 128x128 cannot hold (a star's spikes in a 300-pixel-wide picture).
+    # up to the detail 160x160 cannot hold (a star's spikes in a 300-pixel-wide picture).
     logits = np.stack([(target == c).astype(np.float32) for c in range(len(LABELS))])
     mask = segmentation_mask(logits, geometry)
     ious = iou_per_class(confusion_matrix(mask, sample.semantic, len(LABELS)))
@@ -91,7 +91,7 @@ def test_registry_entries() -> None:
         entry = get_entry(name)
         assert entry.task.value == "segmentation" and entry.served_by_default and entry.has_weights
         assert list(entry.labels()) == ["background", "circle", "square", "triangle", "ellipse", "star", "cross"]
-        assert entry.preprocess.mean == (0.485, 0.456, 0.406) and entry.input_shape == (3, 128, 128)
+        assert entry.preprocess.mean == (0.485, 0.456, 0.406) and entry.input_shape == (3, *INPUT_SIZE) == (3, 160, 160)
         assert weights_path(mode).stat().st_size < 10_000_000
     assert set(SHIPPED) <= set(models.list_models(served_by_default=True, task="segmentation"))
 
@@ -141,19 +141,24 @@ def _served_masks(path: Path, samples) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_segmenter_quality_floor_through_onnxruntime(exported, name: str) -> None:
-    """Regression floor: the shipped weights measure 0.85 (bilinear) / 0.85 (transposed) mIoU on the 200
-    held-out pictures; a broken export, preprocessing or label order drops far below 0.7."""
+    """Regression floor: the shipped weights measure 0.908 (bilinear) / 0.907 (transposed) mIoU on the 200
+    held-out pictures (0.90 on these 24); a broken export, preprocessing or label order drops far below."""
     samples = held_out_samples(24)  # held-out seed; sizes 256x256, 200x300, 300x200, 240x320, 192x256
     masks = _served_masks(exported[name][1], samples)
     conf = sum(confusion_matrix(m, s.semantic, len(LABELS)) for m, s in zip(masks, samples))
     assert all(m.shape == s.semantic.shape for m, s in zip(masks, samples))
     ious = iou_per_class(conf)
-    assert ious[0] > 0.97 and np.nanmean(ious) >= 0.7, f"{name}: per-class IoU {ious}"
+    assert ious[0] > 0.98 and np.nanmean(ious) >= 0.85, f"{name}: per-class IoU {ious}"
 
 
-@pytest.mark.xfail(reason="target not reached yet: shipped weights reach about 0.85 mIoU, and single pictures "
-                   "with one shape given the wrong class fall below 0.8", strict=False)
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", [
+    # One of these 4 pictures has a shape the bilinear weights give the wrong class: 0.69 mIoU on that
+    # picture alone (0.93-0.98 on the others; 0.908 over the 200 held-out ones). A per-picture bar is
+    # stricter than the set's mean, and the bilinear checkpoint does not clear it yet.
+    pytest.param(SHIPPED[0], marks=pytest.mark.xfail(reason="bilinear: one held-out picture at 0.69 < 0.8",
+                                                     strict=False)),
+    SHIPPED[1],
+])
 def test_shipped_segmenter_masks_match_truth_through_onnxruntime(exported, name: str) -> None:
     samples = held_out_samples(4)
     for sample, mask in zip(samples, _served_masks(exported[name][1], samples)):

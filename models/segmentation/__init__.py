@@ -21,10 +21,12 @@ from modelrepo.spec import PreprocessSpec, Task
 __all__ = ["EncoderDecoderSegmenter", "LABELS", "PREPROCESS", "INPUT_SIZE", "weights_path"]
 
 LABELS: tuple[str, ...] = ("background", *CLASSES)
-INPUT_SIZE = (128, 128)
+INPUT_SIZE = (160, 160)
 # Letterbox, not stretch: a shape's class is its geometry, and stretching a 300x200 picture would turn
 # circles into ellipses and squares into rectangles. The padding is ImageNet-mean grey (about zero after
-# normalisation, which the ImageNet-pretrained encoder reads as "nothing"); 128x128 keeps CPU training fast.
+# normalisation, which the ImageNet-pretrained encoder reads as "nothing"). 160x160, not 128: the smallest
+# shapes (12% of the short side) need more than one cell of the stride-32 features to be told apart,
+# and 160 lifts held-out mIoU past 0.9 for 1.56x the pixels (train_segmenter.py has the figures).
 PREPROCESS = PreprocessSpec(
     input_size=INPUT_SIZE,
     resize="letterbox",
@@ -55,7 +57,7 @@ def _example_inputs(n: int) -> torch.Tensor:
 
 
 # Served mean IoU of the committed weights on evaluate.py's 200 held-out pictures (ONNX Runtime).
-HELD_OUT_MIOU: dict[str, float] = {"bilinear": 0.854, "transposed": 0.850}
+HELD_OUT_MIOU: dict[str, float] = {"bilinear": 0.908, "transposed": 0.907}
 
 for _mode in ("bilinear", "transposed"):
     register(

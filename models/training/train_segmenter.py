@@ -2,22 +2,31 @@
 
     M=bilinear   # or transposed; the two modes can train at the same time (one thread each)
     export OMP_WAIT_POLICY=PASSIVE   # spinning OpenMP workers cost 3-6x on a shared CPU
-    # stage 1: 6 epochs on 1,200 cached pictures (one-cycle, lr 3e-3); stage 2: 2 more (fresh one-cycle, lr 1e-3)
-    .venv/bin/python -m models.training.train_segmenter --upsampling $M --out /tmp/segmenter_$M.stage1.safetensors
-    .venv/bin/python -m models.training.train_segmenter --upsampling $M --init /tmp/segmenter_$M.stage1.safetensors \
-        --epochs 2 --lr 1e-3 --out /tmp/segmenter_$M.stage2.safetensors
+    T=".venv/bin/python -m models.training.train_segmenter --upsampling $M"
+    # Stages 1-4 at 128 px (the first served size). Stage 1: 6 epochs on 1,200 cached pictures
+    # (one-cycle, lr 3e-3); stage 2: 2 more (fresh one-cycle, lr 1e-3).
+    $T --input-size 128 --out /tmp/segmenter_$M.stage1.safetensors
+    $T --input-size 128 --init /tmp/segmenter_$M.stage1.safetensors --epochs 2 --lr 1e-3 \
+        --out /tmp/segmenter_$M.stage2.safetensors
     # stage 3: 1,000 steps of 8 never-repeated pictures generated on the fly (--stream), lr 1e-3
-    .venv/bin/python -m models.training.train_segmenter --upsampling $M --init /tmp/segmenter_$M.stage2.safetensors \
-        --stream --stream-seed 1 --steps 1000 --lr 1e-3 --out /tmp/segmenter_$M.stage3.safetensors
+    $T --input-size 128 --init /tmp/segmenter_$M.stage2.safetensors --stream --stream-seed 1 --steps 1000 \
+        --lr 1e-3 --out /tmp/segmenter_$M.stage3.safetensors
     # stage 4: 800 more steps on another 6,400 new pictures (new stream seed, fresh one-cycle, lr 1e-3)
-    .venv/bin/python -m models.training.train_segmenter --upsampling $M --init /tmp/segmenter_$M.stage3.safetensors \
-        --stream --stream-seed 2 --steps 800 --val-every 200 --lr 1e-3
+    $T --input-size 128 --init /tmp/segmenter_$M.stage3.safetensors --stream --stream-seed 2 --steps 800 \
+        --val-every 200 --lr 1e-3 --out /tmp/segmenter_$M.stage4.safetensors
+    # Stages 5-6 at the served 160 px: the same weights fine-tuned on new streams, lr 6e-4 then 3e-4.
+    $T --init /tmp/segmenter_$M.stage4.safetensors --stream --stream-seed 3 --steps 1000 --lr 6e-4 \
+        --out /tmp/segmenter_$M.stage5.safetensors
+    $T --init /tmp/segmenter_$M.stage5.safetensors --stream --stream-seed 4 --steps 1000 --lr 3e-4
 
 Reproduces models/weights/segmenter_{bilinear,transposed}.safetensors (seeded, CPU; on the shared 2-core
 machine with both modes in parallel: 7.5 min to build the tap cache once, about 28 + 8 min per mode for
-stages 1-2, 18 min for stage 3, 12 min for stage 4). Served held-out mIoU (evaluate.py, 200 pictures,
-ONNX Runtime): bilinear 0.791 after stage 2 -> 0.838 after stage 3 -> 0.854 after stage 4; transposed
-0.803 -> 0.842 -> 0.850.
+stages 1-2, 18 min for stage 3, 12 min for stage 4, 10-11 min each for stages 5 and 6 on a quiet
+machine). Held-out mIoU (evaluate.py's 200 pictures; * = the same pipeline in PyTorch, not ONNX Runtime):
+bilinear 0.791 after stage 2 -> 0.838 after stage 3 -> 0.854 after stage 4 (128 px) -> 0.891* for those
+weights served at 160 px -> 0.907* after stage 5 -> 0.908 after stage 6; transposed 0.803 -> 0.842 ->
+0.850 -> 0.892* -> 0.904* -> 0.907. Stage 6 was kept because training-time validation (VAL_SEED) rose
+in both modes (0.897 -> 0.902, 0.898 -> 0.908), not because of the held-out figure.
 
 Recipe, and why:
 - Encoder: MobileNetV2 with torchvision's ImageNet weights. Layers 0-6 (strides 2 to 8) stay frozen
@@ -29,7 +38,7 @@ Recipe, and why:
   pass are what makes fine-tuning slow, and the cache removes both from every step.
   Both modes read one cache (`--cache`), built by whichever run starts first.
 - Data: the synthetic shapes generator (models/data/shapes.py), pictures of several aspect ratios
-  preprocessed with the served PreprocessSpec (letterbox to 128x128, ImageNet normalisation); semantic
+  preprocessed with the served PreprocessSpec (letterbox to 160x160, ImageNet normalisation); semantic
   masks go through the same letterbox geometry with nearest-neighbour resizing (labels are never
   interpolated), and the padding is IGNORE (no loss: the server never shows predictions there).
   Training-time validation pictures come from VAL_SEED, never from evaluate.py's HELD_OUT_SEED.
@@ -37,6 +46,11 @@ Recipe, and why:
   held-out mIoU stalled near 0.8 (most errors: a whole shape given the wrong class, ellipse vs circle,
   stars). Stages 3-4 (--stream) draw 14,400 new pictures, computing the frozen layers per batch
   instead of caching them; they moved the served mIoU by about +0.05-0.06 in both modes.
+- Resolution, not more steps, got past 0.9: at 128 px a small shape (15 px across) leaves the
+  stride-32 features a single cell, and most remaining errors were whole shapes given the wrong class.
+  Serving the 128 px weights at 160 px already scored 0.891 with no training (192 px: 0.899), and the
+  letterbox ceiling (perfect logits mapped back to the picture) rises from 0.955 to 0.964; stages 5-6
+  adapt the weights to 160 px for 1.56x the inference cost.
 - Augmentation: horizontal flips of image and mask together, chosen per sample per step from the
   cached flipped and unflipped taps. Label-safe: every class (circle, square, triangle, ellipse, star,
   cross) is still the same class in a mirror, and the mask flips with the pixels.
@@ -57,7 +71,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from modelrepo.preprocess import Geometry, preprocess
-from models.segmentation import INPUT_SIZE, LABELS, PREPROCESS, weights_path
+from models.segmentation import LABELS, PREPROCESS, weights_path
 from models.segmentation.encoder_decoder import EncoderDecoderSegmenter
 from models.segmentation.evaluate import (HELD_OUT_SEED, IMAGE_SIZES, confusion_matrix, iou_per_class,
                                           shape_samples)
@@ -70,11 +84,14 @@ STREAM_SEED = 1  # stage 3: fresh pictures drawn on the fly
 VAL_SEED = 4242
 assert len({TRAIN_SEED, STREAM_SEED, VAL_SEED, HELD_OUT_SEED}) == 4
 IGNORE = 255  # target value of letterbox padding
+# The preprocessing training uses: the served one, or the same at another size (--input-size; stages 1-4
+# of the committed weights ran at 128 px, before the served size became 160).
+SPEC = PREPROCESS
 
 
 def letterbox_target(semantic: np.ndarray, geometry: Geometry) -> np.ndarray:
     """The semantic mask placed exactly where preprocess put the picture; IGNORE elsewhere."""
-    h, w = INPUT_SIZE
+    h, w = SPEC.input_size
     rw = max(1, round(geometry.orig_width * geometry.scale_x))
     rh = max(1, round(geometry.orig_height * geometry.scale_y))
     canvas = Image.new("L", (w, h), IGNORE)
@@ -85,7 +102,7 @@ def letterbox_target(semantic: np.ndarray, geometry: Geometry) -> np.ndarray:
 def _inputs_and_targets(samples) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for s in samples:
-        x, geometry = preprocess(Image.fromarray(s.image), PREPROCESS)
+        x, geometry = preprocess(Image.fromarray(s.image), SPEC)
         xs.append(x)
         ys.append(letterbox_target(s.semantic, geometry))
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
@@ -103,7 +120,7 @@ def frozen_taps(model: EncoderDecoderSegmenter, x: torch.Tensor, batch_size: int
 
 def build_cache(model: EncoderDecoderSegmenter, n_train: int, n_val: int) -> dict:
     t0 = time.time()
-    cache: dict = {"n_train": n_train, "n_val": n_val, "spec": PREPROCESS.model_dump_json(), "val_seed": VAL_SEED}
+    cache: dict = {"n_train": n_train, "n_val": n_val, "spec": SPEC.model_dump_json(), "val_seed": VAL_SEED}
     x, y = _inputs_and_targets(shape_samples(n_train, TRAIN_SEED))
     print(f"generated {n_train} training images ({time.time() - t0:.0f}s); computing frozen taps...", flush=True)
     cache["taps"] = frozen_taps(model, x)
@@ -122,7 +139,7 @@ def load_or_build_cache(path: Path, model: EncoderDecoderSegmenter, n_train: int
         cache = torch.load(path, weights_only=True)
         n_frozen = sum(i <= FROZEN_LAST for i in model.tap_indices)
         same_data = (cache["n_train"], cache["n_val"], cache.get("spec"), cache.get("val_seed")) == (
-            n_train, n_val, PREPROCESS.model_dump_json(), VAL_SEED)
+            n_train, n_val, SPEC.model_dump_json(), VAL_SEED)
         if same_data and len(cache["taps"]) >= n_frozen:
             print(f"using cached frozen taps from {path}", flush=True)
             return cache
@@ -138,7 +155,7 @@ def _trainable_forward(model: EncoderDecoderSegmenter, taps: list[torch.Tensor])
     n_frozen = sum(i <= FROZEN_LAST for i in model.tap_indices)
     taps = [t.float() for t in taps[:n_frozen]]
     full = model.encode(taps[-1], start=FROZEN_LAST + 1, taps=taps)
-    return model.decode(full, INPUT_SIZE)
+    return model.decode(full, SPEC.input_size)
 
 
 @torch.no_grad()
@@ -207,7 +224,7 @@ def train(args: argparse.Namespace) -> tuple[EncoderDecoderSegmenter, dict[str, 
         miou = val_miou(model, cache)
         history.append(miou)
         print(f"[{args.upsampling}] epoch {epoch + 1}/{args.epochs}: loss {running / steps_per_epoch:.4f}  "
-              f"held-out mIoU@{INPUT_SIZE[0]} {miou:.4f}  ({time.time() - t0:.0f}s)", flush=True)
+              f"held-out mIoU@{SPEC.input_size[0]} {miou:.4f}  ({time.time() - t0:.0f}s)", flush=True)
     metrics = {"val_miou_model_res": history[-1], "train_seconds": time.time() - t0}
     return model.eval(), metrics
 
@@ -246,7 +263,7 @@ def train_stream(args: argparse.Namespace) -> tuple[EncoderDecoderSegmenter, dic
         print(f"initialised from {args.init}", flush=True)
     vx, vy = _inputs_and_targets(shape_samples(args.n_val, VAL_SEED))
     val = {"val_taps": frozen_taps(model, vx), "val_targets": vy}
-    print(f"[{args.upsampling}] start: val mIoU@{INPUT_SIZE[0]} {val_miou(model, val):.4f}", flush=True)
+    print(f"[{args.upsampling}] start: val mIoU@{SPEC.input_size[0]} {val_miou(model, val):.4f}", flush=True)
     for p in model.encoder[: FROZEN_LAST + 1].parameters():
         p.requires_grad_(False)
     encoder_params = [p for p in model.encoder[FROZEN_LAST + 1 :].parameters()]
@@ -277,7 +294,7 @@ def train_stream(args: argparse.Namespace) -> tuple[EncoderDecoderSegmenter, dic
                   flush=True)
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
             miou = val_miou(model, val)
-            print(f"[{args.upsampling}] step {step + 1}: val mIoU@{INPUT_SIZE[0]} {miou:.4f} "
+            print(f"[{args.upsampling}] step {step + 1}: val mIoU@{SPEC.input_size[0]} {miou:.4f} "
                   f"({(step + 1) * args.batch_size} pictures, {time.time() - t0:.0f}s)", flush=True)
     return model.eval(), {"val_miou_model_res": miou, "train_seconds": time.time() - t0}
 
@@ -310,7 +327,12 @@ def main() -> None:
                         help="with --stream: base seed of the pictures (a new one per stage: new pictures)")
     parser.add_argument("--val-every", type=int, default=250, help="with --stream: steps between validations")
     parser.add_argument("--out", type=Path, default=None, help="default: the committed weights path")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help=f"square letterbox size (default: the served {PREPROCESS.input_size[0]})")
     args = parser.parse_args()
+    if args.input_size is not None:
+        global SPEC
+        SPEC = PREPROCESS.model_copy(update={"input_size": (args.input_size, args.input_size)})
     if args.build_cache_only:
         torch.set_num_threads(args.threads)
         model = EncoderDecoderSegmenter(len(LABELS), args.upsampling, pretrained_encoder=True)
@@ -319,7 +341,7 @@ def main() -> None:
     model, metrics = train_stream(args) if args.stream else train(args)
     out = args.out or weights_path(args.upsampling)
     save_fp16(model, out, {k: f"{v:.6f}" for k, v in metrics.items()})
-    print(f"[{args.upsampling}] held-out mIoU@{INPUT_SIZE[0]} {metrics['val_miou_model_res']:.4f}, "
+    print(f"[{args.upsampling}] held-out mIoU@{SPEC.input_size[0]} {metrics['val_miou_model_res']:.4f}, "
           f"{metrics['train_seconds']:.0f}s -> wrote {out} ({out.stat().st_size / 1e6:.2f} MB)", flush=True)
 
 
