@@ -390,18 +390,9 @@ def activate_tensorrt(model_dir: Path, record: EngineRecord | None = None) -> Pa
     (instance counts kept), no default_model_filename so engines.json picks the file per GPU. The
     record's engine is also listed in Triton's own per-GPU map, cc_model_filenames, so Triton itself can
     serve the same repository."""
-    from modelrepo.config import load_config, write_config
-    from protos.model_config_pb2 import ModelInstanceGroup
+    from modelrepo.config import load_config, retarget_to_gpu, write_config
 
-    config = load_config(model_dir)
-    config.platform = ""
-    config.backend = "tensorrt"
-    config.default_model_filename = ""
-    config.ClearField("optimization")  # ONNX Runtime accelerators mean nothing to a native engine
-    if not config.instance_group:
-        config.instance_group.add(count=1)
-    for group in config.instance_group:
-        group.kind = ModelInstanceGroup.KIND_GPU
+    config = retarget_to_gpu(load_config(model_dir), "tensorrt")
     if record is not None:
         config.cc_model_filenames[record.compute_capability] = record.file
     return write_config(config, model_dir)

@@ -6,7 +6,12 @@ dynamo exporter also starts from, so the served .pt2 and .onnx are the same capt
 tensor names that config.pbtxt uses travel inside the archive (extra file `cnnserve.json`), since an
 ExportedProgram's outputs are positional.
 
-    python -m export.torch_program --repository DIR [--models NAME ...]
+    python -m export.torch_program --repository DIR [--models NAME ...] [--activate [--cuda-graphs]]
+
+`--activate` switches each model's config.pbtxt to `backend: "pytorch"` on KIND_GPU instances (batching
+and instance counts kept); `--cuda-graphs` also sets `optimization { cuda { graphs: true } }`, which
+replays one captured CUDA graph per batch size instead of launching every op from Python (2.5-3.1x the
+eager program's throughput for MobileNetV2 on an H200; README, GPU section).
 """
 from __future__ import annotations
 
@@ -81,12 +86,32 @@ def write_repository_programs(repository: Path, models: Sequence[str] | None = N
     return written
 
 
+def activate_pytorch(model_dir: Path, cuda_graphs: bool = False) -> Path:
+    """Serve `model_dir` with the torch backend on the GPU (its model.pt2), CUDA graphs if asked."""
+    from modelrepo.config import load_config, retarget_to_gpu, write_config
+
+    config = retarget_to_gpu(load_config(model_dir), "pytorch")
+    if cuda_graphs:
+        config.optimization.cuda.graphs = True
+    return write_config(config, model_dir)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.torch_program", description=__doc__.split("\n\n")[0])
     ap.add_argument("--repository", required=True, type=Path)
     ap.add_argument("--models", nargs="*")
+    ap.add_argument("--activate", action="store_true",
+                    help='switch each config.pbtxt to backend "pytorch" on KIND_GPU instances')
+    ap.add_argument("--cuda-graphs", action="store_true", help="with --activate: optimization.cuda.graphs")
     args = ap.parse_args(argv)
-    write_repository_programs(args.repository, args.models)
+    if args.cuda_graphs and not args.activate:
+        ap.error("--cuda-graphs needs --activate")
+    for path in write_repository_programs(args.repository, args.models):
+        if args.activate:
+            model_dir = path.parent.parent
+            activate_pytorch(model_dir, args.cuda_graphs)
+            print(f"{model_dir.name}: config.pbtxt -> backend pytorch, KIND_GPU"
+                  + (", CUDA graphs" if args.cuda_graphs else ""), file=sys.stderr)
     return 0
 
 

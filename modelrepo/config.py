@@ -62,3 +62,20 @@ def write_config(cfg: ModelConfig, path: str | Path) -> Path:
         path = path / CONFIG_FILENAME
     path.write_text(render_config(cfg))
     return path
+
+
+def retarget_to_gpu(cfg: ModelConfig, backend: str) -> ModelConfig:
+    """Point `cfg` at a GPU backend in place: `backend` on KIND_GPU instances (counts kept), no platform,
+    no default_model_filename (the backend finds its own file), no optimization block (ONNX Runtime's
+    execution accelerators mean nothing to another backend). Batching settings stay as they are."""
+    from protos.model_config_pb2 import ModelInstanceGroup
+
+    cfg.platform = ""
+    cfg.backend = backend
+    cfg.default_model_filename = ""
+    cfg.ClearField("optimization")
+    if not cfg.instance_group:
+        cfg.instance_group.add(count=1)
+    for group in cfg.instance_group:
+        group.kind = ModelInstanceGroup.KIND_GPU
+    return cfg

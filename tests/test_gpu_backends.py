@@ -131,6 +131,25 @@ def test_cuda_graphs_replay_every_batch_size_with_onnx_runtime_parity(repo, expo
         inst.close()
 
 
+def test_activate_pytorch_points_an_onnx_config_at_the_program_on_the_gpu(repo, tmp_path):
+    from export.torch_program import activate_pytorch
+    from modelrepo.config import load_config
+
+    model_dir = tmp_path / "ort_cpu"
+    shutil.copytree(repo / "ort_cpu", model_dir)
+    activate_pytorch(model_dir, cuda_graphs=True)
+    cfg = load_config(model_dir)
+    assert cfg.backend == "pytorch" and cfg.platform == "" and cfg.optimization.cuda.graphs
+    assert [g.kind for g in cfg.instance_group] == [1] and cfg.max_batch_size == 8  # KIND_GPU, batching kept
+    if HAVE_CUDA:
+        (built,) = build_model(model_dir, RuntimeDefaults())
+        assert built.instances[0].cuda_graph_sizes == list(range(1, 9))
+        for inst in built.instances:
+            inst.close()
+    else:
+        assert "sees no CUDA device" in _load_error(model_dir)
+
+
 @pytest.mark.skipif(HAVE_TRT, reason="checks the refusal on machines without TensorRT")
 def test_tensorrt_plan_without_tensorrt_is_refused_clearly(repo):
     msg = _load_error(repo / "engine")
