@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelrepo.layout import version_numbers
+from modelrepo.layout import latest_version_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +38,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def model_file(repo: Path, name: str) -> Path:
-    versions = version_numbers(repo / name)
-    return repo / name / str(versions[-1]) / "model.onnx"
+    return latest_version_dir(repo / name) / "model.onnx"
 
 
 def ort_session(path: Path, threads: int, spinning: bool = False):

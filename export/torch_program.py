@@ -64,7 +64,7 @@ def write_repository_programs(repository: Path, models: Sequence[str] | None = N
     """Export the registry model behind each repository model into its latest version directory."""
     from models import get_entry, get_model
     from modelrepo.config import load_config
-    from modelrepo.layout import version_numbers
+    from modelrepo.layout import latest_version_dir
 
     repository = Path(repository)
     names = list(models) if models else sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
@@ -72,14 +72,11 @@ def write_repository_programs(repository: Path, models: Sequence[str] | None = N
     for name in names:
         model_dir = repository / name
         config = load_config(model_dir)
-        versions = version_numbers(model_dir)
-        if not versions:
-            raise FileNotFoundError(f"{model_dir}: no version directory")
         entry = get_entry(name)
         model = get_model(name, weights="default" if entry.has_weights else None)
         example = entry.example_inputs(2) if entry.example_inputs else torch.randn(2, *entry.input_shape)
         program = export_program(model, example, max(config.max_batch_size, 1))
-        path = save_program(program, model_dir / str(versions[-1]) / PROGRAM_FILENAME,
+        path = save_program(program, latest_version_dir(model_dir) / PROGRAM_FILENAME,
                             [i.name for i in config.input], [o.name for o in config.output])
         print(f"{name}: wrote {path}", file=sys.stderr)
         written.append(path)

@@ -29,7 +29,6 @@ from server.gpu_metrics import register_gpu_metrics
 from server.repository import ModelRepository, RuntimeDefaults
 from server.service import ServerState, ServicerAdder, add_inference_service
 from server.vision_service import add_vision_service
-from server.vision_service import add_vision_service
 
 log = logging.getLogger("cnnserve.app")
 

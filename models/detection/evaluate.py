@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from modelrepo.layout import version_numbers
+from modelrepo.layout import latest_version_dir
 from modelrepo.preprocess import preprocess
 from modelrepo.spec import ModelMeta, PreprocessSpec
 
@@ -165,10 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repository is not None:
         model_dir = args.repository / args.model
         meta = ModelMeta.read(model_dir)
-        versions = [model_dir / str(v) for v in version_numbers(model_dir)]
-        if not versions:
-            parser.error(f"no numbered version directory in {model_dir}")
-        path = versions[-1] / "model.onnx"
+        try:
+            version_dir = latest_version_dir(model_dir)
+        except FileNotFoundError as exc:
+            parser.error(str(exc))
+        path = version_dir / "model.onnx"
         spec, labels = meta.preprocess, meta.labels or []
     else:
         from models.registry import get_entry

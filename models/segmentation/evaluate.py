@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelrepo.layout import version_numbers
+from modelrepo.layout import latest_version_dir
 from modelrepo.spec import PreprocessSpec
 
 HELD_OUT_SEED = 20261127  # per-image seeds derive from (base seed, index): no overlap with training
@@ -122,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
 
         model_dir = args.repository / args.model
         meta = ModelMeta.read(model_dir)
-        versions = [model_dir / str(v) for v in version_numbers(model_dir)]
-        if not versions:
-            parser.error(f"no numbered version directory in {model_dir}")
-        path, spec, labels = versions[-1] / "model.onnx", meta.preprocess, meta.labels
+        try:
+            version_dir = latest_version_dir(model_dir)
+        except FileNotFoundError as exc:
+            parser.error(str(exc))
+        path, spec, labels = version_dir / "model.onnx", meta.preprocess, meta.labels
     else:
         import models  # noqa: F401  (registers the entries)
         from models.registry import get_entry

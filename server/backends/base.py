@@ -54,13 +54,17 @@ class Backend(ABC):
         self.model_file = Path(model_file)
         self.options = options
 
-    @property
-    @abstractmethod
-    def inputs(self) -> list[TensorSpec]: ...
+    # Filled by each backend as it loads: what the loaded model itself declares.
+    _inputs: list[TensorSpec]
+    _outputs: list[TensorSpec]
 
     @property
-    @abstractmethod
-    def outputs(self) -> list[TensorSpec]: ...
+    def inputs(self) -> list[TensorSpec]:
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return list(self._outputs)
 
     @abstractmethod
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

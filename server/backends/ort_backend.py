@@ -101,14 +101,6 @@ class OrtBackend(Backend):
         self._output_names = [o.name for o in self._outputs]
 
     @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
-
-    @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 

@@ -186,14 +186,6 @@ class TorchProgramBackend(Backend):
             specs.append(TensorSpec(name, self._np_dtype(val.dtype), shape[1:] if self._batched else shape))
         return specs
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return list(self._inputs)
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return list(self._outputs)
-
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         if self._graphs is not None:

@@ -167,14 +167,6 @@ class TensorRTBackend(Backend):
             self._host[name] = PinnedBuffer(nbytes)
             self._context.set_tensor_address(name, self._device[name].ptr)
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return list(self._inputs)
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return list(self._outputs)
-
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cudart = self._cudart
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
