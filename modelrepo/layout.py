@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modelrepo.spec import ModelMeta
 
 
 def version_numbers(model_dir: Path) -> list[int]:
@@ -15,3 +19,18 @@ def latest_version_dir(model_dir: Path) -> Path:
     if not versions:
         raise FileNotFoundError(f"{model_dir}: no numbered version directory")
     return Path(model_dir) / str(versions[-1])
+
+
+def latest_onnx(model_dir: Path) -> tuple[Path, "ModelMeta"]:
+    """The newest version's model.onnx and the model's model.json, for tools that evaluate what is served.
+
+    FileNotFoundError names what is missing (no such model, no model.json, no version, no ONNX file)."""
+    from modelrepo.spec import META_FILENAME, ModelMeta
+
+    model_dir = Path(model_dir)
+    if not (model_dir / META_FILENAME).is_file():
+        raise FileNotFoundError(f"{model_dir}: no {META_FILENAME} (not a model written by `python -m export`)")
+    path = latest_version_dir(model_dir) / "model.onnx"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return path, ModelMeta.read(model_dir)

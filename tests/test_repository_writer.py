@@ -105,3 +105,21 @@ def test_failure_while_staging_leaves_repository_untouched(tmp_path: Path):
     after = {p.relative_to(repo): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in repo.iterdir()) == ["a"]
+
+
+def test_latest_onnx_finds_the_newest_served_version_and_names_what_is_missing(tmp_path: Path):
+    from modelrepo.layout import latest_onnx, version_numbers
+
+    repo = tmp_path / "repo"
+    for version in (1, 10, 2):  # numeric order, not string order
+        write_model(repo, _staged(tmp_path, version=version))
+    (repo / "tiny" / "0").mkdir()  # not a version (Triton counts positive integers only)
+    (repo / "tiny" / "notes").mkdir()
+    assert version_numbers(repo / "tiny") == [1, 2, 10]
+    path, meta = latest_onnx(repo / "tiny")
+    assert path == repo / "tiny" / "10" / "model.onnx" and meta.labels == ["c0", "c1", "c2"]
+    with pytest.raises(FileNotFoundError, match="no model.json"):
+        latest_onnx(repo / "absent")
+    (repo / "tiny" / "10" / "model.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="10/model.onnx: no such file"):
+        latest_onnx(repo / "tiny")

@@ -20,9 +20,9 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from modelrepo.layout import latest_version_dir
+from modelrepo.layout import latest_onnx
 from modelrepo.preprocess import preprocess
-from modelrepo.spec import ModelMeta, PreprocessSpec
+from modelrepo.spec import PreprocessSpec
 
 # Held-out seeds live far away from the training seeds (train_detector uses seeds < 10**6).
 HELDOUT_SEED = 987_654_321
@@ -164,12 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.repository is not None:
         model_dir = args.repository / args.model
-        meta = ModelMeta.read(model_dir)
         try:
-            version_dir = latest_version_dir(model_dir)
+            path, meta = latest_onnx(model_dir)
         except FileNotFoundError as exc:
             parser.error(str(exc))
-        path = version_dir / "model.onnx"
         spec, labels = meta.preprocess, meta.labels or []
     else:
         from models.registry import get_entry

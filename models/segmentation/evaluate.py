@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelrepo.layout import latest_version_dir
+from modelrepo.layout import latest_onnx
 from modelrepo.spec import PreprocessSpec
 
 HELD_OUT_SEED = 20261127  # per-image seeds derive from (base seed, index): no overlap with training
@@ -118,15 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmark", action="store_true", help="also time the bare ONNX session at batch 1 and 8")
     args = parser.parse_args(argv)
     if args.repository is not None:
-        from modelrepo.spec import ModelMeta
-
         model_dir = args.repository / args.model
-        meta = ModelMeta.read(model_dir)
         try:
-            version_dir = latest_version_dir(model_dir)
+            path, meta = latest_onnx(model_dir)
         except FileNotFoundError as exc:
             parser.error(str(exc))
-        path, spec, labels = version_dir / "model.onnx", meta.preprocess, meta.labels
+        spec, labels = meta.preprocess, meta.labels
     else:
         import models  # noqa: F401  (registers the entries)
         from models.registry import get_entry
