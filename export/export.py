@@ -211,8 +211,9 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parity-batch-sizes", type=int, nargs="+", default=None,
                    help="batch sizes for the parity check (default: 1 2 3 and max batch)")
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="parity: absolute tolerance (default: %(default)s)")
-    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
-                   help="parity: tolerance relative to the output's max magnitude (default: %(default)s)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help=f"parity: tolerance relative to the output's max magnitude (default: the model's own, "
+                        f"else {DEFAULT_RTOL})")
     p.add_argument("--no-lint", action="store_true", help="record the TensorRT lint but do not fail on it")
     p.add_argument("--max-queue-delay-us", type=int, default=100,
                    help="dynamic_batching.max_queue_delay_microseconds (default: %(default)s)")

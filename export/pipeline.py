@@ -39,7 +39,7 @@ class ExportOptions:
     max_batch_size: int | None = None
     parity_batch_sizes: Sequence[int] | None = None
     atol: float = DEFAULT_ATOL
-    rtol: float = DEFAULT_RTOL
+    rtol: float | None = None  # None: the entry's parity_rtol, else DEFAULT_RTOL
     lint: bool = True
     batching: BatchingDefaults = field(default_factory=BatchingDefaults)
 
@@ -158,7 +158,8 @@ def export_model(name: str, workdir: Path, options: ExportOptions, *, repository
     sizes = list(options.parity_batch_sizes) if options.parity_batch_sizes else default_batch_sizes(max_batch)
     with step(f"{name}: parity eager vs ONNX Runtime at batch {sizes}"):
         try:
-            parity = check_parity(model, entry, onnx_path, batch_sizes=sizes, atol=options.atol, rtol=options.rtol)
+            rtol = options.rtol if options.rtol is not None else (entry.parity_rtol or DEFAULT_RTOL)
+            parity = check_parity(model, entry, onnx_path, batch_sizes=sizes, atol=options.atol, rtol=rtol)
         except ParityError as exc:
             raise ExportFailed(f"{name}: parity failed: {exc}") from None
         if not parity.ok:

@@ -34,6 +34,7 @@ def register_imagenet_classifier(
     description: str,
     weights: Optional[WeightsLoader] = None,
     served_by_default: bool = False,
+    parity_rtol: float | None = None,
 ) -> ModelEntry:
     return register(
         ModelEntry(
@@ -47,5 +48,6 @@ def register_imagenet_classifier(
             served_by_default=served_by_default,
             description=description,
             output_names=("logits",),
+            parity_rtol=parity_rtol,
         )
     )

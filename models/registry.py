@@ -40,6 +40,9 @@ class ModelEntry:
     # ... and a comparison of eager vs ONNX Runtime outputs (default: elementwise tolerance).
     parity_check: Callable[[dict, dict], dict] | None = None
     max_batch_size: int = 32
+    # Parity tolerance relative to the output's largest magnitude, where the default (export/defaults.py)
+    # is too tight: fp32 rounding differences between eager and ONNX Runtime kernels grow with depth.
+    parity_rtol: float | None = None
 
     @property
     def has_weights(self) -> bool:

@@ -242,4 +242,7 @@ for _depth, _kind in ((18, "basic"), (34, "basic"), (50, "bottleneck"), (101, "b
     register_imagenet_classifier(
         f"resnet{_depth}", globals()[f"resnet{_depth}"],
         f"ResNet-{_depth}: identity shortcuts, {_kind} blocks (architecture only)",
+        # 50 bottlenecks deep: random-init eager vs ONNX Runtime measured ~4.5e-4 of the output scale,
+        # against ~1e-6 for the 18-50-layer nets.
+        parity_rtol=1e-3 if _depth == 152 else None,
     )
