@@ -57,7 +57,7 @@ def _example_inputs(n: int) -> torch.Tensor:
 
 
 # Served mean IoU of the committed weights on evaluate.py's 200 held-out pictures (ONNX Runtime).
-HELD_OUT_MIOU: dict[str, float] = {"bilinear": 0.908, "transposed": 0.907}
+HELD_OUT_MIOU: dict[str, float] = {"bilinear": 0.912, "transposed": 0.909}
 
 for _mode in ("bilinear", "transposed"):
     register(
