@@ -7,6 +7,7 @@ it, and it keeps tritonclient's generated protos out of the server's process.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -271,3 +272,22 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
     yield factory
     for srv in started:
         srv.terminate()
+
+
+@pytest.fixture(scope="session")
+def default_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model repository, built once per session by the real CLI (`python -m export
+    repository`) and shared read-only by the tests that serve it (copy before changing anything);
+    $CNNSERVE_MODEL_REPOSITORY when set. Skipped, with the reason, without the export half."""
+    env_repo = os.environ.get("CNNSERVE_MODEL_REPOSITORY")
+    if env_repo:
+        return Path(env_repo)
+    for mod in ("torch", "onnxscript"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"the default repository needs the export half ({mod} is not installed)")
+    repo = tmp_path_factory.mktemp("default_repo")
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    res = subprocess.run([sys.executable, "-m", "export", "repository", "--repository", str(repo)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, f"python -m export repository failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return repo

@@ -2,15 +2,11 @@
 
 Every default model answers through tritonclient exactly as in-process ONNX Runtime does on the same
 file, and its config/metadata agree with the ONNX graph. The repository comes from
-$CNNSERVE_MODEL_REPOSITORY when set (e.g. CI built it once), else this test builds it with the export
-CLI into a temporary directory; without torch/the export half it is skipped with the reason.
+$CNNSERVE_MODEL_REPOSITORY when set, else conftest's `default_repository` builds it once per session
+with the export CLI; without torch/the export half it is skipped with the reason.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
 
-from conftest import ROOT, ServerProcess
+from conftest import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -26,21 +22,8 @@ _NUMPY = {"FP32": np.float32, "FP16": np.float16, "UINT8": np.uint8, "INT64": np
 
 
 @pytest.fixture(scope="module")
-def default_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    env_repo = os.environ.get("CNNSERVE_MODEL_REPOSITORY")
-    if env_repo:
-        return Path(env_repo)
-    for mod in ("torch", "onnxscript", "export.export"):
-        if importlib.util.find_spec(mod.split(".")[0]) is None:
-            pytest.skip(f"default repository needs the export half ({mod} is not installed)")
-    if not (ROOT / "export" / "export.py").exists():
-        pytest.skip("export CLI (export/export.py) not present in this checkout")
-    repo = tmp_path_factory.mktemp("default_repo")
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    res = subprocess.run([sys.executable, "-m", "export", "repository", "--repository", str(repo)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
-    assert res.returncode == 0, f"python -m export repository failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return repo
+def default_repo(default_repository: Path) -> Path:
+    return default_repository  # conftest: built once per session by `python -m export repository`
 
 
 @pytest.fixture(scope="module")

@@ -274,14 +274,18 @@ def _export(name: str, repo: Path) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def real_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """The real models, from CNNSERVE_TEST_REPOSITORY or ./model_repository when built there, else exported
-    now. Returns (repository, {model: why it is missing})."""
+def real_repo(tmp_path_factory, request) -> tuple[Path, dict[str, str]]:
+    """The real models, from CNNSERVE_TEST_REPOSITORY or ./model_repository when built there, else from
+    the session's default repository (conftest, built once by the export CLI), else exported now.
+    Returns (repository, {model: why it is missing})."""
     sources = [Path(p) for p in (os.environ.get("CNNSERVE_TEST_REPOSITORY"), ROOT / "model_repository") if p]
     repo = tmp_path_factory.mktemp("real_repo")
     missing: dict[str, str] = {}
     for name in REAL_MODELS:
         source = next((s / name for s in sources if (s / name / "model.json").is_file()), None)
+        if source is None:  # every REAL_MODELS entry is a default model
+            shared = request.getfixturevalue("default_repository")
+            source = shared / name if (shared / name / "model.json").is_file() else None
         if source is not None:
             shutil.copytree(source, repo / name)
             continue
