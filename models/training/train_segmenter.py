@@ -176,6 +176,27 @@ def val_miou(model: EncoderDecoderSegmenter, cache: dict, batch_size: int = 25) 
     return float(np.nanmean(iou_per_class(conf)))
 
 
+def _load_init(model: EncoderDecoderSegmenter, path: Path) -> None:
+    """Continue from a checkpoint of an earlier stage (fp16 on disk, fp32 in training)."""
+    from safetensors.torch import load_file
+
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+    model.load_state_dict(state, strict=True)
+    print(f"initialised from {path}", flush=True)
+
+
+def _optimizer(model: EncoderDecoderSegmenter, lr: float) -> torch.optim.AdamW:
+    """Freeze encoder layers 0..FROZEN_LAST; AdamW with the decoder at `lr` and the fine-tuned encoder
+    layers at lr/5 (new layers learn from scratch, pretrained ones only adapt)."""
+    for p in model.encoder[: FROZEN_LAST + 1].parameters():
+        p.requires_grad_(False)
+    encoder_params = [p for p in model.encoder[FROZEN_LAST + 1 :].parameters()]
+    decoder_params = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    return torch.optim.AdamW(
+        [{"params": encoder_params, "lr": lr / 5}, {"params": decoder_params, "lr": lr}], weight_decay=1e-4
+    )
+
+
 def train(args: argparse.Namespace) -> tuple[EncoderDecoderSegmenter, dict[str, float]]:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -183,19 +204,9 @@ def train(args: argparse.Namespace) -> tuple[EncoderDecoderSegmenter, dict[str, 
     cache = load_or_build_cache(args.cache, model, args.n_train, args.n_val)
     if args.init is not None:
         # Second stage of the recipe: continue from a first-stage checkpoint with a fresh, lower one-cycle.
-        from safetensors.torch import load_file
-
-        state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(args.init)).items()}
-        model.load_state_dict(state, strict=True)
-        print(f"initialised from {args.init}", flush=True)
-    # The checkpoint's frozen layers must be exactly the ImageNet weights the cache was computed with.
-    for p in model.encoder[: FROZEN_LAST + 1].parameters():
-        p.requires_grad_(False)
-    encoder_params = [p for p in model.encoder[FROZEN_LAST + 1 :].parameters()]
-    decoder_params = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
-    opt = torch.optim.AdamW(
-        [{"params": encoder_params, "lr": args.lr / 5}, {"params": decoder_params, "lr": args.lr}], weight_decay=1e-4
-    )
+        # Its frozen layers are exactly the ImageNet weights the cache was computed with.
+        _load_init(model, args.init)
+    opt = _optimizer(model, args.lr)
     n = args.n_train
     steps_per_epoch = n // args.batch_size
     total = steps_per_epoch * args.epochs
@@ -256,25 +267,15 @@ def stream_batch(model: EncoderDecoderSegmenter, seeds: np.ndarray, first: int, 
 
 def train_stream(args: argparse.Namespace) -> tuple[EncoderDecoderSegmenter, dict[str, float]]:
     """Stage 3: continue from `--init` on `--steps` batches of never-repeated generated pictures."""
-    from safetensors.torch import load_file
-
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     model = EncoderDecoderSegmenter(len(LABELS), args.upsampling, skips=True, pretrained_encoder=True)
     if args.init is not None:
-        state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(args.init)).items()}
-        model.load_state_dict(state, strict=True)
-        print(f"initialised from {args.init}", flush=True)
+        _load_init(model, args.init)
     vx, vy = _inputs_and_targets(shape_samples(args.n_val, VAL_SEED))
     val = {"val_taps": frozen_taps(model, vx), "val_targets": vy}
     print(f"[{args.upsampling}] start: val mIoU@{SPEC.input_size[0]} {val_miou(model, val):.4f}", flush=True)
-    for p in model.encoder[: FROZEN_LAST + 1].parameters():
-        p.requires_grad_(False)
-    encoder_params = [p for p in model.encoder[FROZEN_LAST + 1 :].parameters()]
-    decoder_params = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
-    opt = torch.optim.AdamW(
-        [{"params": encoder_params, "lr": args.lr / 5}, {"params": decoder_params, "lr": args.lr}], weight_decay=1e-4
-    )
+    opt = _optimizer(model, args.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[args.lr / 5, args.lr], total_steps=args.steps,
                                                 pct_start=0.1)
     if args.stream_seed in (VAL_SEED, HELD_OUT_SEED):
