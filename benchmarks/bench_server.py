@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelrepo.layout import latest_version_dir
+from cnncore.layout import latest_version_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_vision.py --repository model_repository [--model mobilenet_v2]
 
 Three ways to classify the same JPEG photos (scikit-image's chelsea, coffee, astronaut, rocket):
-  in-process   decode + preprocess (server.imaging) + ONNX Runtime + top-k in this process, at batch 1
+  in-process   decode + preprocess (cnncore.imaging) + ONNX Runtime + top-k in this process, at batch 1
                and 8 (the better is the reference);
   Classify     JPEG bytes to the server's vision API, `--concurrency` requests in flight (1 image each);
   ModelInfer   already-preprocessed FP32 tensors to the server's inference protocol, same concurrency.
@@ -29,11 +29,11 @@ import numpy as np  # noqa: E402
 
 from bench_server import model_file, pct, start_server  # noqa: E402  (same folder)
 from client import AsyncInferenceClient, AsyncVisionClient, InferenceClient  # noqa: E402
-from modelrepo.spec import ModelMeta  # noqa: E402
+from cnncore.spec import ModelMeta  # noqa: E402
 from server.backends.base import BackendOptions  # noqa: E402
 from server.backends.ort_backend import OrtBackend  # noqa: E402
-from server.imaging import prepare_image  # noqa: E402
-from server.postprocess import top_k  # noqa: E402
+from cnncore.imaging import prepare_image  # noqa: E402
+from cnncore.postprocess import top_k  # noqa: E402
 
 
 def sample_jpegs() -> list[bytes]:

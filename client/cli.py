@@ -28,7 +28,7 @@ from client.draw import draw_detections, overlay_mask
 from client.channel import DEFAULT_URL, InferenceServerError
 from client.inference import InferenceClient
 from client.vision import VisionClient, failures, mask_array, png_image
-from server.imaging import ImageDecodeError, decode_image
+from cnncore.imaging import ImageDecodeError, decode_image
 
 def _as_dict(message: Message) -> dict:
     """A message as JSON-ready dict in declaration order, numbers as numbers (MessageToDict writes int64

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from protos import vision_pb2 as vpb
-from server.postprocess import UNSEEN, palette
+from cnncore.postprocess import UNSEEN, palette
 
 _COLOURS = np.asarray(palette(256), dtype=np.uint8).reshape(256, 3)
 

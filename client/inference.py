@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client.channel import DEFAULT_URL, AsyncClient, BlockingClient, InferenceServerError
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from server.datatypes import from_numpy, to_numpy
-from server.tensors import deserialize_bytes, serialize_bytes
+from cnncore.datatypes import from_numpy, to_numpy
+from cnncore.wire import deserialize_bytes, serialize_bytes
 
 # ---- request building and response parsing, shared by both flavours ---------------------------------
 

@@ -12,7 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /opt/cnnserve
 COPY pyproject.toml README.md ./
 COPY models ./models
-COPY modelrepo ./modelrepo
+COPY cnncore ./cnncore
 COPY protos ./protos
 COPY server ./server
 COPY export ./export
@@ -36,7 +36,7 @@ RUN python3 -m venv --system-site-packages /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml README.md ./
 COPY models ./models
-COPY modelrepo ./modelrepo
+COPY cnncore ./cnncore
 COPY protos ./protos
 COPY server ./server
 COPY export ./export

@@ -6,7 +6,6 @@ parity from ever damaging a served repository.
 """
 from __future__ import annotations
 
-import hashlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,8 @@ from export.parity import (DEFAULT_ATOL, DEFAULT_RTOL, ParityError, ParityReport
                            default_batch_sizes)
 from export.repository import LABELS_FILENAME, BatchingDefaults, StagedModel, build_config
 from export.trt_lint import LintReport, TensorRTLintError, lint_model
-from modelrepo.spec import META_FILENAME, ModelMeta, Task
+from cnncore.artifacts import ONNX_FILENAME, file_sha256
+from cnncore.spec import META_FILENAME, ModelMeta, Task
 from models.registry import ModelEntry, get_entry, get_model
 
 Step = Callable[[str], object]  # progress callback: called with a step description, returns a ctx manager
@@ -58,14 +58,6 @@ def _weights_arg(weights: str) -> str | Path | None:
     if weights == "none":
         return None
     return Path(weights)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _previous_metrics(repo: Path | None, name: str, weights: str) -> dict[str, float]:
@@ -138,7 +130,7 @@ def export_model(name: str, workdir: Path, options: ExportOptions, *, repository
                     calibrate_batchnorm(model, entry)
                 weights_desc = ("none (random initialisation, seed 0, BatchNorm statistics calibrated on random "
                                 "inputs)" if weights is None else
-                                f"checkpoint {Path(weights).name} sha256 {_sha256(Path(weights))[:16]}")
+                                f"checkpoint {Path(weights).name} sha256 {file_sha256(Path(weights))[:16]}")
         except ExportFailed:
             raise
         except FileNotFoundError as exc:
@@ -147,7 +139,7 @@ def export_model(name: str, workdir: Path, options: ExportOptions, *, repository
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportFailed(f"{name}: cannot load weights {options.weights!r}: {first}") from None
 
-    onnx_path = workdir / name / str(options.version) / "model.onnx"
+    onnx_path = workdir / name / str(options.version) / ONNX_FILENAME
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     with step(f"{name}: torch.onnx.export (dynamo, opset {options.opset})"):
         try:
@@ -191,7 +183,7 @@ def export_model(name: str, workdir: Path, options: ExportOptions, *, repository
     parity_doc = {
         "model": name,
         "version": options.version,
-        "onnx_sha256": _sha256(onnx_path),
+        "onnx_sha256": file_sha256(onnx_path),
         "opset": result.opset,
         "exporter": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "parity": _rounded(parity.to_dict()),

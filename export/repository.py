@@ -1,7 +1,7 @@
 """The model repository writer: Triton's layout plus our model.json and parity.json.
 
-    <repo>/<model>/config.pbtxt        Triton ModelConfig (text protobuf, via modelrepo.config)
-    <repo>/<model>/model.json          modelrepo.spec.ModelMeta
+    <repo>/<model>/config.pbtxt        Triton ModelConfig (text protobuf, via cnncore.config)
+    <repo>/<model>/model.json          cnncore.spec.ModelMeta
     <repo>/<model>/parity.json         the export's parity + TensorRT lint report
     <repo>/<model>/<version>/model.onnx
 
@@ -25,8 +25,8 @@ from typing import Sequence
 import onnx
 from onnx import TensorProto
 
-from modelrepo.config import CONFIG_FILENAME, render_config
-from modelrepo.spec import META_FILENAME, ModelMeta
+from cnncore.config import CONFIG_FILENAME, render_config
+from cnncore.spec import META_FILENAME, ModelMeta
 from protos.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
 
 ONNX_FILENAME = "model.onnx"

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from export.engine_manifest import (
+from cnncore.engine_manifest import (
     PRECISIONS,
     EngineManifest,
     EngineRecord,
@@ -108,13 +108,13 @@ def select_calibration_files(directory: Path, count: int, seed: int = 0) -> list
 def load_calibration_samples(files: Sequence[Path], model_dir: Path, shape: Sequence[int]) -> np.ndarray:
     """Stack samples into an NCHW float32 array of per-sample `shape` (CHW).
 
-    Images go through the model's own stored preprocessing (modelrepo/preprocess.py, the one
+    Images go through the model's own stored preprocessing (cnncore/preprocess.py, the one
     implementation the server uses), so calibration sees exactly what serving feeds the engine.
     """
     from PIL import Image
 
-    from modelrepo.preprocess import preprocess
-    from modelrepo.spec import ModelMeta
+    from cnncore.preprocess import preprocess
+    from cnncore.spec import ModelMeta
 
     shape = tuple(int(s) for s in shape)
     spec = None
@@ -200,7 +200,7 @@ def check_precision_supported(precision: str, tensorrt_version: str) -> None:
 
 
 def timing_cache_path(repository: Path, gpu: GpuInfo, tensorrt_version: str) -> Path:
-    from export.engine_manifest import capability_tag
+    from cnncore.engine_manifest import capability_tag
 
     return Path(repository) / TIMING_CACHE_DIRNAME / f"timing.{capability_tag(gpu.compute_capability)}.trt{tensorrt_version}.cache"
 
@@ -377,7 +377,7 @@ def engine_parity(version_dir: Path, record: EngineRecord, batch_sizes: Sequence
 def current_engine(version_dir: Path, gpu: GpuInfo, tensorrt_version: str, precision: str) -> EngineRecord | None:
     """The engine already built for this GPU, TensorRT, precision and ONNX, if any: the export service
     re-runs at every `docker compose up` and must only build what the volume does not hold yet."""
-    from export.engine_manifest import EngineMismatch, select_engine
+    from cnncore.engine_manifest import EngineMismatch, select_engine
 
     try:
         return select_engine(version_dir, gpu.compute_capability, tensorrt_version, precision)
@@ -390,7 +390,7 @@ def activate_tensorrt(model_dir: Path, record: EngineRecord | None = None) -> Pa
     (instance counts kept), no default_model_filename so engines.json picks the file per GPU. The
     record's engine is also listed in Triton's own per-GPU map, cc_model_filenames, so Triton itself can
     serve the same repository."""
-    from modelrepo.config import load_config, retarget_to_gpu, write_config
+    from cnncore.config import load_config, retarget_to_gpu, write_config
 
     config = retarget_to_gpu(load_config(model_dir), "tensorrt")
     if record is not None:
@@ -415,8 +415,8 @@ def build_repository_engines(
     Fails per model (the error is printed and the rest are built), then raises at the end if any failed,
     so one model TensorRT cannot parse does not cost the other engines.
     """
-    from modelrepo.config import load_config
-    from modelrepo.layout import version_numbers
+    from cnncore.config import load_config
+    from cnncore.layout import version_numbers
 
     repository = Path(repository)
     trt = import_tensorrt()

@@ -24,8 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-PROGRAM_FILENAME = "model.pt2"
-NAMES_FILE = "cnnserve.json"
+from cnncore.artifacts import PROGRAM_FILENAME, PROGRAM_NAMES_FILE
 
 
 def export_program(model: nn.Module, example: torch.Tensor, max_batch_size: int) -> torch.export.ExportedProgram:
@@ -45,26 +44,17 @@ def save_program(program: torch.export.ExportedProgram, path: Path, input_names:
     path = Path(path)
     names = json.dumps({"inputs": list(input_names), "outputs": list(output_names)})
     tmp = path.with_name(path.stem + ".tmp.pt2")  # torch.export.save wants the .pt2 suffix
-    torch.export.save(program, str(tmp), extra_files={NAMES_FILE: names})
+    torch.export.save(program, str(tmp), extra_files={PROGRAM_NAMES_FILE: names})
     tmp.replace(path)
     return path
 
-
-def load_program(path: Path) -> tuple[torch.export.ExportedProgram, list[str], list[str]]:
-    extra = {NAMES_FILE: ""}
-    program = torch.export.load(str(path), extra_files=extra)
-    names = json.loads(extra[NAMES_FILE]) if extra[NAMES_FILE] else {}
-    n_out = len(program.graph_signature.user_outputs)
-    inputs = names.get("inputs") or list(program.graph_signature.user_inputs)
-    outputs = names.get("outputs") or [f"output{i}" for i in range(n_out)]
-    return program, list(inputs), list(outputs)
 
 
 def write_repository_programs(repository: Path, models: Sequence[str] | None = None) -> list[Path]:
     """Export the registry model behind each repository model into its latest version directory."""
     from models import get_entry, get_model
-    from modelrepo.config import load_config
-    from modelrepo.layout import latest_version_dir
+    from cnncore.config import load_config
+    from cnncore.layout import latest_version_dir
 
     repository = Path(repository)
     names = list(models) if models else sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
@@ -85,7 +75,7 @@ def write_repository_programs(repository: Path, models: Sequence[str] | None = N
 
 def activate_pytorch(model_dir: Path, cuda_graphs: bool = False) -> Path:
     """Serve `model_dir` with the torch backend on the GPU (its model.pt2), CUDA graphs if asked."""
-    from modelrepo.config import load_config, retarget_to_gpu, write_config
+    from cnncore.config import load_config, retarget_to_gpu, write_config
 
     config = retarget_to_gpu(load_config(model_dir), "pytorch")
     if cuda_graphs:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from models.registry import ModelEntry, register
-from modelrepo.spec import PreprocessSpec, Task
+from cnncore.spec import PreprocessSpec, Task
 
 LATENT_DIM = 32
 IMAGE_SIZE = 28
@@ -161,7 +161,7 @@ def preprocess_images(images: np.ndarray) -> np.ndarray:
     """uint8 [N, 28, 28] -> model input [N, 1, 28, 28] through the served preprocessing spec."""
     from PIL import Image
 
-    from modelrepo.preprocess import preprocess
+    from cnncore.preprocess import preprocess
 
     return np.stack([preprocess(Image.fromarray(img, mode="L"), PREPROCESS)[0] for img in images])
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelrepo.spec import PreprocessSpec, Task
+from cnncore.spec import PreprocessSpec, Task
 from models.data import fashion_mnist
 from models.registry import ModelEntry, register
 

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from modelrepo.spec import Task
+from cnncore.spec import Task
 from models.registry import IMAGENET_PREPROCESS, ModelEntry, WeightsLoader, register
 
 __all__ = ["IMAGENET_CLASSES_FILE", "imagenet_labels", "register_imagenet_classifier"]

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from modelrepo.spec import PreprocessSpec, Task
+from cnncore.spec import PreprocessSpec, Task
 
 # The weights loader: given the freshly built module, fill it with trained weights (strict) and return
 # a short human description of the source (recorded in model.json).

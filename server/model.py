@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modelrepo.spec import ModelMeta
+from cnncore.spec import ModelMeta
 from protos import model_config_pb2 as mc
 from server.backends.base import Backend
 from server.batcher import DynamicBatcher
-from server.datatypes import from_config, from_numpy, to_numpy
+from cnncore.datatypes import from_config, from_numpy, to_numpy
 from server.errors import InferError, invalid
 from server.stats import ModelStats
 

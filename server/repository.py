@@ -1,7 +1,7 @@
 """The model repository loader: Triton's layout, one failure never takes the others down.
 
     <repo>/<model>/config.pbtxt          ModelConfig (text); name must match the directory (or be empty)
-    <repo>/<model>/model.json            optional: task, labels, preprocessing (modelrepo.spec.ModelMeta)
+    <repo>/<model>/model.json            optional: task, labels, preprocessing (cnncore.spec.ModelMeta)
     <repo>/<model>/<version>/model.onnx  numbered versions; config.default_model_filename overrides the name
 
 Version policy as Triton: latest (1 by default), all, or specific. Each served version gets its own
@@ -19,15 +19,15 @@ from typing import Iterable
 
 from pydantic import ValidationError
 
-from modelrepo.config import CONFIG_FILENAME, ConfigError, load_config
-from modelrepo.layout import version_numbers
-from modelrepo.spec import META_FILENAME, ModelMeta
+from cnncore.config import CONFIG_FILENAME, ConfigError, load_config
+from cnncore.layout import version_numbers
+from cnncore.spec import META_FILENAME, ModelMeta
 from protos import model_config_pb2 as mc
 from server import backends as _backends  # noqa: F401  (registers the backends)
 from server.backends.base import (Backend, BackendOptions, BackendUnavailable, TensorSpec, available_backends,
                                   create_backend)
 from server.batcher import BatchSettings, DynamicBatcher
-from server.datatypes import from_config, from_numpy, to_config
+from cnncore.datatypes import from_config, from_numpy, to_config
 from server.errors import not_found, unavailable
 from server.model import ServedModel
 from server.stats import ModelStats

@@ -6,13 +6,11 @@ tritonclient's `as_numpy` reads.
 """
 from __future__ import annotations
 
-import math
-import struct
-
 import numpy as np
 
 from protos import grpc_service_pb2 as pb
-from server.datatypes import from_numpy, to_numpy
+from cnncore.datatypes import from_numpy, to_numpy
+from cnncore.wire import WireFormatError, deserialize_bytes, element_count, serialize_bytes
 from server.errors import invalid
 
 # Which InferTensorContents field holds each datatype when sent typed (FP16/BF16 have none: raw only).
@@ -21,39 +19,6 @@ _TYPED_FIELD = {
     "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }
-
-
-def element_count(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
-
-
-def deserialize_bytes(buf: bytes | memoryview, count: int, name: str) -> np.ndarray:
-    """BYTES wire form: each element is a little-endian uint32 length followed by that many bytes."""
-    items = []
-    off, n = 0, len(buf)
-    while off < n:
-        if off + 4 > n:
-            raise invalid(f"input '{name}': truncated BYTES element length at offset {off}")
-        (length,) = struct.unpack_from("<I", buf, off)
-        off += 4
-        if off + length > n:
-            raise invalid(f"input '{name}': BYTES element of {length} bytes overruns the buffer at offset {off}")
-        items.append(bytes(buf[off:off + length]))
-        off += length
-    if len(items) != count:
-        raise invalid(f"input '{name}': expected {count} BYTES elements for its shape, got {len(items)}")
-    arr = np.empty(count, dtype=np.object_)
-    arr[:] = items
-    return arr
-
-
-def serialize_bytes(arr: np.ndarray) -> bytes:
-    parts = []
-    for item in arr.reshape(-1):
-        b = item if isinstance(item, bytes) else str(item).encode()
-        parts.append(struct.pack("<I", len(b)))
-        parts.append(b)
-    return b"".join(parts)
 
 
 def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | memoryview | None) -> np.ndarray:
@@ -69,7 +34,10 @@ def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | mem
     count = element_count(shape)
     if raw is not None:
         if tensor.datatype == "BYTES":
-            return deserialize_bytes(raw, count, name).reshape(shape)
+            try:
+                return deserialize_bytes(raw, count, name).reshape(shape)
+            except WireFormatError as exc:
+                raise invalid(f"input {str(exc).removeprefix('tensor ')}") from None
         expected = count * dtype.itemsize
         if len(raw) != expected:
             raise invalid(

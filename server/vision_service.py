@@ -21,13 +21,14 @@ import grpc
 import numpy as np
 from prometheus_client import Counter, Histogram
 
-from modelrepo.preprocess import Geometry
-from modelrepo.spec import ModelMeta, Task
+from cnncore.preprocess import Geometry
+from cnncore.spec import ModelMeta, Task
 from protos import vision_pb2 as vpb
 from protos import vision_pb2_grpc as vpb_grpc
-from server import metrics, postprocess
+from cnncore import postprocess
+from server import metrics
 from server.errors import InferError
-from server.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, PreparedImage, prepare_image
+from cnncore.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, PreparedImage, prepare_image
 from server.model import ServedModel
 from server.repository import ModelRepository
 from server.service import ServerState

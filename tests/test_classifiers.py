@@ -20,7 +20,7 @@ from models.imagenet import imagenet_labels
 from models.mobilenetv2 import InvertedResidual, MobileNetV2
 from models.registry import IMAGENET_PREPROCESS, get_entry, get_model, list_models
 from models.resnet import BasicBlock, Bottleneck, resnet18
-from modelrepo.spec import Task
+from cnncore.spec import Task
 
 FIXTURES = Path(__file__).parent / "fixtures" / "torchvision"
 

@@ -16,7 +16,7 @@ import models  # noqa: F401  (registers the families)
 from export.onnx_export import export_onnx
 from export.parity import check_parity
 from export.trt_lint import check_model
-from modelrepo.preprocess import preprocess
+from cnncore.preprocess import preprocess
 from models.data.shapes import generate_sample
 from models.detection import SHAPES_WEIGHTS, shapes_example_inputs
 from models.detection.evaluate import box_iou_np

@@ -110,7 +110,7 @@ def test_cli_writes_triton_layout(exported_repo: Path):
     expected = {f"{CLI_MODEL}/config.pbtxt", f"{CLI_MODEL}/model.json", f"{CLI_MODEL}/parity.json",
                 f"{CLI_MODEL}/1/model.onnx"}
     assert expected <= set(files)
-    from modelrepo.config import load_config
+    from cnncore.config import load_config
 
     cfg = load_config(exported_repo / CLI_MODEL)
     assert cfg.backend == "onnxruntime" and cfg.platform == "onnxruntime_onnx"

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import models
-from modelrepo.preprocess import preprocess
+from cnncore.preprocess import preprocess
 from models.cifar_resnet import FASHION_WEIGHTS, fashion_checkpoint_accuracy
 from models.data import fashion_mnist
 from models.data.augment import (

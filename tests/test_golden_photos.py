@@ -1,6 +1,6 @@
 """Golden tests: MobileNetV2 with torchvision's ImageNet weights on real photographs.
 
-The photos come with scikit-image; preprocessing is modelrepo.preprocess (what the server runs),
+The photos come with scikit-image; preprocessing is cnncore.preprocess (what the server runs),
 so these tests tie together the definition, the weights, the labels and the preprocessing spec.
 Run with -s to see the top-5.
 """
@@ -14,7 +14,7 @@ from skimage import data
 
 from models.imagenet import imagenet_labels
 from models.registry import IMAGENET_PREPROCESS, get_entry, get_model
-from modelrepo.preprocess import preprocess
+from cnncore.preprocess import preprocess
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian cat, Siamese cat, Egyptian cat
 ESPRESSO = 967

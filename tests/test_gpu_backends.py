@@ -15,8 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from export.engine_manifest import EngineManifest, EngineRecord, ProfileShapes, engine_filename, file_sha256
-from export.torch_program import PROGRAM_FILENAME, export_program, load_program, save_program
+from cnncore.engine_manifest import EngineManifest, EngineRecord, ProfileShapes, engine_filename, file_sha256
+from cnncore.artifacts import PROGRAM_FILENAME
+from export.torch_program import export_program, save_program
+from server.backends.torch_program import load_program
 from server.backends.base import BackendOptions, BackendUnavailable, available_backends, create_backend
 from server.repository import LoadError, ModelRepository, build_model, RuntimeDefaults
 
@@ -133,7 +135,7 @@ def test_cuda_graphs_replay_every_batch_size_with_onnx_runtime_parity(repo, expo
 
 def test_activate_pytorch_points_an_onnx_config_at_the_program_on_the_gpu(repo, tmp_path):
     from export.torch_program import activate_pytorch
-    from modelrepo.config import load_config
+    from cnncore.config import load_config
 
     model_dir = tmp_path / "ort_cpu"
     shutil.copytree(repo / "ort_cpu", model_dir)

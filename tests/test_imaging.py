@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modelrepo.spec import PreprocessSpec
-from server.imaging import (
+from cnncore.spec import PreprocessSpec
+from cnncore.imaging import (
     ACCEPTED_FORMATS,
     ImageDecodeError,
     ImageErrorReason,
@@ -166,7 +166,7 @@ def test_prepare_image_uses_model_spec() -> None:
 
 @pytest.mark.parametrize("orientation", [1, 6])
 def test_large_jpeg_reduced_decode_keeps_full_size_geometry(orientation: int) -> None:
-    from modelrepo.preprocess import preprocess
+    from cnncore.preprocess import preprocess
 
     stored = gradient_rgb(2000, 1200)
     exif = Image.Exif()

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modelrepo.preprocess import Geometry, preprocess
-from modelrepo.spec import PreprocessSpec
-from server.postprocess import (
+from cnncore.preprocess import Geometry, preprocess
+from cnncore.spec import PreprocessSpec
+from cnncore.postprocess import (
     UNSEEN,
     class_fractions,
     detections,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from modelrepo.config import ConfigError, load_config, parse_config, render_config, write_config
+from cnncore.config import ConfigError, load_config, parse_config, render_config, write_config
 from protos import model_config_pb2
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export.repository import (BatchingDefaults, StagedModel, build_config, preferred_batch_sizes, write_model,
                                write_models)
-from modelrepo.config import load_config
-from modelrepo.spec import ModelMeta, PreprocessSpec, Task
+from cnncore.config import load_config
+from cnncore.spec import ModelMeta, PreprocessSpec, Task
 from protos.model_config_pb2 import DataType, ModelInstanceGroup
 
 
@@ -108,7 +108,7 @@ def test_failure_while_staging_leaves_repository_untouched(tmp_path: Path):
 
 
 def test_latest_onnx_finds_the_newest_served_version_and_names_what_is_missing(tmp_path: Path):
-    from modelrepo.layout import latest_onnx, version_numbers
+    from cnncore.layout import latest_onnx, version_numbers
 
     repo = tmp_path / "repo"
     for version in (1, 10, 2):  # numeric order, not string order

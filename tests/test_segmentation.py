@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import models
-from modelrepo.preprocess import preprocess
+from cnncore.preprocess import preprocess
 from models.registry import get_entry
 from models.segmentation import INPUT_SIZE, LABELS, PREPROCESS, weights_path
 from models.segmentation.encoder_decoder import EncoderDecoderSegmenter, Upsample2x, transposed_conv_output_size
@@ -71,7 +71,7 @@ def test_skips_widen_only_the_fusion_convs(random_models) -> None:
 
 def test_letterbox_target_round_trips_through_served_postprocessing() -> None:
     from models.training.train_segmenter import IGNORE, letterbox_target
-    from server.postprocess import segmentation_mask
+    from cnncore.postprocess import segmentation_mask
 
     sample = held_out_samples(2)[1]  # 200x300: letterboxed with padding at the top and bottom
     assert sample.image.shape[:2] == (200, 300)
@@ -131,7 +131,7 @@ def _served_masks(path: Path, samples) -> list[np.ndarray]:
     """Masks at the pictures' own size, exactly as the server makes them (preprocess, ORT, postprocess)."""
     import onnxruntime as ort
 
-    from server.postprocess import segmentation_mask
+    from cnncore.postprocess import segmentation_mask
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs, geometries = zip(*(preprocess(Image.fromarray(s.image), PREPROCESS) for s in samples))

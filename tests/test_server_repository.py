@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, affine_model, write_model
-from modelrepo.spec import ModelMeta, PreprocessSpec, Task
+from cnncore.spec import ModelMeta, PreprocessSpec, Task
 from server.errors import InferError
 from server.repository import ModelRepository
 

@@ -7,7 +7,8 @@ import pytest
 from protos import grpc_service_pb2 as pb
 from server.errors import InferError
 from server.infer_request import WireError, from_message, parse_infer_request
-from server.tensors import decode_input, deserialize_bytes, serialize_bytes
+from cnncore.wire import WireFormatError, deserialize_bytes, serialize_bytes
+from server.tensors import decode_input
 
 
 def _request() -> pb.ModelInferRequest:
@@ -65,9 +66,9 @@ def test_bytes_tensor_codec_roundtrip() -> None:
     assert wire[:4] == b"\0\0\0\0" and wire[4:8] == b"\3\0\0\0"
     back = deserialize_bytes(memoryview(wire), 3, "s")
     assert list(back) == list(items)
-    with pytest.raises(InferError, match="expected 2 BYTES elements"):
+    with pytest.raises(WireFormatError, match="expected 2 BYTES elements"):
         deserialize_bytes(wire, 2, "s")
-    with pytest.raises(InferError, match="truncated"):
+    with pytest.raises(WireFormatError, match="truncated"):
         deserialize_bytes(wire + b"\1\0", 4, "s")
 
 

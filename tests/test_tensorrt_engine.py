@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.engine_manifest import (
+from cnncore.engine_manifest import (
     MANIFEST_FILENAME,
     EngineManifest,
     EngineMismatch,
@@ -37,8 +37,8 @@ from export.tensorrt_engine import (
     timing_cache_path,
     GpuInfo,
 )
-from modelrepo.config import parse_config
-from modelrepo.spec import ModelMeta, PreprocessSpec, Task
+from cnncore.config import parse_config
+from cnncore.spec import ModelMeta, PreprocessSpec, Task
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 HAVE_GPU = Path("/dev/nvidiactl").exists()  # the NVIDIA driver's control node: a GPU box, torch or not
@@ -190,7 +190,7 @@ def test_cached_engine_is_found_only_for_the_same_gpu_tensorrt_precision_and_onn
 
 
 def test_activate_points_the_config_at_the_engines(tmp_path):
-    from modelrepo.config import load_config
+    from cnncore.config import load_config
 
     model_dir = tmp_path / "resnet18"
     model_dir.mkdir()
@@ -285,7 +285,7 @@ def test_calibration_without_samples_is_a_clear_error(tmp_path):
 
 
 def test_calibration_images_use_the_models_own_preprocessing(tmp_path):
-    from modelrepo.preprocess import preprocess
+    from cnncore.preprocess import preprocess
 
     model_dir = tmp_path / "fashion"
     cal = model_dir / "calibration"

@@ -20,10 +20,10 @@ import pytest
 from PIL import Image
 
 from client import AsyncVisionClient, InferenceClient, InferenceServerError, VisionClient, failures, mask_array, png_image
-from modelrepo.preprocess import preprocess
-from modelrepo.spec import ModelMeta
+from cnncore.preprocess import preprocess
+from cnncore.spec import ModelMeta
 from protos import vision_pb2 as vpb
-from server.postprocess import softmax
+from cnncore.postprocess import softmax
 from test_imaging import bomb_png, encode, gradient_rgb
 from vision_synthetic import build_synthetic_repository
 
@@ -411,7 +411,7 @@ def test_real_segmenter_mask_matches_truth(real_vision, model: str) -> None:
     import onnxruntime as ort
 
     from models.segmentation.evaluate import confusion_matrix, iou_per_class, shape_samples
-    from server.postprocess import segmentation_mask
+    from cnncore.postprocess import segmentation_mask
 
     vision, missing, repo = real_vision
     _need(missing, model)

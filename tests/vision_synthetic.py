@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from modelrepo.config import write_config
-from modelrepo.spec import ModelMeta, PreprocessSpec, Task
+from cnncore.config import write_config
+from cnncore.spec import ModelMeta, PreprocessSpec, Task
 from protos import model_config_pb2 as mc
 
 _FLOAT, _INT64 = TensorProto.FLOAT, TensorProto.INT64

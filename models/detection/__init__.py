@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelrepo.spec import PreprocessSpec, Task
+from cnncore.spec import PreprocessSpec, Task
 from models.detection import ops
 from models.detection.coco_labels import COCO_CATEGORIES
 from models.detection.faster_rcnn import (
@@ -62,7 +62,7 @@ def shapes_example_inputs(n: int) -> torch.Tensor:
     second image on, every third one blank so the zero-detection path is exercised too."""
     from PIL import Image
 
-    from modelrepo.preprocess import preprocess
+    from cnncore.preprocess import preprocess
     from models.data.shapes import generate_sample
 
     sizes = ((256, 256), (240, 320), (320, 240))

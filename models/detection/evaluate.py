@@ -4,7 +4,7 @@
     python -m models.detection.evaluate --repository DIR --model shapes_detector
 
 Pictures are generated at assorted sizes and aspect ratios, preprocessed with the *server's*
-letterbox code (modelrepo.preprocess with the model's PreprocessSpec) and the boxes mapped back to
+letterbox code (cnncore.preprocess with the model's PreprocessSpec) and the boxes mapped back to
 picture pixels with the same Geometry the server uses, so the number printed is what is served.
 Torch-free apart from the registry lookup when only --onnx is given.
 """
@@ -20,9 +20,9 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from modelrepo.layout import latest_onnx
-from modelrepo.preprocess import preprocess
-from modelrepo.spec import PreprocessSpec
+from cnncore.layout import latest_onnx
+from cnncore.preprocess import preprocess
+from cnncore.spec import PreprocessSpec
 
 # Held-out seeds live far away from the training seeds (train_detector uses seeds < 10**6).
 HELDOUT_SEED = 987_654_321

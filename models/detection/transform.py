@@ -1,7 +1,7 @@
 """In-graph input handling (the part of torchvision's GeneralizedRCNNTransform that survives export).
 
 The served model takes a float batch [N,3,H,W] in [0,1] at a fixed H,W: the server letterboxes each
-picture to the model input size (modelrepo.preprocess), so there is no in-graph resize and boxes come
+picture to the model input size (cnncore.preprocess), so there is no in-graph resize and boxes come
 out in input pixels; only the ImageNet normalisation the backbone was trained with lives here.
 """
 from __future__ import annotations

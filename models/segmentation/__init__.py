@@ -16,7 +16,7 @@ from torch import nn
 from models.data.shapes import CLASSES
 from models.registry import IMAGENET_PREPROCESS, ModelEntry, register
 from models.segmentation.encoder_decoder import EncoderDecoderSegmenter, Upsampling
-from modelrepo.spec import PreprocessSpec, Task
+from cnncore.spec import PreprocessSpec, Task
 
 __all__ = ["EncoderDecoderSegmenter", "LABELS", "PREPROCESS", "INPUT_SIZE", "weights_path"]
 

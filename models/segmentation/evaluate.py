@@ -5,8 +5,8 @@
 
 Each held-out image (several sizes and aspect ratios, generated from a seed the training never uses)
 goes through exactly what
-the server does: `modelrepo.preprocess.preprocess` with the entry's PreprocessSpec, the ONNX model, and
-`server.postprocess.segmentation_mask` (logits resized to the original size, then argmax). The mask is
+the server does: `cnncore.preprocess.preprocess` with the entry's PreprocessSpec, the ONNX model, and
+`cnncore.postprocess.segmentation_mask` (logits resized to the original size, then argmax). The mask is
 compared with the generator's exact semantic truth at the original resolution, so the number measures
 the served output, not a PyTorch approximation of it. Torch-free: numpy, Pillow and onnxruntime.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from modelrepo.layout import latest_onnx
-from modelrepo.spec import PreprocessSpec
+from cnncore.layout import latest_onnx
+from cnncore.spec import PreprocessSpec
 
 HELD_OUT_SEED = 20261127  # per-image seeds derive from (base seed, index): no overlap with training
 HELD_OUT_SIZE = 200
@@ -64,8 +64,8 @@ def evaluate_onnx(onnx_path: Path, spec: PreprocessSpec, labels: list[str] | Non
     import onnxruntime as ort
     from PIL import Image
 
-    from modelrepo.preprocess import preprocess
-    from server.postprocess import segmentation_mask
+    from cnncore.preprocess import preprocess
+    from cnncore.postprocess import segmentation_mask
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from modelrepo.preprocess import preprocess
+from cnncore.preprocess import preprocess
 from models.data.shapes import CLASSES, generate_sample
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "weights" / "detector_shapes.safetensors"

@@ -74,7 +74,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from modelrepo.preprocess import Geometry, preprocess
+from cnncore.preprocess import Geometry, preprocess
 from models.segmentation import LABELS, PREPROCESS, weights_path
 from models.segmentation.encoder_decoder import EncoderDecoderSegmenter
 from models.segmentation.evaluate import (HELD_OUT_SEED, IMAGE_SIZES, confusion_matrix, iou_per_class,

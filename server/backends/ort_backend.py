@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from server.backends.base import Backend, BackendOptions, BackendUnavailable, TensorSpec, register_backend
-from server.datatypes import from_ort, to_numpy
+from cnncore.datatypes import from_ort, to_numpy
 
 _ACCELERATOR_EP = {
     "tensorrt": "TensorrtExecutionProvider",

@@ -10,11 +10,14 @@ captures a CUDA graph per batch size at load (CudaGraphs below).
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from cnncore.artifacts import PROGRAM_NAMES_FILE
 from server.backends.base import Backend, BackendOptions, BackendUnavailable, TensorSpec, register_backend
 
 
@@ -113,6 +116,17 @@ class CudaGraphs:
             return tuple(o[:n].cpu() for o in outs)
 
 
+def load_program(path: Path) -> tuple[Any, list[str], list[str]]:
+    """A torch.export program written by export.torch_program, with its inputs' and outputs' names."""
+    extra = {PROGRAM_NAMES_FILE: ""}
+    program = _torch().export.load(str(path), extra_files=extra)
+    names = json.loads(extra[PROGRAM_NAMES_FILE]) if extra[PROGRAM_NAMES_FILE] else {}
+    n_out = len(program.graph_signature.user_outputs)
+    inputs = names.get("inputs") or list(program.graph_signature.user_inputs)
+    outputs = names.get("outputs") or [f"output{i}" for i in range(n_out)]
+    return program, list(inputs), list(outputs)
+
+
 class TorchProgramBackend(Backend):
     kind = "pytorch"
 
@@ -120,8 +134,6 @@ class TorchProgramBackend(Backend):
         super().__init__(model_file, options)
         self.device = resolve_device(options)
         torch = self._torch = _torch()
-        from export.torch_program import load_program
-
         if not self.model_file.is_file():
             raise BackendUnavailable(f"{self.model_file}: no exported program; write it with "
                                      "python -m export.torch_program --repository DIR")

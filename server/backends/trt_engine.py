@@ -103,7 +103,7 @@ def resolve_engine_file(model_file: Path, compute_capability: str, tensorrt_vers
     lists it). A mismatch is refused with the manifest's message
     as BackendUnavailable, so the loader fails this model and keeps the others.
     """
-    from export.engine_manifest import EngineManifest, EngineMismatch, select_engine
+    from cnncore.engine_manifest import EngineManifest, EngineMismatch, select_engine
 
     model_file = Path(model_file)
     try:

@@ -1,7 +1,7 @@
 """Model outputs of ONE image -> answers in the picture's own terms (labels, pixels, PNGs).
 
 Everything here works on one image's slice of a batch and on its `Geometry` (from
-modelrepo.preprocess), so boxes and masks land on the original, upright image whatever resize policy
+cnncore.preprocess), so boxes and masks land on the original, upright image whatever resize policy
 the model's preprocessing used (stretch, centre crop, letterbox). Pure numpy + Pillow: no protobuf, so
 the benchmark's in-process path and the tests use exactly what the server uses.
 """
@@ -14,8 +14,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from modelrepo.preprocess import Geometry
-from modelrepo.spec import PreprocessSpec
+from cnncore.preprocess import Geometry
+from cnncore.spec import PreprocessSpec
 
 # Value of mask pixels the model never saw (outside a centre crop): PNG-palette index, not a class.
 UNSEEN = 255

@@ -2,6 +2,6 @@
 
 Torch-free on purpose: the server imports it, and a serving image carries no PyTorch.
 """
-from modelrepo.spec import ModelMeta, PreprocessSpec, Task
+from cnncore.spec import ModelMeta, PreprocessSpec, Task
 
 __all__ = ["ModelMeta", "PreprocessSpec", "Task"]

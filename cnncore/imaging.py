@@ -16,8 +16,8 @@ from enum import Enum
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
-from modelrepo.preprocess import Geometry, preprocess
-from modelrepo.spec import PreprocessSpec
+from cnncore.preprocess import Geometry, preprocess
+from cnncore.spec import PreprocessSpec
 
 # 40 Mpx: a 50-Mpx camera photo is still refused, but every phone photo is accepted. Below Pillow's
 # own warning threshold (89 Mpx), so Pillow's global guard never fires first for legitimate sizes.
@@ -185,7 +185,7 @@ class PreparedImage:
 def prepare_image(
     data: bytes, spec: PreprocessSpec, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> PreparedImage:
-    """Decode + the one shared preprocessing (modelrepo.preprocess). Runs in a worker thread.
+    """Decode + the one shared preprocessing (cnncore.preprocess). Runs in a worker thread.
 
     The geometry always refers to the full-resolution upright picture, even when it was decoded smaller.
     """

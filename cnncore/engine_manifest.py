@@ -14,7 +14,6 @@ Layout inside `<repo>/<model>/<version>/`:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from datetime import datetime, timezone
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from cnncore.artifacts import ONNX_FILENAME, file_sha256
 
 MANIFEST_FILENAME = "engines.json"
 Precision = Literal["fp32", "fp16", "int8"]
@@ -48,14 +49,6 @@ def engine_filename(compute_capability: str, tensorrt_version: str, precision: s
     if not re.fullmatch(r"\d+(\.\d+)*", tensorrt_version):
         raise ValueError(f"TensorRT version must look like '10.7.0', got {tensorrt_version!r}")
     return f"{stem}.{capability_tag(compute_capability)}.trt{tensorrt_version}.{precision}.plan"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ProfileShapes(BaseModel):
@@ -168,8 +161,8 @@ def select_engine(
     engine_path = version_dir / record.file
     if not engine_path.is_file():
         raise EngineMismatch(f"{engine_path}: listed in {MANIFEST_FILENAME} but the file is missing; {rebuild}")
-    if onnx_path is None and (version_dir / "model.onnx").is_file():
-        onnx_path = version_dir / "model.onnx"
+    if onnx_path is None and (version_dir / ONNX_FILENAME).is_file():
+        onnx_path = version_dir / ONNX_FILENAME
     if onnx_path is not None and file_sha256(Path(onnx_path)) != record.onnx_sha256:
         raise EngineMismatch(f"{engine_path}: stale engine: built from a different {Path(onnx_path).name} than the "
                              f"one in the repository now; {rebuild}")

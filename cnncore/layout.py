@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from modelrepo.spec import ModelMeta
+    from cnncore.spec import ModelMeta
 
 
 def version_numbers(model_dir: Path) -> list[int]:
@@ -25,12 +25,12 @@ def latest_onnx(model_dir: Path) -> tuple[Path, "ModelMeta"]:
     """The newest version's model.onnx and the model's model.json, for tools that evaluate what is served.
 
     FileNotFoundError names what is missing (no such model, no model.json, no version, no ONNX file)."""
-    from modelrepo.spec import META_FILENAME, ModelMeta
+    from cnncore.spec import META_FILENAME, ModelMeta
 
     model_dir = Path(model_dir)
     if not (model_dir / META_FILENAME).is_file():
         raise FileNotFoundError(f"{model_dir}: no {META_FILENAME} (not a model written by `python -m export`)")
-    path = latest_version_dir(model_dir) / "model.onnx"
+    path = latest_version_dir(model_dir) / ONNX_FILENAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return path, ModelMeta.read(model_dir)

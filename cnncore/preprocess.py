@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from modelrepo.spec import PreprocessSpec
+from cnncore.spec import PreprocessSpec
 
 
 @dataclass(frozen=True)
