@@ -228,7 +228,7 @@ def _make_progress_monitor(trt, progress: Progress):
 
 
 def _make_calibrator(trt, batches: list[np.ndarray], input_name: str, cache_file: Path):
-    from server.backends.trt_engine import DeviceBuffer
+    from cnncore.trt_runtime import DeviceBuffer
 
     class _EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         """Feeds the selected samples batch by batch from one device buffer; the resulting scale cache
@@ -360,12 +360,11 @@ def parity_against_onnxruntime(backend, onnx_path: Path, batch_sizes: Sequence[i
 
 def engine_parity(version_dir: Path, record: EngineRecord, batch_sizes: Sequence[int] | None = None):
     """The engine against ONNX Runtime, with tolerances by engine precision."""
+    from cnncore.trt_runtime import EngineRunner
     from export.parity import default_batch_sizes
-    from server.backends.base import BackendOptions
-    from server.backends.trt_engine import TensorRTBackend
 
     atol, rtol = PARITY_TOLERANCE[record.precision]
-    engine = TensorRTBackend(Path(version_dir) / record.file, BackendOptions(device_kind="gpu"))
+    engine = EngineRunner(Path(version_dir) / record.file)
     try:
         return parity_against_onnxruntime(
             engine, Path(version_dir) / ONNX_FILENAME, list(batch_sizes or default_batch_sizes(record.max_batch or 1)),

@@ -1,127 +1,24 @@
-"""Native TensorRT backend: one deserialized engine, one execution context per instance.
+"""Native TensorRT backend: one engine runner (cnncore/trt_runtime.py) per instance.
 
-Memory is managed with NVIDIA's cuda-python (`cuda.bindings.runtime`): device buffers sized for the
-profile's max batch are allocated once and bound to the context with set_tensor_address, host staging
-buffers are pinned (cudaMallocHost) so copies are real async DMA on the instance's own CUDA stream, and
-each batch only sets the input shapes (within the profile) and enqueues copy-in, execute_async_v3,
-copy-out. TensorRT and cuda-python are imported when a model asks for this backend, never at server
-start: a machine without them fails that model with BackendUnavailable and serves the rest.
+TensorRT and cuda-python are imported when a model asks for this backend, never at server start: a
+machine without them fails that model with BackendUnavailable and serves the rest.
 """
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import numpy as np
 
+from cnncore import trt_runtime
+from cnncore.engine_manifest import EngineMismatch
 from server.backends.base import Backend, BackendOptions, BackendUnavailable, TensorSpec, register_backend
 
 
-def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError as exc:
-        raise BackendUnavailable(f"the tensorrt backend needs NVIDIA's cuda-python (cuda-bindings): {exc}") from None
-    return cudart
-
-
-def _check(result):
-    """cuda-python returns (cudaError_t, *values); raise on error, return the values."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        cudart = _cudart()
-        _, name = cudart.cudaGetErrorName(err)
-        raise RuntimeError(f"CUDA error {int(err)} ({name.decode() if isinstance(name, bytes) else name})")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-class DeviceBuffer:
-    """cudaMalloc'd memory of a fixed size."""
-
-    def __init__(self, nbytes: int) -> None:
-        self._cudart = _cudart()
-        self.nbytes = max(int(nbytes), 1)
-        self.ptr = int(_check(self._cudart.cudaMalloc(self.nbytes)))
-
-    def copy_from_host(self, array: np.ndarray, stream=0) -> None:
-        array = np.ascontiguousarray(array)
-        _check(self._cudart.cudaMemcpyAsync(self.ptr, array.ctypes.data, array.nbytes,
-                                            self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
-        _check(self._cudart.cudaStreamSynchronize(stream))
-
-    def free(self) -> None:
-        if self.ptr:
-            _check(self._cudart.cudaFree(self.ptr))
-            self.ptr = 0
-
-
-class PinnedBuffer:
-    """Page-locked host memory with a numpy view: the host side of async copies."""
-
-    def __init__(self, nbytes: int) -> None:
-        self._cudart = _cudart()
-        self.nbytes = max(int(nbytes), 1)
-        self.ptr = int(_check(self._cudart.cudaMallocHost(self.nbytes)))
-        self._raw = (ctypes.c_byte * self.nbytes).from_address(self.ptr)
-
-    def view(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        count = int(np.prod(shape))
-        return np.frombuffer(self._raw, dtype=dtype, count=count).reshape(shape)
-
-    def free(self) -> None:
-        if self.ptr:
-            self._raw = None
-            _check(self._cudart.cudaFreeHost(self.ptr))
-            self.ptr = 0
-
-
-def local_tensorrt_version() -> str:
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise BackendUnavailable(f"the tensorrt backend needs TensorRT, which is not installed here ({exc}); "
-                                 "serve this model with backend onnxruntime or pytorch instead") from None
-    return trt.__version__
-
-
-def local_compute_capability(device_id: int) -> str:
-    cudart = _cudart()
-    err, props = cudart.cudaGetDeviceProperties(device_id)
-    if int(err) != 0:
-        raise BackendUnavailable(f"the tensorrt backend needs a CUDA GPU; device {device_id} is not available "
-                                 f"(CUDA error {int(err)})")
-    return f"{props.major}.{props.minor}"
-
-
 def resolve_engine_file(model_file: Path, compute_capability: str, tensorrt_version: str) -> Path:
-    """The engine to load for `model_file` on this GPU.
-
-    model_file is a version directory (the engine is chosen from its engines.json; a lone Triton-style
-    model.plan without manifest is taken as is) or an engine file (checked against the manifest when one
-    lists it). A mismatch is refused with the manifest's message
-    as BackendUnavailable, so the loader fails this model and keeps the others.
-    """
-    from cnncore.engine_manifest import EngineManifest, EngineMismatch, select_engine
-
-    model_file = Path(model_file)
+    """cnncore.trt_runtime.resolve_engine_file, with a mismatch refused as BackendUnavailable so the
+    loader fails this model and keeps the others."""
     try:
-        if model_file.is_dir():
-            if not EngineManifest.read(model_file).engines and (model_file / "model.plan").is_file():
-                return model_file / "model.plan"  # Triton's plain layout: the user vouches for it
-            return model_file / select_engine(model_file, compute_capability, tensorrt_version).file
-        version_dir = model_file.parent
-        listed = {e.file: e for e in EngineManifest.read(version_dir).engines}
-        if model_file.name in listed:
-            rec = listed[model_file.name]
-            chosen = select_engine(version_dir, compute_capability, tensorrt_version, precision=rec.precision)
-            if chosen.file != model_file.name:
-                raise EngineMismatch(f"{model_file}: built for compute capability {rec.compute_capability} / "
-                                     f"TensorRT {rec.tensorrt_version}; this machine needs {chosen.file}")
-        elif not model_file.is_file():
-            raise EngineMismatch(f"{model_file}: engine file not found")
-        return model_file
+        return trt_runtime.resolve_engine_file(model_file, compute_capability, tensorrt_version)
     except EngineMismatch as exc:
         raise BackendUnavailable(str(exc)) from None
 
@@ -131,79 +28,20 @@ class TensorRTBackend(Backend):
 
     def __init__(self, model_file: Path, options: BackendOptions) -> None:
         super().__init__(model_file, options)
-        trt_version = local_tensorrt_version()
-        import tensorrt as trt
-
-        self._cudart = cudart = _cudart()
-        _check(cudart.cudaSetDevice(options.device_id))
-        engine_path = resolve_engine_file(self.model_file, local_compute_capability(options.device_id), trt_version)
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
-        if self._engine is None:
-            raise BackendUnavailable(f"{engine_path}: TensorRT could not deserialize the engine (see its log)")
-        self._context = self._engine.create_execution_context()
-        self._stream = _check(cudart.cudaStreamCreate())
-        self._inputs: list[TensorSpec] = []
-        self._outputs: list[TensorSpec] = []
-        self._device: dict[str, DeviceBuffer] = {}
-        self._host: dict[str, PinnedBuffer] = {}
-        self.max_batch = 0
-        self._batched = getattr(options, "batched", True)
-        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        input_names = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        for name in input_names:
-            _, _, max_shape = self._engine.get_tensor_profile_shape(name, 0)
-            self.max_batch = int(max_shape[0]) if not self.max_batch else min(self.max_batch, int(max_shape[0]))
-            self._context.set_input_shape(name, tuple(max_shape))
-        for name in names:
-            dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
-            shape = tuple(int(d) for d in self._engine.get_tensor_shape(name))
-            spec = TensorSpec(name, dtype, shape[1:] if self._batched else shape)
-            (self._inputs if name in input_names else self._outputs).append(spec)
-            # At the profile's max input shapes, every output has its largest size: size buffers once.
-            nbytes = int(np.prod(tuple(self._context.get_tensor_shape(name)))) * dtype.itemsize
-            self._device[name] = DeviceBuffer(nbytes)
-            self._host[name] = PinnedBuffer(nbytes)
-            self._context.set_tensor_address(name, self._device[name].ptr)
+        try:
+            self._runner = trt_runtime.EngineRunner(self.model_file, options.device_id,
+                                                    batched=getattr(options, "batched", True))
+        except trt_runtime.TensorRTUnavailable as exc:
+            raise BackendUnavailable(str(exc)) from None
+        self.max_batch = self._runner.max_batch
+        self._inputs = [TensorSpec(t.name, t.dtype, t.shape) for t in self._runner.inputs]
+        self._outputs = [TensorSpec(t.name, t.dtype, t.shape) for t in self._runner.outputs]
 
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cudart = self._cudart
-        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        for spec in self._inputs:
-            array = inputs[spec.name]
-            if self._batched and array.shape[0] > self.max_batch:
-                raise ValueError(f"batch {array.shape[0]} exceeds the engine profile's max batch {self.max_batch}")
-            staged = self._host[spec.name].view(spec.dtype, array.shape)
-            np.copyto(staged, array, casting="same_kind")
-            _check(cudart.cudaMemcpyAsync(self._device[spec.name].ptr, self._host[spec.name].ptr,
-                                          staged.nbytes, h2d, self._stream))
-            if not self._context.set_input_shape(spec.name, tuple(array.shape)):
-                raise ValueError(f"input {spec.name!r} shape {list(array.shape)} is outside the engine profile")
-        if not self._context.execute_async_v3(int(self._stream)):  # TensorRT takes the raw cudaStream_t handle
-            raise RuntimeError(f"{self.model_file}: TensorRT execution failed")
-        shapes = {}
-        for spec in self._outputs:
-            shape = tuple(int(d) for d in self._context.get_tensor_shape(spec.name))
-            shapes[spec.name] = shape
-            nbytes = int(np.prod(shape)) * spec.dtype.itemsize
-            _check(cudart.cudaMemcpyAsync(self._host[spec.name].ptr, self._device[spec.name].ptr, nbytes, d2h,
-                                          self._stream))
-        _check(cudart.cudaStreamSynchronize(self._stream))
-        # Copy out of the pinned staging buffers: they are reused by the next batch.
-        return {spec.name: self._host[spec.name].view(spec.dtype, shapes[spec.name]).copy() for spec in self._outputs}
+        return self._runner.execute(inputs)
 
     def close(self) -> None:
-        for buf in (*self._device.values(), *self._host.values()):
-            buf.free()
-        self._device.clear()
-        self._host.clear()
-        if getattr(self, "_stream", None) is not None:
-            _check(self._cudart.cudaStreamDestroy(self._stream))
-            self._stream = None
-        self._context = None
-        self._engine = None
+        self._runner.close()
 
 
 register_backend("tensorrt", TensorRTBackend)
