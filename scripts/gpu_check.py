@@ -249,7 +249,8 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
 
 def _build_engine(vdir: Path, root: Path, input_name: str, input_shape, max_batch: int) -> None:
     from cnncore.engine_manifest import EngineManifest
-    from export.tensorrt_engine import build_engine, derive_profile
+    from export.tensorrt.build import build_engine
+    from export.tensorrt.profiles import derive_profile
 
     record = build_engine(vdir / "model.onnx", {input_name: derive_profile(input_shape, max_batch, [8])},
                           precision="fp16", workspace_mib=2048, timing_cache=root / ".tensorrt" / "timing.cache",

@@ -23,20 +23,14 @@ from cnncore.engine_manifest import (
     file_sha256,
     select_engine,
 )
-from export.tensorrt_engine import (
-    BuildError,
-    calibration_batches,
-    check_precision_supported,
-    derive_profile,
-    load_calibration_samples,
-    main,
-    activate_tensorrt,
-    current_engine,
-    profiles_from_config,
-    select_calibration_files,
-    timing_cache_path,
-    GpuInfo,
-)
+from export.tensorrt.activation import activate_tensorrt
+from export.tensorrt.build import check_precision_supported, timing_cache_path
+from export.tensorrt.calibration import calibration_batches, load_calibration_samples, select_calibration_files
+from export.tensorrt.errors import BuildError
+from export.tensorrt.gpu import GpuInfo
+from export.tensorrt.profiles import derive_profile, profiles_from_config
+from export.tensorrt.repository import current_engine
+from export.tensorrt_engine import main
 from cnncore.config import parse_config
 from cnncore.spec import ModelMeta, PreprocessSpec, Task
 
@@ -332,7 +326,8 @@ def test_build_engine_and_parity_on_gpu(tmp_path):
     import torch
     from torch import nn
 
-    from export.tensorrt_engine import build_engine, engine_parity
+    from export.tensorrt.build import build_engine
+    from export.tensorrt.parity import engine_parity
 
     vdir = tmp_path / "tiny" / "1"
     vdir.mkdir(parents=True)
