@@ -31,6 +31,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import models  # noqa: E402,F401
+from cnncore.artifacts import ONNX_FILENAME  # noqa: E402
+from cnncore.layout import latest_version_dir  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from export.parity import ort_session  # noqa: E402
 from models.registry import get_entry, get_model  # noqa: E402
@@ -56,7 +58,10 @@ def bench(name: str, batch_sizes: list[int], seconds: float, threads: int, repos
         model = get_model(name, weights="default" if entry.has_weights else None)
     except FileNotFoundError:  # trained checkpoint not fetched/trained yet: speed does not depend on values
         model = get_model(name, weights=None)
-    onnx_path = repository / name / "1" / "model.onnx" if repository else None
+    try:
+        onnx_path = latest_version_dir(repository / name) / ONNX_FILENAME if repository else None
+    except FileNotFoundError:  # not in that repository (or no version yet): exported below
+        onnx_path = None
     if onnx_path is None or not onnx_path.is_file():
         onnx_path = workdir / f"{name}.onnx"
         export_onnx(model, entry, onnx_path)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnncore.artifacts import ONNX_FILENAME
 from cnncore.layout import latest_version_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def model_file(repo: Path, name: str) -> Path:
-    return latest_version_dir(repo / name) / "model.onnx"
+    return latest_version_dir(repo / name) / ONNX_FILENAME
 
 
 def ort_session(path: Path, threads: int, spinning: bool = False):

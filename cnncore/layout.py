@@ -4,8 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cnncore.artifacts import ONNX_FILENAME
+from cnncore.config import CONFIG_FILENAME
+
 if TYPE_CHECKING:
     from cnncore.spec import ModelMeta
+
+
+def model_names(repository: Path) -> list[str]:
+    """The repository's model directories, sorted: those holding a config.pbtxt (staging and backup
+    directories the writer leaves for a moment hold none, so they are never listed)."""
+    return sorted(p.name for p in Path(repository).iterdir() if (p / CONFIG_FILENAME).is_file())
 
 
 def version_numbers(model_dir: Path) -> list[int]:

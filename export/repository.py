@@ -25,11 +25,11 @@ from typing import Sequence
 import onnx
 from onnx import TensorProto
 
+from cnncore.artifacts import ONNX_FILENAME
 from cnncore.config import CONFIG_FILENAME, render_config
 from cnncore.spec import META_FILENAME, ModelMeta
 from protos.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
 
-ONNX_FILENAME = "model.onnx"
 PARITY_FILENAME = "parity.json"
 LABELS_FILENAME = "labels.txt"
 

@@ -54,10 +54,10 @@ def write_repository_programs(repository: Path, models: Sequence[str] | None = N
     """Export the registry model behind each repository model into its latest version directory."""
     from models import get_entry, get_model
     from cnncore.config import load_config
-    from cnncore.layout import latest_version_dir
+    from cnncore.layout import latest_version_dir, model_names
 
     repository = Path(repository)
-    names = list(models) if models else sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+    names = list(models) if models else model_names(repository)
     written = []
     for name in names:
         model_dir = repository / name

@@ -184,7 +184,7 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
 
     import torch
 
-    from cnncore.artifacts import PROGRAM_FILENAME
+    from cnncore.artifacts import ONNX_FILENAME, PROGRAM_FILENAME
     from export.torch_program import export_program, save_program
     from models import get_entry, get_model
 
@@ -231,7 +231,7 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
             if backend == "pytorch":
                 save_program(program, vdir / PROGRAM_FILENAME, [input_name], list(outputs))
             else:
-                _shutil.copy(onnx_file, vdir / "model.onnx")
+                _shutil.copy(onnx_file, vdir / ONNX_FILENAME)
             if backend == "tensorrt":
                 try:
                     _build_engine(vdir, root, input_name, entry.input_shape, max_batch)
@@ -248,11 +248,12 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
 
 
 def _build_engine(vdir: Path, root: Path, input_name: str, input_shape, max_batch: int) -> None:
+    from cnncore.artifacts import ONNX_FILENAME
     from cnncore.engine_manifest import EngineManifest
     from export.tensorrt.build import build_engine
     from export.tensorrt.profiles import derive_profile
 
-    record = build_engine(vdir / "model.onnx", {input_name: derive_profile(input_shape, max_batch, [8])},
+    record = build_engine(vdir / ONNX_FILENAME, {input_name: derive_profile(input_shape, max_batch, [8])},
                           precision="fp16", workspace_mib=2048, timing_cache=root / ".tensorrt" / "timing.cache",
                           progress=lambda m: say(f"  {m.strip()}"))
     manifest = EngineManifest()
@@ -462,13 +463,14 @@ def bench_in_process(repo: Path, variants, batch_sizes, seconds, sampler: GpuSam
     import numpy as np
 
     from server.backends.base import BackendOptions
+    from cnncore.artifacts import PROGRAM_FILENAME
     from server.backends.torch_program import TorchProgramBackend
 
     rows = []
     for v in variants:
         if v.backend != "pytorch":
             continue
-        backend = TorchProgramBackend(repo / v.served_as / "1" / "model.pt2", BackendOptions(
+        backend = TorchProgramBackend(repo / v.served_as / "1" / PROGRAM_FILENAME, BackendOptions(
             device_kind=v.device, cuda_graphs=v.graphs, max_batch_size=max(batch_sizes)))
         for n in batch_sizes:
             x = np.random.default_rng(0).standard_normal((n, *v.input_shape)).astype(np.float32)

@@ -49,15 +49,14 @@ def build_repository_engines(
     so one model TensorRT cannot parse does not cost the other engines.
     """
     from cnncore.config import load_config
-    from cnncore.layout import version_numbers
+    from cnncore.layout import model_names, version_numbers
 
     repository = Path(repository)
     trt = import_tensorrt()
     check_precision_supported(precision, trt.__version__)
     gpu = probe_gpu()
     cache = timing_cache_path(repository, gpu, trt.__version__)
-    names = list(models) if models else sorted(p.name for p in repository.iterdir()
-                                                if (p / "config.pbtxt").is_file())
+    names = list(models) if models else model_names(repository)
     progress(f"building {precision} engines for {len(names)} model(s) on {gpu.name} (compute capability "
              f"{gpu.compute_capability}), TensorRT {trt.__version__}; timing cache {cache}")
     built: dict[str, EngineRecord] = {}
