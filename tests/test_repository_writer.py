@@ -123,3 +123,14 @@ def test_latest_onnx_finds_the_newest_served_version_and_names_what_is_missing(t
     (repo / "tiny" / "10" / "model.onnx").unlink()
     with pytest.raises(FileNotFoundError, match="10/model.onnx: no such file"):
         latest_onnx(repo / "tiny")
+
+
+def test_model_names_lists_model_directories_only(tmp_path: Path):
+    from cnncore.layout import model_names
+
+    repo = tmp_path / "repo"
+    write_model(repo, _staged(tmp_path, version=1))
+    (repo / ".staging-tiny-x").mkdir()  # a writer's staging directory, no config.pbtxt yet
+    (repo / ".tensorrt").mkdir()  # the engine builder's timing caches
+    (repo / "README.txt").write_text("not a model")
+    assert model_names(repo) == ["tiny"]
