@@ -17,8 +17,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from export.defaults import DEFAULT_REPOSITORY
+if not __package__:
+    # Run as a file (`python export/export.py`): Python put export/ itself first on sys.path, where this
+    # file's neighbours shadow the packages they belong to (export.py for `export`, tensorrt/ for
+    # `tensorrt`). Look modules up from the repository root instead, as `python -m` from there does.
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
+from export.defaults import DEFAULT_REPOSITORY  # noqa: E402
 
 
 def _console():

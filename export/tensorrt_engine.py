@@ -15,9 +15,16 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cnncore.engine_manifest import PRECISIONS
-from export.tensorrt.errors import BuildError
-from export.tensorrt.repository import build_repository_engines
+if not __package__:
+    # Run as a file (`python export/tensorrt_engine.py`): Python put export/ itself first on sys.path, where this
+    # file's neighbours shadow the packages they belong to (export.py for `export`, tensorrt/ for
+    # `tensorrt`). Look modules up from the repository root instead, as `python -m` from there does.
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
+
+from cnncore.engine_manifest import PRECISIONS  # noqa: E402
+from export.tensorrt.errors import BuildError  # noqa: E402
+from export.tensorrt.repository import build_repository_engines  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

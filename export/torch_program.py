@@ -21,10 +21,17 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from torch import nn
+if not __package__:
+    # Run as a file (`python export/torch_program.py`): Python put export/ itself first on sys.path, where this
+    # file's neighbours shadow the packages they belong to (export.py for `export`, tensorrt/ for
+    # `tensorrt`). Look modules up from the repository root instead, as `python -m` from there does.
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
-from cnncore.artifacts import PROGRAM_FILENAME, PROGRAM_NAMES_FILE
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from cnncore.artifacts import PROGRAM_FILENAME, PROGRAM_NAMES_FILE  # noqa: E402
 
 
 def export_program(model: nn.Module, example: torch.Tensor, max_batch_size: int) -> torch.export.ExportedProgram:
