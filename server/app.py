@@ -27,7 +27,8 @@ from prometheus_client import start_http_server
 from server import metrics
 from server.gpu_metrics import register_gpu_metrics
 from server.repository import ModelRepository, RuntimeDefaults
-from server.service import ServerState, ServicerAdder, add_inference_service
+from server.request import ServerState
+from server.service import ServicerAdder, add_inference_service
 from server.vision_service import add_vision_service
 
 log = logging.getLogger("cnnserve.app")

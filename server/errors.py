@@ -1,18 +1,64 @@
-"""Errors that carry the gRPC status they should be answered with.
+"""The project's one error type, and its one mapping to each binding's status.
 
-Raised anywhere below the service (validation, batcher, repository); the service turns them into
-`context.abort(code, message)`, so status codes are decided where the failure is understood.
+Anything below the bindings (the request normalizer, the repository, the batcher, the backends' input
+checks) raises `InferError` with a gRPC status code, the code set the protocol is specified in. The
+error boundary (server/boundary.py) turns it into the gRPC status, the REST binding into the HTTP
+status from `HTTP_STATUS`; nothing else decides how a failure is answered.
 """
 from __future__ import annotations
 
 import grpc
 
+# What an error text may echo of a client's input (a name, a version): a 10 KB model name in a status
+# message would exceed what stock clients accept in trailing metadata (8 KB).
+ECHO_LIMIT = 128
+
+# gRPC status -> HTTP status for the KServe v2 REST binding (Google's canonical gRPC/HTTP mapping,
+# which is also what gRPC-gateway and Envoy's transcoder use).
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+
 
 class InferError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """A failure with the status it is answered with; `trailers` travel as gRPC trailing metadata
+    (and HTTP headers), e.g. the retry pushback of a refused request."""
+
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 trailers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.trailers = trailers
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.code, 500)
+
+
+def echo(text: object, limit: int = ECHO_LIMIT) -> str:
+    """`text` as an error message may quote it: repr'd, and cut to `limit` characters with the length
+    said, so a hostile name can neither bloat a status message nor hide control characters in it."""
+    s = str(text)
+    if len(s) <= limit:
+        return repr(s)
+    return repr(s[:limit]) + f"... ({len(s)} characters)"
 
 
 def invalid(message: str) -> InferError:
@@ -25,3 +71,11 @@ def not_found(message: str) -> InferError:
 
 def unavailable(message: str) -> InferError:
     return InferError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def failed_precondition(message: str) -> InferError:
+    return InferError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+def internal(message: str) -> InferError:
+    return InferError(grpc.StatusCode.INTERNAL, message)

@@ -7,7 +7,9 @@ and what came.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -15,7 +17,7 @@ from cnncore.spec import ModelMeta
 from protos import model_config_pb2 as mc
 from server.backends.base import Backend
 from server.batcher import DynamicBatcher
-from cnncore.datatypes import from_config, from_numpy, to_numpy
+from cnncore.datatypes import PROTOCOL_DATATYPES, from_config, from_numpy, to_numpy
 from server.errors import InferError, invalid
 from server.stats import ModelStats
 
@@ -63,6 +65,31 @@ class ServedModel:
     def stats(self) -> ModelStats:
         return self.batcher.stats
 
+    def check_declared(self, name: str, datatype: str, shape: Sequence[int]) -> None:
+        """One input's declaration against the config (name, datatype, shape, batch bounds), before any
+        of its contents is decoded. INVALID_ARGUMENT naming the input, what was expected and what came."""
+        where = f"model '{self.name}' version {self.version}"
+        spec = self._inputs_by_name.get(name)
+        if spec is None:
+            raise invalid(f"{where}: unexpected input(s) {name!r}; expected inputs {sorted(self._inputs_by_name)}")
+        if any(d < 0 for d in shape):
+            raise invalid(f"input '{name}': shape {list(shape)} has a negative dimension")
+        if datatype != spec.datatype:
+            if datatype not in PROTOCOL_DATATYPES:
+                raise invalid(f"input '{name}': unsupported datatype {datatype!r}; "
+                              f"supported: {', '.join(PROTOCOL_DATATYPES)}")
+            raise invalid(f"{where}: input '{name}': expected datatype {spec.datatype}, got {datatype}")
+        batched = self.max_batch_size > 0
+        expected = spec.metadata_shape(batched)
+        if len(shape) != len(expected) or any(e != -1 and e != g for e, g in zip(expected, shape)):
+            raise invalid(f"{where}: input '{name}': expected shape {expected}, got {list(shape)}")
+        if batched:
+            if shape[0] < 1:
+                raise invalid(f"{where}: input '{name}': batch size must be at least 1, got {shape[0]}")
+            if shape[0] > self.max_batch_size:
+                raise invalid(f"{where}: input '{name}': batch size {shape[0]} exceeds max_batch_size "
+                              f"{self.max_batch_size}")
+
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
         """INVALID_ARGUMENT unless `inputs` match the config exactly (names, dtypes, shapes, batch)."""
         where = f"model '{self.name}' version {self.version}"
@@ -74,40 +101,34 @@ class ServedModel:
         if extra:
             raise invalid(f"{where}: unexpected input(s) {', '.join(repr(e) for e in extra)}; "
                           f"expected inputs {sorted(self._inputs_by_name)}")
-        batched = self.max_batch_size > 0
         batch: int | None = None
         for name, arr in inputs.items():
-            spec = self._inputs_by_name[name]
-            got_type = from_numpy(arr.dtype)
-            if got_type != spec.datatype:
-                raise invalid(f"{where}: input '{name}': expected datatype {spec.datatype}, got {got_type}")
-            shape = arr.shape
-            expected = spec.metadata_shape(batched)
-            if len(shape) != len(expected) or any(e != -1 and e != g for e, g in zip(expected, shape)):
-                raise invalid(f"{where}: input '{name}': expected shape {expected}, got {list(shape)}")
-            if batched:
-                if shape[0] < 1:
-                    raise invalid(f"{where}: input '{name}': batch size must be at least 1, got {shape[0]}")
-                if shape[0] > self.max_batch_size:
-                    raise invalid(f"{where}: input '{name}': batch size {shape[0]} exceeds max_batch_size "
-                                  f"{self.max_batch_size}")
-                if batch is not None and shape[0] != batch:
-                    raise invalid(f"{where}: input '{name}': batch size {shape[0]} differs from the other "
+            self.check_declared(name, from_numpy(arr.dtype), arr.shape)
+            if self.max_batch_size > 0:
+                if batch is not None and arr.shape[0] != batch:
+                    raise invalid(f"{where}: input '{name}': batch size {arr.shape[0]} differs from the other "
                                   f"inputs' {batch}")
-                batch = shape[0]
+                batch = arr.shape[0]
         try:
             self.instances[0].check_inputs(inputs)
         except ValueError as exc:
             raise invalid(f"{where}: {exc}") from None
 
-    async def infer(self, inputs: dict[str, np.ndarray], deadline: float | None = None,
-                    received_ns: int | None = None) -> dict[str, np.ndarray]:
-        """Validate, queue on this model's batcher, await the outputs (see server/batcher.py)."""
+    @contextmanager
+    def refusals_counted(self) -> Iterator[None]:
+        """Every refusal of a request for this model counts once as its INVALID failure, whichever
+        check refused it (the request path's and validate's alike)."""
         try:
-            self.validate(inputs)
+            yield
         except InferError:
             self.stats.record_failure("INVALID", 0)
             raise
+
+    async def infer(self, inputs: dict[str, np.ndarray], deadline: float | None = None,
+                    received_ns: int | None = None) -> dict[str, np.ndarray]:
+        """Validate, queue on this model's batcher, await the outputs (see server/batcher.py)."""
+        with self.refusals_counted():
+            self.validate(inputs)
         return await self.batcher.infer(inputs, deadline=deadline, received_ns=received_ns)
 
     async def close(self) -> None:

@@ -1,15 +1,15 @@
-"""The Open Inference Protocol servicer (inference.GRPCInferenceService) on grpc.aio.
+"""The Open Inference Protocol binding (inference.GRPCInferenceService) on grpc.aio.
 
-Handlers stay thin: decode the protocol tensors, ask the repository for the model, await
-`ServedModel.infer`, encode raw outputs. Every failure below is an InferError carrying its status code;
-anything unexpected becomes INTERNAL for that one request and is logged, never a crashed server.
+Handlers only translate: the wire request into the request path's terms (server/request.py, where
+every check lives), its result into the protocol's response. Failures are raised, never answered
+here: the error boundary (server/boundary.py) maps them to a status for every RPC alike.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
 import numpy as np
@@ -17,11 +17,12 @@ from google.protobuf.message import DecodeError
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from server.boundary import guard_servicer, status_of
 from server.errors import InferError, invalid, unavailable
 from server.infer_request import InferRequest, WireError, from_message, parse_infer_request
-from server.model import ServedModel
 from server.repository import ModelRepository
-from server.tensors import decode_input, encode_output
+from server.request import InferenceRequest, RequestPath, ServerState
+from server.tensors import TensorIn, encode_output, tensor_in
 
 log = logging.getLogger("cnnserve.service")
 
@@ -31,62 +32,33 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["model_configuration", "model_repository", "statistics", "parameters"]
 
 
-class ServerState:
-    """What every servicer must know about the process: readiness and whether it is draining."""
-
-    def __init__(self) -> None:
-        self.started = False
-        self.shutting_down = False
-        self.strict_readiness = False
-        self.inflight = 0  # inference RPCs accepted and not yet answered
-
-    def ready(self, repository: ModelRepository) -> bool:
-        if not self.started or self.shutting_down:
-            return False
-        if self.strict_readiness:
-            return all(s.state == "READY" for s in repository.models.values())
-        return True
-
-
-def _deadline(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> float | None:
-    """The earlier of the gRPC deadline and the request parameter `timeout` (microseconds), on the loop clock."""
-    loop = asyncio.get_running_loop()
-    deadline = None
-    remaining = context.time_remaining()
-    if remaining is not None and remaining < 1e9:
-        deadline = loop.time() + remaining
-    if "timeout" in request.parameters:
-        p = request.parameters["timeout"]
+def parameters_of(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
+    """Protocol parameters as Python values (what the request path reads), whichever oneof is set."""
+    out: dict[str, Any] = {}
+    for key, p in params.items():
         which = p.WhichOneof("parameter_choice")
-        if which not in ("int64_param", "uint64_param"):
-            raise invalid(f"parameter 'timeout' must be an integer (microseconds), got {which}")
-        us = getattr(p, which)
-        if us > 0:
-            t = loop.time() + us / 1e6
-            deadline = t if deadline is None else min(deadline, t)
-    return deadline
+        out[key] = getattr(p, which) if which else None
+    return out
 
 
-def decode_request(request: InferRequest) -> dict[str, np.ndarray]:
+def tensors_in(request: InferRequest) -> list[TensorIn]:
+    """The request's inputs, each with its raw_input_contents entry or its typed contents."""
     header, raw = request.header, request.raw
     if raw and len(raw) != len(header.inputs):
         raise invalid(f"raw_input_contents has {len(raw)} entries for {len(header.inputs)} inputs; "
                       "when raw contents are used every input must have one")
-    inputs: dict[str, np.ndarray] = {}
+    tensors = []
     for i, t in enumerate(header.inputs):
-        if t.name in inputs:
-            raise invalid(f"input '{t.name}' given twice")
         if raw and t.HasField("contents"):
             raise invalid(f"input '{t.name}': both contents and raw_input_contents given")
-        inputs[t.name] = decode_input(t, raw[i] if raw else None)
-    return inputs
+        tensors.append(tensor_in(t, raw[i] if raw else None))
+    return tensors
 
 
-def build_response(model: ServedModel, request: pb.ModelInferRequest,
-                   outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
+def build_response(request: InferenceRequest, outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
+    model = request.model
     response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
-    names = [o.name for o in request.outputs] or model.output_names
-    for name in names:
+    for name in request.outputs:
         encode_output(name, outputs[name], response)
     return response
 
@@ -95,6 +67,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, state: ServerState) -> None:
         self.repository = repository
         self.state = state
+        self.path = RequestPath(repository, state)
 
     # -- health and metadata -----------------------------------------------------------------------------
     async def ServerLive(self, request, context):
@@ -114,7 +87,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request, context):
-        model = await self._get(request.name, request.version, context)
+        model = self.repository.get(request.name, request.version)
         state = self.repository.models[model.name]
         batched = model.max_batch_size > 0
         return pb.ModelMetadataResponse(
@@ -128,12 +101,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelConfig(self, request, context):
-        model = await self._get(request.name, request.version, context)
+        model = self.repository.get(request.name, request.version)
         return pb.ModelConfigResponse(config=model.config)
 
     async def ModelStatistics(self, request, context):
         if request.name:
-            models = [await self._get(request.name, request.version, context)]
+            models = [self.repository.get(request.name, request.version)]
         else:
             models = list(self.repository.served())
         out = pb.ModelStatisticsResponse()
@@ -174,65 +147,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelLoad(self, request, context):
         if self.state.shutting_down:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            raise unavailable("server is shutting down")
         state = await self.repository.load(request.model_name)
         if not state.versions:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"failed to load '{request.model_name}': {state.reason}")
+            raise invalid(f"failed to load '{request.model_name}': {state.reason}")
         if state.reason:  # a reload failed; the previously loaded copy keeps serving
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"failed to reload '{request.model_name}' (previous copy still serving): "
-                                f"{state.reason}")
+            raise invalid(f"failed to reload '{request.model_name}' (previous copy still serving): {state.reason}")
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
-        try:
-            await self.repository.unload(request.model_name)
-        except InferError as exc:
-            await context.abort(exc.code, exc.message)
+        await self.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference -----------------------------------------------------------------------------------
-    async def _get(self, name: str, version: str, context) -> ServedModel:
-        try:
-            return self.repository.get(name, version)
-        except InferError as exc:
-            await context.abort(exc.code, exc.message)
-            raise  # unreachable: abort raises
-
-    async def _infer(self, request: InferRequest, context) -> pb.ModelInferResponse:
-        received = time.perf_counter_ns()
-        if self.state.shutting_down:
-            raise unavailable("server is shutting down; not accepting new requests")
+    async def _infer(self, request: InferRequest, context: grpc.aio.ServicerContext,
+                     received_ns: int) -> pb.ModelInferResponse:
         header = request.header
-        model = self.repository.get(header.model_name, header.model_version)
-        for o in header.outputs:
-            if o.name not in model.output_names:
-                raise invalid(f"model '{model.name}': requested output '{o.name}' does not exist; "
-                              f"outputs are {model.output_names}")
-        inputs = decode_request(request)
-        outputs = await model.infer(inputs, deadline=_deadline(header, context), received_ns=received)
-        return build_response(model, header, outputs)
+        normalized = await self.path.normalize(
+            header.model_name, header.model_version, tensors_in(request),
+            outputs=[o.name for o in header.outputs], parameters=parameters_of(header.parameters),
+            request_id=header.id, transport_remaining_s=context.time_remaining(), received_ns=received_ns)
+        return build_response(normalized, await self.path.infer(normalized))
 
     async def ModelInfer(self, request: bytes, context):
         # Registered with no request deserializer: `request` is the serialized message, decoded here
         # without copying tensor bytes (server/infer_request.py).
-        self.state.inflight += 1
-        try:
+        received = time.perf_counter_ns()
+        with self.state.accepted():
             try:
                 parsed = parse_infer_request(request)
             except (WireError, DecodeError) as exc:
                 raise invalid(f"malformed ModelInferRequest: {exc}") from None
-            return await self._infer(parsed, context)
-        except InferError as exc:
-            await context.abort(exc.code, exc.message)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            log.exception("inference failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-        finally:
-            self.state.inflight -= 1
+            return await self._infer(parsed, context, received)
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # Requests of one stream run concurrently (so they can share batches); responses go back as each
@@ -241,19 +187,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tasks: set[asyncio.Task] = set()
 
         async def one(req: pb.ModelInferRequest) -> None:
-            self.state.inflight += 1
-            try:
-                resp = await self._infer(from_message(req), context)
-                await out.put(pb.ModelStreamInferResponse(infer_response=resp))
-            except InferError as exc:
-                await out.put(pb.ModelStreamInferResponse(
-                    error_message=exc.message,
-                    infer_response=pb.ModelInferResponse(model_name=req.model_name, id=req.id)))
-            except Exception as exc:  # noqa: BLE001 - one bad request must not end the stream
-                log.exception("stream inference failed", extra={"model": req.model_name})
-                await out.put(pb.ModelStreamInferResponse(error_message=f"internal error: {exc}"))
-            finally:
-                self.state.inflight -= 1
+            with self.state.accepted():
+                try:
+                    resp = await self._infer(from_message(req), context, time.perf_counter_ns())
+                    await out.put(pb.ModelStreamInferResponse(infer_response=resp))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - answers this request; the stream goes on
+                    err = status_of(exc, "ModelStreamInfer")
+                    await out.put(pb.ModelStreamInferResponse(
+                        error_message=err.message,
+                        infer_response=pb.ModelInferResponse(model_name=req.model_name, id=req.id)))
 
         async def reader() -> None:
             async for req in request_iterator:
@@ -279,30 +223,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 ServicerAdder = Callable[[grpc.aio.Server, ModelRepository, ServerState], Awaitable[str] | str]
 
 
-class _HandlerCapture:
-    """Stands in for the server to collect the generated method handlers, so one can be swapped."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, handlers) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-        self.handlers = dict(handlers)
-
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-
-
 def add_inference_service(server: grpc.aio.Server, repository: ModelRepository, state: ServerState) -> str:
     servicer = InferenceServicer(repository, state)
-    capture = _HandlerCapture()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
-    handlers = capture.handlers
-    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+    # ModelInfer takes the serialized request (no deserializer) so tensors are read without copies.
+    model_infer = grpc.unary_unary_rpc_method_handler(
         servicer.ModelInfer, request_deserializer=None,
         response_serializer=pb.ModelInferResponse.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
-    return SERVICE_NAME
+    return guard_servicer(server, pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer,
+                          overrides={"ModelInfer": model_infer})

@@ -5,7 +5,7 @@ per image, concurrently: decode + preprocess in a worker thread with the model's
 the image as its own request to the model's dynamic batcher (so images from every client and from
 ModelInfer share batches), and postprocess onto the original picture. An image that fails to decode
 gets a per-image error; the others are answered. Failures of the model itself (queue full, deadline,
-backend) are the request's gRPC status, as for ModelInfer.
+backend) are the request's status, raised to the same error boundary as ModelInfer's.
 """
 from __future__ import annotations
 
@@ -21,17 +21,18 @@ import grpc
 import numpy as np
 from prometheus_client import Counter, Histogram
 
+from cnncore import postprocess
+from cnncore.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, PreparedImage, prepare_image
 from cnncore.preprocess import Geometry
 from cnncore.spec import ModelMeta, Task
 from protos import vision_pb2 as vpb
 from protos import vision_pb2_grpc as vpb_grpc
-from cnncore import postprocess
 from server import metrics
-from server.errors import InferError
-from cnncore.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, PreparedImage, prepare_image
+from server.boundary import guard_servicer
+from server.errors import failed_precondition, internal, invalid
 from server.model import ServedModel
 from server.repository import ModelRepository
-from server.service import ServerState
+from server.request import RequestPath, ServerState, deadline_from
 
 log = logging.getLogger("cnnserve.vision")
 
@@ -66,10 +67,6 @@ IMAGE_ERRORS = Counter(
 )
 
 
-# (name, version) -> the loaded model, raising InferError (NOT_FOUND, UNAVAILABLE) when there is none.
-ModelResolver = Callable[[str, str], ServedModel]
-
-
 @dataclass
 class _Outcome:
     """One image's answer: model outputs + geometry, or the decode error."""
@@ -80,10 +77,8 @@ class _Outcome:
 
 
 class VisionService(vpb_grpc.VisionServiceServicer):
-    def __init__(self, resolve: ModelResolver, state: ServerState | None = None, workers: int = 2,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        self._resolve = resolve
-        self._state = state or ServerState()
+    def __init__(self, path: RequestPath, workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self._path = path
         # Decoding and resizing release the GIL in Pillow's C code: a small pool keeps the event loop
         # free to accept and answer while pictures are decoded. Sized to the cores, like the batcher.
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="vision")
@@ -94,18 +89,18 @@ class VisionService(vpb_grpc.VisionServiceServicer):
 
     # -- shared pipeline -------------------------------------------------------------------------------------
     def _model_for(self, rpc: str, name: str, version: str) -> tuple[ServedModel, ModelMeta]:
-        model = self._resolve(name, version)
+        model = self._path.resolve(name, version)
         meta = model.meta
         if meta is None:
-            raise InferError(grpc.StatusCode.FAILED_PRECONDITION,
+            raise failed_precondition(
                              f"model '{name}' has no model.json (task and preprocessing), so {rpc} cannot "
                              "feed it pictures; use ModelInfer with tensors")
         if meta.task not in RPC_TASKS[rpc]:
             wanted = " or ".join(t.value for t in RPC_TASKS[rpc])
-            raise InferError(grpc.StatusCode.FAILED_PRECONDITION,
+            raise failed_precondition(
                              f"model '{name}' is a {meta.task.value} model; {rpc} needs a {wanted} model")
         if not any(spec.name == meta.input_name for spec in model.inputs):
-            raise InferError(grpc.StatusCode.FAILED_PRECONDITION,
+            raise failed_precondition(
                              f"model '{name}': model.json names input '{meta.input_name}', the model has "
                              f"{', '.join(spec.name for spec in model.inputs)}")
         return model, meta
@@ -128,44 +123,28 @@ class VisionService(vpb_grpc.VisionServiceServicer):
         dtype = next(spec.dtype for spec in model.inputs if spec.name == meta.input_name)
         if tensor.dtype != dtype:  # an FP16 export takes the same pixels in half precision
             tensor = tensor.astype(dtype)
-        outputs = await model.infer({meta.input_name: tensor}, deadline, received_ns)
+        outputs = await self._path.infer_arrays(model, {meta.input_name: tensor}, deadline, received_ns)
         return _Outcome(prepared=prepared, outputs=outputs)
 
     async def _run(self, rpc: str, request: Any, context: grpc.aio.ServicerContext,
                    answer: Callable[[ServedModel, ModelMeta, list[_Outcome], Any], Awaitable[Any]]) -> Any:
         received_ns = time.perf_counter_ns()
-        self._state.inflight += 1  # graceful shutdown waits for these, as for ModelInfer
-        try:
-            if self._state.shutting_down:
-                raise InferError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; not accepting new requests")
+        with self._path.state.accepted():  # graceful shutdown waits for these, as for ModelInfer
             if not request.model_name:
-                raise InferError(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: model_name is empty")
+                raise invalid(f"{rpc}: model_name is empty")
             model, meta = self._model_for(rpc, request.model_name, request.model_version)
             if not request.images:
-                raise InferError(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: the request has no images")
+                raise invalid(f"{rpc}: the request has no images")
             IMAGES_PER_REQUEST.labels(model.name, rpc).observe(len(request.images))
-            remaining = context.time_remaining()
-            loop = asyncio.get_running_loop()
-            # No deadline reads as None or as a huge number, depending on the grpc version.
-            deadline = loop.time() + remaining if remaining is not None and remaining < 1e9 else None
+            deadline = deadline_from(context.time_remaining(), None)
             # gather cancels the siblings when one fails, so a refused request leaves nothing queued.
             outcomes = await _gather_or_cancel(
                 [self._one(model, meta, data, i, deadline, received_ns) for i, data in enumerate(request.images)]
             )
             errors = [o.error for o in outcomes if o.error is not None]
             if len(errors) == len(outcomes):
-                raise InferError(grpc.StatusCode.INVALID_ARGUMENT,
-                                 "no image could be decoded: " + "; ".join(str(e) for e in errors))
+                raise invalid("no image could be decoded: " + "; ".join(str(e) for e in errors))
             return await answer(model, meta, outcomes, request)
-        except InferError as exc:
-            await context.abort(exc.code, exc.message)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:  # a bug or a model answering nonsense: this request fails, not the server
-            log.exception("vision request failed", extra={"model": request.model_name, "rpc": rpc})
-            await context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error: {exc}")
-        finally:
-            self._state.inflight -= 1
 
     async def _post(self, model: ServedModel, fn: Callable[..., Any], *args: Any, offload: bool = False) -> Any:
         """Run one image's postprocessing, timed; heavy ones (mask resize, PNG) in the worker pool."""
@@ -193,8 +172,7 @@ class VisionService(vpb_grpc.VisionServiceServicer):
     async def Detect(self, request: vpb.DetectRequest, context: grpc.aio.ServicerContext) -> vpb.DetectResponse:
         threshold = request.score_threshold
         if not math.isfinite(threshold) or not 0.0 <= threshold <= 1.0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"Detect: score_threshold must be in [0, 1], got {threshold}")
+            raise invalid(f"Detect: score_threshold must be in [0, 1], got {threshold}")
 
         async def answer(model: ServedModel, meta: ModelMeta, outcomes: list[_Outcome], req: Any) -> Any:
             response = vpb.DetectResponse(model_name=model.name, model_version=str(model.version))
@@ -252,9 +230,10 @@ class VisionService(vpb_grpc.VisionServiceServicer):
 
 
 def add_vision_service(server: grpc.aio.Server, repository: ModelRepository, state: ServerState) -> str:
-    """The server's servicer hook (server.app.SERVICER_ADDERS): models come from the same repository."""
-    vpb_grpc.add_VisionServiceServicer_to_server(VisionService(repository.get, state), server)
-    return vpb.DESCRIPTOR.services_by_name["VisionService"].full_name
+    """The server's servicer hook (server.app.SERVICER_ADDERS): the same request path and batchers as
+    the inference protocol, behind the same error boundary."""
+    return guard_servicer(server, vpb_grpc.add_VisionServiceServicer_to_server,
+                          VisionService(RequestPath(repository, state)))
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
@@ -297,8 +276,7 @@ def _named(outputs: dict[str, np.ndarray], name: str) -> np.ndarray:
     try:
         return outputs[name]
     except KeyError:
-        raise InferError(grpc.StatusCode.INTERNAL,
-                         f"model output '{name}' missing; it has {', '.join(outputs)}") from None
+        raise internal(f"model output '{name}' missing; it has {', '.join(outputs)}") from None
 
 
 def _segment_one(logits: np.ndarray, geometry: Geometry) -> tuple[bytes, np.ndarray]:
