@@ -7,6 +7,7 @@
     python -m client encode fashion_encoder shirt.png
     python -m client health
     python -m client models
+    python -m client --url host:8001 --ssl --root-cert ca.pem -H x-api-key=env:API_KEY models
 
 Exit status: 0 when every image was answered, 2 when some images failed (their errors are in the
 JSON), 1 when the request itself failed (the gRPC status is printed on stderr).
@@ -25,10 +26,11 @@ from google.protobuf.message import Message
 from PIL import Image
 
 from client.draw import draw_detections, overlay_mask
-from client.channel import DEFAULT_URL, InferenceServerError
+from client.channel import DEFAULT_URL, ClientTLS, InferenceServerError
 from client.inference import InferenceClient
 from client.vision import VisionClient, failures, mask_array, png_image
 from cnncore.imaging import ImageDecodeError, decode_image
+from cnncore.secrets import resolve_secret
 
 def _as_dict(message: Message) -> dict:
     """A message as JSON-ready dict in declaration order, numbers as numbers (MessageToDict writes int64
@@ -82,9 +84,28 @@ def _results_json(response: Message, sources: Sequence[str]) -> dict:
     return out
 
 
+def _header(spec: str) -> tuple[str, str]:
+    name, eq, raw = spec.partition("=")
+    if not eq or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {name!r}")
+    try:
+        return name.strip().lower(), resolve_secret(raw, f"header {name}")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _connection(args: argparse.Namespace) -> dict[str, Any]:
+    """The client keyword arguments for TLS and headers the command line asked for."""
+    tls = None
+    if args.ssl or args.root_cert or args.client_cert or args.client_key:
+        tls = ClientTLS(root_certificates=args.root_cert, private_key=args.client_key,
+                        certificate_chain=args.client_cert, target_name=args.tls_server_name)
+    return {"tls": tls, "headers": dict(args.header)}
+
+
 def _run_vision(args: argparse.Namespace) -> tuple[dict, int]:
     images = [Path(p).read_bytes() for p in args.images]
-    with VisionClient(args.url) as client:
+    with VisionClient(args.url, **_connection(args)) as client:
         if args.command == "classify":
             response = client.classify(args.model, images, top_k=args.top_k, timeout=args.timeout)
         elif args.command == "detect":
@@ -130,7 +151,7 @@ def _run_vision(args: argparse.Namespace) -> tuple[dict, int]:
 
 
 def _run_health(args: argparse.Namespace) -> tuple[dict, int]:
-    with InferenceClient(args.url) as client:
+    with InferenceClient(args.url, **_connection(args)) as client:
         out = {
             "live": client.is_server_live(timeout=args.timeout),
             "ready": client.is_server_ready(timeout=args.timeout),
@@ -140,7 +161,7 @@ def _run_health(args: argparse.Namespace) -> tuple[dict, int]:
 
 
 def _run_models(args: argparse.Namespace) -> tuple[dict, int]:
-    with InferenceClient(args.url) as client:
+    with InferenceClient(args.url, **_connection(args)) as client:
         index = client.get_model_repository_index(timeout=args.timeout)
         models = []
         for entry in index.models:
@@ -162,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", default=DEFAULT_URL, help=f"server gRPC address (default {DEFAULT_URL})")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before the call gives up")
     parser.add_argument("--output", "-o", help="write the JSON here instead of stdout")
+    tls = parser.add_argument_group("TLS and access keys")
+    tls.add_argument("--ssl", action="store_true", help="connect over TLS (implied by the options below)")
+    tls.add_argument("--root-cert", type=Path, help="PEM CA certificate that signed the server's (default: system CAs)")
+    tls.add_argument("--client-cert", type=Path, help="PEM client certificate chain, for mutual TLS")
+    tls.add_argument("--client-key", type=Path, help="PEM private key of --client-cert")
+    tls.add_argument("--tls-server-name", help="name to check the server certificate against, if not the URL's host")
+    tls.add_argument("-H", "--header", type=_header, action="append", default=[], metavar="NAME=VALUE",
+                     help="send this header on every call (an access key); VALUE may be @FILE or env:VARIABLE")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def vision(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -188,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.client_cert is None) != (args.client_key is None):
+        parser.error("mutual TLS needs both --client-cert and --client-key")
     runner = {"health": _run_health, "models": _run_models}.get(args.command, _run_vision)
     try:
         out, status = runner(args)

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.channel import DEFAULT_URL, AsyncClient, BlockingClient, InferenceServerError
+from client.channel import DEFAULT_URL, AsyncClient, BlockingClient, ClientTLS, InferenceServerError
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from cnncore.datatypes import from_numpy, to_numpy
@@ -101,8 +101,9 @@ class InferenceClient(BlockingClient):
 
     stub_type = pb_grpc.GRPCInferenceServiceStub
 
-    def __init__(self, url: str = DEFAULT_URL, channel: grpc.Channel | None = None) -> None:
-        super().__init__(url, channel)
+    def __init__(self, url: str = DEFAULT_URL, channel: grpc.Channel | None = None, *,
+                 tls: ClientTLS | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(url, channel, tls=tls, headers=headers)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def is_server_live(self, timeout: float | None = None) -> bool:
@@ -182,8 +183,9 @@ class AsyncInferenceClient(AsyncClient):
 
     stub_type = pb_grpc.GRPCInferenceServiceStub
 
-    def __init__(self, url: str = DEFAULT_URL, channel: grpc.aio.Channel | None = None) -> None:
-        super().__init__(url, channel)
+    def __init__(self, url: str = DEFAULT_URL, channel: grpc.aio.Channel | None = None, *,
+                 tls: ClientTLS | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(url, channel, tls=tls, headers=headers)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def is_server_live(self, timeout: float | None = None) -> bool:

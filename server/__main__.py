@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 from pathlib import Path
 
+from server.access import AccessConfigError, AccessPolicy
 from server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, serve
 from server.logs import setup_logging
+from server.tls import TlsConfigError, TlsFiles
 
 
 def _bool(v: str) -> bool:
@@ -27,6 +30,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model repository directory (<model>/config.pbtxt, <model>/<version>/model.onnx)")
     p.add_argument("--grpc-address", default="0.0.0.0", help="gRPC bind address (default 0.0.0.0)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 = pick a free one)")
+    p.add_argument("--grpc-use-ssl", type=_bool, nargs="?", const=True, default=False,
+                   help="serve gRPC over TLS (needs --grpc-server-cert and --grpc-server-key)")
+    p.add_argument("--grpc-use-ssl-mutual", type=_bool, nargs="?", const=True, default=False,
+                   help="mutual TLS: also require a client certificate signed by --grpc-root-cert")
+    p.add_argument("--grpc-server-cert", type=Path, default=None, help="PEM certificate (chain) of the gRPC server")
+    p.add_argument("--grpc-server-key", type=Path, default=None, help="PEM private key of --grpc-server-cert")
+    p.add_argument("--grpc-root-cert", type=Path, default=None,
+                   help="PEM CA certificate(s) that client certificates must chain to (mutual TLS)")
+    p.add_argument("--grpc-restricted-protocol", action="append", default=[], metavar="GROUPS:HEADER=VALUE",
+                   help="require HEADER=VALUE on the comma-separated API groups (health, metadata, inference, "
+                        "shared-memory, model-config, model-repository, statistics, trace, logging); VALUE may "
+                        "be @FILE or env:VARIABLE to keep the key off the command line; repeatable")
     p.add_argument("--allow-metrics", type=_bool, default=True, help="serve Prometheus metrics (default true)")
     p.add_argument("--metrics-address", default="0.0.0.0", help="metrics HTTP bind address (default 0.0.0.0)")
     p.add_argument("--metrics-port", type=int, default=8002, help="metrics HTTP port (default 8002; 0 = free one)")
@@ -48,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on SIGTERM, how long accepted requests may take to finish (default 30)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     p.add_argument("--log-format", choices=["json", "text"], default="json")
+    p.add_argument("--backend-module", action="append", default=[], metavar="MODULE",
+                   help="import MODULE before loading models, so backends it registers "
+                        "(server.backends.base.register_backend) can serve them; repeatable")
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write JSON {grpc_port, metrics_port, pid} here once serving (for supervisors, tests)")
     return p.parse_args(argv)
@@ -56,13 +74,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     setup_logging(a.log_level, a.log_format)
+    for module in a.backend_module:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise SystemExit(f"--backend-module {module}: cannot import it: {exc}") from None
+    try:
+        grpc_tls = TlsFiles.from_flags("grpc", a.grpc_use_ssl, a.grpc_use_ssl_mutual, a.grpc_server_cert,
+                                       a.grpc_server_key, a.grpc_root_cert)
+        grpc_access = AccessPolicy.from_flags(a.grpc_restricted_protocol, "grpc", "--grpc-restricted-protocol")
+    except (TlsConfigError, AccessConfigError) as exc:
+        raise SystemExit(f"python -m server: error: {exc}") from None
     cfg = ServerConfig(
         model_repository=a.model_repository, grpc_address=a.grpc_address, grpc_port=a.grpc_port,
         metrics_address=a.metrics_address, metrics_port=a.metrics_port, allow_metrics=a.allow_metrics,
         max_message_bytes=a.grpc_max_message_bytes, intra_op_threads=a.intra_op_threads,
         inter_op_threads=a.inter_op_threads, allow_spinning=a.ort_allow_spinning, exit_timeout_s=a.exit_timeout_secs,
         strict_readiness=a.strict_readiness, model_control_mode=a.model_control_mode,
-        load_models=a.load_model, ready_file=a.ready_file,
+        load_models=a.load_model, ready_file=a.ready_file, grpc_tls=grpc_tls, grpc_access=grpc_access,
     )
     asyncio.run(serve(cfg))
 

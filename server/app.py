@@ -25,10 +25,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from server import metrics
+from server.access import AccessInterceptor, AccessPolicy
 from server.gpu_metrics import register_gpu_metrics
 from server.repository import ModelRepository, RuntimeDefaults
 from server.request import ServerState
 from server.service import ServicerAdder, add_inference_service
+from server.tls import TlsFiles, warn_if_exposed
 from server.vision_service import add_vision_service
 
 log = logging.getLogger("cnnserve.app")
@@ -56,6 +58,8 @@ class ServerConfig:
     model_control_mode: str = "none"  # none: load all at start; explicit: only load_models, then RPCs
     load_models: list[str] = field(default_factory=list)
     ready_file: Path | None = None  # written (JSON: ports, pid) once serving; lets tests use port 0
+    grpc_tls: TlsFiles | None = None  # None: plaintext (warned about beyond loopback)
+    grpc_access: AccessPolicy | None = None  # access keys per API group (server/access.py)
 
 
 class InferenceServer:
@@ -79,7 +83,9 @@ class InferenceServer:
         opts = [("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0)]
-        server = grpc.aio.server(options=opts)
+        # The interceptor only when a group is restricted: unrestricted servers pay nothing per call.
+        interceptors = [AccessInterceptor(cfg.grpc_access)] if cfg.grpc_access else None
+        server = grpc.aio.server(options=opts, interceptors=interceptors)
         names = []
         for add in SERVICER_ADDERS:
             name = add(server, self.repository, self.state)
@@ -89,7 +95,15 @@ class InferenceServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         reflection.enable_server_reflection(names + [reflection.SERVICE_NAME], server)
-        self.grpc_port = server.add_insecure_port(f"{cfg.grpc_address}:{cfg.grpc_port}")
+        address = f"{cfg.grpc_address}:{cfg.grpc_port}"
+        if cfg.grpc_tls is not None:
+            self.grpc_port = server.add_secure_port(address, cfg.grpc_tls.grpc_credentials())
+        else:
+            warn_if_exposed("grpc", cfg.grpc_address, None)
+            self.grpc_port = server.add_insecure_port(address)
+        if cfg.grpc_access:
+            log.info("access keys required", extra={"protocol": "grpc",
+                                                    "restricted": cfg.grpc_access.restricted_groups})
         if self.grpc_port == 0:
             raise SystemExit(f"could not bind gRPC to {cfg.grpc_address}:{cfg.grpc_port}")
         self.grpc_server = server

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -29,6 +29,10 @@ QUEUE_TIME = Histogram(
 BATCH_SIZE = Histogram(
     "cnnserve_batch_size", "Batch size (items) of each backend execution",
     ["model", "version"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=REGISTRY,
+)
+ACCESS_DENIED = Counter(
+    "cnnserve_access_denied", "Requests refused by an access key (server/access.py): reason missing or wrong",
+    ["protocol", "group", "reason"], registry=REGISTRY,
 )
 
 

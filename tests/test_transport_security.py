@@ -1,0 +1,308 @@
+"""TLS, mutual TLS and access keys per API group, end to end: the real server process, unmodified
+tritonclient and the project's own client and CLI, certificates from a CA made in the test."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from conftest import ROOT, ServerProcess, affine_model, write_model
+from pki import Pki, make_pki
+
+pytestmark = pytest.mark.timeout(180)
+
+AFFINE_CFG = """name: "affine"
+max_batch_size: 8
+input [{ name: "a" data_type: TYPE_FP32 dims: [4] }, { name: "b" data_type: TYPE_INT64 dims: [2] }]
+output [{ name: "y" data_type: TYPE_FP32 dims: [4] }, { name: "z" data_type: TYPE_INT64 dims: [2] }]
+dynamic_batching { }
+"""
+INFER_KEY = "s3cret-infer"
+ADMIN_KEY = "s3cret-admin"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("repo")
+    write_model(repo, "affine", affine_model(), AFFINE_CFG)
+    return repo
+
+
+def _affine_inputs(module=tc) -> tuple[list, np.ndarray]:
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    b = np.ones((2, 2), np.int64)
+    ia = module.InferInput("a", [2, 4], "FP32")
+    ia.set_data_from_numpy(a)
+    ib = module.InferInput("b", [2, 2], "INT64")
+    ib.set_data_from_numpy(b)
+    return [ia, ib], 2 * a + 1
+
+
+def _status(exc: InferenceServerException) -> str:
+    return str(exc.status())
+
+
+# -- TLS ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tls_server(repo: Path, pki: Pki, server_factory) -> ServerProcess:
+    return server_factory(repo, "--grpc-use-ssl", "true", "--grpc-server-cert", str(pki.server_cert),
+                          "--grpc-server-key", str(pki.server_key))
+
+
+def test_tritonclient_over_tls(tls_server: ServerProcess, pki: Pki) -> None:
+    client = tc.InferenceServerClient(tls_server.grpc_url, ssl=True, root_certificates=str(pki.ca_cert))
+    assert client.is_server_ready()
+    inputs, expected = _affine_inputs()
+    np.testing.assert_allclose(client.infer("affine", inputs).as_numpy("y"), expected)
+
+
+def test_plaintext_client_cannot_talk_to_a_tls_server(tls_server: ServerProcess) -> None:
+    client = tc.InferenceServerClient(tls_server.grpc_url)
+    with pytest.raises(InferenceServerException) as info:
+        client.is_server_live(client_timeout=5)
+    assert "UNAVAILABLE" in _status(info.value) or "DEADLINE" in _status(info.value)
+
+
+def test_client_that_does_not_trust_the_ca_is_refused(tls_server: ServerProcess, pki: Pki) -> None:
+    # the stranger's CA did not sign the server certificate: the client must not accept it
+    client = tc.InferenceServerClient(tls_server.grpc_url, ssl=True, root_certificates=str(pki.stranger_cert))
+    with pytest.raises(InferenceServerException):
+        client.is_server_live(client_timeout=5)
+
+
+def test_project_client_and_cli_over_tls(tls_server: ServerProcess, pki: Pki) -> None:
+    from client import ClientTLS, InferenceClient
+
+    with InferenceClient(tls_server.grpc_url, tls=ClientTLS(root_certificates=pki.ca_cert)) as c:
+        out = c.infer("affine", {"a": np.ones((1, 4), np.float32), "b": np.zeros((1, 2), np.int64)})
+    np.testing.assert_allclose(out["y"], np.full((1, 4), 3.0))
+    res = subprocess.run([sys.executable, "-m", "client", "--url", tls_server.grpc_url, "--root-cert",
+                          str(pki.ca_cert), "health"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"live": True, "ready": True, "health": "SERVING"}
+
+
+# -- mutual TLS ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mtls_server(repo: Path, pki: Pki, server_factory) -> ServerProcess:
+    return server_factory(repo, "--grpc-use-ssl-mutual", "--grpc-server-cert", str(pki.server_cert),
+                          "--grpc-server-key", str(pki.server_key), "--grpc-root-cert", str(pki.ca_cert))
+
+
+def test_mutual_tls_admits_a_client_with_a_certificate(mtls_server: ServerProcess, pki: Pki) -> None:
+    client = tc.InferenceServerClient(mtls_server.grpc_url, ssl=True, root_certificates=str(pki.ca_cert),
+                                      private_key=str(pki.client_key), certificate_chain=str(pki.client_cert))
+    inputs, expected = _affine_inputs()
+    np.testing.assert_allclose(client.infer("affine", inputs).as_numpy("y"), expected)
+
+
+@pytest.mark.parametrize("who", ["no certificate", "certificate from another CA"])
+def test_mutual_tls_refuses_other_clients(mtls_server: ServerProcess, pki: Pki, who: str) -> None:
+    cert = {} if who == "no certificate" else {"private_key": str(pki.stranger_key),
+                                               "certificate_chain": str(pki.stranger_cert)}
+    client = tc.InferenceServerClient(mtls_server.grpc_url, ssl=True, root_certificates=str(pki.ca_cert), **cert)
+    with pytest.raises(InferenceServerException) as info:
+        client.is_server_live(client_timeout=10)
+    assert "UNAVAILABLE" in _status(info.value)
+    # and the server keeps serving clients that have one
+    from client import ClientTLS, InferenceClient
+    tls = ClientTLS(pki.ca_cert, private_key=pki.client_key, certificate_chain=pki.client_cert)
+    with InferenceClient(mtls_server.grpc_url, tls=tls) as c:
+        assert c.is_server_live(timeout=10)
+
+
+# -- access keys per API group -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def restricted(repo: Path, tmp_path_factory: pytest.TempPathFactory, server_factory, monkeypatch_module
+               ) -> ServerProcess:
+    key_file = tmp_path_factory.mktemp("keys") / "admin.key"
+    key_file.write_text(ADMIN_KEY + "\n")  # a trailing newline, as editors write it
+    monkeypatch_module.setenv("TEST_INFER_KEY", INFER_KEY)  # the server subprocess inherits it
+    return server_factory(repo, "--grpc-restricted-protocol", f"model-repository,model-config:Admin-Key=@{key_file}",
+                          "--grpc-restricted-protocol", "inference,statistics:infer-key=env:TEST_INFER_KEY")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _denied(srv: ServerProcess, group: str, reason: str) -> float:
+    labels = (("group", group), ("protocol", "grpc"), ("reason", reason))
+    return srv.scrape().get(("cnnserve_access_denied_total", labels), 0.0)
+
+
+def test_right_key_passes(restricted: ServerProcess) -> None:
+    client = tc.InferenceServerClient(restricted.grpc_url)
+    inputs, expected = _affine_inputs()
+    out = client.infer("affine", inputs, headers={"infer-key": INFER_KEY})
+    np.testing.assert_allclose(out.as_numpy("y"), expected)
+    assert client.get_model_config("affine", headers={"admin-key": ADMIN_KEY}).config.name == "affine"
+    assert client.get_inference_statistics("affine", headers={"infer-key": INFER_KEY}).model_stats
+    # Triton's gRPC server reads the key from `triton-grpc-protocol-<header>`: clients written for it work
+    out = client.infer("affine", inputs, headers={"triton-grpc-protocol-infer-key": INFER_KEY})
+    np.testing.assert_allclose(out.as_numpy("y"), expected)
+
+
+def test_missing_key_is_unauthenticated_and_counted(restricted: ServerProcess) -> None:
+    before = _denied(restricted, "inference", "missing")
+    client = tc.InferenceServerClient(restricted.grpc_url)
+    inputs, _ = _affine_inputs()
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("affine", inputs)
+    assert "UNAUTHENTICATED" in _status(info.value)
+    assert "expecting header 'infer-key'" in info.value.message()
+    assert INFER_KEY not in info.value.message()
+    assert _denied(restricted, "inference", "missing") == before + 1
+
+
+def test_wrong_key_is_permission_denied_and_counted(restricted: ServerProcess) -> None:
+    before = _denied(restricted, "model-repository", "wrong")
+    client = tc.InferenceServerClient(restricted.grpc_url)
+    with pytest.raises(InferenceServerException) as info:
+        client.unload_model("affine", headers={"admin-key": INFER_KEY})  # another group's key
+    assert "PERMISSION_DENIED" in _status(info.value)
+    assert _denied(restricted, "model-repository", "wrong") == before + 1
+    assert client.is_model_ready("affine")  # nothing was unloaded
+
+
+def test_unrestricted_groups_stay_open(restricted: ServerProcess) -> None:
+    client = tc.InferenceServerClient(restricted.grpc_url)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("affine")
+    assert client.get_model_metadata("affine").name == "affine"
+    from client import InferenceClient
+
+    with InferenceClient(restricted.grpc_url) as c:
+        assert c.health() == "SERVING"  # grpc.health.v1 is the health group
+
+
+def test_stream_and_vision_api_count_as_inference(restricted: ServerProcess) -> None:
+    from client import InferenceClient, InferenceServerError, VisionClient
+    from client.inference import build_infer_request
+
+    x = build_infer_request("affine", {"a": np.ones((1, 4), np.float32), "b": np.zeros((1, 2), np.int64)})
+    with InferenceClient(restricted.grpc_url) as c:
+        with pytest.raises(InferenceServerError) as info:
+            list(c.stream_infer([x]))
+        assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with InferenceClient(restricted.grpc_url, headers={"infer-key": INFER_KEY}) as c:
+        [(_, out)] = list(c.stream_infer([x]))
+        np.testing.assert_allclose(out["y"], np.full((1, 4), 3.0))
+    with VisionClient(restricted.grpc_url, headers={"infer-key": "nope"}) as v:
+        with pytest.raises(InferenceServerError) as info:
+            v.classify("affine", b"not a picture")
+        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+    with VisionClient(restricted.grpc_url, headers={"infer-key": INFER_KEY}) as v:
+        with pytest.raises(InferenceServerError) as info:
+            v.classify("affine", b"not a picture")
+        # past the key: the vision API itself answers (affine is no image model)
+        assert info.value.code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def test_cli_sends_a_key_from_the_environment(restricted: ServerProcess) -> None:
+    env = {**os.environ, "CLI_ADMIN_KEY": ADMIN_KEY}
+    cmd = [sys.executable, "-m", "client", "--url", restricted.grpc_url, "models"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "UNAUTHENTICATED" in res.stderr
+    res = subprocess.run(cmd[:-1] + ["-H", "admin-key=env:CLI_ADMIN_KEY", "models"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert [m["name"] for m in json.loads(res.stdout)["models"]] == ["affine"]
+
+
+# -- configuration errors, in-process ------------------------------------------------------------------
+def test_restriction_flag_errors_name_the_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.access import AccessConfigError, AccessPolicy, Restriction
+
+    flag = "--grpc-restricted-protocol"
+    for spec, expected in [("inference", "expected <group>"), ("inferences:k=v", "unknown API group"),
+                           ("inference:k=", "empty"), ("inference:k=env:NOT_SET_ANYWHERE", "NOT_SET_ANYWHERE"),
+                           (f"inference:k=@{tmp_path / 'absent'}", "cannot read the key file"),
+                           ("inference:grpc-timeout=v", "not usable")]:
+        with pytest.raises(AccessConfigError, match=expected):
+            Restriction.parse(spec, flag)
+    with pytest.raises(AccessConfigError, match="restricted twice"):
+        AccessPolicy.from_flags(["inference:a=1", "health,inference:b=2"], "grpc", flag)
+    monkeypatch.setenv("K", "v")
+    r = Restriction.parse("health , metadata:X-Key=env:K", flag)
+    assert r.groups == {"health", "metadata"} and r.header == "x-key" and r.value == "v"
+    assert "v" not in repr(r).replace("value", "")  # the key never shows in a repr
+
+
+def test_policy_checks_group_and_header_only() -> None:
+    from server.access import AccessPolicy
+
+    policy = AccessPolicy.from_flags(["inference:k=abc"], "http", "--http-restricted-api")
+    assert policy.check("health", lambda name: []) is None
+    assert policy.check("inference", lambda name: ["abc"] if name == "k" else []) is None
+    assert policy.check("inference", lambda name: []).http_status == 401
+    assert policy.check("inference", lambda name: ["abd"] if name == "k" else []).http_status == 403
+    # Triton's gRPC prefix is a gRPC-only alias
+    assert policy.check("inference", lambda n: ["abc"] if n == "triton-grpc-protocol-k" else []) is not None
+
+
+def test_every_served_grpc_method_has_a_group() -> None:
+    from grpc_health.v1 import health_pb2
+    from protos import grpc_service_pb2, vision_pb2
+    from server.access import grpc_group
+
+    for desc in (grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+                 vision_pb2.DESCRIPTOR.services_by_name["VisionService"],
+                 health_pb2.DESCRIPTOR.services_by_name["Health"]):
+        for m in desc.methods:
+            assert grpc_group(f"/{desc.full_name}/{m.name}") is not None, m.full_name
+    assert grpc_group("/inference.GRPCInferenceService/RepositoryModelUnload") == "model-repository"
+    assert grpc_group("/cnnserve.vision.VisionService/Detect") == "inference"
+
+
+def test_tls_flag_errors_name_the_problem(pki: Pki, tmp_path: Path) -> None:
+    from server.tls import TlsConfigError, TlsFiles
+
+    with pytest.raises(TlsConfigError, match="needs --grpc-server-cert"):
+        TlsFiles.from_flags("grpc", True, False, None, pki.server_key, None)
+    with pytest.raises(TlsConfigError, match="needs --grpc-root-cert"):
+        TlsFiles.from_flags("grpc", False, True, pki.server_cert, pki.server_key, None)
+    with pytest.raises(TlsConfigError, match="without --grpc-use-ssl"):
+        TlsFiles.from_flags("grpc", False, False, pki.server_cert, pki.server_key, None)
+    with pytest.raises(TlsConfigError, match="does not match"):  # the client's key with the server's cert
+        TlsFiles.from_flags("grpc", True, False, pki.server_cert, pki.client_key, None)
+    with pytest.raises(TlsConfigError, match="cannot read"):
+        TlsFiles.from_flags("grpc", True, False, tmp_path / "nope.pem", pki.server_key, None)
+    assert TlsFiles.from_flags("grpc", False, False, None, None, None) is None
+
+
+def test_server_refuses_to_start_with_a_bad_key_reference(repo: Path, tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-port", "0",
+                          "--allow-metrics", "false", "--grpc-restricted-protocol", "inference:k=env:UNSET_FOR_TEST"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "UNSET_FOR_TEST"})
+    assert res.returncode != 0
+    assert "UNSET_FOR_TEST" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_plaintext_beyond_loopback_is_warned_about(caplog: pytest.LogCaptureFixture, pki: Pki) -> None:
+    from server.tls import TlsFiles, is_loopback, warn_if_exposed
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("[::1]") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("myhost")
+    with caplog.at_level(logging.WARNING, logger="cnnserve.tls"):
+        assert warn_if_exposed("grpc", "0.0.0.0", None)
+        assert not warn_if_exposed("grpc", "127.0.0.1", None)
+        assert not warn_if_exposed("grpc", "0.0.0.0", TlsFiles(pki.server_cert, pki.server_key))
+    assert len(caplog.records) == 1 and "--grpc-use-ssl" in caplog.records[0].getMessage()
