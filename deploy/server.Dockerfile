@@ -11,13 +11,11 @@ FROM ${PYTHON_IMAGE} AS cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /opt/cnnserve
 COPY pyproject.toml README.md ./
-COPY models ./models
+# The serving half only: the shared core, the protocol and the server (no models/, export/, torch);
+# tests/test_serving_without_torch.py serves from exactly these packages in a venv with only these deps.
 COPY cnncore ./cnncore
 COPY protos ./protos
 COPY server ./server
-COPY export ./export
-COPY client ./client
-# The serving half only: no torch (docs/architecture.md).
 RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --home-dir /opt/cnnserve cnnserve
 COPY --chmod=755 deploy/scripts/grpc_health.py /usr/local/bin/grpc-health
@@ -35,12 +33,11 @@ WORKDIR /opt/cnnserve
 RUN python3 -m venv --system-site-packages /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml README.md ./
-COPY models ./models
+# The serving half only: the shared core, the protocol and the server (no models/, export/, torch);
+# tests/test_serving_without_torch.py serves from exactly these packages in a venv with only these deps.
 COPY cnncore ./cnncore
 COPY protos ./protos
 COPY server ./server
-COPY export ./export
-COPY client ./client
 RUN pip install --no-cache-dir . cuda-bindings==12.9.4 nvidia-ml-py==12.570.172 \
     && useradd --system --uid 10001 --home-dir /opt/cnnserve cnnserve
 COPY --chmod=755 deploy/scripts/grpc_health.py /usr/local/bin/grpc-health

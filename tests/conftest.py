@@ -236,16 +236,21 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(repo: Path, workdir: Path, *extra: str, timeout: float = 120.0) -> ServerProcess:
+def start_server(repo: Path, workdir: Path, *extra: str, timeout: float = 120.0, python: str = sys.executable,
+                 source_root: Path = ROOT) -> ServerProcess:
+    """`python -m server` from `source_root` with `python` (another interpreter and a copy of only the
+    serving packages make the torch-free serving test)."""
     ready = workdir / "ready.json"
     log_path = workdir / "server.log"
     ready.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
+    # tests/ too: `--backend-module fault_backends` registers the test-only backends in the server.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source_root), str(ROOT / "tests")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [python, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
            "--grpc-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", "0",
            "--ready-file", str(ready), "--intra-op-threads", "1", *extra]
     logf = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=source_root, env=env, stdout=logf, stderr=subprocess.STDOUT)
     logf.close()
     t_end = time.monotonic() + timeout
     while not ready.exists():
