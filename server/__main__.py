@@ -55,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="let ONNX Runtime's intra-op threads spin between runs (default false: spinning steals "
                         "the cores the event loop needs; config parameter intra_op_allow_spinning overrides)")
     p.add_argument("--model-control-mode", choices=["none", "explicit"], default="none",
-                   help="none: load every model at start; explicit: load only --load-model, then via RPC")
-    p.add_argument("--load-model", action="append", default=[], help="model to load at start (explicit mode)")
+                   help="none: load every model at start, refuse load/unload requests; explicit: load only "
+                        "--load-model, then on request")
+    p.add_argument("--load-model", action="append", default=[], help="model to load at start (explicit mode; '*': every model in the repository)")
     p.add_argument("--strict-readiness", type=_bool, default=False,
                    help="server ready only when every model in the repository loaded (default false)")
     p.add_argument("--exit-timeout-secs", type=float, default=30.0,

@@ -67,6 +67,7 @@ class InferenceServer:
         self.cfg = cfg
         self.state = ServerState()
         self.state.strict_readiness = cfg.strict_readiness
+        self.state.model_control_mode = cfg.model_control_mode
         self.repository = ModelRepository(
             cfg.model_repository, RuntimeDefaults(cfg.intra_op_threads, cfg.inter_op_threads, cfg.allow_spinning))
         self.health = health.aio.HealthServicer()
@@ -117,7 +118,8 @@ class InferenceServer:
             self._metrics_http, _ = start_http_server(cfg.metrics_port, cfg.metrics_address, registry=metrics.REGISTRY)
             self.metrics_port = self._metrics_http.server_port
         if cfg.model_control_mode == "explicit":
-            await self.repository.load_all(cfg.load_models)
+            # Triton's `--load-model=*`: everything on disk, still answering load/unload requests.
+            await self.repository.load_all(None if "*" in cfg.load_models else cfg.load_models)
         else:
             await self.repository.load_all()
         self.state.started = True

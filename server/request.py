@@ -82,6 +82,7 @@ class ServerState:
         self.started = False
         self.shutting_down = False
         self.strict_readiness = False
+        self.model_control_mode = "none"  # "explicit": models load and unload on request
         self.inflight = 0  # inference requests accepted and not yet answered (drained on shutdown)
 
     def ready(self, repository: ModelRepository) -> bool:

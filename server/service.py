@@ -145,7 +145,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 out.models.add(name=name, state=st.state, reason=st.reason)
         return out
 
+    def _check_model_control(self) -> None:
+        # Triton's answer (status and wording) in modes that do not take load/unload requests.
+        if self.state.model_control_mode != "explicit":
+            raise unavailable("explicit model load / unload is not allowed in model-control-mode "
+                              f"{self.state.model_control_mode}; start the server with "
+                              "--model-control-mode explicit to load and unload models on request")
+
     async def RepositoryModelLoad(self, request, context):
+        self._check_model_control()
         if self.state.shutting_down:
             raise unavailable("server is shutting down")
         state = await self.repository.load(request.model_name)
@@ -156,6 +164,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
+        self._check_model_control()
         await self.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 

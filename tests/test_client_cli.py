@@ -64,7 +64,9 @@ def test_parser_commands() -> None:
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory, server_factory) -> str:
-    return server_factory(build_synthetic_repository(tmp_path_factory.mktemp("cli_repo"))).grpc_url
+    repo = build_synthetic_repository(tmp_path_factory.mktemp("cli_repo"))
+    # explicit mode: the client's load/unload calls are refused in mode none, as Triton does
+    return server_factory(repo, "--model-control-mode", "explicit", "--load-model", "*").grpc_url
 
 
 def cli(*args: str) -> tuple[int, dict, str]:

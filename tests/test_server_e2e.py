@@ -57,7 +57,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path, server_factory) -> ServerProcess:
-    return server_factory(repo)
+    # explicit mode: test_unload_and_load drives the repository API (mode none refuses it, as Triton)
+    return server_factory(repo, "--model-control-mode", "explicit", "--load-model", "*")
 
 
 @pytest.fixture(scope="module")

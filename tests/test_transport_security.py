@@ -182,6 +182,16 @@ def test_wrong_key_is_permission_denied_and_counted(restricted: ServerProcess) -
     assert client.is_model_ready("affine")  # nothing was unloaded
 
 
+def test_mode_none_refuses_load_and_unload(restricted: ServerProcess) -> None:
+    client = tc.InferenceServerClient(restricted.grpc_url)
+    for call in (client.unload_model, client.load_model):
+        with pytest.raises(InferenceServerException) as info:
+            call("affine", headers={"admin-key": ADMIN_KEY})  # past the key check: the server refuses
+        assert "UNAVAILABLE" in _status(info.value)
+        assert "explicit model load / unload is not allowed" in info.value.message()
+    assert client.is_model_ready("affine")
+
+
 def test_unrestricted_groups_stay_open(restricted: ServerProcess) -> None:
     client = tc.InferenceServerClient(restricted.grpc_url)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("affine")
