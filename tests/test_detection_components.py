@@ -93,3 +93,29 @@ def test_mean_average_precision() -> None:
     assert res["AP50_class1"] == 0.0 and res["AP50_class2"] == pytest.approx(1.0)
     # a false positive ranked above the true one halves precision at full recall
     assert average_precision(np.array([0.0, 1.0]), np.array([0.0, 0.5])) == pytest.approx(0.5)
+
+
+def test_faster_rcnn_takes_its_components_and_defaults_the_rest() -> None:
+    """As torchvision's FasterRCNN: the parts given are used as they are, the rest are built to fit."""
+    import models  # noqa: F401  (the backbone comes from the registry's MobileNetV2)
+    from models.detection.backbone import mobilenet_v2_fpn_backbone
+    from models.detection.faster_rcnn import FasterRCNN
+
+    torch.manual_seed(0)
+    backbone = mobilenet_v2_fpn_backbone(out_channels=16)
+    anchors = AnchorGenerator(((32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 3)
+    pool = MultiScaleRoIAlign(["0", "1", "2"], (5, 5), 2, 64)
+    predictor = FastRCNNPredictor(1024, 4)
+    model = FasterRCNN(backbone, image_size=(128, 128), rpn_anchor_generator=anchors, box_roi_pool=pool,
+                       box_predictor=predictor).eval()
+    assert model.rpn.anchor_generator is anchors and model.roi_heads.box_roi_pool is pool
+    assert model.roi_heads.box_predictor is predictor and model.num_classes == 4
+    assert model.rpn.head.cls_logits.out_channels == 3  # default RPN head: 3 anchors per location
+    assert model.roi_heads.box_head.fc6.in_features == 16 * 5 * 5  # default box head: backbone x pool size
+    with torch.no_grad():
+        num, boxes, scores, labels = model(torch.rand(2, 3, 128, 128))
+    assert num.shape == (2,) and boxes.shape == (2, 100, 4) and scores.shape == labels.shape == (2, 100)
+    with pytest.raises(ValueError, match="exactly one of num_classes"):
+        FasterRCNN(backbone)
+    with pytest.raises(ValueError, match="exactly one of num_classes"):
+        FasterRCNN(backbone, 4, box_predictor=predictor)
