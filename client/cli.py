@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from PIL import Image
 
@@ -30,35 +28,8 @@ from client.channel import DEFAULT_URL, ClientTLS, InferenceServerError
 from client.inference import InferenceClient
 from client.vision import VisionClient, failures, mask_array, png_image
 from cnncore.imaging import ImageDecodeError, decode_image
+from cnncore.protojson import message_to_dict
 from cnncore.secrets import resolve_secret
-
-def _as_dict(message: Message) -> dict:
-    """A message as JSON-ready dict in declaration order, numbers as numbers (MessageToDict writes int64
-    as strings and moves default-valued fields to the end), unset sub-messages (no error) left out,
-    bytes fields left out (they go to files)."""
-    out: dict[str, Any] = {}
-    for field in message.DESCRIPTOR.fields:
-        value = getattr(message, field.name)
-        repeated = field.label == FieldDescriptor.LABEL_REPEATED
-        if field.type == FieldDescriptor.TYPE_BYTES:
-            continue
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
-            if repeated:
-                out[field.name] = [_as_dict(v) for v in value]
-            elif message.HasField(field.name):
-                out[field.name] = _as_dict(value)
-        elif field.type == FieldDescriptor.TYPE_ENUM:  # (no repeated enums in our messages)
-            out[field.name] = field.enum_type.values_by_number[value].name
-        elif field.type == FieldDescriptor.TYPE_FLOAT:
-            # float32 on the wire: print its shortest round-trip form, not float64 noise (160.78993225097656).
-            out[field.name] = [_short_float(v) for v in value] if repeated else _short_float(value)
-        else:
-            out[field.name] = list(value) if repeated else value
-    return out
-
-
-def _short_float(value: float) -> float:
-    return float(np.format_float_positional(np.float32(value), unique=True, trim="0"))
 
 
 def _output_path(template: str | None, i: int, count: int) -> Path | None:
@@ -78,7 +49,7 @@ def _source_picture(data: bytes) -> Image.Image | None:
 
 
 def _results_json(response: Message, sources: Sequence[str]) -> dict:
-    out = _as_dict(response)
+    out = message_to_dict(response)
     for result, source in zip(out["results"], sources):
         result["source"] = source
     return out
@@ -170,8 +141,8 @@ def _run_models(args: argparse.Namespace) -> tuple[dict, int]:
                 model["reason"] = entry.reason
             if entry.state == "READY":
                 meta = client.get_model_metadata(entry.name, entry.version, timeout=args.timeout)
-                model["inputs"] = [_as_dict(t) for t in meta.inputs]
-                model["outputs"] = [_as_dict(t) for t in meta.outputs]
+                model["inputs"] = [message_to_dict(t) for t in meta.inputs]
+                model["outputs"] = [message_to_dict(t) for t in meta.outputs]
             models.append(model)
     return {"models": models}, 0
 
