@@ -15,7 +15,7 @@ API (what a service calls; the inference protocol and the vision API both go thr
     returns:     {output name: np.ndarray} with this request's batch size first; views into the batch's
                  output arrays (read-only use; copy if you mutate).
     raises:      server.errors.InferError: RESOURCE_EXHAUSTED (queue full, at once), DEADLINE_EXCEEDED,
-                 UNAVAILABLE (batcher stopping), INTERNAL (backend failure).
+                 UNAVAILABLE (batcher stopping, or the model faulted), INTERNAL (backend failure).
 
 Scheduling follows Triton's dynamic batcher. An idle instance takes the oldest queued request and, with
 it, as many following requests (same per-item shapes) as fit in max_batch_size, never splitting one.
@@ -26,6 +26,13 @@ instance is busy requests accumulate, which is where batches come from under loa
 a thread pool with one thread per instance (ONNX Runtime releases the GIL), so the event loop keeps
 decoding and answering while a batch runs.
 
+Fault isolation: a backend that raises fails only the batch it was executing (INTERNAL naming the
+model). With `execution_timeout_ms` set, an execution that has not returned by then is abandoned: its
+requests fail INTERNAL, the batcher becomes faulted (`fault` says why, `on_fault` tells the repository,
+which marks the model not ready), queued and later requests get UNAVAILABLE, and nothing else in the
+process waits on it. Each instance executes on its own daemon thread rather than a pool's: a call stuck
+in native code cannot be interrupted, and a pool's exit hook would join that thread forever.
+
 Waits shorter than a millisecond poll the event loop instead of arming a timer: epoll rounds timeouts
 up to whole milliseconds, so the default 100 us delay would otherwise hold every lone request ~1 ms.
 """
@@ -33,11 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import grpc
 import numpy as np
@@ -62,9 +71,38 @@ class BatchSettings:
     max_queue_delay_us: int = 0
     max_queue_size: int = 0  # queued requests; 0 = unbounded
     default_timeout_us: int = 0  # from default_queue_policy; 0 = none
+    execution_timeout_ms: int = 0  # config parameter execution_timeout_ms; 0 = executions may take any time
 
 
 _QUEUED, _RUNNING, _DROPPED = 0, 1, 2
+
+
+class _InstanceThread:
+    """One backend instance's worker: runs submitted calls in order on a daemon thread."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        fut: Future = Future()
+        self._calls.put((fut, fn, args))
+        return fut
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            fut, fn, args = call
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request, never lost
+                fut.set_exception(exc)
+
+    def stop(self) -> None:
+        """Let the thread end after its current call; never waits (that call may never return)."""
+        self._calls.put(None)
 
 
 class _Request:
@@ -84,7 +122,7 @@ class _Request:
 
 class DynamicBatcher:
     def __init__(self, name: str, version: str, instances: Sequence[Backend], settings: BatchSettings,
-                 stats: ModelStats | None = None) -> None:
+                 stats: ModelStats | None = None, on_fault: Callable[[str], None] | None = None) -> None:
         if not instances:
             raise ValueError("a batcher needs at least one backend instance")
         self.name = name
@@ -95,7 +133,9 @@ class DynamicBatcher:
         self._queue: deque[_Request] = deque()
         self._queued = 0  # live (not dropped) requests in _queue
         self._inflight = 0
-        self._executor = ThreadPoolExecutor(len(self.instances), thread_name_prefix=f"exec-{name}")
+        self._threads = [_InstanceThread(f"exec-{name}-{i}") for i in range(len(self.instances))]
+        self.fault: str | None = None  # why this model stopped executing (an execution timed out)
+        self._on_fault = on_fault
         self._free: asyncio.Queue[int] | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -124,10 +164,13 @@ class DynamicBatcher:
         if self._wakeup is not None:
             self._wakeup.set()
         if self._task is not None:
-            await self._task
+            if self.fault is not None:  # nothing is queued, and the scheduler may wait for the hung instance
+                self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         if self._exec_tasks:
             await asyncio.gather(*self._exec_tasks, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        for t in self._threads:
+            t.stop()
 
     @property
     def queued(self) -> int:
@@ -138,6 +181,8 @@ class DynamicBatcher:
                     received_ns: int | None = None) -> dict[str, np.ndarray]:
         if received_ns is None:
             received_ns = time.perf_counter_ns()
+        if self.fault is not None:
+            raise InferError(grpc.StatusCode.UNAVAILABLE, f"model '{self.name}' is not ready: {self.fault}")
         if self._closing or self._task is None:
             raise InferError(grpc.StatusCode.UNAVAILABLE, f"model '{self.name}' is not accepting requests (stopping)")
         s = self.settings
@@ -289,16 +334,35 @@ class DynamicBatcher:
             task.add_done_callback(self._exec_tasks.discard)
 
     async def _execute(self, instance: int, batch: list[_Request]) -> None:
-        loop = asyncio.get_running_loop()
         start = time.perf_counter_ns()
         for r in batch:
             q = start - r.enqueued_ns
             self.stats.queue.add(q)
             self._queue_time.observe(q / 1e9)
         self._inflight += 1
+        hung = False
         try:
-            outputs, (t_in, t_infer, t_out) = await loop.run_in_executor(
-                self._executor, self._run_batch, self.instances[instance], batch)
+            running = asyncio.wrap_future(self._threads[instance].submit(self._run_batch, self.instances[instance], batch))
+            limit_ms = self.settings.execution_timeout_ms
+            if limit_ms:
+                try:
+                    async with asyncio.timeout(limit_ms / 1000):
+                        outputs, (t_in, t_infer, t_out) = await running
+                except TimeoutError:
+                    hung = True
+                    raise
+            else:
+                outputs, (t_in, t_infer, t_out) = await running
+        except TimeoutError:
+            reason = (f"an execution on instance {instance} did not finish within execution_timeout_ms "
+                      f"({self.settings.execution_timeout_ms} ms); reload the model to serve it again")
+            log.error("execution timed out", extra={"model": self.name, "version": self.version, "error": reason})
+            for r in batch:
+                self.stats.pending -= 1
+                if not r.future.done():
+                    r.future.set_exception(InferError(
+                        grpc.StatusCode.INTERNAL, f"model '{self.name}' execution failed: {reason}"))
+            self._set_fault(reason)
         except Exception as exc:  # a backend failure fails this batch's requests, never the server
             log.error("execution failed", extra={"model": self.name, "version": self.version, "error": str(exc)})
             for r in batch:
@@ -317,7 +381,21 @@ class DynamicBatcher:
         finally:
             self._inflight -= 1
             assert self._free is not None
-            self._free.put_nowait(instance)
+            if not hung:  # a hung instance's thread is still inside the backend: it never takes work again
+                self._free.put_nowait(instance)
+
+    def _set_fault(self, reason: str) -> None:
+        """Stop serving: fail what is queued, refuse what comes, tell the owner (readiness)."""
+        if self.fault is not None:
+            return
+        self.fault = reason
+        for r in list(self._queue):
+            if r.state == _QUEUED and not r.future.done():
+                self._drop(r)
+                r.future.set_exception(InferError(
+                    grpc.StatusCode.UNAVAILABLE, f"model '{self.name}' is not ready: {reason}"))
+        if self._on_fault is not None:
+            self._on_fault(reason)
 
     def _run_batch(self, backend: Backend, batch: list[_Request]) -> tuple[list[dict[str, np.ndarray]], tuple[int, int, int]]:
         """Worker thread: concatenate, execute, split. Returns per-request outputs and stage timings (ns)."""

@@ -8,6 +8,10 @@ Version policy as Triton: latest (1 by default), all, or specific. Each served v
 backend instances (instance_group counts) and its own batcher. Loading builds backends in a worker
 thread (ONNX Runtime session creation takes seconds for big graphs) so the server keeps answering.
 A model that fails to load is recorded UNAVAILABLE with the reason; RepositoryIndex shows it.
+
+Config parameter `execution_timeout_ms` (string, milliseconds; absent or 0: no limit) bounds one backend
+execution: a model whose execution overruns it turns UNAVAILABLE with the reason (its batcher failed the
+requests; server/batcher.py) while every other model keeps serving; RepositoryModelLoad loads it afresh.
 """
 from __future__ import annotations
 
@@ -167,8 +171,15 @@ def _options(cfg: mc.ModelConfig, defaults: RuntimeDefaults) -> tuple[BackendOpt
     return options, count
 
 
+EXECUTION_TIMEOUT_PARAM = "execution_timeout_ms"
+
+
 def _settings(cfg: mc.ModelConfig) -> BatchSettings:
     db = cfg.dynamic_batching
+    timeout = cfg.parameters[EXECUTION_TIMEOUT_PARAM].string_value if EXECUTION_TIMEOUT_PARAM in cfg.parameters else "0"
+    if not (timeout.isascii() and timeout.isdigit()) or len(timeout) > 12:
+        raise LoadError(f"config parameter {EXECUTION_TIMEOUT_PARAM} must be a whole number of milliseconds "
+                        f"(0 = no limit), got {timeout[:40]!r}")
     return BatchSettings(
         max_batch_size=cfg.max_batch_size,
         dynamic=cfg.HasField("dynamic_batching") and cfg.max_batch_size > 0,
@@ -176,6 +187,7 @@ def _settings(cfg: mc.ModelConfig) -> BatchSettings:
         max_queue_delay_us=db.max_queue_delay_microseconds,
         max_queue_size=db.default_queue_policy.max_queue_size,
         default_timeout_us=db.default_queue_policy.default_timeout_microseconds,
+        execution_timeout_ms=int(timeout),
     )
 
 
@@ -209,7 +221,10 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults) -> list[_Built]:
         options, count = _options(cfg, defaults)
     except LoadError as exc:
         raise LoadError(f"{model_dir / CONFIG_FILENAME}: {exc}") from None
-    settings = _settings(cfg)
+    try:
+        settings = _settings(cfg)
+    except LoadError as exc:
+        raise LoadError(f"{model_dir / CONFIG_FILENAME}: {exc}") from None
     built: list[_Built] = []
     try:
         for version in _select_versions(cfg, model_dir):
@@ -270,13 +285,14 @@ class ModelRepository:
                 built = await asyncio.to_thread(build_model, model_dir, self.defaults)
             except LoadError as exc:
                 state.reason = str(exc)
-                state.state = "READY" if old else "UNAVAILABLE"
+                state.state = "READY" if old and not any(m.batcher.fault for m in old.values()) else "UNAVAILABLE"
                 log.error("model load failed", extra={"model": name, "reason": str(exc)})
                 return state
             versions: dict[int, ServedModel] = {}
             for b in built:
                 stats = ModelStats(name, str(b.version))
-                batcher = DynamicBatcher(name, str(b.version), b.instances, b.settings, stats)
+                batcher = DynamicBatcher(name, str(b.version), b.instances, b.settings, stats,
+                                         on_fault=self._fault_handler(state, b.version))
                 batcher.start()
                 versions[b.version] = ServedModel(name, b.version, b.config, b.meta, b.instances, batcher, b.platform)
             state.versions, state.state, state.reason = versions, "READY", ""
@@ -285,6 +301,13 @@ class ModelRepository:
             for m in old.values():
                 await m.close()
             return state
+
+    def _fault_handler(self, state: ModelState, version: int):
+        def on_fault(reason: str) -> None:
+            if version in state.versions and state.versions[version].batcher.fault is not None:
+                state.state, state.reason = "UNAVAILABLE", f"version {version}: {reason}"
+                log.error("model marked not ready", extra={"model": state.name, "version": version, "reason": reason})
+        return on_fault
 
     async def unload(self, name: str) -> None:
         state = self.models.get(name)
@@ -305,11 +328,15 @@ class ModelRepository:
         if not state.versions:
             raise unavailable(f"model '{name}' is not ready: {state.reason or state.state}")
         if not version:
-            return state.versions[max(state.versions)]
-        if not version.isdigit() or int(version) not in state.versions:
+            model = state.versions[max(state.versions)]
+        elif not version.isdigit() or int(version) not in state.versions:
             raise not_found(f"model '{name}' has no version '{version}'; served versions: "
                             f"{', '.join(str(v) for v in sorted(state.versions))}")
-        return state.versions[int(version)]
+        else:
+            model = state.versions[int(version)]
+        if model.batcher.fault is not None:
+            raise unavailable(f"model '{name}' version {model.version} is not ready: {model.batcher.fault}")
+        return model
 
     def served(self) -> Iterable[ServedModel]:
         for state in list(self.models.values()):

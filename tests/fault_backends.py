@@ -12,7 +12,8 @@ must stay busy while requests queue is held in its backend until the test lets i
       fault_raise_value  a batch whose first input contains this number raises (a backend bug)
       fault_hang_value   a batch whose first input contains this number never returns (a wedged
                          driver call: nothing sets the event it waits on, close() included)
-      gate_file          every execution waits until this file exists (the test creates it)
+      gate_file          every execution waits until this file exists; `FileGate(path)` is the test's
+                         handle on it (close, open, and how many executions have entered)
 """
 from __future__ import annotations
 
@@ -53,6 +54,40 @@ class Gate:
                 raise AssertionError(f"only {self.entered} of {n} executions entered the backend")
 
 
+class FileGate:
+    """A gate across processes: open while `path` exists; each execution appends a byte to
+    `path`.entered as it arrives, so the test sees how many are inside."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.entered_path = self.path.with_name(self.path.name + ".entered")
+
+    # test side
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.entered_path.write_bytes(b"")
+
+    def open(self) -> None:
+        self.path.touch()
+
+    def entered(self) -> int:
+        return self.entered_path.stat().st_size if self.entered_path.exists() else 0
+
+    def wait_entered(self, n: int, timeout: float = 30.0) -> None:
+        t_end = time.monotonic() + timeout  # a failure guard: turns a hang into a clear error
+        while self.entered() < n:
+            if time.monotonic() > t_end:
+                raise AssertionError(f"only {self.entered()} of {n} executions entered the backend")
+            time.sleep(0.002)
+
+    # backend side
+    def pass_through(self) -> None:
+        with open(self.entered_path, "ab") as f:
+            f.write(b".")
+        while not self.path.exists():
+            time.sleep(0.002)
+
+
 class GatedBackend(Backend):
     kind = "test_gated"
 
@@ -79,7 +114,7 @@ class FaultyBackend(OrtBackend):
         params = dict(options.extra)
         self.raise_value = float(params["fault_raise_value"]) if "fault_raise_value" in params else None
         self.hang_value = float(params["fault_hang_value"]) if "fault_hang_value" in params else None
-        self.gate_file = Path(params["gate_file"]) if "gate_file" in params else None
+        self.gate = FileGate(Path(params["gate_file"])) if "gate_file" in params else None
 
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         first = next(iter(inputs.values()))
@@ -87,9 +122,8 @@ class FaultyBackend(OrtBackend):
             raise RuntimeError(f"injected fault: input contains {self.raise_value}")
         if self.hang_value is not None and np.any(first == self.hang_value):
             threading.Event().wait()
-        if self.gate_file is not None:
-            while not self.gate_file.exists():  # polls the test's state, in the backend's worker thread
-                time.sleep(0.002)
+        if self.gate is not None:
+            self.gate.pass_through()
         return super().execute(inputs)
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import grpc
@@ -17,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import (SLOW_WIDTH, ServerProcess, affine_model, cast_model, pool_model, slow_model, strings_model,
                       write_model)
+from fault_backends import FileGate
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,8 +27,13 @@ input [{ name: "a" data_type: TYPE_FP32 dims: [4] }, { name: "b" data_type: TYPE
 output [{ name: "y" data_type: TYPE_FP32 dims: [4] }, { name: "z" data_type: TYPE_INT64 dims: [2] }]
 dynamic_batching { max_queue_delay_microseconds: 50000 }
 """
-SLOW_CFG = """platform: "onnxruntime_onnx"
-max_batch_size: 4
+# "slow" and "tiny_queue" stay busy while their gate (tests/fault_backends.py) is closed: the tests that
+# need a request executing while others queue hold it there, however fast the machine computes.
+GATED_CFG = """backend: "test_faulty"
+default_model_filename: "model.onnx"
+parameters {{ key: "gate_file" value {{ string_value: "{gate}" }} }}
+"""
+SLOW_CFG = """max_batch_size: 4
 dynamic_batching { }
 instance_group [{ count: 1 kind: KIND_CPU }]
 """
@@ -41,9 +46,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(repo, "cast", cast_model(), 'max_batch_size: 4\ndynamic_batching { }\n')  # inputs auto-completed
     write_model(repo, "strings", strings_model(), "max_batch_size: 0\n")
     write_model(repo, "pool", pool_model(), "max_batch_size: 32\ndynamic_batching { }\n")
-    write_model(repo, "slow", slow_model(), SLOW_CFG)
-    write_model(repo, "tiny_queue", slow_model(),
-                "max_batch_size: 1\ndynamic_batching { default_queue_policy { max_queue_size: 1 } }\n")
+    for name, cfg in (("slow", SLOW_CFG),
+                      ("tiny_queue", "max_batch_size: 1\ndynamic_batching { default_queue_policy { max_queue_size: 1 } }\n")):
+        gate = FileGate(repo / f"{name}.gate")
+        gate.open()
+        write_model(repo, name, slow_model(iterations=10), GATED_CFG.format(gate=gate.path) + cfg)
     write_model(repo, "versioned", affine_model(), "max_batch_size: 8\n", versions=(1, 2))
     write_model(repo, "broken", b"this is not an onnx file", "max_batch_size: 4\n")
     write_model(repo, "badconfig", affine_model(), "max_batch_size: 8\ndynamic_batching { max_delay: 5 }\n")
@@ -58,7 +65,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(repo: Path, server_factory) -> ServerProcess:
     # explicit mode: test_unload_and_load drives the repository API (mode none refuses it, as Triton)
-    return server_factory(repo, "--model-control-mode", "explicit", "--load-model", "*")
+    return server_factory(repo, "--model-control-mode", "explicit", "--load-model", "*",
+                          "--backend-module", "fault_backends")
 
 
 @pytest.fixture(scope="module")
@@ -340,20 +348,29 @@ def test_concurrent_requests_are_batched(server: ServerProcess, client: tc.Infer
 
 
 def test_request_whose_deadline_passes_in_queue_is_not_executed(
-        server: ServerProcess, client: tc.InferenceServerClient) -> None:
+        repo: Path, server: ServerProcess, client: tc.InferenceServerClient) -> None:
     before = _stats(client, "slow")
     before_metrics = _scrape(server)
     x1, x2 = np.ones((1, SLOW_WIDTH), np.float32), np.ones((2, SLOW_WIDTH), np.float32)  # different shapes: never co-batched
+    gate = FileGate(repo / "slow.gate")
+    key = ("cnnserve_inference_request_never_executed", (("model", "slow"), ("version", "1")))
 
     async def main():
         async with tca.InferenceServerClient(server.grpc_url) as c:
             await c.is_server_ready()  # connect first: request arrival order must be the sending order
-            first = asyncio.create_task(c.infer("slow", [_input("x", x1, "FP32")]))
-            await server.wait_pending("slow", 1)  # the first is executing; the next ones queue behind it
-            # One with a gRPC deadline, one with the protocol's `timeout` parameter (microseconds).
-            late = [c.infer("slow", [_input("x", x2, "FP32")], **kw)
-                    for kw in ({"client_timeout": 0.03}, {"timeout": 30_000})]
-            results = await asyncio.gather(*late, return_exceptions=True)
+            gate.close()
+            try:
+                first = asyncio.create_task(c.infer("slow", [_input("x", x1, "FP32")]))
+                await asyncio.to_thread(gate.wait_entered, 1)  # executing, held; the next ones queue behind it
+                # One with a gRPC deadline, one with the protocol's `timeout` parameter (microseconds).
+                late = [c.infer("slow", [_input("x", x2, "FP32")], **kw)
+                        for kw in ({"client_timeout": 0.03}, {"timeout": 30_000})]
+                results = await asyncio.gather(*late, return_exceptions=True)
+                # The server drops the abandoned request when it notices the cancellation: wait for that.
+                while (await asyncio.to_thread(_scrape, server)).get(key, 0) - before_metrics.get(key, 0) < 2:
+                    await asyncio.sleep(0.005)
+            finally:
+                gate.open()
             await first
             return results
 
@@ -361,30 +378,34 @@ def test_request_whose_deadline_passes_in_queue_is_not_executed(
     assert all(isinstance(e, InferenceServerException) for e in errors), errors
     assert [e.status() for e in errors] == ["StatusCode.DEADLINE_EXCEEDED"] * 2, [str(e) for e in errors]
     assert "in the queue, not executed" in errors[1].message()  # it was queued, then dropped
-    time.sleep(0.3)  # let the server finish its bookkeeping for the abandoned request
     after = _stats(client, "slow")
     assert after.inference_count - before.inference_count == 1  # only the first request ran
     assert after.execution_count - before.execution_count == 1
     m = _scrape(server)
-    key = ("cnnserve_inference_request_never_executed", (("model", "slow"), ("version", "1")))
     assert m[key] - before_metrics.get(key, 0) == 2
 
 
-def test_queue_full_is_resource_exhausted(server: ServerProcess, client: tc.InferenceServerClient) -> None:
+def test_queue_full_is_resource_exhausted(repo: Path, server: ServerProcess, client: tc.InferenceServerClient) -> None:
     x = np.ones((1, SLOW_WIDTH), np.float32)
+    gate = FileGate(repo / "tiny_queue.gate")
+
     async def main():
         async with tca.InferenceServerClient(server.grpc_url) as c:
             await c.is_server_ready()  # connect first: request arrival order must be the sending order
-            first = asyncio.create_task(c.infer("tiny_queue", [_input("x", x, "FP32")]))
-            await server.wait_pending("tiny_queue", 1)  # executing (~0.3 s); the queue (size 1) is empty
-            second = asyncio.create_task(c.infer("tiny_queue", [_input("x", x, "FP32")]))
-            await server.wait_pending("tiny_queue", 2)  # queued behind it: the queue is full
+            gate.close()
             try:
-                await c.infer("tiny_queue", [_input("x", x, "FP32")])
-                third = None
-            except InferenceServerException as exc:
-                third = exc
-            second_waiting = not second.done()
+                first = asyncio.create_task(c.infer("tiny_queue", [_input("x", x, "FP32")]))
+                await asyncio.to_thread(gate.wait_entered, 1)  # executing, held; the queue (size 1) is empty
+                second = asyncio.create_task(c.infer("tiny_queue", [_input("x", x, "FP32")]))
+                await server.wait_pending("tiny_queue", 2)  # queued behind it: the queue is full
+                try:
+                    await c.infer("tiny_queue", [_input("x", x, "FP32")])
+                    third = None
+                except InferenceServerException as exc:
+                    third = exc
+                second_waiting = not second.done()
+            finally:
+                gate.open()
             return await first, await second, third, second_waiting
 
     first, second, third, second_waiting = asyncio.run(main())
