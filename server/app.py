@@ -158,6 +158,7 @@ class InferenceServer:
             await asyncio.sleep(0.01)
         await self.grpc_server.stop(max(0.5, deadline - loop.time()))
         await self.repository.close()
+        self.state.shared_memory.close()  # regions are unmapped; the clients own the objects
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         log.info("server stopped")

@@ -15,6 +15,8 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from cnncore.datatypes import from_numpy
+from cnncore.wire import serialize_bytes
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from server.boundary import guard_servicer, status_of
@@ -22,6 +24,8 @@ from server.errors import InferError, invalid, unavailable
 from server.infer_request import InferRequest, WireError, from_message, parse_infer_request
 from server.repository import ModelRepository
 from server.request import InferenceRequest, RequestPath, ServerState
+from server.shared_memory import (BYTE_SIZE, REGION, OutputTarget, SharedMemoryRegistry, output_target,
+                                  tensor_source)
 from server.tensors import TensorIn, encode_output, tensor_in
 
 log = logging.getLogger("cnnserve.service")
@@ -29,7 +33,7 @@ log = logging.getLogger("cnnserve.service")
 SERVER_NAME = "cnnserve"
 SERVER_VERSION = "0.1.0"
 # The protocol extensions this server implements (what ServerMetadata advertises to clients).
-EXTENSIONS = ["model_configuration", "model_repository", "statistics", "parameters"]
+EXTENSIONS = ["model_configuration", "model_repository", "statistics", "parameters", "system_shared_memory"]
 
 
 def parameters_of(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
@@ -41,25 +45,56 @@ def parameters_of(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
     return out
 
 
-def tensors_in(request: InferRequest) -> list[TensorIn]:
-    """The request's inputs, each with its raw_input_contents entry or its typed contents."""
+def tensors_in(request: InferRequest, shm: SharedMemoryRegistry) -> list[TensorIn]:
+    """The request's inputs, each with its shared-memory window, its raw_input_contents entry or its
+    typed contents. As in Triton, raw entries belong, in order, to the inputs that name no region."""
     header, raw = request.header, request.raw
-    if raw and len(raw) != len(header.inputs):
-        raise invalid(f"raw_input_contents has {len(raw)} entries for {len(header.inputs)} inputs; "
-                      "when raw contents are used every input must have one")
+    sources = [tensor_source(shm, t.name, parameters_of(t.parameters)) if t.parameters else None
+               for t in header.inputs]
+    wanting = [t for t, src in zip(header.inputs, sources) if src is None]
+    if raw and len(raw) != len(wanting):
+        raise invalid(f"raw_input_contents has {len(raw)} entries for {len(wanting)} inputs not in shared "
+                      "memory; when raw contents are used every such input must have one")
     tensors = []
-    for i, t in enumerate(header.inputs):
+    raw_entries = iter(raw)
+    for t, src in zip(header.inputs, sources):
+        if src is not None:
+            if t.HasField("contents"):
+                raise invalid(f"input '{t.name}': both contents and a shared memory region given")
+            tensors.append(tensor_in(t, src))
+            continue
         if raw and t.HasField("contents"):
             raise invalid(f"input '{t.name}': both contents and raw_input_contents given")
-        tensors.append(tensor_in(t, raw[i] if raw else None))
+        tensors.append(tensor_in(t, next(raw_entries) if raw else None))
     return tensors
 
 
-def build_response(request: InferenceRequest, outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
+def output_targets(request: InferRequest, shm: SharedMemoryRegistry) -> dict[str, OutputTarget]:
+    """Requested outputs to be written into shared memory, by name (windows checked before inference)."""
+    targets = {}
+    for o in request.header.outputs:
+        if o.parameters and (target := output_target(shm, o.name, parameters_of(o.parameters))) is not None:
+            targets[o.name] = target
+    return targets
+
+
+def build_response(request: InferenceRequest, outputs: dict[str, np.ndarray],
+                   targets: Mapping[str, OutputTarget] | None = None) -> pb.ModelInferResponse:
     model = request.model
     response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
     for name in request.outputs:
-        encode_output(name, outputs[name], response)
+        target = targets.get(name) if targets else None
+        if target is None:
+            encode_output(name, outputs[name], response)
+            continue
+        arr = outputs[name]
+        out = response.outputs.add(name=name, datatype=from_numpy(arr.dtype), shape=arr.shape)
+        written = target.write(arr, serialize_bytes(arr) if out.datatype == "BYTES" else None)
+        out.parameters[REGION].string_param = target.region.name
+        out.parameters[BYTE_SIZE].int64_param = written
+        # Written into the region; the response keeps an empty entry so raw_output_contents stays
+        # index-aligned with outputs (what tritonclient reads), as Triton's does.
+        response.raw_output_contents.append(b"")
     return response
 
 
@@ -168,15 +203,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    # -- system shared memory (server/shared_memory.py) ------------------------------------------------
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.state.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.state.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        out = pb.SystemSharedMemoryStatusResponse()
+        for r in self.state.shared_memory.status(request.name):
+            out.regions[r.name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size))
+        return out
+
     # -- inference -----------------------------------------------------------------------------------
     async def _infer(self, request: InferRequest, context: grpc.aio.ServicerContext,
                      received_ns: int) -> pb.ModelInferResponse:
         header = request.header
+        shm = self.state.shared_memory
+        targets = output_targets(request, shm)
         normalized = await self.path.normalize(
-            header.model_name, header.model_version, tensors_in(request),
+            header.model_name, header.model_version, tensors_in(request, shm),
             outputs=[o.name for o in header.outputs], parameters=parameters_of(header.parameters),
             request_id=header.id, transport_remaining_s=context.time_remaining(), received_ns=received_ns)
-        return build_response(normalized, await self.path.infer(normalized))
+        return build_response(normalized, await self.path.infer(normalized), targets)
 
     async def ModelInfer(self, request: bytes, context):
         # Registered with no request deserializer: `request` is the serialized message, decoded here

@@ -1,0 +1,222 @@
+"""Triton's system shared-memory extension: the region registry and the one place a tensor is placed in one.
+
+A local client puts a tensor into a POSIX shared-memory object (/dev/shm/<key>), registers the object
+(or a window of it) under a name, and then names that region, an offset and a byte size in an input's
+or requested output's parameters instead of sending the bytes. The tensor then crosses no socket,
+protobuf or gRPC buffer: an input is a read-only memoryview into the mapping that numpy wraps without a
+copy, and an output is written straight into the region (its response entry stays empty, as Triton's).
+
+Safety, since the other end of a region is another process:
+- keys are shm_open names ("/name": one component, no "..") resolved under /dev/shm only, opened with
+  O_NOFOLLOW and required to be regular files, so a key cannot reach any other file;
+- a region's window (offset, byte_size) must lie inside the object when registered, and every use
+  (offset, byte size within the region) is checked against the window AND against the object's size
+  at that moment (fstat): a client that shrinks its object after registering gets INVALID_ARGUMENT
+  instead of the SIGBUS that touching a page past its end would raise;
+- unregistering (or shutdown) closes the mapping; a request still holding a view keeps the mapping
+  alive until it finishes (the view owns a reference), so a region can never vanish under a request.
+A client that truncates its object between the check and the read can still fault the process, as in
+Triton: the extension is meant for trusted local clients, and --grpc-restricted-protocol can put
+the `shared-memory` group behind a key.
+
+`tensor_source` and `output_target` read the protocol parameters as Python values, so the gRPC
+binding and the REST binding resolve them the same way.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import grpc
+import numpy as np
+
+from server.errors import InferError, echo, invalid, not_found
+
+SHM_ROOT = Path("/dev/shm")
+REGION = "shared_memory_region"
+OFFSET = "shared_memory_offset"
+BYTE_SIZE = "shared_memory_byte_size"
+
+
+@dataclass
+class Region:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    _fd: int
+    _map: mmap.mmap
+    closed: bool = False
+
+    def window(self, offset: int, byte_size: int, what: str) -> memoryview:
+        """The bytes [offset, offset + byte_size) of this region, checked now (see module docstring)."""
+        if offset < 0 or byte_size < 0 or offset + byte_size > self.byte_size:
+            raise invalid(f"{what}: {OFFSET} {offset} + {BYTE_SIZE} {byte_size} exceeds shared memory region "
+                          f"{echo(self.name)} of {self.byte_size} bytes")
+        if self.closed:  # unregistered while this request was on its way
+            raise invalid(f"{what}: shared memory region {echo(self.name)} was unregistered")
+        size = os.fstat(self._fd).st_size
+        start = self.offset + offset
+        if start + byte_size > size:
+            raise invalid(f"{what}: shared memory object {echo(self.key)} shrank to {size} bytes after "
+                          f"region {echo(self.name)} was registered; it no longer holds bytes "
+                          f"[{start}, {start + byte_size})")
+        return memoryview(self._map)[start:start + byte_size]
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        os.close(self._fd)
+        try:
+            self._map.close()
+        except BufferError:
+            # A request in flight still holds a view: dropping our reference lets the mapping close
+            # when that request releases it.
+            pass
+
+
+class SharedMemoryRegistry:
+    """The server's registered regions by name (one registry per process, shared by every binding)."""
+
+    def __init__(self) -> None:
+        self._regions: dict[str, Region] = {}
+        self._lock = threading.Lock()  # register/unregister may come from worker threads of a binding
+
+    @staticmethod
+    def path_of(key: str) -> Path:
+        """The /dev/shm file a shm_open key names; INVALID_ARGUMENT for anything that would leave it."""
+        name = key[1:] if key.startswith("/") else key
+        if not name or "/" in name or name in (".", "..") or "\0" in name:
+            raise invalid(f"shared memory key {echo(key)} is not a POSIX shared-memory name: expected "
+                          f"'/name' (one component under {SHM_ROOT}, no '/' inside)")
+        return SHM_ROOT / name
+
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        if not name:
+            raise invalid("shared memory region name must not be empty")
+        path = self.path_of(key)
+        with self._lock:
+            if name in self._regions:
+                raise InferError(grpc.StatusCode.ALREADY_EXISTS,
+                                 f"shared memory region {echo(name)} is already registered")
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as exc:
+                raise invalid(f"shared memory key {echo(key)}: cannot open {path}: {exc.strerror}") from None
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise invalid(f"shared memory key {echo(key)}: {path} is not a shared-memory object")
+                if byte_size <= 0:
+                    raise invalid(f"shared memory region {echo(name)}: byte_size must be positive, got {byte_size}")
+                if offset + byte_size > st.st_size:
+                    raise invalid(f"shared memory region {echo(name)}: offset {offset} + byte_size {byte_size} "
+                                  f"exceeds {echo(key)} of {st.st_size} bytes")
+                # Mapped from 0: mmap offsets must be page-aligned, region offsets need not be.
+                mapping = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._regions[name] = Region(name, key, offset, byte_size, fd, mapping)
+
+    def unregister(self, name: str = "") -> None:
+        """Release one region, or every region when `name` is empty (Triton: unknown names are a no-op)."""
+        with self._lock:
+            names = [name] if name else list(self._regions)
+            released = [self._regions.pop(n) for n in names if n in self._regions]
+        for region in released:
+            region.close()
+
+    def status(self, name: str = "") -> list[Region]:
+        with self._lock:
+            if not name:
+                return list(self._regions.values())
+            region = self._regions.get(name)
+        if region is None:
+            raise not_found(f"shared memory region {echo(name)} is not registered")
+        return [region]
+
+    def get(self, name: str, what: str) -> Region:
+        region = self._regions.get(name)
+        if region is None:
+            raise invalid(f"{what}: shared memory region {echo(name)} is not registered")
+        return region
+
+    def close(self) -> None:
+        self.unregister("")
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+
+def _placement(registry: SharedMemoryRegistry, params: Mapping[str, Any],
+               what: str) -> tuple[Region, int, int] | None:
+    """(region, offset, byte_size) a tensor's parameters name, or None when they name no region."""
+    if REGION not in params:
+        for p in (OFFSET, BYTE_SIZE):
+            if p in params:
+                raise invalid(f"{what}: parameter '{p}' given without '{REGION}'")
+        return None
+    region = params[REGION]
+    if not isinstance(region, str) or not region:
+        raise invalid(f"{what}: parameter '{REGION}' must be a non-empty string")
+    if BYTE_SIZE not in params:
+        raise invalid(f"{what}: parameter '{BYTE_SIZE}' is required with '{REGION}'")
+    values = []
+    for p in (OFFSET, BYTE_SIZE):
+        v = params.get(p, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise invalid(f"{what}: parameter '{p}' must be a non-negative integer, got {v!r}")
+        values.append(v)
+    return registry.get(region, what), values[0], values[1]
+
+
+def tensor_source(registry: SharedMemoryRegistry, name: str, params: Mapping[str, Any]) -> memoryview | None:
+    """An input's bytes in shared memory (read-only view, no copy), or None when it names no region.
+
+    The view's length is the request's `shared_memory_byte_size`; the request path then checks it
+    against the size the input's datatype and shape need, like any raw contents."""
+    what = f"input '{name}'"
+    placed = _placement(registry, params, what)
+    if placed is None:
+        return None
+    region, offset, byte_size = placed
+    return region.window(offset, byte_size, what).toreadonly()
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """Where a requested output goes: a checked region window, re-checked when written."""
+
+    name: str
+    region: Region
+    offset: int
+    byte_size: int
+
+    def write(self, arr: np.ndarray, data: bytes | None = None) -> int:
+        """Copy the output (or its serialized `data`, for BYTES) into the region; returns bytes written."""
+        what = f"output '{self.name}'"
+        src = np.frombuffer(data, np.uint8) if data is not None else np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        if src.nbytes > self.byte_size:
+            raise invalid(f"{what}: result of {src.nbytes} bytes does not fit {BYTE_SIZE} {self.byte_size} "
+                          f"of shared memory region {echo(self.region.name)}")
+        view = self.region.window(self.offset, src.nbytes, what)
+        np.frombuffer(view, np.uint8)[:] = src
+        return src.nbytes
+
+
+def output_target(registry: SharedMemoryRegistry, name: str, params: Mapping[str, Any]) -> OutputTarget | None:
+    """A requested output's region (bounds checked now and again when written), or None."""
+    what = f"requested output '{name}'"
+    placed = _placement(registry, params, what)
+    if placed is None:
+        return None
+    region, offset, byte_size = placed
+    region.window(offset, byte_size, what)  # refuse a bad window before the model runs
+    return OutputTarget(name, region, offset, byte_size)
