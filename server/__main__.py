@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import sys
 from pathlib import Path
 
 from server.access import AccessConfigError, AccessPolicy
 from server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, serve
 from server.logs import setup_logging
 from server.tls import TlsConfigError, TlsFiles
+from server.workers import supervise, take_cpu_share, worker_role
 
 
 def _bool(v: str) -> bool:
@@ -67,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend-module", action="append", default=[], metavar="MODULE",
                    help="import MODULE before loading models, so backends it registers "
                         "(server.backends.base.register_backend) can serve them; repeatable")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing the ports (SO_REUSEPORT), each with its share of the CPUs; "
+                        "metrics merged on --metrics-port, SIGTERM drains them all (default 1)")
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write JSON {grpc_port, metrics_port, pid} here once serving (for supervisors, tests)")
     return p.parse_args(argv)
@@ -75,6 +80,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     setup_logging(a.log_level, a.log_format)
+    if a.workers < 1:
+        raise SystemExit(f"python -m server: error: --workers must be at least 1, got {a.workers}")
+    if a.workers > 1:
+        http = getattr(a, "allow_http", False)
+        raise SystemExit(supervise(
+            sys.argv[1:] if argv is None else argv, workers=a.workers, grpc_address=a.grpc_address,
+            grpc_port=a.grpc_port, http_address=a.http_address if http else None,
+            http_port=getattr(a, "http_port", 0), metrics_address=a.metrics_address, metrics_port=a.metrics_port,
+            allow_metrics=a.allow_metrics, ready_file=a.ready_file, exit_timeout_s=a.exit_timeout_secs))
+    role = worker_role()
+    if role is not None:  # a supervised worker: its CPUs, and ORT's threads sized to them unless set
+        share = take_cpu_share(role)
+        a.intra_op_threads = a.intra_op_threads or share
     for module in a.backend_module:
         try:
             importlib.import_module(module)
@@ -93,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         inter_op_threads=a.inter_op_threads, allow_spinning=a.ort_allow_spinning, exit_timeout_s=a.exit_timeout_secs,
         strict_readiness=a.strict_readiness, model_control_mode=a.model_control_mode,
         load_models=a.load_model, ready_file=a.ready_file, grpc_tls=grpc_tls, grpc_access=grpc_access,
+        reuse_port=role is not None,
     )
     asyncio.run(serve(cfg))
 

@@ -60,6 +60,7 @@ class ServerConfig:
     ready_file: Path | None = None  # written (JSON: ports, pid) once serving; lets tests use port 0
     grpc_tls: TlsFiles | None = None  # None: plaintext (warned about beyond loopback)
     grpc_access: AccessPolicy | None = None  # access keys per API group (server/access.py)
+    reuse_port: bool = False  # SO_REUSEPORT: set in --workers processes, which share the ports
 
 
 class InferenceServer:
@@ -83,7 +84,8 @@ class InferenceServer:
             raise SystemExit(f"model repository {cfg.model_repository} is not a directory")
         opts = [("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
-                ("grpc.so_reuseport", 0)]
+                # Workers (server/workers.py) share the port; a lone server must own it.
+                ("grpc.so_reuseport", 1 if cfg.reuse_port else 0)]
         # The interceptor only when a group is restricted: unrestricted servers pay nothing per call.
         interceptors = [AccessInterceptor(cfg.grpc_access)] if cfg.grpc_access else None
         server = grpc.aio.server(options=opts, interceptors=interceptors)

@@ -1,0 +1,128 @@
+"""`--workers 2`: two server processes on one port, one merged metrics view, one drain on SIGTERM.
+
+Connections are spread by the kernel (SO_REUSEPORT hashes each connection), so the test opens many
+separate connections (a local subchannel pool per client) and checks through each worker's own
+metrics endpoint that both served, and through the supervisor's endpoint that the merged counts are
+the sums. Executions are held behind a file gate (tests/fault_backends.py) so SIGTERM provably arrives
+while both workers hold accepted requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.grpc.aio as tca
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from conftest import SLOW_WIDTH, ServerProcess, affine_model, slow_model, write_model
+from fault_backends import FileGate
+
+pytestmark = pytest.mark.timeout(240)
+
+SEPARATE_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per client
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def _affine(client: tc.InferenceServerClient, i: int) -> None:
+    a = np.full((1, 4), i, np.float32)
+    ins = [tc.InferInput("a", [1, 4], "FP32"), tc.InferInput("b", [1, 2], "INT64")]
+    ins[0].set_data_from_numpy(a)
+    ins[1].set_data_from_numpy(np.full((1, 2), i, np.int64))
+    np.testing.assert_array_equal(client.infer("affine", ins).as_numpy("y"), 2 * a + 1)
+
+
+@pytest.fixture
+def gated(tmp_path: Path, server_factory) -> tuple[ServerProcess, FileGate]:
+    repo = tmp_path / "repo"
+    gate = FileGate(tmp_path / "gate")
+    gate.open()
+    write_model(repo, "affine", affine_model(), "max_batch_size: 8\ndynamic_batching { }\n")
+    write_model(repo, "slow", slow_model(iterations=10),
+                f'backend: "test_faulty"\ndefault_model_filename: "model.onnx"\nmax_batch_size: 4\n'
+                f'dynamic_batching {{ }}\nparameters {{ key: "gate_file" value {{ string_value: "{gate.path}" }} }}\n')
+    return server_factory(repo, "--workers", "2", "--backend-module", "fault_backends"), gate
+
+
+def test_two_workers_serve_one_port_with_merged_metrics_and_drain_together(gated) -> None:
+    srv, gate = gated
+    workers = srv.ready["workers"]
+    assert len(workers) == 2 and len({w["pid"] for w in workers}) == 2
+
+    n = 24
+    for i in range(n):
+        with tc.InferenceServerClient(srv.grpc_url, channel_args=SEPARATE_CONNECTION) as c:
+            _affine(c, i)
+    key = ("nv_inference_request_success", (("model", "affine"), ("version", "1")))
+    per_worker = [_scrape(w["metrics_port"]).get(key, 0.0) for w in workers]
+    assert all(v > 0 for v in per_worker), f"connections reached only one worker: {per_worker}"
+    merged = srv.scrape()
+    assert merged[key] == sum(per_worker) == n
+    # The histograms come through prometheus_client's multiprocess mode, summed over both processes.
+    assert merged[("cnnserve_request_latency_seconds_count", (("model", "affine"), ("version", "1")))] == n
+
+    # SIGTERM while both workers hold accepted requests: every one is answered, then all exit.
+    gate.close()
+    m = 16  # on separate connections: both workers hold some (all on one: 2 in 65536)
+
+    async def main():
+        clients = [tca.InferenceServerClient(srv.grpc_url, channel_args=SEPARATE_CONNECTION) for _ in range(m)]
+
+        async def one(i: int):
+            inp = tc.InferInput("x", [1, SLOW_WIDTH], "FP32")
+            inp.set_data_from_numpy(np.full((1, SLOW_WIDTH), i / m, np.float32))
+            r = await clients[i].infer("slow", [inp])
+            return i, r.as_numpy("y")
+
+        tasks = [asyncio.create_task(one(i)) for i in range(m)]
+        await srv.wait_pending("slow", m)  # the merged pending gauge: all m accepted across the workers
+        pending = ("nv_inference_pending_request_count", (("model", "slow"), ("version", "1")))
+        held = [_scrape(w["metrics_port"]).get(pending, 0.0) for w in workers]
+        srv.proc.send_signal(signal.SIGTERM)
+        # Each worker drains: it refuses new work once the signal reaches it, and reports not ready.
+        late_errors = []
+        for _ in range(4):
+            late = tc.InferenceServerClient(srv.grpc_url, channel_args=SEPARATE_CONNECTION)
+            while late.is_server_ready():  # until the forwarded signal reaches this connection's worker
+                pass
+            try:
+                _affine(late, 0)
+            except InferenceServerException as exc:
+                late_errors.append(exc.status())
+            late.close()
+        gate.open()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for c in clients:
+            await c.close()
+        return results, held, late_errors
+
+    results, held, late_errors = asyncio.run(main())
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors
+    assert sorted(i for i, _ in results) == list(range(m))
+    assert sum(held) == m
+    assert late_errors == ["StatusCode.UNAVAILABLE"] * 4
+    assert srv.proc.wait(60) == 0, srv.log()
+    assert not any(Path(f"/proc/{w['pid']}").exists() for w in workers)  # reaped: none outlives the supervisor
+
+
+def test_a_worker_that_dies_stops_the_server(tmp_path: Path, server_factory) -> None:
+    repo = tmp_path / "repo"
+    write_model(repo, "affine", affine_model(), "max_batch_size: 8\n")
+    srv = server_factory(repo, "--workers", "2")
+    victim, survivor = srv.ready["workers"]
+    os.kill(victim["pid"], signal.SIGKILL)
+    assert srv.proc.wait(60) == 1, srv.log()
+    assert "a worker exited" in srv.log()
+    assert not Path(f"/proc/{survivor['pid']}").exists()
