@@ -42,7 +42,7 @@ def message_to_dict(message: Message, *, bytes_as: BytesAs = "omit") -> dict[str
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             value_field = field.message_type.fields_by_name["value"]
             out[field.name] = {k: _scalar(value_field, v, bytes_as) for k, v in value.items()}
-        elif field.label == FieldDescriptor.LABEL_REPEATED:
+        elif field.is_repeated:
             out[field.name] = [_scalar(field, v, bytes_as) for v in value]
         elif field.type != FieldDescriptor.TYPE_MESSAGE or message.HasField(field.name):
             out[field.name] = _scalar(field, value, bytes_as)

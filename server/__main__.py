@@ -9,6 +9,8 @@ from pathlib import Path
 
 from server.access import AccessConfigError, AccessPolicy
 from server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, serve
+from server.http import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES,
+                         DEFAULT_MAX_INPUT_SIZE, HttpLimits)
 from server.logs import setup_logging
 from server.tls import TlsConfigError, TlsFiles
 from server.workers import supervise, take_cpu_share, worker_role
@@ -22,28 +24,49 @@ def _bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
+def _add_tls_flags(p: argparse.ArgumentParser, proto: str, what: str) -> None:
+    """Triton's TLS flag set for one listener: --<proto>-use-ssl[-mutual], -server-cert/-key, -root-cert."""
+    p.add_argument(f"--{proto}-use-ssl", type=_bool, nargs="?", const=True, default=False,
+                   help=f"serve {what} (needs --{proto}-server-cert and --{proto}-server-key)")
+    p.add_argument(f"--{proto}-use-ssl-mutual", type=_bool, nargs="?", const=True, default=False,
+                   help=f"mutual TLS: also require a client certificate signed by --{proto}-root-cert")
+    p.add_argument(f"--{proto}-server-cert", type=Path, default=None, help="PEM certificate (chain) of the server")
+    p.add_argument(f"--{proto}-server-key", type=Path, default=None, help=f"PEM private key of --{proto}-server-cert")
+    p.add_argument(f"--{proto}-root-cert", type=Path, default=None,
+                   help="PEM CA certificate(s) that client certificates must chain to (mutual TLS)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m server",
-        description="cnnserve: KServe v2 / Open Inference Protocol gRPC server with dynamic batching "
+        description="cnnserve: KServe v2 / Open Inference Protocol server (gRPC and REST) with dynamic batching "
                     "(ONNX Runtime backend) and Prometheus metrics.",
     )
     p.add_argument("--model-repository", "--model-store", dest="model_repository", type=Path, required=True,
                    help="model repository directory (<model>/config.pbtxt, <model>/<version>/model.onnx)")
     p.add_argument("--grpc-address", default="0.0.0.0", help="gRPC bind address (default 0.0.0.0)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 = pick a free one)")
-    p.add_argument("--grpc-use-ssl", type=_bool, nargs="?", const=True, default=False,
-                   help="serve gRPC over TLS (needs --grpc-server-cert and --grpc-server-key)")
-    p.add_argument("--grpc-use-ssl-mutual", type=_bool, nargs="?", const=True, default=False,
-                   help="mutual TLS: also require a client certificate signed by --grpc-root-cert")
-    p.add_argument("--grpc-server-cert", type=Path, default=None, help="PEM certificate (chain) of the gRPC server")
-    p.add_argument("--grpc-server-key", type=Path, default=None, help="PEM private key of --grpc-server-cert")
-    p.add_argument("--grpc-root-cert", type=Path, default=None,
-                   help="PEM CA certificate(s) that client certificates must chain to (mutual TLS)")
+    _add_tls_flags(p, "grpc", "gRPC over TLS")
     p.add_argument("--grpc-restricted-protocol", action="append", default=[], metavar="GROUPS:HEADER=VALUE",
                    help="require HEADER=VALUE on the comma-separated API groups (health, metadata, inference, "
                         "shared-memory, model-config, model-repository, statistics, trace, logging); VALUE may "
                         "be @FILE or env:VARIABLE to keep the key off the command line; repeatable")
+    p.add_argument("--allow-http", type=_bool, default=True, help="serve the KServe v2 REST API (default true)")
+    p.add_argument("--http-address", default="0.0.0.0", help="HTTP bind address (default 0.0.0.0)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 = pick a free one)")
+    _add_tls_flags(p, "http", "HTTPS")
+    p.add_argument("--http-restricted-api", action="append", default=[], metavar="GROUPS:HEADER=VALUE",
+                   help="as --grpc-restricted-protocol, for the HTTP API; repeatable")
+    p.add_argument("--http-max-input-size", type=int, default=DEFAULT_MAX_INPUT_SIZE,
+                   help=f"largest HTTP request body in bytes; larger ones get 413 (default {DEFAULT_MAX_INPUT_SIZE})")
+    p.add_argument("--http-body-timeout-secs", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                   help="a request body must arrive within this (408 and the connection closed otherwise; "
+                        f"default {DEFAULT_BODY_TIMEOUT_S:g})")
+    p.add_argument("--http-idle-timeout-secs", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
+                   help="close a connection idle this long, or one whose request line and headers are not "
+                        f"complete by then (default {DEFAULT_IDLE_TIMEOUT_S:g})")
+    p.add_argument("--http-max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
+                   help=f"longest request line and header field (default {DEFAULT_MAX_HEADER_BYTES}; 400 beyond)")
     p.add_argument("--allow-metrics", type=_bool, default=True, help="serve Prometheus metrics (default true)")
     p.add_argument("--metrics-address", default="0.0.0.0", help="metrics HTTP bind address (default 0.0.0.0)")
     p.add_argument("--metrics-port", type=int, default=8002, help="metrics HTTP port (default 8002; 0 = free one)")
@@ -102,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
         grpc_tls = TlsFiles.from_flags("grpc", a.grpc_use_ssl, a.grpc_use_ssl_mutual, a.grpc_server_cert,
                                        a.grpc_server_key, a.grpc_root_cert)
         grpc_access = AccessPolicy.from_flags(a.grpc_restricted_protocol, "grpc", "--grpc-restricted-protocol")
+        http_tls = TlsFiles.from_flags("http", a.http_use_ssl, a.http_use_ssl_mutual, a.http_server_cert,
+                                       a.http_server_key, a.http_root_cert)
+        http_access = AccessPolicy.from_flags(a.http_restricted_api, "http", "--http-restricted-api")
     except (TlsConfigError, AccessConfigError) as exc:
         raise SystemExit(f"python -m server: error: {exc}") from None
     cfg = ServerConfig(
@@ -112,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         strict_readiness=a.strict_readiness, model_control_mode=a.model_control_mode,
         load_models=a.load_model, ready_file=a.ready_file, grpc_tls=grpc_tls, grpc_access=grpc_access,
         reuse_port=role is not None,
+        allow_http=a.allow_http, http_address=a.http_address, http_port=a.http_port, http_tls=http_tls,
+        http_access=http_access, http_limits=HttpLimits(a.http_max_input_size, a.http_body_timeout_secs,
+                                                        a.http_idle_timeout_secs, a.http_max_header_bytes),
     )
     asyncio.run(serve(cfg))
 

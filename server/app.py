@@ -27,6 +27,7 @@ from prometheus_client import start_http_server
 from server import metrics
 from server.access import AccessInterceptor, AccessPolicy
 from server.gpu_metrics import register_gpu_metrics
+from server.http import HttpBinding, HttpLimits
 from server.repository import ModelRepository, RuntimeDefaults
 from server.request import ServerState
 from server.service import ServicerAdder, add_inference_service
@@ -61,6 +62,12 @@ class ServerConfig:
     grpc_tls: TlsFiles | None = None  # None: plaintext (warned about beyond loopback)
     grpc_access: AccessPolicy | None = None  # access keys per API group (server/access.py)
     reuse_port: bool = False  # SO_REUSEPORT: set in --workers processes, which share the ports
+    allow_http: bool = True  # the KServe v2 REST binding (server/http.py)
+    http_address: str = "0.0.0.0"
+    http_port: int = 8000
+    http_tls: TlsFiles | None = None
+    http_access: AccessPolicy | None = None
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
 
 
 class InferenceServer:
@@ -74,6 +81,8 @@ class InferenceServer:
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.grpc_port = 0
+        self.http: HttpBinding | None = None
+        self.http_port = 0
         self.metrics_port = 0
         self._metrics_http = None
         self._stop = asyncio.Event()
@@ -114,6 +123,14 @@ class InferenceServer:
             await self.health.set(n, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()  # live (ServerLive) while models load; ready only after
+        if cfg.allow_http:
+            self.http = HttpBinding(self.repository, self.state, cfg.http_access, cfg.http_limits)
+            warn_if_exposed("http", cfg.http_address, cfg.http_tls)
+            self.http_port = await self.http.start(cfg.http_address, cfg.http_port, cfg.http_tls,
+                                                   reuse_port=cfg.reuse_port)
+            if cfg.http_access:
+                log.info("access keys required", extra={"protocol": "http",
+                                                        "restricted": cfg.http_access.restricted_groups})
         if cfg.allow_metrics:
             metrics.REGISTRY.register(metrics.TritonCollector(self.repository.all_stats))
             register_gpu_metrics(metrics.REGISTRY)  # per-GPU NVML gauges; a logged no-op without NVML
@@ -129,11 +146,12 @@ class InferenceServer:
             await self.health.set(n, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         models = {n: s.state for n, s in self.repository.models.items()}
-        log.info("server ready", extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
-                                        "models": models})
+        log.info("server ready", extra={"grpc_port": self.grpc_port, "http_port": self.http_port,
+                                        "metrics_port": self.metrics_port, "models": models})
         if cfg.ready_file is not None:
             tmp = cfg.ready_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
+            tmp.write_text(json.dumps({"grpc_port": self.grpc_port, "http_port": self.http_port,
+                                       "metrics_port": self.metrics_port,
                                        "pid": os.getpid(), "models": models}))
             tmp.replace(cfg.ready_file)  # atomic: a reader never sees half a file
 
@@ -158,6 +176,8 @@ class InferenceServer:
         deadline = loop.time() + self.cfg.exit_timeout_s
         while self.state.inflight > 0 and loop.time() < deadline:
             await asyncio.sleep(0.01)
+        if self.http is not None:
+            await self.http.stop()
         await self.grpc_server.stop(max(0.5, deadline - loop.time()))
         await self.repository.close()
         self.state.shared_memory.close()  # regions are unmapped; the clients own the objects

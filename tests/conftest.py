@@ -82,6 +82,14 @@ def affine_model() -> bytes:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
 
 
+AFFINE_CONFIG = """name: "affine"
+max_batch_size: 8
+input [{ name: "a" data_type: TYPE_FP32 dims: [4] }, { name: "b" data_type: TYPE_INT64 dims: [2] }]
+output [{ name: "y" data_type: TYPE_FP32 dims: [4] }, { name: "z" data_type: TYPE_INT64 dims: [2] }]
+dynamic_batching { }
+"""
+
+
 def cast_model() -> bytes:
     """x UINT8 [N,2,3] -> y FP16 = x / 2 (cast then scale); exercises UINT8 in and FP16 out."""
     from onnx import TensorProto, helper
@@ -197,6 +205,15 @@ class ServerProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     @property
+    def http_port(self) -> int:
+        return self.ready.get("http_port", 0)
+
+    @property
+    def http_url(self) -> str:
+        """host:port of the REST binding, as tritonclient.http takes it."""
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
@@ -247,7 +264,8 @@ def start_server(repo: Path, workdir: Path, *extra: str, timeout: float = 120.0,
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source_root), str(ROOT / "tests")]),
            "OMP_NUM_THREADS": "1"}
     cmd = [python, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
-           "--grpc-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", "0",
+           "--grpc-port", "0", "--http-address", "127.0.0.1", "--http-port", "0",
+           "--metrics-address", "127.0.0.1", "--metrics-port", "0",
            "--ready-file", str(ready), "--intra-op-threads", "1", *extra]
     logf = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=source_root, env=env, stdout=logf, stderr=subprocess.STDOUT)

@@ -2,6 +2,7 @@
 tritonclient and the project's own client and CLI, certificates from a CA made in the test."""
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -13,19 +14,14 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from conftest import ROOT, ServerProcess, affine_model, write_model
+from conftest import AFFINE_CONFIG, ROOT, ServerProcess, affine_model, write_model
 from pki import Pki, make_pki
 
 pytestmark = pytest.mark.timeout(180)
 
-AFFINE_CFG = """name: "affine"
-max_batch_size: 8
-input [{ name: "a" data_type: TYPE_FP32 dims: [4] }, { name: "b" data_type: TYPE_INT64 dims: [2] }]
-output [{ name: "y" data_type: TYPE_FP32 dims: [4] }, { name: "z" data_type: TYPE_INT64 dims: [2] }]
-dynamic_batching { }
-"""
 INFER_KEY = "s3cret-infer"
 ADMIN_KEY = "s3cret-admin"
 
@@ -38,7 +34,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("repo")
-    write_model(repo, "affine", affine_model(), AFFINE_CFG)
+    write_model(repo, "affine", affine_model(), AFFINE_CONFIG)
     return repo
 
 
@@ -60,7 +56,9 @@ def _status(exc: InferenceServerException) -> str:
 @pytest.fixture(scope="module")
 def tls_server(repo: Path, pki: Pki, server_factory) -> ServerProcess:
     return server_factory(repo, "--grpc-use-ssl", "true", "--grpc-server-cert", str(pki.server_cert),
-                          "--grpc-server-key", str(pki.server_key))
+                          "--grpc-server-key", str(pki.server_key),
+                          "--http-use-ssl", "--http-server-cert", str(pki.server_cert),
+                          "--http-server-key", str(pki.server_key))
 
 
 def test_tritonclient_over_tls(tls_server: ServerProcess, pki: Pki) -> None:
@@ -68,6 +66,16 @@ def test_tritonclient_over_tls(tls_server: ServerProcess, pki: Pki) -> None:
     assert client.is_server_ready()
     inputs, expected = _affine_inputs()
     np.testing.assert_allclose(client.infer("affine", inputs).as_numpy("y"), expected)
+
+
+def test_tritonclient_http_over_tls(tls_server: ServerProcess, pki: Pki) -> None:
+    client = th.InferenceServerClient(tls_server.http_url, ssl=True, ssl_options={"ca_certs": str(pki.ca_cert)})
+    assert client.is_server_ready()
+    inputs, expected = _affine_inputs(th)
+    np.testing.assert_allclose(client.infer("affine", inputs).as_numpy("y"), expected)
+    with pytest.raises(Exception):  # plaintext HTTP to the HTTPS port gets no answer
+        th.InferenceServerClient(tls_server.http_url, network_timeout=5).is_server_live()
+    assert client.is_server_live()
 
 
 def test_plaintext_client_cannot_talk_to_a_tls_server(tls_server: ServerProcess) -> None:
@@ -100,7 +108,9 @@ def test_project_client_and_cli_over_tls(tls_server: ServerProcess, pki: Pki) ->
 @pytest.fixture(scope="module")
 def mtls_server(repo: Path, pki: Pki, server_factory) -> ServerProcess:
     return server_factory(repo, "--grpc-use-ssl-mutual", "--grpc-server-cert", str(pki.server_cert),
-                          "--grpc-server-key", str(pki.server_key), "--grpc-root-cert", str(pki.ca_cert))
+                          "--grpc-server-key", str(pki.server_key), "--grpc-root-cert", str(pki.ca_cert),
+                          "--http-use-ssl-mutual", "--http-server-cert", str(pki.server_cert),
+                          "--http-server-key", str(pki.server_key), "--http-root-cert", str(pki.ca_cert))
 
 
 def test_mutual_tls_admits_a_client_with_a_certificate(mtls_server: ServerProcess, pki: Pki) -> None:
@@ -125,6 +135,20 @@ def test_mutual_tls_refuses_other_clients(mtls_server: ServerProcess, pki: Pki, 
         assert c.is_server_live(timeout=10)
 
 
+def test_mutual_tls_over_http(mtls_server: ServerProcess, pki: Pki) -> None:
+    ok = th.InferenceServerClient(mtls_server.http_url, ssl=True, ssl_options={
+        "ca_certs": str(pki.ca_cert), "certfile": str(pki.client_cert), "keyfile": str(pki.client_key)})
+    inputs, expected = _affine_inputs(th)
+    np.testing.assert_allclose(ok.infer("affine", inputs).as_numpy("y"), expected)
+    for extra in ({}, {"certfile": str(pki.stranger_cert), "keyfile": str(pki.stranger_key)}):
+        other = th.InferenceServerClient(mtls_server.http_url, ssl=True, network_timeout=10,
+                                         ssl_options={"ca_certs": str(pki.ca_cert), **extra})
+        with pytest.raises(Exception) as info:
+            other.is_server_live()
+        assert not isinstance(info.value, AssertionError)
+    assert ok.is_server_live()
+
+
 # -- access keys per API group -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def restricted(repo: Path, tmp_path_factory: pytest.TempPathFactory, server_factory, monkeypatch_module
@@ -133,7 +157,9 @@ def restricted(repo: Path, tmp_path_factory: pytest.TempPathFactory, server_fact
     key_file.write_text(ADMIN_KEY + "\n")  # a trailing newline, as editors write it
     monkeypatch_module.setenv("TEST_INFER_KEY", INFER_KEY)  # the server subprocess inherits it
     return server_factory(repo, "--grpc-restricted-protocol", f"model-repository,model-config:Admin-Key=@{key_file}",
-                          "--grpc-restricted-protocol", "inference,statistics:infer-key=env:TEST_INFER_KEY")
+                          "--grpc-restricted-protocol", "inference,statistics:infer-key=env:TEST_INFER_KEY",
+                          "--http-restricted-api", f"model-repository,model-config:Admin-Key=@{key_file}",
+                          "--http-restricted-api", "inference,statistics:infer-key=env:TEST_INFER_KEY")
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +169,8 @@ def monkeypatch_module():
     mp.undo()
 
 
-def _denied(srv: ServerProcess, group: str, reason: str) -> float:
-    labels = (("group", group), ("protocol", "grpc"), ("reason", reason))
+def _denied(srv: ServerProcess, group: str, reason: str, protocol: str = "grpc") -> float:
+    labels = (("group", group), ("protocol", protocol), ("reason", reason))
     return srv.scrape().get(("cnnserve_access_denied_total", labels), 0.0)
 
 
@@ -223,6 +249,38 @@ def test_stream_and_vision_api_count_as_inference(restricted: ServerProcess) -> 
             v.classify("affine", b"not a picture")
         # past the key: the vision API itself answers (affine is no image model)
         assert info.value.code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def test_http_restricted_api(restricted: ServerProcess) -> None:
+    client = th.InferenceServerClient(restricted.http_url)
+    inputs, expected = _affine_inputs(th)
+    np.testing.assert_allclose(client.infer("affine", inputs, headers={"infer-key": INFER_KEY}).as_numpy("y"),
+                               expected)
+    assert client.get_model_config("affine", headers={"ADMIN-KEY": ADMIN_KEY})["name"] == "affine"
+    before = (_denied(restricted, "inference", "missing", "http"), _denied(restricted, "model-config", "wrong", "http"))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("affine", inputs)
+    assert info.value.status() == "401" and "expecting header 'infer-key'" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_config("affine", headers={"admin-key": "guess"})
+    assert info.value.status() == "403"
+    # Triton's gRPC header name is a gRPC-only alias
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("affine", inputs, headers={"triton-grpc-protocol-infer-key": INFER_KEY})
+    assert info.value.status() == "401"
+    assert (_denied(restricted, "inference", "missing", "http"),
+            _denied(restricted, "model-config", "wrong", "http")) == (before[0] + 2, before[1] + 1)
+    # open groups stay open, and the vision API is inference
+    assert client.is_server_ready() and client.is_model_ready("affine") and client.get_model_metadata("affine")
+    conn = http.client.HTTPConnection("127.0.0.1", restricted.http_port, timeout=30)
+    conn.request("POST", "/v2/vision/models/affine/classify", body=b"x", headers={"Content-Type": "image/png"})
+    assert conn.getresponse().status == 401
+    conn.close()
+    # mode none: the right key passes, the server refuses the unload as Triton does
+    with pytest.raises(InferenceServerException) as info:
+        client.unload_model("affine", headers={"admin-key": ADMIN_KEY})
+    assert info.value.status() == "503" and "explicit model load / unload is not allowed" in info.value.message()
+    assert client.is_model_ready("affine")
 
 
 def test_cli_sends_a_key_from_the_environment(restricted: ServerProcess) -> None:
