@@ -32,7 +32,7 @@ import numpy as np
 from server.errors import invalid, unavailable
 from server.model import ServedModel
 from server.repository import ModelRepository
-from server.shared_memory import SharedMemoryRegistry
+from server.shared_memory import process_registry
 from server.tensors import TensorIn, decode_tensor
 
 # BYTES payloads above this are decoded in a worker thread: element-by-element decoding of megabytes
@@ -85,7 +85,7 @@ class ServerState:
         self.strict_readiness = False
         self.model_control_mode = "none"  # "explicit": models load and unload on request
         self.inflight = 0  # inference requests accepted and not yet answered (drained on shutdown)
-        self.shared_memory = SharedMemoryRegistry()  # system shared-memory regions, every binding's
+        self.shared_memory = process_registry()  # system shared-memory regions, every binding's
 
     def ready(self, repository: ModelRepository) -> bool:
         if not self.started or self.shutting_down:

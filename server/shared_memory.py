@@ -24,6 +24,8 @@ binding and the REST binding resolve them the same way.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import mmap
 import os
 import stat
@@ -38,9 +40,18 @@ import numpy as np
 from server.errors import InferError, echo, invalid, not_found
 
 SHM_ROOT = Path("/dev/shm")
+REGISTRY_DIR_ENV = "CNNSERVE_SHM_REGISTRY"  # set by the --workers supervisor for its workers
 REGION = "shared_memory_region"
 OFFSET = "shared_memory_offset"
 BYTE_SIZE = "shared_memory_byte_size"
+
+
+@dataclass(frozen=True)
+class RegionStatus:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
 
 
 @dataclass
@@ -81,12 +92,45 @@ class Region:
             pass
 
 
-class SharedMemoryRegistry:
-    """The server's registered regions by name (one registry per process, shared by every binding)."""
+def _map(name: str, key: str, offset: int, byte_size: int, path: Path) -> Region:
+    """Open and map a key's object after checking it (the window must lie inside it)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise invalid(f"shared memory key {echo(key)}: cannot open {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise invalid(f"shared memory key {echo(key)}: {path} is not a shared-memory object")
+        if offset + byte_size > st.st_size:
+            raise invalid(f"shared memory region {echo(name)}: offset {offset} + byte_size {byte_size} "
+                          f"exceeds {echo(key)} of {st.st_size} bytes")
+        # Mapped from 0: mmap offsets must be page-aligned, region offsets need not be.
+        mapping = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Region(name, key, offset, byte_size, fd, mapping)
 
-    def __init__(self) -> None:
+
+class SharedMemoryRegistry:
+    """The server's registered regions by name (one registry per process, shared by every binding).
+
+    With `shared_dir` (the --workers supervisor's, see `process_registry`) registrations are shared by
+    all worker processes: a client's connections may reach different workers (perf_analyzer opens
+    several), so a region registered through one must be usable through all. Each registration is a
+    small file there (written once, atomically); a worker maps a region the first time a request names
+    it, and on every use checks that the registration file is still the one it mapped (one stat), so an
+    unregister or re-register through another worker takes effect everywhere.
+    """
+
+    def __init__(self, shared_dir: Path | None = None) -> None:
         self._regions: dict[str, Region] = {}
+        self._tokens: dict[str, int] = {}  # name -> inode of the registration file mapped (shared mode)
         self._lock = threading.Lock()  # register/unregister may come from worker threads of a binding
+        self.shared_dir = shared_dir
+        if shared_dir is not None:
+            shared_dir.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def path_of(key: str) -> Path:
@@ -97,62 +141,111 @@ class SharedMemoryRegistry:
                           f"'/name' (one component under {SHM_ROOT}, no '/' inside)")
         return SHM_ROOT / name
 
+    def _record(self, name: str) -> Path:
+        # Any region name maps to a fixed-length file name.
+        return self.shared_dir / (hashlib.sha256(name.encode()).hexdigest() + ".json")
+
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if not name:
             raise invalid("shared memory region name must not be empty")
+        if byte_size <= 0:
+            raise invalid(f"shared memory region {echo(name)}: byte_size must be positive, got {byte_size}")
         path = self.path_of(key)
+        exists = InferError(grpc.StatusCode.ALREADY_EXISTS, f"shared memory region {echo(name)} is already registered")
         with self._lock:
-            if name in self._regions:
-                raise InferError(grpc.StatusCode.ALREADY_EXISTS,
-                                 f"shared memory region {echo(name)} is already registered")
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError as exc:
-                raise invalid(f"shared memory key {echo(key)}: cannot open {path}: {exc.strerror}") from None
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise invalid(f"shared memory key {echo(key)}: {path} is not a shared-memory object")
-                if byte_size <= 0:
-                    raise invalid(f"shared memory region {echo(name)}: byte_size must be positive, got {byte_size}")
-                if offset + byte_size > st.st_size:
-                    raise invalid(f"shared memory region {echo(name)}: offset {offset} + byte_size {byte_size} "
-                                  f"exceeds {echo(key)} of {st.st_size} bytes")
-                # Mapped from 0: mmap offsets must be page-aligned, region offsets need not be.
-                mapping = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            except BaseException:
-                os.close(fd)
-                raise
-            self._regions[name] = Region(name, key, offset, byte_size, fd, mapping)
+            if name in self._regions and self.shared_dir is None:
+                raise exists
+            region = _map(name, key, offset, byte_size, path)
+            if self.shared_dir is not None:
+                record = self._record(name)
+                tmp = record.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"name": name, "key": key, "offset": offset, "byte_size": byte_size}))
+                try:
+                    os.link(tmp, record)  # atomic and exclusive: the first registration of a name wins
+                except FileExistsError:
+                    region.close()
+                    raise exists from None
+                finally:
+                    tmp.unlink()
+                self._forget(name)
+                self._tokens[name] = record.stat().st_ino
+            self._regions[name] = region
+
+    def _forget(self, name: str) -> None:
+        region = self._regions.pop(name, None)
+        self._tokens.pop(name, None)
+        if region is not None:
+            region.close()
 
     def unregister(self, name: str = "") -> None:
         """Release one region, or every region when `name` is empty (Triton: unknown names are a no-op)."""
         with self._lock:
-            names = [name] if name else list(self._regions)
-            released = [self._regions.pop(n) for n in names if n in self._regions]
-        for region in released:
-            region.close()
+            if self.shared_dir is not None:
+                records = [self._record(name)] if name else list(self.shared_dir.glob("*.json"))
+                for r in records:
+                    r.unlink(missing_ok=True)
+            for n in [name] if name else list(self._regions):
+                self._forget(n)
 
-    def status(self, name: str = "") -> list[Region]:
-        with self._lock:
-            if not name:
-                return list(self._regions.values())
-            region = self._regions.get(name)
-        if region is None:
+    def _shared_records(self) -> list[dict]:
+        out = []
+        for r in self.shared_dir.glob("*.json"):
+            try:
+                out.append(json.loads(r.read_text()))
+            except FileNotFoundError:  # unregistered meanwhile
+                continue
+        return out
+
+    def status(self, name: str = "") -> list[RegionStatus]:
+        if self.shared_dir is not None:
+            found = [RegionStatus(**r) for r in self._shared_records() if not name or r["name"] == name]
+        else:
+            with self._lock:
+                found = [RegionStatus(r.name, r.key, r.offset, r.byte_size) for r in self._regions.values()
+                         if not name or r.name == name]
+        if name and not found:
             raise not_found(f"shared memory region {echo(name)} is not registered")
-        return [region]
+        return found
 
     def get(self, name: str, what: str) -> Region:
-        region = self._regions.get(name)
-        if region is None:
-            raise invalid(f"{what}: shared memory region {echo(name)} is not registered")
-        return region
+        missing = invalid(f"{what}: shared memory region {echo(name)} is not registered")
+        if self.shared_dir is None:
+            region = self._regions.get(name)
+            if region is None:
+                raise missing
+            return region
+        record = self._record(name)
+        with self._lock:
+            try:
+                token = record.stat().st_ino
+            except FileNotFoundError:
+                self._forget(name)  # unregistered through another worker
+                raise missing from None
+            if self._tokens.get(name) == token:
+                return self._regions[name]
+            self._forget(name)  # first use here, or re-registered since it was mapped
+            try:
+                r = json.loads(record.read_text())
+            except FileNotFoundError:
+                raise missing from None
+            region = _map(name, r["key"], r["offset"], r["byte_size"], self.path_of(r["key"]))
+            self._regions[name], self._tokens[name] = region, token
+            return region
 
     def close(self) -> None:
-        self.unregister("")
+        """Unmap this process's regions (registrations in a shared directory stay for the other workers)."""
+        with self._lock:
+            for n in list(self._regions):
+                self._forget(n)
 
     def __len__(self) -> int:
         return len(self._regions)
+
+
+def process_registry() -> SharedMemoryRegistry:
+    """This process's registry: shared with the other workers when a --workers supervisor set the directory."""
+    shared = os.environ.get(REGISTRY_DIR_ENV)
+    return SharedMemoryRegistry(Path(shared) if shared else None)
 
 
 def _placement(registry: SharedMemoryRegistry, params: Mapping[str, Any],

@@ -22,8 +22,8 @@ The supervisor (this module, the process started by the user) owns what must be 
 - shutdown: SIGTERM/SIGINT are forwarded to every worker, each drains its accepted requests as a
   single server does, and the supervisor exits when all have (0 when all exited cleanly).
 
-System shared-memory regions are registered per worker (per connection's process): a client keeps
-its registration and its inferences on one channel, which is one connection and so one worker.
+System shared-memory registrations are shared by the workers through a directory of the run
+(server/shared_memory.py): a region registered over one connection can be named over any other.
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from server.metrics import TritonCollector
+from server.shared_memory import REGISTRY_DIR_ENV
 
 log = logging.getLogger("cnnserve.workers")
 
@@ -167,7 +168,8 @@ def supervise(argv: Sequence[str], *, workers: int, grpc_address: str, grpc_port
     status = 0
     try:
         for i in range(workers):
-            env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), _WORKER_ENV: f"{i}/{workers}"}
+            env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), _WORKER_ENV: f"{i}/{workers}",
+                   REGISTRY_DIR_ENV: str(run_dir / "shared_memory")}
             args = _child_argv(argv, grpc_port=grpc_port, http_port=http_port if http_address else None,
                                ready_file=run_dir / f"worker-{i}.json")
             procs.append(subprocess.Popen([sys.executable, "-m", "server", *args], env=env))

@@ -20,6 +20,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from conftest import ServerProcess, affine_model, pool_model, strings_model, write_model
+from server.errors import InferError
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs POSIX shared memory (/dev/shm)")]
@@ -250,3 +251,35 @@ def test_object_shrunk_after_registering_is_refused_not_a_crash(server: ServerPr
     _refused(lambda: client.infer("affine", ins), "shrank to 8 bytes", name)
     assert server.proc.poll() is None
     _bytes_path(client, a, b)
+
+
+def test_registrations_in_a_shared_directory_follow_register_and_unregister_everywhere(tmp_path: Path) -> None:
+    """Two registries on one directory, as two --workers processes: what one registers the other uses,
+    what one unregisters or re-registers the other sees on its next use."""
+    from server.shared_memory import SharedMemoryRegistry
+
+    one, two = SharedMemoryRegistry(tmp_path), SharedMemoryRegistry(tmp_path)
+    objs = [shm.create_shared_memory_region(f"o{i}", f"/cnnserve_test_dir_{uuid.uuid4().hex[:8]}", 16,
+                                            create_only=True) for i in range(2)]
+    try:
+        for i, o in enumerate(objs):
+            shm.set_shared_memory_region(o, [np.full(4, i, np.int32)])
+        one.register("r", objs[0]._shm_key, 0, 16)
+        assert [s.name for s in two.status()] == ["r"]
+        assert bytes(two.get("r", "t").window(0, 4, "t")) == np.int32(0).tobytes()
+        with pytest.raises(InferError) as ei:
+            two.register("r", objs[1]._shm_key, 0, 16)
+        assert ei.value.code.name == "ALREADY_EXISTS"
+        one.unregister("r")
+        with pytest.raises(InferError, match="not registered"):
+            two.get("r", "t")
+        two.register("r", objs[1]._shm_key, 0, 16)
+        assert bytes(one.get("r", "t").window(0, 4, "t")) == np.int32(1).tobytes()
+        one.unregister("r")
+        with pytest.raises(InferError, match="not registered"):
+            two.get("r", "t")  # its own mapping of the re-registered region is dropped too
+    finally:
+        one.close()
+        two.close()
+        for o in objs:
+            shm.destroy_shared_memory_region(o)

@@ -1,4 +1,5 @@
-"""`--workers 2`: two server processes on one port, one merged metrics view, one drain on SIGTERM.
+"""`--workers 2`: two server processes on one port, one merged metrics view, shared-memory regions
+usable through either worker, one drain on SIGTERM.
 
 Connections are spread by the kernel (SO_REUSEPORT hashes each connection), so the test opens many
 separate connections (a local subchannel pool per client) and checks through each worker's own
@@ -12,12 +13,14 @@ import asyncio
 import os
 import signal
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
+import tritonclient.utils.shared_memory as shm
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
@@ -72,6 +75,8 @@ def test_two_workers_serve_one_port_with_merged_metrics_and_drain_together(gated
     # The histograms come through prometheus_client's multiprocess mode, summed over both processes.
     assert merged[("cnnserve_request_latency_seconds_count", (("model", "affine"), ("version", "1")))] == n
 
+    _shared_memory_is_shared_by_the_workers(srv)
+
     # SIGTERM while both workers hold accepted requests: every one is answered, then all exit.
     gate.close()
     m = 16  # on separate connections: both workers hold some (all on one: 2 in 65536)
@@ -115,6 +120,37 @@ def test_two_workers_serve_one_port_with_merged_metrics_and_drain_together(gated
     assert late_errors == ["StatusCode.UNAVAILABLE"] * 4
     assert srv.proc.wait(60) == 0, srv.log()
     assert not any(Path(f"/proc/{w['pid']}").exists() for w in workers)  # reaped: none outlives the supervisor
+
+
+def _shared_memory_is_shared_by_the_workers(srv: ServerProcess) -> None:
+    """A region registered over one connection serves requests over connections to either worker, and
+    an unregister over another connection takes effect in both."""
+    a, b = np.arange(4, dtype=np.float32).reshape(1, 4), np.arange(2, dtype=np.int64).reshape(1, 2)
+    key = f"/cnnserve_test_workers_{uuid.uuid4().hex[:8]}"
+    handle = shm.create_shared_memory_region("ab", key, a.nbytes + b.nbytes, create_only=True)
+    try:
+        shm.set_shared_memory_region(handle, [a, b])
+        with tc.InferenceServerClient(srv.grpc_url, channel_args=SEPARATE_CONNECTION) as c:
+            c.register_system_shared_memory("ab", key, a.nbytes + b.nbytes)
+        success = ("nv_inference_request_success", (("model", "affine"), ("version", "1")))
+        before = [_scrape(w["metrics_port"]).get(success, 0.0) for w in srv.ready["workers"]]
+        for _ in range(16):
+            with tc.InferenceServerClient(srv.grpc_url, channel_args=SEPARATE_CONNECTION) as c:
+                assert "ab" in c.get_system_shared_memory_status().regions
+                ins = [tc.InferInput("a", [1, 4], "FP32"), tc.InferInput("b", [1, 2], "INT64")]
+                ins[0].set_shared_memory("ab", a.nbytes)
+                ins[1].set_shared_memory("ab", b.nbytes, offset=a.nbytes)
+                np.testing.assert_array_equal(c.infer("affine", ins).as_numpy("y"), 2 * a + 1)
+        after = [_scrape(w["metrics_port"]).get(success, 0.0) for w in srv.ready["workers"]]
+        assert all(x > y for x, y in zip(after, before)), f"one worker served them all: {before} -> {after}"
+        with tc.InferenceServerClient(srv.grpc_url, channel_args=SEPARATE_CONNECTION) as c:
+            c.unregister_system_shared_memory("ab")
+        for _ in range(8):
+            with tc.InferenceServerClient(srv.grpc_url, channel_args=SEPARATE_CONNECTION) as c:
+                with pytest.raises(InferenceServerException, match="not registered"):
+                    c.infer("affine", ins)
+    finally:
+        shm.destroy_shared_memory_region(handle)
 
 
 def test_a_worker_that_dies_stops_the_server(tmp_path: Path, server_factory) -> None:
