@@ -20,11 +20,11 @@ RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --home-dir /opt/cnnserve cnnserve
 COPY --chmod=755 deploy/scripts/grpc_health.py /usr/local/bin/grpc-health
 USER 10001
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=5 \
   CMD ["grpc-health", "--port", "8001"]
 ENTRYPOINT ["python", "-m", "server"]
-CMD ["--model-repository", "/models", "--grpc-port", "8001", "--metrics-port", "8002"]
+CMD ["--model-repository", "/models", "--http-port", "8000", "--grpc-port", "8001", "--metrics-port", "8002"]
 
 FROM ${TENSORRT_IMAGE} AS gpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
@@ -42,8 +42,8 @@ RUN pip install --no-cache-dir . cuda-bindings==12.9.4 nvidia-ml-py==12.570.172 
     && useradd --system --uid 10001 --home-dir /opt/cnnserve cnnserve
 COPY --chmod=755 deploy/scripts/grpc_health.py /usr/local/bin/grpc-health
 USER 10001
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=5 \
   CMD ["grpc-health", "--port", "8001"]
 ENTRYPOINT ["python", "-m", "server"]
-CMD ["--model-repository", "/models", "--grpc-port", "8001", "--metrics-port", "8002"]
+CMD ["--model-repository", "/models", "--http-port", "8000", "--grpc-port", "8001", "--metrics-port", "8002"]

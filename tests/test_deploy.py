@@ -92,8 +92,9 @@ def test_servers_wait_for_export_and_are_probed_over_grpc_health():
         assert services[server]["healthcheck"]["test"][:2] == ["CMD", "grpc-health"]
         assert "inference" in services[server]["networks"]["default"]["aliases"]
         assert "--metrics-port" in services[server]["command"]
-        port = services[server]["command"][services[server]["command"].index("--metrics-port") + 1]
-        assert f"{port}:{port}" in services[server]["ports"]
+        for flag in ("--metrics-port", "--http-port", "--grpc-port"):
+            port = services[server]["command"][services[server]["command"].index(flag) + 1]
+            assert f"{port}:{port}" in services[server]["ports"], flag
 
 
 def test_compose_build_files_targets_and_mounts_exist():
@@ -165,7 +166,7 @@ def test_kubernetes_validation_catches_mistakes():
 
     deployment = next(d for _, d in k8s_documents() if d["kind"] == "Deployment")
     broken = json.loads(json.dumps(deployment))
-    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = "grpc"  # must be int
+    broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]["port"] = "grpc"  # must be int
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES_VERSIONS[-1], strict=True)
 
@@ -188,9 +189,13 @@ def test_deployment_probes_service_and_hpa_fit_together():
     docs = {d["kind"]: d for _, d in k8s_documents()}
     pod = docs["Deployment"]["spec"]["template"]
     container = pod["spec"]["containers"][0]
-    grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        assert container[probe]["grpc"]["port"] == grpc_port, probe
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe in ("livenessProbe", "startupProbe"):
+        assert container[probe]["grpc"]["port"] == ports["grpc"], probe
+    ready = container["readinessProbe"]["httpGet"]
+    assert ready["path"] == "/v2/health/ready" and ports[ready["port"]] == 8000
+    args = container["args"]
+    assert [int(args[args.index(f"--{p}-port") + 1]) for p in ("http", "grpc")] == [ports["http"], ports["grpc"]]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     selector = docs["Service"]["spec"]["selector"]
     assert selector.items() <= pod["metadata"]["labels"].items()

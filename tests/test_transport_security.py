@@ -6,6 +6,7 @@ import http.client
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,19 @@ def test_mutual_tls_over_http(mtls_server: ServerProcess, pki: Pki) -> None:
             other.is_server_live()
         assert not isinstance(info.value, AssertionError)
     assert ok.is_server_live()
+
+
+def test_container_healthcheck_speaks_mutual_tls(mtls_server: ServerProcess, pki: Pki, tmp_path: Path) -> None:
+    # installed as the image does (/usr/local/bin/grpc-health): run beside itself as grpc_health.py, the
+    # script would shadow the grpc_health package it imports
+    script = tmp_path / "grpc-health"
+    shutil.copy(ROOT / "deploy" / "scripts" / "grpc_health.py", script)
+    base = [sys.executable, str(script), "--port", str(mtls_server.grpc_port), "--root-cert", str(pki.ca_cert)]
+    ok = subprocess.run(base + ["--client-cert", str(pki.client_cert), "--client-key", str(pki.client_key)],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == "SERVING", ok.stderr
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "unhealthy: UNAVAILABLE" in refused.stderr
 
 
 # -- access keys per API group -------------------------------------------------------------------------
