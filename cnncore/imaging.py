@@ -178,19 +178,20 @@ class PreparedImage:
     """One request image, decoded and preprocessed: the model input plus the way back to pixels."""
 
     index: int
-    tensor: np.ndarray  # CHW float32, the model's input without the batch dimension
+    tensor: np.ndarray  # CHW float32 (uint8 pixels with pixels=True), the model's input without the batch dimension
     geometry: Geometry
 
 
 def prepare_image(
-    data: bytes, spec: PreprocessSpec, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes, spec: PreprocessSpec, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, pixels: bool = False
 ) -> PreparedImage:
-    """Decode + the one shared preprocessing (cnncore.preprocess). Runs in a worker thread.
+    """Decode + the one shared preprocessing (cnncore.preprocess; `pixels`: stop at uint8 pixels for a
+    model that normalizes in its graph). Runs in a worker thread.
 
     The geometry always refers to the full-resolution upright picture, even when it was decoded smaller.
     """
     image, (full_w, full_h) = _decode(data, index, max_pixels, spec)
-    tensor, geo = preprocess(image, spec)
+    tensor, geo = preprocess(image, spec, pixels=pixels)
     if (geo.orig_width, geo.orig_height) != (full_w, full_h):
         fx, fy = geo.orig_width / full_w, geo.orig_height / full_h
         geo = Geometry(geo.scale_x * fx, geo.scale_y * fy, geo.pad_x, geo.pad_y, full_w, full_h)

@@ -1,4 +1,5 @@
-"""The one implementation of `PreprocessSpec`: PIL image -> model input (numpy, CHW float32).
+"""The one implementation of `PreprocessSpec`: PIL image -> model input (numpy, CHW float32, or CHW
+uint8 pixels for models that normalize inside their graph).
 
 Torch-free so the server, the tests, the evaluation commands and training all preprocess identically.
 """
@@ -33,8 +34,11 @@ class Geometry:
         return out
 
 
-def preprocess(image: Image.Image, spec: PreprocessSpec) -> tuple[np.ndarray, Geometry]:
-    """Return (CHW float32 array, geometry). `image` must already be decoded and upright."""
+def preprocess(image: Image.Image, spec: PreprocessSpec, *, pixels: bool = False) -> tuple[np.ndarray, Geometry]:
+    """Return (CHW float32 array, geometry). `image` must already be decoded and upright.
+
+    `pixels=True` stops after the geometry: CHW uint8 pixels, for models exported with
+    `--input-dtype uint8`, whose graph applies the scaling, `invert`, `mean` and `std` itself."""
     height, width = spec.input_size
     img = image.convert(spec.color)
     ow, oh = img.size
@@ -65,6 +69,10 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> tuple[np.ndarray, Ge
     else:  # pragma: no cover - pydantic restricts the values
         raise ValueError(f"unknown resize policy {spec.resize!r}")
 
+    if pixels:
+        px = np.asarray(img, dtype=np.uint8)
+        px = px[:, :, None] if px.ndim == 2 else px
+        return np.ascontiguousarray(px.transpose(2, 0, 1)), Geometry(sx, sy, pad_x, pad_y, ow, oh)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     if arr.ndim == 2:
         arr = arr[:, :, None]

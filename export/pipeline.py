@@ -20,6 +20,7 @@ from export.parity import (DEFAULT_ATOL, DEFAULT_RTOL, ParityError, ParityReport
                            default_batch_sizes)
 from export.repository import LABELS_FILENAME, BatchingDefaults, StagedModel, build_config
 from export.trt_lint import LintReport, TensorRTLintError, lint_model
+from export.uint8_input import Uint8InputError, uint8_variant
 from cnncore.artifacts import ONNX_FILENAME, file_sha256
 from cnncore.spec import META_FILENAME, ModelMeta, Task
 from models.registry import ModelEntry, get_entry, get_model
@@ -42,6 +43,7 @@ class ExportOptions:
     rtol: float | None = None  # None: the entry's parity_rtol, else DEFAULT_RTOL
     lint: bool = True
     batching: BatchingDefaults = field(default_factory=BatchingDefaults)
+    input_dtype: str = "fp32"  # "uint8": the graph takes pixels and normalizes them (export/uint8_input.py)
 
 
 @dataclass
@@ -191,6 +193,11 @@ def export_model(name: str, workdir: Path, options: ExportOptions, *, repository
     }
     staged = StagedModel(name=name, version=options.version, onnx_path=onnx_path, config=config, meta=meta,
                          parity=parity_doc, extra_files=extra)
+    if options.input_dtype == "uint8":
+        try:
+            staged = uint8_variant(staged, step)
+        except Uint8InputError as exc:
+            raise ExportFailed(str(exc)) from None
     return ExportOutcome(staged=staged, export=result, parity=parity, lint=lint)
 
 

@@ -28,7 +28,7 @@ from onnx import TensorProto
 from cnncore.artifacts import ONNX_FILENAME
 from cnncore.config import CONFIG_FILENAME, render_config
 from cnncore.spec import META_FILENAME, ModelMeta
-from protos.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
+from protos.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup, ModelWarmup
 
 PARITY_FILENAME = "parity.json"
 LABELS_FILENAME = "labels.txt"
@@ -71,6 +71,20 @@ def preferred_batch_sizes(max_batch_size: int) -> list[int]:
     return [b for b in (4, 8, 16, 32, 64, 128) if b <= max_batch_size] or [max_batch_size]
 
 
+def default_queue_size(max_batch_size: int, instance_count: int) -> int:
+    """Requests a model may hold queued: two full batches per instance, one gathering while one executes.
+    Enough to keep every instance busy; beyond it a burst is refused at once with RESOURCE_EXHAUSTED
+    (clients retry) instead of growing the server's memory with requests it cannot run soon."""
+    return 2 * max(1, max_batch_size) * max(1, instance_count)
+
+
+def warmup_batch_sizes(max_batch_size: int) -> list[int]:
+    """Batch 1 (a lone request's path) and the largest batch (ONNX Runtime's arena grows to it once).
+    Sizes between run as fast cold as warm on ONNX Runtime's CPU provider (measured per size), so
+    warming them would only lengthen the cold start."""
+    return sorted({1, max(1, max_batch_size)})
+
+
 def _tensor_dims(vi: onnx.ValueInfoProto, name: str) -> tuple[str, list[int]]:
     tt = vi.type.tensor_type
     if tt.elem_type not in _TRITON_TYPE:
@@ -98,7 +112,14 @@ def build_config(name: str, model: onnx.ModelProto, max_batch_size: int,
     sizes = list(batching.preferred_batch_sizes) or preferred_batch_sizes(max_batch_size)
     cfg.dynamic_batching.preferred_batch_size.extend(sizes)
     cfg.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_microseconds
+    cfg.dynamic_batching.default_queue_policy.max_queue_size = default_queue_size(max_batch_size,
+                                                                                  batching.instance_count)
     cfg.instance_group.add(count=batching.instance_count, kind=ModelInstanceGroup.KIND_CPU)
+    for batch in warmup_batch_sizes(max_batch_size):
+        sample = cfg.model_warmup.add(name=f"random_batch_{batch}", batch_size=batch if max_batch_size else 0)
+        for t in cfg.input:
+            sample.inputs[t.name].CopyFrom(ModelWarmup.Input(
+                data_type=t.data_type, dims=[d if d > 0 else 1 for d in t.dims], random_data=True))
     return cfg
 
 

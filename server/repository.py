@@ -8,6 +8,8 @@ Version policy as Triton: latest (1 by default), all, or specific. Each served v
 backend instances (instance_group counts) and its own batcher. Loading builds backends in a worker
 thread (ONNX Runtime session creation takes seconds for big graphs) so the server keeps answering.
 A model that fails to load is recorded UNAVAILABLE with the reason; RepositoryIndex shows it.
+Its `model_warmup` samples (server/warmup.py) run on every instance inside that load, while the model
+is still LOADING: a model turns READY, and the server ready at start, only warmed up.
 
 Config parameter `execution_timeout_ms` (string, milliseconds; absent or 0: no limit) bounds one backend
 execution: a model whose execution overruns it turns UNAVAILABLE with the reason (its batcher failed the
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -32,7 +35,9 @@ from server.backends.base import (Backend, BackendOptions, BackendUnavailable, T
                                   create_backend)
 from server.batcher import BatchSettings, DynamicBatcher
 from cnncore.datatypes import from_config, from_numpy, to_config
-from server.errors import not_found, unavailable
+from server import warmup
+from server.errors import InferError, not_found, unavailable
+from server.names import check_model_name, parse_version, shorten
 from server.model import ServedModel
 from server.stats import ModelStats
 
@@ -41,7 +46,8 @@ log = logging.getLogger("cnnserve.repository")
 # config `platform` -> backend name, and what each backend reports as platform / looks for on disk.
 _PLATFORM_BACKEND = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt", "pytorch_libtorch": "pytorch"}
 _BACKEND_PLATFORM = {v: k for k, v in _PLATFORM_BACKEND.items()}
-_DEFAULT_FILENAME = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "pytorch": "model.pt2"}
+_DEFAULT_FILENAME = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "pytorch": "model.pt2",
+                     "openvino": "model.onnx"}
 
 
 class LoadError(RuntimeError):
@@ -247,6 +253,14 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults) -> list[_Built]:
                 except Exception as exc:  # a corrupt file or an unsupported graph fails this model only
                     raise LoadError(f"model '{name}' version {version}: {exc}") from None
             _complete(vcfg, instances[0], str(path))
+            if vcfg.model_warmup:
+                t0 = time.perf_counter()
+                try:
+                    runs = warmup.run(vcfg, instances, model_dir)
+                except warmup.WarmupError as exc:
+                    raise LoadError(f"model '{name}' version {version}: {exc}") from None
+                log.info("model warmed up", extra={"model": name, "version": version, "executions": runs,
+                                                   "ms": round((time.perf_counter() - t0) * 1000, 1)})
     except BaseException:
         for b in built:
             for inst in b.instances:
@@ -267,11 +281,19 @@ class ModelRepository:
 
     async def load_all(self, names: Iterable[str] | None = None) -> None:
         for name in (self.names_on_disk() if names is None else names):
-            await self.load(name)
+            try:
+                await self.load(name)
+            except InferError as exc:  # a --load-model naming no model: the others still load
+                log.error("model load failed", extra={"model": shorten(name), "reason": exc.message})
 
     async def load(self, name: str) -> ModelState:
         """(Re)load `name`; on failure the model is UNAVAILABLE with the reason (and the old copy, if any,
-        keeps serving until a load succeeds, as Triton does)."""
+        keeps serving until a load succeeds, as Triton does). A malformed name is INVALID_ARGUMENT and
+        a name neither on disk nor loaded NOT_FOUND, both leaving no trace: clients cannot grow the
+        index (or the locks) with names that are not models."""
+        check_model_name(name)
+        if name not in self.models and not (self.root / name).is_dir():
+            raise not_found(f"model '{name}' not found in repository {self.root}")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             model_dir = self.root / name
@@ -280,7 +302,7 @@ class ModelRepository:
             if not old:
                 state.state = "LOADING"
             try:
-                if "/" in name or name in ("", ".", "..") or not model_dir.is_dir():
+                if not model_dir.is_dir():  # loaded before, removed from disk since: the old copy serves on
                     raise LoadError(f"model '{name}' not found in repository {self.root}")
                 built = await asyncio.to_thread(build_model, model_dir, self.defaults)
             except LoadError as exc:
@@ -310,6 +332,7 @@ class ModelRepository:
         return on_fault
 
     async def unload(self, name: str) -> None:
+        check_model_name(name)
         state = self.models.get(name)
         if state is None:
             raise not_found(f"model '{name}' is not loaded")
@@ -324,16 +347,17 @@ class ModelRepository:
         """The served version (latest when `version` is empty); NOT_FOUND / UNAVAILABLE otherwise."""
         state = self.models.get(name)
         if state is None:
-            raise not_found(f"unknown model '{name}'; known: {', '.join(sorted(self.models)) or 'none'}")
+            raise not_found(f"unknown model '{shorten(name)}'; known: {', '.join(sorted(self.models)) or 'none'}")
+        number = parse_version(version)
         if not state.versions:
             raise unavailable(f"model '{name}' is not ready: {state.reason or state.state}")
-        if not version:
+        if number is None:
             model = state.versions[max(state.versions)]
-        elif not version.isdigit() or int(version) not in state.versions:
-            raise not_found(f"model '{name}' has no version '{version}'; served versions: "
+        elif number not in state.versions:
+            raise not_found(f"model '{name}' has no version {number}; served versions: "
                             f"{', '.join(str(v) for v in sorted(state.versions))}")
         else:
-            model = state.versions[int(version)]
+            model = state.versions[number]
         if model.batcher.fault is not None:
             raise unavailable(f"model '{name}' version {model.version} is not ready: {model.batcher.fault}")
         return model

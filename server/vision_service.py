@@ -107,7 +107,9 @@ class VisionService(vpb_grpc.VisionServiceServicer):
 
     def _prepare(self, model: ServedModel, data: bytes, meta: ModelMeta, index: int) -> PreparedImage:
         start = time.perf_counter()
-        prepared = prepare_image(data, meta.preprocess, index=index, max_pixels=self._max_pixels)
+        # A model exported with --input-dtype uint8 normalizes in its graph: it takes the pixels as they are.
+        pixels = next(spec.dtype for spec in model.inputs if spec.name == meta.input_name) == np.uint8
+        prepared = prepare_image(data, meta.preprocess, index=index, max_pixels=self._max_pixels, pixels=pixels)
         PREPROCESS_TIME.labels(model.name).observe(time.perf_counter() - start)
         return prepared
 

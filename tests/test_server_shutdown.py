@@ -47,6 +47,7 @@ def test_sigterm_answers_every_accepted_request(tmp_path: Path, server_factory) 
             ready_during_drain = sync.is_server_ready()
             while ready_during_drain:  # until the signal is handled
                 ready_during_drain = sync.is_server_ready()
+            model_ready_during_drain = sync.is_model_ready("slow")
             late = tc.InferInput("x", [1, SLOW_WIDTH], "FP32")
             late.set_data_from_numpy(np.zeros((1, SLOW_WIDTH), np.float32))
             try:
@@ -56,14 +57,14 @@ def test_sigterm_answers_every_accepted_request(tmp_path: Path, server_factory) 
                 late_error = exc
             gate.open()
             results = await asyncio.gather(*tasks, return_exceptions=True)
-            return results, ready_during_drain, late_error
+            return results, ready_during_drain, model_ready_during_drain, late_error
 
-    results, ready_during_drain, late_error = asyncio.run(main())
+    results, ready_during_drain, model_ready_during_drain, late_error = asyncio.run(main())
     errors = [r for r in results if isinstance(r, BaseException)]
     assert not errors, errors
     assert sorted(i for i, _ in results) == list(range(n))
     assert all(y.shape == (1, SLOW_WIDTH) for _, y in results)
-    assert ready_during_drain is False
+    assert ready_during_drain is False and model_ready_during_drain is False
     assert late_error is not None and late_error.status() == "StatusCode.UNAVAILABLE", late_error
     rc = srv.proc.wait(30)  # raises if the process has not exited within 30 s
     assert rc == 0, srv.log()
