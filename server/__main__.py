@@ -105,12 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(a.log_level, a.log_format)
     if a.workers < 1:
         raise SystemExit(f"python -m server: error: --workers must be at least 1, got {a.workers}")
+    if a.workers > 1 and a.model_control_mode == "explicit":
+        # A load or unload request reaches the one worker its connection landed on.
+        raise SystemExit("python -m server: error: --workers > 1 needs --model-control-mode none "
+                         "(each worker loads the whole repository at start)")
     if a.workers > 1:
-        http = getattr(a, "allow_http", False)
         raise SystemExit(supervise(
             sys.argv[1:] if argv is None else argv, workers=a.workers, grpc_address=a.grpc_address,
-            grpc_port=a.grpc_port, http_address=a.http_address if http else None,
-            http_port=getattr(a, "http_port", 0), metrics_address=a.metrics_address, metrics_port=a.metrics_port,
+            grpc_port=a.grpc_port, http_address=a.http_address if a.allow_http else None,
+            http_port=a.http_port, metrics_address=a.metrics_address, metrics_port=a.metrics_port,
             allow_metrics=a.allow_metrics, ready_file=a.ready_file, exit_timeout_s=a.exit_timeout_secs))
     role = worker_role()
     if role is not None:  # a supervised worker: its CPUs, and ORT's threads sized to them unless set

@@ -72,6 +72,9 @@ def test_two_workers_serve_one_port_with_merged_metrics_and_drain_together(gated
     assert all(v > 0 for v in per_worker), f"connections reached only one worker: {per_worker}"
     merged = srv.scrape()
     assert merged[key] == sum(per_worker) == n
+    for _ in range(4):  # the REST binding shares its port the same way
+        ready = urllib.request.urlopen(f"http://127.0.0.1:{srv.ready['http_port']}/v2/health/ready", timeout=10)
+        assert ready.status == 200
     # The histograms come through prometheus_client's multiprocess mode, summed over both processes.
     assert merged[("cnnserve_request_latency_seconds_count", (("model", "affine"), ("version", "1")))] == n
 
