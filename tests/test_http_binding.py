@@ -136,12 +136,24 @@ def test_infer_bytes_and_half(client: th.InferenceServerClient, server: ServerPr
     assert out.dtype == np.float16 and np.array_equal(out, expected) and np.count_nonzero(out) == 11
 
 
-def test_compressed_request_and_response(client: th.InferenceServerClient) -> None:
+def test_compressed_request_and_response(client: th.InferenceServerClient, server: ServerProcess) -> None:
     inputs, y, _ = _affine()
     for algorithm in ("gzip", "deflate"):
-        result = client.infer("affine", inputs, request_compression_algorithm=algorithm,
-                              response_compression_algorithm=algorithm)
-        np.testing.assert_array_equal(result.as_numpy("y"), y)
+        for binary in (True, False):
+            outputs = [th.InferRequestedOutput("y", binary_data=binary)]
+            result = client.infer("affine", inputs, outputs=outputs, request_compression_algorithm=algorithm,
+                                  response_compression_algorithm=algorithm)
+            np.testing.assert_array_equal(result.as_numpy("y"), y)
+    # JSON answers are compressed when accepted, binary tensors never (they barely compress)
+    body = json.dumps({"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]},
+                                  {"name": "b", "shape": [1, 2], "datatype": "INT64", "data": [1, 2]}]})
+    _, headers, _ = _request(server, "POST", "/v2/models/affine/infer", body.encode(), {"Accept-Encoding": "gzip"})
+    assert headers.get("Content-Encoding") == "gzip"
+    binary = json.loads(body)
+    binary["parameters"] = {"binary_data_output": True}
+    _, headers, _ = _request(server, "POST", "/v2/models/affine/infer", json.dumps(binary).encode(),
+                             {"Accept-Encoding": "gzip"})
+    assert "Content-Encoding" not in headers and "Inference-Header-Content-Length" in headers
 
 
 def test_request_path_errors_keep_their_status(client: th.InferenceServerClient, server: ServerProcess) -> None:
