@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from server.access import AccessConfigError, AccessPolicy
+from server.admission import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_INFLIGHT_REQUESTS, DEFAULT_RETRY_PUSHBACK_MS
 from server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, serve
 from server.http import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES,
                          DEFAULT_MAX_INPUT_SIZE, HttpLimits)
@@ -72,6 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, default=8002, help="metrics HTTP port (default 8002; 0 = free one)")
     p.add_argument("--grpc-max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help=f"largest gRPC message received or sent (default {DEFAULT_MAX_MESSAGE_BYTES})")
+    p.add_argument("--max-inflight-requests", type=int, default=DEFAULT_MAX_INFLIGHT_REQUESTS,
+                   help="inference requests (both APIs) held at once; beyond it RESOURCE_EXHAUSTED with a "
+                        f"grpc-retry-pushback-ms trailer (default {DEFAULT_MAX_INFLIGHT_REQUESTS}; 0 = no limit)")
+    p.add_argument("--max-inflight-bytes", type=int, default=DEFAULT_MAX_INFLIGHT_BYTES,
+                   help="request bytes held at once, the same way (default "
+                        f"{DEFAULT_MAX_INFLIGHT_BYTES // (1 << 20)} MiB; 0 = no limit)")
+    p.add_argument("--retry-pushback-ms", type=int, default=DEFAULT_RETRY_PUSHBACK_MS,
+                   help=f"how long a refused client is told to wait (default {DEFAULT_RETRY_PUSHBACK_MS})")
     p.add_argument("--intra-op-threads", type=int, default=0,
                    help="ONNX Runtime intra-op threads per model instance (0 = library default; "
                         "config parameter intra_op_thread_count overrides)")
@@ -137,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         model_repository=a.model_repository, grpc_address=a.grpc_address, grpc_port=a.grpc_port,
         metrics_address=a.metrics_address, metrics_port=a.metrics_port, allow_metrics=a.allow_metrics,
         max_message_bytes=a.grpc_max_message_bytes, intra_op_threads=a.intra_op_threads,
+        max_inflight_requests=a.max_inflight_requests, max_inflight_bytes=a.max_inflight_bytes,
+        retry_pushback_ms=a.retry_pushback_ms,
         inter_op_threads=a.inter_op_threads, allow_spinning=a.ort_allow_spinning, exit_timeout_s=a.exit_timeout_secs,
         strict_readiness=a.strict_readiness, model_control_mode=a.model_control_mode,
         load_models=a.load_model, ready_file=a.ready_file, grpc_tls=grpc_tls, grpc_access=grpc_access,

@@ -25,6 +25,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from server import metrics
+from server.admission import (DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_INFLIGHT_REQUESTS, DEFAULT_RETRY_PUSHBACK_MS,
+                              Admission)
 from server.access import AccessInterceptor, AccessPolicy
 from server.gpu_metrics import register_gpu_metrics
 from server.http import HttpBinding, HttpLimits
@@ -51,6 +53,9 @@ class ServerConfig:
     metrics_port: int = 8002
     allow_metrics: bool = True
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS  # server/admission.py; 0 = no limit
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
+    retry_pushback_ms: int = DEFAULT_RETRY_PUSHBACK_MS
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     allow_spinning: bool = False
@@ -75,6 +80,7 @@ class InferenceServer:
         self.cfg = cfg
         self.state = ServerState()
         self.state.strict_readiness = cfg.strict_readiness
+        self.state.admission = Admission(cfg.max_inflight_requests, cfg.max_inflight_bytes, cfg.retry_pushback_ms)
         self.state.model_control_mode = cfg.model_control_mode
         self.repository = ModelRepository(
             cfg.model_repository, RuntimeDefaults(cfg.intra_op_threads, cfg.inter_op_threads, cfg.allow_spinning))

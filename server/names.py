@@ -8,25 +8,17 @@ back and corrupt logs. Versions are what the protocol's `model_version` string m
 server picks the latest) or a number of ASCII digits within int64, as Triton parses it; '²' and '①'
 are digits to Python's str.isdigit, not version numbers.
 
-Error messages echo what the client sent only through `shorten`, so a 10 KB name can never make a
-status message larger than gRPC clients accept (their metadata limit is 8 KB).
+Error messages quote what the client sent only through `server.errors.echo` (cut, repr'd), so a 10 KB
+name can never make a status message larger than gRPC clients accept (their metadata limit is 8 KB).
 """
 from __future__ import annotations
 
 import unicodedata
 
-from server.errors import invalid
+from server.errors import echo, invalid
 
 MAX_NAME_BYTES = 255  # NAME_MAX: the longest directory name
 INT64_MAX = 2**63 - 1
-ECHO_CHARS = 64
-
-
-def shorten(value: str, limit: int = ECHO_CHARS) -> str:
-    """`value` for an error message: at most `limit` characters, then how long it really was."""
-    if len(value) <= limit:
-        return value
-    return f"{value[:limit]}... ({len(value)} characters)"
 
 
 def check_model_name(name: str) -> str:
@@ -35,14 +27,14 @@ def check_model_name(name: str) -> str:
         raise invalid("model name is empty")
     size = len(name.encode("utf-8", "surrogatepass"))
     if size > MAX_NAME_BYTES:
-        raise invalid(f"model name '{shorten(name)}' is {size} bytes long; a model name is a directory name "
+        raise invalid(f"model name {echo(name)} is {size} bytes long; a model name is a directory name "
                       f"of at most {MAX_NAME_BYTES} bytes")
     if name in (".", "..") or "/" in name or "\\" in name:
-        raise invalid(f"model name '{shorten(name)}' is not a directory name: no '/', '\\', '.' or '..'")
+        raise invalid(f"model name {echo(name)} is not a directory name: no '/', '\\', '.' or '..'")
     if name.startswith("."):
-        raise invalid(f"model name '{shorten(name)}' starts with '.': hidden directories are never models")
+        raise invalid(f"model name {echo(name)} starts with '.': hidden directories are never models")
     if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
-        raise invalid(f"model name {shorten(name)!r} contains control characters")
+        raise invalid(f"model name {echo(name)} contains control characters")
     return name
 
 
@@ -52,9 +44,9 @@ def parse_version(version: str) -> int | None:
     if version == "":
         return None
     if not (version.isascii() and version.isdigit()):
-        raise invalid(f"model version '{shorten(version)}' is not a version number: expected ASCII digits "
+        raise invalid(f"model version {echo(version)} is not a version number: expected ASCII digits "
                       "(or empty for the latest version)")
     significant = version.lstrip("0") or "0"
     if len(significant) > len(str(INT64_MAX)) or int(significant) > INT64_MAX:
-        raise invalid(f"model version '{shorten(version)}' is out of range: versions are at most {INT64_MAX}")
+        raise invalid(f"model version {echo(version)} is out of range: versions are at most {INT64_MAX}")
     return int(significant)

@@ -36,8 +36,8 @@ from server.backends.base import (Backend, BackendOptions, BackendUnavailable, T
 from server.batcher import BatchSettings, DynamicBatcher
 from cnncore.datatypes import from_config, from_numpy, to_config
 from server import warmup
-from server.errors import InferError, not_found, unavailable
-from server.names import check_model_name, parse_version, shorten
+from server.errors import InferError, echo, not_found, unavailable
+from server.names import check_model_name, parse_version
 from server.model import ServedModel
 from server.stats import ModelStats
 
@@ -284,7 +284,7 @@ class ModelRepository:
             try:
                 await self.load(name)
             except InferError as exc:  # a --load-model naming no model: the others still load
-                log.error("model load failed", extra={"model": shorten(name), "reason": exc.message})
+                log.error("model load failed", extra={"model": echo(name), "reason": exc.message})
 
     async def load(self, name: str) -> ModelState:
         """(Re)load `name`; on failure the model is UNAVAILABLE with the reason (and the old copy, if any,
@@ -347,14 +347,14 @@ class ModelRepository:
         """The served version (latest when `version` is empty); NOT_FOUND / UNAVAILABLE otherwise."""
         state = self.models.get(name)
         if state is None:
-            raise not_found(f"unknown model '{shorten(name)}'; known: {', '.join(sorted(self.models)) or 'none'}")
+            raise not_found(f"unknown model {echo(name)}; known: {', '.join(sorted(self.models)) or 'none'}")
         number = parse_version(version)
         if not state.versions:
             raise unavailable(f"model '{name}' is not ready: {state.reason or state.state}")
         if number is None:
             model = state.versions[max(state.versions)]
         elif number not in state.versions:
-            raise not_found(f"model '{name}' has no version {number}; served versions: "
+            raise not_found(f"model '{name}' has no version '{number}'; served versions: "
                             f"{', '.join(str(v) for v in sorted(state.versions))}")
         else:
             model = state.versions[number]

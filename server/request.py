@@ -29,6 +29,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from server.admission import Admission
 from server.errors import invalid, unavailable
 from server.model import ServedModel
 from server.repository import ModelRepository
@@ -85,6 +86,7 @@ class ServerState:
         self.strict_readiness = False
         self.model_control_mode = "none"  # "explicit": models load and unload on request
         self.inflight = 0  # inference requests accepted and not yet answered (drained on shutdown)
+        self.admission = Admission()  # server-wide in-flight limits; the app sets the configured one
         self.shared_memory = process_registry()  # system shared-memory regions, every binding's
 
     def ready(self, repository: ModelRepository) -> bool:
@@ -95,13 +97,16 @@ class ServerState:
         return True
 
     @contextmanager
-    def accepted(self) -> Iterator[None]:
-        """Count one inference request as in flight for its whole life (graceful shutdown waits)."""
-        self.inflight += 1
-        try:
-            yield
-        finally:
-            self.inflight -= 1
+    def accepted(self, nbytes: int = 0) -> Iterator[None]:
+        """Count one inference request (of `nbytes` as received) as in flight for its whole life:
+        graceful shutdown waits for it, and admission refuses it first (RESOURCE_EXHAUSTED with a
+        retry pushback) when the server already holds its limit of requests or bytes."""
+        with self.admission.admit(nbytes):
+            self.inflight += 1
+            try:
+                yield
+            finally:
+                self.inflight -= 1
 
 
 class RequestPath:

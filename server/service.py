@@ -20,7 +20,7 @@ from cnncore.wire import serialize_bytes
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from server.boundary import guard_servicer, status_of
-from server.errors import InferError, invalid, unavailable
+from server.errors import InferError, echo, invalid, unavailable
 from server.infer_request import InferRequest, WireError, from_message, parse_infer_request
 from server.repository import ModelRepository
 from server.request import InferenceRequest, RequestPath, ServerState
@@ -193,9 +193,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise unavailable("server is shutting down")
         state = await self.repository.load(request.model_name)
         if not state.versions:
-            raise invalid(f"failed to load '{request.model_name}': {state.reason}")
+            raise invalid(f"failed to load {echo(request.model_name)}: {state.reason}")
         if state.reason:  # a reload failed; the previously loaded copy keeps serving
-            raise invalid(f"failed to reload '{request.model_name}' (previous copy still serving): {state.reason}")
+            raise invalid(f"failed to reload {echo(request.model_name)} (previous copy still serving): {state.reason}")
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
@@ -235,7 +235,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Registered with no request deserializer: `request` is the serialized message, decoded here
         # without copying tensor bytes (server/infer_request.py).
         received = time.perf_counter_ns()
-        with self.state.accepted():
+        with self.state.accepted(len(request)):
             try:
                 parsed = parse_infer_request(request)
             except (WireError, DecodeError) as exc:
@@ -249,7 +249,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tasks: set[asyncio.Task] = set()
 
         async def one(req: pb.ModelInferRequest) -> None:
-            with self.state.accepted():
+            with self.state.accepted(req.ByteSize()):
                 try:
                     resp = await self._infer(from_message(req), context, time.perf_counter_ns())
                     await out.put(pb.ModelStreamInferResponse(infer_response=resp))

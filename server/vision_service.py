@@ -131,7 +131,7 @@ class VisionService(vpb_grpc.VisionServiceServicer):
     async def _run(self, rpc: str, request: Any, context: grpc.aio.ServicerContext,
                    answer: Callable[[ServedModel, ModelMeta, list[_Outcome], Any], Awaitable[Any]]) -> Any:
         received_ns = time.perf_counter_ns()
-        with self._path.state.accepted():  # graceful shutdown waits for these, as for ModelInfer
+        with self._path.state.accepted(request.ByteSize()):  # shutdown waits for these, as for ModelInfer
             if not request.model_name:
                 raise invalid(f"{rpc}: model_name is empty")
             model, meta = self._model_for(rpc, request.model_name, request.model_version)

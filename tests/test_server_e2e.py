@@ -454,5 +454,8 @@ def test_unload_and_load(client: tc.InferenceServerClient) -> None:
     assert "broken/1/model.onnx" in err.value.message()
     with pytest.raises(InferenceServerException) as err:
         client.load_model("../etc")
-    assert "not found" in err.value.message()
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "not a directory name" in err.value.message()
+    with pytest.raises(InferenceServerException) as err:
+        client.load_model("not_in_the_repository")
+    assert err.value.status() == "StatusCode.NOT_FOUND" and "not found" in err.value.message()
     assert client.is_model_ready("affine")
