@@ -17,6 +17,7 @@ Routes (Triton's, so `tritonclient.http` works unchanged):
     GET  /v2/models[/{m}[/versions/{v}]]/stats                    statistics
     POST /v2/models/{m}[/versions/{v}]/infer                      JSON tensors, binary-data extension
     POST /v2/repository/index | /v2/repository/models/{m}/load | .../unload
+    GET  /v2/systemsharedmemory[/region/{r}]/status; POST .../region/{r}/register, [.../region/{r}]/unregister
     POST /v2/vision/models/{m}[/versions/{v}]/{classify|detect|segment|encode|reconstruct}
          one picture as the body (image/*, application/octet-stream) or several as multipart/form-data;
          options as query parameters (top_k, score_threshold, max_detections); answers the JSON
@@ -26,6 +27,8 @@ Binary-data extension: with `Inference-Header-Content-Length: N` the first N byt
 JSON header and the rest holds, in input order, the raw bytes of each input whose parameters carry
 `binary_data_size`. Outputs asked for with `binary_data: true` (or all, with the request parameter
 `binary_data_output: true`, what tritonclient sends when it names no outputs) come back the same way.
+Inputs and outputs may instead name a system shared-memory region (`shared_memory_region`,
+`shared_memory_byte_size`, `shared_memory_offset`), the registry the gRPC binding uses.
 
 Limits: bodies over --http-max-input-size are refused (413) from their Content-Length before they are
 read, or as soon as they pass it; a body must arrive within --http-body-timeout-secs (408, connection
@@ -58,6 +61,7 @@ from server.errors import InferError, invalid
 from server.repository import ModelRepository
 from server.request import RequestPath, ServerState
 from server.service import InferenceServicer
+from server.shared_memory import BYTE_SIZE, REGION, OutputTarget, SharedMemoryRegistry, output_target, tensor_source
 from server.tensors import TensorIn
 from server.tls import TlsFiles
 from server.vision_service import VisionService
@@ -140,8 +144,9 @@ def _parameters(obj: dict, where: str) -> dict[str, Any]:
     return params
 
 
-def _tensors_in(inputs: list, binary: memoryview) -> list[TensorIn]:
-    """JSON inputs (+ the binary section) as the request path's TensorIn, nothing decoded yet."""
+def _tensors_in(inputs: list, binary: memoryview, shm: SharedMemoryRegistry) -> list[TensorIn]:
+    """JSON inputs (+ the binary section, or their shared-memory windows) as the request path's TensorIn,
+    nothing decoded yet."""
     tensors: list[TensorIn] = []
     offset = 0
     for i, t in enumerate(inputs):
@@ -154,8 +159,14 @@ def _tensors_in(inputs: list, binary: memoryview) -> list[TensorIn]:
         shape = _field(t, "shape", list, where)
         if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise invalid(f"{where}: 'shape' must be a list of integers, got {shape!r:.80}")
-        size = _parameters(t, where).get("binary_data_size")
-        if size is not None:
+        params = _parameters(t, where)
+        size = params.get("binary_data_size")
+        window = tensor_source(shm, name, params) if params else None
+        if window is not None:
+            if size is not None or "data" in t:
+                raise invalid(f"{where}: a shared memory region and contents ('data' or binary data) given")
+            tensors.append(TensorIn(name, datatype, tuple(shape), raw=window))
+        elif size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise invalid(f"{where}: parameters.binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
@@ -173,10 +184,14 @@ def _tensors_in(inputs: list, binary: memoryview) -> list[TensorIn]:
     return tensors
 
 
-def _output_json(name: str, arr: np.ndarray, binary: bool, chunks: list[bytes | memoryview]) -> dict[str, Any]:
+def _output_json(name: str, arr: np.ndarray, binary: bool, chunks: list[bytes | memoryview],
+                 target: OutputTarget | None = None) -> dict[str, Any]:
     datatype = from_numpy(arr.dtype)
     entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
-    if binary:
+    if target is not None:
+        written = target.write(arr, serialize_bytes(arr) if datatype == "BYTES" else None)
+        entry["parameters"] = {REGION: target.region.name, BYTE_SIZE: written}
+    elif binary:
         # The array's own memory goes to the socket: no bytes copy of a 600 KB tensor per answer.
         data = serialize_bytes(arr) if datatype == "BYTES" else memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
         entry["parameters"] = {"binary_data_size": len(data)}
@@ -218,6 +233,11 @@ class HttpBinding:
             ("POST", "/v2/repository/index", self.repository_index, "model-repository"),
             ("POST", "/v2/repository/models/{model}/load", self.load, "model-repository"),
             ("POST", "/v2/repository/models/{model}/unload", self.unload, "model-repository"),
+            ("GET", "/v2/systemsharedmemory/status", self.shm_status, "shared-memory"),
+            ("GET", "/v2/systemsharedmemory/region/{region}/status", self.shm_status, "shared-memory"),
+            ("POST", "/v2/systemsharedmemory/region/{region}/register", self.shm_register, "shared-memory"),
+            ("POST", "/v2/systemsharedmemory/unregister", self.shm_unregister, "shared-memory"),
+            ("POST", "/v2/systemsharedmemory/region/{region}/unregister", self.shm_unregister, "shared-memory"),
         ]
         for base in (m, mv):
             routes += [
@@ -359,6 +379,27 @@ class HttpBinding:
             pb.RepositoryModelUnloadRequest(model_name=request.match_info["model"]), _CTX)
         return web.Response(status=200)
 
+    # -- system shared memory -----------------------------------------------------------------------------------
+    async def shm_status(self, request: web.Request) -> web.Response:
+        answer = await self.grpc.SystemSharedMemoryStatus(
+            pb.SystemSharedMemoryStatusRequest(name=request.match_info.get("region", "")), _CTX)
+        return web.json_response([message_to_dict(r) for r in answer.regions.values()])
+
+    async def shm_register(self, request: web.Request) -> web.Response:
+        doc = await self._json_object(request, "register request")
+        where = "register request"
+        offset, size = _field(doc, "offset", int, where, 0), _field(doc, "byte_size", int, where)
+        if offset < 0 or size < 0:
+            raise invalid(f"{where}: 'offset' and 'byte_size' must not be negative")
+        await self.grpc.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(
+            name=request.match_info["region"], key=_field(doc, "key", str, where), offset=offset, byte_size=size), _CTX)
+        return web.Response(status=200)
+
+    async def shm_unregister(self, request: web.Request) -> web.Response:
+        await self.grpc.SystemSharedMemoryUnregister(
+            pb.SystemSharedMemoryUnregisterRequest(name=request.match_info.get("region", "")), _CTX)
+        return web.Response(status=200)
+
     # -- inference -------------------------------------------------------------------------------------------
     async def infer(self, request: web.Request) -> web.Response:
         received = time.perf_counter_ns()
@@ -389,18 +430,24 @@ class HttpBinding:
             params = _parameters(doc, "inference request")
             request_id = _field(doc, "id", str, "inference request", "")
             binary_default = bool(params.get("binary_data_output", False))
+            shm = self.state.shared_memory
             wanted: dict[str, bool] = {}
+            targets: dict[str, OutputTarget] = {}
             for i, o in enumerate(outputs):
                 if not isinstance(o, dict):
                     raise invalid(f"outputs[{i}] must be an object, got {type(o).__name__}")
                 out_name = _field(o, "name", str, f"outputs[{i}]")
-                wanted[out_name] = bool(_parameters(o, f"output '{out_name}'").get("binary_data", binary_default))
+                out_params = _parameters(o, f"output '{out_name}'")
+                wanted[out_name] = bool(out_params.get("binary_data", binary_default))
+                if out_params and (target := output_target(shm, out_name, out_params)) is not None:
+                    targets[out_name] = target
             normalized = await self.path.normalize(
-                name, version, _tensors_in(inputs, binary), outputs=list(wanted), parameters=params,
+                name, version, _tensors_in(inputs, binary, shm), outputs=list(wanted), parameters=params,
                 request_id=request_id, received_ns=received)
             results = await self.path.infer(normalized)
             chunks: list[bytes | memoryview] = []
-            out_json = [_output_json(o, results[o], wanted.get(o, binary_default), chunks) for o in normalized.outputs]
+            out_json = [_output_json(o, results[o], wanted.get(o, binary_default), chunks, targets.get(o))
+                        for o in normalized.outputs]
             model = normalized.model
             answer: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
             if request_id:

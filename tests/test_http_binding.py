@@ -358,3 +358,48 @@ def test_http_traffic_is_counted_with_grpc(server: ServerProcess, client: th.Inf
     inputs, _, _ = _affine()
     client.infer("affine", inputs)
     assert server.scrape()[key] == before + 1
+
+
+# -- system shared memory over HTTP (the registry the gRPC binding uses) ----------------------------------
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs POSIX shared memory (/dev/shm)")
+def test_system_shared_memory_over_http(client: th.InferenceServerClient, server: ServerProcess) -> None:
+    import tritonclient.grpc as tc
+    import tritonclient.utils.shared_memory as shm
+
+    tag = uuid.uuid4().hex[:10]
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    handles = [shm.create_shared_memory_region(f"in_{tag}", f"/cnnserve_http_in_{tag}", a.nbytes),
+               shm.create_shared_memory_region(f"out_{tag}", f"/cnnserve_http_out_{tag}", a.nbytes)]
+    try:
+        shm.set_shared_memory_region(handles[0], [a])
+        client.register_system_shared_memory(f"in_{tag}", f"/cnnserve_http_in_{tag}", a.nbytes)
+        client.register_system_shared_memory(f"out_{tag}", f"/cnnserve_http_out_{tag}", a.nbytes)
+        status = {r["name"]: r for r in client.get_system_shared_memory_status()}
+        assert status[f"in_{tag}"]["byte_size"] == a.nbytes and status[f"in_{tag}"]["key"] == f"/cnnserve_http_in_{tag}"
+        # one registry for both bindings: the gRPC binding sees what HTTP registered
+        grpc_status = tc.InferenceServerClient(server.grpc_url).get_system_shared_memory_status(f"in_{tag}")
+        assert list(grpc_status.regions) == [f"in_{tag}"]
+        ia = th.InferInput("a", [2, 4], "FP32")
+        ia.set_shared_memory(f"in_{tag}", a.nbytes)
+        ib = th.InferInput("b", [2, 2], "INT64")
+        ib.set_data_from_numpy(np.ones((2, 2), np.int64))
+        oy = th.InferRequestedOutput("y")
+        oy.set_shared_memory(f"out_{tag}", a.nbytes)
+        result = client.infer("affine", [ia, ib], outputs=[oy, th.InferRequestedOutput("z")])
+        assert result.get_output("y")["parameters"]["shared_memory_region"] == f"out_{tag}"
+        y = shm.get_contents_as_numpy(handles[1], np.float32, [2, 4])
+        np.testing.assert_array_equal(y, 2 * a + 1)
+        np.testing.assert_array_equal(result.as_numpy("z"), np.full((2, 2), 4))
+        # a window past the region is refused, naming it
+        bad = th.InferInput("a", [2, 4], "FP32")
+        bad.set_shared_memory(f"in_{tag}", a.nbytes, offset=8)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("affine", [bad, ib])
+        assert info.value.status() == "400" and f"in_{tag}" in info.value.message()
+        client.unregister_system_shared_memory(f"in_{tag}")
+        assert f"in_{tag}" not in {r["name"] for r in client.get_system_shared_memory_status()}
+    finally:
+        client.unregister_system_shared_memory()
+        for h in handles:
+            shm.destroy_shared_memory_region(h)
+    _still_serving(server)
