@@ -3,7 +3,9 @@
 `guard_servicer` registers a generated servicer with each method wrapped once, at start-up: an
 `InferError` becomes its gRPC status (with its trailers), cancellation and aborts pass through, and
 anything else is logged with the RPC's name and answered INTERNAL for that one call, never a crashed
-server. Handlers therefore only raise; none of them calls `context.abort` itself. The REST binding
+server. Handlers therefore only raise; none of them calls `context.abort` itself. Request messages that
+do not parse reach the handler as `_Malformed` (gRPC would answer its deserializer's exception UNKNOWN)
+and are answered INVALID_ARGUMENT here. The REST binding
 maps the same `InferError` through `server.errors.HTTP_STATUS`, and `status_of` is what both use for
 an exception that is not one.
 """
@@ -15,7 +17,7 @@ from typing import Any, AsyncIterator, Callable
 
 import grpc
 
-from server.errors import InferError
+from server.errors import InferError, invalid
 
 log = logging.getLogger("cnnserve.boundary")
 
@@ -28,16 +30,53 @@ def status_of(exc: BaseException, rpc: str) -> InferError:
     return InferError(grpc.StatusCode.INTERNAL, f"{rpc}: internal error: {type(exc).__name__}: {exc}")
 
 
+class _Malformed:
+    """A request message its deserializer could not parse; the guarded handler refuses it."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    if deserializer is None:  # the handler takes the bytes itself (ModelInfer)
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and whatever a custom deserializer raises
+            return _Malformed(f"{type(exc).__name__}: {exc}")
+
+    return deserialize
+
+
+def _parsed(request: Any, rpc: str) -> Any:
+    if isinstance(request, _Malformed):
+        raise invalid(f"{rpc}: malformed request message ({request.error})")
+    return request
+
+
+async def _parsed_stream(requests: AsyncIterator[Any], rpc: str) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _parsed(request, rpc)
+
+
+def _checked(request: Any, rpc: str, streaming_request: bool) -> Any:
+    return _parsed_stream(request, rpc) if streaming_request else _parsed(request, rpc)
+
+
 async def _abort(context: grpc.aio.ServicerContext, err: InferError) -> None:
     if err.trailers:
         context.set_trailing_metadata(err.trailers)
     await context.abort(err.code, err.message)
 
 
-def _guard_unary(fn: Callable, rpc: str) -> Callable:
+def _guard_unary(fn: Callable, rpc: str, streaming_request: bool = False) -> Callable:
     async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await fn(request, context)
+            return await fn(_checked(request, rpc, streaming_request), context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # noqa: BLE001 - the boundary: every failure is answered here
@@ -46,10 +85,10 @@ def _guard_unary(fn: Callable, rpc: str) -> Callable:
     return behaviour
 
 
-def _guard_streaming(fn: Callable, rpc: str) -> Callable:
+def _guard_streaming(fn: Callable, rpc: str, streaming_request: bool = False) -> Callable:
     async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for item in fn(request, context):
+            async for item in fn(_checked(request, rpc, streaming_request), context):
                 yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -61,17 +100,19 @@ def _guard_streaming(fn: Callable, rpc: str) -> Callable:
 
 def guard_handler(handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
     """The same handler with its behaviour wrapped by the boundary."""
+    deserialize = _tolerant(handler.request_deserializer)
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _guard_unary(handler.unary_unary, rpc), handler.request_deserializer, handler.response_serializer)
+            _guard_unary(handler.unary_unary, rpc), deserialize, handler.response_serializer)
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _guard_streaming(handler.unary_stream, rpc), handler.request_deserializer, handler.response_serializer)
+            _guard_streaming(handler.unary_stream, rpc), deserialize, handler.response_serializer)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            _guard_unary(handler.stream_unary, rpc), handler.request_deserializer, handler.response_serializer)
+            _guard_unary(handler.stream_unary, rpc, streaming_request=True), deserialize, handler.response_serializer)
     return grpc.stream_stream_rpc_method_handler(
-        _guard_streaming(handler.stream_stream, rpc), handler.request_deserializer, handler.response_serializer)
+        _guard_streaming(handler.stream_stream, rpc, streaming_request=True), deserialize,
+        handler.response_serializer)
 
 
 class _HandlerCapture:
