@@ -403,3 +403,52 @@ def test_system_shared_memory_over_http(client: th.InferenceServerClient, server
         for h in handles:
             shm.destroy_shared_memory_region(h)
     _still_serving(server)
+
+
+# -- graceful shutdown over HTTP: the same drain as gRPC ------------------------------------------------
+def test_sigterm_answers_accepted_http_requests(tmp_path: Path, server_factory) -> None:
+    import asyncio
+    import signal
+
+    import tritonclient.http.aio as tha
+    from conftest import SLOW_WIDTH, slow_model
+    from fault_backends import FileGate
+
+    repo = tmp_path / "repo"
+    gate = FileGate(tmp_path / "gate")
+    gate.close()  # executions are held until the test has seen the server draining
+    write_model(repo, "slow", slow_model(iterations=10),
+                f'backend: "test_faulty"\ndefault_model_filename: "model.onnx"\nmax_batch_size: 4\n'
+                f'dynamic_batching {{ }}\nparameters {{ key: "gate_file" value {{ string_value: "{gate.path}" }} }}\n')
+    srv = server_factory(repo, "--backend-module", "fault_backends")
+    n = 4
+
+    async def main():
+        client = tha.InferenceServerClient(srv.http_url)
+        try:
+            async def one(i: int) -> tuple[int, np.ndarray]:
+                inp = tha.InferInput("x", [1, SLOW_WIDTH], "FP32")
+                inp.set_data_from_numpy(np.full((1, SLOW_WIDTH), i / n, np.float32))
+                return i, (await client.infer("slow", [inp])).as_numpy("y")
+
+            tasks = [asyncio.create_task(one(i)) for i in range(n)]
+            await srv.wait_pending("slow", n)
+            await asyncio.to_thread(gate.wait_entered, 1)
+            srv.proc.send_signal(signal.SIGTERM)
+            while (await asyncio.to_thread(_request, srv, "GET", "/v2/health/ready"))[0] == 200:
+                pass  # until the signal is handled
+            model_ready = (await asyncio.to_thread(_request, srv, "GET", "/v2/models/slow/ready"))[0]
+            late = json.dumps({"inputs": [{"name": "x", "shape": [1, SLOW_WIDTH], "datatype": "FP32",
+                                           "data": [0.0] * SLOW_WIDTH}]}).encode()
+            late_status, _, late_body = await asyncio.to_thread(_request, srv, "POST", "/v2/models/slow/infer", late)
+            gate.open()
+            return await asyncio.gather(*tasks, return_exceptions=True), model_ready, late_status, late_body
+        finally:
+            await client.close()
+
+    results, model_ready, late_status, late_body = asyncio.run(main())
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert sorted(i for i, _ in results) == list(range(n))
+    assert model_ready == 400
+    assert late_status == 503 and "shutting down" in json.loads(late_body)["error"]
+    assert srv.proc.wait(30) == 0, srv.log()
