@@ -182,3 +182,14 @@ def test_admission_limit_refuses_with_retry_pushback_and_counts(repo: Path, serv
     assert m[("cnnserve_admission_refused_total", (("limit", limit),))] == 1
     assert m[("cnnserve_inflight_requests", ())] == 0
     srv.terminate()
+
+
+@pytest.mark.parametrize("method", ["/inference.GRPCInferenceService/ModelMetadata",
+                                    "/inference.GRPCInferenceService/RepositoryModelLoad",
+                                    "/cnnserve.vision.VisionService/Classify"])
+def test_unparsable_request_messages_are_invalid_argument(server: ServerProcess, method: str) -> None:
+    # Found by the fuzzer: gRPC answered its deserializer's DecodeError UNKNOWN.
+    with grpc.insecure_channel(server.grpc_url) as ch:
+        err = _error(ch.unary_unary(method), b"\x00")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
+    assert "malformed request message" in err.details()
