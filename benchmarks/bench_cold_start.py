@@ -43,7 +43,8 @@ def time_to_ready(repo: Path, work: Path) -> tuple[float, dict[str, float]]:
     t0 = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
-         "--grpc-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--ready-file", str(ready),
+         "--grpc-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--allow-http", "false",
+         "--ready-file", str(ready),
          "--strict-readiness", "true"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:

@@ -135,7 +135,8 @@ async def run_server(url: str, model: str, input_name: str, shape: list[int], co
 def start_server(repo: Path, models: list[str], threads: int, spinning: bool, workdir: Path) -> tuple[subprocess.Popen, int]:
     ready = workdir / "ready.json"
     cmd = [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
-           "--grpc-port", "0", "--metrics-port", "0", "--metrics-address", "127.0.0.1", "--ready-file", str(ready),
+           "--grpc-port", "0", "--metrics-port", "0", "--metrics-address", "127.0.0.1", "--allow-http", "false",
+           "--ready-file", str(ready),
            "--intra-op-threads", str(threads), "--inter-op-threads", "1", "--model-control-mode", "explicit",
            "--ort-allow-spinning", str(spinning).lower(), "--log-level", "warning"]
     for m in models:

@@ -418,7 +418,7 @@ def bench_with_server(repo: Path, variants, concurrencies, cpu_concurrencies, se
     log = open(repo / "server.log", "w")
     cmd = [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
            "--grpc-port", str(grpc_port), "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port),
-           "--log-format", "text", "--log-level", "warning"]
+           "--log-format", "text", "--log-level", "warning", "--allow-http", "false"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                 filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
