@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=${MODEL_REPOSITORY:-model_repository}
 GRPC_PORT=${GRPC_PORT:-8001}
+HTTP_PORT=${HTTP_PORT:-8000}
 METRICS_PORT=${METRICS_PORT:-8002}
 PY=.venv/bin/python
 
@@ -16,8 +17,8 @@ if [ ! -d "$REPO" ]; then
 fi
 "$PY" scripts/make_examples.py --out examples >/dev/null
 
-echo "== starting the server: gRPC 127.0.0.1:$GRPC_PORT, metrics http://127.0.0.1:$METRICS_PORT/metrics"
-"$PY" -m server --model-repository "$REPO" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" \
+echo "== starting the server: gRPC 127.0.0.1:$GRPC_PORT, REST http://127.0.0.1:$HTTP_PORT/v2, metrics http://127.0.0.1:$METRICS_PORT/metrics"
+"$PY" -m server --model-repository "$REPO" --grpc-port "$GRPC_PORT" --http-port "$HTTP_PORT" --metrics-port "$METRICS_PORT" \
   --log-format text &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
