@@ -1,15 +1,20 @@
-"""ONNX Runtime (CPU) vs PyTorch eager images/s per model at batch 1 and 8, in one run.
+"""Raw images/s of each model's artifacts on the CPU runtimes, at batch 1 and 8, in one run:
+ONNX Runtime FP32, ONNX Runtime INT8, OpenVINO FP32, OpenVINO INT8 (the same QDQ file for both), and
+optionally PyTorch eager; every figure also as a ratio to ONNX Runtime FP32 measured in the same run.
 
-    python benchmarks/bench_models.py                       # mobilenet_v2 resnet18
-    python benchmarks/bench_models.py resnet50 --batch-sizes 1 8 32 --seconds 5
-    python benchmarks/bench_models.py mobilenet_v2 --repository model_repository   # reuse its ONNX
+    python benchmarks/bench_models.py                        # every default model + resnet18
+    python benchmarks/bench_models.py mobilenet_v2 resnet18 --batch-sizes 1 8 32 --seconds 5
+    python benchmarks/bench_models.py mobilenet_v2 --eager   # add PyTorch eager
 
-Both runtimes get the same thread count and the same input tensor; each measurement warms up first
-and then runs for at least --seconds. Not a test: numbers depend on the machine and its load.
+The FP32 file is a fresh export of the registry entry; the INT8 file is export/quantize.py's QDQ model
+calibrated on the task's real data (models/data/calibration.py), as `python -m export` builds it.
+Every runtime gets the same thread count and the same real input; each measurement warms up first and
+runs at least --seconds. Not a test: numbers depend on the machine and its load.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -31,78 +36,84 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import models  # noqa: E402,F401
-from cnncore.artifacts import ONNX_FILENAME  # noqa: E402
-from cnncore.layout import latest_version_dir  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
-from export.parity import ort_session  # noqa: E402
-from models.registry import get_entry, get_model  # noqa: E402
+from export.quantize import quantize_onnx  # noqa: E402
+from export.runtimes import available_runtimes, runner, throughput  # noqa: E402
+from models.data.calibration import calibration_inputs  # noqa: E402
+from models.registry import get_entry, get_model, list_models  # noqa: E402
+
+VARIANTS = ("ORT FP32", "ORT INT8", "OpenVINO FP32", "OpenVINO INT8")
 
 
-def _rate(fn, batch: int, seconds: float, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds and n >= 3:
-            return n * batch / elapsed
-
-
-def bench(name: str, batch_sizes: list[int], seconds: float, threads: int, repository: Path | None,
-          workdir: Path) -> list[tuple[str, int, float, float]]:
+def bench(name: str, batch_sizes: list[int], seconds: float, threads: int, workdir: Path,
+          eager: bool) -> dict[tuple[str, int], float]:
     entry = get_entry(name)
     torch.manual_seed(0)
     try:
         model = get_model(name, weights="default" if entry.has_weights else None)
-    except FileNotFoundError:  # trained checkpoint not fetched/trained yet: speed does not depend on values
+    except FileNotFoundError:  # checkpoint not fetched: speed does not depend on the values
         model = get_model(name, weights=None)
-    try:
-        onnx_path = latest_version_dir(repository / name) / ONNX_FILENAME if repository else None
-    except FileNotFoundError:  # not in that repository (or no version yet): exported below
-        onnx_path = None
-    if onnx_path is None or not onnx_path.is_file():
-        onnx_path = workdir / f"{name}.onnx"
-        export_onnx(model, entry, onnx_path)
-    session = ort_session(onnx_path, threads=threads)
-    out_name = entry.output_names[0]
-    rows = []
-    for b in batch_sizes:
-        x = torch.randn(b, *entry.input_shape)
-        xn = np.ascontiguousarray(x.numpy())
+    fp32 = workdir / f"{name}.onnx"
+    export_onnx(model, entry, fp32)
+    calib, _ = calibration_inputs(name, entry.preprocess)
+    int8 = quantize_onnx(fp32, workdir / f"{name}.int8.onnx", calib).path
+    sample = calib[0]
+    files = {"FP32": fp32, "INT8": int8}
+    rates: dict[tuple[str, int], float] = {}
+    for runtime, label in (("onnxruntime", "ORT"), ("openvino", "OpenVINO")):
+        if runtime not in available_runtimes():
+            continue
+        for precision, path in files.items():
+            run = runner(path, runtime, threads)
+            for b in batch_sizes:
+                rates[(f"{label} {precision}", b)] = throughput(run, sample, b, seconds)
+    if eager:
+        for b in batch_sizes:
+            x = torch.from_numpy(np.repeat(sample[None], b, axis=0))
 
-        def eager() -> None:
-            with torch.inference_mode():
-                model(x)
+            def fn() -> None:
+                with torch.inference_mode():
+                    model(x)
 
-        def onnxrt() -> None:
-            session.run([out_name], {"input": xn})
-
-        rows.append((name, b, _rate(onnxrt, b, seconds), _rate(eager, b, seconds)))
-    return rows
+            fn()
+            n, t0 = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - t0) < seconds or n < 2:
+                fn()
+                n += 1
+            rates[("eager FP32", b)] = n * b / elapsed
+    return rates
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("models", nargs="*", default=["mobilenet_v2", "resnet18"], help="registry names")
+    p.add_argument("models", nargs="*", default=None, help="registry names (default: every default model + resnet18)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--seconds", type=float, default=3.0, help="minimum timed run per measurement")
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads for both runtimes")
-    p.add_argument("--repository", type=Path, default=None, help="use <repo>/<model>/1/model.onnx when present")
+    p.add_argument("--seconds", type=float, default=2.0, help="minimum timed run per measurement")
+    p.add_argument("--threads", type=int, default=2, help="threads for every runtime")
+    p.add_argument("--eager", action="store_true", help="also PyTorch eager")
     args = p.parse_args(argv)
+    logging.disable(logging.WARNING)  # NNCF's and torch.onnx's progress chatter
+    names = args.models or [*list_models(served_by_default=True), "resnet18"]
     torch.set_num_threads(args.threads)
     console = Console()
-    table = Table(title=f"images/s, CPU, {args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} "
-                        f"(ONNX Runtime vs PyTorch {torch.__version__} eager)")
-    for col in ("model", "batch", "ONNX Runtime img/s", "eager img/s", "ORT / eager"):
-        table.add_column(col, justify="right")
+    variants = [*VARIANTS, *(["eager FP32"] if args.eager else [])]
+    table = Table(title=f"images/s (x ONNX Runtime FP32), CPU, {args.threads} threads, batch "
+                        f"{'/'.join(map(str, args.batch_sizes))}")
+    table.add_column("model")
+    table.add_column("batch", justify="right")
+    for v in variants:
+        table.add_column(v, justify="right")
     with tempfile.TemporaryDirectory() as work:
-        for name in args.models:
-            with console.status(f"{name}: export + measure"):
-                for model, b, ort_rate, eager_rate in bench(name, args.batch_sizes, args.seconds, args.threads,
-                                                            args.repository, Path(work)):
-                    table.add_row(model, str(b), f"{ort_rate:.1f}", f"{eager_rate:.1f}", f"{ort_rate / eager_rate:.2f}x")
+        for name in names:
+            with console.status(f"{name}: export, quantize, measure"):
+                rates = bench(name, args.batch_sizes, args.seconds, args.threads, Path(work), args.eager)
+            for b in args.batch_sizes:
+                base = rates.get(("ORT FP32", b))
+                cells = []
+                for v in variants:
+                    r = rates.get((v, b))
+                    cells.append("-" if r is None else f"{r:.1f} ({r / base:.2f}x)" if base else f"{r:.1f}")
+                table.add_row(name, str(b), *cells)
     console.print(table)
     return 0
 

@@ -45,6 +45,37 @@ class PreprocessSpec(BaseModel):
     invert: bool = Field(default=False, description="1 - x after scaling (Fashion-MNIST is light-on-dark)")
 
 
+class GateFigure(BaseModel):
+    """One accuracy-gate measurement: the task's metric for the INT8 artifact beside its FP32 parent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str
+    fp32: float
+    int8: float
+    rule: Literal["drop", "relative_increase"] = Field(
+        description="drop: fp32 - int8 <= threshold (higher is better); relative_increase: "
+                    "int8 <= fp32 * (1 + threshold) (lower is better)")
+    threshold: float
+    held_out: str = ""
+    passed: bool = True
+
+
+class ServingChoice(BaseModel):
+    """Which variant `export` serves (precision x runtime), why, and what it measured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    precision: Literal["fp32", "int8"] = "fp32"
+    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    reason: str = ""
+    # images/s on the exporting machine, keyed "<precision>/<runtime>/b<batch>"
+    throughput: dict[str, float] = Field(default_factory=dict)
+    gate: list[GateFigure] = Field(default_factory=list)
+    calibration: str = ""
+    fp32_onnx_sha256: str = Field(default="", description="the FP32 parent an INT8 file was quantized from")
+
+
 class ModelMeta(BaseModel):
     """Contents of `<repo>/<model>/model.json`."""
 
@@ -58,6 +89,7 @@ class ModelMeta(BaseModel):
     description: str = ""
     weights: str = Field(default="", description="where the served weights came from")
     metrics: dict[str, float] = Field(default_factory=dict, description="measured quality, e.g. top1, mAP50, mIoU")
+    serving: ServingChoice | None = Field(default=None, description="the served precision/runtime and its gate")
 
     def write(self, model_dir: Path) -> Path:
         path = Path(model_dir) / META_FILENAME

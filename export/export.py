@@ -3,7 +3,8 @@
     python -m export list
     python -m export describe resnet18
     python -m export onnx mobilenet_v2 --repository model_repository --version 1
-    python -m export repository                     # every served_by_default model
+    python -m export repository                     # every served_by_default model, fastest gated variant
+    python -m export quantize mobilenet_v2          # QDQ INT8 behind the accuracy gate
     python -m export lint some_model.onnx
 """
 from __future__ import annotations
@@ -76,15 +77,33 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     registry = _load_registry()
-    table = Table(title="registry models")
-    for col in ("name", "task", "input (CxHxW)", "served by default", "weights", "max batch"):
+    repo = Path(args.repository)
+    table = Table(title=f"registry models (served: what {repo} holds)")
+    for col in ("name", "task", "input (CxHxW)", "served by default", "weights", "max batch", "served", "gate"):
         table.add_column(col)
     for name in registry.list_models():
         e = registry.get_entry(name)
+        served, gate = _served_summary(repo, name)
         table.add_row(name, e.task.value, "x".join(map(str, e.input_shape)), "yes" if e.served_by_default else "no",
-                      "yes" if e.has_weights else "no", str(e.max_batch_size))
+                      "yes" if e.has_weights else "no", str(e.max_batch_size), served, gate)
     _console().print(table)
     return 0
+
+
+def _served_summary(repo: Path, name: str) -> tuple[str, str]:
+    """(precision/runtime, gate figures) of `name` in the repository, from its model.json; '' if absent."""
+    from cnncore.spec import META_FILENAME, ModelMeta
+
+    if not (repo / name / META_FILENAME).is_file():
+        return "", ""
+    try:
+        serving = ModelMeta.read(repo / name).serving
+    except Exception as exc:
+        return f"unreadable model.json: {exc}".splitlines()[0], ""
+    if serving is None:
+        return "fp32/onnxruntime", ""
+    gate = ", ".join(f"{f.metric} {f.int8:.4g} vs {f.fp32:.4g}{'' if f.passed else ' REFUSED'}" for f in serving.gate)
+    return f"{serving.precision}/{serving.runtime}", gate
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
@@ -98,13 +117,38 @@ def cmd_describe(args: argparse.Namespace) -> int:
         return _err(str(exc.args[0]))
     model = registry.get_model(args.name, weights=None)
     card = build_card(args.name, model, entry.input_shape, example_batch(entry, 1, seed=0))
-    render_card(card, _console(), max_rows=None if args.all else 60)
+    console = _console()
+    render_card(card, console, max_rows=None if args.all else 60)
+    _describe_serving(console, Path(args.repository), args.name)
     return 0
 
 
+def _describe_serving(console, repo: Path, name: str) -> None:
+    from cnncore.spec import META_FILENAME, ModelMeta
+
+    if not (repo / name / META_FILENAME).is_file():
+        console.print(f"not in {repo}")
+        return
+    serving = ModelMeta.read(repo / name).serving
+    if serving is None:
+        console.print(f"served from {repo}: FP32 on onnxruntime (written before precision selection)")
+        return
+    console.print(f"served from {repo}: [bold]{serving.precision.upper()} on {serving.runtime}[/] ({serving.reason})")
+    if serving.calibration:
+        console.print(f"  calibration: {serving.calibration}")
+    from export.accuracy_gate import describe
+
+    for f in serving.gate:
+        console.print(f"  gate {'[green]passed[/]' if f.passed else '[red]refused[/]'}: {describe(f)} on {f.held_out}")
+    if serving.throughput:
+        console.print("  images/s here: " + ", ".join(f"{k} {v:g}" for k, v in sorted(serving.throughput.items())))
+
+
 def _options(args: argparse.Namespace):
+    from export.accuracy_gate import GateThresholds
     from export.pipeline import ExportOptions
     from export.repository import BatchingDefaults
+    from export.variants import VariantOptions
 
     return ExportOptions(
         weights=args.weights,
@@ -118,6 +162,9 @@ def _options(args: argparse.Namespace):
         input_dtype=args.input_dtype,
         batching=BatchingDefaults(max_queue_delay_microseconds=args.max_queue_delay_us,
                                   instance_count=args.instances),
+        variant=VariantOptions(precision=args.precision, runtime=args.runtime, thresholds=GateThresholds(
+            accuracy_points=args.gate_accuracy, map50=args.gate_map, miou=args.gate_miou,
+            mse_relative=args.gate_mse)),
     )
 
 
@@ -155,8 +202,10 @@ def _export_into(repo: Path, names: Sequence[str], args: argparse.Namespace) -> 
         with step(f"write {len(outcomes)} model(s) into {repo}"):
             written = write_models(repo, [o.staged for o in outcomes])
     for path, o in zip(written, outcomes):
+        serving = o.staged.meta.serving
+        served = f", {serving.precision.upper()} on {serving.runtime}: {serving.reason}" if serving else ""
         console.print(f"[bold]{o.staged.name}[/] -> {path}/{o.staged.version}/model.onnx "
-                      f"({o.export.size_bytes / 1e6:.1f} MB)")
+                      f"({(path / str(o.staged.version) / 'model.onnx').stat().st_size / 1e6:.1f} MB{served})")
     return 0
 
 
@@ -204,7 +253,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 # --- parser ---------------------------------------------------------------------------------------
 
-def _add_export_options(p: argparse.ArgumentParser) -> None:
+def _add_export_options(p: argparse.ArgumentParser, precision: str = "fp32", runtime: str = "onnxruntime") -> None:
     from export.defaults import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL
 
     p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="model repository dir (default: %(default)s)")
@@ -228,6 +277,18 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-dtype", choices=("fp32", "uint8"), default="fp32",
                    help="uint8: the served model takes UINT8 pixels [N,C,H,W] and normalizes them in its graph "
                         "(4x fewer bytes per image; checked against the FP32 parent) (default: %(default)s)")
+    p.add_argument("--precision", choices=("auto", "fp32", "int8"), default=precision,
+                   help="served precision: int8 = QDQ INT8 calibrated on real data, served only if it passes the "
+                        "accuracy gate; auto = build both, serve the fastest that passes (default: %(default)s)")
+    p.add_argument("--runtime", choices=("auto", "onnxruntime", "openvino"), default=runtime,
+                   help="served runtime; auto = measure both here, serve the fastest (default: %(default)s)")
+    p.add_argument("--gate-accuracy", type=float, default=1.0, metavar="POINTS",
+                   help="gate: largest INT8 drop of accuracy / top-1 agreement / retrieval accuracy, in "
+                        "percentage points (default: %(default)s)")
+    p.add_argument("--gate-map", type=float, default=0.01, help="gate: largest mAP@0.5 drop (default: %(default)s)")
+    p.add_argument("--gate-miou", type=float, default=0.01, help="gate: largest mIoU drop (default: %(default)s)")
+    p.add_argument("--gate-mse", type=float, default=0.10, metavar="FRACTION",
+                   help="gate: largest relative increase of reconstruction MSE (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,19 +298,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "Triton-layout model repository.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("list", help="registry models: task, served by default, weights")
+    p = sub.add_parser("list", help="registry models: task, served by default, weights, served precision/runtime")
+    p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="repository to read served variants from")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("describe", help="architecture card: layers, output shapes, params, FLOPs, receptive field")
     p.add_argument("name", help="registry model name")
     p.add_argument("--all", action="store_true", help="print every layer (default: the first 60)")
+    p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="repository to read the served variant from")
     p.set_defaults(func=cmd_describe)
     p = sub.add_parser("onnx", help="export one model into the repository")
     p.add_argument("name", help="registry model name")
     _add_export_options(p)
     p.set_defaults(func=cmd_onnx)
+    p = sub.add_parser("quantize", help="export one model as QDQ INT8 behind the accuracy gate (refused: not written)")
+    p.add_argument("name", help="registry model name")
+    _add_export_options(p, precision="int8", runtime="auto")
+    p.set_defaults(func=cmd_onnx)
     p = sub.add_parser("repository", help="build the default repository (all served_by_default models)")
     p.add_argument("--models", nargs="+", default=None, help="export these instead of the default set")
-    _add_export_options(p)
+    _add_export_options(p, precision="auto", runtime="auto")
     p.set_defaults(func=cmd_repository)
     p = sub.add_parser("lint", help="TensorRT 10 compatibility lint of any ONNX file")
     p.add_argument("file", help="path to a .onnx file")

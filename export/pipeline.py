@@ -21,6 +21,7 @@ from export.parity import (DEFAULT_ATOL, DEFAULT_RTOL, ParityError, ParityReport
 from export.repository import LABELS_FILENAME, BatchingDefaults, StagedModel, build_config
 from export.trt_lint import LintReport, TensorRTLintError, lint_model
 from export.uint8_input import Uint8InputError, uint8_variant
+from export.variants import VariantOptions, VariantRefused, select_variant
 from cnncore.artifacts import ONNX_FILENAME, file_sha256
 from cnncore.spec import META_FILENAME, ModelMeta, Task
 from models.registry import ModelEntry, get_entry, get_model
@@ -44,6 +45,8 @@ class ExportOptions:
     lint: bool = True
     batching: BatchingDefaults = field(default_factory=BatchingDefaults)
     input_dtype: str = "fp32"  # "uint8": the graph takes pixels and normalizes them (export/uint8_input.py)
+    # precision (fp32 / int8 / auto) and runtime (onnxruntime / openvino / auto) to serve
+    variant: VariantOptions = field(default_factory=VariantOptions)
 
 
 @dataclass
@@ -193,6 +196,10 @@ def export_model(name: str, workdir: Path, options: ExportOptions, *, repository
     }
     staged = StagedModel(name=name, version=options.version, onnx_path=onnx_path, config=config, meta=meta,
                          parity=parity_doc, extra_files=extra)
+    try:
+        staged = select_variant(staged, workdir, options.variant, step)
+    except VariantRefused as exc:
+        raise ExportFailed(str(exc)) from None
     if options.input_dtype == "uint8":
         try:
             staged = uint8_variant(staged, step)

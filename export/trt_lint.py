@@ -238,11 +238,14 @@ def lint_model(model: onnx.ModelProto) -> LintReport:
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         if vi.type.tensor_type.HasField("shape"):
             ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    zero_points: set[str] = set()  # QuantizeLinear/DequantizeLinear's third input: INT8 by definition
     for node, _ in _walk_graph(inferred.graph):
         for o in node.output:
             producers[o] = node.op_type
         for i in node.input:
             consumers.setdefault(i, set()).add(node.op_type)
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2]:
+            zero_points.add(node.input[2])
 
     for node, prefix in _walk_graph(inferred.graph):
         report.node_count += 1
@@ -285,7 +288,11 @@ def lint_model(model: onnx.ModelProto) -> LintReport:
             if tensor not in graph_io and producers.get(tensor) != "Cast" and consumers.get(tensor, set()) - {"Cast"}:
                 why = "is UINT8, which TensorRT supports only as a network input or output"
         elif t in _QUANTIZED:
-            if producers.get(tensor) != "QuantizeLinear" and not consumers.get(tensor, set()) <= {"DequantizeLinear"}:
+            if tensor in zero_points:
+                nonzero = _nonzero_initializer(inferred.graph, tensor)
+                if nonzero:
+                    why = "is a zero point with non-zero values; TensorRT quantization is symmetric (zero point 0)"
+            elif producers.get(tensor) != "QuantizeLinear" and not consumers.get(tensor, set()) <= {"DequantizeLinear"}:
                 why = f"is {_type_name(t)}, a quantized type TensorRT accepts only between QuantizeLinear/DequantizeLinear"
         elif t not in _ANYWHERE:
             why = f"is {_type_name(t)}, which TensorRT does not support"
@@ -293,6 +300,15 @@ def lint_model(model: onnx.ModelProto) -> LintReport:
             node, op = first_user.get(tensor, ("graph", ""))
             report.issues.append(LintIssue(node, op, f"tensor {tensor!r} {why}"))
     return report
+
+
+def _nonzero_initializer(graph: onnx.GraphProto, name: str) -> bool:
+    from onnx import numpy_helper
+
+    for init in graph.initializer:
+        if init.name == name:
+            return bool(numpy_helper.to_array(init).any())
+    return False  # not a constant: TensorRT itself would reject it; the op table check reports that
 
 
 def check_model(model: onnx.ModelProto | str | Path) -> LintReport:

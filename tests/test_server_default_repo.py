@@ -31,6 +31,19 @@ def server(default_repo: Path, server_factory) -> ServerProcess:
     return server_factory(default_repo, "--strict-readiness", "true")
 
 
+class _OpenVinoSession:
+    """The served file on OpenVINO, with onnxruntime.InferenceSession's run() (tests/test_openvino_backend.py
+    compares the two runtimes; here each model is compared with the runtime that serves it)."""
+
+    def __init__(self, path: Path) -> None:
+        from export.runtimes import openvino_runner
+
+        self._run = openvino_runner(path)
+
+    def run(self, _names, feeds: dict) -> list:
+        return list(self._run(next(iter(feeds.values()))).values())
+
+
 def _model_names(repo: Path) -> list[str]:
     return sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").exists())
 
@@ -49,6 +62,8 @@ def test_every_default_model_matches_onnxruntime(default_repo: Path, server: Ser
                                     providers=["CPUExecutionProvider"])
         assert [i.name for i in meta.inputs] == [i.name for i in sess.get_inputs()]
         assert [o.name for o in meta.outputs] == [o.name for o in sess.get_outputs()]
+        if cfg.backend == "openvino":  # export chose OpenVINO: compare with it in this process
+            sess = _OpenVinoSession(default_repo / name / version / "model.onnx")
         batch = 2 if cfg.max_batch_size >= 2 else 1
         feeds, inputs = {}, []
         for t in meta.inputs:

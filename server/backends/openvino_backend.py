@@ -1,0 +1,100 @@
+"""OpenVINO backend (`backend: "openvino"`, the name Triton's OpenVINO backend uses): one compiled model
+and one infer request per model instance, on the CPU plugin, reading the ONNX file directly (FP32 or
+QDQ INT8; OpenVINO runs the quantized pairs as INT8 kernels).
+
+The batch dimension stays dynamic, bounded by the config's max_batch_size so the CPU plugin can plan
+for the sizes the batcher sends. Config parameters: `intra_op_thread_count` (the server-wide default
+otherwise, as for ONNX Runtime) or OpenVINO's own `INFERENCE_NUM_THREADS`; `NUM_STREAMS` and
+`PERFORMANCE_HINT` pass through. Inference precision is pinned to f32: on CPUs with bfloat16 support
+(this one has avx512_bf16) OpenVINO would otherwise run FP32 models in bfloat16 and serve different
+numbers than the graph's. A model OpenVINO cannot read or compile fails to load with OpenVINO's
+reason; the other models keep serving.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from server.backends.base import Backend, BackendOptions, BackendUnavailable, TensorSpec, register_backend
+
+# config parameters handed to compile_model as they are (OpenVINO property names)
+_PASSTHROUGH = ("INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT", "INFERENCE_PRECISION_HINT")
+
+
+def _import_openvino():  # type: ignore[no-untyped-def]
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise BackendUnavailable(f"openvino is not installed ({exc}); pip install openvino") from None
+    return ov
+
+
+def _spec(port, batched: bool) -> TensorSpec:  # type: ignore[no-untyped-def]
+    shape = port.get_partial_shape()
+    dims = [d.get_length() if d.is_static else -1 for d in shape]
+    if batched:
+        dims = dims[1:]
+    return TensorSpec(port.get_any_name(), np.dtype(port.get_element_type().to_dtype()), tuple(dims))
+
+
+def _reason(exc: Exception) -> str:
+    """OpenVINO's message minus its source-location lines ("Exception from src/...", "Check ... failed
+    at ..."), joined on one line: what failed to convert or compile, and why."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from src/", "Check '"))]
+    return " ".join(useful or lines) or type(exc).__name__
+
+
+class OpenVinoBackend(Backend):
+    kind = "openvino"
+
+    def __init__(self, model_file: Path, options: BackendOptions) -> None:
+        super().__init__(model_file, options)
+        ov = _import_openvino()
+        if options.device_kind == "gpu" or options.accelerators:
+            raise BackendUnavailable("the openvino backend serves on the CPU only (instance_group KIND_CPU, "
+                                     "no execution_accelerators)")
+        params = dict(options.extra)
+        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if options.intra_op_threads > 0:
+            config["INFERENCE_NUM_THREADS"] = options.intra_op_threads
+        for key in _PASSTHROUGH:
+            if key in params:
+                config[key] = params[key]
+        core = ov.Core()
+        try:
+            model = core.read_model(str(model_file))
+            if options.batched and options.max_batch_size > 0:
+                # bounded dynamic batch: [1..max_batch_size] on every input's first dimension
+                model.reshape({p.get_any_name(): ov.PartialShape([ov.Dimension(1, options.max_batch_size),
+                                                                 *list(p.get_partial_shape())[1:]])
+                               for p in model.inputs})
+            self.compiled = core.compile_model(model, "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own for bad graphs
+            raise RuntimeError(f"openvino could not compile {model_file}: {_reason(exc)}") from exc
+        self.request = self.compiled.create_infer_request()
+        self._inputs = [_spec(p, options.batched) for p in self.compiled.inputs]
+        self._outputs = [_spec(p, options.batched) for p in self.compiled.outputs]
+        self._input_ports = {s.name: p for s, p in zip(self._inputs, self.compiled.inputs)}
+        self._output_ports = [(s.name, p) for s, p in zip(self._outputs, self.compiled.outputs)]
+
+    def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+        for name, arr in inputs.items():
+            if arr.dtype == np.object_:
+                raise ValueError(f"input '{name}': BYTES tensors are not supported by the openvino backend")
+            if self.options.batched and self.options.max_batch_size and arr.shape[0] > self.options.max_batch_size:
+                raise ValueError(f"input '{name}': batch {arr.shape[0]} exceeds max_batch_size "
+                                 f"{self.options.max_batch_size}")
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.request.infer({self._input_ports[k]: v for k, v in inputs.items()})
+        # copies: the request's output buffers are reused by the next batch
+        return {name: np.array(results[port]) for name, port in self._output_ports}
+
+    def close(self) -> None:
+        self.request = None  # type: ignore[assignment]
+        self.compiled = None  # type: ignore[assignment]
+
+
+register_backend("openvino", OpenVinoBackend)

@@ -1,0 +1,138 @@
+"""The OpenVINO backend against ONNX Runtime: small graphs, the loader, a graph OpenVINO cannot compile,
+and every model of the default repository (FP32 or QDQ INT8, whichever `export` serves).
+
+Tolerances, stated once: FP32 graphs agree within 1e-4 of the output's largest magnitude (two
+runtimes' float kernels sum in different orders). QDQ INT8 graphs agree within 2% of the output's
+largest magnitude elementwise: both runtimes run the same integer arithmetic, but requantize between
+layers with their own rounding, so an element can move by a quantization step or two; detection
+outputs (box lists after NMS) are compared as detections instead, by IoU and score.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import affine_model, pool_model, write_model
+from server.backends.base import BackendOptions
+from server.backends.openvino_backend import OpenVinoBackend
+from server.backends.ort_backend import OrtBackend
+from server.repository import ModelRepository
+
+pytest.importorskip("openvino")
+pytestmark = pytest.mark.timeout(600)
+
+FP32_RTOL = 1e-4
+INT8_RTOL = 2e-2
+
+
+def _pair(path: Path, **kw) -> tuple[OrtBackend, OpenVinoBackend]:
+    options = BackendOptions(intra_op_threads=2, max_batch_size=kw.pop("max_batch_size", 8), **kw)
+    return OrtBackend(path, options), OpenVinoBackend(path, options)
+
+
+def _close(got: np.ndarray, want: np.ndarray, rtol: float, what: str) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape}/{got.dtype} vs {want.shape}/{want.dtype}"
+    scale = max(float(np.max(np.abs(want))), 1.0) if want.size else 1.0
+    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale, err_msg=what)
+
+
+def test_same_outputs_and_specs_as_onnxruntime_on_small_graphs(tmp_path: Path) -> None:
+    p = tmp_path / "affine.onnx"
+    p.write_bytes(affine_model())
+    ort_b, ov_b = _pair(p)
+    assert ov_b.inputs == ort_b.inputs and ov_b.outputs == ort_b.outputs
+    rng = np.random.default_rng(0)
+    for batch in (1, 3, 8):  # dynamic batch, bounded by max_batch_size
+        feed = {"a": rng.standard_normal((batch, 4)).astype(np.float32), "b": rng.integers(-9, 9, (batch, 2))}
+        want, got = ort_b.execute(feed), ov_b.execute(feed)
+        for k in want:
+            _close(got[k], want[k], FP32_RTOL, f"affine.{k} batch {batch}")
+    with pytest.raises(ValueError, match="batch 9 exceeds max_batch_size 8"):
+        ov_b.check_inputs({"a": np.zeros((9, 4), np.float32), "b": np.zeros((9, 2), np.int64)})
+
+
+def test_threads_from_the_config_reach_openvino(tmp_path: Path) -> None:
+    p = tmp_path / "pool.onnx"
+    p.write_bytes(pool_model())
+    one = OpenVinoBackend(p, BackendOptions(intra_op_threads=1, max_batch_size=4))
+    assert int(one.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    own = OpenVinoBackend(p, BackendOptions(extra=(("INFERENCE_NUM_THREADS", "2"),), max_batch_size=4))
+    assert int(own.compiled.get_property("INFERENCE_NUM_THREADS")) == 2
+    # FP32 stays FP32 on CPUs with bfloat16 support
+    assert "float32" in str(one.compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+
+def _unknown_op_model() -> bytes:
+    """A graph ONNX Runtime and OpenVINO both parse but OpenVINO has no kernel for: a custom-domain op."""
+    g = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")], "bad",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)])
+    return m.SerializeToString()
+
+
+def test_a_model_openvino_cannot_compile_fails_alone_with_the_reason(tmp_path: Path) -> None:
+    ov_cfg = 'max_batch_size: 4\nbackend: "openvino"\n'
+    write_model(tmp_path, "good", affine_model(), ov_cfg)
+    write_model(tmp_path, "plain", affine_model(), "max_batch_size: 4\n")
+    write_model(tmp_path, "bad", _unknown_op_model(), ov_cfg)
+
+    async def main() -> ModelRepository:
+        r = ModelRepository(tmp_path)
+        await r.load_all()
+        return r
+
+    repo = asyncio.run(main())
+    assert repo.models["good"].state == "READY" and repo.models["plain"].state == "READY"
+    assert repo.models["bad"].state == "UNAVAILABLE"
+    reason = repo.models["bad"].reason
+    assert "openvino could not compile" in reason and "Frobnicate" in reason, reason
+    served = repo.get("good")
+    assert served.platform == "openvino" and isinstance(served.instances[0], OpenVinoBackend)
+    out = served.instances[0].execute({"a": np.ones((2, 4), np.float32), "b": np.ones((2, 2), np.int64)})
+    np.testing.assert_allclose(out["y"], 3.0)
+
+
+def _detections_match(got: dict, want: dict, what: str) -> None:
+    from models.detection.evaluate import box_iou_np
+
+    for i in range(len(want["num_detections"])):
+        kw, kg = int(want["num_detections"][i]), int(got["num_detections"][i])
+        confident = want["scores"][i, :kw] > 0.5
+        wb, wl = want["boxes"][i, :kw][confident], want["labels"][i, :kw][confident]
+        gb, gl, gs = got["boxes"][i, :kg], got["labels"][i, :kg], got["scores"][i, :kg]
+        iou = box_iou_np(wb, gb)
+        for j in range(len(wb)):  # every confident detection has a twin: same label, IoU >= 0.9
+            twins = (iou[j] >= 0.9) & (gl == wl[j])
+            assert twins.any(), f"{what}: image {i} detection {j} ({wl[j]}) has no OpenVINO twin"
+
+
+@pytest.mark.slow
+def test_every_default_model_matches_onnxruntime(default_repository: Path) -> None:
+    from cnncore.spec import ModelMeta
+    from export.quantize import is_qdq
+    from models.data.calibration import calibration_inputs
+
+    names = sorted(p.name for p in default_repository.iterdir() if (p / "config.pbtxt").is_file())
+    assert names
+    for name in names:
+        path = default_repository / name / "1" / "model.onnx"
+        meta = ModelMeta.read(default_repository / name)
+        # real inputs of the task (held apart from nothing: agreement, not accuracy, is tested here)
+        x = calibration_inputs(name, meta.preprocess)[0][:4]
+        ort_b, ov_b = _pair(path, max_batch_size=32)
+        assert [s.name for s in ov_b.inputs] == [s.name for s in ort_b.inputs], name
+        assert ov_b.outputs == ort_b.outputs or meta.task.value == "detection", name
+        feed = {ort_b.inputs[0].name: np.ascontiguousarray(x)}
+        want, got = ort_b.execute(feed), ov_b.execute(feed)
+        if meta.task.value == "detection":
+            _detections_match(got, want, name)
+            continue
+        rtol = INT8_RTOL if is_qdq(onnx.load(str(path), load_external_data=False)) else FP32_RTOL
+        for k in want:
+            _close(got[k], want[k], rtol, f"{name}.{k}")
