@@ -242,6 +242,13 @@ class ServerProcess:
                 raise AssertionError(f"the server never held {n} pending requests for {model}")
             await asyncio.sleep(0.005)
 
+    def rss_bytes(self) -> int:
+        """The server process's resident memory now (Linux /proc)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(f"no VmRSS for pid {self.proc.pid}")
+
     def terminate(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -215,13 +215,6 @@ def _exported_image_model(repo: Path, gate: FileGate) -> int:
     return cfg.dynamic_batching.default_queue_policy.max_queue_size
 
 
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_overload_is_bounded_and_loses_no_accepted_request(tmp_path: Path, server_factory) -> None:
     gate = FileGate(tmp_path / "gate")
     gate.open()
@@ -273,13 +266,13 @@ def test_overload_is_bounded_and_loses_no_accepted_request(tmp_path: Path, serve
             stub = tpb_grpc.GRPCInferenceServiceStub(ch)
             await stub.ServerReady(tpb.ServerReadyRequest())
             await burst(stub, 64, 16, held=False)  # warm: connections, arena, gRPC buffers
-            rss = [_rss(srv.proc.pid)]
+            rss = [srv.rss_bytes()]
             gate.close()
             results = [await burst(stub, 400, 64, held=True)]
-            rss.append(_rss(srv.proc.pid))
+            rss.append(srv.rss_bytes())
             for _ in range(2):  # the soak: the same burst again must not grow the server further
                 results.append(await burst(stub, 400, 64, held=False))
-                rss.append(_rss(srv.proc.pid))
+                rss.append(srv.rss_bytes())
             return results, rss
 
     before = srv.scrape()

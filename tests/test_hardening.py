@@ -10,7 +10,6 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-import tritonclient.grpc.aio as tca
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
@@ -21,13 +20,6 @@ from fault_backends import FileGate
 pytestmark = pytest.mark.timeout(180)
 
 STOCK_CLIENT_METADATA_LIMIT = 8 * 1024  # what grpc clients accept in a status message (trailing metadata)
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture(scope="module")
@@ -129,13 +121,13 @@ def test_sixty_megabyte_bytes_tensor_to_an_fp32_model_is_refused_before_decoding
     req.inputs.add(name="a", datatype="BYTES", shape=[n // 4, 4])
     req.inputs.add(name="b", datatype="INT64", shape=[n // 4, 2])
     req.raw_input_contents.extend([b"\x01\x00\x00\x00x" * n, b""])
-    rss_before = rss_bytes(server.proc.pid)
+    rss_before = server.rss_bytes()
     err = _error(stub.ModelInfer, req)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'a'" in err.details() and "FP32" in err.details() and "BYTES" in err.details(), err.details()
     # Decoding 12M elements built a 1.4 GiB server; refusing on the declaration holds little beyond the
     # received message itself.
-    grown = rss_bytes(server.proc.pid) - rss_before
+    grown = server.rss_bytes() - rss_before
     assert grown < 300 * 2**20, f"server RSS grew {grown / 2**20:.0f} MiB for one refused request"
     assert stub.ServerLive(tpb.ServerLiveRequest(), timeout=30).live
 
