@@ -118,10 +118,13 @@ class _NoDeadline:
 _CTX = _NoDeadline()
 
 
-def _flatten(data: Any) -> list:
+def _flatten(data: Any, where: str) -> list:
     """v2 JSON `data` may be flat or nested as the shape; the request path takes it flat."""
     while data and isinstance(data, list) and isinstance(data[0], list):
-        data = list(itertools.chain.from_iterable(data))
+        try:
+            data = list(itertools.chain.from_iterable(data))
+        except TypeError:  # [[1, 2], 3]: a number beside a list
+            raise invalid(f"{where}: 'data' mixes lists and values at one nesting level") from None
     if not isinstance(data, list):
         data = [data]
     return data
@@ -175,7 +178,8 @@ def _tensors_in(inputs: list, binary: memoryview, shm: SharedMemoryRegistry) -> 
             tensors.append(TensorIn(name, datatype, tuple(shape), raw=binary[offset:offset + size]))
             offset += size
         elif "data" in t:
-            tensors.append(TensorIn(name, datatype, tuple(shape), values=_flatten(t["data"]), values_field="data"))
+            tensors.append(TensorIn(name, datatype, tuple(shape), values=_flatten(t["data"], where),
+                                   values_field="data"))
         else:
             raise invalid(f"{where}: neither 'data' nor parameters.binary_data_size given")
     if offset != len(binary):
@@ -314,6 +318,8 @@ class HttpBinding:
             return json.loads(bytes(data))
         except (ValueError, UnicodeDecodeError) as exc:
             raise HttpRefusal(400, f"{what} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise HttpRefusal(400, f"{what} nests too deeply") from None
 
     async def _json_object(self, request: web.Request, what: str) -> dict:
         """An optional JSON object body (repository calls): {} when empty."""

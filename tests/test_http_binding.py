@@ -231,6 +231,8 @@ def test_every_get_endpoint_answers_json(server: ServerProcess) -> None:
     (b'{"inputs": 3}', {}, 400, "'inputs' must be list"),
     (b'{"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32"}]}', {}, 400, "neither 'data'"),
     (b'{"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data": ["x", 1, 2, 3]}]}', {}, 400, "'a'"),
+    (b'{"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data": [[1, 2], 3, 4]}]}', {}, 400, "mixes"),
+    (b"[" * 100000 + b"]" * 100000, {}, 400, "nests too deeply"),
     (b'{"inputs": []}', {"Content-Type": "image/png"}, 400, "Content-Type"),
     (b'{"inputs": []}', {"Content-Type": "multipart/form-data; boundary=x"}, 400, "Content-Type"),
     (b'{"inputs": []}xx', {"Inference-Header-Content-Length": "99"}, 400, "Inference-Header-Content-Length"),
