@@ -484,10 +484,9 @@ class HttpBinding:
             raise web.HTTPNotFound(reason=f"no vision call '{request.match_info['rpc']}'; calls are "
                                           f"{', '.join(VISION_RPCS)}")
         name, version = self._model(request)
-        images, sources = await self._images(request)
         q = request.query
         options: dict[str, Any] = {}
-        try:
+        try:  # the options first: a bad one is refused before the pictures are read
             if rpc == "Classify" and "top_k" in q:
                 options["top_k"] = int(q["top_k"])
             if rpc == "Detect":
@@ -495,6 +494,10 @@ class HttpBinding:
                 options["max_detections"] = int(q.get("max_detections", 0))
         except ValueError as exc:
             raise invalid(f"{rpc}: a query parameter is not a number: {exc}") from None
+        for key in ("top_k", "max_detections"):
+            if key in options and not 0 <= options[key] < 2**32:
+                raise invalid(f"{rpc}: query parameter {key} must be in [0, 2^32), got {options[key]}")
+        images, sources = await self._images(request)
         message = getattr(vpb, f"{rpc}Request")(model_name=name, model_version=version, images=images, **options)
         answer = await getattr(self.vision, rpc)(message, _CTX)
         out = message_to_dict(answer, bytes_as="base64")

@@ -348,9 +348,14 @@ def test_vision_errors(server: ServerProcess) -> None:
     status, _, raw = _request(server, "POST", "/v2/vision/models/colour_classifier/paint", _png((1, 2, 3)),
                               {"Content-Type": "image/png"})
     assert status == 404 and "classify" in json.loads(raw)["error"]
-    status, _, raw = _request(server, "POST", "/v2/vision/models/colour_classifier/classify?top_k=many",
+    for query in ("top_k=many", "top_k=-1"):
+        status, _, raw = _request(server, "POST", f"/v2/vision/models/colour_classifier/classify?{query}",
+                                  _png((1, 2, 3)), {"Content-Type": "image/png"})
+        error = json.loads(raw)["error"]
+        assert status == 400 and ("top_k" in error or "not a number" in error), raw
+    status, _, raw = _request(server, "POST", "/v2/vision/models/box_detector/detect?score_threshold=2",
                               _png((1, 2, 3)), {"Content-Type": "image/png"})
-    assert status == 400
+    assert status == 400 and "score_threshold" in json.loads(raw)["error"]
     _still_serving(server)
 
 
