@@ -11,6 +11,9 @@ retry policy honours as "retry after this long" (gRPC A6), and the refusal is co
     with admission.admit(len(raw_request)):   # AdmissionRefused (an InferError) when over
         ...                                    # decode, infer, answer
 
+A model's full queue (the batcher's RESOURCE_EXHAUSTED) is refused the same way: any RESOURCE_EXHAUSTED
+leaving an admitted request gets the trailer too, so clients back off from either bound alike.
+
 A request larger than the whole byte budget is admitted when nothing else is in flight, so a budget
 below one message never refuses a client forever (gRPC's message limit bounds it instead).
 """
@@ -78,6 +81,10 @@ class Admission:
         INFLIGHT_BYTES.set(self.bytes)
         try:
             yield
+        except InferError as exc:
+            if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not exc.trailers:
+                exc.trailers = ((PUSHBACK_TRAILER, str(self.retry_pushback_ms)),)
+            raise
         finally:
             self.requests -= 1
             self.bytes -= nbytes

@@ -244,6 +244,7 @@ def test_overload_is_bounded_and_loses_no_accepted_request(tmp_path: Path, serve
                 except grpc.aio.AioRpcError as exc:
                     assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (exc.code(), exc.details())
                     assert "queue is full" in exc.details()
+                    assert ("grpc-retry-pushback-ms", "100") in tuple(exc.trailing_metadata()), exc.trailing_metadata()
                     refused += 1
                     return
                 assert out.id == str(i)
