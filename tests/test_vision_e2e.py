@@ -220,11 +220,25 @@ def test_vision_metrics_exported(synthetic_server, vision: VisionClient) -> None
 
 
 
-def test_sigterm_answers_accepted_image_requests(synthetic_repo, server_factory) -> None:
+def test_sigterm_answers_accepted_image_requests(synthetic_repo, server_factory, tmp_path: Path) -> None:
     import re
     import signal
 
-    server = server_factory(synthetic_repo)  # its own server: this one is stopped
+    from cnncore.config import load_config, render_config
+    from fault_backends import FileGate
+
+    # Its own server (this one is stopped) on a copy of the classifier whose executions a gate holds,
+    # so the requests are surely unfinished at SIGTERM however fast the machine decodes.
+    gate = FileGate(tmp_path / "gate")
+    gate.close()
+    model_dir = tmp_path / "repo" / "colour_classifier"
+    shutil.copytree(synthetic_repo / "colour_classifier", model_dir)
+    cfg = load_config(model_dir)
+    cfg.ClearField("platform")
+    cfg.backend, cfg.default_model_filename = "test_faulty", "model.onnx"
+    cfg.parameters["gate_file"].string_value = str(gate.path)
+    (model_dir / "config.pbtxt").write_text(render_config(cfg))
+    server = server_factory(tmp_path / "repo", "--backend-module", "fault_backends")
     noise = Image.fromarray(np.random.default_rng(2).integers(0, 255, (1200, 1600, 3), np.uint8))
     data = encode(noise, "PNG")  # ~5 MB, slow to decode: requests are still decoding at SIGTERM
     accepted_re = re.compile(r'cnnserve_vision_images_per_request_count\{model="colour_classifier",rpc="Classify"\} (\S+)')
@@ -240,6 +254,10 @@ def test_sigterm_answers_accepted_image_requests(synthetic_repo, server_factory)
                 await asyncio.sleep(0.01)
             server.proc.send_signal(signal.SIGTERM)
             unfinished = sum(not t.done() for t in tasks)
+            probe = InferenceClient(server.grpc_url)
+            while await asyncio.to_thread(probe.is_server_ready):  # until the signal is handled
+                await asyncio.sleep(0.01)
+            gate.open()
             return unfinished, await asyncio.gather(*tasks)
 
     unfinished, answers = asyncio.run(run())
