@@ -545,7 +545,7 @@ class HttpBinding:
             await runner.cleanup()
             raise SystemExit(f"could not bind HTTP to {address}:{port}: {exc.strerror or exc}") from None
         self.port = sock.getsockname()[1]
-        await web.SockSite(runner, sock, ssl_context=tls.ssl_context() if tls else None).start()
+        await web.SockSite(runner, sock, ssl_context=tls.reloading_ssl_context() if tls else None).start()
         self._runner = runner
         return self.port
 

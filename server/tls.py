@@ -1,5 +1,6 @@
 """TLS for the server's listeners: certificate files checked at start, credentials for grpc.aio and an
-`ssl.SSLContext` for the REST binding, and the warning when plaintext is exposed beyond loopback.
+`ssl.SSLContext` for the REST binding, both picking up renewed files at the next handshake, and the
+warning when plaintext is exposed beyond loopback.
 
 The files are read and checked once with Python's `ssl` module before any listener is built: grpc's own
 failure on a bad certificate or a key that does not match it is a bare "could not add port", which
@@ -64,10 +65,75 @@ class TlsFiles:
             self._read(path, what)
         self.ssl_context()
 
-    def grpc_credentials(self) -> grpc.ServerCredentials:
+    def _stamp(self) -> tuple:
+        """What identifies the files' current contents cheaply (one stat each): (mtime_ns, size, inode)."""
+        out = []
+        for path in (self.server_cert, self.server_key, self.root_cert):
+            try:
+                st = path.stat() if path is not None else None
+                out.append(None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def _reloaded(self, state: dict, build):
+        """`build()` when the files changed since state["stamp"] and are usable again, else None. A half
+        rotated set (a new certificate beside the old key) is left alone and tried at the next handshake;
+        the listener keeps the previous certificate meanwhile."""
+        stamp = self._stamp()
+        if stamp == state["stamp"]:
+            return None
+        try:
+            self.check()
+            fresh = build()
+        except TlsConfigError as exc:
+            if state.get("failed") != stamp:
+                log.error("certificate files changed but cannot be used; serving the previous ones: %s", exc)
+                state["failed"] = stamp
+            return None
+        state["stamp"] = stamp
+        log.info("certificate files reloaded", extra={"certificate": str(self.server_cert)})
+        return fresh
+
+    def _grpc_configuration(self) -> grpc.ServerCertificateConfiguration:
         root = self._read(self.root_cert, "root certificate") if self.root_cert else None
         pair = (self._read(self.server_key, "server key"), self._read(self.server_cert, "server certificate"))
-        return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=self.mutual)
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=root)
+
+    def grpc_credentials(self) -> grpc.ServerCredentials:
+        """Credentials that pick up renewed files (cert-manager rotating a Secret): grpc asks before every
+        new connection's handshake, and gets a new configuration only when the files changed."""
+        state = {"stamp": self._stamp()}
+        initial = self._grpc_configuration()
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            try:
+                return self._reloaded(state, self._grpc_configuration)
+            except Exception:  # noqa: BLE001 - called from grpc's C core: never let it raise there
+                log.exception("certificate reload failed")
+                return None
+
+        return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=self.mutual)
+
+    def reloading_ssl_context(self) -> ssl.SSLContext:
+        """`ssl_context()` whose handshakes use a freshly built context once the files changed: the
+        callback OpenSSL runs on every ClientHello (with or without SNI) swaps it in."""
+        state = {"stamp": self._stamp(), "ctx": None}
+        listening = self.ssl_context()
+
+        def on_hello(sslobj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
+            try:
+                fresh = self._reloaded(state, self.ssl_context)
+            except Exception:  # noqa: BLE001 - inside OpenSSL's callback
+                log.exception("certificate reload failed")
+                fresh = None
+            if fresh is not None:
+                state["ctx"] = fresh
+            if state["ctx"] is not None:
+                sslobj.context = state["ctx"]
+
+        listening.sni_callback = on_hello
+        return listening
 
     def ssl_context(self) -> ssl.SSLContext:
         """A server-side context with the same certificate, key and client-certificate policy."""

@@ -79,6 +79,55 @@ def test_tritonclient_http_over_tls(tls_server: ServerProcess, pki: Pki) -> None
     assert client.is_server_live()
 
 
+def test_renewed_certificates_are_served_without_a_restart(repo: Path, tmp_path: Path, server_factory) -> None:
+    import ssl
+
+    first, second = make_pki(tmp_path / "first"), make_pki(tmp_path / "second")
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "server.pem", live / "server.key"
+    shutil.copy(first.server_cert, cert)
+    shutil.copy(first.server_key, key)
+    srv = server_factory(repo, "--grpc-use-ssl", "--grpc-server-cert", str(cert), "--grpc-server-key", str(key),
+                         "--http-use-ssl", "--http-server-cert", str(cert), "--http-server-key", str(key))
+
+    def grpc_trusted_by(ca: Path) -> bool:
+        # a channel of its own (no shared subchannel): every call here is a new connection, a new handshake
+        client = tc.InferenceServerClient(srv.grpc_url, ssl=True, root_certificates=str(ca),
+                                          channel_args=[("grpc.use_local_subchannel_pool", 1)])
+        try:
+            return client.is_server_live(client_timeout=10)
+        except InferenceServerException:
+            return False
+        finally:
+            client.close()
+
+    def http_trusted_by(ca: Path) -> bool:
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.http_port, timeout=10,
+                                           context=ssl.create_default_context(cafile=str(ca)))
+        try:
+            conn.request("GET", "/v2/health/live")
+            return conn.getresponse().status == 200
+        except ssl.SSLError:
+            return False
+        finally:
+            conn.close()
+
+    assert grpc_trusted_by(first.ca_cert) and http_trusted_by(first.ca_cert)
+    assert not grpc_trusted_by(second.ca_cert) and not http_trusted_by(second.ca_cert)
+    # renewed as a Secret volume is: new files replace the old ones
+    for src, dst in ((second.server_cert, cert), (second.server_key, key)):
+        tmp = dst.with_suffix(".new")
+        shutil.copy(src, tmp)
+        os.replace(tmp, dst)
+    assert grpc_trusted_by(second.ca_cert) and http_trusted_by(second.ca_cert)
+    assert not grpc_trusted_by(first.ca_cert) and not http_trusted_by(first.ca_cert)
+    # a broken renewal (a key that does not match) keeps the last good certificate, and says so
+    shutil.copy(first.server_key, key)
+    assert grpc_trusted_by(second.ca_cert) and http_trusted_by(second.ca_cert)
+    assert "cannot be used; serving the previous ones" in srv.log()
+
+
 def test_plaintext_client_cannot_talk_to_a_tls_server(tls_server: ServerProcess) -> None:
     client = tc.InferenceServerClient(tls_server.grpc_url)
     with pytest.raises(InferenceServerException) as info:
