@@ -5,6 +5,7 @@ optionally PyTorch eager; every figure also as a ratio to ONNX Runtime FP32 meas
     python benchmarks/bench_models.py                        # every default model + resnet18
     python benchmarks/bench_models.py mobilenet_v2 resnet18 --batch-sizes 1 8 32 --seconds 5
     python benchmarks/bench_models.py mobilenet_v2 --eager   # add PyTorch eager
+    python benchmarks/bench_models.py --gate                 # and the accuracy gate's figures per runtime
 
 The FP32 file is a fresh export of the registry entry; the INT8 file is export/quantize.py's QDQ model
 calibrated on the task's real data (models/data/calibration.py), as `python -m export` builds it.
@@ -46,7 +47,7 @@ VARIANTS = ("ORT FP32", "ORT INT8", "OpenVINO FP32", "OpenVINO INT8")
 
 
 def bench(name: str, batch_sizes: list[int], seconds: float, threads: int, workdir: Path,
-          eager: bool) -> dict[tuple[str, int], float]:
+          eager: bool, gate: list[str]) -> dict[tuple[str, int], float]:
     entry = get_entry(name)
     torch.manual_seed(0)
     try:
@@ -59,6 +60,20 @@ def bench(name: str, batch_sizes: list[int], seconds: float, threads: int, workd
     int8 = quantize_onnx(fp32, workdir / f"{name}.int8.onnx", calib).path
     sample = calib[0]
     files = {"FP32": fp32, "INT8": int8}
+    if gate is not None:
+        from cnncore.spec import ModelMeta
+        from export.accuracy_gate import describe, run_gate
+
+        meta = ModelMeta(name=name, task=entry.task, preprocess=entry.preprocess,
+                         labels=list(entry.labels()) if entry.labels else None)
+        for runtime in available_runtimes():
+            try:
+                figures = run_gate(meta, runner(fp32, "onnxruntime", threads), runner(int8, runtime, threads))
+            except ValueError as exc:  # no gate metric for this task (e.g. resnet18 has one: agreement)
+                gate.append(f"{name}: {exc}")
+                break
+            for f in figures:
+                gate.append(f"{name} INT8 on {runtime}: {'pass' if f.passed else 'REFUSED'}: {describe(f)}")
     rates: dict[tuple[str, int], float] = {}
     for runtime, label in (("onnxruntime", "ORT"), ("openvino", "OpenVINO")):
         if runtime not in available_runtimes():
@@ -91,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0, help="minimum timed run per measurement")
     p.add_argument("--threads", type=int, default=2, help="threads for every runtime")
     p.add_argument("--eager", action="store_true", help="also PyTorch eager")
+    p.add_argument("--gate", action="store_true", help="also the accuracy gate's figures, INT8 on each runtime")
     args = p.parse_args(argv)
     logging.disable(logging.WARNING)  # NNCF's and torch.onnx's progress chatter
     names = args.models or [*list_models(served_by_default=True), "resnet18"]
@@ -103,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("batch", justify="right")
     for v in variants:
         table.add_column(v, justify="right")
+    gate: list[str] | None = [] if args.gate else None
     with tempfile.TemporaryDirectory() as work:
         for name in names:
             with console.status(f"{name}: export, quantize, measure"):
-                rates = bench(name, args.batch_sizes, args.seconds, args.threads, Path(work), args.eager)
+                rates = bench(name, args.batch_sizes, args.seconds, args.threads, Path(work), args.eager, gate)
             for b in args.batch_sizes:
                 base = rates.get(("ORT FP32", b))
                 cells = []
@@ -115,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                     cells.append("-" if r is None else f"{r:.1f} ({r / base:.2f}x)" if base else f"{r:.1f}")
                 table.add_row(name, str(b), *cells)
     console.print(table)
+    for line in gate or []:
+        console.print(line)
     return 0
 
 

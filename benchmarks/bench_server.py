@@ -1,4 +1,4 @@
-"""Benchmark: the real server over loopback vs in-process ONNX Runtime on the same model, same run.
+"""Benchmark: the real server over loopback vs the raw runtimes in-process on the same model, same run.
 
     .venv/bin/python benchmarks/bench_server.py --repository /tmp/bench_repo --models resnet18 mobilenet_v2
 
@@ -12,6 +12,11 @@ batch) and the two target ratios:
   concurrency-8 throughput / raw throughput at its best batch   (target >= 0.95)
   concurrency-1 p50 - raw batch-1 p50                            (target <= 1 ms)
 Raw ORT uses the session options of the server's ONNX Runtime backend, with the same thread count.
+
+Where `export` chose another variant than FP32 on ONNX Runtime (model.json's `serving`: INT8 and/or
+OpenVINO), the raw side has two rows per batch: "raw ORT FP32" (the FP32 parent, re-exported into a
+temporary directory) and "raw served" (the served file on the served runtime, the raw best gated
+variant), and the ratios are printed against both.
 """
 from __future__ import annotations
 
@@ -81,14 +86,19 @@ class Point:
 
 
 def run_raw(sess, bs: int, seconds: float, point: Point) -> None:
-    inp = sess.get_inputs()[0]
-    x = np.random.default_rng(0).standard_normal((bs, *inp.shape[1:])).astype(np.float32)
-    sess.run(None, {inp.name: x})
+    """`sess`: an onnxruntime session, or a callable batch -> outputs (another runtime)."""
+    if callable(sess):
+        run, shape = sess, sess.input_shape
+    else:
+        inp = sess.get_inputs()[0]
+        run, shape = (lambda x: sess.run(None, {inp.name: x})), inp.shape[1:]
+    x = np.random.default_rng(0).standard_normal((bs, *shape)).astype(np.float32)
+    run(x)
     t_end = time.perf_counter() + seconds
     n = 0
     while time.perf_counter() < t_end or n < 2:
         t = time.perf_counter()
-        sess.run(None, {inp.name: x})
+        run(x)
         dt = time.perf_counter() - t
         point.lat.append(dt)
         point.wall += dt
@@ -130,6 +140,38 @@ async def run_server(url: str, model: str, input_name: str, shape: list[int], co
     s["infer_ns"] += a.compute_infer.ns - b.compute_infer.ns
     s["items"] += after.inference_count - before.inference_count
     s["executions"] += after.execution_count - before.execution_count
+
+
+def raw_sides(repo: Path, name: str, threads: int, spinning: bool, workdir: Path) -> dict[str, object]:
+    """label -> raw runner: ORT FP32 always; the served variant too when it is something else."""
+    from cnncore.spec import ModelMeta
+
+    served_file = model_file(repo, name)
+    serving = ModelMeta.read(repo / name).serving if (repo / name / "model.json").is_file() else None
+    if serving is None or (serving.precision, serving.runtime) == ("fp32", "onnxruntime"):
+        return {"raw ORT": ort_session(served_file, threads, spinning)}
+    fp32_file = served_file
+    if serving.precision != "fp32":  # the FP32 parent is not in the repository: export it again
+        subprocess.run([sys.executable, "-m", "export", "onnx", name, "--repository", str(workdir / "fp32"),
+                        "--precision", "fp32", "--runtime", "onnxruntime"], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
+        fp32_file = model_file(workdir / "fp32", name)
+    sides: dict[str, object] = {"raw ORT FP32": ort_session(fp32_file, threads, spinning)}
+    if serving.runtime == "openvino":
+        from export.runtimes import openvino_runner
+
+        run = openvino_runner(served_file, threads)
+        run.input_shape = list(ort_session(served_file, threads).get_inputs()[0].shape[1:])  # type: ignore[attr-defined]
+    else:
+        sess = ort_session(served_file, threads, spinning)
+        inp = sess.get_inputs()[0]
+
+        def run(x, sess=sess, name=inp.name):  # type: ignore[no-untyped-def]
+            return sess.run(None, {name: x})
+
+        run.input_shape = list(inp.shape[1:])  # type: ignore[attr-defined]
+    sides[f"raw {serving.precision.upper()} {serving.runtime}"] = run
+    return sides
 
 
 def start_server(repo: Path, models: list[str], threads: int, spinning: bool, workdir: Path) -> tuple[subprocess.Popen, int]:
@@ -178,18 +220,18 @@ def main() -> None:
         proc, port = start_server(args.repository, args.models, args.threads, args.spinning, Path(work))
         try:
             for m in args.models:
-                sess = ort_session(model_file(args.repository, m), args.threads, args.spinning)
-                inp = sess.get_inputs()[0]
-                raw = {bs: Point() for bs in args.batch_sizes}
+                sides = raw_sides(args.repository, m, args.threads, args.spinning, Path(work))
+                inp = ort_session(model_file(args.repository, m), args.threads).get_inputs()[0]
+                raw = {(label, bs): Point() for label in sides for bs in args.batch_sizes}
                 served = {c: Point() for c in args.concurrency}
                 for r in range(args.rounds):
-                    for bs in args.batch_sizes:
-                        run_raw(sess, bs, args.seconds, raw[bs])
+                    for (label, bs), point in raw.items():
+                        run_raw(sides[label], bs, args.seconds, point)
                     for c in args.concurrency:
                         asyncio.run(run_server(f"127.0.0.1:{port}", m, inp.name, list(inp.shape[1:]), c,
                                                args.seconds, served[c]))
                     print(f"{m}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-                results[m] = {"raw": {bs: p.row() for bs, p in raw.items()},
+                results[m] = {"raw": {f"{label} batch {bs}": p.row() for (label, bs), p in raw.items()},
                               "server": {c: p.row() for c, p in served.items()}}
         finally:
             proc.terminate()
@@ -200,21 +242,24 @@ def main() -> None:
     for m, r in results.items():
         print(f"\n== {m} (ONNX Runtime CPU, {args.threads} intra-op threads, spinning {'on' if args.spinning else 'off'}; "
               f"{args.rounds} rounds x {args.seconds:g} s) ==")
-        print(f"{'mode':<18}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'n':>6}   server: request = queue + compute + other"
+        print(f"{'mode':<30}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'n':>6}   server: request = queue + compute + other"
               f" ms, mean batch")
-        for bs, x in r["raw"].items():
-            print(f"{'raw ORT batch ' + str(bs):<18}{x['ips']:8.1f}{x['p50_ms']:9.2f}{x['p99_ms']:9.2f}{x['n']:6d}")
+        for key, x in r["raw"].items():
+            print(f"{key:<30}{x['ips']:8.1f}{x['p50_ms']:9.2f}{x['p99_ms']:9.2f}{x['n']:6d}")
         for c, x in r["server"].items():
             extra = (f"   {x['server_request_ms']:.2f} = {x['server_queue_ms']:.2f} + {x['server_compute_ms']:.2f} + "
                      f"{x['server_other_ms']:.2f}, {x['mean_batch']:.1f}") if "server_request_ms" in x else ""
-            print(f"{'server conc ' + str(c):<18}{x['ips']:8.1f}{x['p50_ms']:9.2f}{x['p99_ms']:9.2f}{x['n']:6d}{extra}")
-        best_bs = max(r["raw"], key=lambda b: r["raw"][b]["ips"])
-        best = r["raw"][best_bs]["ips"]
-        if 8 in r["server"]:
-            print(f"conc-8 throughput / raw best (batch {best_bs}): {r['server'][8]['ips'] / best:.3f}  (target >= 0.95)")
-        if 1 in r["server"] and 1 in r["raw"]:
-            d = r["server"][1]["p50_ms"] - r["raw"][1]["p50_ms"]
-            print(f"conc-1 p50 - raw batch-1 p50: {d:+.2f} ms  (target <= 1 ms)")
+            print(f"{'server conc ' + str(c):<30}{x['ips']:8.1f}{x['p50_ms']:9.2f}{x['p99_ms']:9.2f}{x['n']:6d}{extra}")
+        for label in dict.fromkeys(k.rsplit(" batch ", 1)[0] for k in r["raw"]):
+            rows = {k: x for k, x in r["raw"].items() if k.rsplit(" batch ", 1)[0] == label}
+            best_key = max(rows, key=lambda k: rows[k]["ips"])
+            best = rows[best_key]["ips"]
+            for c in (1, 8):
+                if c in r["server"]:
+                    print(f"conc-{c} throughput / {best_key} (best batch): {r['server'][c]['ips'] / best:.3f}")
+            if 1 in r["server"] and f"{label} batch 1" in rows:
+                d = r["server"][1]["p50_ms"] - rows[f"{label} batch 1"]["p50_ms"]
+                print(f"conc-1 p50 - {label} batch-1 p50: {d:+.2f} ms  (target <= 1 ms)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

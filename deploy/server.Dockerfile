@@ -2,7 +2,7 @@
 # The inference server, two targets:
 #   gpu (default): NVIDIA's TensorRT image (TensorRT 10.7, CUDA 12.6) + cuda-python + NVML bindings,
 #                  serving TensorRT engines built by the export service for the GPU it runs on.
-#   cpu:           slim Python, ONNX Runtime's CPU provider only (the project's default).
+#   cpu:           slim Python, ONNX Runtime's CPU provider and OpenVINO (the project's default).
 # Build from the repository root:  docker build -f deploy/server.Dockerfile --target gpu .
 ARG TENSORRT_IMAGE=nvcr.io/nvidia/tensorrt:24.12-py3
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -16,7 +16,7 @@ COPY pyproject.toml README.md ./
 COPY cnncore ./cnncore
 COPY protos ./protos
 COPY server ./server
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir "./[cpu]" \
     && useradd --system --uid 10001 --home-dir /opt/cnnserve cnnserve
 COPY --chmod=755 deploy/scripts/grpc_health.py /usr/local/bin/grpc-health
 USER 10001
@@ -38,7 +38,8 @@ COPY pyproject.toml README.md ./
 COPY cnncore ./cnncore
 COPY protos ./protos
 COPY server ./server
-RUN pip install --no-cache-dir . cuda-bindings==12.9.4 nvidia-ml-py==12.570.172 \
+# `gpu` brings onnxruntime-gpu (CUDA and TensorRT providers) and no CPU onnxruntime beside it.
+RUN pip install --no-cache-dir "./[gpu]" cuda-bindings==12.9.4 nvidia-ml-py==12.570.172 \
     && useradd --system --uid 10001 --home-dir /opt/cnnserve cnnserve
 COPY --chmod=755 deploy/scripts/grpc_health.py /usr/local/bin/grpc-health
 USER 10001

@@ -66,6 +66,10 @@ def test_quantized_graph_is_qdq_int8_that_tensorrt_reads_and_passes_the_gate(enc
     f = figures[0]
     assert f.passed and f.fp32 > 70 and abs(f.fp32 - f.int8) <= 1.0, f
     check(meta, figures)  # passes: no exception
+    # the TensorRT engine builder builds the QDQ file as an explicit-quantization INT8 engine, FP32 as FP16
+    from export.tensorrt.build import engine_precision
+
+    assert engine_precision(result.path, "fp16") == "int8" and engine_precision(encoder_fp32, "fp16") == "fp16"
     strict = gate_paths(meta, encoder_fp32, result.path, thresholds=GateThresholds(accuracy_points=-50.0))
     assert not strict[0].passed
 

@@ -27,7 +27,8 @@ def serving_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     env_dir = base / "venv"
     venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
     python = str(env_dir / "bin" / "python")
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["cpu"]  # ONNX Runtime: the `cpu` extra
     res = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *deps],
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"installing the serving dependencies failed:\n{res.stdout[-2000:]}{res.stderr[-2000:]}"
@@ -43,6 +44,15 @@ def test_serving_environment_has_no_torch(serving_env: tuple[str, Path]) -> None
         res = subprocess.run([python, "-c", f"import {module}"], cwd=src, capture_output=True, text=True)
         assert res.returncode != 0, f"{module} is importable in the serving-only environment"
         assert "ModuleNotFoundError" in res.stderr
+
+
+def test_openvino_installs_and_runs_in_the_serving_environment(serving_env: tuple[str, Path]) -> None:
+    python, src = serving_env
+    code = ("import sys, openvino; assert 'CPU' in openvino.Core().available_devices; "
+            "import server.backends; assert 'openvino' in server.backends.base.available_backends(); "
+            "assert 'torch' not in sys.modules")
+    res = subprocess.run([python, "-c", code], cwd=src, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 def test_serving_only_environment_serves(serving_env: tuple[str, Path], tmp_path: Path) -> None:

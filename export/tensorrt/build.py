@@ -50,6 +50,26 @@ def check_precision_supported(precision: str, tensorrt_version: str) -> None:
                          "that with --precision fp32, or use TensorRT 10")
 
 
+def _has_qdq(network, trt) -> bool:  # type: ignore[no-untyped-def]
+    """True when the parsed network carries Q/DQ layers (explicit quantization)."""
+    kinds = (trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE)
+    return any(network.get_layer(i).type in kinds for i in range(network.num_layers))
+
+
+def qdq_onnx(onnx_path: Path) -> bool:
+    """True when the ONNX file carries QuantizeLinear/DequantizeLinear nodes (explicit quantization)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
+
+
+def engine_precision(onnx_path: Path, requested: str) -> str:
+    """The precision to build `onnx_path` at: a QDQ INT8 graph asked for the default fp16 becomes an
+    explicit-quantization int8 engine (TensorRT 10's recommended INT8 path); anything else as asked."""
+    return "int8" if requested == "fp16" and qdq_onnx(onnx_path) else requested
+
+
 def timing_cache_path(repository: Path, gpu: GpuInfo, tensorrt_version: str) -> Path:
     from cnncore.engine_manifest import capability_tag
 
@@ -117,7 +137,13 @@ def build_engine(
         profile.set_shape(name, p.min, p.opt, p.max)
     config.add_optimization_profile(profile)
 
+    explicit = _has_qdq(network, trt)
     if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "int8" and explicit:
+        # Explicit quantization (the QDQ INT8 file `python -m export` serves): the scales are in the
+        # graph, so no calibrator; FP16 lets the layers between Q/DQ pairs run in half precision.
+        config.set_flag(trt.BuilderFlag.INT8)
         config.set_flag(trt.BuilderFlag.FP16)
     elif precision == "int8":
         if calibration is None or len(calibration) == 0:

@@ -11,8 +11,10 @@ from export.tensorrt.build import (
     Progress,
     build_engine,
     check_precision_supported,
+    engine_precision,
     import_tensorrt,
     print_progress,
+    qdq_onnx,
     timing_cache_path,
 )
 from export.tensorrt.calibration import CALIBRATION_DIRNAME, load_calibration_samples, select_calibration_files
@@ -70,7 +72,11 @@ def build_repository_engines(
                 raise BuildError(f"{model_dir}: no version directory with {ONNX_FILENAME}")
             version_dir = model_dir / str(versions[-1])
             progress(f"[{i}/{len(names)}] {name} v{versions[-1]}")
-            existing = current_engine(version_dir, gpu, trt.__version__, precision) if skip_existing else None
+            explicit = qdq_onnx(version_dir / ONNX_FILENAME)
+            model_precision = engine_precision(version_dir / ONNX_FILENAME, precision)
+            if explicit:
+                progress(f"    {ONNX_FILENAME} is QDQ INT8 (export's gated INT8): explicit-quantization {model_precision} engine")
+            existing = current_engine(version_dir, gpu, trt.__version__, model_precision) if skip_existing else None
             if existing is not None:
                 progress(f"    cached: {existing.file}")
                 built[name] = existing
@@ -79,7 +85,7 @@ def build_repository_engines(
                 continue
             profiles = profiles_from_config(config)
             calib = None
-            if precision == "int8":
+            if model_precision == "int8" and not explicit:  # implicit INT8: TensorRT's calibrator
                 if len(profiles) != 1:
                     raise BuildError(f"{name}: int8 calibration supports single-input models, this one has "
                                      f"{', '.join(profiles)}")
@@ -87,7 +93,7 @@ def build_repository_engines(
                 files = select_calibration_files(model_dir / CALIBRATION_DIRNAME, calibration_samples)
                 calib = load_calibration_samples(files, model_dir, p.max[1:])
                 progress(f"    calibrating on {len(calib)} samples")
-            record = build_engine(version_dir / ONNX_FILENAME, profiles, precision=precision,
+            record = build_engine(version_dir / ONNX_FILENAME, profiles, precision=model_precision,
                                   workspace_mib=workspace_mib, timing_cache=cache, calibration=calib,
                                   gpu=gpu, progress=progress)
             if parity:
