@@ -51,6 +51,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         gate = FileGate(repo / f"{name}.gate")
         gate.open()
         write_model(repo, name, slow_model(iterations=10), GATED_CFG.format(gate=gate.path) + cfg)
+    gate = FileGate(repo / "gated_affine.gate")
+    gate.open()
+    write_model(repo, "gated_affine", affine_model(), GATED_CFG.format(gate=gate.path)
+                + AFFINE_CFG.replace('name: "affine"\n', "").replace('backend: "onnxruntime"\n', "")
+                + "instance_group [{ count: 1 kind: KIND_CPU }]\n")
     write_model(repo, "versioned", affine_model(), "max_batch_size: 8\n", versions=(1, 2))
     write_model(repo, "broken", b"this is not an onnx file", "max_batch_size: 4\n")
     write_model(repo, "badconfig", affine_model(), "max_batch_size: 8\ndynamic_batching { max_delay: 5 }\n")
@@ -325,21 +330,34 @@ def test_bad_bytes_tensors(client: tc.InferenceServerClient, server: ServerProce
 
 
 # -- batching, deadlines, metrics -------------------------------------------------------------------
-def test_concurrent_requests_are_batched(server: ServerProcess, client: tc.InferenceServerClient) -> None:
-    before = _stats(client, "affine")
+def test_concurrent_requests_are_batched(repo: Path, server: ServerProcess, client: tc.InferenceServerClient) -> None:
+    # While the one instance is held executing the first request, the other 23 queue; when it is let go
+    # they must leave the queue in full batches. Ordered by the gate and the pending gauge, not by time.
+    before = _stats(client, "gated_affine")
     n = 24
+    gate = FileGate(repo / "gated_affine.gate")
 
     async def main():
         async with tca.InferenceServerClient(server.grpc_url) as c:
             async def one(i: int):
                 a, b = _affine_inputs(1, 100 + i)
-                r = await c.infer("affine", [_input("a", a, "FP32"), _input("b", b, "INT64")])
+                r = await c.infer("gated_affine", [_input("a", a, "FP32"), _input("b", b, "INT64")])
                 return a, r.as_numpy("y")
-            return await asyncio.gather(*(one(i) for i in range(n)))
+
+            await c.is_server_ready()
+            gate.close()
+            try:
+                first = asyncio.create_task(one(0))
+                await asyncio.to_thread(gate.wait_entered, 1)
+                rest = [asyncio.create_task(one(i)) for i in range(1, n)]
+                await server.wait_pending("gated_affine", n)
+            finally:
+                gate.open()
+            return await asyncio.gather(first, *rest)
 
     for a, y in asyncio.run(main()):
         np.testing.assert_array_equal(y, a * 2 + 1)
-    after = _stats(client, "affine")
+    after = _stats(client, "gated_affine")
     requests = after.inference_stats.success.count - before.inference_stats.success.count
     executions = after.execution_count - before.execution_count
     assert requests == n
