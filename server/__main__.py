@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"default {DEFAULT_BODY_TIMEOUT_S:g})")
     p.add_argument("--http-idle-timeout-secs", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
                    help="close a connection idle this long, or one whose request line and headers are not "
-                        f"complete by then (default {DEFAULT_IDLE_TIMEOUT_S:g})")
+                        f"complete by then; keep it above a load balancer's idle timeout (default "
+                        f"{DEFAULT_IDLE_TIMEOUT_S:g})")
     p.add_argument("--http-max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
                    help=f"longest request line and header field (default {DEFAULT_MAX_HEADER_BYTES}; 400 beyond)")
     p.add_argument("--allow-metrics", type=_bool, default=True, help="serve Prometheus metrics (default true)")

@@ -70,7 +70,9 @@ log = logging.getLogger("cnnserve.http")
 
 DEFAULT_MAX_INPUT_SIZE = 64 * 1024 * 1024  # Triton's --http-max-input-size default
 DEFAULT_BODY_TIMEOUT_S = 30.0
-DEFAULT_IDLE_TIMEOUT_S = 30.0
+# Above the idle timeouts of the load balancers in front (AWS ALB 60 s; nginx's upstream keep-alive 60 s):
+# a server that closes an idle keep-alive connection first races the proxy's next request on it (502s).
+DEFAULT_IDLE_TIMEOUT_S = 75.0
 DEFAULT_MAX_HEADER_BYTES = 8190  # aiohttp's own default for a request line and for one header field
 MAX_HEADERS = 128
 
