@@ -20,7 +20,7 @@ from cnncore.wire import serialize_bytes
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from server.boundary import guard_servicer, status_of
-from server.errors import InferError, echo, invalid, unavailable
+from server.errors import InferError, echo, invalid, not_found, unavailable
 from server.infer_request import InferRequest, WireError, from_message, parse_infer_request
 from server.repository import ModelRepository
 from server.request import InferenceRequest, RequestPath, ServerState
@@ -218,6 +218,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             out.regions[r.name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
                 name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size))
         return out
+
+    # CUDA shared memory: no region can exist here, so status lists none and unregister (a client's
+    # cleanup, e.g. perf_analyzer's on exit) succeeds, as Triton answers when none is registered.
+    async def CudaSharedMemoryRegister(self, request, context):
+        raise InferError(grpc.StatusCode.UNIMPLEMENTED, "CUDA shared memory is not supported by this server; "
+                                                        "use system shared memory")
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        if request.name:
+            raise not_found(f"CUDA shared memory region {echo(request.name)} is not registered")
+        return pb.CudaSharedMemoryStatusResponse()
 
     # -- inference -----------------------------------------------------------------------------------
     async def _infer(self, request: InferRequest, context: grpc.aio.ServicerContext,

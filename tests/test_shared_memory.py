@@ -283,3 +283,14 @@ def test_registrations_in_a_shared_directory_follow_register_and_unregister_ever
         two.close()
         for o in objs:
             shm.destroy_shared_memory_region(o)
+
+
+def test_cuda_shared_memory_has_no_regions_here(client: tc.InferenceServerClient) -> None:
+    """Declared for clients' cleanup (perf_analyzer unregisters both kinds on exit); none can be registered."""
+    assert len(client.get_cuda_shared_memory_status().regions) == 0
+    client.unregister_cuda_shared_memory()
+    client.unregister_cuda_shared_memory("anything")
+    _refused(lambda: client.get_cuda_shared_memory_status("gpu0"), "gpu0", code="StatusCode.NOT_FOUND")
+    _refused(lambda: client.register_cuda_shared_memory("gpu0", b"\0" * 64, 0, 64), "system shared memory",
+             code="StatusCode.UNIMPLEMENTED")
+    assert "cuda_shared_memory" not in client.get_server_metadata().extensions
