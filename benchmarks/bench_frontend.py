@@ -11,6 +11,9 @@ as a Python driver can be) in these ways:
   shm        input and output in system shared memory (the request carries only their region names);
   echo       the floor: a bare grpc.aio server (a subprocess) that returns the request bytes unparsed;
 each against 1 and 2 server workers (--workers), every driver loop on its own connection.
+`--perf-analyzer bash benchmarks/perf_analyzer.sh` adds Triton's C++ perf_analyzer as a second driver
+(pa-bytes, pa-shm = --shared-memory system) on the identity models: its client costs far less CPU than
+any Python one, so on a small machine its requests/s come closer to what the server alone can do.
 `--repository DIR --models NAME...` adds real models from a repository (e.g. mobilenet_v2 from
 `python -m export onnx mobilenet_v2`), served by the same servers beside the identity models, to see
 what the workers do when the model itself costs CPU.
@@ -24,12 +27,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import os
 import subprocess
 import sys
 import tempfile
 import shutil
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -41,6 +46,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from bench_server import pct  # noqa: E402  (same folder)
 from bench_vision import drive  # noqa: E402
@@ -236,6 +242,35 @@ async def measure(port: int, pids: list[int], mode: str, target: Target, concurr
     return {"rps": rps, "p50_ms": pct(lat, 50) * 1e3, "cpu_us": cpu / max(1, n) * 1e6, "n": n}
 
 
+def served_requests(metrics_port: int) -> float:
+    """Successful inference requests so far, over every model and worker (the merged metrics view)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == "nv_inference_request_success")
+
+
+def perf_analyzer(command: list[str], port: int, metrics_port: int, pids: list[int], mode: str, target: Target,
+                  concurrency: int, seconds: float) -> dict:
+    """Triton's C++ perf_analyzer as the driver (its client costs far less CPU than a Python one): its
+    stable throughput, and the server's CPU per request over its whole run (from the served count)."""
+    cmd = [*command, "-m", target.model, "-u", f"127.0.0.1:{port}", "-i", "grpc", "-b", "1",
+           "--concurrency-range", str(concurrency), "--measurement-interval", str(int(seconds * 1000)),
+           "--stability-percentage", "50", "--max-trials", "10"]  # a shared machine is never within 10%
+    if mode == "pa-shm":
+        cmd += ["--shared-memory", "system", "--output-shared-memory-size", str(target.output_nbytes)]
+    served0, cpu0 = served_requests(metrics_port), cpu_seconds(pids)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    served, cpu = served_requests(metrics_port) - served0, cpu_seconds(pids) - cpu0
+    found = re.search(r"Concurrency: \d+, throughput: ([\d.]+) infer/sec, latency (\d+) usec", res.stdout)
+    if res.returncode != 0:
+        raise SystemExit(f"perf_analyzer failed ({' '.join(cmd)}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    if not found:  # no stable window: its figure is missing from this point, the CPU per request is not
+        print(f"perf_analyzer: no stable measurement for {target.label} {mode}", file=sys.stderr)
+    return {"rps": float(found.group(1)) if found else float("nan"),
+            "p50_ms": float(found.group(2)) / 1e3 if found else float("nan"),
+            "cpu_us": cpu / max(1.0, served) * 1e6, "n": int(served)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=4.0, help="per point per round (default 4)")
@@ -244,6 +279,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="server worker counts (default 1 2)")
     ap.add_argument("--repository", type=Path, help="a repository holding --models (served beside the identities)")
     ap.add_argument("--models", nargs="*", default=[], help="models of --repository to measure too")
+    ap.add_argument("--perf-analyzer", nargs="+", metavar="CMD",
+                    help="also drive the identity models with this perf_analyzer command, e.g. "
+                         "'bash benchmarks/perf_analyzer.sh' (bytes and --shared-memory system)")
     ap.add_argument("--echo-server", type=Path, help=argparse.SUPPRESS)  # internal: run the echo floor
     a = ap.parse_args()
     if a.echo_server:
@@ -257,6 +295,7 @@ def main() -> None:
     write_repository(repo, a.repository, a.models)
     targets = identity_targets() + [repository_target(repo, m) for m in a.models]
     procs: dict[str, tuple[subprocess.Popen, int, list[int]]] = {}
+    metrics_ports: dict[str, int] = {}
     try:
         for w in a.workers:
             proc, info = start([sys.executable, "-m", "server", "--model-repository", str(repo),
@@ -265,18 +304,26 @@ def main() -> None:
                                 "--workers", str(w)], work, f"server{w}")
             pids = [proc.pid] + [x["pid"] for x in info.get("workers", [])]
             procs[f"w{w}"] = (proc, info["grpc_port"], pids)
+            metrics_ports[f"w{w}"] = info["metrics_port"]
         proc, info = start([sys.executable, str(Path(__file__))], work, "echo", ready_flag="--echo-server")
         procs["echo"] = (proc, info["grpc_port"], [proc.pid])
 
         by_label = {t.label: t for t in targets}
         points = [(t.label, mode, f"w{w}") for t in targets for w in a.workers for mode in ("bytes", "shm")]
         points += [(t.label, "echo", "echo") for t in targets if t.label in SHAPES]  # the same bytes back
+        if a.perf_analyzer:
+            points += [(t.label, mode, f"w{w}") for t in targets if t.label in SHAPES for w in a.workers
+                       for mode in ("pa-bytes", "pa-shm")]
         acc: dict[tuple, list[dict]] = {p: [] for p in points}
         for r in range(a.rounds):
             order = points if r % 2 == 0 else points[::-1]
             for label, mode, srv in order:
                 _, port, pids = procs[srv]
-                res = asyncio.run(measure(port, pids, mode, by_label[label], a.concurrency, a.seconds))
+                if mode.startswith("pa-"):
+                    res = perf_analyzer(a.perf_analyzer, port, metrics_ports[srv], pids, mode, by_label[label],
+                                        a.concurrency, a.seconds)
+                else:
+                    res = asyncio.run(measure(port, pids, mode, by_label[label], a.concurrency, a.seconds))
                 acc[(label, mode, srv)].append(res)
     finally:
         for proc, _, _ in procs.values():
@@ -285,17 +332,22 @@ def main() -> None:
             proc.wait(60)
 
     def mean(p: tuple, k: str) -> float:
-        return float(np.mean([x[k] for x in acc[p]]))
+        return float(np.nanmean([x[k] for x in acc[p]])) if any(x[k] == x[k] for x in acc[p]) else float("nan")
 
     print(f"\nfrontend capacity, concurrency {a.concurrency} (one connection each), {a.rounds} x {a.seconds:g} s, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-    print(f"{'model':<14}{'path':<8}{'server':<8}{'req/s':>9}{'p50 ms':>9}{'server CPU us/req':>19}")
+    print(f"{'model':<14}{'path':<10}{'server':<8}{'req/s':>9}{'p50 ms':>9}{'server CPU us/req':>19}")
     for p in points:
         label, mode, srv = p
-        print(f"{label:<14}{mode:<8}{srv:<8}{mean(p, 'rps'):>9.0f}{mean(p, 'p50_ms'):>9.2f}{mean(p, 'cpu_us'):>19.0f}")
+        print(f"{label:<14}{mode:<10}{srv:<8}{mean(p, 'rps'):>9.0f}{mean(p, 'p50_ms'):>9.2f}{mean(p, 'cpu_us'):>19.0f}")
     print("\nratios")
     for shape in by_label:
         for w in a.workers:
+            if (shape, "pa-bytes", f"w{w}") in acc:
+                pb_, ps_ = (shape, "pa-bytes", f"w{w}"), (shape, "pa-shm", f"w{w}")
+                print(f"  {shape} {w} worker(s), perf_analyzer: shm/bytes req/s "
+                      f"{mean(ps_, 'rps') / mean(pb_, 'rps'):.2f}x, CPU/req bytes/shm "
+                      f"{mean(pb_, 'cpu_us') / mean(ps_, 'cpu_us'):.2f}x")
             b, s = (shape, "bytes", f"w{w}"), (shape, "shm", f"w{w}")
             echo = (shape, "echo", "echo")
             over_echo = (f", bytes CPU/req over echo {mean(b, 'cpu_us') / mean(echo, 'cpu_us'):.2f}x"
@@ -304,7 +356,9 @@ def main() -> None:
                   f"CPU/req bytes/shm {mean(b, 'cpu_us') / mean(s, 'cpu_us'):.2f}x{over_echo}")
         if len(a.workers) > 1:
             w1, wn = a.workers[0], a.workers[-1]
-            for mode in ("bytes", "shm"):
+            for mode in ("bytes", "shm", "pa-bytes", "pa-shm"):
+                if (shape, mode, f"w{w1}") not in acc:
+                    continue
                 print(f"  {shape} {mode}: {wn} workers / {w1} worker req/s "
                       f"{mean((shape, mode, f'w{wn}'), 'rps') / mean((shape, mode, f'w{w1}'), 'rps'):.2f}x")
 
