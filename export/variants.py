@@ -20,7 +20,7 @@ from typing import Callable
 from cnncore.artifacts import file_sha256
 from cnncore.spec import GateFigure, ServingChoice
 from export.accuracy_gate import GateRefused, GateThresholds, check, describe, run_gate
-from export.quantize import QuantizationError, QuantizeResult, quantize_onnx
+from export.quantize import EXCLUDE_NODES, QuantizationError, QuantizeResult, quantize_onnx
 from export.repository import StagedModel
 from export.runtimes import RuntimeMissing, available_runtimes, runner, throughput
 
@@ -101,7 +101,7 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
             with step(f"{name}: INT8 calibration + quantization (QDQ, per-channel)"):
                 calib, desc = calibration_inputs(name, meta.preprocess)
                 quant = quantize_onnx(staged.onnx_path, staged.onnx_path.with_name("model.int8.onnx"), calib,
-                                      description=desc)
+                                      description=desc, exclude=EXCLUDE_NODES.get(name, ()))
             files["int8"] = quant.path
             import onnx
 
