@@ -84,6 +84,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in registry.list_models():
         e = registry.get_entry(name)
         served, gate = _served_summary(repo, name)
+        if args.served and not served:
+            continue
         table.add_row(name, e.task.value, "x".join(map(str, e.input_shape)), "yes" if e.served_by_default else "no",
                       "yes" if e.has_weights else "no", str(e.max_batch_size), served, gate)
     _console().print(table)
@@ -102,7 +104,8 @@ def _served_summary(repo: Path, name: str) -> tuple[str, str]:
         return f"unreadable model.json: {exc}".splitlines()[0], ""
     if serving is None:
         return "fp32/onnxruntime", ""
-    gate = ", ".join(f"{f.metric} {f.int8:.4g} vs {f.fp32:.4g}{'' if f.passed else ' REFUSED'}" for f in serving.gate)
+    gate = ", ".join(f"{f.metric}: INT8 {f.int8:.4g} vs FP32 {f.fp32:.4g}{'' if f.passed else ' (refused)'}"
+                     for f in serving.gate)
     return f"{serving.precision}/{serving.runtime}", gate
 
 
@@ -300,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("list", help="registry models: task, served by default, weights, served precision/runtime")
     p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="repository to read served variants from")
+    p.add_argument("--served", action="store_true", help="only the models the repository serves")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("describe", help="architecture card: layers, output shapes, params, FLOPs, receptive field")
     p.add_argument("name", help="registry model name")

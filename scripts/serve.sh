@@ -16,6 +16,8 @@ if [ ! -d "$REPO" ]; then
   "$PY" -m export repository --repository "$REPO"
 fi
 "$PY" scripts/make_examples.py --out examples >/dev/null
+echo "== what is served: precision and runtime chosen by measurement, INT8 only where it passed the accuracy gate"
+"$PY" -m export list --repository "$REPO" --served
 
 echo "== starting the server: gRPC 127.0.0.1:$GRPC_PORT, REST http://127.0.0.1:$HTTP_PORT/v2, metrics http://127.0.0.1:$METRICS_PORT/metrics"
 "$PY" -m server --model-repository "$REPO" --grpc-port "$GRPC_PORT" --http-port "$HTTP_PORT" --metrics-port "$METRICS_PORT" \
