@@ -415,7 +415,9 @@ class HttpBinding:
             raise HttpRefusal(400, f"infer takes application/json (or the binary-data extension as "
                                    f"application/octet-stream), got Content-Type {request.content_type!r:.80}")
         name, version = self._model(request)
-        with self.state.accepted():
+        # Admitted on the declared length, before the body is read, as gRPC admits on the received size
+        # (a chunked body declares none; --http-max-input-size still bounds it).
+        with self.state.accepted(request.content_length or 0):
             body = await self._body(request)
             header_len = request.headers.get(HEADER_LENGTH)
             if header_len is None:
