@@ -167,7 +167,7 @@ def _options(args: argparse.Namespace):
                                   instance_count=args.instances),
         variant=VariantOptions(precision=args.precision, runtime=args.runtime, thresholds=GateThresholds(
             accuracy_points=args.gate_accuracy, map50=args.gate_map, miou=args.gate_miou,
-            mse_relative=args.gate_mse)),
+            mse_relative=args.gate_mse), remeasure=args.remeasure),
     )
 
 
@@ -292,6 +292,9 @@ def _add_export_options(p: argparse.ArgumentParser, precision: str = "fp32", run
     p.add_argument("--gate-miou", type=float, default=0.01, help="gate: largest mIoU drop (default: %(default)s)")
     p.add_argument("--gate-mse", type=float, default=0.10, metavar="FRACTION",
                    help="gate: largest relative increase of reconstruction MSE (default: %(default)s)")
+    p.add_argument("--remeasure", action="store_true",
+                   help="quantize, measure and gate again even when the repository already holds a choice for "
+                        "the same FP32 model and options (default: keep it, so re-exports are idempotent)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -197,7 +197,8 @@ def export_model(name: str, workdir: Path, options: ExportOptions, *, repository
     staged = StagedModel(name=name, version=options.version, onnx_path=onnx_path, config=config, meta=meta,
                          parity=parity_doc, extra_files=extra)
     try:
-        staged = select_variant(staged, workdir, options.variant, step)
+        staged = select_variant(staged, workdir, options.variant, step,
+                                previous=repository / name if repository is not None else None)
     except VariantRefused as exc:
         raise ExportFailed(str(exc)) from None
     if options.input_dtype == "uint8":

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+import json
+import shutil
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from cnncore.artifacts import file_sha256
-from cnncore.spec import GateFigure, ServingChoice
+from cnncore.artifacts import ONNX_FILENAME
+from cnncore.spec import GateFigure, ModelMeta, ServingChoice
 from export.accuracy_gate import GateRefused, GateThresholds, check, describe, run_gate
 from export.quantize import EXCLUDE_NODES, QuantizationError, QuantizeResult, quantize_onnx
-from export.repository import StagedModel
+from export.repository import PARITY_FILENAME, StagedModel
 from export.runtimes import RuntimeMissing, available_runtimes, runner, throughput
 
 PRECISIONS = ("auto", "fp32", "int8")
@@ -41,6 +44,11 @@ class VariantOptions:
     thresholds: GateThresholds = field(default_factory=GateThresholds)
     measure_seconds: float = 0.6  # per candidate and batch size, over MEASURE_ROUNDS rounds
     threads: int = 2
+    remeasure: bool = False  # False: keep the previous export's choice while its FP32 parent is unchanged
+
+    def recorded(self) -> dict:
+        """What a choice depends on besides the FP32 parent, recorded in parity.json."""
+        return {"precision": self.precision, "runtime": self.runtime, "thresholds": asdict(self.thresholds)}
 
 
 def score(tp: dict[str, float], precision: str, runtime: str) -> float:
@@ -80,12 +88,49 @@ def _speed_sample(name: str, staged: StagedModel, calib):  # type: ignore[no-unt
     return calib[0]
 
 
+def _previous_choice(staged: StagedModel, previous: Path | None, options: VariantOptions) -> StagedModel | None:
+    """The choice the repository already holds for this model, when nothing it depends on changed: the
+    same FP32 parent (parity.json's onnx_sha256; the export is deterministic), the same options, and
+    the served file still the one recorded. Keeps a re-export idempotent (measured speeds differ from
+    run to run) and skips minutes of quantizing, measuring and gating; --remeasure measures again."""
+    if previous is None or options.remeasure or not (previous / PARITY_FILENAME).is_file():
+        return None
+    try:
+        old_meta = ModelMeta.read(previous)
+        old = json.loads((previous / PARITY_FILENAME).read_text())
+        served = old["served"]
+        if (old_meta.serving is None or old.get("onnx_sha256") != staged.parity["onnx_sha256"]
+                or served.get("options") != options.recorded()):
+            return None
+        served_file = previous / str(old["version"]) / ONNX_FILENAME
+        if not served_file.is_file() or file_sha256(served_file) != served["onnx_sha256"]:
+            return None
+    except Exception:  # an older or hand-edited repository: measure afresh
+        return None
+    serving = old_meta.serving
+    onnx_path = staged.onnx_path
+    if serving.precision == "int8":
+        onnx_path = staged.onnx_path.with_name("model.int8.onnx")
+        shutil.copyfile(served_file, onnx_path)
+    _config_for(staged, serving.precision, serving.runtime, serving.gate)
+    parity = dict(staged.parity)
+    for key in ("served", "quantization", "accuracy_gate", "throughput_images_per_s"):
+        if key in old:
+            parity[key] = old[key]
+    return replace(staged, onnx_path=onnx_path, meta=staged.meta.model_copy(update={"serving": serving}),
+                   parity=parity)
+
+
 def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
-                   step: Callable[[str], object] | None = None) -> StagedModel:
-    """The staged model to write, with the chosen file, config, model.json and parity.json figures."""
+                   step: Callable[[str], object] | None = None, previous: Path | None = None) -> StagedModel:
+    """The staged model to write, with the chosen file, config, model.json and parity.json figures.
+    `previous`: the model's directory in the target repository, whose choice is kept if still valid."""
     from models.data.calibration import CalibrationDataMissing, calibration_inputs
 
     step = step or (lambda _d: nullcontext())
+    kept = _previous_choice(staged, previous, options)
+    if kept is not None:
+        return kept
     name, meta = staged.name, staged.meta
     precisions = ["fp32", "int8"] if options.precision == "auto" else [options.precision]
     runtimes = available_runtimes() if options.runtime == "auto" else [options.runtime]
@@ -186,7 +231,7 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
     _config_for(staged, precision, runtime, gate)
     parity = dict(staged.parity)
     parity["served"] = {"precision": precision, "runtime": runtime, "onnx_sha256": file_sha256(files[precision]),
-                        "reason": reason}
+                        "reason": reason, "options": options.recorded()}
     if quant is not None:
         parity["quantization"] = quant.to_dict()
     if gated:

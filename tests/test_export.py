@@ -119,8 +119,10 @@ def test_cli_writes_triton_layout(exported_repo: Path):
 
 def test_cli_reexport_is_idempotent(exported_repo: Path):
     before = _snapshot(exported_repo)
+    # `repository` defaults to choosing precision and runtime by measurement; with the options `onnx`
+    # defaults to (FP32 on ONNX Runtime) it must rewrite nothing.
     out = _cli("repository", "--models", CLI_MODEL, "--weights", "none", "--repository", str(exported_repo),
-               "--parity-batch-sizes", "1", "3")
+               "--parity-batch-sizes", "1", "3", "--precision", "fp32", "--runtime", "onnxruntime")
     assert out.returncode == 0, out.stderr
     assert _snapshot(exported_repo) == before
 

@@ -134,6 +134,16 @@ def test_a_refused_int8_is_not_written_and_says_why(tmp_path: Path) -> None:
     assert "INT8 refused by the accuracy gate" in err, err
     assert "retrieval_1nn_accuracy_pct" in err and "vs FP32" in err and "threshold -50" in err, err
     assert not (repo / "fashion_mnist_encoder").exists()
+    # with the default gate it is written; a second run keeps that choice (same FP32 parent, same
+    # options) instead of measuring again, so the repository does not change
+    assert _cli("quantize", "fashion_mnist_encoder", "--repository", str(repo)).returncode == 0
+    snapshot = {p: p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
+    assert _cli("quantize", "fashion_mnist_encoder", "--repository", str(repo)).returncode == 0
+    assert {p: p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()} == snapshot
+    from cnncore.spec import ModelMeta
+
+    serving = ModelMeta.read(repo / "fashion_mnist_encoder").serving
+    assert serving.precision == "int8" and serving.gate[0].passed
 
 
 def test_default_repository_serves_the_fastest_gated_variant_and_says_which(default_repository: Path) -> None:
