@@ -82,7 +82,7 @@ def add_pixel_input(model: onnx.ModelProto, spec: PreprocessSpec, input_name: st
     del g.node[:]
     g.node.extend(nodes + old)  # the prelude first: nodes stay in topological order
     tt.elem_type = TensorProto.UINT8
-    onnx.checker.check_model(out, full_check=True)
+    onnx.checker.check_model(out)  # structure only: a quantizer's value_info may not survive full inference
     return out
 
 

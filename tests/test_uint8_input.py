@@ -46,6 +46,34 @@ def conv_model(channels: int, height: int, width: int, elem: int = TensorProto.F
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
+def qdq_model(channels: int, height: int, width: int) -> onnx.ModelProto:
+    """conv_model with its input quantized and dequantized (INT8 QDQ, as the INT8 export writes), and the
+    kind of stale value_info its quantizer leaves (a zero point typed UINT8 where the initializer is
+    INT8): ONNX Runtime runs it, full shape inference would reject it."""
+    m = conv_model(channels, height, width)
+    g = m.graph
+    for node in g.node:
+        node.input[:] = ["input_dq" if x == "input" else x for x in node.input]
+    g.initializer.extend([numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+                          numpy_helper.from_array(np.array(0, np.int8), "zp")])
+    qdq = [helper.make_node("QuantizeLinear", ["input", "s", "zp"], ["input_q"]),
+           helper.make_node("DequantizeLinear", ["input_q", "s", "zp"], ["input_dq"])]
+    old = list(g.node)
+    del g.node[:]
+    g.node.extend(qdq + old)
+    g.value_info.append(helper.make_tensor_value_info("zp", TensorProto.UINT8, []))  # the initializer is INT8
+    return m
+
+
+def test_pixel_input_in_front_of_a_quantized_parent(tmp_path: Path) -> None:
+    spec = IMAGENET
+    parent = qdq_model(3, *spec.input_size)
+    onnx.save(parent, str(tmp_path / "parent.onnx"))
+    onnx.save(add_pixel_input(parent, spec, "input"), str(tmp_path / "pixels.onnx"))
+    report = parity_with_parent(tmp_path / "parent.onnx", tmp_path / "pixels.onnx", spec, "input")
+    assert report["ok"], report
+
+
 @pytest.mark.parametrize("spec,channels,elem", [(IMAGENET, 3, TensorProto.FLOAT), (FASHION, 1, TensorProto.FLOAT),
                                                 (IMAGENET, 3, TensorProto.FLOAT16)],
                          ids=["rgb-normalized", "gray-inverted", "fp16-model"])
