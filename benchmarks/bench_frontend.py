@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_frontend.py [--seconds 4] [--rounds 2] [--concurrency 8]
 
-An identity model (built with onnx.helper) on FP32 [3,224,224] (602 KB, an image tensor) and [1,28,28]
+An identity model (built with onnx.helper) on FP32 [3,224,224] (602 KB, an image tensor), on UINT8
+[3,224,224] (150 KB: the pixels an `export --input-dtype uint8` model takes) and FP32 [1,28,28]
 (3 KB), served as users run it (`python -m server`, a subprocess), driven in one run, interleaved over
 rounds, by the same asyncio driver (bench_vision.drive) sending pre-serialized ModelInferRequests
 through a bare grpc.aio channel (no client-side protobuf work per request, so the driver stays as cheap
@@ -56,12 +57,14 @@ from cnncore.config import load_config  # noqa: E402
 from protos import grpc_service_pb2 as pb  # noqa: E402
 from protos.model_config_pb2 import DataType  # noqa: E402
 
-SHAPES = {"image": [3, 224, 224], "mnist": [1, 28, 28]}
+SHAPES = {"image": [3, 224, 224], "image_u8": [3, 224, 224], "mnist": [1, 28, 28]}
+DATATYPES = {"image_u8": "UINT8"}  # the rest FP32; image_u8 is what `export --input-dtype uint8` models take
+_NUMPY = {"FP32": np.float32, "UINT8": np.uint8}
 
 
 @dataclass(frozen=True)
 class Target:
-    """One model as the driver sees it: its first input (FP32) and first output."""
+    """One model as the driver sees it: its first input and first output (same datatype)."""
 
     label: str
     model: str
@@ -69,10 +72,16 @@ class Target:
     shape: list[int]
     output: str
     output_nbytes: int  # of one item
+    datatype: str = "FP32"
 
 
 def identity_targets() -> list[Target]:
-    return [Target(name, f"identity_{name}", "x", shape, "y", 4 * int(np.prod(shape))) for name, shape in SHAPES.items()]
+    out = []
+    for name, shape in SHAPES.items():
+        dt = DATATYPES.get(name, "FP32")
+        out.append(Target(name, f"identity_{name}", "x", shape, "y",
+                          np.dtype(_NUMPY[dt]).itemsize * int(np.prod(shape)), dt))
+    return out
 
 
 def repository_target(repo: Path, name: str) -> Target:
@@ -89,13 +98,15 @@ _TICK = os.sysconf("SC_CLK_TCK")
 PERF_ANALYZER_MEMORY = 4 << 30
 
 
-def identity_model(shape: list[int]) -> bytes:
+def identity_model(shape: list[int], datatype: str = "FP32") -> bytes:
     from onnx import TensorProto, helper
+
+    elem = TensorProto.UINT8 if datatype == "UINT8" else TensorProto.FLOAT
 
     g = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])], "identity",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shape])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", *shape])],
+        [helper.make_tensor_value_info("x", elem, ["N", *shape])],
+        [helper.make_tensor_value_info("y", elem, ["N", *shape])],
     )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
 
@@ -106,7 +117,7 @@ def write_repository(repo: Path, extra: Path | None, models: list[str]) -> None:
     for name, shape in SHAPES.items():
         d = repo / f"identity_{name}"
         (d / "1").mkdir(parents=True, exist_ok=True)
-        (d / "1" / "model.onnx").write_bytes(identity_model(shape))
+        (d / "1" / "model.onnx").write_bytes(identity_model(shape, DATATYPES.get(name, "FP32")))
         (d / "config.pbtxt").write_text("max_batch_size: 32\ndynamic_batching { }\n")
 
 
@@ -151,7 +162,7 @@ async def echo_server(ready_file: Path) -> None:
 def infer_request(target: Target, x: np.ndarray | None, shm_in: tuple[str, int] | None = None,
                   shm_out: tuple[str, int] | None = None) -> bytes:
     req = pb.ModelInferRequest(model_name=target.model)
-    t = req.inputs.add(name=target.input, datatype="FP32", shape=[1, *target.shape])
+    t = req.inputs.add(name=target.input, datatype=target.datatype, shape=[1, *target.shape])
     if shm_in is not None:
         t.parameters["shared_memory_region"].string_param = shm_in[0]
         t.parameters["shared_memory_byte_size"].int64_param = shm_in[1]
@@ -219,7 +230,7 @@ class ShmPlan:
 
 
 async def measure(port: int, pids: list[int], mode: str, target: Target, concurrency: int, seconds: float) -> dict:
-    x = np.random.default_rng(0).standard_normal([1, *target.shape]).astype(np.float32)
+    x = (np.random.default_rng(0).standard_normal([1, *target.shape]) * 50 + 100).astype(_NUMPY[target.datatype])
     driver = Driver(port, concurrency)
     plan = None
     if mode == "echo":
@@ -358,6 +369,11 @@ def main() -> None:
         label, mode, srv = p
         print(f"{label:<14}{mode:<10}{srv:<8}{mean(p, 'rps'):>9.0f}{mean(p, 'p50_ms'):>9.2f}{mean(p, 'cpu_us'):>19.0f}")
     print("\nratios")
+    for w in a.workers:  # compact image tensors: the same picture as UINT8 pixels vs FP32
+        u8, f32 = ("image_u8", "bytes", f"w{w}"), ("image", "bytes", f"w{w}")
+        if u8 in acc and f32 in acc:
+            print(f"  {w} worker(s), bytes path: UINT8 pixels / FP32 image req/s {mean(u8, 'rps') / mean(f32, 'rps'):.2f}x, "
+                  f"CPU/req FP32 / UINT8 {mean(f32, 'cpu_us') / mean(u8, 'cpu_us'):.2f}x")
     for shape in by_label:
         for w in a.workers:
             if (shape, "pa-bytes", f"w{w}") in acc and (shape, "pa-shm", f"w{w}") in acc:
