@@ -10,7 +10,7 @@ optionally PyTorch eager; every figure also as a ratio to ONNX Runtime FP32 meas
 The FP32 file is a fresh export of the registry entry; the INT8 file is export/quantize.py's QDQ model
 calibrated on the task's real data (models/data/calibration.py), as `python -m export` builds it.
 Every runtime gets the same thread count and the same real input; each measurement warms up first and
-runs at least --seconds. Not a test: numbers depend on the machine and its load.
+runs at least --seconds, split over 3 interleaved rounds (the best round counts). Not a test: numbers depend on the machine and its load.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from models.data.calibration import calibration_inputs  # noqa: E402
 from models.registry import get_entry, get_model, list_models  # noqa: E402
 
 VARIANTS = ("ORT FP32", "ORT INT8", "OpenVINO FP32", "OpenVINO INT8")
+ROUNDS = 3
 
 
 def bench(name: str, batch_sizes: list[int], seconds: float, threads: int, workdir: Path,
@@ -75,13 +76,16 @@ def bench(name: str, batch_sizes: list[int], seconds: float, threads: int, workd
             for f in figures:
                 gate.append(f"{name} INT8 on {runtime}: {'pass' if f.passed else 'REFUSED'}: {describe(f)}")
     rates: dict[tuple[str, int], float] = {}
-    for runtime, label in (("onnxruntime", "ORT"), ("openvino", "OpenVINO")):
-        if runtime not in available_runtimes():
-            continue
-        for precision, path in files.items():
-            run = runner(path, runtime, threads)
+    runs = {f"{label} {precision}": runner(path, runtime, threads)
+            for runtime, label in (("onnxruntime", "ORT"), ("openvino", "OpenVINO")) if runtime in available_runtimes()
+            for precision, path in files.items()}
+    # Interleaved rounds, best of each: a load that drifts during the run slows every variant alike,
+    # and other processes only ever slow a measurement down.
+    for r in range(ROUNDS):
+        for variant, run in runs.items():
             for b in batch_sizes:
-                rates[(f"{label} {precision}", b)] = throughput(run, sample, b, seconds)
+                rate = throughput(run, sample, b, seconds / ROUNDS, warmup=r == 0)
+                rates[(variant, b)] = max(rates.get((variant, b), 0.0), rate)
     if eager:
         for b in batch_sizes:
             x = torch.from_numpy(np.repeat(sample[None], b, axis=0))
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.WARNING)  # NNCF's and torch.onnx's progress chatter
     names = args.models or [*list_models(served_by_default=True), "resnet18"]
     torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=max(Console().width, 150))
     variants = [*VARIANTS, *(["eager FP32"] if args.eager else [])]
     table = Table(title=f"images/s (x ONNX Runtime FP32), CPU, {args.threads} threads, batch "
                         f"{'/'.join(map(str, args.batch_sizes))}")
