@@ -36,10 +36,12 @@ DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 
 REFUSED = Counter("cnnserve_admission_refused", "Inference requests refused by the server-wide admission limit",
                   ["limit"], registry=REGISTRY)
+# livesum: under --workers (prometheus_client's multiprocess mode) the one scrape shows the sum over the
+# running workers, not one series per pid; a single process ignores the mode.
 INFLIGHT_REQUESTS = Gauge("cnnserve_inflight_requests", "Inference requests admitted and not yet answered",
-                          registry=REGISTRY)
+                          registry=REGISTRY, multiprocess_mode="livesum")
 INFLIGHT_BYTES = Gauge("cnnserve_inflight_request_bytes", "Request bytes of the admitted, unanswered requests",
-                       registry=REGISTRY)
+                       registry=REGISTRY, multiprocess_mode="livesum")
 
 
 class AdmissionRefused(InferError):

@@ -97,6 +97,9 @@ def test_two_workers_serve_one_port_with_merged_metrics_and_drain_together(gated
         await srv.wait_pending("slow", m)  # the merged pending gauge: all m accepted across the workers
         pending = ("nv_inference_pending_request_count", (("model", "slow"), ("version", "1")))
         held = [_scrape(w["metrics_port"]).get(pending, 0.0) for w in workers]
+        # The admission gauge is one series in the merged view: the sum over the workers (livesum).
+        inflight = {k: v for k, v in (await asyncio.to_thread(srv.scrape)).items() if k[0] == "cnnserve_inflight_requests"}
+        assert inflight == {("cnnserve_inflight_requests", ()): m}, inflight
         srv.proc.send_signal(signal.SIGTERM)
         # Each worker drains: it refuses new work once the signal reaches it, and reports not ready.
         late_errors = []
