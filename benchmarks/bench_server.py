@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 
 from cnncore.artifacts import ONNX_FILENAME
-from cnncore.layout import latest_version_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +43,12 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def model_file(repo: Path, name: str) -> Path:
-    return latest_version_dir(repo / name) / ONNX_FILENAME
+    # Not cnncore.layout: it loads cnncore.config and with it the project's protos, which cannot live
+    # beside tritonclient's in this process (see ort_session).
+    versions = sorted(int(p.name) for p in (repo / name).iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        raise SystemExit(f"{repo / name}: no version directory")
+    return repo / name / str(versions[-1]) / ONNX_FILENAME
 
 
 def ort_session(path: Path, threads: int, spinning: bool = False):
@@ -144,10 +148,11 @@ async def run_server(url: str, model: str, input_name: str, shape: list[int], co
 
 def raw_sides(repo: Path, name: str, threads: int, spinning: bool, workdir: Path) -> dict[str, object]:
     """label -> raw runner: ORT FP32 always; the served variant too when it is something else."""
-    from cnncore.spec import ModelMeta
-
+    # model.json read as plain JSON: cnncore.spec would load the project's protos, which cannot live
+    # beside tritonclient's in this process (see ort_session)
     served_file = model_file(repo, name)
-    serving = ModelMeta.read(repo / name).serving if (repo / name / "model.json").is_file() else None
+    meta = json.loads((repo / name / "model.json").read_text()) if (repo / name / "model.json").is_file() else {}
+    serving = argparse.Namespace(**meta["serving"]) if meta.get("serving") else None
     if serving is None or (serving.precision, serving.runtime) == ("fp32", "onnxruntime"):
         return {"raw ORT": ort_session(served_file, threads, spinning)}
     fp32_file = served_file
