@@ -42,7 +42,7 @@ class VariantOptions:
     precision: str = "fp32"  # auto | fp32 | int8
     runtime: str = "onnxruntime"  # auto | onnxruntime | openvino
     thresholds: GateThresholds = field(default_factory=GateThresholds)
-    measure_seconds: float = 0.6  # per candidate and batch size, over MEASURE_ROUNDS rounds
+    measure_seconds: float = 0.4  # per candidate and batch size, over MEASURE_ROUNDS rounds
     threads: int = 2
     remeasure: bool = False  # False: keep the previous export's choice while its FP32 parent is unchanged
 
