@@ -165,6 +165,12 @@ def test_default_repository_serves_the_fastest_gated_variant_and_says_which(defa
         if serving.precision == "int8":
             assert serving.gate and all(f.passed for f in serving.gate), (name, serving.gate)
             assert serving.calibration and serving.fp32_onnx_sha256
+        elif serving.gate:  # FP32 served although INT8 was gated: the refusal is recorded, with its figures
+            assert not all(f.passed for f in serving.gate) and "refused" in serving.reason, (name, serving)
+            assert cfg.parameters["accuracy_gate"].string_value.startswith("INT8 refused: "), name
+        if serving.gate:
+            for f in serving.gate:
+                assert f.metric in cfg.parameters["accuracy_gate"].string_value, name
         parity = json.loads((d / "parity.json").read_text())
         assert parity["served"]["precision"] == serving.precision and parity["served"]["runtime"] == serving.runtime
         tp = serving.throughput
