@@ -263,17 +263,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tasks: set[asyncio.Task] = set()
 
         async def one(req: pb.ModelInferRequest) -> None:
-            with self.state.accepted(req.ByteSize()):
-                try:
+            # Admission's refusal is inside the try: it answers this request like any other failure
+            # (raised outside, it would end this task unseen and the request would get no answer).
+            try:
+                with self.state.accepted(req.ByteSize()):
                     resp = await self._infer(from_message(req), context, time.perf_counter_ns())
                     await out.put(pb.ModelStreamInferResponse(infer_response=resp))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - answers this request; the stream goes on
-                    err = status_of(exc, "ModelStreamInfer")
-                    await out.put(pb.ModelStreamInferResponse(
-                        error_message=err.message,
-                        infer_response=pb.ModelInferResponse(model_name=req.model_name, id=req.id)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - answers this request; the stream goes on
+                err = status_of(exc, "ModelStreamInfer")
+                await out.put(pb.ModelStreamInferResponse(
+                    error_message=err.message,
+                    infer_response=pb.ModelInferResponse(model_name=req.model_name, id=req.id)))
 
         async def reader() -> None:
             async for req in request_iterator:

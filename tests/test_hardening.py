@@ -176,6 +176,38 @@ def test_admission_limit_refuses_with_retry_pushback_and_counts(repo: Path, serv
     srv.terminate()
 
 
+def test_admission_refusal_inside_a_stream_answers_that_request(repo: Path, server_factory) -> None:
+    # A refused stream request was dropped unanswered: its refusal ended its task before the
+    # per-request error handling, so the client waited for a response that never came.
+    req = _affine_request(name="gated")
+    req.id = "refused"
+    srv = _admission_server(repo, server_factory, "--max-inflight-requests", "2")
+    gate = FileGate(repo / "gated.gate")
+
+    async def main():
+        async with grpc.aio.insecure_channel(srv.grpc_url) as ch:
+            s = tpb_grpc.GRPCInferenceServiceStub(ch)
+            await s.ServerReady(tpb.ServerReadyRequest())
+            gate.close()
+            try:
+                held = [asyncio.ensure_future(s.ModelInfer(req)) for _ in range(2)]
+                await srv.wait_pending("gated", 2)
+                stream = s.ModelStreamInfer()
+                await stream.write(req)
+                answer = await asyncio.wait_for(stream.read(), 30)
+                await stream.done_writing()
+            finally:
+                gate.open()
+            await asyncio.gather(*held)
+            return answer
+
+    answer = asyncio.run(main())
+    assert answer.infer_response.id == "refused"
+    assert "in-flight requests" in answer.error_message, answer
+    assert srv.scrape()[("cnnserve_admission_refused_total", (("limit", "requests"),))] == 1
+    srv.terminate()
+
+
 @pytest.mark.parametrize("method", ["/inference.GRPCInferenceService/ModelMetadata",
                                     "/inference.GRPCInferenceService/RepositoryModelLoad",
                                     "/cnnserve.vision.VisionService/Classify"])
