@@ -90,8 +90,10 @@ class ServedModel:
                 raise invalid(f"{where}: input '{name}': batch size {shape[0]} exceeds max_batch_size "
                               f"{self.max_batch_size}")
 
-    def validate(self, inputs: dict[str, np.ndarray]) -> None:
-        """INVALID_ARGUMENT unless `inputs` match the config exactly (names, dtypes, shapes, batch)."""
+    def validate(self, inputs: dict[str, np.ndarray], declarations_checked: bool = False) -> None:
+        """INVALID_ARGUMENT unless `inputs` match the config exactly (names, dtypes, shapes, batch).
+        `declarations_checked`: the request path already ran `check_declared` on each input (the
+        arrays it decoded have exactly the checked datatype and shape), so only the set is checked."""
         where = f"model '{self.name}' version {self.version}"
         missing = [n for n in self._inputs_by_name if n not in inputs]
         extra = [n for n in inputs if n not in self._inputs_by_name]
@@ -103,7 +105,8 @@ class ServedModel:
                           f"expected inputs {sorted(self._inputs_by_name)}")
         batch: int | None = None
         for name, arr in inputs.items():
-            self.check_declared(name, from_numpy(arr.dtype), arr.shape)
+            if not declarations_checked:
+                self.check_declared(name, from_numpy(arr.dtype), arr.shape)
             if self.max_batch_size > 0:
                 if batch is not None and arr.shape[0] != batch:
                     raise invalid(f"{where}: input '{name}': batch size {arr.shape[0]} differs from the other "

@@ -142,7 +142,7 @@ class RequestPath:
                     arrays[t.name] = await asyncio.to_thread(decode_tensor, t)
                 else:
                     arrays[t.name] = decode_tensor(t)
-            model.validate(arrays)
+            model.validate(arrays, declarations_checked=True)
         return InferenceRequest(model, arrays, list(outputs) or list(model.output_names), request_id,
                                 deadline, received_ns)
 
