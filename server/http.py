@@ -195,7 +195,7 @@ def _output_json(name: str, arr: np.ndarray, binary: bool, chunks: list[bytes | 
     datatype = from_numpy(arr.dtype)
     entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
     if target is not None:
-        written = target.write(arr, serialize_bytes(arr) if datatype == "BYTES" else None)
+        written = target.write(arr)
         entry["parameters"] = {REGION: target.region.name, BYTE_SIZE: written}
     elif binary:
         # The array's own memory goes to the socket: no bytes copy of a 600 KB tensor per answer.

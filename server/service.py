@@ -16,7 +16,6 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from cnncore.datatypes import from_numpy
-from cnncore.wire import serialize_bytes
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from server.boundary import guard_servicer, status_of
@@ -89,7 +88,7 @@ def build_response(request: InferenceRequest, outputs: dict[str, np.ndarray],
             continue
         arr = outputs[name]
         out = response.outputs.add(name=name, datatype=from_numpy(arr.dtype), shape=arr.shape)
-        written = target.write(arr, serialize_bytes(arr) if out.datatype == "BYTES" else None)
+        written = target.write(arr)
         out.parameters[REGION].string_param = target.region.name
         out.parameters[BYTE_SIZE].int64_param = written
         # Written into the region; the response keeps an empty entry so raw_output_contents stays

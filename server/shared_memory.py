@@ -37,6 +37,8 @@ from typing import Any, Mapping
 import grpc
 import numpy as np
 
+from cnncore.datatypes import from_numpy
+from cnncore.wire import serialize_bytes
 from server.errors import InferError, echo, invalid, not_found
 
 SHM_ROOT = Path("/dev/shm")
@@ -292,10 +294,13 @@ class OutputTarget:
     offset: int
     byte_size: int
 
-    def write(self, arr: np.ndarray, data: bytes | None = None) -> int:
-        """Copy the output (or its serialized `data`, for BYTES) into the region; returns bytes written."""
+    def write(self, arr: np.ndarray) -> int:
+        """Copy the output (BYTES in its length-prefixed wire form) into the region; returns bytes written."""
         what = f"output '{self.name}'"
-        src = np.frombuffer(data, np.uint8) if data is not None else np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        if from_numpy(arr.dtype) == "BYTES":
+            src = np.frombuffer(serialize_bytes(arr), np.uint8)
+        else:
+            src = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
         if src.nbytes > self.byte_size:
             raise invalid(f"{what}: result of {src.nbytes} bytes does not fit {BYTE_SIZE} {self.byte_size} "
                           f"of shared memory region {echo(self.region.name)}")
