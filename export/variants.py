@@ -11,21 +11,20 @@ model.json (ModelMeta.serving), parity.json and the config's parameters.
 """
 from __future__ import annotations
 
-import math
-from contextlib import nullcontext
 import json
+import math
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from cnncore.artifacts import file_sha256
-from cnncore.artifacts import ONNX_FILENAME
+from cnncore.artifacts import ONNX_FILENAME, file_sha256
 from cnncore.spec import GateFigure, ModelMeta, ServingChoice
 from export.accuracy_gate import GateRefused, GateThresholds, check, describe, run_gate
 from export.quantize import EXCLUDE_NODES, QuantizationError, QuantizeResult, quantize_onnx
 from export.repository import PARITY_FILENAME, StagedModel
-from export.runtimes import RuntimeMissing, available_runtimes, runner, throughput
+from export.runtimes import Runner, RuntimeMissing, available_runtimes, runner, throughput
 
 PRECISIONS = ("auto", "fp32", "int8")
 RUNTIME_CHOICES = ("auto", "onnxruntime", "openvino")
@@ -65,7 +64,7 @@ def _config_for(staged: StagedModel, precision: str, runtime: str, gate: list[Ga
     # reads the ONNX file when default_model_filename names it.
     cfg.platform = "onnxruntime_onnx" if runtime == "onnxruntime" else ""
     if runtime == "openvino":
-        cfg.default_model_filename = "model.onnx"
+        cfg.default_model_filename = ONNX_FILENAME
     cfg.parameters["precision"].string_value = precision.upper()
     if gate:
         refused = "" if all(f.passed for f in gate) else "INT8 refused: "
@@ -163,14 +162,22 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
 
     candidates = [(p, r) for p in precisions for r in runtimes]
     tp: dict[str, float] = {}
+    # The sessions built for the speed measurement serve the accuracy gate too, rather than loading and
+    # optimising the same file a second time and holding it in memory twice.
+    runs: dict[tuple[str, str], Runner] = {}
+
+    def session(p: str, r: str) -> Runner:
+        if (p, r) not in runs:
+            runs[(p, r)] = runner(files[p], r, options.threads)
+        return runs[(p, r)]
+
     if len(candidates) > 1:
         sample = _speed_sample(name, staged, calib)
         with step(f"{name}: throughput of {', '.join(f'{p}/{r}' for p, r in candidates)} at batch "
                   f"{'/'.join(map(str, MEASURE_BATCHES))}"):
-            runs = {}
             for p, r in candidates:
                 try:
-                    runs[(p, r)] = runner(files[p], r, options.threads)
+                    session(p, r)
                 except RuntimeMissing:
                     continue
             # Interleaved rounds, best of each: other processes only ever slow a measurement down, so
@@ -198,8 +205,7 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
             break
         with step(f"{name}: accuracy gate, INT8 on {r} vs FP32 parent"):
             try:
-                figures = run_gate(meta, runner(files["fp32"], "onnxruntime", options.threads),
-                                   runner(files["int8"], r, options.threads), options.thresholds)
+                figures = run_gate(meta, session("fp32", "onnxruntime"), session("int8", r), options.thresholds)
             except Exception as exc:  # an evaluator that cannot run is a refusal, never a pass
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise VariantRefused(f"{name}: accuracy gate could not run: {first}") from None
