@@ -60,8 +60,9 @@ def qdq_onnx(onnx_path: Path) -> bool:
     """True when the ONNX file carries QuantizeLinear/DequantizeLinear nodes (explicit quantization)."""
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
+    from export.quantize import is_qdq
+
+    return is_qdq(onnx.load(str(onnx_path), load_external_data=False))
 
 
 def engine_precision(onnx_path: Path, requested: str) -> str:
