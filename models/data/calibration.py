@@ -15,7 +15,7 @@ are those the server will feed. Deterministic by seed; torch-free (numpy, Pillow
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -122,9 +122,6 @@ def fashion_pictures(images: np.ndarray, spec: PreprocessSpec) -> list[Image.Ima
     """Dataset images as the pictures a client sends: the dataset stores light garments on black, a
     spec with `invert` expects product photos (dark on light) and inverts them itself."""
     return [Image.fromarray(255 - img if spec.invert else img, mode="L") for img in images]
-
-
-CalibrationSource = Callable[[PreprocessSpec], np.ndarray]
 
 
 def calibration_inputs(model: str, spec: PreprocessSpec) -> tuple[np.ndarray, str]:
