@@ -105,10 +105,8 @@ class VisionService(vpb_grpc.VisionServiceServicer):
                              f"{', '.join(spec.name for spec in model.inputs)}")
         return model, meta
 
-    def _prepare(self, model: ServedModel, data: bytes, meta: ModelMeta, index: int) -> PreparedImage:
+    def _prepare(self, model: ServedModel, data: bytes, meta: ModelMeta, index: int, pixels: bool) -> PreparedImage:
         start = time.perf_counter()
-        # A model exported with --input-dtype uint8 normalizes in its graph: it takes the pixels as they are.
-        pixels = next(spec.dtype for spec in model.inputs if spec.name == meta.input_name) == np.uint8
         prepared = prepare_image(data, meta.preprocess, index=index, max_pixels=self._max_pixels, pixels=pixels)
         PREPROCESS_TIME.labels(model.name).observe(time.perf_counter() - start)
         return prepared
@@ -116,13 +114,15 @@ class VisionService(vpb_grpc.VisionServiceServicer):
     async def _one(self, model: ServedModel, meta: ModelMeta, data: bytes, index: int,
                    deadline: float | None, received_ns: int) -> _Outcome:
         loop = asyncio.get_running_loop()
+        dtype = next(spec.dtype for spec in model.inputs if spec.name == meta.input_name)
+        # A model exported with --input-dtype uint8 normalizes in its graph: it takes the pixels as they are.
+        pixels = dtype == np.uint8
         try:
-            prepared = await loop.run_in_executor(self._pool, self._prepare, model, data, meta, index)
+            prepared = await loop.run_in_executor(self._pool, self._prepare, model, data, meta, index, pixels)
         except ImageDecodeError as exc:
             IMAGE_ERRORS.labels(model.name, exc.reason.value).inc()
             return _Outcome(error=exc)
         tensor = prepared.tensor[None]
-        dtype = next(spec.dtype for spec in model.inputs if spec.name == meta.input_name)
         if tensor.dtype != dtype:  # an FP16 export takes the same pixels in half precision
             tensor = tensor.astype(dtype)
         outputs = await self._path.infer_arrays(model, {meta.input_name: tensor}, deadline, received_ns)
