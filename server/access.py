@@ -20,6 +20,7 @@ import hmac
 import logging
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Awaitable, Callable, Iterable, Literal, Sequence
 
 import grpc
@@ -79,6 +80,11 @@ class Restriction:
     groups: frozenset[str]
     header: str  # lower case: gRPC metadata keys are, HTTP header names compare case-insensitively
     value: str = field(repr=False)  # the key: never in a repr, a log line or an error message
+
+    @cached_property
+    def digest(self) -> bytes:
+        """The key's SHA-256, what each request's value is compared with (computed once, not per call)."""
+        return hashlib.sha256(self.value.encode()).digest()
 
     @classmethod
     def parse(cls, spec: str, flag: str) -> "Restriction":
@@ -164,7 +170,7 @@ class AccessPolicy:
         sent = [v for name in self._names(r.header) for v in lookup(name)]
         # Digests compared, not the values: compare_digest is constant-time only for equal lengths, and
         # the key's length is no one's business. Every sent value is compared (no early exit).
-        expected = hashlib.sha256(r.value.encode()).digest()
+        expected = r.digest
         ok = False
         for v in sent:
             ok |= hmac.compare_digest(hashlib.sha256(v.encode() if isinstance(v, str) else bytes(v)).digest(),
