@@ -52,15 +52,19 @@ def _metadata(headers: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
     return tuple((k.lower(), v) for k, v in (headers or {}).items())
 
 
-class _HeaderInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                         grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds fixed metadata to every call of a blocking channel, whatever the stub."""
+class _AddsMetadata:
+    """What both header interceptors do to a call: append the fixed metadata to its own."""
 
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self._metadata = metadata
 
     def _details(self, details: Any) -> Any:
         return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
+
+
+class _HeaderInterceptor(_AddsMetadata, grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                         grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds fixed metadata to every call of a blocking channel, whatever the stub."""
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._details(details), request)
@@ -75,15 +79,10 @@ class _HeaderInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClien
         return continuation(self._details(details), request_iterator)
 
 
-class _AsyncHeaderInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                              grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+class _AsyncHeaderInterceptor(_AddsMetadata, grpc.aio.UnaryUnaryClientInterceptor,
+                              grpc.aio.UnaryStreamClientInterceptor, grpc.aio.StreamUnaryClientInterceptor,
+                              grpc.aio.StreamStreamClientInterceptor):
     """The grpc.aio twin of _HeaderInterceptor."""
-
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self._metadata = metadata
-
-    def _details(self, details: Any) -> Any:
-        return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
 
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(self._details(details), request)
