@@ -77,6 +77,10 @@ class BatchSettings:
 _QUEUED, _RUNNING, _DROPPED = 0, 1, 2
 
 
+class _ExecutionHung(Exception):
+    """An execution overran execution_timeout_ms (told apart from a TimeoutError the backend raises)."""
+
+
 class _InstanceThread:
     """One backend instance's worker: runs submitted calls in order on a daemon thread."""
 
@@ -345,15 +349,18 @@ class DynamicBatcher:
             running = asyncio.wrap_future(self._threads[instance].submit(self._run_batch, self.instances[instance], batch))
             limit_ms = self.settings.execution_timeout_ms
             if limit_ms:
+                limit = asyncio.timeout(limit_ms / 1000)
                 try:
-                    async with asyncio.timeout(limit_ms / 1000):
+                    async with limit:
                         outputs, (t_in, t_infer, t_out) = await running
                 except TimeoutError:
+                    if not limit.expired():  # the backend's own TimeoutError: a failed execution, no hang
+                        raise
                     hung = True
-                    raise
+                    raise _ExecutionHung from None
             else:
                 outputs, (t_in, t_infer, t_out) = await running
-        except TimeoutError:
+        except _ExecutionHung:
             reason = (f"an execution on instance {instance} did not finish within execution_timeout_ms "
                       f"({self.settings.execution_timeout_ms} ms); reload the model to serve it again")
             log.error("execution timed out", extra={"model": self.name, "version": self.version, "error": reason})

@@ -291,3 +291,37 @@ def test_backend_failure_fails_the_batch_not_the_batcher(affine_file: Path) -> N
     assert err.code == grpc.StatusCode.INTERNAL and "execution failed" in err.message
     np.testing.assert_array_equal(out["y"], good["a"] * 2 + 1)
     assert b.stats.failures["BACKEND"] == 1
+
+
+class _RaisesTimeoutError(OrtBackend):
+    """A backend whose execution fails with its own TimeoutError (a socket or lock timeout inside it)."""
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if inputs["a"][0, 0] == 13:
+            raise TimeoutError("backend's own timeout")
+        return super().execute(inputs)
+
+
+@pytest.mark.parametrize("execution_timeout_ms", [0, 3_600_000])
+def test_backend_raising_timeout_error_is_a_failed_batch_not_a_hang(affine_file: Path,
+                                                                    execution_timeout_ms: int) -> None:
+    # Was taken for an overrun of execution_timeout_ms: the model faulted (UNAVAILABLE from then on).
+    async def main():
+        backend = _RaisesTimeoutError(affine_file, BackendOptions(intra_op_threads=1, inter_op_threads=1))
+        b = DynamicBatcher("affine", "1", [backend],
+                           BatchSettings(max_batch_size=8, execution_timeout_ms=execution_timeout_ms))
+        b.start()
+        bad = _affine_inputs(1, 6)
+        bad["a"][0, 0] = 13
+        with pytest.raises(InferError) as err:
+            await b.infer(bad)
+        good = _affine_inputs(2, 7)
+        out = await b.infer(good)
+        await b.stop()
+        return b, err.value, good, out
+
+    b, err, good, out = _run(main())
+    assert err.code == grpc.StatusCode.INTERNAL and "backend's own timeout" in err.message
+    assert b.fault is None
+    np.testing.assert_array_equal(out["y"], good["a"] * 2 + 1)
+    assert b.stats.failures["BACKEND"] == 1
