@@ -85,9 +85,13 @@ class ServerState:
         self.shutting_down = False
         self.strict_readiness = False
         self.model_control_mode = "none"  # "explicit": models load and unload on request
-        self.inflight = 0  # inference requests accepted and not yet answered (drained on shutdown)
         self.admission = Admission()  # server-wide in-flight limits; the app sets the configured one
         self.shared_memory = process_registry()  # system shared-memory regions, every binding's
+
+    @property
+    def inflight(self) -> int:
+        """Inference requests accepted and not yet answered (what shutdown drains): admission holds them."""
+        return self.admission.requests
 
     def ready(self, repository: ModelRepository) -> bool:
         if not self.started or self.shutting_down:
@@ -102,11 +106,7 @@ class ServerState:
         graceful shutdown waits for it, and admission refuses it first (RESOURCE_EXHAUSTED with a
         retry pushback) when the server already holds its limit of requests or bytes."""
         with self.admission.admit(nbytes):
-            self.inflight += 1
-            try:
-                yield
-            finally:
-                self.inflight -= 1
+            yield
 
 
 class RequestPath:
