@@ -277,13 +277,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     infer_response=pb.ModelInferResponse(model_name=req.model_name, id=req.id)))
 
         async def reader() -> None:
-            async for req in request_iterator:
-                t = asyncio.create_task(one(req))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            await out.put(None)
+            # The end mark goes out however reading ends: after a message that does not parse the loop
+            # below must stop and re-raise that error (INVALID_ARGUMENT), not wait on `out` forever.
+            try:
+                async for req in request_iterator:
+                    t = asyncio.create_task(one(req))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                out.put_nowait(None)
 
         reader_task = asyncio.create_task(reader())
         try:

@@ -208,6 +208,17 @@ def test_admission_refusal_inside_a_stream_answers_that_request(repo: Path, serv
     srv.terminate()
 
 
+def test_unparsable_message_in_a_stream_is_invalid_argument(server: ServerProcess) -> None:
+    # The stream waited for an end mark its reader never sent after the parse error: the call hung
+    # until the client's deadline instead of being answered.
+    with grpc.insecure_channel(server.grpc_url) as ch:
+        call = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(iter([b"\x00"]), timeout=20))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.value.code(), err.value.details())
+    assert "malformed request message" in err.value.details()
+
+
 @pytest.mark.parametrize("method", ["/inference.GRPCInferenceService/ModelMetadata",
                                     "/inference.GRPCInferenceService/RepositoryModelLoad",
                                     "/cnnserve.vision.VisionService/Classify"])
