@@ -145,8 +145,7 @@ def _field(obj: dict, key: str, kind: type | tuple[type, ...], where: str, defau
 
 
 def _parameters(obj: dict, where: str) -> dict[str, Any]:
-    params = _field(obj, "parameters", dict, where, {})
-    return params
+    return _field(obj, "parameters", dict, where, {})
 
 
 def _tensors_in(inputs: list, binary: memoryview, shm: SharedMemoryRegistry) -> list[TensorIn]:
