@@ -55,6 +55,9 @@ class ServedModel:
         self.inputs = io_specs(list(config.input))
         self.outputs = io_specs(list(config.output))
         self._inputs_by_name = {s.name: s for s in self.inputs}
+        # What check_declared compares every request's inputs with, and names them by, built once here.
+        self._where = f"model '{name}' version {version}"
+        self._expected_shapes = {s.name: s.metadata_shape(config.max_batch_size > 0) for s in self.inputs}
         self.output_names = [s.name for s in self.outputs]
 
     @property
@@ -68,7 +71,7 @@ class ServedModel:
     def check_declared(self, name: str, datatype: str, shape: Sequence[int]) -> None:
         """One input's declaration against the config (name, datatype, shape, batch bounds), before any
         of its contents is decoded. INVALID_ARGUMENT naming the input, what was expected and what came."""
-        where = f"model '{self.name}' version {self.version}"
+        where = self._where
         spec = self._inputs_by_name.get(name)
         if spec is None:
             raise invalid(f"{where}: unexpected input(s) {name!r}; expected inputs {sorted(self._inputs_by_name)}")
@@ -79,11 +82,10 @@ class ServedModel:
                 raise invalid(f"input '{name}': unsupported datatype {datatype!r}; "
                               f"supported: {', '.join(PROTOCOL_DATATYPES)}")
             raise invalid(f"{where}: input '{name}': expected datatype {spec.datatype}, got {datatype}")
-        batched = self.max_batch_size > 0
-        expected = spec.metadata_shape(batched)
+        expected = self._expected_shapes[name]
         if len(shape) != len(expected) or any(e != -1 and e != g for e, g in zip(expected, shape)):
             raise invalid(f"{where}: input '{name}': expected shape {expected}, got {list(shape)}")
-        if batched:
+        if self.max_batch_size > 0:
             if shape[0] < 1:
                 raise invalid(f"{where}: input '{name}': batch size must be at least 1, got {shape[0]}")
             if shape[0] > self.max_batch_size:
@@ -94,7 +96,7 @@ class ServedModel:
         """INVALID_ARGUMENT unless `inputs` match the config exactly (names, dtypes, shapes, batch).
         `declarations_checked`: the request path already ran `check_declared` on each input (the
         arrays it decoded have exactly the checked datatype and shape), so only the set is checked."""
-        where = f"model '{self.name}' version {self.version}"
+        where = self._where
         missing = [n for n in self._inputs_by_name if n not in inputs]
         extra = [n for n in inputs if n not in self._inputs_by_name]
         if missing:
