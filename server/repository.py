@@ -225,9 +225,6 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults) -> list[_Built]:
     filename = cfg.default_model_filename or _DEFAULT_FILENAME.get(backend, "model")
     try:
         options, count = _options(cfg, defaults)
-    except LoadError as exc:
-        raise LoadError(f"{model_dir / CONFIG_FILENAME}: {exc}") from None
-    try:
         settings = _settings(cfg)
     except LoadError as exc:
         raise LoadError(f"{model_dir / CONFIG_FILENAME}: {exc}") from None
