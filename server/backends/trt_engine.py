@@ -30,7 +30,7 @@ class TensorRTBackend(Backend):
         super().__init__(model_file, options)
         try:
             self._runner = trt_runtime.EngineRunner(self.model_file, options.device_id,
-                                                    batched=getattr(options, "batched", True))
+                                                    batched=options.batched)
         except trt_runtime.TensorRTUnavailable as exc:
             raise BackendUnavailable(str(exc)) from None
         self.max_batch = self._runner.max_batch
