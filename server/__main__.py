@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(a.log_level, a.log_format)
     if a.workers < 1:
         raise SystemExit(f"python -m server: error: --workers must be at least 1, got {a.workers}")
+    for flag in ("max_inflight_requests", "max_inflight_bytes", "retry_pushback_ms"):
+        if getattr(a, flag) < 0:  # Admission would refuse it with a traceback
+            raise SystemExit(f"python -m server: error: --{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
     if a.workers > 1 and a.model_control_mode == "explicit":
         # A load or unload request reaches the one worker its connection landed on.
         raise SystemExit("python -m server: error: --workers > 1 needs --model-control-mode none "

@@ -4,6 +4,8 @@ behind, a 60 MB BYTES tensor sent to an FP32 model, and the server-wide admissio
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -217,6 +219,15 @@ def test_unparsable_message_in_a_stream_is_invalid_argument(server: ServerProces
             list(call(iter([b"\x00"]), timeout=20))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.value.code(), err.value.details())
     assert "malformed request message" in err.value.details()
+
+
+@pytest.mark.parametrize("flag", ["--max-inflight-requests", "--max-inflight-bytes", "--retry-pushback-ms"])
+def test_negative_admission_flags_are_refused_with_a_clear_error(repo: Path, flag: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(repo), flag, "-1"],
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert f"{flag} must be >= 0, got -1" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
 
 
 @pytest.mark.parametrize("method", ["/inference.GRPCInferenceService/ModelMetadata",
