@@ -161,16 +161,20 @@ class SharedMemoryRegistry:
             if self.shared_dir is not None:
                 record = self._record(name)
                 tmp = record.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"name": name, "key": key, "offset": offset, "byte_size": byte_size}))
                 try:
+                    tmp.write_text(json.dumps({"name": name, "key": key, "offset": offset, "byte_size": byte_size}))
                     os.link(tmp, record)  # atomic and exclusive: the first registration of a name wins
+                    token = record.stat().st_ino
                 except FileExistsError:
                     region.close()
                     raise exists from None
+                except BaseException:  # e.g. the directory's disk is full: the mapping must not leak
+                    region.close()
+                    raise
                 finally:
-                    tmp.unlink()
+                    tmp.unlink(missing_ok=True)
                 self._forget(name)
-                self._tokens[name] = record.stat().st_ino
+                self._tokens[name] = token
             self._regions[name] = region
 
     def _forget(self, name: str) -> None:
