@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from cnncore.spec import GateFigure, ModelMeta, Task
+from export.defaults import GATE_ACCURACY_POINTS, GATE_MAP50, GATE_MIOU, GATE_MSE_RELATIVE
 from export.runtimes import Runner
 
 FASHION_TEST_IMAGES = 10_000
@@ -38,10 +39,10 @@ EVAL_BATCH = 32  # every default model's max_batch_size allows it; small models 
 class GateThresholds:
     """Largest allowed loss per metric kind; `python -m export ... --gate-*` flags override them."""
 
-    accuracy_points: float = 1.0  # accuracy and agreement, in percentage points
-    map50: float = 0.01
-    miou: float = 0.01
-    mse_relative: float = 0.10
+    accuracy_points: float = GATE_ACCURACY_POINTS  # accuracy and agreement, in percentage points
+    map50: float = GATE_MAP50
+    miou: float = GATE_MIOU
+    mse_relative: float = GATE_MSE_RELATIVE
 
 
 class GateRefused(RuntimeError):

@@ -4,3 +4,13 @@ DEFAULT_OPSET = 18
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4  # relative to the output's largest magnitude (see export/parity.py); observed ~1e-6
 DEFAULT_REPOSITORY = "model_repository"
+
+# Served variant choices (export/variants.py) and the UINT8 pixel input (export/uint8_input.py).
+PRECISION_CHOICES = ("auto", "fp32", "int8")
+RUNTIME_CHOICES = ("auto", "onnxruntime", "openvino")
+INPUT_DTYPES = ("fp32", "uint8")
+# The accuracy gate's default thresholds (export/accuracy_gate.py GateThresholds, the --gate-* flags).
+GATE_ACCURACY_POINTS = 1.0  # accuracy and agreement, in percentage points
+GATE_MAP50 = 0.01
+GATE_MIOU = 0.01
+GATE_MSE_RELATIVE = 0.10

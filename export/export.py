@@ -257,7 +257,8 @@ def cmd_lint(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------------
 
 def _add_export_options(p: argparse.ArgumentParser, precision: str = "fp32", runtime: str = "onnxruntime") -> None:
-    from export.defaults import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL
+    from export.defaults import (DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, GATE_ACCURACY_POINTS, GATE_MAP50,
+                                 GATE_MIOU, GATE_MSE_RELATIVE, INPUT_DTYPES, PRECISION_CHOICES, RUNTIME_CHOICES)
 
     p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="model repository dir (default: %(default)s)")
     p.add_argument("--version", type=int, default=1, help="model version directory (default: %(default)s)")
@@ -277,20 +278,20 @@ def _add_export_options(p: argparse.ArgumentParser, precision: str = "fp32", run
     p.add_argument("--max-queue-delay-us", type=int, default=100,
                    help="dynamic_batching.max_queue_delay_microseconds (default: %(default)s)")
     p.add_argument("--instances", type=int, default=1, help="instance_group count, KIND_CPU (default: %(default)s)")
-    p.add_argument("--input-dtype", choices=("fp32", "uint8"), default="fp32",
+    p.add_argument("--input-dtype", choices=INPUT_DTYPES, default="fp32",
                    help="uint8: the served model takes UINT8 pixels [N,C,H,W] and normalizes them in its graph "
                         "(4x fewer bytes per image; checked against the FP32 parent) (default: %(default)s)")
-    p.add_argument("--precision", choices=("auto", "fp32", "int8"), default=precision,
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=precision,
                    help="served precision: int8 = QDQ INT8 calibrated on real data, served only if it passes the "
                         "accuracy gate; auto = build both, serve the fastest that passes (default: %(default)s)")
-    p.add_argument("--runtime", choices=("auto", "onnxruntime", "openvino"), default=runtime,
+    p.add_argument("--runtime", choices=RUNTIME_CHOICES, default=runtime,
                    help="served runtime; auto = measure both here, serve the fastest (default: %(default)s)")
-    p.add_argument("--gate-accuracy", type=float, default=1.0, metavar="POINTS",
+    p.add_argument("--gate-accuracy", type=float, default=GATE_ACCURACY_POINTS, metavar="POINTS",
                    help="gate: largest INT8 drop of accuracy / top-1 agreement / retrieval accuracy, in "
                         "percentage points (default: %(default)s)")
-    p.add_argument("--gate-map", type=float, default=0.01, help="gate: largest mAP@0.5 drop (default: %(default)s)")
-    p.add_argument("--gate-miou", type=float, default=0.01, help="gate: largest mIoU drop (default: %(default)s)")
-    p.add_argument("--gate-mse", type=float, default=0.10, metavar="FRACTION",
+    p.add_argument("--gate-map", type=float, default=GATE_MAP50, help="gate: largest mAP@0.5 drop (default: %(default)s)")
+    p.add_argument("--gate-miou", type=float, default=GATE_MIOU, help="gate: largest mIoU drop (default: %(default)s)")
+    p.add_argument("--gate-mse", type=float, default=GATE_MSE_RELATIVE, metavar="FRACTION",
                    help="gate: largest relative increase of reconstruction MSE (default: %(default)s)")
     p.add_argument("--remeasure", action="store_true",
                    help="quantize, measure and gate again even when the repository already holds a choice for "

@@ -32,7 +32,6 @@ from cnncore.spec import PreprocessSpec
 from export.repository import StagedModel
 from protos.model_config_pb2 import DataType
 
-INPUT_DTYPES = ("fp32", "uint8")
 # Largest |uint8 model - parent| over the parent's largest |output|, per output, on the check pictures.
 UINT8_TOLERANCE = 1e-3
 _CHECK_SIZES = ((640, 480), (300, 500), (224, 224), (97, 131))  # (width, height): crops, stretches, pads

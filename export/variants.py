@@ -26,8 +26,6 @@ from export.quantize import EXCLUDE_NODES, QuantizationError, QuantizeResult, qu
 from export.repository import PARITY_FILENAME, StagedModel
 from export.runtimes import Runner, RuntimeMissing, available_runtimes, runner, throughput
 
-PRECISIONS = ("auto", "fp32", "int8")
-RUNTIME_CHOICES = ("auto", "onnxruntime", "openvino")
 MEASURE_BATCHES = (1, 8)
 MEASURE_ROUNDS = 3
 
