@@ -229,12 +229,14 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
     else:
         why = "pinned by --precision/--runtime"
     reason = "; ".join([why, *notes])
+    fp32_sha = staged.parity["onnx_sha256"]  # the pipeline hashed the FP32 parent already
     serving = ServingChoice(precision=precision, runtime=runtime, reason=reason, throughput=tp, gate=gate,
                             calibration=quant.calibration if quant else "",
-                            fp32_onnx_sha256=file_sha256(files["fp32"]) if precision == "int8" else "")
+                            fp32_onnx_sha256=fp32_sha if precision == "int8" else "")
     _config_for(staged, precision, runtime, gate)
     parity = dict(staged.parity)
-    parity["served"] = {"precision": precision, "runtime": runtime, "onnx_sha256": file_sha256(files[precision]),
+    served_sha = fp32_sha if precision == "fp32" else file_sha256(files[precision])
+    parity["served"] = {"precision": precision, "runtime": runtime, "onnx_sha256": served_sha,
                         "reason": reason, "options": options.recorded()}
     if quant is not None:
         parity["quantization"] = quant.to_dict()
