@@ -24,7 +24,7 @@ import numpy as np
 
 from cnncore.spec import GateFigure, ModelMeta, Task
 from export.defaults import GATE_ACCURACY_POINTS, GATE_MAP50, GATE_MIOU, GATE_MSE_RELATIVE
-from export.runtimes import Runner
+from export.runtimes import Runner, runner
 
 FASHION_TEST_IMAGES = 10_000
 AUTOENCODER_TEST_IMAGES = 2_000
@@ -212,6 +212,4 @@ def check(meta: ModelMeta, figures: Figures) -> None:
 
 def gate_paths(meta: ModelMeta, fp32_path: Path, int8_path: Path, runtime: str = "onnxruntime",
                thresholds: GateThresholds = GateThresholds(), threads: int = 2) -> Figures:
-    from export.runtimes import runner
-
     return run_gate(meta, runner(fp32_path, "onnxruntime", threads), runner(int8_path, runtime, threads), thresholds)
