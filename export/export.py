@@ -188,6 +188,7 @@ def _print_outcome(console, outcome) -> None:
 
 
 def _export_into(repo: Path, names: Sequence[str], args: argparse.Namespace) -> int:
+    from cnncore.artifacts import ONNX_FILENAME
     from export.pipeline import ExportFailed, export_model
     from export.repository import write_models
 
@@ -207,8 +208,8 @@ def _export_into(repo: Path, names: Sequence[str], args: argparse.Namespace) -> 
     for path, o in zip(written, outcomes):
         serving = o.staged.meta.serving
         served = f", {serving.precision.upper()} on {serving.runtime}: {serving.reason}" if serving else ""
-        console.print(f"[bold]{o.staged.name}[/] -> {path}/{o.staged.version}/model.onnx "
-                      f"({(path / str(o.staged.version) / 'model.onnx').stat().st_size / 1e6:.1f} MB{served})")
+        onnx_file = path / str(o.staged.version) / ONNX_FILENAME
+        console.print(f"[bold]{o.staged.name}[/] -> {onnx_file} ({onnx_file.stat().st_size / 1e6:.1f} MB{served})")
     return 0
 
 
