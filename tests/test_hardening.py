@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import AsyncIterator
 
 import grpc
 import numpy as np
@@ -139,6 +141,20 @@ def _admission_server(repo: Path, server_factory, *limits: str) -> ServerProcess
                           "--backend-module", "fault_backends", "--retry-pushback-ms", "250", *limits)
 
 
+@asynccontextmanager
+async def _two_held_at_the_gate(srv: ServerProcess, stub, req, gate: FileGate) -> AsyncIterator[list]:
+    """Two requests admitted and held executing at the closed gate for the block (the server's pending
+    gauge says so); the gate opens on leaving. Yields their calls, to be awaited after."""
+    await stub.ServerReady(tpb.ServerReadyRequest())
+    gate.close()
+    try:
+        held = [asyncio.ensure_future(stub.ModelInfer(req)) for _ in range(2)]
+        await srv.wait_pending("gated", 2)
+        yield held
+    finally:
+        gate.open()
+
+
 @pytest.mark.parametrize("limit", ["requests", "bytes"])
 def test_admission_limit_refuses_with_retry_pushback_and_counts(repo: Path, server_factory, limit: str) -> None:
     req = _affine_request(name="gated")
@@ -150,11 +166,7 @@ def test_admission_limit_refuses_with_retry_pushback_and_counts(repo: Path, serv
     async def main():
         async with grpc.aio.insecure_channel(srv.grpc_url) as ch:
             s = tpb_grpc.GRPCInferenceServiceStub(ch)
-            await s.ServerReady(tpb.ServerReadyRequest())
-            gate.close()
-            try:
-                held = [asyncio.ensure_future(s.ModelInfer(req)) for _ in range(2)]
-                await srv.wait_pending("gated", 2)  # both admitted and accepted; the gate holds them
+            async with _two_held_at_the_gate(srv, s, req, gate) as held:
                 call = s.ModelInfer(req)
                 try:
                     await call
@@ -162,8 +174,6 @@ def test_admission_limit_refuses_with_retry_pushback_and_counts(repo: Path, serv
                 except grpc.aio.AioRpcError as exc:
                     refused = exc
                 trailers = await call.trailing_metadata()
-            finally:
-                gate.open()
             answers = await asyncio.gather(*held)
             return refused, trailers, answers
 
@@ -189,17 +199,11 @@ def test_admission_refusal_inside_a_stream_answers_that_request(repo: Path, serv
     async def main():
         async with grpc.aio.insecure_channel(srv.grpc_url) as ch:
             s = tpb_grpc.GRPCInferenceServiceStub(ch)
-            await s.ServerReady(tpb.ServerReadyRequest())
-            gate.close()
-            try:
-                held = [asyncio.ensure_future(s.ModelInfer(req)) for _ in range(2)]
-                await srv.wait_pending("gated", 2)
+            async with _two_held_at_the_gate(srv, s, req, gate) as held:
                 stream = s.ModelStreamInfer()
                 await stream.write(req)
                 answer = await asyncio.wait_for(stream.read(), 30)
                 await stream.done_writing()
-            finally:
-                gate.open()
             await asyncio.gather(*held)
             return answer
 
