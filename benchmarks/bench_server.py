@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from cnncore.artifacts import ONNX_FILENAME
+from cnncore.runtime import OpenVinoSettings, OrtRunner, OrtSettings, openvino_runner
+from cnncore.runtime import ort_runner as ort_runner_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,27 +46,20 @@ def pct(xs: list[float], q: float) -> float:
 
 def model_file(repo: Path, name: str) -> Path:
     # Not cnncore.layout: it loads cnncore.config and with it the project's protos, which cannot live
-    # beside tritonclient's in this process (see ort_session).
+    # beside tritonclient's in this process (see ort_runner).
     versions = sorted(int(p.name) for p in (repo / name).iterdir() if p.is_dir() and p.name.isdigit())
     if not versions:
         raise SystemExit(f"{repo / name}: no version directory")
     return repo / name / str(versions[-1]) / ONNX_FILENAME
 
 
-def ort_session(path: Path, threads: int, spinning: bool = False):
-    """A session configured as the server's ONNX Runtime backend configures its own.
+def ort_runner(path: Path, threads: int, spinning: bool = False) -> OrtRunner:
+    """The file on ONNX Runtime with the server's backend settings (the runtime layer's), same threads.
 
-    Plain onnxruntime here, not server.backends: this process also imports tritonclient, whose generated
-    `inference.*` protos cannot live beside the server's (docs: known traps).
+    The runtime layer loads none of the project's protos: this process also imports tritonclient, whose
+    generated `inference.*` protos cannot live beside the server's (docs: known traps).
     """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    return ort_runner_of(path, OrtSettings(intra_op_threads=threads, inter_op_threads=1, allow_spinning=spinning))
 
 
 class Point:
@@ -89,14 +84,9 @@ class Point:
         return out
 
 
-def run_raw(sess, bs: int, seconds: float, point: Point) -> None:
-    """`sess`: an onnxruntime session, or a callable batch -> outputs (another runtime)."""
-    if callable(sess):
-        run, shape = sess, sess.input_shape
-    else:
-        inp = sess.get_inputs()[0]
-        run, shape = (lambda x: sess.run(None, {inp.name: x})), inp.shape[1:]
-    x = np.random.default_rng(0).standard_normal((bs, *shape)).astype(np.float32)
+def run_raw(run, bs: int, seconds: float, point: Point) -> None:  # type: ignore[no-untyped-def]
+    """`run`: a runtime layer runner (its input_shape: one item's, static)."""
+    x = np.random.default_rng(0).standard_normal((bs, *run.input_shape)).astype(np.float32)
     run(x)
     t_end = time.perf_counter() + seconds
     n = 0
@@ -149,33 +139,23 @@ async def run_server(url: str, model: str, input_name: str, shape: list[int], co
 def raw_sides(repo: Path, name: str, threads: int, spinning: bool, workdir: Path) -> dict[str, object]:
     """label -> raw runner: ORT FP32 always; the served variant too when it is something else."""
     # model.json read as plain JSON: cnncore.spec would load the project's protos, which cannot live
-    # beside tritonclient's in this process (see ort_session)
+    # beside tritonclient's in this process (see ort_runner)
     served_file = model_file(repo, name)
     meta = json.loads((repo / name / "model.json").read_text()) if (repo / name / "model.json").is_file() else {}
     serving = argparse.Namespace(**meta["serving"]) if meta.get("serving") else None
     if serving is None or (serving.precision, serving.runtime) == ("fp32", "onnxruntime"):
-        return {"raw ORT": ort_session(served_file, threads, spinning)}
+        return {"raw ORT": ort_runner(served_file, threads, spinning)}
     fp32_file = served_file
     if serving.precision != "fp32":  # the FP32 parent is not in the repository: export it again
         subprocess.run([sys.executable, "-m", "export", "onnx", name, "--repository", str(workdir / "fp32"),
                         "--precision", "fp32", "--runtime", "onnxruntime"], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
         fp32_file = model_file(workdir / "fp32", name)
-    sides: dict[str, object] = {"raw ORT FP32": ort_session(fp32_file, threads, spinning)}
+    sides: dict[str, object] = {"raw ORT FP32": ort_runner(fp32_file, threads, spinning)}
     if serving.runtime == "openvino":
-        from export.runtimes import openvino_runner
-
-        run = openvino_runner(served_file, threads)
-        run.input_shape = list(ort_session(served_file, threads).get_inputs()[0].shape[1:])  # type: ignore[attr-defined]
+        sides[f"raw {serving.precision.upper()} openvino"] = openvino_runner(served_file, OpenVinoSettings(threads=threads))
     else:
-        sess = ort_session(served_file, threads, spinning)
-        inp = sess.get_inputs()[0]
-
-        def run(x, sess=sess, name=inp.name):  # type: ignore[no-untyped-def]
-            return sess.run(None, {name: x})
-
-        run.input_shape = list(inp.shape[1:])  # type: ignore[attr-defined]
-    sides[f"raw {serving.precision.upper()} {serving.runtime}"] = run
+        sides[f"raw {serving.precision.upper()} {serving.runtime}"] = ort_runner(served_file, threads, spinning)
     return sides
 
 
@@ -226,14 +206,14 @@ def main() -> None:
         try:
             for m in args.models:
                 sides = raw_sides(args.repository, m, args.threads, args.spinning, Path(work))
-                inp = ort_session(model_file(args.repository, m), args.threads).get_inputs()[0]
+                inp = ort_runner(model_file(args.repository, m), args.threads)
                 raw = {(label, bs): Point() for label in sides for bs in args.batch_sizes}
                 served = {c: Point() for c in args.concurrency}
                 for r in range(args.rounds):
                     for (label, bs), point in raw.items():
                         run_raw(sides[label], bs, args.seconds, point)
                     for c in args.concurrency:
-                        asyncio.run(run_server(f"127.0.0.1:{port}", m, inp.name, list(inp.shape[1:]), c,
+                        asyncio.run(run_server(f"127.0.0.1:{port}", m, inp.input_name, list(inp.input_shape), c,
                                                args.seconds, served[c]))
                     print(f"{m}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
                 results[m] = {"raw": {f"{label} batch {bs}": p.row() for (label, bs), p in raw.items()},

@@ -14,16 +14,20 @@ from __future__ import annotations
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
+from cnncore.runtime import OrtSettings
+from cnncore.runtime import ort_session as _session
 from export.defaults import DEFAULT_ATOL, DEFAULT_RTOL
 from export.onnx_export import INPUT_NAME, example_batch
 from models.registry import ModelEntry
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 
 
@@ -75,12 +79,9 @@ class ParityReport:
         return f"{self.model}: parity PyTorch vs ONNX Runtime failed: " + "; ".join(parts)
 
 
-def ort_session(path: str | Path, threads: int = 2) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+def ort_session(path: str | Path, threads: int = 2) -> onnxruntime.InferenceSession:
+    """The session parity runs on: the runtime layer's CPU defaults, onnxruntime logging errors only."""
+    return _session(path, OrtSettings(intra_op_threads=threads, inter_op_threads=1, log_severity=3))
 
 
 def torch_outputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, np.ndarray]:

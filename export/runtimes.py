@@ -2,91 +2,35 @@
 
 Used by the accuracy gate (metrics through the runtime that will serve the file), by `export
 repository` (which measures both runtimes on the machine it runs on and serves the fastest gated
-variant) and by benchmarks/bench_models.py. Settings mirror the server's backends: ONNX Runtime with
-full graph optimisation and no spinning; OpenVINO on the CPU plugin with FP32 inference precision
-(this CPU has avx512_bf16, where OpenVINO would otherwise silently run FP32 models in bfloat16).
+variant) and by benchmarks/bench_models.py. The sessions and compiled models come from the runtime
+layer (cnncore/runtime) with the server's own defaults, so what export measures is what is served;
+this module only fixes export's thread count.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
+from cnncore.runtime import (RUNTIMES, OpenVinoSettings, OrtSettings, Runner, RuntimeUnavailable, available_runtimes,
+                             openvino_available, throughput)
+from cnncore.runtime import openvino_runner as _openvino_runner
+from cnncore.runtime import ort_runner as _ort_runner
+from cnncore.runtime import runner as _runner
 
-Runner = Callable[[np.ndarray], dict[str, np.ndarray]]
-RUNTIMES: tuple[str, ...] = ("onnxruntime", "openvino")
+# Not installed here: the runtime layer's error under the name export has always caught.
+RuntimeMissing = RuntimeUnavailable
 
-
-class RuntimeMissing(RuntimeError):
-    """The runtime is not installed here."""
-
-
-def openvino_available() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def available_runtimes() -> list[str]:
-    return [r for r in RUNTIMES if r != "openvino" or openvino_available()]
+__all__ = ["RUNTIMES", "Runner", "RuntimeMissing", "available_runtimes", "openvino_available", "openvino_runner",
+           "ort_runner", "runner", "throughput"]
 
 
 def ort_runner(path: Path, threads: int = 2) -> Runner:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    outputs = [o.name for o in session.get_outputs()]
-
-    def run(x: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(outputs, session.run(outputs, {name: np.ascontiguousarray(x, dtype=np.float32)})))
-
-    return run
+    return _ort_runner(path, OrtSettings(intra_op_threads=threads, inter_op_threads=1))
 
 
 def openvino_runner(path: Path, threads: int = 2) -> Runner:
-    try:
-        import openvino as ov
-    except ImportError as exc:
-        raise RuntimeMissing(f"openvino is not installed ({exc}); pip install openvino") from None
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-        "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    outputs = [o.get_any_name() for o in compiled.outputs]
-
-    def run(x: np.ndarray) -> dict[str, np.ndarray]:
-        res = request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
-        return {n: np.array(res[o]) for n, o in zip(outputs, compiled.outputs)}
-
-    return run
+    return _openvino_runner(path, OpenVinoSettings(threads=threads))
 
 
 def runner(path: Path, runtime: str, threads: int = 2) -> Runner:
-    if runtime == "onnxruntime":
-        return ort_runner(path, threads)
-    if runtime == "openvino":
-        return openvino_runner(path, threads)
-    raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+    return _runner(path, runtime, threads)
 
-
-def throughput(run: Runner, sample: np.ndarray, batch: int, seconds: float = 0.5, warmup: bool = True,
-               min_runs: int = 2) -> float:
-    """Images per second of `run` on `batch` copies of `sample` [C,H,W] (after one warm-up run)."""
-    x = np.ascontiguousarray(np.repeat(sample[None], batch, axis=0), dtype=np.float32)
-    if warmup:
-        run(x)
-    n, t0 = 0, time.perf_counter()
-    while True:
-        run(x)
-        n += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds and n >= min_runs:
-            return n * batch / elapsed

@@ -28,6 +28,7 @@ from PIL import Image
 
 from cnncore.artifacts import file_sha256
 from cnncore.preprocess import preprocess
+from cnncore.runtime import OrtSettings, ort_session
 from cnncore.spec import PreprocessSpec
 from export.repository import StagedModel
 from protos.model_config_pb2 import DataType
@@ -99,12 +100,8 @@ def _pictures(color: str) -> list[Image.Image]:
 
 def parity_with_parent(parent: Path, pixels_model: Path, spec: PreprocessSpec, input_name: str) -> dict:
     """Both files on the same pictures (parent fed the float preprocessing, the other the pixels)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    a = ort.InferenceSession(str(parent), so, providers=["CPUExecutionProvider"])
-    b = ort.InferenceSession(str(pixels_model), so, providers=["CPUExecutionProvider"])
+    settings = OrtSettings(intra_op_threads=1)
+    a, b = ort_session(parent, settings), ort_session(pixels_model, settings)
     feed_dtype = np.float16 if a.get_inputs()[0].type == "tensor(float16)" else np.float32
     worst: dict[str, float] = {}
     for picture in _pictures(spec.color):

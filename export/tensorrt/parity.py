@@ -19,11 +19,9 @@ def parity_against_onnxruntime(backend, onnx_path: Path, batch_sizes: Sequence[i
     """Any backend against ONNX Runtime (CPU, FP32) on the same random inputs, as the ONNX export's own
     parity report (export/parity.py: scale-aware max |d| <= atol + rtol * max |ref|, per output and
     batch size)."""
-    import onnxruntime as ort
+    from export.parity import ParityReport, _compare, ort_session
 
-    from export.parity import ParityReport, _compare
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort_session(onnx_path)
     rng = np.random.default_rng(seed)
     results = []
     for n in batch_sizes:

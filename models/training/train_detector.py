@@ -75,7 +75,7 @@ class _Stem(torch.nn.Module):
 
 def stem_session(model, example: np.ndarray):  # type: ignore[no-untyped-def]
     """ONNX Runtime session for the frozen lower backbone: x -> (c3 stride 8, c4 stride 16)."""
-    import onnxruntime as ort
+    from cnncore.runtime import OrtSettings, ort_session
 
     stem = _Stem(model).eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,10 +83,7 @@ def stem_session(model, example: np.ndarray):  # type: ignore[no-untyped-def]
         # The TorchScript exporter is enough for plain convolutions and exports in seconds.
         torch.onnx.export(stem, (torch.from_numpy(example),), str(path), dynamo=False, input_names=["x"],
                           output_names=["c3", "c4"], dynamic_axes={"x": {0: "n"}})
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort_session(path, OrtSettings(intra_op_threads=1, inter_op_threads=1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnncore.runtime import OpenVinoSettings, RuntimeUnavailable, compile_openvino, import_openvino
 from server.backends.base import Backend, BackendOptions, BackendUnavailable, TensorSpec, register_backend
 
 # config parameters handed to compile_model as they are (OpenVINO property names)
@@ -24,10 +25,9 @@ _PASSTHROUGH = ("INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT", "INF
 
 def _import_openvino():  # type: ignore[no-untyped-def]
     try:
-        import openvino as ov
-    except ImportError as exc:
-        raise BackendUnavailable(f"openvino is not installed ({exc}); pip install openvino") from None
-    return ov
+        return import_openvino()
+    except RuntimeUnavailable as exc:
+        raise BackendUnavailable(str(exc)) from None
 
 
 def _spec(port, batched: bool) -> TensorSpec:  # type: ignore[no-untyped-def]
@@ -51,26 +51,20 @@ class OpenVinoBackend(Backend):
 
     def __init__(self, model_file: Path, options: BackendOptions) -> None:
         super().__init__(model_file, options)
-        ov = _import_openvino()
+        _import_openvino()
         if options.device_kind == "gpu" or options.accelerators:
             raise BackendUnavailable("the openvino backend serves on the CPU only (instance_group KIND_CPU, "
                                      "no execution_accelerators)")
         params = dict(options.extra)
-        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        config: dict[str, object] = OpenVinoSettings().properties()
         if options.intra_op_threads > 0:
             config["INFERENCE_NUM_THREADS"] = options.intra_op_threads
         for key in _PASSTHROUGH:
             if key in params:
                 config[key] = params[key]
-        core = ov.Core()
         try:
-            model = core.read_model(str(model_file))
-            if options.batched and options.max_batch_size > 0:
-                # bounded dynamic batch: [1..max_batch_size] on every input's first dimension
-                model.reshape({p.get_any_name(): ov.PartialShape([ov.Dimension(1, options.max_batch_size),
-                                                                 *list(p.get_partial_shape())[1:]])
-                               for p in model.inputs})
-            self.compiled = core.compile_model(model, "CPU", config)
+            # bounded dynamic batch: [1..max_batch_size] on every input's first dimension
+            self.compiled = compile_openvino(model_file, config, max_batch=options.max_batch_size if options.batched else 0)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own for bad graphs
             raise RuntimeError(f"openvino could not compile {model_file}: {_reason(exc)}") from exc
         self.request = self.compiled.create_infer_request()

@@ -15,40 +15,7 @@ import onnxruntime as ort
 
 from server.backends.base import Backend, BackendOptions, BackendUnavailable, TensorSpec, register_backend
 from cnncore.datatypes import from_ort, to_numpy
-
-_ACCELERATOR_EP = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-}
-
-
-def _providers(options: BackendOptions) -> list[str | tuple[str, dict]]:
-    providers: list[str | tuple[str, dict]] = []
-    for name, params in options.accelerators:
-        ep = _ACCELERATOR_EP.get(name.lower())
-        if ep is None:
-            raise BackendUnavailable(
-                f"execution accelerator {name!r} is not supported by the onnxruntime backend "
-                f"(known: {', '.join(_ACCELERATOR_EP)})"
-            )
-        opts = dict(params)
-        if ep in ("TensorrtExecutionProvider", "CUDAExecutionProvider"):
-            opts.setdefault("device_id", str(options.device_id))
-        if ep == "TensorrtExecutionProvider" and opts.pop("precision_mode", "").upper() == "FP16":
-            opts["trt_fp16_enable"] = "True"
-        providers.append((ep, opts))
-    if options.device_kind == "gpu" and not any(p[0] == "CUDAExecutionProvider" for p in providers):
-        providers.append(("CUDAExecutionProvider", {"device_id": str(options.device_id)}))
-    available = set(ort.get_available_providers())
-    missing = [p[0] for p in providers if p[0] not in available]
-    if missing:
-        raise BackendUnavailable(
-            f"onnxruntime on this machine lacks {', '.join(missing)} (available: {', '.join(sorted(available))}); "
-            "install onnxruntime-gpu with CUDA/TensorRT, or serve the model on KIND_CPU"
-        )
-    providers.append("CPUExecutionProvider")
-    return providers
+from cnncore.runtime import OrtSettings, RuntimeUnavailable, ort_providers, ort_session
 
 
 def _spec(arg: ort.NodeArg, batched: bool) -> TensorSpec:
@@ -77,23 +44,22 @@ class OrtBackend(Backend):
 
     def __init__(self, model_file: Path, options: BackendOptions) -> None:
         super().__init__(model_file, options)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options.intra_op_threads
-        so.inter_op_num_threads = options.inter_op_threads
-        # Batches of different sizes arrive in any order; ORT's default arena grows to the largest
-        # and keeps it, which is what a server wants (no per-request allocation).
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning intra-op threads keep cores busy between runs; in a server they steal those cores
-        # from the event loop that receives and answers requests (measured on the 2-core box with
-        # MobileNetV2 at concurrency 8: 15-20 ms CPU per image without spinning, 24-27 ms with it, and
-        # 2-3x the throughput). Off unless the config or the CLI turns it on.
+        # Spinning intra-op threads would take the event loop's cores (cnncore/runtime/ort.py): off
+        # unless the config or the CLI turns it on.
         spin = dict(options.extra).get("intra_op_allow_spinning", "0")
         if spin not in ("0", "1"):
             raise ValueError(f"config parameter intra_op_allow_spinning must be 0 or 1, got {spin!r}")
-        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        providers = _providers(options)
         try:
-            self.session = ort.InferenceSession(str(model_file), sess_options=so, providers=providers)
+            providers = ort_providers([(name, dict(params)) for name, params in options.accelerators],
+                                      gpu=options.device_kind == "gpu", device_id=options.device_id)
+        except RuntimeUnavailable as exc:
+            raise BackendUnavailable(str(exc)) from None
+        # Batches of different sizes arrive in any order; ORT's default arena grows to the largest
+        # and keeps it, which is what a server wants (no per-request allocation).
+        settings = OrtSettings(intra_op_threads=options.intra_op_threads, inter_op_threads=options.inter_op_threads,
+                               allow_spinning=spin == "1", providers=providers)
+        try:
+            self.session = ort_session(model_file, settings)
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt/unsupported graphs
             raise RuntimeError(f"onnxruntime could not load {model_file}: {exc}") from exc
         self._inputs = [_spec(a, options.batched) for a in self.session.get_inputs()]

@@ -1,0 +1,70 @@
+"""OpenVINO compiled models: the properties, the factory, and the bounded dynamic batch.
+
+Defaults are the server's: the CPU plugin, a LATENCY performance hint, and inference precision pinned to
+f32, because on CPUs with bfloat16 support (this one has avx512_bf16) OpenVINO would otherwise run FP32
+models in bfloat16 and answer with other numbers than the graph's. openvino is imported when a model is
+compiled: the serving half without it still imports this module.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cnncore.runtime.errors import RuntimeUnavailable
+
+
+def import_openvino() -> Any:
+    try:
+        import openvino
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"openvino is not installed ({exc}); pip install openvino") from None
+    return openvino
+
+
+def openvino_available() -> bool:
+    try:
+        import_openvino()
+    except RuntimeUnavailable:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class OpenVinoSettings:
+    """compile_model's device and properties, by their OpenVINO names in `properties()`."""
+
+    device: str = "CPU"
+    threads: int = 0  # INFERENCE_NUM_THREADS; 0: the plugin's default (all cores)
+    streams: int | str | None = None  # NUM_STREAMS: a count or "AUTO"; None: what the hint picks
+    performance_hint: str = "LATENCY"  # PERFORMANCE_HINT: LATENCY | THROUGHPUT | CUMULATIVE_THROUGHPUT
+    precision_hint: str = "f32"  # INFERENCE_PRECISION_HINT: f32 | bf16 | f16
+    cache_dir: Path | None = None  # CACHE_DIR: compiled blobs kept there, so a second load skips compiling
+    extra: Mapping[str, object] = field(default_factory=dict)  # further properties by name; they win
+
+    def properties(self) -> dict[str, object]:
+        props: dict[str, object] = {"INFERENCE_PRECISION_HINT": self.precision_hint,
+                                    "PERFORMANCE_HINT": self.performance_hint}
+        if self.threads > 0:
+            props["INFERENCE_NUM_THREADS"] = self.threads
+        if self.streams is not None:
+            props["NUM_STREAMS"] = self.streams
+        if self.cache_dir is not None:
+            props["CACHE_DIR"] = str(self.cache_dir)
+        props.update(self.extra)
+        return props
+
+
+def compile_openvino(model: str | Path, properties: Mapping[str, object] | None = None, *, device: str = "CPU",
+                     max_batch: int = 0) -> Any:
+    """`model` (ONNX or IR) compiled for `device` with `properties` (OpenVinoSettings().properties() when
+    None). `max_batch` > 0 bounds every input's first dimension to [1..max_batch], so the CPU plugin
+    plans for the sizes a batcher sends instead of any size."""
+    ov = import_openvino()
+    core = ov.Core()
+    graph = core.read_model(str(model))
+    if max_batch > 0:
+        graph.reshape({p.get_any_name(): ov.PartialShape([ov.Dimension(1, max_batch), *list(p.get_partial_shape())[1:]])
+                       for p in graph.inputs})
+    return core.compile_model(graph, device, dict(OpenVinoSettings().properties() if properties is None else properties))
