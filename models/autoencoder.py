@@ -10,14 +10,10 @@ checkerboard artefacts of learned upsampling (Odena et al., 2016). A sigmoid kee
 
 Two registry entries share one checkpoint: the full model (outputs "latent" and "reconstruction") and
 the encoder alone ("latent"), so a client can ask for compact features without paying for the decoder.
-
-Evaluate an exported model through ONNX Runtime:
-    python -m models.autoencoder --evaluate --onnx PATH [--limit N]
+An exported model's reconstruction MSE: `python -m export.evaluate.autoencoder --onnx PATH`.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -142,13 +138,10 @@ def _register() -> None:
     )
 
 
-# `python -m models.autoencoder` imports the `models` package first, which imports (and registers) this
-# module under its real name; the __main__ copy must not register the same names a second time.
-if __name__ != "__main__":
-    _register()
+_register()
 
 
-# ---- evaluation through ONNX Runtime ------------------------------------------------------------------
+# ---- data helpers shared by training and the exported model's evaluation ------------------------------
 
 
 def mean_image_baseline(train_images: np.ndarray, test_images: np.ndarray) -> float:
@@ -164,47 +157,3 @@ def preprocess_images(images: np.ndarray) -> np.ndarray:
     from cnncore.preprocess import preprocess
 
     return np.stack([preprocess(Image.fromarray(img, mode="L"), PREPROCESS)[0] for img in images])
-
-
-def onnx_reconstruction_mse(onnx_path: Path, images: np.ndarray, batch_size: int = 256) -> float:
-    """Mean squared error between inputs and the ONNX model's "reconstruction" output."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    total, count = 0.0, 0
-    for start in range(0, len(images), batch_size):
-        x = preprocess_images(images[start : start + batch_size])
-        (recon,) = session.run(["reconstruction"], {input_name: x})
-        total += float(((recon - x) ** 2).sum())
-        count += x.size
-    return total / count
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.autoencoder", description=__doc__.split("\n")[0])
-    parser.add_argument("--evaluate", action="store_true", help="reconstruction MSE on the Fashion-MNIST test set")
-    parser.add_argument("--onnx", type=Path, required=True, help="exported fashion_mnist_autoencoder model.onnx")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N test images only")
-    args = parser.parse_args(argv)
-    if not args.evaluate:
-        parser.error("nothing to do: pass --evaluate")
-    if not args.onnx.is_file():
-        parser.error(f"no such file: {args.onnx}")
-    from models.data import fashion_mnist
-
-    train_images, _ = fashion_mnist.load("train")
-    test_images, _ = fashion_mnist.load("test")
-    if args.limit is not None:
-        test_images = test_images[: args.limit]
-    mse = onnx_reconstruction_mse(args.onnx, test_images)
-    baseline = mean_image_baseline(train_images, test_images)
-    print(f"Fashion-MNIST test images: {len(test_images)}")
-    print(f"reconstruction MSE (ONNX Runtime): {mse:.5f}")
-    print(f"mean-image baseline MSE:           {baseline:.5f}")
-    print(f"ratio model / baseline:            {mse / baseline:.3f}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

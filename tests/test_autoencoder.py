@@ -15,9 +15,7 @@ from models.autoencoder import (
     LATENT_DIM,
     WEIGHTS_FILE,
     ConvAutoencoder,
-    main,
     mean_image_baseline,
-    onnx_reconstruction_mse,
     preprocess_images,
 )
 from models.data import fashion_mnist
@@ -89,6 +87,8 @@ def test_export_parity_and_tensorrt_lint(exported, name: str) -> None:
 
 @needs_data
 def test_reconstruction_mse_far_below_mean_image_baseline(exported, capsys) -> None:
+    from export.evaluate.autoencoder import main, onnx_reconstruction_mse
+
     _, path = exported["fashion_mnist_autoencoder"]
     train, _ = fashion_mnist.load("train")
     test, _ = fashion_mnist.load("test")
@@ -97,6 +97,6 @@ def test_reconstruction_mse_far_below_mean_image_baseline(exported, capsys) -> N
     baseline = mean_image_baseline(train, subset)
     assert mse < 0.5 * baseline, (mse, baseline)
     # The evaluation command reports the same numbers.
-    assert main(["--evaluate", "--onnx", str(path), "--limit", "1000"]) == 0
+    assert main(["--onnx", str(path), "--limit", "1000"]) == 0
     printed = capsys.readouterr().out
     assert f"{mse:.5f}" in printed and f"{baseline:.5f}" in printed

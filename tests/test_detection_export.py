@@ -83,7 +83,7 @@ def test_finds_the_shapes_through_onnxruntime(exported) -> None:  # type: ignore
 def test_evaluate_command_measures_map_through_onnxruntime(exported, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from models.detection.evaluate import main
+    from export.evaluate.detection import main
 
     _, path = exported
     assert main(["--onnx", str(path), "--n", "40", "--json"]) == 0

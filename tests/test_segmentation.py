@@ -164,3 +164,27 @@ def test_shipped_segmenter_masks_match_truth_through_onnxruntime(exported, name:
     for sample, mask in zip(samples, _served_masks(exported[name][1], samples)):
         ious = iou_per_class(confusion_matrix(mask, sample.semantic, len(LABELS)))
         assert np.nanmean(ious) >= 0.8, f"{name}: per-class IoU {ious}"
+
+
+def test_evaluate_command_on_both_runtimes(exported, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m export.evaluate.segmentation` on the exported file, through each CPU runtime: the same
+    held-out pictures give the same mean IoU within 0.01 (the two runtimes' float kernels differ only in
+    summation order), and it is the metric's own evaluate_runner figure."""
+    import re
+
+    from cnncore.runtime import available_runtimes, runner
+    from export.evaluate.segmentation import main
+    from models.segmentation.evaluate import evaluate_runner
+
+    name, path = SHIPPED[1], exported[SHIPPED[1]][1]
+    mious = {}
+    for runtime in available_runtimes():
+        assert main(["--onnx", str(path), "--model", name, "--n", "12", "--runtime", runtime]) == 0
+        out = capsys.readouterr().out
+        found = re.search(r"^mean IoU (\d\.\d{4})$", out, re.M)
+        assert found and f", {runtime}, " in out, out
+        mious[runtime] = found.group(1)
+    direct = evaluate_runner(runner(path, "onnxruntime", 2), PREPROCESS, list(LABELS), 12)
+    assert mious["onnxruntime"] == f"{direct['miou']:.4f}"
+    assert direct["miou"] >= 0.85 and direct["images"] == 12
+    assert max(map(float, mious.values())) - min(map(float, mious.values())) <= 0.01, mious

@@ -1,26 +1,19 @@
-"""mAP@0.5 of a detector on the held-out synthetic shapes set, measured through ONNX Runtime.
-
-    python -m models.detection.evaluate --onnx PATH [--model shapes_detector]
-    python -m models.detection.evaluate --repository DIR --model shapes_detector
+"""mAP@0.5 of a detector on the held-out synthetic shapes set, for any batch runner.
 
 Pictures are generated at assorted sizes and aspect ratios, preprocessed with the *server's*
 letterbox code (cnncore.preprocess with the model's PreprocessSpec) and the boxes mapped back to
-picture pixels with the same Geometry the server uses, so the number printed is what is served.
-Torch-free apart from the registry lookup when only --onnx is given.
+picture pixels with the same Geometry the server uses, so the number is what is served. Training
+measures its PyTorch model with it, the accuracy gate an exported file; `python -m
+export.evaluate.detection` measures an exported file on a runtime.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from cnncore.layout import latest_onnx
 from cnncore.preprocess import preprocess
 from cnncore.spec import PreprocessSpec
 
@@ -130,63 +123,3 @@ def evaluate_runner(
     if pending:
         flush()
     return mean_average_precision(preds, gts, num_classes)
-
-
-def onnx_runner(path: str | Path, threads: int = 2) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    names = [o.name for o in session.get_outputs()]
-
-    def run(x: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(None, {input_name: x.astype(np.float32)})))
-
-    return run
-
-
-def evaluate_onnx(path: str | Path, spec: PreprocessSpec, num_classes: int, n: int = HELDOUT_SIZE) -> dict[str, float]:
-    return evaluate_runner(onnx_runner(path), spec, num_classes, n)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--onnx", type=Path, help="an exported detector (preprocessing taken from the registry entry)")
-    src.add_argument("--repository", type=Path, help="a model repository written by `python -m export`")
-    parser.add_argument("--model", default="shapes_detector", help="registry / repository model name")
-    parser.add_argument("--n", type=int, default=HELDOUT_SIZE, help="held-out pictures")
-    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    args = parser.parse_args(argv)
-
-    if args.repository is not None:
-        model_dir = args.repository / args.model
-        try:
-            path, meta = latest_onnx(model_dir)
-        except FileNotFoundError as exc:
-            parser.error(str(exc))
-        spec, labels = meta.preprocess, meta.labels or []
-    else:
-        from models.registry import get_entry
-        import models  # noqa: F401  (registers the families)
-
-        entry = get_entry(args.model)
-        path, spec = args.onnx, entry.preprocess
-        labels = list(entry.labels()) if entry.labels else []
-    num_classes = len(labels) - 1  # labels[0] is "__background__"
-    metrics = evaluate_onnx(path, spec, num_classes, args.n)
-    if args.json:
-        print(json.dumps(metrics, indent=2))
-    else:
-        print(f"{args.model}: mAP@0.5 = {metrics['mAP50']:.4f} on {args.n} held-out pictures ({path})")
-        for c in range(1, num_classes + 1):
-            if f"AP50_class{c}" in metrics:
-                print(f"  {labels[c]:>12}: AP50 {metrics[f'AP50_class{c}']:.4f}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,25 +1,20 @@
-"""Mean IoU of an exported segmenter on the held-out synthetic shapes set, through ONNX Runtime.
-
-    python -m models.segmentation.evaluate --onnx PATH [--model shapes_segmenter_bilinear] [--n 200]
-    python -m models.segmentation.evaluate --repository REPO --model NAME [--record] [--benchmark]
+"""Mean IoU of a segmenter on the held-out synthetic shapes set, for any batch runner.
 
 Each held-out image (several sizes and aspect ratios, generated from a seed the training never uses)
-goes through exactly what
-the server does: `cnncore.preprocess.preprocess` with the entry's PreprocessSpec, the ONNX model, and
-`cnncore.postprocess.segmentation_mask` (logits resized to the original size, then argmax). The mask is
-compared with the generator's exact semantic truth at the original resolution, so the number measures
-the served output, not a PyTorch approximation of it. Torch-free: numpy, Pillow and onnxruntime.
+goes through exactly what the server does: `cnncore.preprocess.preprocess` with the entry's
+PreprocessSpec, the model, and `cnncore.postprocess.segmentation_mask` (logits resized to the original
+size, then argmax). The mask is compared with the generator's exact semantic truth at the original
+resolution, so on an exported file the number measures the served output. Torch-free: numpy and Pillow.
+`python -m export.evaluate.segmentation` runs it on an exported file; training and the accuracy gate
+use the held-out set and the metric directly.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from cnncore.layout import latest_onnx
 from cnncore.spec import PreprocessSpec
 
 HELD_OUT_SEED = 20261127  # per-image seeds derive from (base seed, index): no overlap with training
@@ -58,98 +53,37 @@ def held_out_samples(n: int = HELD_OUT_SIZE) -> list:
     return shape_samples(n, HELD_OUT_SEED)
 
 
-def evaluate_onnx(onnx_path: Path, spec: PreprocessSpec, labels: list[str] | None, n: int = HELD_OUT_SIZE,
-                  batch_size: int = 8) -> dict:
-    """{"iou": {class: IoU}, "miou": float, "images": n, "seconds": float} for the ONNX model at `onnx_path`."""
-    import onnxruntime as ort
+def evaluate_runner(run: Callable[[np.ndarray], dict[str, np.ndarray]], spec: PreprocessSpec,
+                    labels: list[str] | None, n: int = HELD_OUT_SIZE, batch_size: int = 8) -> dict:
+    """{"iou": {class: IoU}, "miou": float, "images": n, "seconds": float} of any batch runner whose first
+    output is the [B, classes, H, W] logits."""
     from PIL import Image
 
-    from cnncore.preprocess import preprocess
     from cnncore.postprocess import segmentation_mask
+    from cnncore.preprocess import preprocess
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    num_classes = session.get_outputs()[0].shape[1]
-    if labels is not None and len(labels) != num_classes:
-        raise ValueError(f"{onnx_path}: {num_classes} output classes but {len(labels)} labels")
-    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+    conf: np.ndarray | None = None
     samples = held_out_samples(n)
     t0 = time.perf_counter()
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         inputs, geometries = zip(*(preprocess(Image.fromarray(s.image), spec) for s in chunk))
-        (logits,) = session.run(None, {input_name: np.stack(inputs)})
+        logits = next(iter(run(np.stack(inputs)).values()))
+        num_classes = logits.shape[1]
+        if conf is None:
+            if labels is not None and len(labels) != num_classes:
+                raise ValueError(f"{num_classes} output classes but {len(labels)} labels")
+            conf = np.zeros((num_classes, num_classes), dtype=np.int64)
         for sample, geometry, lg in zip(chunk, geometries, logits):
             conf += confusion_matrix(segmentation_mask(lg, geometry), sample.semantic, num_classes)
     seconds = time.perf_counter() - t0
+    if conf is None:
+        raise ValueError(f"n must be at least 1, got {n}")
     ious = iou_per_class(conf)
-    names = labels or [str(i) for i in range(num_classes)]
+    names = labels or [str(i) for i in range(len(ious))]
     return {
         "iou": {name: float(v) for name, v in zip(names, ious)},
         "miou": float(np.nanmean(ious)),
         "images": len(samples),
         "seconds": seconds,
     }
-
-
-def benchmark_onnx(onnx_path: Path, input_shape: tuple[int, ...], batch_size: int, seconds: float = 5.0) -> float:
-    """Images per second of the bare ONNX Runtime session (no pre/postprocessing) at `batch_size`."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    x = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)
-    session.run(None, {name: x})  # warm-up
-    runs, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        session.run(None, {name: x})
-        runs += 1
-    return runs * batch_size / (time.perf_counter() - t0)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.segmentation.evaluate", description=__doc__.split("\n")[0])
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--onnx", type=Path, help="exported segmenter model.onnx (preprocessing from the registry entry)")
-    src.add_argument("--repository", type=Path, help="a model repository written by `python -m export`")
-    parser.add_argument("--model", default="shapes_segmenter_bilinear", help="registry / repository model name")
-    parser.add_argument("--n", type=int, default=HELD_OUT_SIZE, help="number of held-out images")
-    parser.add_argument("--record", action="store_true", help="with --repository: store mIoU in model.json metrics")
-    parser.add_argument("--benchmark", action="store_true", help="also time the bare ONNX session at batch 1 and 8")
-    args = parser.parse_args(argv)
-    if args.repository is not None:
-        model_dir = args.repository / args.model
-        try:
-            path, meta = latest_onnx(model_dir)
-        except FileNotFoundError as exc:
-            parser.error(str(exc))
-        spec, labels = meta.preprocess, meta.labels
-    else:
-        import models  # noqa: F401  (registers the entries)
-        from models.registry import get_entry
-
-        entry = get_entry(args.model)
-        path, spec = args.onnx, entry.preprocess
-        labels = list(entry.labels()) if entry.labels else None
-    if not path.is_file():
-        parser.error(f"no such file: {path}")
-
-    result = evaluate_onnx(path, spec, labels, args.n)
-    print(f"{args.model}: {result['images']} held-out images (seed {HELD_OUT_SEED}), ONNX Runtime, "
-          f"{result['seconds']:.1f}s incl. pre/postprocessing")
-    for name, iou in result["iou"].items():
-        print(f"  IoU {name:<12} {iou:.4f}")
-    print(f"mean IoU {result['miou']:.4f}")
-    if args.benchmark:
-        shape = (3 if spec.color == "RGB" else 1, *spec.input_size)
-        for bs in (1, 8):
-            print(f"ONNX Runtime CPU, batch {bs}: {benchmark_onnx(path, shape, bs):.1f} images/s")
-    if args.record and args.repository is not None:
-        meta.metrics["mIoU"] = round(result["miou"], 4)
-        meta.write(args.repository / args.model)
-        print(f"recorded mIoU in {args.repository / args.model / 'model.json'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
