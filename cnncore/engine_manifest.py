@@ -131,7 +131,7 @@ def select_engine(
     """
     version_dir = Path(version_dir)
     manifest = EngineManifest.read(version_dir)
-    rebuild = (f"build one with: python -m export.tensorrt_engine --repository {version_dir.parent.parent} "
+    rebuild = (f"build one with: python -m export engine --repository {version_dir.parent.parent} "
                f"--models {version_dir.parent.name}")
     if not manifest.engines:
         raise EngineMismatch(f"{version_dir}: no TensorRT engine built ({MANIFEST_FILENAME} missing or empty); {rebuild}")

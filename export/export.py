@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lint", help="TensorRT 10 compatibility lint of any ONNX file")
     p.add_argument("file", help="path to a .onnx file")
     p.set_defaults(func=cmd_lint)
-    # Parsed by export.tensorrt_engine itself (main() hands it the rest of the command line), so the
+    # Parsed by export/tensorrt/cli.py itself (main() hands it the rest of the command line), so the
     # engine builder keeps one definition of its options.
     sub.add_parser("engine", add_help=False,
                    help="TensorRT engines for a repository (GPU + TensorRT); `engine --help` for options")
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["engine"]:
-        from export.tensorrt_engine import main as engine_main
+        from export.tensorrt.cli import main as engine_main
 
         return engine_main(argv[1:])
     args = build_parser().parse_args(argv)

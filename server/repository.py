@@ -26,6 +26,7 @@ from typing import Iterable
 
 from pydantic import ValidationError
 
+from cnncore.artifacts import ONNX_FILENAME, PLAN_FILENAME, PROGRAM_FILENAME
 from cnncore.config import CONFIG_FILENAME, ConfigError, load_config
 from cnncore.layout import version_numbers
 from cnncore.spec import META_FILENAME, ModelMeta
@@ -46,8 +47,8 @@ log = logging.getLogger("cnnserve.repository")
 # config `platform` -> backend name, and what each backend reports as platform / looks for on disk.
 _PLATFORM_BACKEND = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt", "pytorch_libtorch": "pytorch"}
 _BACKEND_PLATFORM = {v: k for k, v in _PLATFORM_BACKEND.items()}
-_DEFAULT_FILENAME = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "pytorch": "model.pt2",
-                     "openvino": "model.onnx"}
+_DEFAULT_FILENAME = {"onnxruntime": ONNX_FILENAME, "tensorrt": PLAN_FILENAME, "pytorch": PROGRAM_FILENAME,
+                     "openvino": ONNX_FILENAME}
 
 
 class LoadError(RuntimeError):

@@ -27,7 +27,7 @@ def test_export_help_from_the_repository_root(command):
 
 
 @pytest.mark.parametrize("command", [["-m", "export", "engine"], ["export/export.py", "engine"],
-                                     ["-m", "export.tensorrt_engine"], ["export/tensorrt_engine.py"],
+                                     ["-m", "export.tensorrt"],
                                      ["-m", "export.torch_program"], ["export/torch_program.py"]])
 def test_sub_tools_help(command):
     out = _run([*command, "--help"], ROOT).stdout

@@ -30,7 +30,7 @@ from export.tensorrt.errors import BuildError
 from export.tensorrt.gpu import GpuInfo
 from export.tensorrt.profiles import derive_profile, profiles_from_config
 from export.tensorrt.repository import current_engine
-from export.tensorrt_engine import main
+from export.tensorrt.cli import main
 from cnncore.config import parse_config
 from cnncore.spec import ModelMeta, PreprocessSpec, Task
 
@@ -114,7 +114,7 @@ def test_select_engine_refuses_other_gpu_with_a_clear_message(tmp_path):
         select_engine(vdir, "9.0", "10.7.0")
     msg = str(exc.value)
     assert "no TensorRT engine for this GPU" in msg and "8.6" in msg and "9.0" in msg
-    assert "python -m export.tensorrt_engine --repository" in msg and "--models resnet18" in msg
+    assert "python -m export engine --repository" in msg and "--models resnet18" in msg
 
 
 def test_select_engine_refuses_other_tensorrt_version(tmp_path):

@@ -14,7 +14,7 @@ if ! compgen -G "$REPO/*/config.pbtxt" >/dev/null; then
   python -m export repository --repository "$REPO"
 fi
 if [ "${EXPORT_TENSORRT:-1}" = 1 ]; then
-  python -m export.tensorrt_engine --repository "$REPO" --precision "$PRECISION" \
+  python -m export engine --repository "$REPO" --precision "$PRECISION" \
     --workspace-mib "$WORKSPACE_MIB" --skip-existing --activate
 fi
 date -u +%FT%TZ > "$REPO/.export-done"

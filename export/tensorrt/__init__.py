@@ -7,8 +7,8 @@
 - parity.py: an engine (or any backend) against ONNX Runtime
 - activation.py: pointing a model's config.pbtxt at its engines
 - repository.py: every model of a repository, cached engines skipped, failures per model
+- cli.py: the command line, `python -m export engine` (also `python -m export.tensorrt`)
 
-The CLI is `python -m export.tensorrt_engine` (export/tensorrt_engine.py), also `python -m export engine`.
 TensorRT, cuda-python and a GPU are imported/probed lazily: everything up to the build itself (profile
 derivation, calibration sample selection, naming) is plain Python and tested on CPU machines.
 """

@@ -33,7 +33,7 @@ def import_tensorrt():
         import tensorrt as trt
     except ImportError as exc:
         raise BuildError(f"TensorRT is not installed ({exc}); build engines in the export image "
-                         "(deploy/Dockerfile.export) or `pip install tensorrt` on a GPU machine") from None
+                         "(deploy/export.Dockerfile, target gpu) or `pip install tensorrt` on a GPU machine") from None
     return trt
 
 

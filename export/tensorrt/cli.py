@@ -1,6 +1,6 @@
-"""`python -m export.tensorrt_engine`: TensorRT engines for a repository's models (export/tensorrt/).
+"""`python -m export engine`: TensorRT engines for a repository's models (export/tensorrt/).
 
-    python -m export.tensorrt_engine --repository DIR [--precision fp16|fp32|int8] [--workspace-mib N]
+    python -m export engine --repository DIR [--precision fp16|fp32|int8] [--workspace-mib N]
 
 Per model: parse `<version>/model.onnx` with TensorRT's ONNX parser, add one optimization profile
 derived from config.pbtxt (batch min 1, opt at the preferred batch, max at max_batch_size), build with
@@ -15,20 +15,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-if not __package__:
-    # Run as a file (`python export/tensorrt_engine.py`): Python put export/ itself first on sys.path, where this
-    # file's neighbours shadow the packages they belong to (export.py for `export`, tensorrt/ for
-    # `tensorrt`). Look modules up from the repository root instead, as `python -m` from there does.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
-
-from cnncore.engine_manifest import PRECISIONS  # noqa: E402
-from export.tensorrt.errors import BuildError  # noqa: E402
-from export.tensorrt.repository import build_repository_engines  # noqa: E402
+from cnncore.engine_manifest import PRECISIONS
+from export.tensorrt.errors import BuildError
+from export.tensorrt.repository import build_repository_engines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m export.tensorrt_engine", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m export engine", description=__doc__.split("\n\n")[0])
     ap.add_argument("--repository", required=True, type=Path, help="model repository written by export.py")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp16")
     ap.add_argument("--workspace-mib", type=int, default=2048, help="TensorRT workspace memory pool limit")
