@@ -2,7 +2,7 @@
 
 DEFAULT_OPSET = 18
 DEFAULT_ATOL = 1e-4
-DEFAULT_RTOL = 1e-4  # relative to the output's largest magnitude (see export/parity.py); observed ~1e-6
+DEFAULT_RTOL = 1e-4  # relative to the output's largest magnitude (see export/eager_parity.py); observed ~1e-6
 DEFAULT_REPOSITORY = "model_repository"
 
 # Served variant choices (export/variants.py) and the UINT8 pixel input (export/uint8_input.py).

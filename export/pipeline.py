@@ -16,7 +16,7 @@ import onnxruntime
 import torch
 
 from export.onnx_export import DEFAULT_OPSET, ExportResult, example_batch, export_onnx
-from export.parity import (DEFAULT_ATOL, DEFAULT_RTOL, ParityError, ParityReport, check_parity,
+from export.eager_parity import (DEFAULT_ATOL, DEFAULT_RTOL, ParityError, ParityReport, check_parity,
                            default_batch_sizes)
 from export.repository import LABELS_FILENAME, BatchingDefaults, StagedModel, build_config
 from export.trt_lint import LintReport, TensorRTLintError, lint_model

@@ -76,7 +76,7 @@ def exported(tmp_path_factory) -> dict[str, tuple[nn.Module, Path]]:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_export_parity_and_tensorrt_lint(exported, name: str) -> None:
-    from export.parity import check_parity
+    from export.eager_parity import check_parity
     from export.trt_lint import check_model
 
     model, path = exported[name]

@@ -14,7 +14,7 @@ from PIL import Image
 
 import models  # noqa: F401  (registers the families)
 from export.onnx_export import export_onnx
-from export.parity import check_parity
+from export.eager_parity import check_parity
 from export.trt_lint import check_model
 from cnncore.preprocess import preprocess
 from models.data.shapes import generate_sample

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import models
-from export.parity import ort_session
+from export.eager_parity import ort_session
 from export.pipeline import ExportFailed, ExportOptions, export_model
 from models.registry import get_entry
 

@@ -260,8 +260,8 @@ def test_torch_backend_on_cpu_matches_onnx_runtime(exported):
 
 def test_backend_parity_report_is_the_onnx_export_report(exported):
     """The engine parity check's comparison, run here with the torch backend in the engine's place."""
-    from export.parity import ParityReport
-    from export.tensorrt.parity import parity_against_onnxruntime
+    from export.eager_parity import ParityReport
+    from export.tensorrt.engine_parity import parity_against_onnxruntime
 
     vdir, _, _ = exported
     backend = create_backend("pytorch", vdir / PROGRAM_FILENAME, BackendOptions(device_kind="cpu"))

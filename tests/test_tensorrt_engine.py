@@ -327,7 +327,7 @@ def test_build_engine_and_parity_on_gpu(tmp_path):
     from torch import nn
 
     from export.tensorrt.build import build_engine
-    from export.tensorrt.parity import engine_parity
+    from export.tensorrt.engine_parity import engine_parity
 
     vdir = tmp_path / "tiny" / "1"
     vdir.mkdir(parents=True)

@@ -4,7 +4,7 @@
 - calibration.py: INT8 calibration samples (selection, preprocessing, batches, the calibrator)
 - gpu.py: which GPU the engine is built for
 - build.py: TensorRT availability and precision checks, the timing cache, one engine build
-- parity.py: an engine (or any backend) against ONNX Runtime
+- engine_parity.py: an engine (or any backend) against ONNX Runtime
 - activation.py: pointing a model's config.pbtxt at its engines
 - repository.py: every model of a repository, cached engines skipped, failures per model
 - cli.py: the command line, `python -m export engine` (also `python -m export.tensorrt`)

@@ -20,7 +20,7 @@ from export.tensorrt.build import (
 from export.tensorrt.calibration import CALIBRATION_DIRNAME, load_calibration_samples, select_calibration_files
 from export.tensorrt.errors import BuildError
 from export.tensorrt.gpu import GpuInfo, probe_gpu
-from export.tensorrt.parity import engine_parity
+from export.tensorrt.engine_parity import engine_parity
 from export.tensorrt.profiles import profiles_from_config
 
 

@@ -23,7 +23,7 @@ from models.detection.faster_rcnn import (
     fasterrcnn_resnet50_fpn,
 )
 from models.detection.generalized_rcnn import GeneralizedRCNN
-from models.detection.parity import detection_parity
+from models.detection.parity_check import detection_parity
 from models.detection.shapes_detector import (
     SHAPES_PREPROCESS,
     SHAPES_WEIGHTS,

@@ -18,7 +18,7 @@ from models.detection.anchors import AnchorGenerator
 from models.detection.backbone import BackboneWithFPN, mobilenet_v2_fpn_backbone, resnet50_fpn_backbone
 from models.detection.coco_labels import COCO_CATEGORIES
 from models.detection.generalized_rcnn import OUTPUT_NAMES, GeneralizedRCNN
-from models.detection.parity import detection_parity
+from models.detection.parity_check import detection_parity
 from models.detection.roi_heads import BoxHeadConfig, FastRCNNPredictor, MultiScaleRoIAlign, RoIHeads, TwoMLPHead
 from models.detection.rpn import RegionProposalNetwork, RPNConfig, RPNHead
 from models.detection.transform import DetectionTransform

@@ -13,7 +13,7 @@ from torch import nn
 from cnncore.spec import PreprocessSpec, Task
 from models.detection import ops
 from models.detection.faster_rcnn import OUTPUT_NAMES, SHAPES_IMAGE_SIZE, FasterRCNN, fasterrcnn_mobilenet_v2_fpn
-from models.detection.parity import detection_parity
+from models.detection.parity_check import detection_parity
 from models.registry import ModelEntry, load_state_dict_file, register
 
 SHAPES_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "detector_shapes.safetensors"

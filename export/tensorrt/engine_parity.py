@@ -1,4 +1,4 @@
-"""An engine against ONNX Runtime, with the ONNX export's own parity criterion (export/parity.py)."""
+"""An engine against ONNX Runtime, with the ONNX export's own parity criterion (export/eager_parity.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,7 @@ import numpy as np
 from cnncore.artifacts import ONNX_FILENAME
 from cnncore.engine_manifest import EngineRecord
 
-# Parity (atol, rtol) against ONNX Runtime FP32 by engine precision, in export/parity.py's criterion
+# Parity (atol, rtol) against ONNX Runtime FP32 by engine precision, in export/eager_parity.py's criterion
 # max|d| <= atol + rtol * max|ref|. INT8 is reported, not enforced: its error depends on calibration.
 PARITY_TOLERANCE = {"fp32": (1e-4, 1e-3), "fp16": (1e-3, 2e-2), "int8": (float("inf"), 0.0)}
 
@@ -17,9 +17,9 @@ PARITY_TOLERANCE = {"fp32": (1e-4, 1e-3), "fp16": (1e-3, 2e-2), "int8": (float("
 def parity_against_onnxruntime(backend, onnx_path: Path, batch_sizes: Sequence[int], atol: float, rtol: float,
                                label: str, seed: int = 0):
     """Any backend against ONNX Runtime (CPU, FP32) on the same random inputs, as the ONNX export's own
-    parity report (export/parity.py: scale-aware max |d| <= atol + rtol * max |ref|, per output and
+    parity report (export/eager_parity.py: scale-aware max |d| <= atol + rtol * max |ref|, per output and
     batch size)."""
-    from export.parity import ParityReport, _compare, ort_session
+    from export.eager_parity import ParityReport, _compare, ort_session
 
     session = ort_session(onnx_path)
     rng = np.random.default_rng(seed)
@@ -35,7 +35,7 @@ def parity_against_onnxruntime(backend, onnx_path: Path, batch_sizes: Sequence[i
 def engine_parity(version_dir: Path, record: EngineRecord, batch_sizes: Sequence[int] | None = None):
     """The engine against ONNX Runtime, with tolerances by engine precision."""
     from cnncore.trt_runtime import EngineRunner
-    from export.parity import default_batch_sizes
+    from export.eager_parity import default_batch_sizes
 
     atol, rtol = PARITY_TOLERANCE[record.precision]
     engine = EngineRunner(Path(version_dir) / record.file)
