@@ -29,7 +29,7 @@ from export.tensorrt.calibration import calibration_batches, load_calibration_sa
 from export.tensorrt.errors import BuildError
 from export.tensorrt.gpu import GpuInfo
 from export.tensorrt.profiles import derive_profile, profiles_from_config
-from export.tensorrt.repository import current_engine
+from export.tensorrt.repository_engines import current_engine
 from export.tensorrt.cli import main
 from cnncore.config import parse_config
 from cnncore.spec import ModelMeta, PreprocessSpec, Task

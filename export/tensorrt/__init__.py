@@ -6,7 +6,7 @@
 - build.py: TensorRT availability and precision checks, the timing cache, one engine build
 - engine_parity.py: an engine (or any backend) against ONNX Runtime
 - activation.py: pointing a model's config.pbtxt at its engines
-- repository.py: every model of a repository, cached engines skipped, failures per model
+- repository_engines.py: every model of a repository, cached engines skipped, failures per model
 - cli.py: the command line, `python -m export engine` (also `python -m export.tensorrt`)
 
 TensorRT, cuda-python and a GPU are imported/probed lazily: everything up to the build itself (profile

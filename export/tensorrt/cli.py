@@ -17,7 +17,7 @@ from typing import Sequence
 
 from cnncore.engine_manifest import PRECISIONS
 from export.tensorrt.errors import BuildError
-from export.tensorrt.repository import build_repository_engines
+from export.tensorrt.repository_engines import build_repository_engines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
