@@ -41,12 +41,13 @@ def time_to_ready(repo: Path, work: Path) -> tuple[float, dict[str, float]]:
     log = work / "server.log"
     ready.unlink(missing_ok=True)
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
-         "--grpc-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--allow-http", "false",
-         "--ready-file", str(ready),
-         "--strict-readiness", "true"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    with open(log, "w") as logf:  # the server writes to its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
+             "--grpc-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--allow-http", "false",
+             "--ready-file", str(ready),
+             "--strict-readiness", "true"],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=logf, stderr=subprocess.STDOUT)
     try:
         while not ready.exists():
             if proc.poll() is not None:

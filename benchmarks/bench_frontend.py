@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import resource
-import os
+import shutil
 import subprocess
 import sys
 import tempfile
-import shutil
 import time
 import urllib.request
 import uuid
@@ -131,10 +131,10 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def start(cmd: list[str], workdir: Path, tag: str, ready_flag: str = "--ready-file") -> tuple[subprocess.Popen, dict]:
     ready = workdir / f"{tag}.ready.json"
-    log = open(workdir / f"{tag}.log", "w")
-    proc = subprocess.Popen([*cmd, ready_flag, str(ready)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-                            stdout=log, stderr=subprocess.STDOUT)
+    with open(workdir / f"{tag}.log", "w") as log:  # the child writes to its own copy of the descriptor
+        proc = subprocess.Popen([*cmd, ready_flag, str(ready)], cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                                stdout=log, stderr=subprocess.STDOUT)
     t_end = time.monotonic() + 300
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > t_end:
@@ -216,7 +216,7 @@ class ShmPlan:
             self.regions.append(tuple(names))
 
     async def register(self, driver: Driver) -> None:
-        for ch, (in_name, in_key, out_name, out_key) in zip(driver.channels, self.regions):
+        for ch, (in_name, in_key, out_name, out_key) in zip(driver.channels, self.regions, strict=True):
             reg = ch.unary_unary("/inference.GRPCInferenceService/SystemSharedMemoryRegister",
                                  request_serializer=pb.SystemSharedMemoryRegisterRequest.SerializeToString,
                                  response_deserializer=pb.SystemSharedMemoryRegisterResponse.FromString)
@@ -372,7 +372,8 @@ def main() -> None:
     for w in a.workers:  # compact image tensors: the same picture as UINT8 pixels vs FP32
         u8, f32 = ("image_u8", "bytes", f"w{w}"), ("image", "bytes", f"w{w}")
         if u8 in acc and f32 in acc:
-            print(f"  {w} worker(s), bytes path: UINT8 pixels / FP32 image req/s {mean(u8, 'rps') / mean(f32, 'rps'):.2f}x, "
+            print(f"  {w} worker(s), bytes path: UINT8 pixels / FP32 image req/s "
+                  f"{mean(u8, 'rps') / mean(f32, 'rps'):.2f}x, "
                   f"CPU/req FP32 / UINT8 {mean(f32, 'cpu_us') / mean(u8, 'cpu_us'):.2f}x")
     for shape in by_label:
         for w in a.workers:

@@ -188,9 +188,9 @@ def start_server(repo: Path, models: list[str], threads: int, spinning: bool, wo
            "--ort-allow-spinning", str(spinning).lower(), "--log-level", "warning"]
     for m in models:
         cmd += ["--load-model", m]
-    log = open(workdir / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
-                            stderr=subprocess.STDOUT)
+    with open(workdir / "server.log", "w") as log:  # the server writes to its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
+                                stderr=subprocess.STDOUT)
     t_end = time.monotonic() + 300
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > t_end:
@@ -245,7 +245,8 @@ def main() -> None:
     load = os.getloadavg()
     print(f"\nmachine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end")
     for m, r in results.items():
-        print(f"\n== {m} (ONNX Runtime CPU, {args.threads} intra-op threads, spinning {'on' if args.spinning else 'off'}; "
+        spinning = "on" if args.spinning else "off"
+        print(f"\n== {m} (ONNX Runtime CPU, {args.threads} intra-op threads, spinning {spinning}; "
               f"{args.rounds} rounds x {args.seconds:g} s) ==")
         print(f"{'mode':<30}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'n':>6}   server: request = queue + compute + other"
               f" ms, mean batch")

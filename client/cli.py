@@ -17,14 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from google.protobuf.message import Message
 from PIL import Image
 
-from client.draw import draw_detections, overlay_mask
 from client.channel import DEFAULT_URL, ClientTLS, InferenceServerError
+from client.draw import draw_detections, overlay_mask
 from client.inference import InferenceClient
 from client.vision import VisionClient, failures, mask_array, png_image
 from cnncore.imaging import ImageDecodeError, decode_image
@@ -50,7 +51,7 @@ def _source_picture(data: bytes) -> Image.Image | None:
 
 def _results_json(response: Message, sources: Sequence[str]) -> dict:
     out = message_to_dict(response)
-    for result, source in zip(out["results"], sources):
+    for result, source in zip(out["results"], sources, strict=True):
         result["source"] = source
     return out
 
@@ -93,7 +94,7 @@ def _run_vision(args: argparse.Namespace) -> tuple[dict, int]:
 
     out = _results_json(response, args.images)
     count = len(images)
-    for i, (result, entry) in enumerate(zip(response.results, out["results"])):
+    for i, (result, entry) in enumerate(zip(response.results, out["results"], strict=True)):
         if result.image.HasField("error"):
             continue
         written: dict[str, str] = {}

@@ -8,8 +8,8 @@ the benchmark's in-process path and the tests use exactly what the server uses.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image

@@ -3,6 +3,7 @@ uint8 pixels for models that normalize inside their graph).
 
 Torch-free so the server, the tests, the evaluation commands and training all preprocess identically.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

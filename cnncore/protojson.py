@@ -5,6 +5,7 @@ form (160.79, not 160.78993225097656), enums by name, unset sub-messages left ou
 One converter for what the CLI prints and what the REST binding answers, so both show the same JSON
 for the same message. `bytes_as`: "omit" (the CLI writes bytes to files) or "base64" (REST).
 """
+
 from __future__ import annotations
 
 import base64

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.registry import ModelEntry, register
 from cnncore.spec import PreprocessSpec, Task
+from models.registry import ModelEntry, register
 
 LATENT_DIM = 32
 IMAGE_SIZE = 28

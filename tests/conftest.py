@@ -14,9 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -45,7 +45,7 @@ def _import_tritonclient_privately() -> None:
     default = descriptor_pool.Default
     descriptor_pool.Default = lambda: private
     try:
-        import tritonclient.grpc  # noqa: F401
+        import tritonclient.grpc
         import tritonclient.grpc.aio  # noqa: F401
     except ImportError:  # tritonclient is a dev dependency; tests that need it fail on their own import
         pass
@@ -274,9 +274,8 @@ def start_server(repo: Path, workdir: Path, *extra: str, timeout: float = 120.0,
            "--grpc-port", "0", "--http-address", "127.0.0.1", "--http-port", "0",
            "--metrics-address", "127.0.0.1", "--metrics-port", "0",
            "--ready-file", str(ready), "--intra-op-threads", "1", *extra]
-    logf = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=source_root, env=env, stdout=logf, stderr=subprocess.STDOUT)
-    logf.close()
+    with open(log_path, "w") as logf:  # the server writes to its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=source_root, env=env, stdout=logf, stderr=subprocess.STDOUT)
     t_end = time.monotonic() + timeout
     while not ready.exists():
         if proc.poll() is not None:

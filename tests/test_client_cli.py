@@ -13,8 +13,8 @@ from PIL import Image
 
 from client.cli import _output_path, build_parser
 from client.draw import draw_detections, overlay_mask
-from protos import vision_pb2 as vpb
 from cnncore.postprocess import UNSEEN
+from protos import vision_pb2 as vpb
 from vision_synthetic import build_synthetic_repository
 
 ROOT = Path(__file__).resolve().parents[1]

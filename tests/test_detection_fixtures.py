@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import models  # noqa: F401  (registers the families)
-from models.detection import ops
 from models.detection.faster_rcnn import RESNET50_FPN_BOX, RESNET50_FPN_RPN, fasterrcnn_resnet50_fpn
 from models.detection.roi_heads import BoxHeadConfig
 from models.detection.rpn import RPNConfig
@@ -117,9 +116,9 @@ def test_pretrained_layout_checkpoint_loads_strict_and_exports(tmp_path: Path) -
     op_types = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"NonMaxSuppression", "RoiAlign"} <= op_types
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = dict(zip(entry.output_names, session.run(None, {"input": x.numpy()})))
+    got = dict(zip(entry.output_names, session.run(None, {"input": x.numpy()}), strict=True))
     with torch.no_grad():
-        ref = dict(zip(entry.output_names, (o.numpy() for o in small(x))))
+        ref = dict(zip(entry.output_names, (o.numpy() for o in small(x)), strict=True))
     assert got["boxes"].shape == (2, 10, 4)
     report = entry.parity_check(ref, got)
     assert report["ok"]

@@ -156,7 +156,7 @@ def test_translations_export_to_native_onnx_ops(tmp_path) -> None:  # type: igno
     assert {"NonMaxSuppression", "RoiAlign"} <= op_types
     session = _session(onnx.load(str(path)))
     for n in (1, 2):  # dynamic batch
-        feed = dict(zip(["features", "rois", "boxes", "scores"], (a[:n].numpy() for a in args)))
+        feed = dict(zip(["features", "rois", "boxes", "scores"], (a[:n].numpy() for a in args), strict=True))
         keep, pooled = session.run(None, feed)
         ref_keep, ref_pooled = _OpsModule()(*(a[:n] for a in args))
         np.testing.assert_array_equal(keep, ref_keep.numpy())

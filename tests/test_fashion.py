@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-import models
 from cnncore.preprocess import preprocess
 from models.cifar_resnet import FASHION_WEIGHTS, fashion_checkpoint_accuracy
 from models.data import fashion_mnist

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnncore.preprocess import Geometry, preprocess
-from cnncore.spec import PreprocessSpec
 from cnncore.postprocess import (
     UNSEEN,
     class_fractions,
@@ -20,6 +18,8 @@ from cnncore.postprocess import (
     softmax,
     top_k,
 )
+from cnncore.preprocess import Geometry, preprocess
+from cnncore.spec import PreprocessSpec
 
 
 def test_top_k_orders_and_normalises() -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnncore.config import parse_config
 from cnncore.engine_manifest import (
     MANIFEST_FILENAME,
     EngineManifest,
@@ -23,6 +24,7 @@ from cnncore.engine_manifest import (
     file_sha256,
     select_engine,
 )
+from cnncore.spec import ModelMeta, PreprocessSpec, Task
 from export.tensorrt.activation import activate_tensorrt
 from export.tensorrt.build import check_precision_supported, timing_cache_path
 from export.tensorrt.calibration import calibration_batches, load_calibration_samples, select_calibration_files
@@ -31,8 +33,6 @@ from export.tensorrt.gpu import GpuInfo
 from export.tensorrt.profiles import derive_profile, profiles_from_config
 from export.tensorrt.repository import current_engine
 from export.tensorrt_engine import main
-from cnncore.config import parse_config
-from cnncore.spec import ModelMeta, PreprocessSpec, Task
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 HAVE_GPU = Path("/dev/nvidiactl").exists()  # the NVIDIA driver's control node: a GPU box, torch or not

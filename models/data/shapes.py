@@ -5,6 +5,7 @@ the fly during training (~1 ms per 256x256 sample). Ground truth is exact: every
 the *visible* part of its shape's mask, and placement rejects layouts in which a later shape hides
 most of an earlier one, so each annotated object is really recognisable in the picture.
 """
+
 from __future__ import annotations
 
 import math
@@ -99,7 +100,9 @@ def _shape_polygon(kind: str, radius: float, rng: np.random.Generator) -> np.nda
     return _rotate(pts, angle)
 
 
-def _draw_mask(kind: str, cx: float, cy: float, radius: float, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+def _draw_mask(
+    kind: str, cx: float, cy: float, radius: float, size: tuple[int, int], rng: np.random.Generator
+) -> np.ndarray:
     h, w = size
     canvas = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(canvas)
@@ -159,7 +162,7 @@ def generate_sample(
             if area < 40:
                 continue
             # Every earlier shape must stay mostly visible under the new one (drawn on top).
-            ok = all((m & ~mask).sum() >= _MIN_VISIBLE_FRACTION * a for m, a in zip(masks, areas))
+            ok = all((m & ~mask).sum() >= _MIN_VISIBLE_FRACTION * a for m, a in zip(masks, areas, strict=True))
             if ok:
                 break
         else:

@@ -1,9 +1,10 @@
 """Feature extractors for the detector: zoo classifiers (ImageNet-pretrained when weights exist) with
 an FPN on top, laid out with torchvision's module names so its checkpoints load strictly."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +23,14 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[no-untyped-def]
         # A BatchNorm2d checkpoint (with num_batches_tracked) loads into the frozen layout too.
         state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
@@ -102,11 +107,13 @@ class FeaturePyramidNetwork(nn.Module):
         if self.extra_max_pool:  # torchvision's LastLevelMaxPool: one more, coarser level for the RPN
             names.append("pool")
             results.append(F.max_pool2d(results[-1], 1, 2, 0))
-        return OrderedDict(zip(names, results))
+        return OrderedDict(zip(names, results, strict=True))
 
 
 class BackboneWithFPN(nn.Module):
-    def __init__(self, body: IntermediateLayerGetter, in_channels_list: Sequence[int], out_channels: int, extra_max_pool: bool) -> None:
+    def __init__(
+        self, body: IntermediateLayerGetter, in_channels_list: Sequence[int], out_channels: int, extra_max_pool: bool
+    ) -> None:
         super().__init__()
         self.body = body
         self.fpn = FeaturePyramidNetwork(in_channels_list, out_channels, extra_max_pool)
@@ -130,7 +137,9 @@ def _zoo_model(name: str, pretrained: bool) -> tuple[nn.Module, str]:
     return model, source
 
 
-def resnet50_fpn_backbone(frozen_bn: bool = False, trainable_layers: int = 3, pretrained: bool = False) -> BackboneWithFPN:
+def resnet50_fpn_backbone(
+    frozen_bn: bool = False, trainable_layers: int = 3, pretrained: bool = False
+) -> BackboneWithFPN:
     """torchvision's fasterrcnn_resnet50_fpn backbone: layers 1-4 -> FPN(256) + max-pool level.
 
     frozen_bn=True gives the layout of torchvision's pretrained (COCO) checkpoints.

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -66,7 +66,7 @@ def mean_average_precision(
     for c in range(1, num_classes + 1):
         scored: list[tuple[float, bool]] = []
         n_gt = 0
-        for det, (gt_boxes, gt_labels) in zip(predictions, ground_truth):
+        for det, (gt_boxes, gt_labels) in zip(predictions, ground_truth, strict=True):
             gt = gt_boxes[gt_labels == c]
             n_gt += len(gt)
             sel = det.labels == c
@@ -143,7 +143,7 @@ def onnx_runner(path: str | Path, threads: int = 2) -> Callable[[np.ndarray], di
     names = [o.name for o in session.get_outputs()]
 
     def run(x: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(None, {input_name: x.astype(np.float32)})))
+        return dict(zip(names, session.run(None, {input_name: x.astype(np.float32)}), strict=True))
 
     return run
 
@@ -170,8 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))
         spec, labels = meta.preprocess, meta.labels or []
     else:
-        from models.registry import get_entry
         import models  # noqa: F401  (registers the families)
+        from models.registry import get_entry
 
         entry = get_entry(args.model)
         path, spec = args.onnx, entry.preprocess

@@ -4,9 +4,10 @@ The served model takes a float batch [N,3,H,W] in [0,1] at a fixed H,W: the serv
 picture to the model input size (cnncore.preprocess), so there is no in-graph resize and boxes come
 out in input pixels; only the ImageNet normalisation the backbone was trained with lives here.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +17,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DetectionTransform(nn.Module):
-    def __init__(self, image_size: tuple[int, int], mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+    def __init__(
+        self, image_size: tuple[int, int], mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    ) -> None:
         super().__init__()
         self.image_size = (int(image_size[0]), int(image_size[1]))
         # Not persistent: torchvision's checkpoints carry no normalisation tensors.

@@ -64,8 +64,8 @@ def evaluate_onnx(onnx_path: Path, spec: PreprocessSpec, labels: list[str] | Non
     import onnxruntime as ort
     from PIL import Image
 
-    from cnncore.preprocess import preprocess
     from cnncore.postprocess import segmentation_mask
+    from cnncore.preprocess import preprocess
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
@@ -77,15 +77,15 @@ def evaluate_onnx(onnx_path: Path, spec: PreprocessSpec, labels: list[str] | Non
     t0 = time.perf_counter()
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        inputs, geometries = zip(*(preprocess(Image.fromarray(s.image), spec) for s in chunk))
+        inputs, geometries = zip(*(preprocess(Image.fromarray(s.image), spec) for s in chunk), strict=True)
         (logits,) = session.run(None, {input_name: np.stack(inputs)})
-        for sample, geometry, lg in zip(chunk, geometries, logits):
+        for sample, geometry, lg in zip(chunk, geometries, logits, strict=True):
             conf += confusion_matrix(segmentation_mask(lg, geometry), sample.semantic, num_classes)
     seconds = time.perf_counter() - t0
     ious = iou_per_class(conf)
     names = labels or [str(i) for i in range(num_classes)]
     return {
-        "iou": {name: float(v) for name, v in zip(names, ious)},
+        "iou": {name: float(v) for name, v in zip(names, ious, strict=True)},
         "miou": float(np.nanmean(ious)),
         "images": len(samples),
         "seconds": seconds,

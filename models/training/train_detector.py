@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     def torch_runner(x: np.ndarray) -> dict[str, np.ndarray]:
         with torch.no_grad():
             out = model(torch.from_numpy(x))
-        return {n: o.numpy() for n, o in zip(("num_detections", "boxes", "scores", "labels"), out)}
+        return {n: o.numpy() for n, o in zip(("num_detections", "boxes", "scores", "labels"), out, strict=True)}
 
     metrics = evaluate_runner(torch_runner, spec, len(CLASSES), n=args.eval) if args.eval else {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
