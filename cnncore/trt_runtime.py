@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +27,8 @@ class TensorRTUnavailable(RuntimeError):
     this GPU and TensorRT); the message says which."""
 
 
-def cudart():
-    """cuda-python's runtime module, imported on first use."""
+def cudart() -> Any:
+    """cuda-python's runtime module, imported on first use (untyped: the GPU image brings it)."""
     try:
         from cuda.bindings import runtime
     except ImportError as exc:
@@ -35,7 +36,7 @@ def cudart():
     return runtime
 
 
-def check_cuda(result):
+def check_cuda(result: Any) -> Any:
     """cuda-python returns (cudaError_t, *values); raise on error, return the values."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
@@ -54,7 +55,7 @@ class DeviceBuffer:
         self.nbytes = max(int(nbytes), 1)
         self.ptr = int(check_cuda(self._cudart.cudaMalloc(self.nbytes)))
 
-    def copy_from_host(self, array: np.ndarray, stream=0) -> None:
+    def copy_from_host(self, array: np.ndarray, stream: int = 0) -> None:
         array = np.ascontiguousarray(array)
         check_cuda(
             self._cudart.cudaMemcpyAsync(
@@ -76,9 +77,10 @@ class PinnedBuffer:
         self._cudart = cudart()
         self.nbytes = max(int(nbytes), 1)
         self.ptr = int(check_cuda(self._cudart.cudaMallocHost(self.nbytes)))
-        self._raw = (ctypes.c_byte * self.nbytes).from_address(self.ptr)
+        self._raw: memoryview | None = memoryview((ctypes.c_byte * self.nbytes).from_address(self.ptr)).cast("B")
 
     def view(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        assert self._raw is not None, "view of a freed buffer"
         count = int(np.prod(shape))
         return np.frombuffer(self._raw, dtype=dtype, count=count).reshape(shape)
 
@@ -97,7 +99,7 @@ def local_tensorrt_version() -> str:
             f"the tensorrt backend needs TensorRT, which is not installed here ({exc}); "
             "serve this model with backend onnxruntime or pytorch instead"
         ) from None
-    return trt.__version__
+    return str(trt.__version__)
 
 
 def local_compute_capability(device_id: int) -> str:
@@ -223,7 +225,8 @@ class EngineRunner:
         return {spec.name: self._host[spec.name].view(spec.dtype, shapes[spec.name]).copy() for spec in self.outputs}
 
     def close(self) -> None:
-        for buf in (*self._device.values(), *self._host.values()):
+        buffers: list[DeviceBuffer | PinnedBuffer] = [*self._device.values(), *self._host.values()]
+        for buf in buffers:
             buf.free()
         self._device.clear()
         self._host.clear()

@@ -22,7 +22,7 @@ def element_count(shape: tuple[int, ...]) -> int:
 
 def deserialize_bytes(buf: bytes | memoryview, count: int, name: str) -> np.ndarray:
     """`count` BYTES elements from `buf` as a 1-D object array; WireFormatError on any inconsistency."""
-    items = []
+    items: list[bytes] = []
     off, n = 0, len(buf)
     while off < n:
         if len(items) >= count:
