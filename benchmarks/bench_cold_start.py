@@ -75,7 +75,9 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         bare = without_warmup(a.repository, Path(tmp) / "no_warmup")
-        with_w, without_w, warm = [], [], {}
+        with_w: list[float] = []
+        without_w: list[float] = []
+        warm: dict[str, float] = {}
         for r in range(a.rounds):
             t_w, warm = time_to_ready(a.repository, Path(tmp))
             t_n, _ = time_to_ready(bare, Path(tmp))

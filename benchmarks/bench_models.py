@@ -49,7 +49,7 @@ ROUNDS = 3
 
 
 def bench(name: str, batch_sizes: list[int], seconds: float, threads: int, workdir: Path,
-          eager: bool, gate: list[str]) -> dict[tuple[str, int], float]:
+          eager: bool, gate: list[str] | None) -> dict[tuple[str, int], float]:
     entry = get_entry(name)
     torch.manual_seed(0)
     try:

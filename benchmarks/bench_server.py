@@ -171,7 +171,7 @@ def raw_sides(repo: Path, name: str, threads: int, spinning: bool, workdir: Path
         sess = ort_session(served_file, threads, spinning)
         inp = sess.get_inputs()[0]
 
-        def run(x, sess=sess, name=inp.name):  # type: ignore[no-untyped-def]
+        def run(x, sess=sess, name=inp.name):
             return sess.run(None, {name: x})
 
         run.input_shape = list(inp.shape[1:])  # type: ignore[attr-defined]
@@ -244,27 +244,27 @@ def main() -> None:
 
     load = os.getloadavg()
     print(f"\nmachine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end")
-    for m, r in results.items():
+    for m, res in results.items():
         spinning = "on" if args.spinning else "off"
         print(f"\n== {m} (ONNX Runtime CPU, {args.threads} intra-op threads, spinning {spinning}; "
               f"{args.rounds} rounds x {args.seconds:g} s) ==")
         print(f"{'mode':<30}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'n':>6}   server: request = queue + compute + other"
               f" ms, mean batch")
-        for key, x in r["raw"].items():
+        for key, x in res["raw"].items():
             print(f"{key:<30}{x['ips']:8.1f}{x['p50_ms']:9.2f}{x['p99_ms']:9.2f}{x['n']:6d}")
-        for c, x in r["server"].items():
+        for c, x in res["server"].items():
             extra = (f"   {x['server_request_ms']:.2f} = {x['server_queue_ms']:.2f} + {x['server_compute_ms']:.2f} + "
                      f"{x['server_other_ms']:.2f}, {x['mean_batch']:.1f}") if "server_request_ms" in x else ""
             print(f"{'server conc ' + str(c):<30}{x['ips']:8.1f}{x['p50_ms']:9.2f}{x['p99_ms']:9.2f}{x['n']:6d}{extra}")
-        for label in dict.fromkeys(k.rsplit(" batch ", 1)[0] for k in r["raw"]):
-            rows = {k: x for k, x in r["raw"].items() if k.rsplit(" batch ", 1)[0] == label}
+        for label in dict.fromkeys(k.rsplit(" batch ", 1)[0] for k in res["raw"]):
+            rows = {k: x for k, x in res["raw"].items() if k.rsplit(" batch ", 1)[0] == label}
             best_key = max(rows, key=lambda k: rows[k]["ips"])
             best = rows[best_key]["ips"]
             for c in (1, 8):
-                if c in r["server"]:
-                    print(f"conc-{c} throughput / {best_key} (best batch): {r['server'][c]['ips'] / best:.3f}")
-            if 1 in r["server"] and f"{label} batch 1" in rows:
-                d = r["server"][1]["p50_ms"] - rows[f"{label} batch 1"]["p50_ms"]
+                if c in res["server"]:
+                    print(f"conc-{c} throughput / {best_key} (best batch): {res['server'][c]['ips'] / best:.3f}")
+            if 1 in res["server"] and f"{label} batch 1" in rows:
+                d = res["server"][1]["p50_ms"] - rows[f"{label} batch 1"]["p50_ms"]
                 print(f"conc-1 p50 - {label} batch-1 p50: {d:+.2f} ms  (target <= 1 ms)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

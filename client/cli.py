@@ -77,6 +77,7 @@ def _connection(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_vision(args: argparse.Namespace) -> tuple[dict, int]:
     images = [Path(p).read_bytes() for p in args.images]
+    response: Any  # the command's response message; the code below reads what that command returns
     with VisionClient(args.url, **_connection(args)) as client:
         if args.command == "classify":
             response = client.classify(args.model, images, top_k=args.top_k, timeout=args.timeout)
@@ -137,7 +138,7 @@ def _run_models(args: argparse.Namespace) -> tuple[dict, int]:
         index = client.get_model_repository_index(timeout=args.timeout)
         models = []
         for entry in index.models:
-            model = {"name": entry.name, "version": entry.version, "state": entry.state}
+            model: dict[str, Any] = {"name": entry.name, "version": entry.version, "state": entry.state}
             if entry.reason:
                 model["reason"] = entry.reason
             if entry.state == "READY":

@@ -113,7 +113,7 @@ class InferenceClient(BlockingClient):
         headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(url, channel, tls=tls, headers=headers)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._health: Any = health_pb2_grpc.HealthStub(self.channel)  # its stubs leave out Check
 
     def is_server_live(self, timeout: float | None = None) -> bool:
         return self._call("ServerLive", pb.ServerLiveRequest(), timeout).live
@@ -203,7 +203,7 @@ class AsyncInferenceClient(AsyncClient):
         headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(url, channel, tls=tls, headers=headers)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._health: Any = health_pb2_grpc.HealthStub(self.channel)  # its stubs leave out Check
 
     async def is_server_live(self, timeout: float | None = None) -> bool:
         return (await self._call("ServerLive", pb.ServerLiveRequest(), timeout)).live

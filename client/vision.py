@@ -21,7 +21,7 @@ from client.channel import AsyncClient, BlockingClient
 from protos import vision_pb2 as vpb
 from protos import vision_pb2_grpc as vpb_grpc
 
-ImageInput = bytes | str | PathLike | Image.Image
+ImageInput = bytes | bytearray | memoryview | str | PathLike | Image.Image
 
 
 def encode_image(image: ImageInput) -> bytes:

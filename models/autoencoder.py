@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,7 +96,9 @@ def _load_state(path: Path = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise FileNotFoundError(f"autoencoder checkpoint missing: {path}; train it with models/training/train_autoencoder.py")
+        raise FileNotFoundError(
+            f"autoencoder checkpoint missing: {path}; train it with models/training/train_autoencoder.py"
+        )
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
@@ -112,7 +115,7 @@ def load_encoder_weights(model: nn.Module) -> str:
 
 
 def _register() -> None:
-    common = dict(
+    common: dict[str, Any] = dict(
         input_shape=(1, IMAGE_SIZE, IMAGE_SIZE),
         preprocess=PREPROCESS,
         served_by_default=True,

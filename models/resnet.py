@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from models.imagenet import register_imagenet_classifier
 
@@ -187,9 +187,9 @@ class ResNet(nn.Module):
         # (Goyal et al., 2017): the residual idea taken literally, it helps large-batch training.
         if zero_init_residual:
             for m in self.modules():
-                if isinstance(m, Bottleneck) and m.bn3.weight is not None:
+                if isinstance(m, Bottleneck) and isinstance(m.bn3.weight, Tensor):
                     nn.init.constant_(m.bn3.weight, 0)
-                elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
+                elif isinstance(m, BasicBlock) and isinstance(m.bn2.weight, Tensor):
                     nn.init.constant_(m.bn2.weight, 0)
 
     def _make_layer(

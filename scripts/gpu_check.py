@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -268,7 +269,7 @@ class GpuSampler:
     """Mean GPU utilisation over a window, from NVML or nvidia-smi, sampled every 100 ms."""
 
     def __init__(self) -> None:
-        self._read = None
+        self._read: Callable[[], float] | None = None
         try:
             import pynvml
 
@@ -299,9 +300,11 @@ class GpuSampler:
         return self
 
     def _loop(self) -> None:
+        read = self._read
+        assert read is not None  # started only when there is a reader
         while not self._stop.wait(0.1):
             with contextlib.suppress(Exception):  # a failed reading is skipped
-                self._samples.append(self._read())
+                self._samples.append(read())
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

@@ -16,7 +16,7 @@ training run is reproducible.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,7 +106,7 @@ def _translate(x: torch.Tensor, gen: torch.Generator, max_shift: int) -> torch.T
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-_IMPLEMENTATIONS = {"hflip": _hflip, "translate": _translate}
+_IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {"hflip": _hflip, "translate": _translate}
 
 
 class AugmentPolicy:

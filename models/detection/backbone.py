@@ -15,6 +15,11 @@ class FrozenBatchNorm2d(nn.Module):
     """BatchNorm with fixed statistics and affine parameters, stored as buffers (torchvision layout of
     pretrained detection checkpoints: no num_batches_tracked)."""
 
+    weight: Tensor  # buffers, registered in __init__
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
@@ -25,7 +30,7 @@ class FrozenBatchNorm2d(nn.Module):
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):  # type: ignore[no-untyped-def]
+    ):
         # A BatchNorm2d checkpoint (with num_batches_tracked) loads into the frozen layout too.
         state_dict.pop(prefix + "num_batches_tracked", None)
         super()._load_from_state_dict(
@@ -43,6 +48,8 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
             frozen = FrozenBatchNorm2d(child.num_features, child.eps)
+            assert child.weight is not None and child.bias is not None, f"{name}: BatchNorm2d without affine"
+            assert child.running_mean is not None and child.running_var is not None, f"{name}: no running stats"
             frozen.weight.copy_(child.weight.detach())
             frozen.bias.copy_(child.bias.detach())
             frozen.running_mean.copy_(child.running_mean)
@@ -92,7 +99,8 @@ class FeaturePyramidNetwork(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
-                nn.init.constant_(m.bias, 0)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
 
     def forward(self, x: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
         names = list(x.keys())
@@ -168,5 +176,5 @@ def mobilenet_v2_fpn_backbone(out_channels: int = 64, pretrained: bool = False) 
     import models.mobilenetv2  # noqa: F401  (registers the family)
 
     mobilenet, _ = _zoo_model("mobilenet_v2", pretrained)
-    body = IntermediateLayerGetter(mobilenet.features, MOBILENET_V2_RETURN)
+    body = IntermediateLayerGetter(mobilenet.get_submodule("features"), MOBILENET_V2_RETURN)
     return BackboneWithFPN(body, MOBILENET_V2_CHANNELS, out_channels, extra_max_pool=False)

@@ -94,7 +94,7 @@ def mean_average_precision(
     return {"mAP50": float(np.mean(list(per_class.values()))) if per_class else 0.0, **{f"AP50_class{k}": v for k, v in per_class.items()}}
 
 
-def heldout_set(n: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED):  # type: ignore[no-untyped-def]
+def heldout_set(n: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED):
     """(picture, gt boxes, gt labels) triples, deterministic."""
     from models.data.shapes import generate_sample
 

@@ -105,6 +105,7 @@ class FasterRCNN(GeneralizedRCNN):
         if box_head is None:
             box_head = default_box_head(out_channels, box_roi_pool)
         if box_predictor is None:
+            assert num_classes is not None  # one of the two is given (checked above)
             box_predictor = default_box_predictor(num_classes)
         super().__init__(
             backbone,

@@ -33,12 +33,12 @@ class GeneralizedRCNN(nn.Module):
     def image_size(self) -> tuple[int, int]:
         return self.transform.image_size
 
-    def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None):  # type: ignore[no-untyped-def]
+    def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None):
         if self.training and targets is None:
             raise ValueError("training needs targets (list of {'boxes': [n,4], 'labels': [n]})")
         return self.forward_features(self.backbone(self.transform(images)), targets)
 
-    def forward_features(self, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None):  # type: ignore[no-untyped-def]
+    def forward_features(self, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None):
         """Everything after the backbone (the CPU training recipe feeds cached backbone features here)."""
         feats = list(features.values())
         proposals, valid, rpn_losses = self.rpn(feats, self.image_size, targets if self.training else None)

@@ -13,6 +13,8 @@ Both ops have static output shapes, so nothing downstream of them is data depend
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -148,7 +150,7 @@ def _roi_align_op(
 
 
 @_roi_align_op.register_fake
-def _(features, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned):  # type: ignore[no-untyped-def]
+def _(features, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned):
     return features.new_empty((features.shape[0], rois.shape[1], features.shape[1], pooled_h, pooled_w))
 
 
@@ -184,9 +186,12 @@ def roi_align(
 # ------------------------------------------------------------------------------- ONNX translations
 def onnx_translation_table() -> dict:
     """custom_translation_table for torch.onnx.export(dynamo=True): our ops -> native ONNX ops."""
-    from onnxscript import opset18 as op
+    from onnxscript import opset18
 
-    def nms_mask_onnx(boxes, scores, iou_threshold: float, score_threshold: float):  # type: ignore[no-untyped-def]
+    # Any: onnxscript types every op's output as the union of all tensor types, which no input accepts.
+    op: Any = opset18
+
+    def nms_mask_onnx(boxes, scores, iou_threshold: float, score_threshold: float):
         num_boxes = op.Shape(scores, start=1, end=2)
         selected = op.NonMaxSuppression(
             boxes,
@@ -204,7 +209,7 @@ def onnx_translation_table() -> dict:
 
     def roi_align_onnx(
         features, rois, spatial_scale: float, pooled_h: int, pooled_w: int, sampling_ratio: int, aligned: bool
-    ):  # type: ignore[no-untyped-def]
+    ):
         bsz = op.Shape(rois, start=0, end=1)
         n_rois = op.Shape(rois, start=1, end=2)
         flat = op.Reshape(rois, op.Constant(value_ints=[-1, 4]))

@@ -38,7 +38,7 @@ class MultiScaleRoIAlign(nn.Module):
     ) -> None:
         super().__init__()
         self.featmap_names = list(featmap_names)
-        self.output_size = tuple(output_size)
+        self.output_size = (int(output_size[0]), int(output_size[1]))
         self.sampling_ratio = sampling_ratio
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
@@ -67,12 +67,13 @@ class MultiScaleRoIAlign(nn.Module):
                     pooled = ops.roi_align(f, rois[:, sel], s, self.output_size, self.sampling_ratio, self.aligned)
                     out = out.index_copy(1, sel, pooled)
             return out
-        out = None
+        summed: Tensor | None = None
         for i, (f, s) in enumerate(zip(feats, scales, strict=True)):
             pooled = ops.roi_align(f, rois, s, self.output_size, self.sampling_ratio, self.aligned)
             chosen = (level == i).to(pooled.dtype)[..., None, None, None]
-            out = pooled * chosen if out is None else out + pooled * chosen
-        return out
+            summed = pooled * chosen if summed is None else summed + pooled * chosen
+        assert summed is not None  # two or more levels here
+        return summed
 
 
 class TwoMLPHead(nn.Module):

@@ -26,6 +26,9 @@ class DetectionTransform(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
+    mean: Tensor  # buffers, registered in __init__
+    std: Tensor
+
     def forward(self, images: Tensor) -> Tensor:
         if tuple(images.shape[-2:]) != self.image_size:
             raise ValueError(

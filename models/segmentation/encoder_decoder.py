@@ -119,7 +119,7 @@ class EncoderDecoderSegmenter(nn.Module):
             raise ValueError(f"decoder_channels needs {len(MOBILENET_V2_TAPS)} entries (stride 32 down to 2)")
         backbone = models.get_model("mobilenet_v2", weights="default" if pretrained_encoder else None)
         self.tap_indices = tuple(i for i, _, _ in MOBILENET_V2_TAPS)
-        self.encoder = nn.Sequential(*list(backbone.features.children())[: self.tap_indices[-1] + 1])
+        self.encoder = nn.Sequential(*list(backbone.get_submodule("features").children())[: self.tap_indices[-1] + 1])
         self.upsampling = upsampling
         self.skips = skips
         # 1x1 projection of the 320-channel stride-32 map: keeps the upsamplers and 3x3 fusions small.

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,7 +106,7 @@ def train(
     model = resnet20(num_classes=10, in_channels=1)
     if init is not None:  # continue from a checkpoint (a second, short cycle at a lower peak lr)
         model.load_state_dict(load_file(str(init)), strict=True)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit it
     policy = default_policy()
     steps_per_epoch = (len(xs) + batch_size - 1) // batch_size
     if limit_batches is not None:
@@ -155,7 +156,7 @@ def train(
                 f"{time.time() - start:.0f}s elapsed"
             )
             # Written every epoch so an interrupted run still leaves a usable checkpoint.
-            meta = {"epoch": epoch + 1, "test_acc": acc, "seed": seed, "epochs": epochs, "lr": lr}
+            meta: dict[str, Any] = {"epoch": epoch + 1, "test_acc": acc, "seed": seed, "epochs": epochs, "lr": lr}
             if init is not None:
                 meta["init"] = init.name
             _save(model, out, meta)
@@ -164,7 +165,7 @@ def train(
     return metrics
 
 
-def _save(model: nn.Module, out: Path, meta: dict) -> None:
+def _save(model: nn.Module, out: Path, meta: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = out.with_suffix(".tmp")

@@ -99,7 +99,9 @@ def letterbox_target(semantic: np.ndarray, geometry: Geometry) -> np.ndarray:
     rw = max(1, round(geometry.orig_width * geometry.scale_x))
     rh = max(1, round(geometry.orig_height * geometry.scale_y))
     canvas = Image.new("L", (w, h), IGNORE)
-    canvas.paste(Image.fromarray(semantic).resize((rw, rh), Image.NEAREST), (int(geometry.pad_x), int(geometry.pad_y)))
+    canvas.paste(
+        Image.fromarray(semantic).resize((rw, rh), Image.Resampling.NEAREST), (int(geometry.pad_x), int(geometry.pad_y))
+    )
     return np.asarray(canvas)
 
 
