@@ -320,3 +320,29 @@ def default_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, f"python -m export repository failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return repo
+
+
+# -- lanes: `pytest -m fast` (scripts/test-fast.sh) is the quick signal; CI runs everything -------------
+# Marked by what a test needs rather than by hand, so a new test lands in the right lane: anything that
+# starts the real server is `e2e`; anything that builds the default repository, trains, exports or
+# quantizes a real model is `slow`; the rest is `fast`.
+E2E_FIXTURES = {"server_factory"}
+SLOW_FIXTURES = {"default_repository"}
+# Modules that start `python -m server` themselves (not through server_factory).
+E2E_MODULES = {"test_serving_without_torch", "test_warmup", "test_hardening", "test_transport_security",
+               "test_server_repository"}
+# Modules whose tests export, quantize or train real models, or run the CLIs that do.
+SLOW_MODULES = {"test_export", "test_export_entrypoints", "test_quantize", "test_uint8_input", "test_card",
+                "test_trt_lint", "test_tensorrt_engine"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & E2E_FIXTURES or module in E2E_MODULES:
+            item.add_marker(pytest.mark.e2e)
+        if fixtures & SLOW_FIXTURES or module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("e2e") is None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
