@@ -192,7 +192,8 @@ def test_vgg19_real_build_and_forward(vgg19_model: nn.Module):
         out = vgg19_model(torch.randn(1, 3, 224, 224))
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
     # torchvision's init scheme: FC weights N(0, 0.01), biases zero.
-    fc = vgg19_model.classifier[0]
+    fc = vgg19_model.get_submodule("classifier.0")
+    assert isinstance(fc, nn.Linear)
     with torch.no_grad():
         assert abs(float(fc.weight.std()) - 0.01) < 1e-3 and float(fc.bias.abs().max()) == 0.0
 

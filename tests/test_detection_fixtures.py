@@ -65,7 +65,7 @@ def test_default_hyperparameters_match_torchvision() -> None:
     assert list(pool.output_size) == hp["roi_pool_output_size"] and pool.sampling_ratio == hp["roi_pool_sampling_ratio"]
     assert pool.featmap_names == hp["roi_pool_featmaps_used"]
     assert (pool.canonical_scale, pool.canonical_level) == (hp["roi_pool_canonical_scale"], hp["roi_pool_canonical_level"])
-    assert model.roi_heads.box_head.fc6.out_features == hp["box_head_representation_size"]
+    assert model.get_submodule("roi_heads.box_head.fc6").out_features == hp["box_head_representation_size"]
     assert model.num_classes == hp["num_classes"]
     assert model.transform.mean.flatten().tolist() == pytest.approx(hp["transform_image_mean"])
     assert model.transform.std.flatten().tolist() == pytest.approx(hp["transform_image_std"])
@@ -95,6 +95,7 @@ def test_pretrained_layout_checkpoint_loads_strict_and_exports(tmp_path: Path) -
     # every class scores ~1/91 < 0.05, so parity here is about the graph running, not the ranking
     # (the trained shipped detector's export test covers detections).
     entry = get_entry("fasterrcnn_resnet50_fpn")
+    assert entry.onnx_translation_table is not None and entry.parity_check is not None
     small = fasterrcnn_resnet50_fpn(
         image_size=(192, 192), frozen_bn=True,
         rpn_config=RPNConfig(pre_nms_top_n_test=100, post_nms_top_n_test=50),

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from cnncore.artifacts import PROGRAM_FILENAME
-from cnncore.engine_manifest import EngineManifest, EngineRecord, ProfileShapes, engine_filename, file_sha256
+from cnncore.artifacts import PROGRAM_FILENAME, file_sha256
+from cnncore.engine_manifest import EngineManifest, EngineRecord, ProfileShapes, engine_filename
 from export.torch_program import export_program, save_program
 from server.backends.base import BackendOptions, BackendUnavailable, available_backends, create_backend
 from server.backends.torch_program import load_program

@@ -107,7 +107,7 @@ def test_mask_png_keeps_class_indices() -> None:
     assert img.mode == "P"
     np.testing.assert_array_equal(np.asarray(img), mask)
     pal = img.getpalette()
-    assert pal[0:3] == [0, 0, 0] and pal[3:6] != pal[6:9]
+    assert pal is not None and pal[0:3] == [0, 0, 0] and pal[3:6] != pal[6:9]
 
 
 def test_reconstruction_undoes_normalisation() -> None:

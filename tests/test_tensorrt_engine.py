@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnncore.artifacts import file_sha256
 from cnncore.config import parse_config
 from cnncore.engine_manifest import (
     MANIFEST_FILENAME,
     EngineManifest,
     EngineMismatch,
     EngineRecord,
+    Precision,
     ProfileShapes,
     capability_tag,
     engine_filename,
-    file_sha256,
     select_engine,
 )
 from cnncore.spec import ModelMeta, PreprocessSpec, Task
@@ -45,7 +46,7 @@ def _version_dir(tmp_path: Path) -> Path:
     return vdir
 
 
-def _record(vdir: Path, cc: str = "8.6", trt: str = "10.7.0", precision: str = "fp16") -> EngineRecord:
+def _record(vdir: Path, cc: str = "8.6", trt: str = "10.7.0", precision: Precision = "fp16") -> EngineRecord:
     name = engine_filename(cc, trt, precision)
     (vdir / name).write_bytes(b"engine " + name.encode())
     prof = ProfileShapes(min=(1, 3, 224, 224), opt=(8, 3, 224, 224), max=(32, 3, 224, 224))
