@@ -327,7 +327,9 @@ def default_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # starts the real server is `e2e`; anything that builds the default repository, trains, exports or
 # quantizes a real model is `slow`; the rest is `fast`.
 E2E_FIXTURES = {"server_factory"}
-SLOW_FIXTURES = {"default_repository"}
+# `exported`: the module-scoped fixture of the export tests (segmentation, autoencoder, detector) that runs
+# torch.onnx.export, parity and TensorRT lint on the real models.
+SLOW_FIXTURES = {"default_repository", "exported"}
 # Modules that start `python -m server` themselves (not through server_factory).
 E2E_MODULES = {"test_serving_without_torch", "test_warmup", "test_hardening", "test_transport_security",
                "test_server_repository"}
