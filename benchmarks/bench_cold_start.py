@@ -41,12 +41,13 @@ def time_to_ready(repo: Path, work: Path) -> tuple[float, dict[str, float]]:
     log = work / "server.log"
     ready.unlink(missing_ok=True)
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
-         "--grpc-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--allow-http", "false",
-         "--ready-file", str(ready),
-         "--strict-readiness", "true"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    with open(log, "w") as logf:  # the server writes to its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
+             "--grpc-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--allow-http", "false",
+             "--ready-file", str(ready),
+             "--strict-readiness", "true"],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=logf, stderr=subprocess.STDOUT)
     try:
         while not ready.exists():
             if proc.poll() is not None:
@@ -74,7 +75,9 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         bare = without_warmup(a.repository, Path(tmp) / "no_warmup")
-        with_w, without_w, warm = [], [], {}
+        with_w: list[float] = []
+        without_w: list[float] = []
+        warm: dict[str, float] = {}
         for r in range(a.rounds):
             t_w, warm = time_to_ready(a.repository, Path(tmp))
             t_n, _ = time_to_ready(bare, Path(tmp))

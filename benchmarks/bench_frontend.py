@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import resource
-import os
+import shutil
 import subprocess
 import sys
 import tempfile
-import shutil
 import time
 import urllib.request
 import uuid
@@ -113,6 +113,7 @@ def identity_model(shape: list[int], datatype: str = "FP32") -> bytes:
 
 def write_repository(repo: Path, extra: Path | None, models: list[str]) -> None:
     for name in models:  # served beside the identity models (copied: the server may not write there)
+        assert extra is not None, "models to serve need the repository they come from"
         shutil.copytree(extra / name, repo / name)
     for name, shape in SHAPES.items():
         d = repo / f"identity_{name}"
@@ -131,10 +132,10 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def start(cmd: list[str], workdir: Path, tag: str, ready_flag: str = "--ready-file") -> tuple[subprocess.Popen, dict]:
     ready = workdir / f"{tag}.ready.json"
-    log = open(workdir / f"{tag}.log", "w")
-    proc = subprocess.Popen([*cmd, ready_flag, str(ready)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-                            stdout=log, stderr=subprocess.STDOUT)
+    with open(workdir / f"{tag}.log", "w") as log:  # the child writes to its own copy of the descriptor
+        proc = subprocess.Popen([*cmd, ready_flag, str(ready)], cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                                stdout=log, stderr=subprocess.STDOUT)
     t_end = time.monotonic() + 300
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > t_end:
@@ -150,7 +151,8 @@ async def echo_server(ready_file: Path) -> None:
         return request
 
     server = grpc.aio.server(options=CHANNEL_OPTS[:2])
-    handler = grpc.unary_unary_rpc_method_handler(echo)  # no (de)serializers: bytes in, bytes out
+    # no (de)serializers: bytes in, bytes out
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(echo)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -167,6 +169,7 @@ def infer_request(target: Target, x: np.ndarray | None, shm_in: tuple[str, int] 
         t.parameters["shared_memory_region"].string_param = shm_in[0]
         t.parameters["shared_memory_byte_size"].int64_param = shm_in[1]
     else:
+        assert x is not None, "an input tensor or a shared-memory region"
         req.raw_input_contents.append(x.tobytes())
     if shm_out is not None:
         o = req.outputs.add(name=target.output)
@@ -185,7 +188,8 @@ class Driver:
         self.method = INFER
 
     async def run(self, seconds: float) -> tuple[float, list[float]]:
-        calls = [ch.unary_unary(self.method) for ch in self.channels]  # bytes in, bytes out
+        calls: list[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = [
+            ch.unary_unary(self.method) for ch in self.channels]  # bytes in, bytes out
         c = len(calls)
         return await drive(lambda i: calls[i % c](self.requests[i % c]), c, seconds)
 
@@ -202,7 +206,7 @@ class ShmPlan:
         self.nbytes = x.nbytes
         self.out_nbytes = target.output_nbytes
         self.objects: list[shared_memory.SharedMemory] = []
-        self.regions: list[tuple[str, str, str, str]] = []  # (in name, in key, out name, out key)
+        self.regions: list[tuple[str, ...]] = []  # (in name, in key, out name, out key)
         for _ in range(concurrency):
             tag = uuid.uuid4().hex[:10]
             names = []
@@ -211,12 +215,13 @@ class ShmPlan:
                 obj = shared_memory.SharedMemory(f"bench_{kind}_{tag}", create=True, size=size)
                 self.objects.append(obj)
                 if kind == "in":
+                    assert obj.buf is not None  # None only once closed
                     obj.buf[:self.nbytes] = x.tobytes()
                 names += [f"{kind}_{tag}", "/" + obj.name]
             self.regions.append(tuple(names))
 
     async def register(self, driver: Driver) -> None:
-        for ch, (in_name, in_key, out_name, out_key) in zip(driver.channels, self.regions):
+        for ch, (in_name, in_key, out_name, out_key) in zip(driver.channels, self.regions, strict=True):
             reg = ch.unary_unary("/inference.GRPCInferenceService/SystemSharedMemoryRegister",
                                  request_serializer=pb.SystemSharedMemoryRegisterRequest.SerializeToString,
                                  response_deserializer=pb.SystemSharedMemoryRegisterResponse.FromString)
@@ -372,7 +377,8 @@ def main() -> None:
     for w in a.workers:  # compact image tensors: the same picture as UINT8 pixels vs FP32
         u8, f32 = ("image_u8", "bytes", f"w{w}"), ("image", "bytes", f"w{w}")
         if u8 in acc and f32 in acc:
-            print(f"  {w} worker(s), bytes path: UINT8 pixels / FP32 image req/s {mean(u8, 'rps') / mean(f32, 'rps'):.2f}x, "
+            print(f"  {w} worker(s), bytes path: UINT8 pixels / FP32 image req/s "
+                  f"{mean(u8, 'rps') / mean(f32, 'rps'):.2f}x, "
                   f"CPU/req FP32 / UINT8 {mean(f32, 'cpu_us') / mean(u8, 'cpu_us'):.2f}x")
     for shape in by_label:
         for w in a.workers:

@@ -10,7 +10,8 @@ optionally PyTorch eager; every figure also as a ratio to ONNX Runtime FP32 meas
 The FP32 file is a fresh export of the registry entry; the INT8 file is export/quantize.py's QDQ model
 calibrated on the task's real data (models/data/calibration.py), as `python -m export` builds it.
 Every runtime gets the same thread count and the same real input; each measurement warms up first and
-runs at least --seconds, split over 3 interleaved rounds (the best round counts). Not a test: numbers depend on the machine and its load.
+runs at least --seconds, split over 3 interleaved rounds (the best round counts). Not a test: numbers
+depend on the machine and its load.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ ROUNDS = 3
 
 
 def bench(name: str, batch_sizes: list[int], seconds: float, threads: int, workdir: Path,
-          eager: bool, gate: list[str]) -> dict[tuple[str, int], float]:
+          eager: bool, gate: list[str] | None) -> dict[tuple[str, int], float]:
     entry = get_entry(name)
     torch.manual_seed(0)
     try:
@@ -90,7 +91,7 @@ def bench(name: str, batch_sizes: list[int], seconds: float, threads: int, workd
         for b in batch_sizes:
             x = torch.from_numpy(np.repeat(sample[None], b, axis=0))
 
-            def fn() -> None:
+            def fn(x: torch.Tensor = x) -> None:
                 with torch.inference_mode():
                     model(x)
 

@@ -39,8 +39,9 @@ import numpy as np  # noqa: E402
 # tests/conftest.py loads tritonclient's generated protos into a private descriptor pool on import;
 # without that they clash with the project's (bench_frontend imports those) in this one process.
 import conftest  # noqa: E402,F401
-from bench_frontend import (Target, cpu_seconds, identity_targets, repository_target, start,  # noqa: E402
-                            write_repository)
+
+# isort: split
+from bench_frontend import Target, cpu_seconds, identity_targets, repository_target, start, write_repository  # noqa: E402
 from bench_server import pct  # noqa: E402
 from bench_vision import drive  # noqa: E402
 from pki import make_pki  # noqa: E402  (tests/pki.py: the throw-away CA the TLS tests use)
@@ -79,7 +80,7 @@ async def measure(targets: list[Target], plain: dict, tls: dict, ca: Path, concu
                 (await http.infer(t.model, [hi], outputs=ho)).as_numpy(t.output)
 
             calls[t.label] = {"grpc": grpc_call(grpc_plain), "http": http_call, "grpc-tls": grpc_call(grpc_tls)}
-        for label, by_mode in calls.items():  # warm-up: connections, TLS handshakes, sessions
+        for by_mode in calls.values():  # warm-up: connections, TLS handshakes, sessions
             for call in by_mode.values():
                 await drive(call, concurrency, 1.0)
         for r in range(rounds):
@@ -151,7 +152,7 @@ def main() -> None:
             print(f"{t.label:<14}{mode:<10}{m['rps']:>9.1f}{m['p50_ms']:>9.2f}{m['p99_ms']:>9.2f}"
                   f"{m['server_cpu_ms']:>19.2f}")
         for name, mode in (("http/grpc", "http"), ("grpc-tls/grpc", "grpc-tls")):
-            per_slice = [a[0] / b[0] for a, b in zip(results[(t.label, mode)], results[(t.label, "grpc")])]
+            per_slice = [a[0] / b[0] for a, b in zip(results[(t.label, mode)], results[(t.label, "grpc")], strict=True)]
             row[name] = {"overall": row[mode]["rps"] / row["grpc"]["rps"], "median_slice": float(np.median(per_slice)),
                          "slices": [round(x, 2) for x in per_slice]}
         summary[t.label] = row

@@ -29,11 +29,11 @@ import numpy as np  # noqa: E402
 
 from bench_server import model_file, pct, start_server  # noqa: E402  (same folder)
 from client import AsyncInferenceClient, AsyncVisionClient, InferenceClient  # noqa: E402
+from cnncore.imaging import prepare_image  # noqa: E402
+from cnncore.postprocess import top_k  # noqa: E402
 from cnncore.spec import ModelMeta  # noqa: E402
 from server.backends.base import BackendOptions  # noqa: E402
 from server.backends.ort_backend import OrtBackend  # noqa: E402
-from cnncore.imaging import prepare_image  # noqa: E402
-from cnncore.postprocess import top_k  # noqa: E402
 
 
 def sample_jpegs() -> list[bytes]:

@@ -6,6 +6,7 @@
 
 asyncio flavours: AsyncInferenceClient, AsyncVisionClient. The CLI is `python -m client --help`.
 """
+
 from client.channel import ClientTLS
 from client.inference import AsyncInferenceClient, InferenceClient, InferenceServerError
 from client.vision import AsyncVisionClient, VisionClient, failures, mask_array, png_image

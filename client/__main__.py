@@ -1,4 +1,5 @@
 """`python -m client ...`: see client/cli.py."""
+
 import sys
 
 from client.cli import main

@@ -4,11 +4,13 @@ Blocking and asyncio flavours; a client class names its stub and adds one method
 client opens itself may use TLS (`tls=ClientTLS(...)`, tritonclient's option names) and send `headers`
 (e.g. the access key of a restricted API group) on every call.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Self
+from typing import Any, Self
 
 import grpc
 
@@ -40,8 +42,9 @@ class ClientTLS:
         def read(p: Path | None) -> bytes | None:
             return None if p is None else Path(p).read_bytes()
 
-        return grpc.ssl_channel_credentials(read(self.root_certificates), read(self.private_key),
-                                            read(self.certificate_chain))
+        return grpc.ssl_channel_credentials(
+            read(self.root_certificates), read(self.private_key), read(self.certificate_chain)
+        )
 
     def options(self) -> tuple[tuple[str, Any], ...]:
         return (("grpc.ssl_target_name_override", self.target_name),) if self.target_name else ()
@@ -62,8 +65,13 @@ class _AddsMetadata:
         return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
 
 
-class _HeaderInterceptor(_AddsMetadata, grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                         grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _HeaderInterceptor(
+    _AddsMetadata,
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds fixed metadata to every call of a blocking channel, whatever the stub."""
 
     def intercept_unary_unary(self, continuation, details, request):
@@ -79,9 +87,13 @@ class _HeaderInterceptor(_AddsMetadata, grpc.UnaryUnaryClientInterceptor, grpc.U
         return continuation(self._details(details), request_iterator)
 
 
-class _AsyncHeaderInterceptor(_AddsMetadata, grpc.aio.UnaryUnaryClientInterceptor,
-                              grpc.aio.UnaryStreamClientInterceptor, grpc.aio.StreamUnaryClientInterceptor,
-                              grpc.aio.StreamStreamClientInterceptor):
+class _AsyncHeaderInterceptor(
+    _AddsMetadata,
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
     """The grpc.aio twin of _HeaderInterceptor."""
 
     async def intercept_unary_unary(self, continuation, details, request):
@@ -97,8 +109,9 @@ class _AsyncHeaderInterceptor(_AddsMetadata, grpc.aio.UnaryUnaryClientIntercepto
         return await continuation(self._details(details), request_iterator)
 
 
-def open_channel(url: str = DEFAULT_URL, tls: ClientTLS | None = None,
-                 headers: Mapping[str, str] | None = None) -> grpc.Channel:
+def open_channel(
+    url: str = DEFAULT_URL, tls: ClientTLS | None = None, headers: Mapping[str, str] | None = None
+) -> grpc.Channel:
     """A blocking channel to `url`, over TLS when `tls` is given, sending `headers` on every call."""
     if tls is None:
         channel = grpc.insecure_channel(url, options=CHANNEL_OPTIONS)
@@ -108,15 +121,17 @@ def open_channel(url: str = DEFAULT_URL, tls: ClientTLS | None = None,
     return grpc.intercept_channel(channel, _HeaderInterceptor(metadata)) if metadata else channel
 
 
-def open_aio_channel(url: str = DEFAULT_URL, tls: ClientTLS | None = None,
-                     headers: Mapping[str, str] | None = None) -> grpc.aio.Channel:
+def open_aio_channel(
+    url: str = DEFAULT_URL, tls: ClientTLS | None = None, headers: Mapping[str, str] | None = None
+) -> grpc.aio.Channel:
     """The grpc.aio twin of open_channel."""
     metadata = _metadata(headers)
     interceptors = [_AsyncHeaderInterceptor(metadata)] if metadata else None
     if tls is None:
         return grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS, interceptors=interceptors)
-    return grpc.aio.secure_channel(url, tls.credentials(), options=CHANNEL_OPTIONS + tls.options(),
-                                   interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        url, tls.credentials(), options=CHANNEL_OPTIONS + tls.options(), interceptors=interceptors
+    )
 
 
 class InferenceServerError(Exception):
@@ -128,7 +143,7 @@ class InferenceServerError(Exception):
         self.message = message
 
     @classmethod
-    def from_rpc(cls, exc: grpc.RpcError) -> "InferenceServerError":
+    def from_rpc(cls, exc: grpc.RpcError) -> InferenceServerError:
         return cls(exc.code(), exc.details() or "")
 
 
@@ -137,8 +152,14 @@ class BlockingClient:
 
     stub_type: Callable[[grpc.Channel], Any]
 
-    def __init__(self, url: str = DEFAULT_URL, channel: grpc.Channel | None = None, *,
-                 tls: ClientTLS | None = None, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        channel: grpc.Channel | None = None,
+        *,
+        tls: ClientTLS | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self._own_channel = channel is None
         self.channel = channel or open_channel(url, tls, headers)
         self._stub = self.stub_type(self.channel)
@@ -165,8 +186,14 @@ class AsyncClient:
 
     stub_type: Callable[[grpc.aio.Channel], Any]
 
-    def __init__(self, url: str = DEFAULT_URL, channel: grpc.aio.Channel | None = None, *,
-                 tls: ClientTLS | None = None, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        channel: grpc.aio.Channel | None = None,
+        *,
+        tls: ClientTLS | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self._own_channel = channel is None
         self.channel = channel or open_aio_channel(url, tls, headers)
         self._stub = self.stub_type(self.channel)

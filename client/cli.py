@@ -17,14 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from google.protobuf.message import Message
 from PIL import Image
 
-from client.draw import draw_detections, overlay_mask
 from client.channel import DEFAULT_URL, ClientTLS, InferenceServerError
+from client.draw import draw_detections, overlay_mask
 from client.inference import InferenceClient
 from client.vision import VisionClient, failures, mask_array, png_image
 from cnncore.imaging import ImageDecodeError, decode_image
@@ -50,7 +51,7 @@ def _source_picture(data: bytes) -> Image.Image | None:
 
 def _results_json(response: Message, sources: Sequence[str]) -> dict:
     out = message_to_dict(response)
-    for result, source in zip(out["results"], sources):
+    for result, source in zip(out["results"], sources, strict=True):
         result["source"] = source
     return out
 
@@ -76,6 +77,7 @@ def _connection(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_vision(args: argparse.Namespace) -> tuple[dict, int]:
     images = [Path(p).read_bytes() for p in args.images]
+    response: Any  # the command's response message; the code below reads what that command returns
     with VisionClient(args.url, **_connection(args)) as client:
         if args.command == "classify":
             response = client.classify(args.model, images, top_k=args.top_k, timeout=args.timeout)
@@ -93,7 +95,7 @@ def _run_vision(args: argparse.Namespace) -> tuple[dict, int]:
 
     out = _results_json(response, args.images)
     count = len(images)
-    for i, (result, entry) in enumerate(zip(response.results, out["results"])):
+    for i, (result, entry) in enumerate(zip(response.results, out["results"], strict=True)):
         if result.image.HasField("error"):
             continue
         written: dict[str, str] = {}
@@ -136,7 +138,7 @@ def _run_models(args: argparse.Namespace) -> tuple[dict, int]:
         index = client.get_model_repository_index(timeout=args.timeout)
         models = []
         for entry in index.models:
-            model = {"name": entry.name, "version": entry.version, "state": entry.state}
+            model: dict[str, Any] = {"name": entry.name, "version": entry.version, "state": entry.state}
             if entry.reason:
                 model["reason"] = entry.reason
             if entry.state == "READY":

@@ -2,13 +2,14 @@
 
 People would rather look than read: the CLI writes these next to its JSON output.
 """
+
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from protos import vision_pb2 as vpb
 from cnncore.postprocess import UNSEEN, palette
+from protos import vision_pb2 as vpb
 
 _COLOURS = np.asarray(palette(256), dtype=np.uint8).reshape(256, 3)
 

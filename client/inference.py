@@ -6,19 +6,21 @@ its own client instead of wrapping tritonclient: tritonclient ships its own gene
 messages, and importing them next to `protos.grpc_service_pb2` in one process fails with duplicate
 symbols, so a program using our vision stubs could not use tritonclient for the tensor half.
 """
+
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.channel import DEFAULT_URL, AsyncClient, BlockingClient, ClientTLS, InferenceServerError
-from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
 from cnncore.datatypes import from_numpy, to_numpy
 from cnncore.wire import deserialize_bytes, serialize_bytes
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
 
 # ---- request building and response parsing, shared by both flavours ---------------------------------
 
@@ -84,8 +86,9 @@ def parse_infer_response(response: pb.ModelInferResponse) -> dict[str, np.ndarra
 def _stream_result(reply: pb.ModelStreamInferResponse) -> tuple[str, dict[str, np.ndarray]]:
     if reply.error_message:
         # The stream carries no status code per response; the message says what went wrong.
-        raise InferenceServerError(grpc.StatusCode.UNKNOWN,
-                                   f"request '{reply.infer_response.id}': {reply.error_message}")
+        raise InferenceServerError(
+            grpc.StatusCode.UNKNOWN, f"request '{reply.infer_response.id}': {reply.error_message}"
+        )
     return reply.infer_response.id, parse_infer_response(reply.infer_response)
 
 
@@ -101,10 +104,16 @@ class InferenceClient(BlockingClient):
 
     stub_type = pb_grpc.GRPCInferenceServiceStub
 
-    def __init__(self, url: str = DEFAULT_URL, channel: grpc.Channel | None = None, *,
-                 tls: ClientTLS | None = None, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        channel: grpc.Channel | None = None,
+        *,
+        tls: ClientTLS | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(url, channel, tls=tls, headers=headers)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._health: Any = health_pb2_grpc.HealthStub(self.channel)  # its stubs leave out Check
 
     def is_server_live(self, timeout: float | None = None) -> bool:
         return self._call("ServerLive", pb.ServerLiveRequest(), timeout).live
@@ -133,7 +142,9 @@ class InferenceClient(BlockingClient):
     ) -> pb.ModelStatisticsResponse:
         return self._call("ModelStatistics", pb.ModelStatisticsRequest(name=model_name, version=model_version), timeout)
 
-    def get_model_repository_index(self, ready: bool = False, timeout: float | None = None) -> pb.RepositoryIndexResponse:
+    def get_model_repository_index(
+        self, ready: bool = False, timeout: float | None = None
+    ) -> pb.RepositoryIndexResponse:
         return self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready), timeout)
 
     def load_model(self, model_name: str, timeout: float | None = None) -> None:
@@ -183,10 +194,16 @@ class AsyncInferenceClient(AsyncClient):
 
     stub_type = pb_grpc.GRPCInferenceServiceStub
 
-    def __init__(self, url: str = DEFAULT_URL, channel: grpc.aio.Channel | None = None, *,
-                 tls: ClientTLS | None = None, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        channel: grpc.aio.Channel | None = None,
+        *,
+        tls: ClientTLS | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(url, channel, tls=tls, headers=headers)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._health: Any = health_pb2_grpc.HealthStub(self.channel)  # its stubs leave out Check
 
     async def is_server_live(self, timeout: float | None = None) -> bool:
         return (await self._call("ServerLive", pb.ServerLiveRequest(), timeout)).live
@@ -204,7 +221,9 @@ class AsyncInferenceClient(AsyncClient):
     async def get_model_metadata(
         self, model_name: str, model_version: str = "", timeout: float | None = None
     ) -> pb.ModelMetadataResponse:
-        return await self._call("ModelMetadata", pb.ModelMetadataRequest(name=model_name, version=model_version), timeout)
+        return await self._call(
+            "ModelMetadata", pb.ModelMetadataRequest(name=model_name, version=model_version), timeout
+        )
 
     async def get_model_config(
         self, model_name: str, model_version: str = "", timeout: float | None = None

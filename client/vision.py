@@ -9,9 +9,10 @@ picture in a batch does not hide the others' answers; request-level failures rai
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -20,7 +21,7 @@ from client.channel import AsyncClient, BlockingClient
 from protos import vision_pb2 as vpb
 from protos import vision_pb2_grpc as vpb_grpc
 
-ImageInput = Union[bytes, str, PathLike, Image.Image]
+ImageInput = bytes | bytearray | memoryview | str | PathLike | Image.Image
 
 
 def encode_image(image: ImageInput) -> bytes:

@@ -2,6 +2,7 @@
 
 Torch-free on purpose: the server imports it, and a serving image carries no PyTorch.
 """
+
 from cnncore.spec import ModelMeta, PreprocessSpec, Task
 
 __all__ = ["ModelMeta", "PreprocessSpec", "Task"]

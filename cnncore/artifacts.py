@@ -3,6 +3,7 @@
 export writes these files; the server and the evaluators read them. Engine file names (per GPU and
 TensorRT version) live in cnncore.engine_manifest beside the manifest that lists them.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -4,6 +4,7 @@ The message is our own wire-compatible copy of Triton's (`protos/model_config.pr
 Triton accepts parses here unless it uses a feature this server does not implement; such a config fails
 with the file, line and field named rather than being half-understood.
 """
+
 from __future__ import annotations
 
 import re

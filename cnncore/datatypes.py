@@ -3,6 +3,7 @@
 The Open Inference Protocol spells types as strings ("FP32"), config.pbtxt as an enum (TYPE_FP32),
 ONNX Runtime as "tensor(float)". One table keeps them in step.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,9 +31,18 @@ _BY_NUMPY = {dt: name for name, (_, dt) in _TABLE.items()}
 
 # ONNX Runtime's type strings for the same element types.
 _ORT = {
-    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64", "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64", "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
     "tensor(string)": "BYTES",
 }
 

@@ -6,12 +6,13 @@ header that claims more pixels than allowed (a decompression bomb costs nothing 
 to decode), and only then decode. Everything that goes wrong becomes an `ImageDecodeError` naming the
 image's index in its request and a machine-readable reason, so one bad image never loses the others.
 """
+
 from __future__ import annotations
 
 import io
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
@@ -33,7 +34,7 @@ def accepted_formats() -> tuple[str, ...]:
 ACCEPTED_FORMATS = accepted_formats()
 
 
-class ImageErrorReason(str, Enum):
+class ImageErrorReason(StrEnum):
     # Values mirror protos/vision.proto ImageError.Reason names.
     EMPTY = "EMPTY"
     UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"
@@ -109,8 +110,9 @@ def _resized_size(spec: PreprocessSpec, width: int, height: int) -> tuple[int, i
     return math.ceil(width * s), math.ceil(height * s)
 
 
-def _decode(data: bytes, index: int, max_pixels: int,
-            spec: PreprocessSpec | None) -> tuple[Image.Image, tuple[int, int]]:
+def _decode(
+    data: bytes, index: int, max_pixels: int, spec: PreprocessSpec | None
+) -> tuple[Image.Image, tuple[int, int]]:
     """(upright 8-bit picture, upright full-resolution size). With `spec`, a JPEG much larger than the
     model needs is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling): a 12-Mpx phone photo
     then costs a fraction of a full decode, and the picture stays at least as large as `preprocess`
@@ -158,7 +160,9 @@ def _decode(data: bytes, index: int, max_pixels: int,
             text = str(exc)
             truncated = isinstance(exc, EOFError) or "truncated" in text or "end of file" in text.lower()
             reason = ImageErrorReason.TRUNCATED if truncated else ImageErrorReason.CORRUPT
-            raise ImageDecodeError(index, reason, f"{img.format} data could not be decoded: {text or type(exc).__name__}") from None
+            raise ImageDecodeError(
+                index, reason, f"{img.format} data could not be decoded: {text or type(exc).__name__}"
+            ) from None
         # EXIF orientation: phones store pixels sideways and a tag saying so; the model and the box
         # coordinates must refer to the picture as people see it.
         upright = ImageOps.exif_transpose(img)

@@ -1,4 +1,5 @@
 """Where things are inside one model directory of a Triton-layout repository."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +31,7 @@ def latest_version_dir(model_dir: Path) -> Path:
     return Path(model_dir) / str(versions[-1])
 
 
-def latest_onnx(model_dir: Path) -> tuple[Path, "ModelMeta"]:
+def latest_onnx(model_dir: Path) -> tuple[Path, ModelMeta]:
     """The newest version's model.onnx and the model's model.json, for tools that evaluate what is served.
 
     FileNotFoundError names what is missing (no such model, no model.json, no version, no ONNX file)."""

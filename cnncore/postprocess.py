@@ -8,8 +8,8 @@ the benchmark's in-process path and the tests use exactly what the server uses.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -31,7 +31,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return np.asarray(e / e.sum(axis=-1, keepdims=True), dtype=np.float32)
 
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,15 +108,16 @@ def segmentation_mask(logits: np.ndarray, geometry: Geometry) -> np.ndarray:
     )
     box = (max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3]))
     size = (ix1 - ix0, iy1 - iy0)
-    best = best_idx = None
+    best: np.ndarray | None = None
+    best_idx = np.zeros((iy1 - iy0, ix1 - ix0), np.uint8)
     for k in range(c):
         up = np.asarray(
             Image.fromarray(np.ascontiguousarray(logits[k], dtype=np.float32), mode="F").resize(
-                size, Image.BILINEAR, box=box
+                size, Image.Resampling.BILINEAR, box=box
             )
         )
         if best is None:
-            best, best_idx = up.copy(), np.zeros(up.shape, np.uint8)
+            best = up.copy()
         else:
             better = up > best
             best[better] = up[better]
@@ -134,7 +135,7 @@ def class_fractions(mask: np.ndarray, num_classes: int) -> np.ndarray:
 
 def palette(num_classes: int) -> list[int]:
     """The PASCAL VOC colour map (class 0 black), extended to 256 entries; UNSEEN is white."""
-    colours = []
+    colours: list[int] = []
     for i in range(256):
         r = g = b = 0
         c = i

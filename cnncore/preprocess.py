@@ -3,6 +3,7 @@ uint8 pixels for models that normalize inside their graph).
 
 Torch-free so the server, the tests, the evaluation commands and training all preprocess identically.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,13 +45,13 @@ def preprocess(image: Image.Image, spec: PreprocessSpec, *, pixels: bool = False
     ow, oh = img.size
     pad_x = pad_y = 0.0
     if spec.resize == "stretch":
-        img = img.resize((width, height), Image.BILINEAR)
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
         sx, sy = width / ow, height / oh
     elif spec.resize == "shorter_side_then_center_crop":
         short = spec.resize_shorter_side or min(height, width)
         s = short / min(ow, oh)
         rw, rh = max(width, round(ow * s)), max(height, round(oh * s))
-        img = img.resize((rw, rh), Image.BILINEAR)
+        img = img.resize((rw, rh), Image.Resampling.BILINEAR)
         left, top = (rw - width) // 2, (rh - height) // 2
         img = img.crop((left, top, left + width, top + height))
         sx, sy = rw / ow, rh / oh
@@ -58,7 +59,7 @@ def preprocess(image: Image.Image, spec: PreprocessSpec, *, pixels: bool = False
     elif spec.resize == "letterbox":
         s = min(width / ow, height / oh)
         rw, rh = max(1, round(ow * s)), max(1, round(oh * s))
-        resized = img.resize((rw, rh), Image.BILINEAR)
+        resized = img.resize((rw, rh), Image.Resampling.BILINEAR)
         fill = round(spec.pad_value * 255)
         canvas = Image.new(spec.color, (width, height), fill if spec.color == "L" else (fill,) * 3)
         pad_x, pad_y = (width - rw) // 2, (height - rh) // 2

@@ -5,14 +5,18 @@ form (160.79, not 160.78993225097656), enums by name, unset sub-messages left ou
 One converter for what the CLI prints and what the REST binding answers, so both show the same JSON
 for the same message. `bytes_as`: "omit" (the CLI writes bytes to files) or "base64" (REST).
 """
+
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+
+if TYPE_CHECKING:  # the C (upb) implementation's descriptors, which DESCRIPTOR may be
+    from google._upb._message import FieldDescriptor as UpbFieldDescriptor
 
 BytesAs = Literal["omit", "base64"]
 
@@ -21,10 +25,11 @@ def short_float(value: float) -> float:
     return float(np.format_float_positional(np.float32(value), unique=True, trim="0"))
 
 
-def _scalar(field: FieldDescriptor, value: Any, bytes_as: BytesAs) -> Any:
+def _scalar(field: FieldDescriptor | UpbFieldDescriptor, value: Any, bytes_as: BytesAs) -> Any:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         return message_to_dict(value, bytes_as=bytes_as)
     if field.type == FieldDescriptor.TYPE_ENUM:
+        assert field.enum_type is not None  # set on every TYPE_ENUM field
         return field.enum_type.values_by_number[value].name
     if field.type == FieldDescriptor.TYPE_FLOAT:
         return short_float(value)

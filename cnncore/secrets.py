@@ -1,6 +1,7 @@
 """Where an access key comes from, in one syntax for the server's flags and the client's headers:
 a literal, `@FILE` (the file's content, trailing newline dropped) or `env:VARIABLE`, so a key need not
 appear in `ps`, a shell history or a manifest."""
+
 from __future__ import annotations
 
 import os

@@ -6,7 +6,7 @@ that image clients never repeat preprocessing. pydantic validates both sides of 
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 META_FILENAME = "model.json"
 
 
-class Task(str, Enum):
+class Task(StrEnum):
     classification = "classification"
     detection = "detection"
     segmentation = "segmentation"
@@ -97,5 +97,5 @@ class ModelMeta(BaseModel):
         return path
 
     @classmethod
-    def read(cls, model_dir: Path) -> "ModelMeta":
+    def read(cls, model_dir: Path) -> ModelMeta:
         return cls.model_validate_json((Path(model_dir) / META_FILENAME).read_text())

@@ -8,11 +8,13 @@ each batch only sets the input shapes (within the profile) and enqueues copy-in,
 copy-out. TensorRT and cuda-python are imported when an engine is opened, never at import: a machine
 without them gets TensorRTUnavailable naming what is missing.
 """
+
 from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,8 +27,8 @@ class TensorRTUnavailable(RuntimeError):
     this GPU and TensorRT); the message says which."""
 
 
-def cudart():
-    """cuda-python's runtime module, imported on first use."""
+def cudart() -> Any:
+    """cuda-python's runtime module, imported on first use (untyped: the GPU image brings it)."""
     try:
         from cuda.bindings import runtime
     except ImportError as exc:
@@ -34,7 +36,7 @@ def cudart():
     return runtime
 
 
-def check_cuda(result):
+def check_cuda(result: Any) -> Any:
     """cuda-python returns (cudaError_t, *values); raise on error, return the values."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
@@ -53,10 +55,13 @@ class DeviceBuffer:
         self.nbytes = max(int(nbytes), 1)
         self.ptr = int(check_cuda(self._cudart.cudaMalloc(self.nbytes)))
 
-    def copy_from_host(self, array: np.ndarray, stream=0) -> None:
+    def copy_from_host(self, array: np.ndarray, stream: int = 0) -> None:
         array = np.ascontiguousarray(array)
-        check_cuda(self._cudart.cudaMemcpyAsync(self.ptr, array.ctypes.data, array.nbytes,
-                                                self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
+        check_cuda(
+            self._cudart.cudaMemcpyAsync(
+                self.ptr, array.ctypes.data, array.nbytes, self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream
+            )
+        )
         check_cuda(self._cudart.cudaStreamSynchronize(stream))
 
     def free(self) -> None:
@@ -72,9 +77,10 @@ class PinnedBuffer:
         self._cudart = cudart()
         self.nbytes = max(int(nbytes), 1)
         self.ptr = int(check_cuda(self._cudart.cudaMallocHost(self.nbytes)))
-        self._raw = (ctypes.c_byte * self.nbytes).from_address(self.ptr)
+        self._raw: memoryview | None = memoryview((ctypes.c_byte * self.nbytes).from_address(self.ptr)).cast("B")
 
     def view(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        assert self._raw is not None, "view of a freed buffer"
         count = int(np.prod(shape))
         return np.frombuffer(self._raw, dtype=dtype, count=count).reshape(shape)
 
@@ -89,16 +95,19 @@ def local_tensorrt_version() -> str:
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise TensorRTUnavailable(f"the tensorrt backend needs TensorRT, which is not installed here ({exc}); "
-                                  "serve this model with backend onnxruntime or pytorch instead") from None
-    return trt.__version__
+        raise TensorRTUnavailable(
+            f"the tensorrt backend needs TensorRT, which is not installed here ({exc}); "
+            "serve this model with backend onnxruntime or pytorch instead"
+        ) from None
+    return str(trt.__version__)
 
 
 def local_compute_capability(device_id: int) -> str:
     err, props = cudart().cudaGetDeviceProperties(device_id)
     if int(err) != 0:
-        raise TensorRTUnavailable(f"the tensorrt backend needs a CUDA GPU; device {device_id} is not available "
-                                  f"(CUDA error {int(err)})")
+        raise TensorRTUnavailable(
+            f"the tensorrt backend needs a CUDA GPU; device {device_id} is not available (CUDA error {int(err)})"
+        )
     return f"{props.major}.{props.minor}"
 
 
@@ -120,8 +129,10 @@ def resolve_engine_file(model_file: Path, compute_capability: str, tensorrt_vers
         rec = listed[model_file.name]
         chosen = select_engine(version_dir, compute_capability, tensorrt_version, precision=rec.precision)
         if chosen.file != model_file.name:
-            raise EngineMismatch(f"{model_file}: built for compute capability {rec.compute_capability} / "
-                                 f"TensorRT {rec.tensorrt_version}; this machine needs {chosen.file}")
+            raise EngineMismatch(
+                f"{model_file}: built for compute capability {rec.compute_capability} / "
+                f"TensorRT {rec.tensorrt_version}; this machine needs {chosen.file}"
+            )
     elif not model_file.is_file():
         raise EngineMismatch(f"{model_file}: engine file not found")
     return model_file
@@ -192,8 +203,11 @@ class EngineRunner:
                 raise ValueError(f"batch {array.shape[0]} exceeds the engine profile's max batch {self.max_batch}")
             staged = self._host[spec.name].view(spec.dtype, array.shape)
             np.copyto(staged, array, casting="same_kind")
-            check_cuda(rt.cudaMemcpyAsync(self._device[spec.name].ptr, self._host[spec.name].ptr,
-                                          staged.nbytes, h2d, self._stream))
+            check_cuda(
+                rt.cudaMemcpyAsync(
+                    self._device[spec.name].ptr, self._host[spec.name].ptr, staged.nbytes, h2d, self._stream
+                )
+            )
             if not self._context.set_input_shape(spec.name, tuple(array.shape)):
                 raise ValueError(f"input {spec.name!r} shape {list(array.shape)} is outside the engine profile")
         if not self._context.execute_async_v3(int(self._stream)):  # TensorRT takes the raw cudaStream_t handle
@@ -203,14 +217,16 @@ class EngineRunner:
             shape = tuple(int(d) for d in self._context.get_tensor_shape(spec.name))
             shapes[spec.name] = shape
             nbytes = int(np.prod(shape)) * spec.dtype.itemsize
-            check_cuda(rt.cudaMemcpyAsync(self._host[spec.name].ptr, self._device[spec.name].ptr, nbytes, d2h,
-                                          self._stream))
+            check_cuda(
+                rt.cudaMemcpyAsync(self._host[spec.name].ptr, self._device[spec.name].ptr, nbytes, d2h, self._stream)
+            )
         check_cuda(rt.cudaStreamSynchronize(self._stream))
         # Copy out of the pinned staging buffers: they are reused by the next batch.
         return {spec.name: self._host[spec.name].view(spec.dtype, shapes[spec.name]).copy() for spec in self.outputs}
 
     def close(self) -> None:
-        for buf in (*self._device.values(), *self._host.values()):
+        buffers: list[DeviceBuffer | PinnedBuffer] = [*self._device.values(), *self._host.values()]
+        for buf in buffers:
             buf.free()
         self._device.clear()
         self._host.clear()

@@ -3,6 +3,7 @@
 On the wire a BYTES tensor is its elements back to back, each a little-endian uint32 length followed by
 that many bytes (raw_input_contents / raw_output_contents, and Triton's HTTP binary-data extension).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ def element_count(shape: tuple[int, ...]) -> int:
 
 def deserialize_bytes(buf: bytes | memoryview, count: int, name: str) -> np.ndarray:
     """`count` BYTES elements from `buf` as a 1-D object array; WireFormatError on any inconsistency."""
-    items = []
+    items: list[bytes] = []
     off, n = 0, len(buf)
     while off < n:
         if len(items) >= count:
@@ -33,8 +34,10 @@ def deserialize_bytes(buf: bytes | memoryview, count: int, name: str) -> np.ndar
         (length,) = struct.unpack_from("<I", buf, off)
         off += 4
         if off + length > n:
-            raise WireFormatError(f"tensor '{name}': BYTES element of {length} bytes overruns the buffer at offset {off}")
-        items.append(bytes(buf[off:off + length]))
+            raise WireFormatError(
+                f"tensor '{name}': BYTES element of {length} bytes overruns the buffer at offset {off}"
+            )
+        items.append(bytes(buf[off : off + length]))
         off += length
     if len(items) != count:
         raise WireFormatError(f"tensor '{name}': expected {count} BYTES elements for its shape, got {len(items)}")

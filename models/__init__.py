@@ -2,9 +2,9 @@
 
 Importing the package registers every family; `list_models()` / `get_model()` are the entry points.
 """
-from models.registry import ModelEntry, get_entry, get_model, list_models, register
 
 # Each family registers its builders on import (timm-style), so importing them is the registration.
-from models import alexnet, autoencoder, cifar_resnet, detection, mobilenetv2, resnet, segmentation, vgg  # noqa: F401,E402
+from models import alexnet, autoencoder, cifar_resnet, detection, mobilenetv2, resnet, segmentation, vgg  # noqa: F401
+from models.registry import ModelEntry, get_entry, get_model, list_models, register
 
 __all__ = ["ModelEntry", "get_entry", "get_model", "list_models", "register"]

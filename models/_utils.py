@@ -1,12 +1,11 @@
 """Small helpers shared by model families (torchvision keeps the same ones in models/_utils.py)."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 __all__ = ["_make_divisible"]
 
 
-def _make_divisible(v: float, divisor: int, min_value: Optional[int] = None) -> int:
+def _make_divisible(v: float, divisor: int, min_value: int | None = None) -> int:
     """Round a channel count to the nearest multiple of `divisor`, never going below 90% of `v`.
 
     From the original TensorFlow MobileNet code: hardware kernels are fastest on channel counts

@@ -8,6 +8,7 @@ reduces overfitting compared to non-overlapping 2x2 pooling.
 
 Module layout and names match torchvision exactly so its checkpoints load with strict=True.
 """
+
 from __future__ import annotations
 
 import torch

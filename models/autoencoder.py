@@ -15,13 +15,14 @@ An exported model's reconstruction MSE: `python -m export.evaluate.autoencoder -
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from models.registry import ModelEntry, register
 from cnncore.spec import PreprocessSpec, Task
+from models.registry import ModelEntry, register
 
 LATENT_DIM = 32
 IMAGE_SIZE = 28
@@ -91,7 +92,9 @@ def _load_state(path: Path = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise FileNotFoundError(f"autoencoder checkpoint missing: {path}; train it with models/training/train_autoencoder.py")
+        raise FileNotFoundError(
+            f"autoencoder checkpoint missing: {path}; train it with models/training/train_autoencoder.py"
+        )
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
@@ -108,7 +111,7 @@ def load_encoder_weights(model: nn.Module) -> str:
 
 
 def _register() -> None:
-    common = dict(
+    common: dict[str, Any] = dict(
         input_shape=(1, IMAGE_SIZE, IMAGE_SIZE),
         preprocess=PREPROCESS,
         served_by_default=True,

@@ -19,10 +19,11 @@ Those deep variants use bottleneck blocks (1x1 reduce, 3x3, 1x1 expand by 4): 9n
 n=18 -> preact_resnet164, n=111 -> preact_resnet1001. Where the shape changes, the shortcut is a
 1x1 projection applied to the pre-activated input, as in the paper's CIFAR code.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -187,9 +188,7 @@ def count_weighted_layers(model: nn.Module) -> int:
         if isinstance(block, (BasicBlock, PreActBottleneck)) and isinstance(block.shortcut, nn.Conv2d)
         for m in [block.shortcut]
     }
-    return sum(
-        1 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in shortcut_ids
-    )
+    return sum(1 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in shortcut_ids)
 
 
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:

@@ -3,11 +3,12 @@
 Labels are in torchvision's order (index 281 'tabby' ... 967 'espresso'); the file is the
 standard list (as in pytorch/hub's imagenet_classes.txt, underscores as spaces).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional
 
 from torch import nn
 
@@ -32,7 +33,7 @@ def register_imagenet_classifier(
     name: str,
     builder: Callable[..., nn.Module],
     description: str,
-    weights: Optional[WeightsLoader] = None,
+    weights: WeightsLoader | None = None,
     served_by_default: bool = False,
     parity_rtol: float | None = None,
 ) -> ModelEntry:

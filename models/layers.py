@@ -1,7 +1,8 @@
 """Building blocks shared by several families (torchvision keeps these in torchvision/ops/misc.py)."""
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from torch import nn
 
@@ -22,13 +23,13 @@ class Conv2dNormActivation(nn.Sequential):
         out_channels: int,
         kernel_size: int = 3,
         stride: int = 1,
-        padding: Optional[int] = None,
+        padding: int | None = None,
         groups: int = 1,
-        norm_layer: Optional[Callable[..., nn.Module]] = nn.BatchNorm2d,
-        activation_layer: Optional[Callable[..., nn.Module]] = nn.ReLU,
+        norm_layer: Callable[..., nn.Module] | None = nn.BatchNorm2d,
+        activation_layer: Callable[..., nn.Module] | None = nn.ReLU,
         dilation: int = 1,
-        inplace: Optional[bool] = True,
-        bias: Optional[bool] = None,
+        inplace: bool | None = True,
+        bias: bool | None = None,
     ) -> None:
         if padding is None:
             padding = (kernel_size - 1) // 2 * dilation
@@ -36,8 +37,14 @@ class Conv2dNormActivation(nn.Sequential):
             bias = norm_layer is None  # a following norm makes a conv bias redundant
         layers: list[nn.Module] = [
             nn.Conv2d(
-                in_channels, out_channels, kernel_size, stride, padding,
-                dilation=dilation, groups=groups, bias=bias,
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride,
+                padding,
+                dilation=dilation,
+                groups=groups,
+                bias=bias,
             )
         ]
         if norm_layer is not None:

@@ -12,9 +12,10 @@ The design ideas:
 Module layout and names match torchvision exactly (`features.N.conv.M`, Conv2dNormActivation
 sequentials) so torchvision's checkpoints load with strict=True.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ class InvertedResidual(nn.Module):
         oup: int,
         stride: int,
         expand_ratio: int,
-        norm_layer: Optional[Callable[..., nn.Module]] = None,
+        norm_layer: Callable[..., nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.stride = stride
@@ -48,16 +49,25 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expand_ratio != 1:
             # pointwise expansion into the wide space
-            layers.append(Conv2dNormActivation(inp, hidden_dim, kernel_size=1, norm_layer=norm_layer,
-                                               activation_layer=nn.ReLU6))
-        layers.extend([
-            # depthwise 3x3: one filter per channel
-            Conv2dNormActivation(hidden_dim, hidden_dim, stride=stride, groups=hidden_dim,
-                                 norm_layer=norm_layer, activation_layer=nn.ReLU6),
-            # linear pointwise projection: deliberately no activation
-            nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False),
-            norm_layer(oup),
-        ])
+            layers.append(
+                Conv2dNormActivation(inp, hidden_dim, kernel_size=1, norm_layer=norm_layer, activation_layer=nn.ReLU6)
+            )
+        layers.extend(
+            [
+                # depthwise 3x3: one filter per channel
+                Conv2dNormActivation(
+                    hidden_dim,
+                    hidden_dim,
+                    stride=stride,
+                    groups=hidden_dim,
+                    norm_layer=norm_layer,
+                    activation_layer=nn.ReLU6,
+                ),
+                # linear pointwise projection: deliberately no activation
+                nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False),
+                norm_layer(oup),
+            ]
+        )
         self.conv = nn.Sequential(*layers)
         self.out_channels = oup
         self._is_cn = stride > 1
@@ -73,10 +83,10 @@ class MobileNetV2(nn.Module):
         self,
         num_classes: int = 1000,
         width_mult: float = 1.0,
-        inverted_residual_setting: Optional[Sequence[Sequence[int]]] = None,
+        inverted_residual_setting: Sequence[Sequence[int]] | None = None,
         round_nearest: int = 8,
-        block: Optional[Callable[..., nn.Module]] = None,
-        norm_layer: Optional[Callable[..., nn.Module]] = None,
+        block: Callable[..., nn.Module] | None = None,
+        norm_layer: Callable[..., nn.Module] | None = None,
         dropout: float = 0.2,
     ) -> None:
         super().__init__()
@@ -98,7 +108,9 @@ class MobileNetV2(nn.Module):
                 [6, 320, 1, 1],
             ]
         if len(inverted_residual_setting) == 0 or any(len(row) != 4 for row in inverted_residual_setting):
-            raise ValueError(f"inverted_residual_setting should be non-empty rows of 4, got {inverted_residual_setting}")
+            raise ValueError(
+                f"inverted_residual_setting should be non-empty rows of 4, got {inverted_residual_setting}"
+            )
 
         input_channel = _make_divisible(input_channel * width_mult, round_nearest)
         # The last conv never shrinks below 1280: the classifier needs the capacity even for thin nets.
@@ -113,8 +125,9 @@ class MobileNetV2(nn.Module):
                 features.append(block(input_channel, output_channel, stride, expand_ratio=t, norm_layer=norm_layer))
                 input_channel = output_channel
         features.append(
-            Conv2dNormActivation(input_channel, self.last_channel, kernel_size=1, norm_layer=norm_layer,
-                                 activation_layer=nn.ReLU6)
+            Conv2dNormActivation(
+                input_channel, self.last_channel, kernel_size=1, norm_layer=norm_layer, activation_layer=nn.ReLU6
+            )
         )
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes))
@@ -148,7 +161,8 @@ def load_imagenet_weights(model: nn.Module) -> str:
 
 
 register_imagenet_classifier(
-    "mobilenet_v2", mobilenet_v2,
+    "mobilenet_v2",
+    mobilenet_v2,
     "MobileNetV2: inverted residuals with linear bottlenecks, depthwise separable convs; "
     "torchvision ImageNet weights (top-1 71.9%)",
     weights=load_imagenet_weights,

@@ -3,11 +3,12 @@
 An entry knows its task, input shape, preprocessing, labels and where its trained weights come from,
 so `export` can turn any registered name into a served artifact without per-model code.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn

@@ -15,18 +15,27 @@ Module layout and names match torchvision exactly so its checkpoints load with s
 `norm_layer` and `replace_stride_with_dilation` hooks are kept because detection/segmentation
 backbones (FrozenBatchNorm2d, dilated DeepLab stages) reuse these classes.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Type, Union
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from models.imagenet import register_imagenet_classifier
 
 __all__ = [
-    "ResNet", "BasicBlock", "Bottleneck", "conv1x1", "conv3x3",
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "ResNet",
+    "BasicBlock",
+    "Bottleneck",
+    "conv1x1",
+    "conv3x3",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
 ]
 
 NormLayer = Callable[[int], nn.Module]
@@ -35,8 +44,14 @@ NormLayer = Callable[[int], nn.Module]
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
     """3x3 convolution with padding; no bias because a norm layer always follows."""
     return nn.Conv2d(
-        in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
-        groups=groups, bias=False, dilation=dilation,
+        in_planes,
+        out_planes,
+        kernel_size=3,
+        stride=stride,
+        padding=dilation,
+        groups=groups,
+        bias=False,
+        dilation=dilation,
     )
 
 
@@ -52,11 +67,11 @@ class BasicBlock(nn.Module):
         inplanes: int,
         planes: int,
         stride: int = 1,
-        downsample: Optional[nn.Module] = None,
+        downsample: nn.Module | None = None,
         groups: int = 1,
         base_width: int = 64,
         dilation: int = 1,
-        norm_layer: Optional[NormLayer] = None,
+        norm_layer: NormLayer | None = None,
     ) -> None:
         super().__init__()
         if norm_layer is None:
@@ -91,11 +106,11 @@ class Bottleneck(nn.Module):
         inplanes: int,
         planes: int,
         stride: int = 1,
-        downsample: Optional[nn.Module] = None,
+        downsample: nn.Module | None = None,
         groups: int = 1,
         base_width: int = 64,
         dilation: int = 1,
-        norm_layer: Optional[NormLayer] = None,
+        norm_layer: NormLayer | None = None,
     ) -> None:
         super().__init__()
         if norm_layer is None:
@@ -125,14 +140,14 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     def __init__(
         self,
-        block: Type[Union[BasicBlock, Bottleneck]],
+        block: type[BasicBlock | Bottleneck],
         layers: Sequence[int],
         num_classes: int = 1000,
         zero_init_residual: bool = False,
         groups: int = 1,
         width_per_group: int = 64,
-        replace_stride_with_dilation: Optional[Sequence[bool]] = None,
-        norm_layer: Optional[NormLayer] = None,
+        replace_stride_with_dilation: Sequence[bool] | None = None,
+        norm_layer: NormLayer | None = None,
     ) -> None:
         super().__init__()
         if norm_layer is None:
@@ -144,7 +159,8 @@ class ResNet(nn.Module):
             replace_stride_with_dilation = [False, False, False]
         if len(replace_stride_with_dilation) != 3:
             raise ValueError(
-                f"replace_stride_with_dilation should be None or a 3-element sequence, got {replace_stride_with_dilation}"
+                "replace_stride_with_dilation should be None or a 3-element sequence, "
+                f"got {replace_stride_with_dilation}"
             )
         self.groups = groups
         self.base_width = width_per_group
@@ -171,14 +187,14 @@ class ResNet(nn.Module):
         # (Goyal et al., 2017): the residual idea taken literally, it helps large-batch training.
         if zero_init_residual:
             for m in self.modules():
-                if isinstance(m, Bottleneck) and m.bn3.weight is not None:
+                if isinstance(m, Bottleneck) and isinstance(m.bn3.weight, Tensor):
                     nn.init.constant_(m.bn3.weight, 0)
-                elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
+                elif isinstance(m, BasicBlock) and isinstance(m.bn2.weight, Tensor):
                     nn.init.constant_(m.bn2.weight, 0)
 
     def _make_layer(
         self,
-        block: Type[Union[BasicBlock, Bottleneck]],
+        block: type[BasicBlock | Bottleneck],
         planes: int,
         blocks: int,
         stride: int = 1,
@@ -197,13 +213,21 @@ class ResNet(nn.Module):
                 norm_layer(planes * block.expansion),
             )
         layers = [
-            block(self.inplanes, planes, stride, downsample, self.groups, self.base_width, previous_dilation, norm_layer)
+            block(
+                self.inplanes, planes, stride, downsample, self.groups, self.base_width, previous_dilation, norm_layer
+            )
         ]
         self.inplanes = planes * block.expansion
         for _ in range(1, blocks):
             layers.append(
-                block(self.inplanes, planes, groups=self.groups, base_width=self.base_width,
-                      dilation=self.dilation, norm_layer=norm_layer)
+                block(
+                    self.inplanes,
+                    planes,
+                    groups=self.groups,
+                    base_width=self.base_width,
+                    dilation=self.dilation,
+                    norm_layer=norm_layer,
+                )
             )
         return nn.Sequential(*layers)
 
@@ -240,7 +264,8 @@ def resnet152(**kwargs) -> ResNet:
 
 for _depth, _kind in ((18, "basic"), (34, "basic"), (50, "bottleneck"), (101, "bottleneck"), (152, "bottleneck")):
     register_imagenet_classifier(
-        f"resnet{_depth}", globals()[f"resnet{_depth}"],
+        f"resnet{_depth}",
+        globals()[f"resnet{_depth}"],
         f"ResNet-{_depth}: identity shortcuts, {_kind} blocks (architecture only)",
         # 50 bottlenecks deep: random-init eager vs ONNX Runtime measured ~4.5e-4 of the output scale,
         # against ~1e-6 for the 18-50-layer nets.

@@ -8,9 +8,8 @@ configurations A/B/D/E give VGG-11/13/16/19; the `_bn` variants add batch norm a
 
 Module layout and names match torchvision exactly so its checkpoints load with strict=True.
 """
-from __future__ import annotations
 
-from typing import Union
+from __future__ import annotations
 
 import torch
 from torch import nn
@@ -18,17 +17,25 @@ from torch import nn
 from models.imagenet import register_imagenet_classifier
 
 __all__ = [
-    "VGG", "make_layers", "cfgs",
-    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "VGG",
+    "make_layers",
+    "cfgs",
+    "vgg11",
+    "vgg11_bn",
+    "vgg13",
+    "vgg13_bn",
+    "vgg16",
+    "vgg16_bn",
+    "vgg19",
+    "vgg19_bn",
 ]
 
 # Conv output channels, "M" = 2x2 max pool. Keys are the paper's column names (torchvision's too).
-cfgs: dict[str, list[Union[int, str]]] = {
+cfgs: dict[str, list[int | str]] = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-          512, 512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
 
 
@@ -70,7 +77,7 @@ class VGG(nn.Module):
         return self.classifier(x)
 
 
-def make_layers(cfg: list[Union[int, str]], batch_norm: bool = False) -> nn.Sequential:
+def make_layers(cfg: list[int | str], batch_norm: bool = False) -> nn.Sequential:
     """One flat nn.Sequential, so state-dict indices (features.N.*) match torchvision's."""
     layers: list[nn.Module] = []
     in_channels = 3
@@ -126,10 +133,12 @@ def vgg19_bn(**kwargs) -> VGG:
 
 for _depth, _cfg in ((11, "A"), (13, "B"), (16, "D"), (19, "E")):
     register_imagenet_classifier(
-        f"vgg{_depth}", globals()[f"vgg{_depth}"],
+        f"vgg{_depth}",
+        globals()[f"vgg{_depth}"],
         f"VGG-{_depth} (config {_cfg}): stacked 3x3 convolutions only (architecture only)",
     )
     register_imagenet_classifier(
-        f"vgg{_depth}_bn", globals()[f"vgg{_depth}_bn"],
+        f"vgg{_depth}_bn",
+        globals()[f"vgg{_depth}_bn"],
         f"VGG-{_depth} with batch norm (config {_cfg}): stacked 3x3 convolutions only (architecture only)",
     )

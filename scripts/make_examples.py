@@ -26,7 +26,7 @@ def main() -> None:
     Image.fromarray(sample.image).save(args.out / "shapes.png")
     truth = [
         {"label": CLASSES[int(label) - 1], "box": [round(float(v), 1) for v in box]}
-        for box, label in zip(sample.boxes, sample.labels)
+        for box, label in zip(sample.boxes, sample.labels, strict=True)
     ]
     (args.out / "shapes.truth.json").write_text(json.dumps(truth, indent=2) + "\n")
     print(f"wrote {args.out}/chelsea.jpg, {args.out}/shapes.png (+ shapes.truth.json)")

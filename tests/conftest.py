@@ -14,9 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -45,7 +45,7 @@ def _import_tritonclient_privately() -> None:
     default = descriptor_pool.Default
     descriptor_pool.Default = lambda: private
     try:
-        import tritonclient.grpc  # noqa: F401
+        import tritonclient.grpc
         import tritonclient.grpc.aio  # noqa: F401
     except ImportError:  # tritonclient is a dev dependency; tests that need it fail on their own import
         pass
@@ -274,9 +274,8 @@ def start_server(repo: Path, workdir: Path, *extra: str, timeout: float = 120.0,
            "--grpc-port", "0", "--http-address", "127.0.0.1", "--http-port", "0",
            "--metrics-address", "127.0.0.1", "--metrics-port", "0",
            "--ready-file", str(ready), "--intra-op-threads", "1", *extra]
-    logf = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=source_root, env=env, stdout=logf, stderr=subprocess.STDOUT)
-    logf.close()
+    with open(log_path, "w") as logf:  # the server writes to its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=source_root, env=env, stdout=logf, stderr=subprocess.STDOUT)
     t_end = time.monotonic() + timeout
     while not ready.exists():
         if proc.poll() is not None:
@@ -321,3 +320,31 @@ def default_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, f"python -m export repository failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return repo
+
+
+# -- lanes: `pytest -m fast` (scripts/test-fast.sh) is the quick signal; CI runs everything -------------
+# Marked by what a test needs rather than by hand, so a new test lands in the right lane: anything that
+# starts the real server is `e2e`; anything that builds the default repository, trains, exports or
+# quantizes a real model is `slow`; the rest is `fast`.
+E2E_FIXTURES = {"server_factory"}
+# `exported`: the module-scoped fixture of the export tests (segmentation, autoencoder, detector) that runs
+# torch.onnx.export, parity and TensorRT lint on the real models.
+SLOW_FIXTURES = {"default_repository", "exported"}
+# Modules that start `python -m server` themselves (not through server_factory).
+E2E_MODULES = {"test_serving_without_torch", "test_warmup", "test_hardening", "test_transport_security",
+               "test_server_repository"}
+# Modules whose tests export, quantize or train real models, or run the CLIs that do.
+SLOW_MODULES = {"test_export", "test_export_entrypoints", "test_quantize", "test_uint8_input", "test_card",
+                "test_trt_lint", "test_tensorrt_engine"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & E2E_FIXTURES or module in E2E_MODULES:
+            item.add_marker(pytest.mark.e2e)
+        if fixtures & SLOW_FIXTURES or module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("e2e") is None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)

@@ -7,7 +7,6 @@ expire are an hour long (a test that waited for one would hit the pytest timeout
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import grpc
@@ -62,7 +61,7 @@ def test_mixed_batch_sizes_concatenate_and_split_exactly(affine_file: Path) -> N
         return b, reqs, outs
 
     b, reqs, outs = _run(main())
-    for r, o in zip(reqs, outs):
+    for r, o in zip(reqs, outs, strict=True):
         assert o["y"].shape == r["a"].shape and o["z"].shape == r["b"].shape
         np.testing.assert_array_equal(o["y"], r["a"] * 2 + 1)
         np.testing.assert_array_equal(o["z"], r["b"] + 3)
@@ -82,7 +81,7 @@ def test_requests_never_split_and_overflow_goes_to_next_batch(affine_file: Path)
         return b, reqs, outs
 
     b, reqs, outs = _run(main())
-    for r, o in zip(reqs, outs):
+    for r, o in zip(reqs, outs, strict=True):
         np.testing.assert_array_equal(o["y"], r["a"] * 2 + 1)
         np.testing.assert_array_equal(o["z"], r["b"] + 3)
     assert b.stats.execution_count == 2
@@ -103,7 +102,7 @@ def test_preferred_batch_size_dispatches_at_once(affine_file: Path) -> None:
         return b, reqs, first_four + rest, rest_waiting
 
     b, reqs, outs, rest_waiting = _run(main())
-    for r, o in zip(reqs, outs):
+    for r, o in zip(reqs, outs, strict=True):
         np.testing.assert_array_equal(o["y"], r["a"] * 2 + 1)
     assert rest_waiting == 2
     assert b.stats.execution_count == 2
@@ -269,7 +268,7 @@ def test_stop_answers_every_accepted_request_then_refuses(affine_file: Path) -> 
         return b, reqs, outs, err.value
 
     b, reqs, outs, err = _run(main())
-    for r, o in zip(reqs, outs):
+    for r, o in zip(reqs, outs, strict=True):
         np.testing.assert_array_equal(o["y"], r["a"] * 2 + 1)
     assert b.stats.inference_count == 10
     assert err.code == grpc.StatusCode.UNAVAILABLE

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import models
 from models.cifar_resnet import (
     BasicBlock,
     CifarResNet,

@@ -14,13 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-import models
+from cnncore.spec import Task
 from models._utils import _make_divisible
 from models.imagenet import imagenet_labels
 from models.mobilenetv2 import InvertedResidual, MobileNetV2
 from models.registry import IMAGENET_PREPROCESS, get_entry, get_model, list_models
 from models.resnet import BasicBlock, Bottleneck, resnet18
-from cnncore.spec import Task
 
 FIXTURES = Path(__file__).parent / "fixtures" / "torchvision"
 
@@ -76,9 +75,10 @@ def test_state_dict_matches_torchvision(name: str):
     ours = layout(build_meta(name))
     theirs = fx["state_dict"]
     if ours != theirs:  # name the first difference instead of dumping two long lists
-        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
         pytest.fail(f"{name}: {len(ours)} vs {len(theirs)} entries; first difference at {first}: "
-                    f"ours={ours[first] if first < len(ours) else None} torchvision={theirs[first] if first < len(theirs) else None}")
+                    f"ours={ours[first] if first < len(ours) else None} "
+                    f"torchvision={theirs[first] if first < len(theirs) else None}")
     assert num_params(build_meta(name)) == fx["num_params"]
 
 
@@ -192,7 +192,8 @@ def test_vgg19_real_build_and_forward(vgg19_model: nn.Module):
         out = vgg19_model(torch.randn(1, 3, 224, 224))
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
     # torchvision's init scheme: FC weights N(0, 0.01), biases zero.
-    fc = vgg19_model.classifier[0]
+    fc = vgg19_model.get_submodule("classifier.0")
+    assert isinstance(fc, nn.Linear)
     with torch.no_grad():
         assert abs(float(fc.weight.std()) - 0.01) < 1e-3 and float(fc.bias.abs().max()) == 0.0
 
@@ -247,7 +248,10 @@ def test_resnet_blocks_cost_and_identity_shortcut():
     c = 64
     basic = BasicBlock(c, c)
     bottleneck = Bottleneck(4 * c, c)
-    conv_weights = lambda block: sum(m.weight.numel() for m in block.modules() if isinstance(m, nn.Conv2d))
+
+    def conv_weights(block: nn.Module) -> int:
+        return sum(m.weight.numel() for m in block.modules() if isinstance(m, nn.Conv2d))
+
     assert conv_weights(basic) == 18 * c * c
     assert conv_weights(bottleneck) == 17 * c * c  # 1x1 reduce + 3x3 + 1x1 expand on 4c channels
     assert bottleneck.conv2.stride == (1, 1) and Bottleneck(4 * c, c, stride=2).conv2.stride == (2, 2)

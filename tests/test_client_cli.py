@@ -13,8 +13,8 @@ from PIL import Image
 
 from client.cli import _output_path, build_parser
 from client.draw import draw_detections, overlay_mask
-from protos import vision_pb2 as vpb
 from cnncore.postprocess import UNSEEN
+from protos import vision_pb2 as vpb
 from vision_synthetic import build_synthetic_repository
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +46,8 @@ def test_overlay_mask_tints_classes_only() -> None:
 def test_output_paths_never_collide(tmp_path) -> None:
     assert _output_path(None, 0, 1) is None
     assert _output_path(str(tmp_path / "a.png"), 0, 1) == tmp_path / "a.png"
-    names = {_output_path(str(tmp_path / "a.png"), i, 3).name for i in range(3)}
-    assert names == {"a-0.png", "a-1.png", "a-2.png"}
+    paths = [_output_path(str(tmp_path / "a.png"), i, 3) for i in range(3)]
+    assert None not in paths and {p.name for p in paths if p is not None} == {"a-0.png", "a-1.png", "a-2.png"}
 
 
 def test_parser_commands() -> None:

@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from export.card import (conv_output_size, conv_transpose_output_size, count_params, layer_table,
-                         receptive_field)
+from export.card import conv_output_size, conv_transpose_output_size, count_params, layer_table, receptive_field
 
 
 def _stack(*layers: nn.Module) -> nn.Sequential:

@@ -33,7 +33,7 @@ def test_anchor_counts_sizes_and_centres() -> None:
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
-def test_box_encode_decode_round_trip(weights: tuple[float, ...]) -> None:
+def test_box_encode_decode_round_trip(weights: tuple[float, float, float, float]) -> None:
     g = torch.Generator().manual_seed(0)
     ref = torch.rand(100, 2, generator=g) * 200
     ref = torch.cat([ref, ref + 5 + torch.rand(100, 2, generator=g) * 80], 1)
@@ -111,7 +111,7 @@ def test_faster_rcnn_takes_its_components_and_defaults_the_rest() -> None:
     assert model.rpn.anchor_generator is anchors and model.roi_heads.box_roi_pool is pool
     assert model.roi_heads.box_predictor is predictor and model.num_classes == 4
     assert model.rpn.head.cls_logits.out_channels == 3  # default RPN head: 3 anchors per location
-    assert model.roi_heads.box_head.fc6.in_features == 16 * 5 * 5  # default box head: backbone x pool size
+    assert model.get_submodule("roi_heads.box_head.fc6").in_features == 16 * 5 * 5  # default box head: backbone x pool size
     with torch.no_grad():
         num, boxes, scores, labels = model(torch.rand(2, 3, 128, 128))
     assert num.shape == (2,) and boxes.shape == (2, 100, 4) and scores.shape == labels.shape == (2, 100)

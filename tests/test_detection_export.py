@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 import models  # noqa: F401  (registers the families)
+from cnncore.preprocess import preprocess
 from export.onnx_export import export_onnx
 from export.eager_parity import check_parity
 from export.trt_lint import check_model
-from cnncore.preprocess import preprocess
 from models.data.shapes import generate_sample
 from models.detection import SHAPES_WEIGHTS, shapes_example_inputs
 from models.detection.evaluate import box_iou_np

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import models  # noqa: F401  (registers the families)
-from models.detection import ops
 from models.detection.faster_rcnn import RESNET50_FPN_BOX, RESNET50_FPN_RPN, fasterrcnn_resnet50_fpn
 from models.detection.roi_heads import BoxHeadConfig
 from models.detection.rpn import RPNConfig
@@ -66,7 +65,7 @@ def test_default_hyperparameters_match_torchvision() -> None:
     assert list(pool.output_size) == hp["roi_pool_output_size"] and pool.sampling_ratio == hp["roi_pool_sampling_ratio"]
     assert pool.featmap_names == hp["roi_pool_featmaps_used"]
     assert (pool.canonical_scale, pool.canonical_level) == (hp["roi_pool_canonical_scale"], hp["roi_pool_canonical_level"])
-    assert model.roi_heads.box_head.fc6.out_features == hp["box_head_representation_size"]
+    assert model.get_submodule("roi_heads.box_head.fc6").out_features == hp["box_head_representation_size"]
     assert model.num_classes == hp["num_classes"]
     assert model.transform.mean.flatten().tolist() == pytest.approx(hp["transform_image_mean"])
     assert model.transform.std.flatten().tolist() == pytest.approx(hp["transform_image_std"])
@@ -96,6 +95,7 @@ def test_pretrained_layout_checkpoint_loads_strict_and_exports(tmp_path: Path) -
     # every class scores ~1/91 < 0.05, so parity here is about the graph running, not the ranking
     # (the trained shipped detector's export test covers detections).
     entry = get_entry("fasterrcnn_resnet50_fpn")
+    assert entry.onnx_translation_table is not None and entry.parity_check is not None
     small = fasterrcnn_resnet50_fpn(
         image_size=(192, 192), frozen_bn=True,
         rpn_config=RPNConfig(pre_nms_top_n_test=100, post_nms_top_n_test=50),
@@ -117,9 +117,9 @@ def test_pretrained_layout_checkpoint_loads_strict_and_exports(tmp_path: Path) -
     op_types = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"NonMaxSuppression", "RoiAlign"} <= op_types
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = dict(zip(entry.output_names, session.run(None, {"input": x.numpy()})))
+    got = dict(zip(entry.output_names, session.run(None, {"input": x.numpy()}), strict=True))
     with torch.no_grad():
-        ref = dict(zip(entry.output_names, (o.numpy() for o in small(x))))
+        ref = dict(zip(entry.output_names, (o.numpy() for o in small(x)), strict=True))
     assert got["boxes"].shape == (2, 10, 4)
     report = entry.parity_check(ref, got)
     assert report["ok"]

@@ -134,11 +134,11 @@ def test_roi_align_op_and_reference_agree_and_reference_is_differentiable() -> N
 
 
 class _OpsModule(torch.nn.Module):
-    def forward(self, features: torch.Tensor, rois: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor):  # type: ignore[no-untyped-def]
+    def forward(self, features: torch.Tensor, rois: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor):
         return ops.nms_mask(boxes, scores, 0.5, 0.1), ops.roi_align(features, rois, 0.25, (7, 7), 2, True)
 
 
-def test_translations_export_to_native_onnx_ops(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_translations_export_to_native_onnx_ops(tmp_path) -> None:
     rng = np.random.default_rng(0)
     args = (
         torch.from_numpy(rng.normal(size=(2, 8, 16, 20)).astype(np.float32)),
@@ -156,7 +156,7 @@ def test_translations_export_to_native_onnx_ops(tmp_path) -> None:  # type: igno
     assert {"NonMaxSuppression", "RoiAlign"} <= op_types
     session = _session(onnx.load(str(path)))
     for n in (1, 2):  # dynamic batch
-        feed = dict(zip(["features", "rois", "boxes", "scores"], (a[:n].numpy() for a in args)))
+        feed = dict(zip(["features", "rois", "boxes", "scores"], (a[:n].numpy() for a in args), strict=True))
         keep, pooled = session.run(None, feed)
         ref_keep, ref_pooled = _OpsModule()(*(a[:n] for a in args))
         np.testing.assert_array_equal(keep, ref_keep.numpy())

@@ -66,7 +66,7 @@ def test_model_exports_with_parity_and_lint(name: str, tmp_path: Path):
         full = sess.run(None, {"input": x})
         single = sess.run(None, {"input": x[3:4]})
         assert full[0].shape[0] == 5
-        for f, s in zip(full, single):
+        for f, s in zip(full, single, strict=True):
             if np.issubdtype(f.dtype, np.floating):
                 np.testing.assert_allclose(f[3:4], s, rtol=1e-4, atol=1e-4)
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-import models
 from cnncore.preprocess import preprocess
 from models.cifar_resnet import FASHION_WEIGHTS, fashion_checkpoint_accuracy
 from models.data import fashion_mnist
@@ -182,6 +181,7 @@ def test_flipped_garments_still_look_like_their_class_upside_down_ones_do_not(te
         assert (_nearest_centroid(imgs[:, ::-1, :], centroids) == c).mean() < 0.2, name
 
 
+@pytest.mark.slow
 @needs_data
 def test_model_agrees_allowed_ops_keep_labels_forbidden_ones_do_not(served_model, test_split):
     x, y = test_split
@@ -202,6 +202,7 @@ def test_model_agrees_allowed_ops_keep_labels_forbidden_ones_do_not(served_model
 # ---- training recipe and the served checkpoint --------------------------------------------------
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_training_cli_help():
     out = subprocess.run(
         [sys.executable, "-m", "models.training.train_fashion", "--help"],
@@ -210,6 +211,7 @@ def test_training_cli_help():
     assert "--epochs" in out and "--seed" in out and "--out" in out and "--reproduce" in out
 
 
+@pytest.mark.slow
 @needs_data
 def test_training_smoke_writes_a_strict_loadable_checkpoint(tmp_path):
     out = tmp_path / "smoke.safetensors"
@@ -232,6 +234,7 @@ def test_served_entry():
     assert acc is not None and f"{acc:.2%}" in entry.description
 
 
+@pytest.mark.slow
 @needs_data
 def test_checkpoint_reaches_92_percent_on_the_test_set(served_model, test_split):
     x, y = test_split

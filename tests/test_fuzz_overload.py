@@ -60,8 +60,8 @@ def _code(call, payload) -> grpc.StatusCode:
     try:
         call(payload, timeout=30)
     except grpc.RpcError as exc:
-        assert exc.code() in WELL_DEFINED | VISION_WELL_DEFINED, (exc.code(), exc.details()[:300])
-        assert len(exc.details().encode()) < 8192, "status message longer than clients accept"
+        assert exc.code() in WELL_DEFINED | VISION_WELL_DEFINED, (exc.code(), str(exc.details())[:300])
+        assert len(str(exc.details()).encode()) < 8192, "status message longer than clients accept"
         return exc.code()
     return grpc.StatusCode.OK
 
@@ -242,8 +242,8 @@ def test_overload_is_bounded_and_loses_no_accepted_request(tmp_path: Path, serve
                 try:
                     out = await stub.ModelInfer(request(i))
                 except grpc.aio.AioRpcError as exc:
-                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (exc.code(), exc.details())
-                    assert "queue is full" in exc.details()
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (exc.code(), str(exc.details()))
+                    assert "queue is full" in str(exc.details())
                     assert ("grpc-retry-pushback-ms", "100") in tuple(exc.trailing_metadata()), exc.trailing_metadata()
                     refused += 1
                     return

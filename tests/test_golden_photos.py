@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from skimage import data
 
+from cnncore.preprocess import preprocess
 from models.imagenet import imagenet_labels
 from models.registry import IMAGENET_PREPROCESS, get_entry, get_model
-from cnncore.preprocess import preprocess
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian cat, Siamese cat, Egyptian cat
 ESPRESSO = 967
@@ -32,7 +32,7 @@ def top5(model: torch.nn.Module, photo: np.ndarray, title: str) -> list[tuple[in
     with torch.no_grad():
         probs = model(torch.from_numpy(x)[None]).softmax(dim=1)[0]
     values, indices = probs.topk(5)
-    result = [(int(i), float(v)) for i, v in zip(indices, values)]
+    result = [(int(i), float(v)) for i, v in zip(indices, values, strict=True)]
     labels = imagenet_labels()
     print(f"\n{title} top-5: " + ", ".join(f"{i} {labels[i]!r} {p:.4f}" for i, p in result))
     return result

@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from cnncore.engine_manifest import EngineManifest, EngineRecord, ProfileShapes, engine_filename, file_sha256
-from cnncore.artifacts import PROGRAM_FILENAME
+from cnncore.artifacts import PROGRAM_FILENAME, file_sha256
+from cnncore.engine_manifest import EngineManifest, EngineRecord, ProfileShapes, engine_filename
 from export.torch_program import export_program, save_program
-from server.backends.torch_program import load_program
 from server.backends.base import BackendOptions, BackendUnavailable, available_backends, create_backend
-from server.repository import LoadError, ModelRepository, build_model, RuntimeDefaults
+from server.backends.torch_program import load_program
+from server.repository import LoadError, ModelRepository, RuntimeDefaults, build_model
 
 HAVE_CUDA = torch.cuda.is_available()
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -38,8 +38,10 @@ CONFIGS = {
     "torch_cpu": 'backend: "pytorch"\ninstance_group [{ kind: KIND_CPU count: 1 }]',
     "torch_platform_cpu": 'platform: "pytorch_libtorch"\ninstance_group [{ kind: KIND_CPU }]',
     "torch_gpu": 'backend: "pytorch"\ninstance_group [{ kind: KIND_GPU gpus: [0] }]',
-    "torch_cpu_graphs": 'backend: "pytorch"\ninstance_group [{ kind: KIND_CPU }]\noptimization { cuda { graphs: true } }',
-    "torch_gpu_graphs": 'backend: "pytorch"\ninstance_group [{ kind: KIND_GPU }]\noptimization { cuda { graphs: true } }',
+    "torch_cpu_graphs": ('backend: "pytorch"\ninstance_group [{ kind: KIND_CPU }]\n'
+                         'optimization { cuda { graphs: true } }'),
+    "torch_gpu_graphs": ('backend: "pytorch"\ninstance_group [{ kind: KIND_GPU }]\n'
+                         'optimization { cuda { graphs: true } }'),
     "engine": 'platform: "tensorrt_plan"\ninstance_group [{ kind: KIND_GPU }]',
     "engine_other_gpu": 'backend: "tensorrt"\ninstance_group [{ kind: KIND_GPU }]',
     "ort_trt_ep": ('backend: "onnxruntime"\noptimization { execution_accelerators { gpu_execution_accelerator [{\n'
@@ -127,15 +129,15 @@ def test_cuda_graphs_replay_every_batch_size_with_onnx_runtime_parity(repo, expo
         assert got.shape == (n, 5)
         np.testing.assert_allclose(got, session.run(None, {"input": x})[0], rtol=1e-2, atol=1e-2)
         held.append((x, got.copy(), got))
-    for x, copy, got in held:  # returned arrays are the caller's: later replays never overwrite them
+    for _x, copy, got in held:  # returned arrays are the caller's: later replays never overwrite them
         np.testing.assert_array_equal(got, copy)
     for inst in built.instances:
         inst.close()
 
 
 def test_activate_pytorch_points_an_onnx_config_at_the_program_on_the_gpu(repo, tmp_path):
-    from export.torch_program import activate_pytorch
     from cnncore.config import load_config
+    from export.torch_program import activate_pytorch
 
     model_dir = tmp_path / "ort_cpu"
     shutil.copytree(repo / "ort_cpu", model_dir)

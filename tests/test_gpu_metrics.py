@@ -22,7 +22,7 @@ def _nvml_works() -> bool:
         pynvml.nvmlInit()
         pynvml.nvmlShutdown()
         return True
-    except Exception:  # noqa: BLE001 - ImportError or any NVMLError
+    except Exception:  # ImportError or any NVMLError
         return False
 
 

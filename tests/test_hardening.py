@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
 
 import grpc
 import numpy as np
@@ -70,15 +70,15 @@ def test_malformed_versions_are_invalid_argument(stub, version: str) -> None:
                           (stub.ModelMetadata, tpb.ModelMetadataRequest(name="affine", version=version)),
                           (stub.ModelConfig, tpb.ModelConfigRequest(name="affine", version=version))):
         err = _error(call, request)
-        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details()[:200])
-        assert "model version" in err.details() and len(err.details()) < 400
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), str(err.details())[:200])
+        assert "model version" in str(err.details()) and len(str(err.details())) < 400
     assert not stub.ModelReady(tpb.ModelReadyRequest(name="affine", version=version), timeout=30).ready
 
 
 def test_well_formed_versions_resolve_or_are_not_found(stub) -> None:
     assert stub.ModelInfer(_affine_request("0001"), timeout=30).model_version == "1"
     err = _error(stub.ModelInfer, _affine_request("9223372036854775807"))
-    assert err.code() == grpc.StatusCode.NOT_FOUND and "no version" in err.details()
+    assert err.code() == grpc.StatusCode.NOT_FOUND and "no version" in str(err.details())
 
 
 def test_ten_kilobyte_names_get_a_short_clear_status(server: ServerProcess, stub) -> None:
@@ -128,7 +128,8 @@ def test_sixty_megabyte_bytes_tensor_to_an_fp32_model_is_refused_before_decoding
     rss_before = server.rss_bytes()
     err = _error(stub.ModelInfer, req)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "'a'" in err.details() and "FP32" in err.details() and "BYTES" in err.details(), err.details()
+    detail = str(err.details())
+    assert "'a'" in detail and "FP32" in detail and "BYTES" in detail, detail
     # Decoding 12M elements built a 1.4 GiB server; refusing on the declaration holds little beyond the
     # received message itself.
     grown = server.rss_bytes() - rss_before
@@ -218,11 +219,12 @@ def test_unparsable_message_in_a_stream_is_invalid_argument(server: ServerProces
     # The stream waited for an end mark its reader never sent after the parse error: the call hung
     # until the client's deadline instead of being answered.
     with grpc.insecure_channel(server.grpc_url) as ch:
-        call = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        call: grpc.StreamStreamMultiCallable[bytes, bytes] = ch.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer")
         with pytest.raises(grpc.RpcError) as err:
             list(call(iter([b"\x00"]), timeout=20))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.value.code(), err.value.details())
-    assert "malformed request message" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.value.code(), str(err.value.details()))
+    assert "malformed request message" in str(err.value.details())
 
 
 @pytest.mark.parametrize("flag", ["--max-inflight-requests", "--max-inflight-bytes", "--retry-pushback-ms"])
@@ -241,5 +243,5 @@ def test_unparsable_request_messages_are_invalid_argument(server: ServerProcess,
     # Found by the fuzzer: gRPC answered its deserializer's DecodeError UNKNOWN.
     with grpc.insecure_channel(server.grpc_url) as ch:
         err = _error(ch.unary_unary(method), b"\x00")
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
-    assert "malformed request message" in err.details()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), str(err.details()))
+    assert "malformed request message" in str(err.details())

@@ -418,6 +418,7 @@ def test_sigterm_answers_accepted_http_requests(tmp_path: Path, server_factory) 
     import signal
 
     import tritonclient.http.aio as tha
+
     from conftest import SLOW_WIDTH, slow_model
     from fault_backends import FileGate
 

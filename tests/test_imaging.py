@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnncore.spec import PreprocessSpec
 from cnncore.imaging import (
     ACCEPTED_FORMATS,
     ImageDecodeError,
@@ -17,6 +16,7 @@ from cnncore.imaging import (
     decode_image,
     prepare_image,
 )
+from cnncore.spec import PreprocessSpec
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

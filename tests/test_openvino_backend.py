@@ -108,7 +108,7 @@ def _detections_match(got: dict, want: dict, what: str) -> None:
         kw, kg = int(want["num_detections"][i]), int(got["num_detections"][i])
         confident = want["scores"][i, :kw] > 0.5
         wb, wl = want["boxes"][i, :kw][confident], want["labels"][i, :kw][confident]
-        gb, gl, gs = got["boxes"][i, :kg], got["labels"][i, :kg], got["scores"][i, :kg]
+        gb, gl = got["boxes"][i, :kg], got["labels"][i, :kg]
         iou = box_iou_np(wb, gb)
         for j in range(len(wb)):  # every confident detection has a twin: same label, IoU >= 0.75
             twins = (iou[j] >= 0.75) & (gl == wl[j])

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnncore.preprocess import Geometry, preprocess
-from cnncore.spec import PreprocessSpec
 from cnncore.postprocess import (
     UNSEEN,
     class_fractions,
@@ -20,6 +18,8 @@ from cnncore.postprocess import (
     softmax,
     top_k,
 )
+from cnncore.preprocess import Geometry, preprocess
+from cnncore.spec import PreprocessSpec
 
 
 def test_top_k_orders_and_normalises() -> None:
@@ -107,7 +107,7 @@ def test_mask_png_keeps_class_indices() -> None:
     assert img.mode == "P"
     np.testing.assert_array_equal(np.asarray(img), mask)
     pal = img.getpalette()
-    assert pal[0:3] == [0, 0, 0] and pal[3:6] != pal[6:9]
+    assert pal is not None and pal[0:3] == [0, 0, 0] and pal[3:6] != pal[6:9]
 
 
 def test_reconstruction_undoes_normalisation() -> None:

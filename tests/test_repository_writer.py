@@ -9,10 +9,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.repository import (BatchingDefaults, StagedModel, build_config, preferred_batch_sizes, write_model,
-                               write_models)
 from cnncore.config import load_config
 from cnncore.spec import ModelMeta, PreprocessSpec, Task
+from export.repository import (
+    BatchingDefaults,
+    StagedModel,
+    build_config,
+    preferred_batch_sizes,
+    write_model,
+    write_models,
+)
 from protos.model_config_pb2 import DataType, ModelInstanceGroup
 
 

@@ -62,7 +62,7 @@ def test_output_is_class_logits_at_input_resolution(random_models, mode: str, sk
 
 def test_skips_widen_only_the_fusion_convs(random_models) -> None:
     with_skips, without = random_models[("bilinear", True)], random_models[("bilinear", False)]
-    assert [f[0].in_channels - g[0].in_channels for f, g in zip(with_skips.fuse, without.fuse)] == [96, 32, 24, 16]
+    assert [f[0].in_channels - g[0].in_channels for f, g in zip(with_skips.fuse, without.fuse, strict=True)] == [96, 32, 24, 16]
     # Bilinear upsampling has no parameters; the transposed decoder adds one 4x4 kernel per stage.
     bil = sum(p.numel() for p in random_models[("bilinear", True)].parameters())
     tra = sum(p.numel() for p in random_models[("transposed", True)].parameters())
@@ -70,8 +70,8 @@ def test_skips_widen_only_the_fusion_convs(random_models) -> None:
 
 
 def test_letterbox_target_round_trips_through_served_postprocessing() -> None:
-    from models.training.train_segmenter import IGNORE, letterbox_target
     from cnncore.postprocess import segmentation_mask
+    from models.training.train_segmenter import IGNORE, letterbox_target
 
     sample = held_out_samples(2)[1]  # 200x300: letterboxed with padding at the top and bottom
     assert sample.image.shape[:2] == (200, 300)
@@ -87,7 +87,7 @@ def test_letterbox_target_round_trips_through_served_postprocessing() -> None:
 
 
 def test_registry_entries() -> None:
-    for name, mode in zip(SHIPPED, ("bilinear", "transposed")):
+    for name, mode in zip(SHIPPED, ("bilinear", "transposed"), strict=True):
         entry = get_entry(name)
         assert entry.task.value == "segmentation" and entry.served_by_default and entry.has_weights
         assert list(entry.labels()) == ["background", "circle", "square", "triangle", "ellipse", "star", "cross"]
@@ -134,9 +134,9 @@ def _served_masks(path: Path, samples) -> list[np.ndarray]:
     from cnncore.postprocess import segmentation_mask
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inputs, geometries = zip(*(preprocess(Image.fromarray(s.image), PREPROCESS) for s in samples))
+    inputs, geometries = zip(*(preprocess(Image.fromarray(s.image), PREPROCESS) for s in samples), strict=True)
     (logits,) = session.run(None, {"input": np.stack(inputs)})
-    return [segmentation_mask(lg, g) for lg, g in zip(logits, geometries)]
+    return [segmentation_mask(lg, g) for lg, g in zip(logits, geometries, strict=True)]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -145,8 +145,8 @@ def test_shipped_segmenter_quality_floor_through_onnxruntime(exported, name: str
     held-out pictures (0.89 / 0.90 on these 24); a broken export, preprocessing or label order drops far below."""
     samples = held_out_samples(24)  # held-out seed; sizes 256x256, 200x300, 300x200, 240x320, 192x256
     masks = _served_masks(exported[name][1], samples)
-    conf = sum(confusion_matrix(m, s.semantic, len(LABELS)) for m, s in zip(masks, samples))
-    assert all(m.shape == s.semantic.shape for m, s in zip(masks, samples))
+    conf = sum(confusion_matrix(m, s.semantic, len(LABELS)) for m, s in zip(masks, samples, strict=True))
+    assert all(m.shape == s.semantic.shape for m, s in zip(masks, samples, strict=True))
     ious = iou_per_class(conf)
     assert ious[0] > 0.98 and np.nanmean(ious) >= 0.85, f"{name}: per-class IoU {ious}"
 
@@ -161,7 +161,7 @@ def test_shipped_segmenter_quality_floor_through_onnxruntime(exported, name: str
 ])
 def test_shipped_segmenter_masks_match_truth_through_onnxruntime(exported, name: str) -> None:
     samples = held_out_samples(4)
-    for sample, mask in zip(samples, _served_masks(exported[name][1], samples)):
+    for sample, mask in zip(samples, _served_masks(exported[name][1], samples), strict=True):
         ious = iou_per_class(confusion_matrix(mask, sample.semantic, len(LABELS)))
         assert np.nanmean(ious) >= 0.8, f"{name}: per-class IoU {ious}"
 

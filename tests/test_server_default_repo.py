@@ -76,7 +76,7 @@ def test_every_default_model_matches_onnxruntime(default_repo: Path, server: Ser
             inputs.append(inp)
         result = client.infer(name, inputs)
         expected = sess.run(None, feeds)
-        for o, want in zip(meta.outputs, expected):
+        for o, want in zip(meta.outputs, expected, strict=True):
             got = result.as_numpy(o.name)
             assert got.shape == want.shape, f"{name}.{o.name}"
             # Same runtime, same graph; thread counts may reorder float sums, nothing more.

@@ -14,8 +14,16 @@ from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import (SLOW_WIDTH, ServerProcess, affine_model, cast_model, pool_model, slow_model, strings_model,
-                      write_model)
+from conftest import (
+    SLOW_WIDTH,
+    ServerProcess,
+    affine_model,
+    cast_model,
+    pool_model,
+    slow_model,
+    strings_model,
+    write_model,
+)
 from fault_backends import FileGate
 
 pytestmark = pytest.mark.timeout(180)
@@ -297,9 +305,8 @@ BAD_REQUESTS = {
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_input_matrix(server: ServerProcess, client: tc.InferenceServerClient, case: str) -> None:
     req, code, fragment = BAD_REQUESTS[case]
-    with grpc.insecure_channel(server.grpc_url) as ch:
-        with pytest.raises(grpc.RpcError) as err:
-            tpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
+    with grpc.insecure_channel(server.grpc_url) as ch, pytest.raises(grpc.RpcError) as err:
+        tpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
     assert err.value.code() == code, err.value.details()
     assert fragment in err.value.details(), err.value.details()
     # ... and the server keeps serving.
@@ -322,9 +329,8 @@ def test_bad_bytes_tensors(client: tc.InferenceServerClient, server: ServerProce
     req = tpb.ModelInferRequest(model_name="strings")
     req.inputs.add(name="s", datatype="BYTES", shape=[3])
     req.raw_input_contents.append(b"\x05\x00\x00\x00abc")  # declares 5 bytes, carries 3
-    with grpc.insecure_channel(server.grpc_url) as ch:
-        with pytest.raises(grpc.RpcError) as err:
-            tpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
+    with grpc.insecure_channel(server.grpc_url) as ch, pytest.raises(grpc.RpcError) as err:
+        tpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "overruns" in err.value.details()
     assert client.is_server_ready()
 

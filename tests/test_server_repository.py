@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import ROOT, affine_model, write_model
 from cnncore.spec import ModelMeta, PreprocessSpec, Task
+from conftest import ROOT, affine_model, write_model
 from server.errors import InferError
 from server.repository import ModelRepository
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cnncore.wire import WireFormatError, deserialize_bytes, serialize_bytes
 from protos import grpc_service_pb2 as pb
 from server.errors import InferError
 from server.infer_request import WireError, from_message, parse_infer_request
-from cnncore.wire import WireFormatError, deserialize_bytes, serialize_bytes
 from server.tensors import decode_input
 
 

@@ -72,4 +72,4 @@ def test_serving_only_environment_serves(serving_env: tuple[str, Path], tmp_path
         np.testing.assert_array_equal(result.as_numpy("y"), a * 2 + 1)
         np.testing.assert_array_equal(result.as_numpy("z"), b + 3)
     finally:
-        assert srv.terminate() == 0, srv.log[-3000:]
+        assert srv.terminate() == 0, srv.log()[-3000:]

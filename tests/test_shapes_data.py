@@ -26,7 +26,7 @@ def test_types_shapes_and_exact_boxes(size: tuple[int, int]) -> None:
         assert sample.labels.dtype == np.int64 and sample.labels.min() >= 1 and sample.labels.max() <= len(CLASSES)
         assert sample.masks.shape == (n, h, w) and sample.masks.dtype == bool
         assert sample.semantic.shape == (h, w) and sample.semantic.dtype == np.uint8
-        for box, mask, label in zip(sample.boxes, sample.masks, sample.labels):
+        for box, mask, label in zip(sample.boxes, sample.masks, sample.labels, strict=True):
             ys, xs = np.nonzero(mask)
             assert tuple(box) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
             # The semantic map agrees with the visible instance masks (later shapes occlude earlier).

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -195,7 +195,7 @@ def test_registration_misuse_is_refused(client: tc.InferenceServerClient, region
     outside = tmp_path / "not_shm"
     outside.write_bytes(b"\0" * 100)
     for bad_key in ("/../../" + str(outside).lstrip("/"), str(outside), "/", "/a/b", "/.."):
-        _refused(lambda: client.register_system_shared_memory("bad", bad_key, 10), "POSIX shared-memory name")
+        _refused(lambda k=bad_key: client.register_system_shared_memory("bad", k, 10), "POSIX shared-memory name")
     _refused(lambda: client.register_system_shared_memory("bad", "/cnnserve_no_such_object", 10),
              "cnnserve_no_such_object", "No such file")
     _refused(lambda: client.register_system_shared_memory("bad", key, 101), "exceeds", "100 bytes")

@@ -19,11 +19,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import AsyncVisionClient, InferenceClient, InferenceServerError, VisionClient, failures, mask_array, png_image
+from client import (
+    AsyncVisionClient,
+    InferenceClient,
+    InferenceServerError,
+    VisionClient,
+    failures,
+    mask_array,
+    png_image,
+)
+from cnncore.postprocess import softmax
 from cnncore.preprocess import preprocess
 from cnncore.spec import ModelMeta
 from protos import vision_pb2 as vpb
-from cnncore.postprocess import softmax
 from test_imaging import bomb_png, encode, gradient_rgb
 from vision_synthetic import build_synthetic_repository
 
@@ -356,8 +364,8 @@ def test_real_fashion_items(real_vision) -> None:
     images_gz, labels_gz = root / "t10k-images-idx3-ubyte.gz", root / "t10k-labels-idx1-ubyte.gz"
     if not images_gz.exists():
         pytest.skip(f"Fashion-MNIST not installed at {root} (Debian package dataset-fashion-mnist)")
-    images = np.frombuffer(gzip.open(images_gz).read(), np.uint8, offset=16).reshape(-1, 28, 28)[:64]
-    labels = np.frombuffer(gzip.open(labels_gz).read(), np.uint8, offset=8)[:64]
+    images = np.frombuffer(gzip.decompress(images_gz.read_bytes()), np.uint8, offset=16).reshape(-1, 28, 28)[:64]
+    labels = np.frombuffer(gzip.decompress(labels_gz.read_bytes()), np.uint8, offset=8)[:64]
     meta = ModelMeta.read(repo / "fashion_resnet20")
     # The dataset's pictures are light-on-dark. A model whose stored preprocessing inverts expects what a
     # camera sees (a dark item on a light background), so that is what it is sent; the server does the rest.
@@ -382,7 +390,7 @@ def test_real_autoencoder_reconstructs(real_vision) -> None:
     images_gz = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
     if not images_gz.exists():
         pytest.skip("Fashion-MNIST not installed (Debian package dataset-fashion-mnist)")
-    dataset = np.frombuffer(gzip.open(images_gz).read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    dataset = np.frombuffer(gzip.decompress(images_gz.read_bytes()), np.uint8, offset=16).reshape(-1, 28, 28)
     images = dataset[:16].astype(np.float32)
     response = vision.reconstruct("fashion_mnist_autoencoder", [encode(Image.fromarray(im, "L")) for im in dataset[:16]])
     recons = np.stack([np.asarray(png_image(r.image_png), np.float32) for r in response.results])
@@ -408,9 +416,9 @@ def test_real_detector_finds_the_shapes(real_vision) -> None:
     _need(missing, "shapes_detector")
     samples = [generate_sample(seed, size=(240, 320)) for seed in (101, 202, 303)]
     response = vision.detect("shapes_detector", [_jpeg(s.image, 95) for s in samples], score_threshold=0.5)
-    for sample, result in zip(samples, response.results):
+    for sample, result in zip(samples, response.results, strict=True):
         found = [(np.array([d.box.x1, d.box.y1, d.box.x2, d.box.y2]), d.class_index) for d in result.detections]
-        for box, label in zip(sample.boxes, sample.labels):
+        for box, label in zip(sample.boxes, sample.labels, strict=True):
             best = max((_iou(box, b) for b, c in found if c == label), default=0.0)
             assert best >= 0.7, f"shape {label} at {box.tolist()}: best IoU {best:.2f}; found {found}"
 
@@ -428,8 +436,8 @@ def test_real_detector_finds_the_shapes(real_vision) -> None:
 def test_real_segmenter_mask_matches_truth(real_vision, model: str) -> None:
     import onnxruntime as ort
 
-    from models.segmentation.evaluate import confusion_matrix, iou_per_class, shape_samples
     from cnncore.postprocess import segmentation_mask
+    from models.segmentation.evaluate import confusion_matrix, iou_per_class, shape_samples
 
     vision, missing, repo = real_vision
     _need(missing, model)
@@ -440,7 +448,7 @@ def test_real_segmenter_mask_matches_truth(real_vision, model: str) -> None:
     session = ort.InferenceSession(str(repo / model / "1" / "model.onnx"))
     num_classes = len(response.labels)
     conf = np.zeros((num_classes, num_classes), np.int64)
-    for sample, result in zip(samples, response.results):
+    for sample, result in zip(samples, response.results, strict=True):
         mask = mask_array(result)
         assert mask.shape == sample.semantic.shape
         # What the server answered is what the model says in this process (so a low IoU is the model's).

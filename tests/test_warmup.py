@@ -126,11 +126,12 @@ def test_server_and_model_turn_ready_only_after_every_instance_warmed_up(tmp_pat
     port = _free_port()
     ready_file = tmp_path / "ready.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
-         "--grpc-port", str(port), "--metrics-port", "0", "--metrics-address", "127.0.0.1", "--allow-http", "false",
-         "--ready-file", str(ready_file), "--backend-module", "fault_backends", "--strict-readiness", "true"],
-        cwd=ROOT, env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    with open(tmp_path / "server.log", "w") as log:  # the server writes to its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
+             "--grpc-port", str(port), "--metrics-port", "0", "--metrics-address", "127.0.0.1", "--allow-http", "false",
+             "--ready-file", str(ready_file), "--backend-module", "fault_backends", "--strict-readiness", "true"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         client = tc.InferenceServerClient(f"127.0.0.1:{port}")
         gate.wait_entered(1)  # the first warm-up execution is held: the model is loading

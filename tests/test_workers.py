@@ -148,13 +148,13 @@ def _shared_memory_is_shared_by_the_workers(srv: ServerProcess) -> None:
                 ins[1].set_shared_memory("ab", b.nbytes, offset=a.nbytes)
                 np.testing.assert_array_equal(c.infer("affine", ins).as_numpy("y"), 2 * a + 1)
         after = [_scrape(w["metrics_port"]).get(success, 0.0) for w in srv.ready["workers"]]
-        assert all(x > y for x, y in zip(after, before)), f"one worker served them all: {before} -> {after}"
+        assert all(x > y for x, y in zip(after, before, strict=True)), f"one worker served them all: {before} -> {after}"
         with tc.InferenceServerClient(srv.grpc_url, channel_args=SEPARATE_CONNECTION) as c:
             c.unregister_system_shared_memory("ab")
         for _ in range(8):
-            with tc.InferenceServerClient(srv.grpc_url, channel_args=SEPARATE_CONNECTION) as c:
-                with pytest.raises(InferenceServerException, match="not registered"):
-                    c.infer("affine", ins)
+            with (tc.InferenceServerClient(srv.grpc_url, channel_args=SEPARATE_CONNECTION) as c,
+                  pytest.raises(InferenceServerException, match="not registered")):
+                c.infer("affine", ins)
     finally:
         shm.destroy_shared_memory_region(handle)
 

@@ -9,6 +9,7 @@ errors, task checks) in seconds, independently of the trained models:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from cnncore.spec import ModelMeta, PreprocessSpec, Task
 from protos import model_config_pb2 as mc
 
 _FLOAT, _INT64 = TensorProto.FLOAT, TensorProto.INT64
-_CONFIG_TYPE = {_FLOAT: mc.TYPE_FP32, _INT64: mc.TYPE_INT64}
+_CONFIG_TYPE: dict[int, mc.DataType] = {_FLOAT: mc.TYPE_FP32, _INT64: mc.TYPE_INT64}
 
 
 def _write_model(
@@ -28,9 +29,9 @@ def _write_model(
     name: str,
     nodes: list[onnx.NodeProto],
     inputs: list[tuple[str, list[int]]],
-    outputs: list[tuple[str, int, list[int]]],
+    outputs: Sequence[tuple[str, int, list[int]]],
     meta: ModelMeta,
-    initializers: list[tuple[str, np.ndarray]] = (),
+    initializers: Sequence[tuple[str, np.ndarray]] = (),
 ) -> None:
     inits = [numpy_helper.from_array(arr, n) for n, arr in initializers]
     graph = helper.make_graph(

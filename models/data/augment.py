@@ -13,10 +13,12 @@ Transforms run on a whole batch of torch tensors [N, C, H, W] in [0, 1] (before 
 padding value 0 is the dataset's black background), driven by an explicit torch.Generator so a
 training run is reproducible.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +106,7 @@ def _translate(x: torch.Tensor, gen: torch.Generator, max_shift: int) -> torch.T
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-_IMPLEMENTATIONS = {"hflip": _hflip, "translate": _translate}
+_IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {"hflip": _hflip, "translate": _translate}
 
 
 class AugmentPolicy:

@@ -15,7 +15,7 @@ are those the server will feed. Deterministic by seed; torch-free (numpy, Pillow
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image

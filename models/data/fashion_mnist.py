@@ -3,6 +3,7 @@
 Images are 28x28 grayscale product photos, inverted: a light garment on a black background.
 Read with numpy only, so evaluation code does not need torch to load the data.
 """
+
 from __future__ import annotations
 
 import gzip

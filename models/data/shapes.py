@@ -5,6 +5,7 @@ the fly during training (~1 ms per 256x256 sample). Ground truth is exact: every
 the *visible* part of its shape's mask, and placement rejects layouts in which a later shape hides
 most of an earlier one, so each annotated object is really recognisable in the picture.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,8 +63,8 @@ def _background(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
     crop_w = min(tw, max(8, int(side * w / max(h, w))))
     y0 = int(rng.integers(0, th - crop_h + 1))
     x0 = int(rng.integers(0, tw - crop_w + 1))
-    crop = Image.fromarray(tex[y0 : y0 + crop_h, x0 : x0 + crop_w]).resize((w, h), Image.BILINEAR)
-    arr = np.asarray(crop, dtype=np.float32)
+    crop = Image.fromarray(tex[y0 : y0 + crop_h, x0 : x0 + crop_w]).resize((w, h), Image.Resampling.BILINEAR)
+    arr: np.ndarray = np.asarray(crop, dtype=np.float32)
     if rng.random() < 0.5:  # grey textures become coloured ones; colour ones get a mild colour cast
         arr = arr * rng.uniform(0.5, 1.2, size=3)
     if rng.random() < 0.5:
@@ -99,7 +100,9 @@ def _shape_polygon(kind: str, radius: float, rng: np.random.Generator) -> np.nda
     return _rotate(pts, angle)
 
 
-def _draw_mask(kind: str, cx: float, cy: float, radius: float, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+def _draw_mask(
+    kind: str, cx: float, cy: float, radius: float, size: tuple[int, int], rng: np.random.Generator
+) -> np.ndarray:
     h, w = size
     canvas = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(canvas)
@@ -112,8 +115,9 @@ def _draw_mask(kind: str, cx: float, cy: float, radius: float, size: tuple[int, 
         pts = _rotate(np.stack([np.cos(t) * radius, np.sin(t) * minor], axis=1), rng.uniform(0, math.pi))
         draw.polygon([(cx + x, cy + y) for x, y in pts], fill=1)
     else:
-        pts = _shape_polygon(kind, radius, rng)
-        draw.polygon([(cx + x, cy + y) for x, y in pts], fill=1)
+        polygon = _shape_polygon(kind, radius, rng)
+        assert polygon is not None, kind  # every kind but circle and ellipse is a polygon
+        draw.polygon([(cx + x, cy + y) for x, y in polygon], fill=1)
     return np.asarray(canvas, dtype=bool)
 
 
@@ -159,7 +163,7 @@ def generate_sample(
             if area < 40:
                 continue
             # Every earlier shape must stay mostly visible under the new one (drawn on top).
-            ok = all((m & ~mask).sum() >= _MIN_VISIBLE_FRACTION * a for m, a in zip(masks, areas))
+            ok = all((m & ~mask).sum() >= _MIN_VISIBLE_FRACTION * a for m, a in zip(masks, areas, strict=True))
             if ok:
                 break
         else:

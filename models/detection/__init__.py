@@ -13,6 +13,7 @@
 Label index i of a detector's output names labels()[i]; index 0 is "__background__" and never appears
 in a detection (padding rows past num_detections carry label 0, score 0 and a zero box).
 """
+
 from __future__ import annotations
 
 # Importing the builder modules registers their entries.

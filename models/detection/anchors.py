@@ -3,9 +3,10 @@
 The model input size is fixed (the server letterboxes), so anchors depend only on static shapes and
 fold into constants in the exported graph.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,7 @@ class AnchorGenerator(nn.Module):
         self.aspect_ratios = [tuple(a) for a in aspect_ratios]
 
     def num_anchors_per_location(self) -> list[int]:
-        return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios)]
+        return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios, strict=True)]
 
     @staticmethod
     def base_anchors(sizes: Sequence[int], aspect_ratios: Sequence[float]) -> Tensor:
@@ -40,7 +41,7 @@ class AnchorGenerator(nn.Module):
         if len(feature_sizes) != len(self.sizes):
             raise ValueError(f"{len(feature_sizes)} feature maps but anchors for {len(self.sizes)}")
         out = []
-        for (fh, fw), sizes, ratios in zip(feature_sizes, self.sizes, self.aspect_ratios):
+        for (fh, fw), sizes, ratios in zip(feature_sizes, self.sizes, self.aspect_ratios, strict=True):
             stride_h, stride_w = image_size[0] // fh, image_size[1] // fw
             shift_x = torch.arange(fw, dtype=torch.float32) * stride_w
             shift_y = torch.arange(fh, dtype=torch.float32) * stride_h

@@ -1,9 +1,10 @@
 """Feature extractors for the detector: zoo classifiers (ImageNet-pretrained when weights exist) with
 an FPN on top, laid out with torchvision's module names so its checkpoints load strictly."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,11 @@ class FrozenBatchNorm2d(nn.Module):
     """BatchNorm with fixed statistics and affine parameters, stored as buffers (torchvision layout of
     pretrained detection checkpoints: no num_batches_tracked)."""
 
+    weight: Tensor  # buffers, registered in __init__
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
@@ -22,10 +28,14 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # A BatchNorm2d checkpoint (with num_batches_tracked) loads into the frozen layout too.
         state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
@@ -38,6 +48,8 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
             frozen = FrozenBatchNorm2d(child.num_features, child.eps)
+            assert child.weight is not None and child.bias is not None, f"{name}: BatchNorm2d without affine"
+            assert child.running_mean is not None and child.running_var is not None, f"{name}: no running stats"
             frozen.weight.copy_(child.weight.detach())
             frozen.bias.copy_(child.bias.detach())
             frozen.running_mean.copy_(child.running_mean)
@@ -87,7 +99,8 @@ class FeaturePyramidNetwork(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
-                nn.init.constant_(m.bias, 0)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
 
     def forward(self, x: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
         names = list(x.keys())
@@ -102,11 +115,13 @@ class FeaturePyramidNetwork(nn.Module):
         if self.extra_max_pool:  # torchvision's LastLevelMaxPool: one more, coarser level for the RPN
             names.append("pool")
             results.append(F.max_pool2d(results[-1], 1, 2, 0))
-        return OrderedDict(zip(names, results))
+        return OrderedDict(zip(names, results, strict=True))
 
 
 class BackboneWithFPN(nn.Module):
-    def __init__(self, body: IntermediateLayerGetter, in_channels_list: Sequence[int], out_channels: int, extra_max_pool: bool) -> None:
+    def __init__(
+        self, body: IntermediateLayerGetter, in_channels_list: Sequence[int], out_channels: int, extra_max_pool: bool
+    ) -> None:
         super().__init__()
         self.body = body
         self.fpn = FeaturePyramidNetwork(in_channels_list, out_channels, extra_max_pool)
@@ -130,7 +145,9 @@ def _zoo_model(name: str, pretrained: bool) -> tuple[nn.Module, str]:
     return model, source
 
 
-def resnet50_fpn_backbone(frozen_bn: bool = False, trainable_layers: int = 3, pretrained: bool = False) -> BackboneWithFPN:
+def resnet50_fpn_backbone(
+    frozen_bn: bool = False, trainable_layers: int = 3, pretrained: bool = False
+) -> BackboneWithFPN:
     """torchvision's fasterrcnn_resnet50_fpn backbone: layers 1-4 -> FPN(256) + max-pool level.
 
     frozen_bn=True gives the layout of torchvision's pretrained (COCO) checkpoints.
@@ -159,5 +176,5 @@ def mobilenet_v2_fpn_backbone(out_channels: int = 64, pretrained: bool = False) 
     import models.mobilenetv2  # noqa: F401  (registers the family)
 
     mobilenet, _ = _zoo_model("mobilenet_v2", pretrained)
-    body = IntermediateLayerGetter(mobilenet.features, MOBILENET_V2_RETURN)
+    body = IntermediateLayerGetter(mobilenet.get_submodule("features"), MOBILENET_V2_RETURN)
     return BackboneWithFPN(body, MOBILENET_V2_CHANNELS, out_channels, extra_max_pool=False)

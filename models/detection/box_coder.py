@@ -1,4 +1,5 @@
 """Box parametrisation shared by the RPN and the box head (torchvision's BoxCoder semantics)."""
+
 from __future__ import annotations
 
 import math

@@ -6,9 +6,10 @@ model builders beside their registry entries pick the parts for one architecture
 `fasterrcnn_resnet50_fpn` (torchvision's, COCO layout) and `fasterrcnn_mobilenet_v2_fpn` (the small CPU
 detector the shapes model is trained from, models/detection/shapes_detector.py).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -57,8 +58,9 @@ def default_box_roi_pool(
     return MultiScaleRoIAlign(featmap_names, output_size, sampling_ratio, canonical_scale)
 
 
-def default_box_head(in_channels: int, box_roi_pool: MultiScaleRoIAlign,
-                     representation_size: int = BOX_REPRESENTATION_SIZE) -> TwoMLPHead:
+def default_box_head(
+    in_channels: int, box_roi_pool: MultiScaleRoIAlign, representation_size: int = BOX_REPRESENTATION_SIZE
+) -> TwoMLPHead:
     """Two fully connected layers over the pooled features of one box."""
     oh, ow = box_roi_pool.output_size
     return TwoMLPHead(in_channels * oh * ow, representation_size)
@@ -103,6 +105,7 @@ class FasterRCNN(GeneralizedRCNN):
         if box_head is None:
             box_head = default_box_head(out_channels, box_roi_pool)
         if box_predictor is None:
+            assert num_classes is not None  # one of the two is given (checked above)
             box_predictor = default_box_predictor(num_classes)
         super().__init__(
             backbone,
@@ -117,13 +120,27 @@ class FasterRCNN(GeneralizedRCNN):
 
 # torchvision's fasterrcnn_resnet50_fpn defaults (tests/fixtures/torchvision/detection_hparams.json).
 RESNET50_FPN_RPN = RPNConfig(
-    pre_nms_top_n_train=2000, pre_nms_top_n_test=1000, post_nms_top_n_train=2000, post_nms_top_n_test=1000,
-    nms_thresh=0.7, score_thresh=0.0, min_size=1e-3, fg_iou_thresh=0.7, bg_iou_thresh=0.3,
-    batch_size_per_image=256, positive_fraction=0.5,
+    pre_nms_top_n_train=2000,
+    pre_nms_top_n_test=1000,
+    post_nms_top_n_train=2000,
+    post_nms_top_n_test=1000,
+    nms_thresh=0.7,
+    score_thresh=0.0,
+    min_size=1e-3,
+    fg_iou_thresh=0.7,
+    bg_iou_thresh=0.3,
+    batch_size_per_image=256,
+    positive_fraction=0.5,
 )
 RESNET50_FPN_BOX = BoxHeadConfig(
-    score_thresh=0.05, nms_thresh=0.5, detections_per_img=100, fg_iou_thresh=0.5, bg_iou_thresh=0.5,
-    batch_size_per_image=512, positive_fraction=0.25, box_coder_weights=(10.0, 10.0, 5.0, 5.0),
+    score_thresh=0.05,
+    nms_thresh=0.5,
+    detections_per_img=100,
+    fg_iou_thresh=0.5,
+    bg_iou_thresh=0.5,
+    batch_size_per_image=512,
+    positive_fraction=0.25,
+    box_coder_weights=(10.0, 10.0, 5.0, 5.0),
 )
 RESNET50_FPN_INPUT = (800, 800)
 RESNET50_FPN_PREPROCESS = PreprocessSpec(input_size=RESNET50_FPN_INPUT, resize="letterbox", pad_value=0.0)
@@ -178,13 +195,26 @@ register(
 # Shapes of 30-110 px in a 256x256 input.
 SHAPES_IMAGE_SIZE = (256, 256)
 SHAPES_RPN = RPNConfig(
-    pre_nms_top_n_train=300, pre_nms_top_n_test=300, post_nms_top_n_train=150, post_nms_top_n_test=100,
-    nms_thresh=0.7, score_thresh=0.0, min_size=1e-3, fg_iou_thresh=0.7, bg_iou_thresh=0.3,
-    batch_size_per_image=128, positive_fraction=0.5,
+    pre_nms_top_n_train=300,
+    pre_nms_top_n_test=300,
+    post_nms_top_n_train=150,
+    post_nms_top_n_test=100,
+    nms_thresh=0.7,
+    score_thresh=0.0,
+    min_size=1e-3,
+    fg_iou_thresh=0.7,
+    bg_iou_thresh=0.3,
+    batch_size_per_image=128,
+    positive_fraction=0.5,
 )
 SHAPES_BOX = BoxHeadConfig(
-    score_thresh=0.05, nms_thresh=0.5, detections_per_img=20, fg_iou_thresh=0.5, bg_iou_thresh=0.5,
-    batch_size_per_image=64, positive_fraction=0.25,
+    score_thresh=0.05,
+    nms_thresh=0.5,
+    detections_per_img=20,
+    fg_iou_thresh=0.5,
+    bg_iou_thresh=0.5,
+    batch_size_per_image=64,
+    positive_fraction=0.25,
 )
 
 

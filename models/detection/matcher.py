@@ -1,5 +1,6 @@
 """Training-time target assignment: IoU matching of anchors/proposals to ground truth and
 balanced positive/negative sampling (torchvision's Matcher and BalancedPositiveNegativeSampler)."""
+
 from __future__ import annotations
 
 import torch
@@ -38,7 +39,9 @@ def match(gt_boxes: Tensor, preds: Tensor, matcher: Matcher) -> Tensor:
     return matcher(box_iou(gt_boxes, preds))
 
 
-def sample_balanced(labels: Tensor, batch_size: int, positive_fraction: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def sample_balanced(
+    labels: Tensor, batch_size: int, positive_fraction: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """labels [P]: 1 positive, 0 negative, -1 ignore -> (positive indices, negative indices)."""
     pos = torch.nonzero(labels >= 1).flatten()
     neg = torch.nonzero(labels == 0).flatten()

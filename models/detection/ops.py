@@ -10,7 +10,10 @@ Both ops have static output shapes, so nothing downstream of them is data depend
   NonMaxSuppression's selected indices into zeros);
 - `roi_align` takes a fixed number of boxes per image, [B, R, 4], and returns [B, R, C, ph, pw].
 """
+
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +64,11 @@ def nms_mask(boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshol
     """
     b = boxes.detach().float().cpu().numpy()
     s = scores.detach().float().cpu().numpy()
-    out = np.stack([_nms_one(b[i], s[i], iou_threshold, score_threshold) for i in range(b.shape[0])]) if b.shape[0] else np.zeros(s.shape, bool)
+    out = (
+        np.stack([_nms_one(b[i], s[i], iou_threshold, score_threshold) for i in range(b.shape[0])])
+        if b.shape[0]
+        else np.zeros(s.shape, bool)
+    )
     return torch.from_numpy(out.reshape(s.shape)).to(scores.device)
 
 
@@ -99,10 +106,14 @@ def roi_align_reference(
         roi_h = roi_h.clamp(min=1.0)
     sr = sampling_ratio
     # Sample positions inside each bin: (bin index + (k + 0.5) / sr) * bin size, as in the kernel.
-    iy = (torch.arange(pooled_h, dtype=features.dtype, device=features.device)[:, None]
-          + (torch.arange(sr, dtype=features.dtype, device=features.device)[None, :] + 0.5) / sr).reshape(-1)
-    ix = (torch.arange(pooled_w, dtype=features.dtype, device=features.device)[:, None]
-          + (torch.arange(sr, dtype=features.dtype, device=features.device)[None, :] + 0.5) / sr).reshape(-1)
+    iy = (
+        torch.arange(pooled_h, dtype=features.dtype, device=features.device)[:, None]
+        + (torch.arange(sr, dtype=features.dtype, device=features.device)[None, :] + 0.5) / sr
+    ).reshape(-1)
+    ix = (
+        torch.arange(pooled_w, dtype=features.dtype, device=features.device)[:, None]
+        + (torch.arange(sr, dtype=features.dtype, device=features.device)[None, :] + 0.5) / sr
+    ).reshape(-1)
     ys = y1[..., None] + iy * (roi_h / pooled_h)[..., None]  # [B,R,ph*sr]
     xs = x1[..., None] + ix * (roi_w / pooled_w)[..., None]  # [B,R,pw*sr]
     valid_y = (ys >= -1.0) & (ys <= height)
@@ -139,7 +150,7 @@ def _roi_align_op(
 
 
 @_roi_align_op.register_fake
-def _(features, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned):  # type: ignore[no-untyped-def]
+def _(features, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned):
     return features.new_empty((features.shape[0], rois.shape[1], features.shape[1], pooled_h, pooled_w))
 
 
@@ -158,16 +169,29 @@ def roi_align(
     """
     needs_grad = torch.is_grad_enabled() and (features.requires_grad or rois.requires_grad)
     if needs_grad and not torch.compiler.is_exporting():
-        return roi_align_reference(features, rois, spatial_scale, output_size[0], output_size[1], sampling_ratio, aligned)
-    return _roi_align_op(features, rois, float(spatial_scale), int(output_size[0]), int(output_size[1]), int(sampling_ratio), bool(aligned))
+        return roi_align_reference(
+            features, rois, spatial_scale, output_size[0], output_size[1], sampling_ratio, aligned
+        )
+    return _roi_align_op(
+        features,
+        rois,
+        float(spatial_scale),
+        int(output_size[0]),
+        int(output_size[1]),
+        int(sampling_ratio),
+        bool(aligned),
+    )
 
 
 # ------------------------------------------------------------------------------- ONNX translations
 def onnx_translation_table() -> dict:
     """custom_translation_table for torch.onnx.export(dynamo=True): our ops -> native ONNX ops."""
-    from onnxscript import opset18 as op
+    from onnxscript import opset18
 
-    def nms_mask_onnx(boxes, scores, iou_threshold: float, score_threshold: float):  # type: ignore[no-untyped-def]
+    # Any: onnxscript types every op's output as the union of all tensor types, which no input accepts.
+    op: Any = opset18
+
+    def nms_mask_onnx(boxes, scores, iou_threshold: float, score_threshold: float):
         num_boxes = op.Shape(scores, start=1, end=2)
         selected = op.NonMaxSuppression(
             boxes,
@@ -183,7 +207,9 @@ def onnx_translation_table() -> dict:
         zeros = op.ConstantOfShape(op.Shape(scores))
         return op.Cast(op.ScatterND(zeros, index, ones), to=9)  # 9 = BOOL
 
-    def roi_align_onnx(features, rois, spatial_scale: float, pooled_h: int, pooled_w: int, sampling_ratio: int, aligned: bool):  # type: ignore[no-untyped-def]
+    def roi_align_onnx(
+        features, rois, spatial_scale: float, pooled_h: int, pooled_w: int, sampling_ratio: int, aligned: bool
+    ):
         bsz = op.Shape(rois, start=0, end=1)
         n_rois = op.Shape(rois, start=1, end=2)
         flat = op.Reshape(rois, op.Constant(value_ints=[-1, 4]))

@@ -1,4 +1,5 @@
 """Same detections from two runtimes (eager PyTorch vs ONNX Runtime): the detectors' export parity check."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +30,8 @@ def detection_parity(
         for j in range(k):
             extent = max(tb[j, 2] - tb[j, 0], tb[j, 3] - tb[j, 1], np.abs(tb[j]).max())
             match = [
-                m for m in range(k)
+                m
+                for m in range(k)
                 if ol[m] == tl[j]
                 and abs(os_[m] - ts[j]) <= score_atol
                 and np.all(np.abs(ob[m] - tb[j]) <= box_atol + box_rtol * extent)

@@ -4,11 +4,12 @@ Post-processing (class-aware NMS, score threshold, detections per image) produce
 outputs: boxes [B,K,4], scores [B,K], labels [B,K] and num_detections [B], so a batching server
 slices row i to num_detections[i] and a TensorRT engine needs no data-dependent output shapes.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ class MultiScaleRoIAlign(nn.Module):
     ) -> None:
         super().__init__()
         self.featmap_names = list(featmap_names)
-        self.output_size = tuple(output_size)
+        self.output_size = (int(output_size[0]), int(output_size[1]))
         self.sampling_ratio = sampling_ratio
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
@@ -60,18 +61,19 @@ class MultiScaleRoIAlign(nn.Module):
         if torch.is_grad_enabled() and not torch.compiler.is_exporting() and rois.shape[0] == 1:
             # Training (one image at a time): pool each box at its own level only, 3x less work.
             out = rois.new_zeros((1, rois.shape[1], feats[0].shape[1], *self.output_size))
-            for i, (f, s) in enumerate(zip(feats, scales)):
+            for i, (f, s) in enumerate(zip(feats, scales, strict=True)):
                 sel = torch.nonzero(level[0] == i).flatten()
                 if sel.numel():
                     pooled = ops.roi_align(f, rois[:, sel], s, self.output_size, self.sampling_ratio, self.aligned)
                     out = out.index_copy(1, sel, pooled)
             return out
-        out = None
-        for i, (f, s) in enumerate(zip(feats, scales)):
+        summed: Tensor | None = None
+        for i, (f, s) in enumerate(zip(feats, scales, strict=True)):
             pooled = ops.roi_align(f, rois, s, self.output_size, self.sampling_ratio, self.aligned)
             chosen = (level == i).to(pooled.dtype)[..., None, None, None]
-            out = pooled * chosen if out is None else out + pooled * chosen
-        return out
+            summed = pooled * chosen if summed is None else summed + pooled * chosen
+        assert summed is not None  # two or more levels here
+        return summed
 
 
 class TwoMLPHead(nn.Module):
@@ -110,7 +112,13 @@ class BoxHeadConfig:
 
 
 class RoIHeads(nn.Module):
-    def __init__(self, box_roi_pool: MultiScaleRoIAlign, box_head: nn.Module, box_predictor: FastRCNNPredictor, config: BoxHeadConfig) -> None:
+    def __init__(
+        self,
+        box_roi_pool: MultiScaleRoIAlign,
+        box_head: nn.Module,
+        box_predictor: FastRCNNPredictor,
+        config: BoxHeadConfig,
+    ) -> None:
         super().__init__()
         self.box_roi_pool = box_roi_pool
         self.box_head = box_head
@@ -119,7 +127,9 @@ class RoIHeads(nn.Module):
         self.box_coder = BoxCoder(config.box_coder_weights, config.bbox_xform_clip)
         self.matcher = Matcher(config.fg_iou_thresh, config.bg_iou_thresh, allow_low_quality_matches=False)
 
-    def _classify(self, features: dict[str, Tensor], rois: Tensor, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def _classify(
+        self, features: dict[str, Tensor], rois: Tensor, image_size: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
         pooled = self.box_roi_pool(features, rois, image_size)  # [B,R,C,oh,ow]
         return self.box_predictor(self.box_head(pooled.flatten(0, 1)))
 
@@ -137,7 +147,12 @@ class RoIHeads(nn.Module):
         return self.postprocess(class_logits, box_regression, proposals, proposal_valid, image_size), {}
 
     def postprocess(
-        self, class_logits: Tensor, box_regression: Tensor, proposals: Tensor, proposal_valid: Tensor, image_size: tuple[int, int]
+        self,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        proposals: Tensor,
+        proposal_valid: Tensor,
+        image_size: tuple[int, int],
     ) -> dict[str, Tensor]:
         bsz, n_rois = proposals.shape[:2]
         num_classes = class_logits.shape[-1]
@@ -145,13 +160,17 @@ class RoIHeads(nn.Module):
         boxes = self.box_coder.decode(box_regression.reshape(bsz, n_rois, num_classes, 4), proposals[:, :, None, :])
         boxes = clip_boxes(boxes, image_size)[:, :, 1:]  # [B,R,C-1,4]
         labels = torch.arange(1, num_classes, device=scores.device).expand(bsz, n_rois, -1)
-        valid = (scores > self.cfg.score_thresh) & box_sizes_at_least(boxes, self.cfg.min_size) & proposal_valid[..., None]
+        valid = (
+            (scores > self.cfg.score_thresh) & box_sizes_at_least(boxes, self.cfg.min_size) & proposal_valid[..., None]
+        )
         scores = torch.where(valid, scores, torch.full_like(scores, -1.0)).reshape(bsz, -1)
         boxes = boxes.reshape(bsz, -1, 4)
         labels = labels.reshape(bsz, -1)
         # Class-aware NMS as one call: each class's boxes are shifted into a disjoint region.
         offset = float(max(image_size) + 1)
-        keep = ops.nms_mask(boxes + (labels.to(boxes.dtype) * offset)[..., None], scores, self.cfg.nms_thresh, self.cfg.score_thresh)
+        keep = ops.nms_mask(
+            boxes + (labels.to(boxes.dtype) * offset)[..., None], scores, self.cfg.nms_thresh, self.cfg.score_thresh
+        )
         ranked = torch.where(keep, scores, torch.full_like(scores, -1.0))
         k = self.cfg.detections_per_img
         k_eff = min(k, ranked.shape[1])
@@ -173,7 +192,12 @@ class RoIHeads(nn.Module):
         }
 
     def _loss(
-        self, features: dict[str, Tensor], proposals: Tensor, proposal_valid: Tensor, image_size: tuple[int, int], targets: list[dict[str, Tensor]]
+        self,
+        features: dict[str, Tensor],
+        proposals: Tensor,
+        proposal_valid: Tensor,
+        image_size: tuple[int, int],
+        targets: list[dict[str, Tensor]],
     ) -> dict[str, Tensor]:
         sampled_rois, sampled_labels, sampled_targets = [], [], []
         for i, t in enumerate(targets):
@@ -183,7 +207,9 @@ class RoIHeads(nn.Module):
             matches = match(gt, cand, self.matcher)
             labels = torch.where(matches >= 0, gt_labels[matches.clamp(min=0)], torch.zeros_like(matches))
             labels[matches == -2] = -1
-            pos, neg = sample_balanced((labels > 0).long() - (labels < 0).long(), self.cfg.batch_size_per_image, self.cfg.positive_fraction)
+            pos, neg = sample_balanced(
+                (labels > 0).long() - (labels < 0).long(), self.cfg.batch_size_per_image, self.cfg.positive_fraction
+            )
             idx = torch.cat([pos, neg])
             sampled_rois.append(cand[idx])
             sampled_labels.append(labels[idx])

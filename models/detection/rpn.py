@@ -4,6 +4,7 @@ Inference keeps every shape static: per-level top-k uses a k fixed by the (fixed
 returns a mask (ops.nms_mask), and the final top-n returns exactly `post_nms_top_n` proposals per
 image together with a validity mask, instead of a variable-length list.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,14 +25,18 @@ class RPNHead(nn.Module):
     def __init__(self, in_channels: int, num_anchors: int, conv_depth: int = 1) -> None:
         super().__init__()
         self.conv = nn.Sequential(
-            *[nn.Sequential(nn.Conv2d(in_channels, in_channels, 3, padding=1), nn.ReLU(inplace=True)) for _ in range(conv_depth)]
+            *[
+                nn.Sequential(nn.Conv2d(in_channels, in_channels, 3, padding=1), nn.ReLU(inplace=True))
+                for _ in range(conv_depth)
+            ]
         )
         self.cls_logits = nn.Conv2d(in_channels, num_anchors, 1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 1)
         for layer in self.modules():
             if isinstance(layer, nn.Conv2d):
                 nn.init.normal_(layer.weight, std=0.01)
-                nn.init.constant_(layer.bias, 0)
+                if layer.bias is not None:
+                    nn.init.constant_(layer.bias, 0)
 
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         logits, deltas = [], []
@@ -94,10 +99,16 @@ class RegionProposalNetwork(nn.Module):
         return proposals, valid, losses
 
     def _select(
-        self, obj: list[Tensor], dlt: list[Tensor], anchors: list[Tensor], image_size: tuple[int, int], pre_n: int, post_n: int
+        self,
+        obj: list[Tensor],
+        dlt: list[Tensor],
+        anchors: list[Tensor],
+        image_size: tuple[int, int],
+        pre_n: int,
+        post_n: int,
     ) -> tuple[Tensor, Tensor]:
         boxes_l, scores_l, levels_l = [], [], []
-        for level, (o, d, a) in enumerate(zip(obj, dlt, anchors)):
+        for level, (o, d, a) in enumerate(zip(obj, dlt, anchors, strict=True)):
             k = min(pre_n, o.shape[1])  # static: the input size is fixed
             top, idx = o.topk(k, dim=1)
             d_top = torch.gather(d, 1, idx[..., None].expand(-1, -1, 4))

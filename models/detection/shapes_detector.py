@@ -2,6 +2,7 @@
 ImageNet backbone + light FPN) trained on the synthetic shapes data by models/training/train_detector.py;
 weights in models/weights/detector_shapes.safetensors. Its registry entry stands beside its builder.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,7 +40,10 @@ def load_shapes_weights(model: nn.Module) -> str:
         raise FileNotFoundError(f"{SHAPES_WEIGHTS} missing: run python -m models.training.train_detector")
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_state_dict_file(SHAPES_WEIGHTS).items()}
     model.load_state_dict(state, strict=True)
-    return f"{SHAPES_WEIGHTS.name} (models/training/train_detector.py: MobileNetV2 ImageNet backbone fine-tuned on synthetic shapes)"
+    return (
+        f"{SHAPES_WEIGHTS.name} (models/training/train_detector.py: "
+        "MobileNetV2 ImageNet backbone fine-tuned on synthetic shapes)"
+    )
 
 
 def shapes_example_inputs(n: int) -> torch.Tensor:
@@ -71,7 +75,9 @@ register(
         labels=shapes_labels,
         weights=load_shapes_weights,
         served_by_default=True,
-        description="Faster R-CNN, MobileNetV2 (ImageNet) + 3-level FPN(64), trained on synthetic shapes on real textures",
+        description=(
+            "Faster R-CNN, MobileNetV2 (ImageNet) + 3-level FPN(64), trained on synthetic shapes on real textures"
+        ),
         output_names=OUTPUT_NAMES,
         onnx_translation_table=ops.onnx_translation_table,
         example_inputs=shapes_example_inputs,

@@ -4,9 +4,10 @@ The served model takes a float batch [N,3,H,W] in [0,1] at a fixed H,W: the serv
 picture to the model input size (cnncore.preprocess), so there is no in-graph resize and boxes come
 out in input pixels; only the ImageNet normalisation the backbone was trained with lives here.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,12 +17,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DetectionTransform(nn.Module):
-    def __init__(self, image_size: tuple[int, int], mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+    def __init__(
+        self, image_size: tuple[int, int], mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    ) -> None:
         super().__init__()
         self.image_size = (int(image_size[0]), int(image_size[1]))
         # Not persistent: torchvision's checkpoints carry no normalisation tensors.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    mean: Tensor  # buffers, registered in __init__
+    std: Tensor
 
     def forward(self, images: Tensor) -> Tensor:
         if tuple(images.shape[-2:]) != self.image_size:

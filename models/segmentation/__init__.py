@@ -5,6 +5,7 @@ Registers `shapes_segmenter_bilinear` and `shapes_segmenter_transposed`: the sam
 differing only in how the decoder upsamples. Weights are committed as fp16 safetensors (half the bytes;
 the loader casts back to fp32, and the evaluation measures the cast weights).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -13,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnncore.spec import PreprocessSpec, Task
 from models.data.shapes import CLASSES
 from models.registry import IMAGENET_PREPROCESS, ModelEntry, register
 from models.segmentation.encoder_decoder import EncoderDecoderSegmenter, Upsampling
-from cnncore.spec import PreprocessSpec, Task
 
 __all__ = ["EncoderDecoderSegmenter", "LABELS", "PREPROCESS", "INPUT_SIZE", "weights_path"]
 
@@ -46,7 +47,9 @@ def _load_weights(upsampling: Upsampling, model: nn.Module) -> str:
 
     path = weights_path(upsampling)
     if not path.is_file():
-        raise FileNotFoundError(f"segmenter checkpoint missing: {path}; train it with models/training/train_segmenter.py")
+        raise FileNotFoundError(
+            f"segmenter checkpoint missing: {path}; train it with models/training/train_segmenter.py"
+        )
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
     model.load_state_dict(state, strict=True)
     return f"trained here on synthetic shapes from ImageNet MobileNetV2 ({path.name})"

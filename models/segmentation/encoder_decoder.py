@@ -2,9 +2,10 @@
 
 Design.
 - Encoder: the zoo's MobileNetV2 `features` (torchvision layout), trained on ImageNet, reused as the
-  feature extractor (the shipped recipe fine-tunes its stride-32 stage). Its stride-32 output knows *what* is in the picture (a star, not a
-  cross) but has lost *where* the boundaries are: every stride-2 stage throws away three quarters of the
-  positions, and no decoder can invent them back from 1/32 resolution.
+  feature extractor (the shipped recipe fine-tunes its stride-32 stage). Its stride-32 output knows
+  *what* is in the picture (a star, not a cross) but has lost *where* the boundaries are: every stride-2
+  stage throws away three quarters of the positions, and no decoder can invent them back from 1/32
+  resolution.
 - Skip connections (U-Net style, optional): the decoder upsamples one stage at a time and concatenates
   the encoder's feature map of the same resolution (strides 16, 8, 4, 2), which still carries precise
   edges; a 3x3 conv then fuses "what" (from below) with "where" (from the skip). Without skips the
@@ -26,6 +27,7 @@ Design.
 
 Output: per-pixel class logits [N, num_classes, H, W] at the input resolution.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -117,7 +119,7 @@ class EncoderDecoderSegmenter(nn.Module):
             raise ValueError(f"decoder_channels needs {len(MOBILENET_V2_TAPS)} entries (stride 32 down to 2)")
         backbone = models.get_model("mobilenet_v2", weights="default" if pretrained_encoder else None)
         self.tap_indices = tuple(i for i, _, _ in MOBILENET_V2_TAPS)
-        self.encoder = nn.Sequential(*list(backbone.features.children())[: self.tap_indices[-1] + 1])
+        self.encoder = nn.Sequential(*list(backbone.get_submodule("features").children())[: self.tap_indices[-1] + 1])
         self.upsampling = upsampling
         self.skips = skips
         # 1x1 projection of the 320-channel stride-32 map: keeps the upsamplers and 3x3 fusions small.
@@ -130,14 +132,15 @@ class EncoderDecoderSegmenter(nn.Module):
         skip_channels = [c for _, _, c in reversed(MOBILENET_V2_TAPS[:-1])]
         self.ups = nn.ModuleList()
         self.fuse = nn.ModuleList()
-        for cin, cout, cskip in zip(decoder_channels[:-1], decoder_channels[1:], skip_channels):
+        for cin, cout, cskip in zip(decoder_channels[:-1], decoder_channels[1:], skip_channels, strict=True):
             self.ups.append(Upsample2x(cin, upsampling))
             self.fuse.append(_conv_bn_relu(cin + (cskip if skips else 0), cout))
         self.classifier = nn.Conv2d(decoder_channels[-1], num_classes, 1)
         self.final_up = Upsample2x(num_classes, upsampling)
 
-    def encode(self, x: torch.Tensor, start: int = 0, taps: list[torch.Tensor] | None = None,
-               stop: int | None = None) -> list[torch.Tensor]:
+    def encode(
+        self, x: torch.Tensor, start: int = 0, taps: list[torch.Tensor] | None = None, stop: int | None = None
+    ) -> list[torch.Tensor]:
         """Run encoder layers start..stop (inclusive) on `x` (the output of layer start-1, or the image).
 
         Returns `taps` extended with the outputs of the tap layers it ran. Split so that training can
@@ -154,7 +157,7 @@ class EncoderDecoderSegmenter(nn.Module):
     def decode(self, taps: list[torch.Tensor], output_size: tuple[int, int]) -> torch.Tensor:
         """Encoder taps (strides 2..32, in that order) -> logits [N, C, *output_size]."""
         x = self.project(taps[-1])
-        for up, fuse, skip in zip(self.ups, self.fuse, reversed(taps[:-1])):
+        for up, fuse, skip in zip(self.ups, self.fuse, reversed(taps[:-1]), strict=True):
             x = up(x, (skip.shape[-2], skip.shape[-1]))
             if self.skips:
                 x = torch.cat([x, skip], dim=1)

@@ -7,6 +7,7 @@ The loss is the reported metric itself: per-pixel MSE on [0,1] pixels. Augmentat
 horizontal flips: a mirrored garment is still a plausible garment (the same class, even), whereas
 rotations or vertical flips would teach the decoder upside-down shoes the test set never shows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,10 +64,16 @@ def train(epochs: int, batch_size: int, lr: float, seed: int, threads: int) -> t
             sched.step()
             running += loss.item()
             if (step + 1) % 100 == 0:
-                print(f"  epoch {epoch + 1} step {step + 1}/{steps_per_epoch} train mse {running / (step + 1):.5f}", flush=True)
+                print(
+                    f"  epoch {epoch + 1} step {step + 1}/{steps_per_epoch} train mse {running / (step + 1):.5f}",
+                    flush=True,
+                )
         test_mse = evaluate_mse(model, test_x)
-        print(f"epoch {epoch + 1}/{epochs}: train mse {running / steps_per_epoch:.5f}  test mse {test_mse:.5f}  "
-              f"({time.time() - t0:.0f}s)", flush=True)
+        print(
+            f"epoch {epoch + 1}/{epochs}: train mse {running / steps_per_epoch:.5f}  test mse {test_mse:.5f}  "
+            f"({time.time() - t0:.0f}s)",
+            flush=True,
+        )
     metrics = {
         "test_mse": evaluate_mse(model, test_x),
         "mean_image_baseline_mse": mean_image_baseline(train_u8, test_u8),
@@ -91,8 +98,10 @@ def main() -> None:
     # fp32 is small here (~0.3 MB); BatchNorm running stats are part of the state dict.
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(args.out), metadata={k: f"{v:.6f}" for k, v in metrics.items()})
-    print(f"test MSE {metrics['test_mse']:.5f} vs mean-image baseline {metrics['mean_image_baseline_mse']:.5f} "
-          f"-> wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
+    print(
+        f"test MSE {metrics['test_mse']:.5f} vs mean-image baseline {metrics['mean_image_baseline_mse']:.5f} "
+        f"-> wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """CPU training recipe for the shipped detector (`shapes_detector`): Faster R-CNN on a MobileNetV2
 backbone with ImageNet weights, fine-tuned on the synthetic shapes-on-textures data.
 
-    python -m models.training.train_detector [--samples 2400] [--steps 1500] [--out models/weights/detector_shapes.safetensors]
+    python -m models.training.train_detector [--samples 2400] [--steps 1500] \
+        [--out models/weights/detector_shapes.safetensors]
 
 Why the recipe looks like this (2 shared CPU cores):
 - The lower backbone (MobileNetV2 features 0-13, strides 2-16) keeps its ImageNet weights frozen and
@@ -39,7 +40,7 @@ FROZEN_LAYERS = [str(i) for i in range(14)]  # MobileNetV2 features 0..13 (throu
 TRAINED_BODY_LAYERS = ["14", "15", "16", "17"]
 
 
-def training_picture(seed: int, spec, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+def training_picture(seed: int, spec, rng: np.random.Generator):
     """One augmented training example: (input [3,H,W] float32, boxes [n,4] in input pixels, labels)."""
     h = int(rng.integers(180, 400))
     w = int(h * rng.uniform(0.6, 1.6))
@@ -58,7 +59,7 @@ def training_picture(seed: int, spec, rng: np.random.Generator):  # type: ignore
 class _Stem(torch.nn.Module):
     """The frozen lower backbone, normalisation included; returns the stride-8 and stride-16 maps."""
 
-    def __init__(self, model) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, model) -> None:
         super().__init__()
         self.transform = model.transform
         self.layers = torch.nn.ModuleList(model.backbone.body[k] for k in FROZEN_LAYERS)
@@ -73,7 +74,7 @@ class _Stem(torch.nn.Module):
         return c3, x
 
 
-def stem_session(model, example: np.ndarray):  # type: ignore[no-untyped-def]
+def stem_session(model, example: np.ndarray):
     """ONNX Runtime session for the frozen lower backbone: x -> (c3 stride 8, c4 stride 16)."""
     from cnncore.runtime import OrtSettings, ort_session
 
@@ -129,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         c3_all, c4_all = np.concatenate(c3s), np.concatenate(c4s)
         del c3s, c4s
 
-        body = model.backbone.body
-        trained = [body[k] for k in TRAINED_BODY_LAYERS]
+        trained = [model.get_submodule(f"backbone.body.{k}") for k in TRAINED_BODY_LAYERS]
         for name, p in model.named_parameters():
             p.requires_grad_(not name.startswith("backbone.body.") or name.split(".")[2] in TRAINED_BODY_LAYERS)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, args.steps - warmup))),
         )
         model.train()
-        for m in model.backbone.body.modules():  # frozen BatchNorm statistics (see module docstring)
+        for m in model.get_submodule("backbone.body").modules():  # frozen BatchNorm statistics (see module docstring)
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.eval()
         task = progress.add_task("training", total=args.steps, info="")
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             c5 = c4
             for layer in trained:
                 c5 = layer(c5)
-            features = model.backbone.fpn(OrderedDict([("0", c3), ("1", c4), ("2", c5)]))
+            features = model.get_submodule("backbone.fpn")(OrderedDict([("0", c3), ("1", c4), ("2", c5)]))
             losses = model.forward_features(features, [targets[i] for i in idx])
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     def torch_runner(x: np.ndarray) -> dict[str, np.ndarray]:
         with torch.no_grad():
             out = model(torch.from_numpy(x))
-        return {n: o.numpy() for n, o in zip(("num_detections", "boxes", "scores", "labels"), out)}
+        return {n: o.numpy() for n, o in zip(("num_detections", "boxes", "scores", "labels"), out, strict=True)}
 
     metrics = evaluate_runner(torch_runner, spec, len(CLASSES), n=args.eval) if args.eval else {}
     args.out.parent.mkdir(parents=True, exist_ok=True)

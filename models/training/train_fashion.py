@@ -15,6 +15,7 @@ own, and a second, gentler cycle from it adds accuracy at the same cost as exten
     python -m models.training.train_fashion --reproduce          # writes models/weights/fashion_resnet20.safetensors
     python -m models.training.train_fashion --epochs 1 --limit-batches 20 --out /tmp/smoke.safetensors
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,7 +106,7 @@ def train(
     model = resnet20(num_classes=10, in_channels=1)
     if init is not None:  # continue from a checkpoint (a second, short cycle at a lower peak lr)
         model.load_state_dict(load_file(str(init)), strict=True)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit it
     policy = default_policy()
     steps_per_epoch = (len(xs) + batch_size - 1) // batch_size
     if limit_batches is not None:
@@ -141,16 +143,20 @@ def train(
                 running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
                 progress.update(task, advance=1, loss=running)
                 if not console.is_terminal and (step + 1) % 50 == 0:  # a log file gets plain lines
-                    console.print(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {running:.4f} "
-                                  f"{time.time() - start:.0f}s")
+                    console.print(
+                        f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {running:.4f} "
+                        f"{time.time() - start:.0f}s"
+                    )
             # Evaluating costs a sixth of an epoch on a shared CPU: by default only after the last one.
             last = epoch + 1 == epochs
             acc = evaluate(model, test_x, test_y) if (eval_every_epoch or last) else float("nan")
             history.append({"epoch": epoch + 1, "train_loss": running, "test_acc": acc})
-            console.print(f"epoch {epoch + 1}: train loss {running:.4f}, test accuracy {acc:.4f}, "
-                          f"{time.time() - start:.0f}s elapsed")
+            console.print(
+                f"epoch {epoch + 1}: train loss {running:.4f}, test accuracy {acc:.4f}, "
+                f"{time.time() - start:.0f}s elapsed"
+            )
             # Written every epoch so an interrupted run still leaves a usable checkpoint.
-            meta = {"epoch": epoch + 1, "test_acc": acc, "seed": seed, "epochs": epochs, "lr": lr}
+            meta: dict[str, Any] = {"epoch": epoch + 1, "test_acc": acc, "seed": seed, "epochs": epochs, "lr": lr}
             if init is not None:
                 meta["init"] = init.name
             _save(model, out, meta)
@@ -159,7 +165,7 @@ def train(
     return metrics
 
 
-def _save(model: nn.Module, out: Path, meta: dict) -> None:
+def _save(model: nn.Module, out: Path, meta: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = out.with_suffix(".tmp")
@@ -191,7 +197,9 @@ def _ensure_passive_openmp(argv: list[str] | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     _ensure_passive_openmp(argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.2, help="one-cycle peak learning rate")
@@ -204,8 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", type=Path, default=None, help="start from this safetensors checkpoint")
     parser.add_argument("--warmup", type=float, default=0.25, help="fraction of steps rising to the peak lr")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="safetensors checkpoint to write")
-    parser.add_argument("--reproduce", action="store_true",
-                        help="run the committed two-stage recipe (ignores the other training options)")
+    parser.add_argument(
+        "--reproduce",
+        action="store_true",
+        help="run the committed two-stage recipe (ignores the other training options)",
+    )
     args = parser.parse_args(argv)
     if args.reproduce:
         reproduce(args.out)

@@ -61,6 +61,7 @@ Recipe, and why:
 - Loss: per-pixel cross-entropy at model resolution. AdamW, one-cycle schedule, decoder lr 5x the
   encoder's (new layers learn from scratch, pretrained ones only adapt).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,7 @@ from torch.nn import functional as F
 from cnncore.preprocess import Geometry, preprocess
 from models.segmentation import LABELS, PREPROCESS, weights_path
 from models.segmentation.encoder_decoder import EncoderDecoderSegmenter
-from models.segmentation.evaluate import (HELD_OUT_SEED, IMAGE_SIZES, confusion_matrix, iou_per_class,
-                                          shape_samples)
+from models.segmentation.evaluate import HELD_OUT_SEED, IMAGE_SIZES, confusion_matrix, iou_per_class, shape_samples
 
 FROZEN_LAST = 6  # encoder layers 0..6 stay at their ImageNet weights
 TRAIN_SEED = 0  # the cached stage-1/2 training set
@@ -99,7 +99,9 @@ def letterbox_target(semantic: np.ndarray, geometry: Geometry) -> np.ndarray:
     rw = max(1, round(geometry.orig_width * geometry.scale_x))
     rh = max(1, round(geometry.orig_height * geometry.scale_y))
     canvas = Image.new("L", (w, h), IGNORE)
-    canvas.paste(Image.fromarray(semantic).resize((rw, rh), Image.NEAREST), (int(geometry.pad_x), int(geometry.pad_y)))
+    canvas.paste(
+        Image.fromarray(semantic).resize((rw, rh), Image.Resampling.NEAREST), (int(geometry.pad_x), int(geometry.pad_y))
+    )
     return np.asarray(canvas)
 
 
@@ -119,7 +121,7 @@ def frozen_taps(model: EncoderDecoderSegmenter, x: torch.Tensor, batch_size: int
     parts: list[list[torch.Tensor]] = []
     for start in range(0, len(x), batch_size):
         parts.append([t.half() for t in model.encode(x[start : start + batch_size], stop=FROZEN_LAST)])
-    return [torch.cat(level) for level in zip(*parts)]
+    return [torch.cat(level) for level in zip(*parts, strict=True)]
 
 
 def build_cache(model: EncoderDecoderSegmenter, n_train: int, n_val: int) -> dict:
@@ -143,7 +145,11 @@ def load_or_build_cache(path: Path, model: EncoderDecoderSegmenter, n_train: int
         cache = torch.load(path, weights_only=True)
         n_frozen = sum(i <= FROZEN_LAST for i in model.tap_indices)
         same_data = (cache["n_train"], cache["n_val"], cache.get("spec"), cache.get("val_seed")) == (
-            n_train, n_val, SPEC.model_dump_json(), VAL_SEED)
+            n_train,
+            n_val,
+            SPEC.model_dump_json(),
+            VAL_SEED,
+        )
         if same_data and len(cache["taps"]) >= n_frozen:
             print(f"using cached frozen taps from {path}", flush=True)
             return cache
@@ -224,8 +230,10 @@ def train(args: argparse.Namespace) -> tuple[EncoderDecoderSegmenter, dict[str, 
             idx = perm[step * args.batch_size : (step + 1) * args.batch_size]
             flip = torch.rand(len(idx), generator=gen) < 0.5
             # Flipped samples take the taps computed from the mirrored image, and the mirrored mask.
-            taps = [torch.where(flip[:, None, None, None], f[idx], u[idx])
-                    for u, f in zip(cache["taps"], cache["taps_flipped"])]
+            taps = [
+                torch.where(flip[:, None, None, None], f[idx], u[idx])
+                for u, f in zip(cache["taps"], cache["taps_flipped"], strict=True)
+            ]
             y = torch.where(flip[:, None, None], targets[idx].flip(-1), targets[idx])
             loss = F.cross_entropy(_trainable_forward(model, taps), y, ignore_index=IGNORE)
             opt.zero_grad(set_to_none=True)
@@ -234,18 +242,25 @@ def train(args: argparse.Namespace) -> tuple[EncoderDecoderSegmenter, dict[str, 
             sched.step()
             running += loss.item()
             if (step + 1) % 25 == 0:
-                print(f"  [{args.upsampling}] epoch {epoch + 1} step {step + 1}/{steps_per_epoch} "
-                      f"loss {running / (step + 1):.4f} ({time.time() - t0:.0f}s)", flush=True)
+                print(
+                    f"  [{args.upsampling}] epoch {epoch + 1} step {step + 1}/{steps_per_epoch} "
+                    f"loss {running / (step + 1):.4f} ({time.time() - t0:.0f}s)",
+                    flush=True,
+                )
         miou = val_miou(model, cache)
         history.append(miou)
-        print(f"[{args.upsampling}] epoch {epoch + 1}/{args.epochs}: loss {running / steps_per_epoch:.4f}  "
-              f"held-out mIoU@{SPEC.input_size[0]} {miou:.4f}  ({time.time() - t0:.0f}s)", flush=True)
+        print(
+            f"[{args.upsampling}] epoch {epoch + 1}/{args.epochs}: loss {running / steps_per_epoch:.4f}  "
+            f"held-out mIoU@{SPEC.input_size[0]} {miou:.4f}  ({time.time() - t0:.0f}s)",
+            flush=True,
+        )
     metrics = {"val_miou_model_res": history[-1], "train_seconds": time.time() - t0}
     return model.eval(), metrics
 
 
-def stream_batch(model: EncoderDecoderSegmenter, seeds: np.ndarray, first: int, flips: torch.Tensor
-                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
+def stream_batch(
+    model: EncoderDecoderSegmenter, seeds: np.ndarray, first: int, flips: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Frozen taps and targets of freshly generated pictures `first..first+len(flips)-1` of the stream.
 
     Every step sees pictures no step has seen before: with a fixed 1,200-picture set the loss kept
@@ -255,7 +270,9 @@ def stream_batch(model: EncoderDecoderSegmenter, seeds: np.ndarray, first: int, 
     """
     from models.data.shapes import generate_sample
 
-    samples = [generate_sample(int(seeds[i]), IMAGE_SIZES[i % len(IMAGE_SIZES)]) for i in range(first, first + len(flips))]
+    samples = [
+        generate_sample(int(seeds[i]), IMAGE_SIZES[i % len(IMAGE_SIZES)]) for i in range(first, first + len(flips))
+    ]
     x, y = _inputs_and_targets(samples)
     x = torch.where(flips[:, None, None, None], x.flip(-1), x)
     y = torch.where(flips[:, None, None], y.flip(-1), y)
@@ -276,8 +293,9 @@ def train_stream(args: argparse.Namespace) -> tuple[EncoderDecoderSegmenter, dic
     val = {"val_taps": frozen_taps(model, vx), "val_targets": vy}
     print(f"[{args.upsampling}] start: val mIoU@{SPEC.input_size[0]} {val_miou(model, val):.4f}", flush=True)
     opt = _optimizer(model, args.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[args.lr / 5, args.lr], total_steps=args.steps,
-                                                pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[args.lr / 5, args.lr], total_steps=args.steps, pct_start=0.1
+    )
     if args.stream_seed in (VAL_SEED, HELD_OUT_SEED):
         raise ValueError("the training stream must not draw the validation or evaluation pictures")
     seeds = np.random.SeedSequence(args.stream_seed).generate_state(args.steps * args.batch_size, dtype=np.uint64)
@@ -295,12 +313,17 @@ def train_stream(args: argparse.Namespace) -> tuple[EncoderDecoderSegmenter, dic
         sched.step()
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if (step + 1) % 50 == 0:
-            print(f"  [{args.upsampling}] step {step + 1}/{args.steps} loss {running:.4f} ({time.time() - t0:.0f}s)",
-                  flush=True)
+            print(
+                f"  [{args.upsampling}] step {step + 1}/{args.steps} loss {running:.4f} ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
             miou = val_miou(model, val)
-            print(f"[{args.upsampling}] step {step + 1}: val mIoU@{SPEC.input_size[0]} {miou:.4f} "
-                  f"({(step + 1) * args.batch_size} pictures, {time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"[{args.upsampling}] step {step + 1}: val mIoU@{SPEC.input_size[0]} {miou:.4f} "
+                f"({(step + 1) * args.batch_size} pictures, {time.time() - t0:.0f}s)",
+                flush=True,
+            )
     return model.eval(), {"val_miou_model_res": miou, "train_seconds": time.time() - t0}
 
 
@@ -328,12 +351,20 @@ def main() -> None:
     parser.add_argument("--build-cache-only", action="store_true")
     parser.add_argument("--stream", action="store_true", help="stage 3: fresh generated pictures every step, no cache")
     parser.add_argument("--steps", type=int, default=1000, help="with --stream: optimizer steps")
-    parser.add_argument("--stream-seed", type=int, default=STREAM_SEED,
-                        help="with --stream: base seed of the pictures (a new one per stage: new pictures)")
+    parser.add_argument(
+        "--stream-seed",
+        type=int,
+        default=STREAM_SEED,
+        help="with --stream: base seed of the pictures (a new one per stage: new pictures)",
+    )
     parser.add_argument("--val-every", type=int, default=250, help="with --stream: steps between validations")
     parser.add_argument("--out", type=Path, default=None, help="default: the committed weights path")
-    parser.add_argument("--input-size", type=int, default=None,
-                        help=f"square letterbox size (default: the served {PREPROCESS.input_size[0]})")
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        default=None,
+        help=f"square letterbox size (default: the served {PREPROCESS.input_size[0]})",
+    )
     args = parser.parse_args()
     if args.input_size is not None:
         global SPEC
@@ -346,8 +377,11 @@ def main() -> None:
     model, metrics = train_stream(args) if args.stream else train(args)
     out = args.out or weights_path(args.upsampling)
     save_fp16(model, out, {k: f"{v:.6f}" for k, v in metrics.items()})
-    print(f"[{args.upsampling}] held-out mIoU@{SPEC.input_size[0]} {metrics['val_miou_model_res']:.4f}, "
-          f"{metrics['train_seconds']:.0f}s -> wrote {out} ({out.stat().st_size / 1e6:.2f} MB)", flush=True)
+    print(
+        f"[{args.upsampling}] held-out mIoU@{SPEC.input_size[0]} {metrics['val_miou_model_res']:.4f}, "
+        f"{metrics['train_seconds']:.0f}s -> wrote {out} ({out.stat().st_size / 1e6:.2f} MB)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
