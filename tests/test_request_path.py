@@ -1,4 +1,4 @@
-"""The one request path in-process, on a real repository and ONNX Runtime: what it checks, in which
+"""The data plane's one request path in-process, on a real repository and ONNX Runtime: what it checks, in which
 order, what it counts, and how the error boundary answers what it raises."""
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import affine_model, write_model
-from server.boundary import guard_handler, status_of
-from server.errors import HTTP_STATUS, InferError, echo
+from server.bindings.grpc_boundary import guard_handler
+from server.dataplane.normalize import OutputIn, deadline_from, timeout_parameter
+from server.dataplane.plane import DataPlane
+from server.dataplane.state import ServerState
+from server.dataplane.tensors import TensorIn
+from server.errors import HTTP_STATUS, InferError, echo, status_of
 from server.repository import ModelRepository
-from server.request import RequestPath, ServerState, deadline_from, timeout_parameter
-from server.tensors import TensorIn
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,9 +32,11 @@ async def _with_path(repo_dir: Path, body):
     await repo.load_all()
     state = ServerState()
     state.started = True
+    plane = DataPlane(repo, state, vision_threads=1)
     try:
-        return await body(RequestPath(repo, state), repo, state)
+        return await body(plane, repo, state)
     finally:
+        plane.close()
         await repo.close()
 
 
@@ -43,11 +47,11 @@ def repo_dir(tmp_path: Path) -> Path:
 
 
 def test_normalized_request_infers(repo_dir: Path) -> None:
-    async def body(path: RequestPath, repo, state):
-        req = await path.normalize("affine", "", _affine_inputs(), outputs=["y"], request_id="r1",
+    async def body(path: DataPlane, repo, state):
+        req = await path.normalize("affine", "", _affine_inputs(), outputs=[OutputIn("y")], request_id="r1",
                                    parameters={"timeout": 5_000_000})
         assert req.outputs == ["y"] and req.id == "r1" and req.deadline is not None
-        return await path.infer(req)
+        return {o.name: o.array for o in (await path.infer(req)).outputs}
 
     out = asyncio.run(_with_path(repo_dir, body))
     np.testing.assert_array_equal(out["y"], np.arange(8, dtype=np.float32).reshape(2, 4) * 2 + 1)
@@ -58,7 +62,7 @@ def test_declaration_is_checked_before_contents_are_decoded(repo_dir: Path) -> N
     read, which is what kept a 60 MB BYTES tensor from stalling the event loop."""
     garbage = memoryview(b"\xff\xff\xff\xff" * 1000)  # would be a truncated-element error if decoded
 
-    async def body(path: RequestPath, repo, state):
+    async def body(path: DataPlane, repo, state):
         bad = [TensorIn("a", "BYTES", (2, 4), raw=garbage), _affine_inputs()[1]]
         with pytest.raises(InferError) as err:
             await path.normalize("affine", "", bad)
@@ -77,7 +81,7 @@ def test_declaration_is_checked_before_contents_are_decoded(repo_dir: Path) -> N
     (lambda t: [TensorIn("a", "FP32", (2, 4), values=[1.0]), t[1]], "expected 8 elements in data"),
 ])
 def test_every_refusal_is_counted_once_as_invalid(repo_dir: Path, inputs, fragment: str) -> None:
-    async def body(path: RequestPath, repo, state):
+    async def body(path: DataPlane, repo, state):
         stats = repo.get("affine").stats
         before = stats.fail.count
         with pytest.raises(InferError) as err:
@@ -90,7 +94,7 @@ def test_every_refusal_is_counted_once_as_invalid(repo_dir: Path, inputs, fragme
 
 
 def test_draining_and_unknown_models(repo_dir: Path) -> None:
-    async def body(path: RequestPath, repo, state):
+    async def body(path: DataPlane, repo, state):
         with pytest.raises(InferError) as unknown:
             await path.normalize("nope", "", _affine_inputs())
         state.shutting_down = True

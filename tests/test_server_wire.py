@@ -6,9 +6,8 @@ import pytest
 
 from protos import grpc_service_pb2 as pb
 from server.errors import InferError
-from server.infer_request import WireError, from_message, parse_infer_request
+from server.bindings.grpc_wire import WireError, decode_input, from_message, parse_infer_request
 from cnncore.wire import WireFormatError, deserialize_bytes, serialize_bytes
-from server.tensors import decode_input
 
 
 def _request() -> pb.ModelInferRequest:
