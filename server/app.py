@@ -56,7 +56,7 @@ class ServerConfig:
     metrics_port: int = 8002
     allow_metrics: bool = True
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS  # server/admission.py; 0 = no limit
+    max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS  # server/dataplane/admission.py; 0 = no limit
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     retry_pushback_ms: int = DEFAULT_RETRY_PUSHBACK_MS
     intra_op_threads: int = 0
