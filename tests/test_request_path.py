@@ -175,3 +175,52 @@ def test_echo_truncates_what_it_quotes() -> None:
     long = echo("x" * 10_000)
     assert len(long) < 200 and "(10000 characters)" in long
     assert "\\n" in echo("a\nb")  # control characters are escaped, never raw in a status message
+
+
+def test_the_model_default_timeout_is_part_of_the_one_deadline() -> None:
+    """config default_timeout_us is applied where the deadline is computed (the batcher only enforces)."""
+    async def main():
+        now = asyncio.get_running_loop().time()
+        return now, deadline_from(None, None, 500_000), deadline_from(None, 2_000_000, 500_000), \
+            deadline_from(0.2, None, 5_000_000), deadline_from(None, None, 0)
+
+    now, by_default, default_first, transport_first, none = asyncio.run(main())
+    assert now + 0.4 < by_default < now + 1.0 and now + 0.4 < default_first < now + 1.0
+    assert now + 0.1 < transport_first < now + 0.5
+    assert none is None
+
+
+@pytest.mark.parametrize("tensor, fragment", [
+    (TensorIn("a", "FP32", (2, 4), raw=b"\0" * 32, values=[0.0] * 8, raw_field="raw_input_contents",
+              values_field="contents.fp32_contents"),
+     "input 'a': both raw_input_contents and contents.fp32_contents given"),
+    (TensorIn("a", "FP32", (2, 4), raw_field="parameters.binary_data_size"),
+     "input 'a': neither 'data' nor parameters.binary_data_size given"),
+    (TensorIn("a", "FP32", (2, 4), values=[0.0] * 8, parameters={"shared_memory_region": "nowhere",
+                                                                "shared_memory_byte_size": 32}),
+     "shared memory region 'nowhere' is not registered"),
+    (TensorIn("a", "FP32", (2, -4), raw=b""), "has a negative dimension"),
+])
+def test_each_input_gives_its_contents_one_way(repo_dir: Path, tensor: TensorIn, fragment: str) -> None:
+    """The exclusivity of shared memory, raw and typed contents is checked once, for every binding."""
+    async def body(path: DataPlane, repo, state):
+        with pytest.raises(InferError) as err:
+            await path.normalize("affine", "", [tensor, _affine_inputs()[1]])
+        return err.value
+
+    err = asyncio.run(_with_path(repo_dir, body))
+    assert err.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    assert fragment in err.message, err.message
+
+
+def test_the_vision_pool_is_sized_by_the_flag_and_closed_with_the_plane(repo_dir: Path) -> None:
+    async def body(path: DataPlane, repo, state):
+        sized = DataPlane(repo, state, vision_threads=3)
+        pool = sized.vision._pool
+        workers = pool._max_workers
+        sized.close()
+        with pytest.raises(RuntimeError, match="shutdown"):
+            pool.submit(print)
+        return workers
+
+    assert asyncio.run(_with_path(repo_dir, body)) == 3
