@@ -105,7 +105,7 @@ class RestBody:
             raise too_slow(f"request body not received within {self.limits.body_timeout_s:g} s "
                            "(--http-body-timeout-secs)") from None
 
-    async def bytes(self, request: web.Request) -> bytes:
+    async def content(self, request: web.Request) -> bytes:
         return await self.read(request, request.read)
 
     async def json(self, data: bytes | memoryview, what: str) -> Any:
@@ -120,7 +120,7 @@ class RestBody:
 
     async def json_object(self, request: web.Request, what: str) -> dict:
         """An optional JSON object body (repository calls): {} when empty."""
-        body = await self.bytes(request)
+        body = await self.content(request)
         if not body.strip():
             return {}
         doc = await self.json(body, what)

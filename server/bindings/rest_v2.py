@@ -230,8 +230,9 @@ class KServeV2Routes:
         # Admitted on the declared length, before the body is read, as gRPC admits on the received size
         # (a chunked body declares none; --http-max-input-size still bounds it).
         with self.plane.admitted(request.content_length or 0):
-            body = await self.body.bytes(request)
+            body = await self.body.content(request)
             header_len = request.headers.get(HEADER_LENGTH)
+            header: bytes | memoryview
             if header_len is None:
                 header, binary = body, memoryview(b"")
             else:
@@ -273,13 +274,13 @@ class KServeV2Routes:
             answer["outputs"] = out_json
             head = json.dumps(answer).encode()
             if not chunks:
-                response = web.Response(body=head, content_type="application/json")
+                plain = web.Response(body=head, content_type="application/json")
                 # JSON tensors compress well, so honour Accept-Encoding (tritonclient's
                 # response_compression_algorithm). Binary outputs are sent as they are: float data
                 # barely compresses, and deflating a 600 KB tensor costs ~60 ms of a core, which
                 # clients that send Accept-Encoding by default (aiohttp's) would pay on every call.
-                response.enable_compression()
-                return response
+                plain.enable_compression()
+                return plain
             response = web.StreamResponse(headers={HEADER_LENGTH: str(len(head)),
                                                    "Content-Type": "application/octet-stream"})
             response.content_length = len(head) + sum(len(c) for c in chunks)

@@ -70,7 +70,7 @@ class VisionRoutes:
                 raise invalid("the multipart form has no file parts; send each picture as a file")
             return [f.file.read() for f in files], [f.filename or "" for f in files]
         if ctype.startswith("image/") or ctype == "application/octet-stream":
-            return [await self.body.bytes(request)], [""]
+            return [await self.body.content(request)], [""]
         raise invalid(f"vision calls take a picture (image/*, application/octet-stream) or "
                       f"multipart/form-data, got Content-Type {request.content_type!r:.80}")
 

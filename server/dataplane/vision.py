@@ -113,12 +113,14 @@ class VisionAnswer:
 
 
 @dataclass
-class _Outcome:
-    """One picture's model outputs + geometry, or its decode error."""
+class _Answered:
+    """One decoded picture and the model's outputs for it."""
 
-    prepared: PreparedImage | None = None
-    outputs: dict[str, np.ndarray] | None = None
-    error: ImageDecodeError | None = None
+    prepared: PreparedImage
+    outputs: dict[str, np.ndarray]
+
+
+_Outcome = _Answered | ImageDecodeError  # a picture that could not be decoded is its error
 
 
 Infer = Callable[[Any], Awaitable[dict[str, np.ndarray]]]  # the data plane's: normalized request -> outputs
@@ -142,7 +144,7 @@ class VisionCalls:
         _check_count("Classify", "top_k", top_k)
         k = top_k or DEFAULT_TOP_K
 
-        async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Outcome, answer: VisionAnswer) -> None:
+        async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer) -> None:
             idx, probs = await self._post(model, postprocess.top_k, _first(o.outputs)[0], k)
             result.classes = [Labelled(c, postprocess.label_of(meta.labels, c), p)
                               for c, p in zip(idx.tolist(), probs.tolist())]
@@ -156,7 +158,7 @@ class VisionCalls:
             raise invalid(f"Detect: score_threshold must be in [0, 1], got {score_threshold}")
         _check_count("Detect", "max_detections", max_detections)
 
-        async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Outcome, answer: VisionAnswer) -> None:
+        async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer) -> None:
             out = o.outputs
             det = await self._post(
                 model, postprocess.detections, _named(out, "num_detections")[0], _named(out, "boxes")[0],
@@ -171,7 +173,7 @@ class VisionCalls:
 
     async def segment(self, name: str, version: str, images: list[bytes], *,
                       transport_remaining_s: float | None = None) -> VisionAnswer:
-        async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Outcome, answer: VisionAnswer) -> None:
+        async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer) -> None:
             logits = _first(o.outputs)[0]
             num_classes = logits.shape[0]
             result.mask_png, fractions = await self._post(model, _segment_one, logits, o.prepared.geometry,
@@ -184,14 +186,14 @@ class VisionCalls:
 
     async def encode(self, name: str, version: str, images: list[bytes], *,
                      transport_remaining_s: float | None = None) -> VisionAnswer:
-        async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Outcome, answer: VisionAnswer) -> None:
+        async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer) -> None:
             result.latent = _named(o.outputs, "latent")[0].reshape(-1).tolist()
 
         return await self._run("Encode", name, version, images, transport_remaining_s, fill)
 
     async def reconstruct(self, name: str, version: str, images: list[bytes], *,
                           transport_remaining_s: float | None = None) -> VisionAnswer:
-        async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Outcome, answer: VisionAnswer) -> None:
+        async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer) -> None:
             result.latent = _named(o.outputs, "latent")[0].reshape(-1).tolist()
             recon = _named(o.outputs, "reconstruction")[0]
             result.image_png = await self._post(model, _reconstruct_one, recon, meta, offload=True)
@@ -231,16 +233,16 @@ class VisionCalls:
             prepared = await loop.run_in_executor(self._pool, self._prepare, model, data, meta, index, pixels)
         except ImageDecodeError as exc:
             IMAGE_ERRORS.labels(model.name, exc.reason.value).inc()
-            return _Outcome(error=exc)
+            return exc
         tensor = prepared.tensor[None]
         if tensor.dtype != dtype:  # an FP16 export takes the same pixels in half precision
             tensor = tensor.astype(dtype)
         request = normalize_arrays(model, {meta.input_name: tensor}, deadline=deadline, received_ns=received_ns)
-        return _Outcome(prepared=prepared, outputs=await self._infer(request))
+        return _Answered(prepared, await self._infer(request))
 
     async def _run(self, call: str, name: str, version: str, images: list[bytes],
                    transport_remaining_s: float | None,
-                   fill: Callable[[ServedModel, ModelMeta, ImageResult, _Outcome, VisionAnswer], Awaitable[None]]
+                   fill: Callable[[ServedModel, ModelMeta, ImageResult, _Answered, VisionAnswer], Awaitable[None]]
                    ) -> VisionAnswer:
         received_ns = time.perf_counter_ns()
         if not name:
@@ -253,13 +255,13 @@ class VisionCalls:
         # gather cancels the siblings when one fails, so a refused request leaves nothing queued.
         outcomes = await _gather_or_cancel(
             [self._one(model, meta, data, i, deadline, received_ns) for i, data in enumerate(images)])
-        errors = [o.error for o in outcomes if o.error is not None]
+        errors = [o for o in outcomes if isinstance(o, ImageDecodeError)]
         if len(errors) == len(outcomes):
             raise invalid("no image could be decoded: " + "; ".join(str(e) for e in errors))
         answer = VisionAnswer(call, model.name, str(model.version), [])
         for i, o in enumerate(outcomes):
-            if o.error is not None:
-                answer.results.append(ImageResult(i, error=o.error))
+            if isinstance(o, ImageDecodeError):
+                answer.results.append(ImageResult(i, error=o))
                 continue
             geo = o.prepared.geometry
             result = ImageResult(i, width=geo.orig_width, height=geo.orig_height)
