@@ -29,6 +29,7 @@ from client.draw import draw_detections, overlay_mask
 from client.inference import InferenceClient
 from client.vision import VisionClient, failures, mask_array, png_image
 from cnncore.imaging import ImageDecodeError, decode_image
+from cnncore.postprocess import DEFAULT_SCORE_THRESHOLD
 from cnncore.protojson import message_to_dict
 from cnncore.secrets import resolve_secret
 
@@ -175,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = vision("classify", "top-k classes per image")
     p.add_argument("--top-k", type=int, default=5)
     p = vision("detect", "boxes, labels and scores per image")
-    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
+                   help="keep detections scoring at least this (default: all the model returns)")
     p.add_argument("--max-detections", type=int, default=0, help="0: all")
     p.add_argument("--out-image", help="write the picture with the boxes drawn (PNG/JPEG by suffix)")
     p = vision("segment", "class mask and per-class pixel fractions per image")

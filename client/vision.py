@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from client.channel import AsyncClient, BlockingClient
+from cnncore.postprocess import DEFAULT_SCORE_THRESHOLD
 from protos import vision_pb2 as vpb
 from protos import vision_pb2_grpc as vpb_grpc
 
@@ -77,7 +78,7 @@ class VisionClient(BlockingClient):
         return self._call("Classify", _request("Classify", model_name, images, model_version, top_k=top_k), timeout)
 
     def detect(
-        self, model_name: str, images: ImageInput | Sequence[ImageInput], score_threshold: float = 0.0,
+        self, model_name: str, images: ImageInput | Sequence[ImageInput], score_threshold: float = DEFAULT_SCORE_THRESHOLD,
         max_detections: int = 0, model_version: str = "", timeout: float | None = None,
     ) -> vpb.DetectResponse:
         request = _request(
@@ -117,7 +118,7 @@ class AsyncVisionClient(AsyncClient):
         return await self._call("Classify", request, timeout)
 
     async def detect(
-        self, model_name: str, images: ImageInput | Sequence[ImageInput], score_threshold: float = 0.0,
+        self, model_name: str, images: ImageInput | Sequence[ImageInput], score_threshold: float = DEFAULT_SCORE_THRESHOLD,
         max_detections: int = 0, model_version: str = "", timeout: float | None = None,
     ) -> vpb.DetectResponse:
         request = _request(

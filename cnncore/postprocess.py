@@ -17,6 +17,10 @@ from PIL import Image
 from cnncore.preprocess import Geometry
 from cnncore.spec import PreprocessSpec
 
+# Detect's default: keep every detection the model returns (the vision API's documented default, what
+# proto3's unset score_threshold means; the server's bindings and the client read this one value).
+DEFAULT_SCORE_THRESHOLD = 0.0
+
 # Value of mask pixels the model never saw (outside a centre crop): PNG-palette index, not a class.
 UNSEEN = 255
 
@@ -56,7 +60,7 @@ def detections(
     scores: np.ndarray,
     classes: np.ndarray,
     geometry: Geometry,
-    score_threshold: float = 0.0,
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
     max_detections: int = 0,
 ) -> Detections:
     """One image's padded detector rows -> its real detections, best first, in original pixels.

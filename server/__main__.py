@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 from server.access import AccessConfigError, AccessPolicy
-from server.admission import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_INFLIGHT_REQUESTS, DEFAULT_RETRY_PUSHBACK_MS
 from server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, serve
-from server.http import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES,
-                         DEFAULT_MAX_INPUT_SIZE, HttpLimits)
+from server.bindings.rest import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES,
+                                  DEFAULT_MAX_INPUT_SIZE, HttpLimits)
+from server.dataplane.admission import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_INFLIGHT_REQUESTS, DEFAULT_RETRY_PUSHBACK_MS
+from server.dataplane.vision import DEFAULT_VISION_THREADS
 from server.logs import setup_logging
 from server.tls import TlsConfigError, TlsFiles
 from server.workers import supervise, take_cpu_share, worker_role
@@ -89,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ort-allow-spinning", type=_bool, default=False,
                    help="let ONNX Runtime's intra-op threads spin between runs (default false: spinning steals "
                         "the cores the event loop needs; config parameter intra_op_allow_spinning overrides)")
+    p.add_argument("--vision-threads", type=int, default=DEFAULT_VISION_THREADS,
+                   help="threads that decode, preprocess and postprocess the vision API's pictures, one pool "
+                        f"for gRPC and REST (default min(4, cores) = {DEFAULT_VISION_THREADS})")
     p.add_argument("--model-control-mode", choices=["none", "explicit"], default="none",
                    help="none: load every model at start, refuse load/unload requests; explicit: load only "
                         "--load-model, then on request")
@@ -115,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(a.log_level, a.log_format)
     if a.workers < 1:
         raise SystemExit(f"python -m server: error: --workers must be at least 1, got {a.workers}")
+    if a.vision_threads < 1:
+        raise SystemExit(f"python -m server: error: --vision-threads must be at least 1, got {a.vision_threads}")
     for flag in ("max_inflight_requests", "max_inflight_bytes", "retry_pushback_ms"):
         if getattr(a, flag) < 0:  # Admission would refuse it with a traceback
             raise SystemExit(f"python -m server: error: --{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics_address=a.metrics_address, metrics_port=a.metrics_port, allow_metrics=a.allow_metrics,
         max_message_bytes=a.grpc_max_message_bytes, intra_op_threads=a.intra_op_threads,
         max_inflight_requests=a.max_inflight_requests, max_inflight_bytes=a.max_inflight_bytes,
-        retry_pushback_ms=a.retry_pushback_ms,
+        retry_pushback_ms=a.retry_pushback_ms, vision_threads=a.vision_threads,
         inter_op_threads=a.inter_op_threads, allow_spinning=a.ort_allow_spinning, exit_timeout_s=a.exit_timeout_secs,
         strict_readiness=a.strict_readiness, model_control_mode=a.model_control_mode,
         load_models=a.load_model, ready_file=a.ready_file, grpc_tls=grpc_tls, grpc_access=grpc_access,

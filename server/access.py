@@ -5,7 +5,8 @@
 A request to a restricted group must carry `<header>` with `<value>`; other groups stay open. The value
 may name where the key is instead of being it, so it need not appear in `ps` or a manifest:
 `@/path/to/file` (the file's content, trailing newline dropped) or `env:VARIABLE`. Missing header:
-UNAUTHENTICATED / HTTP 401; wrong value: PERMISSION_DENIED / HTTP 403. Values are compared in constant
+UNAUTHENTICATED / HTTP 401; wrong value: PERMISSION_DENIED / HTTP 403 (`Denial.error`, an InferError
+mapped like every other failure). Values are compared in constant
 time and every refusal is counted in `cnnserve_access_denied_total{protocol,group,reason}`.
 
 `AccessPolicy` knows groups and headers only; each binding maps its own requests to a group and hands
@@ -27,6 +28,7 @@ import grpc
 
 from cnncore.secrets import resolve_secret
 from server import metrics
+from server.errors import InferError
 
 log = logging.getLogger("cnnserve.access")
 
@@ -124,12 +126,11 @@ class Denial:
         return f"This API is restricted, expecting header '{self.header}' ('{self.group}' group): {why}"
 
     @property
-    def grpc_code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAUTHENTICATED if self.reason == "missing" else grpc.StatusCode.PERMISSION_DENIED
-
-    @property
-    def http_status(self) -> int:
-        return 401 if self.reason == "missing" else 403
+    def error(self) -> InferError:
+        """The refusal every binding answers: its gRPC code, and through server.errors' one table its
+        HTTP status (UNAUTHENTICATED 401, PERMISSION_DENIED 403)."""
+        code = grpc.StatusCode.UNAUTHENTICATED if self.reason == "missing" else grpc.StatusCode.PERMISSION_DENIED
+        return InferError(code, self.message)
 
 
 HeaderLookup = Callable[[str], Sequence[str]]  # header name (lower case) -> the values the request sent
@@ -187,8 +188,10 @@ def _refusal(handler: grpc.RpcMethodHandler | None, denial: Denial) -> grpc.RpcM
     """A handler of the same RPC shape as `handler` that answers `denial` without reading the request
     (no deserializer: a refused ModelInfer is never parsed)."""
 
+    err = denial.error
+
     async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(denial.grpc_code, denial.message)
+        await context.abort(err.code, err.message)
 
     serializer = handler.response_serializer if handler is not None else None
     req_stream = handler is not None and handler.request_streaming

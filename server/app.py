@@ -1,9 +1,8 @@
-"""Builds and runs the process: gRPC (grpc.aio) with every servicer, health, reflection, metrics HTTP.
+"""Builds and runs the process: the data plane, its gRPC and REST bindings, health, reflection, metrics.
 
-Adding a service to the same server is one line in SERVICER_ADDERS: a function
-`(server, repository, state) -> full service name` (the name goes to reflection). The vision API
-(`server.vision_service.add_vision_service`) is registered so: it finds models with `repository.get(name)`
-and infers with `await model.infer(...)`, i.e. through the same batcher as the inference protocol.
+Every binding works on the one `DataPlane` (server/dataplane/plane.py). Adding one is one file in
+server/bindings/ and one line here: in GRPC_BINDINGS a function `(server, plane) -> full service name`
+(the name goes to reflection and health), in REST_BINDINGS a function `(plane, body) -> routes`.
 
 Shutdown (SIGTERM/SIGINT): readiness and health turn NOT_SERVING, new inference requests are refused
 with UNAVAILABLE, every accepted request is answered (batchers drain), then the process exits.
@@ -25,20 +24,24 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from server import metrics
-from server.admission import (DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_INFLIGHT_REQUESTS, DEFAULT_RETRY_PUSHBACK_MS,
-                              Admission)
 from server.access import AccessInterceptor, AccessPolicy
+from server.bindings import rest_v2, rest_vision
+from server.bindings.grpc_inference import GrpcBinding, add_inference_service
+from server.bindings.grpc_vision import add_vision_service
+from server.bindings.rest import HttpLimits, RestBinding, RestServer
+from server.dataplane.admission import (DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_INFLIGHT_REQUESTS,
+                                        DEFAULT_RETRY_PUSHBACK_MS, Admission)
+from server.dataplane.plane import DataPlane
+from server.dataplane.state import ServerState
+from server.dataplane.vision import DEFAULT_VISION_THREADS
 from server.gpu_metrics import register_gpu_metrics
-from server.http import HttpBinding, HttpLimits
 from server.repository import ModelRepository, RuntimeDefaults
-from server.request import ServerState
-from server.service import ServicerAdder, add_inference_service
 from server.tls import TlsFiles, warn_if_exposed
-from server.vision_service import add_vision_service
 
 log = logging.getLogger("cnnserve.app")
 
-SERVICER_ADDERS: list[ServicerAdder] = [add_inference_service, add_vision_service]
+GRPC_BINDINGS: list[GrpcBinding] = [add_inference_service, add_vision_service]
+REST_BINDINGS: list[RestBinding] = [rest_v2.routes, rest_vision.routes]
 
 # A 32x3x224x224 FP32 batch is 19.3 MB; 64 MiB leaves room for its outputs and larger inputs.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -53,7 +56,7 @@ class ServerConfig:
     metrics_port: int = 8002
     allow_metrics: bool = True
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS  # server/admission.py; 0 = no limit
+    max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS  # server/dataplane/admission.py; 0 = no limit
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     retry_pushback_ms: int = DEFAULT_RETRY_PUSHBACK_MS
     intra_op_threads: int = 0
@@ -67,7 +70,8 @@ class ServerConfig:
     grpc_tls: TlsFiles | None = None  # None: plaintext (warned about beyond loopback)
     grpc_access: AccessPolicy | None = None  # access keys per API group (server/access.py)
     reuse_port: bool = False  # SO_REUSEPORT: set in --workers processes, which share the ports
-    allow_http: bool = True  # the KServe v2 REST binding (server/http.py)
+    vision_threads: int = DEFAULT_VISION_THREADS  # the vision calls' decode/preprocess pool
+    allow_http: bool = True  # the REST bindings (server/bindings/rest*.py)
     http_address: str = "0.0.0.0"
     http_port: int = 8000
     http_tls: TlsFiles | None = None
@@ -84,10 +88,11 @@ class InferenceServer:
         self.state.model_control_mode = cfg.model_control_mode
         self.repository = ModelRepository(
             cfg.model_repository, RuntimeDefaults(cfg.intra_op_threads, cfg.inter_op_threads, cfg.allow_spinning))
+        self.plane = DataPlane(self.repository, self.state, vision_threads=cfg.vision_threads)
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.grpc_port = 0
-        self.http: HttpBinding | None = None
+        self.http: RestServer | None = None
         self.http_port = 0
         self.metrics_port = 0
         self._metrics_http = None
@@ -105,8 +110,8 @@ class InferenceServer:
         interceptors = [AccessInterceptor(cfg.grpc_access)] if cfg.grpc_access else None
         server = grpc.aio.server(options=opts, interceptors=interceptors)
         names = []
-        for add in SERVICER_ADDERS:
-            name = add(server, self.repository, self.state)
+        for add in GRPC_BINDINGS:
+            name = add(server, self.plane)
             if inspect.isawaitable(name):
                 name = await name
             names.append(name)
@@ -130,7 +135,7 @@ class InferenceServer:
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()  # live (ServerLive) while models load; ready only after
         if cfg.allow_http:
-            self.http = HttpBinding(self.repository, self.state, cfg.http_access, cfg.http_limits)
+            self.http = RestServer(self.plane, REST_BINDINGS, cfg.http_access, cfg.http_limits)
             warn_if_exposed("http", cfg.http_address, cfg.http_tls)
             self.http_port = await self.http.start(cfg.http_address, cfg.http_port, cfg.http_tls,
                                                    reuse_port=cfg.reuse_port)
@@ -174,6 +179,7 @@ class InferenceServer:
         await self.health.enter_graceful_shutdown()
         if self.grpc_server is None:  # signalled before the server was built
             await self.repository.close()
+            self.plane.close()
             return
         # Drain first with the server still up: accepted inference RPCs finish (the batchers keep
         # executing), new ones are refused with UNAVAILABLE by the servicers, and probes can still see
@@ -185,6 +191,7 @@ class InferenceServer:
         if self.http is not None:
             await self.http.stop()
         await self.grpc_server.stop(max(0.5, deadline - loop.time()))
+        self.plane.close()  # the vision pool: every binding has stopped, nothing can submit to it
         await self.repository.close()
         self.state.shared_memory.close()  # regions are unmapped; the clients own the objects
         if self._metrics_http is not None:

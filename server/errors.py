@@ -1,17 +1,24 @@
 """The project's one error type, and its one mapping to each binding's status.
 
-Anything below the bindings (the request normalizer, the repository, the batcher, the backends' input
-checks) raises `InferError` with a gRPC status code, the code set the protocol is specified in. The
-error boundary (server/boundary.py) turns it into the gRPC status, the REST binding into the HTTP
-status from `HTTP_STATUS`; nothing else decides how a failure is answered.
+Anything below the bindings (the data plane's Normalize, the repository, the batcher, the backends'
+input checks) raises `InferError` with a gRPC status code, the code set the protocol is specified in;
+`status_of` turns any other exception into INTERNAL, logged. The gRPC binding answers the code itself
+(server/bindings/grpc_boundary.py); every HTTP answer (the REST bindings' and access-key refusals
+alike) takes its status from `InferError.http_status`, i.e. from `HTTP_STATUS`, the one table. A
+refusal only HTTP has a status for (413 body too large, 408 body too slow) is an `InferError` with
+the nearest gRPC code and that status given explicitly.
 """
 from __future__ import annotations
+
+import logging
 
 import grpc
 
 # What an error text may echo of a client's input (a name, a version): a 10 KB model name in a status
 # message would exceed what stock clients accept in trailing metadata (8 KB).
 ECHO_LIMIT = 128
+
+log = logging.getLogger("cnnserve.errors")
 
 # gRPC status -> HTTP status for the KServe v2 REST binding (Google's canonical gRPC/HTTP mapping,
 # which is also what gRPC-gateway and Envoy's transcoder use).
@@ -41,15 +48,25 @@ class InferError(Exception):
     (and HTTP headers), e.g. the retry pushback of a refused request."""
 
     def __init__(self, code: grpc.StatusCode, message: str,
-                 trailers: tuple[tuple[str, str], ...] = ()) -> None:
+                 trailers: tuple[tuple[str, str], ...] = (), http_status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.trailers = trailers
+        self._http_status = http_status
 
     @property
     def http_status(self) -> int:
-        return HTTP_STATUS.get(self.code, 500)
+        return self._http_status if self._http_status is not None else HTTP_STATUS.get(self.code, 500)
+
+
+def status_of(exc: BaseException, where: str) -> InferError:
+    """The InferError a failure is answered with; unexpected exceptions are logged (naming `where`, an
+    RPC or a route) and become INTERNAL. Every binding's last resort."""
+    if isinstance(exc, InferError):
+        return exc
+    log.error("%s failed", where, exc_info=(type(exc), exc, exc.__traceback__), extra={"rpc": where})
+    return InferError(grpc.StatusCode.INTERNAL, f"{where}: internal error: {type(exc).__name__}: {exc}")
 
 
 def echo(text: object, limit: int = ECHO_LIMIT) -> str:

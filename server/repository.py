@@ -34,12 +34,12 @@ from protos import model_config_pb2 as mc
 from server import backends as _backends  # noqa: F401  (registers the backends)
 from server.backends.base import (Backend, BackendOptions, BackendUnavailable, TensorSpec, available_backends,
                                   create_backend)
-from server.batcher import BatchSettings, DynamicBatcher
+from server.scheduling.batcher import BatchSettings, DynamicBatcher
 from cnncore.datatypes import from_config, from_numpy, to_config
 from server import warmup
 from server.errors import InferError, echo, not_found, unavailable
-from server.names import check_model_name, parse_version
-from server.model import ServedModel
+from server.dataplane.names import check_model_name, parse_version
+from server.dataplane.model import ServedModel
 from server.stats import ModelStats
 
 log = logging.getLogger("cnnserve.repository")

@@ -261,7 +261,7 @@ def exported_metric_names() -> set[str]:
     counters collector over a live ModelStats, and the NVML collector (over a stand-in NVML here)."""
     from prometheus_client.core import CollectorRegistry
 
-    import server.vision_service  # noqa: F401  (registers the vision metrics on the server registry)
+    import server.dataplane.vision  # noqa: F401  (registers the vision metrics on the server registry)
     from server import metrics
     from server.gpu_metrics import register_gpu_metrics
     from server.stats import ModelStats

@@ -236,6 +236,14 @@ def test_negative_admission_flags_are_refused_with_a_clear_error(repo: Path, fla
     assert "Traceback" not in res.stderr
 
 
+def test_vision_threads_below_one_are_refused_with_a_clear_error(repo: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(repo), "--vision-threads", "0"],
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert "--vision-threads must be at least 1, got 0" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
 @pytest.mark.parametrize("method", ["/inference.GRPCInferenceService/ModelMetadata",
                                     "/inference.GRPCInferenceService/RepositoryModelLoad",
                                     "/cnnserve.vision.VisionService/Classify"])

@@ -1,4 +1,4 @@
-"""The one request path in-process, on a real repository and ONNX Runtime: what it checks, in which
+"""The data plane's one request path in-process, on a real repository and ONNX Runtime: what it checks, in which
 order, what it counts, and how the error boundary answers what it raises."""
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import affine_model, write_model
-from server.boundary import guard_handler, status_of
-from server.errors import HTTP_STATUS, InferError, echo
+from server.bindings.grpc_boundary import guard_handler
+from server.dataplane.normalize import OutputIn, deadline_from, timeout_parameter
+from server.dataplane.plane import DataPlane
+from server.dataplane.state import ServerState
+from server.dataplane.tensors import TensorIn
+from server.errors import HTTP_STATUS, InferError, echo, status_of
 from server.repository import ModelRepository
-from server.request import RequestPath, ServerState, deadline_from, timeout_parameter
-from server.tensors import TensorIn
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,9 +32,11 @@ async def _with_path(repo_dir: Path, body):
     await repo.load_all()
     state = ServerState()
     state.started = True
+    plane = DataPlane(repo, state, vision_threads=1)
     try:
-        return await body(RequestPath(repo, state), repo, state)
+        return await body(plane, repo, state)
     finally:
+        plane.close()
         await repo.close()
 
 
@@ -43,11 +47,11 @@ def repo_dir(tmp_path: Path) -> Path:
 
 
 def test_normalized_request_infers(repo_dir: Path) -> None:
-    async def body(path: RequestPath, repo, state):
-        req = await path.normalize("affine", "", _affine_inputs(), outputs=["y"], request_id="r1",
+    async def body(path: DataPlane, repo, state):
+        req = await path.normalize("affine", "", _affine_inputs(), outputs=[OutputIn("y")], request_id="r1",
                                    parameters={"timeout": 5_000_000})
         assert req.outputs == ["y"] and req.id == "r1" and req.deadline is not None
-        return await path.infer(req)
+        return {o.name: o.array for o in (await path.infer(req)).outputs}
 
     out = asyncio.run(_with_path(repo_dir, body))
     np.testing.assert_array_equal(out["y"], np.arange(8, dtype=np.float32).reshape(2, 4) * 2 + 1)
@@ -58,7 +62,7 @@ def test_declaration_is_checked_before_contents_are_decoded(repo_dir: Path) -> N
     read, which is what kept a 60 MB BYTES tensor from stalling the event loop."""
     garbage = memoryview(b"\xff\xff\xff\xff" * 1000)  # would be a truncated-element error if decoded
 
-    async def body(path: RequestPath, repo, state):
+    async def body(path: DataPlane, repo, state):
         bad = [TensorIn("a", "BYTES", (2, 4), raw=garbage), _affine_inputs()[1]]
         with pytest.raises(InferError) as err:
             await path.normalize("affine", "", bad)
@@ -77,7 +81,7 @@ def test_declaration_is_checked_before_contents_are_decoded(repo_dir: Path) -> N
     (lambda t: [TensorIn("a", "FP32", (2, 4), values=[1.0]), t[1]], "expected 8 elements in data"),
 ])
 def test_every_refusal_is_counted_once_as_invalid(repo_dir: Path, inputs, fragment: str) -> None:
-    async def body(path: RequestPath, repo, state):
+    async def body(path: DataPlane, repo, state):
         stats = repo.get("affine").stats
         before = stats.fail.count
         with pytest.raises(InferError) as err:
@@ -90,7 +94,7 @@ def test_every_refusal_is_counted_once_as_invalid(repo_dir: Path, inputs, fragme
 
 
 def test_draining_and_unknown_models(repo_dir: Path) -> None:
-    async def body(path: RequestPath, repo, state):
+    async def body(path: DataPlane, repo, state):
         with pytest.raises(InferError) as unknown:
             await path.normalize("nope", "", _affine_inputs())
         state.shutting_down = True
@@ -171,3 +175,52 @@ def test_echo_truncates_what_it_quotes() -> None:
     long = echo("x" * 10_000)
     assert len(long) < 200 and "(10000 characters)" in long
     assert "\\n" in echo("a\nb")  # control characters are escaped, never raw in a status message
+
+
+def test_the_model_default_timeout_is_part_of_the_one_deadline() -> None:
+    """config default_timeout_us is applied where the deadline is computed (the batcher only enforces)."""
+    async def main():
+        now = asyncio.get_running_loop().time()
+        return now, deadline_from(None, None, 500_000), deadline_from(None, 2_000_000, 500_000), \
+            deadline_from(0.2, None, 5_000_000), deadline_from(None, None, 0)
+
+    now, by_default, default_first, transport_first, none = asyncio.run(main())
+    assert now + 0.4 < by_default < now + 1.0 and now + 0.4 < default_first < now + 1.0
+    assert now + 0.1 < transport_first < now + 0.5
+    assert none is None
+
+
+@pytest.mark.parametrize("tensor, fragment", [
+    (TensorIn("a", "FP32", (2, 4), raw=b"\0" * 32, values=[0.0] * 8, raw_field="raw_input_contents",
+              values_field="contents.fp32_contents"),
+     "input 'a': both raw_input_contents and contents.fp32_contents given"),
+    (TensorIn("a", "FP32", (2, 4), raw_field="parameters.binary_data_size"),
+     "input 'a': neither 'data' nor parameters.binary_data_size given"),
+    (TensorIn("a", "FP32", (2, 4), values=[0.0] * 8, parameters={"shared_memory_region": "nowhere",
+                                                                "shared_memory_byte_size": 32}),
+     "shared memory region 'nowhere' is not registered"),
+    (TensorIn("a", "FP32", (2, -4), raw=b""), "has a negative dimension"),
+])
+def test_each_input_gives_its_contents_one_way(repo_dir: Path, tensor: TensorIn, fragment: str) -> None:
+    """The exclusivity of shared memory, raw and typed contents is checked once, for every binding."""
+    async def body(path: DataPlane, repo, state):
+        with pytest.raises(InferError) as err:
+            await path.normalize("affine", "", [tensor, _affine_inputs()[1]])
+        return err.value
+
+    err = asyncio.run(_with_path(repo_dir, body))
+    assert err.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    assert fragment in err.message, err.message
+
+
+def test_the_vision_pool_is_sized_by_the_flag_and_closed_with_the_plane(repo_dir: Path) -> None:
+    async def body(path: DataPlane, repo, state):
+        sized = DataPlane(repo, state, vision_threads=3)
+        pool = sized.vision._pool
+        workers = pool._max_workers
+        sized.close()
+        with pytest.raises(RuntimeError, match="shutdown"):
+            pool.submit(print)
+        return workers
+
+    assert asyncio.run(_with_path(repo_dir, body)) == 3

@@ -7,8 +7,7 @@ import pytest
 from cnncore.wire import WireFormatError, deserialize_bytes, serialize_bytes
 from protos import grpc_service_pb2 as pb
 from server.errors import InferError
-from server.infer_request import WireError, from_message, parse_infer_request
-from server.tensors import decode_input
+from server.bindings.grpc_wire import WireError, decode_input, from_message, parse_infer_request
 
 
 def _request() -> pb.ModelInferRequest:

@@ -1,33 +1,21 @@
-"""The error boundary: how every RPC of the server's services answers a failure, in one place.
+"""The gRPC bindings' error boundary: how every RPC answers a failure, in one place.
 
 `guard_servicer` registers a generated servicer with each method wrapped once, at start-up: an
 `InferError` becomes its gRPC status (with its trailers), cancellation and aborts pass through, and
 anything else is logged with the RPC's name and answered INTERNAL for that one call, never a crashed
 server. Handlers therefore only raise; none of them calls `context.abort` itself. Request messages that
 do not parse reach the handler as `_Malformed` (gRPC would answer its deserializer's exception UNKNOWN)
-and are answered INVALID_ARGUMENT here. The REST binding
-maps the same `InferError` through `server.errors.HTTP_STATUS`, and `status_of` is what both use for
-an exception that is not one.
+and are answered INVALID_ARGUMENT here. The REST bindings map the same `InferError` through
+`InferError.http_status`; `server.errors.status_of` is what both use for an exception that is not one.
 """
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any, AsyncIterator, Callable
 
 import grpc
 
-from server.errors import InferError, invalid
-
-log = logging.getLogger("cnnserve.boundary")
-
-
-def status_of(exc: BaseException, rpc: str) -> InferError:
-    """The InferError a failure is answered with; unexpected exceptions are logged and become INTERNAL."""
-    if isinstance(exc, InferError):
-        return exc
-    log.error("%s failed", rpc, exc_info=(type(exc), exc, exc.__traceback__), extra={"rpc": rpc})
-    return InferError(grpc.StatusCode.INTERNAL, f"{rpc}: internal error: {type(exc).__name__}: {exc}")
+from server.errors import InferError, invalid, status_of
 
 
 class _Malformed:

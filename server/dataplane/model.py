@@ -1,9 +1,9 @@
-"""A loaded model version: its config, metadata, backend instances and batcher, and request validation.
+"""A loaded model version as the data plane sees it: config, metadata, backend instances, batcher, and
+the checks of a request against the config.
 
-`ServedModel.infer` is the entry point every service uses (inference protocol and vision API alike):
-it validates the arrays against the model's config BEFORE anything is queued, then hands them to the
-model's dynamic batcher. Validation errors are INVALID_ARGUMENT and name the input, what was expected
-and what came.
+The data plane's Normalize (server/dataplane/normalize.py) calls `check_declared` on each input before
+decoding it and `validate` on the decoded set, then queues the request on `batcher`. Validation errors
+are INVALID_ARGUMENT and name the input, what was expected and what came.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 from cnncore.spec import ModelMeta
 from protos import model_config_pb2 as mc
 from server.backends.base import Backend
-from server.batcher import DynamicBatcher
+from server.scheduling.batcher import DynamicBatcher
 from cnncore.datatypes import PROTOCOL_DATATYPES, from_config, from_numpy, to_numpy
 from server.errors import InferError, invalid
 from server.stats import ModelStats
@@ -65,6 +65,11 @@ class ServedModel:
         return self.config.max_batch_size
 
     @property
+    def default_timeout_us(self) -> int:
+        """config default_queue_policy.default_timeout_microseconds (0 = none), read by Normalize."""
+        return self.batcher.settings.default_timeout_us
+
+    @property
     def stats(self) -> ModelStats:
         return self.batcher.stats
 
@@ -94,7 +99,7 @@ class ServedModel:
 
     def validate(self, inputs: dict[str, np.ndarray], declarations_checked: bool = False) -> None:
         """INVALID_ARGUMENT unless `inputs` match the config exactly (names, dtypes, shapes, batch).
-        `declarations_checked`: the request path already ran `check_declared` on each input (the
+        `declarations_checked`: Normalize already ran `check_declared` on each input (the
         arrays it decoded have exactly the checked datatype and shape), so only the set is checked."""
         where = self._where
         missing = [n for n in self._inputs_by_name if n not in inputs]
@@ -122,19 +127,12 @@ class ServedModel:
     @contextmanager
     def refusals_counted(self) -> Iterator[None]:
         """Every refusal of a request for this model counts once as its INVALID failure, whichever
-        check refused it (the request path's and validate's alike)."""
+        check refused it (Normalize's and validate's alike)."""
         try:
             yield
         except InferError:
             self.stats.record_failure("INVALID", 0)
             raise
-
-    async def infer(self, inputs: dict[str, np.ndarray], deadline: float | None = None,
-                    received_ns: int | None = None) -> dict[str, np.ndarray]:
-        """Validate, queue on this model's batcher, await the outputs (see server/batcher.py)."""
-        with self.refusals_counted():
-            self.validate(inputs)
-        return await self.batcher.infer(inputs, deadline=deadline, received_ns=received_ns)
 
     async def close(self) -> None:
         """Drain accepted requests, then release the backends."""

@@ -1,15 +1,16 @@
-"""The dynamic batcher: one per loaded model version, shared by every service that infers on it.
+"""The dynamic batcher (the scheduling layer): one per loaded model version, shared by every binding.
 
-API (what a service calls; the inference protocol and the vision API both go through it):
+API (what the data plane calls with a normalized request, for ModelInfer, REST and the vision API alike):
 
     outputs = await batcher.infer(inputs, deadline=None, received_ns=None)
 
-    inputs:      {input name: np.ndarray}, already validated against the model (ServedModel.infer does
-                 that); for a batching model (max_batch_size > 0) every array has the request's batch
-                 size as its first dimension, and all share it.
+    inputs:      {input name: np.ndarray}, already normalized by the data plane (server/dataplane/
+                 normalize.py); for a batching model (max_batch_size > 0) every array has the request's
+                 batch size as its first dimension, and all share it.
     deadline:    absolute time on the event loop clock (asyncio.get_running_loop().time()) after which
-                 the request must not start executing; None = no limit. A request still queued at its
-                 deadline fails with DEADLINE_EXCEEDED and is never executed; one whose awaiting task is
+                 the request must not start executing; None = no limit. The data plane computed it
+                 (the config's default_timeout_us included); the batcher only enforces it: a request
+                 still queued at its deadline fails with DEADLINE_EXCEEDED and is never executed; one whose awaiting task is
                  cancelled (client gone, gRPC deadline) is dropped from the queue and never executed.
     received_ns: time.perf_counter_ns() when the request arrived, so latency metrics include decoding.
     returns:     {output name: np.ndarray} with this request's batch size first; views into the batch's
@@ -70,7 +71,7 @@ class BatchSettings:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_us: int = 0
     max_queue_size: int = 0  # queued requests; 0 = unbounded
-    default_timeout_us: int = 0  # from default_queue_policy; 0 = none
+    default_timeout_us: int = 0  # from default_queue_policy; 0 = none (the data plane applies it)
     execution_timeout_ms: int = 0  # config parameter execution_timeout_ms; 0 = executions may take any time
 
 
@@ -195,9 +196,6 @@ class DynamicBatcher:
             raise InferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"model '{self.name}': queue is full ({s.max_queue_size} requests queued)")
         loop = asyncio.get_running_loop()
-        if s.default_timeout_us:
-            default = loop.time() + s.default_timeout_us / 1e6
-            deadline = default if deadline is None else min(deadline, default)
         first = next(iter(inputs.values()))
         items = first.shape[0] if s.max_batch_size and first.ndim else 1
         key = tuple((k, v.shape[1:] if s.max_batch_size else v.shape) for k, v in inputs.items())

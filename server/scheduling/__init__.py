@@ -1,0 +1,1 @@
+"""Scheduling: the dynamic batcher (batcher.py), between the data plane above and the backends below."""
