@@ -22,9 +22,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
-from server import metrics
+from server import metrics, tracing
 from server.admission import (DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_INFLIGHT_REQUESTS, DEFAULT_RETRY_PUSHBACK_MS,
                               Admission)
 from server.access import AccessInterceptor, AccessPolicy
@@ -140,7 +139,7 @@ class InferenceServer:
         if cfg.allow_metrics:
             metrics.REGISTRY.register(metrics.TritonCollector(self.repository.all_stats))
             register_gpu_metrics(metrics.REGISTRY)  # per-GPU NVML gauges; a logged no-op without NVML
-            self._metrics_http, _ = start_http_server(cfg.metrics_port, cfg.metrics_address, registry=metrics.REGISTRY)
+            self._metrics_http = metrics.serve_metrics(cfg.metrics_port, cfg.metrics_address, metrics.REGISTRY)
             self.metrics_port = self._metrics_http.server_port
         if cfg.model_control_mode == "explicit":
             # Triton's `--load-model=*`: everything on disk, still answering load/unload requests.
@@ -189,6 +188,7 @@ class InferenceServer:
         self.state.shared_memory.close()  # regions are unmapped; the clients own the objects
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+        tracing.TRACER.close()  # trace files written, spans exported
         log.info("server stopped")
 
 
