@@ -17,6 +17,7 @@ Routes (Triton's, so `tritonclient.http` works unchanged):
     GET  /v2/models[/{m}[/versions/{v}]]/stats                    statistics
     POST /v2/models/{m}[/versions/{v}]/infer                      JSON tensors, binary-data extension
     POST /v2/repository/index | /v2/repository/models/{m}/load | .../unload
+    GET|POST /v2/logging; GET|POST /v2/trace/setting | /v2/models/{m}/trace/setting   (Triton's extensions)
     GET  /v2/systemsharedmemory[/region/{r}]/status; POST .../region/{r}/register, [.../region/{r}]/unregister
     POST /v2/vision/models/{m}[/versions/{v}]/{classify|detect|segment|encode|reconstruct}
          one picture as the body (image/*, application/octet-stream) or several as multipart/form-data;
@@ -55,6 +56,7 @@ from cnncore.protojson import message_to_dict
 from cnncore.wire import serialize_bytes
 from protos import grpc_service_pb2 as pb
 from protos import vision_pb2 as vpb
+from server import logs, tracing
 from server.access import AccessPolicy
 from server.boundary import status_of
 from server.errors import InferError, invalid
@@ -243,6 +245,9 @@ class HttpBinding:
             ("POST", "/v2/systemsharedmemory/region/{region}/register", self.shm_register, "shared-memory"),
             ("POST", "/v2/systemsharedmemory/unregister", self.shm_unregister, "shared-memory"),
             ("POST", "/v2/systemsharedmemory/region/{region}/unregister", self.shm_unregister, "shared-memory"),
+            *((verb, "/v2/logging", self.log_settings, "logging") for verb in ("GET", "POST")),
+            *((verb, path, self.trace_setting, "trace") for verb in ("GET", "POST")
+              for path in ("/v2/trace/setting", m + "/trace/setting")),
         ]
         for base in (m, mv):
             routes += [
@@ -406,6 +411,17 @@ class HttpBinding:
         await self.grpc.SystemSharedMemoryUnregister(
             pb.SystemSharedMemoryUnregisterRequest(name=request.match_info.get("region", "")), _CTX)
         return web.Response(status=200)
+
+    # -- logging and trace extensions (server/logs.py, server/tracing.py) ---------------------------------------
+    async def log_settings(self, request: web.Request) -> web.Response:
+        doc = await self._json_object(request, "log settings request") if request.method == "POST" else {}
+        return web.json_response(logs.update(doc))
+
+    async def trace_setting(self, request: web.Request) -> web.Response:
+        model = request.match_info.get("model")
+        tracing.check_model(self.repository, model or "")
+        doc = await self._json_object(request, "trace setting request") if request.method == "POST" else {}
+        return web.json_response(tracing.TRACER.update(model, doc))
 
     # -- inference -------------------------------------------------------------------------------------------
     async def infer(self, request: web.Request) -> web.Response:

@@ -35,6 +35,7 @@ from server.model import ServedModel
 from server.repository import ModelRepository
 from server.shared_memory import process_registry
 from server.tensors import TensorIn, decode_tensor
+from server.tracing import TRACER
 
 # BYTES payloads above this are decoded in a worker thread: element-by-element decoding of megabytes
 # on the event loop would stall every other request and health check meanwhile.
@@ -147,9 +148,10 @@ class RequestPath:
                                 deadline, received_ns)
 
     async def infer(self, request: InferenceRequest) -> dict[str, np.ndarray]:
-        """Queue a normalized request on its model's batcher and await its outputs."""
-        return await request.model.batcher.infer(request.inputs, deadline=request.deadline,
-                                                 received_ns=request.received_ns)
+        """Queue a normalized request on its model's batcher and await its outputs (traced when sampled)."""
+        with TRACER.request(request.model.name, request.model.version, request.id, request.received_ns) as trace:
+            return await request.model.batcher.infer(request.inputs, deadline=request.deadline,
+                                                     received_ns=request.received_ns, trace=trace)
 
     async def infer_arrays(self, model: ServedModel, inputs: dict[str, np.ndarray], deadline: float | None,
                            received_ns: int) -> dict[str, np.ndarray]:

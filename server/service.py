@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from cnncore.datatypes import from_numpy
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from server import logs, tracing
 from server.boundary import guard_servicer, status_of
 from server.errors import InferError, echo, invalid, not_found, unavailable
 from server.infer_request import InferRequest, WireError, from_message, parse_infer_request
@@ -32,7 +33,8 @@ log = logging.getLogger("cnnserve.service")
 SERVER_NAME = "cnnserve"
 SERVER_VERSION = "0.1.0"
 # The protocol extensions this server implements (what ServerMetadata advertises to clients).
-EXTENSIONS = ["model_configuration", "model_repository", "statistics", "parameters", "system_shared_memory"]
+EXTENSIONS = ["model_configuration", "model_repository", "statistics", "parameters", "system_shared_memory",
+              "logging", "trace"]
 
 
 def parameters_of(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
@@ -231,6 +233,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.name:
             raise not_found(f"CUDA shared memory region {echo(request.name)} is not registered")
         return pb.CudaSharedMemoryStatusResponse()
+
+    # -- logging and trace extensions (server/logs.py, server/tracing.py) ------------------------------
+    async def LogSettings(self, request, context):
+        return logs.settings_rpc(request)
+
+    async def TraceSetting(self, request, context):
+        return tracing.setting_rpc(request, self.repository)
 
     # -- inference -----------------------------------------------------------------------------------
     async def _infer(self, request: InferRequest, context: grpc.aio.ServicerContext,
