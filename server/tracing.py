@@ -4,7 +4,8 @@ Settings (Triton's names; values are strings, trace_level a list), global and pe
 
     trace_level    ["OFF"] or ["TIMESTAMPS"]   (TENSORS is refused: tensors are not recorded here)
     trace_rate     "1000"   trace one request in every N
-    trace_count    "-1"     traces left to take (-1: no limit); counts down, tracing stops at 0
+    trace_count    "-1"     traces left to take (-1: no limit); counts down (answers show what is
+                            left), tracing stops at 0; setting it again starts a new count
     log_frequency  "0"      trace mode: write every N traces to <trace_file>.<i>; 0: at shutdown, to trace_file
     trace_file     ""       trace mode's output (Triton's JSON trace format)
     trace_mode     "triton" or "opentelemetry" (set at start with --trace-config mode=...)
@@ -307,6 +308,8 @@ class Tracer:
     def update(self, model: str | None, updates: Mapping[str, Any]) -> dict[str, Any]:
         """Apply settings (all or none; None values reset) and answer the scope's current ones."""
         changes = {k: (None if v is None or v == [] else _checked(k, v)) for k, v in updates.items()}
+        if not changes:  # a read: the samplers (and what is left of their counts) stay as they are
+            return self.answer(model)
         with self._lock:
             if model is None:
                 new = TraceSettings(**{**vars(self.settings),
@@ -331,9 +334,14 @@ class Tracer:
                     self._samplers.pop(model, None)
             if "trace_file" in changes:
                 self._file.reset_index(self.model_settings(model).trace_file)
-        if changes:
-            log.info("trace settings changed", extra={"model": model or "", "changed": changes})
-        return self.model_settings(model).as_strings()
+        log.info("trace settings changed", extra={"model": model or "", "changed": changes})
+        return self.answer(model)
+
+    def answer(self, model: str | None) -> dict[str, Any]:
+        """A scope's settings as the extension answers them: trace_count is what is left, as in Triton."""
+        out = self.model_settings(model).as_strings()
+        out["trace_count"] = str((self._samplers.get(model) or self._samplers[None]).left)
+        return out
 
     def _check_sink(self, s: TraceSettings) -> None:
         if s.on and s.trace_mode == "triton" and not s.trace_file:
