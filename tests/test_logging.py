@@ -127,10 +127,19 @@ def test_grpc_refusal_is_invalid_argument(server: ServerProcess) -> None:
     client.close()
 
 
-def test_log_flags(server_factory, tmp_path) -> None:
+def test_log_flags_and_access_key(server_factory, tmp_path) -> None:
     write_model(tmp_path / "repo", "affine", affine_model(), AFFINE_CONFIG)
-    srv = server_factory(tmp_path / "repo", "--log-verbose", "1", "--log-format", "default", "--log-warning", "false")
-    assert th.InferenceServerClient(srv.http_url).get_log_settings() == {
+    srv = server_factory(tmp_path / "repo", "--log-verbose", "1", "--log-format", "default", "--log-warning", "false",
+                         "--http-restricted-api", "logging:admin-key=s3cret",
+                         "--grpc-restricted-protocol", "logging:admin-key=s3cret")
+    http = th.InferenceServerClient(srv.http_url)
+    with pytest.raises(InferenceServerException) as err:  # the logging group behind a key, as in Triton
+        http.get_log_settings()
+    assert err.value.status() == "401"
+    with pytest.raises(InferenceServerException) as err:
+        tc.InferenceServerClient(srv.grpc_url).update_log_settings({"log_verbose_level": 0})
+    assert err.value.status() == "StatusCode.UNAUTHENTICATED"
+    assert http.get_log_settings(headers={"admin-key": "s3cret"}) == {
         **TRITON_DEFAULTS, "log_verbose_level": 1, "log_warnings": False, "log_format": "default"}
     # Triton's default line: level letter, MMDD, time with microseconds, pid, source.
     assert re.search(r"^I\d{4} \d\d:\d\d:\d\d\.\d{6} \d+ cnnserve\.app\] server ready", srv.log(), re.M)
