@@ -129,16 +129,12 @@ class TritonCollector(Collector):
                 values, count, total = window.quantiles(qs)
                 fam, base = summaries[stage], {"model": s.name, "version": s.version}
                 for q, v in zip(qs, values):
-                    fam.add_sample(fam.name, {**base, "quantile": _go_float(q)}, v)
+                    fam.add_sample(fam.name, {**base, "quantile": exposition.floatToGoString(q)}, v)
                 fam.add_sample(fam.name + "_count", base, count)
                 fam.add_sample(fam.name + "_sum", base, total)
         yield from fams.values()
         yield pending
         yield from summaries.values()
-
-
-def _go_float(q: float) -> str:
-    return exposition.floatToGoString(q)
 
 
 # -- the page ---------------------------------------------------------------------------------------------

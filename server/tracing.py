@@ -30,7 +30,7 @@ import json
 import logging
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -45,6 +45,8 @@ LEVELS = ("OFF", "TIMESTAMPS")
 MODES = ("triton", "opentelemetry")
 SETTING_NAMES = ("trace_file", "trace_level", "trace_rate", "trace_count", "log_frequency", "trace_mode")
 DEFAULT_OTLP_URL = "http://localhost:4318/v1/traces"
+_VERBOSE_1 = verbose_level(1)
+_UNTRACED: AbstractContextManager[None] = nullcontext()
 
 
 class TraceConfigError(ValueError):
@@ -348,27 +350,31 @@ class Tracer:
             raise invalid("trace setting 'trace_level' TIMESTAMPS needs a 'trace_file' in triton mode")
 
     # -- the request path's hook ------------------------------------------------------------------------------
-    @contextmanager
-    def request(self, model: str, version: int | str, request_id: str, received_ns: int) -> Iterator[Trace | None]:
-        """Around one inference request: a Trace for the batcher when this request is sampled."""
-        if log.isEnabledFor(verbose_level(1)):
+    def request(self, model: str, version: int | str, request_id: str,
+                received_ns: int) -> AbstractContextManager[Trace | None]:
+        """Around one inference request: a context giving the batcher a Trace when this request is
+        sampled, None otherwise (a shared null context: nothing is allocated per untraced request)."""
+        if log.isEnabledFor(_VERBOSE_1):
             verbose(log, 1, "inference request", extra={"model": model, "version": str(version), "id": request_id})
         sampler = self._samplers.get(model) or self._samplers[None]
         if not sampler.take():
-            yield None
-            return
+            return _UNTRACED
         with self._lock:
             self._ids += 1
             trace = Trace(self._ids, model, str(version), request_id, {"REQUEST_START": received_ns})
+        return self._traced(trace, sampler.settings)
+
+    @contextmanager
+    def _traced(self, trace: Trace, settings: TraceSettings) -> Iterator[Trace]:
         try:
             yield trace
         finally:
             trace.timestamps["REQUEST_END"] = time.perf_counter_ns()
             try:
                 if self._otel is not None:
-                    self._otel.add(trace, sampler.settings)
+                    self._otel.add(trace, settings)
                 else:
-                    self._file.add(trace, sampler.settings)
+                    self._file.add(trace, settings)
             except Exception as exc:  # noqa: BLE001 - tracing never fails a request
                 log.error("trace not recorded", extra={"error": str(exc)})
 
