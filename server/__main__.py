@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
                   log_warnings=a.log_warning, log_errors=a.log_error, log_file=a.log_file)
     try:
         configure_summaries(a.metrics_config)
-    except MetricsConfigError as exc:
+        TRACER.configure(a.trace_config, export=a.workers == 1)  # a supervisor serves no request
+    except (MetricsConfigError, TraceConfigError) as exc:
         raise SystemExit(f"python -m server: error: {exc}") from None
     if a.workers < 1:
         raise SystemExit(f"python -m server: error: --workers must be at least 1, got {a.workers}")
@@ -155,10 +156,6 @@ def main(argv: list[str] | None = None) -> None:
             http_port=a.http_port, metrics_address=a.metrics_address, metrics_port=a.metrics_port,
             allow_metrics=a.allow_metrics, ready_file=a.ready_file, exit_timeout_s=a.exit_timeout_secs))
     role = worker_role()
-    try:  # after the supervisor's return: only a process that serves exports traces
-        TRACER.configure(a.trace_config)
-    except TraceConfigError as exc:
-        raise SystemExit(f"python -m server: error: {exc}") from None
     if role is not None:  # a supervised worker: its CPUs, and ORT's threads sized to them unless set
         share = take_cpu_share(role)
         a.intra_op_threads = a.intra_op_threads or share

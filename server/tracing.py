@@ -255,8 +255,9 @@ class Tracer:
         self._lock = threading.Lock()
 
     # -- configuration ----------------------------------------------------------------------------------------
-    def configure(self, flags: list[str]) -> None:
-        """Triton's --trace-config flags, at start."""
+    def configure(self, flags: list[str], export: bool = True) -> None:
+        """Triton's --trace-config flags, at start; `export=False` only checks them (the --workers
+        supervisor, which serves no request, so a mistake is said once, before any worker starts)."""
         otel: dict[str, str] = {}
         resource: dict[str, str] = {}
         s = TraceSettings()
@@ -293,11 +294,17 @@ class Tracer:
                                            "log-frequency, mode")
             else:
                 raise TraceConfigError(f"--trace-config {flag!r}: unknown mode {mode!r} (triton, opentelemetry)")
-        if s.trace_mode == "opentelemetry":
+        try:
             delay = float(otel["bsp_schedule_delay"]) if "bsp_schedule_delay" in otel else None
-            self._otel = _OtelSink(otel.get("url", DEFAULT_OTLP_URL), resource, delay)
-        elif s.on and not s.trace_file:
+        except ValueError:
+            raise TraceConfigError(f"--trace-config opentelemetry,bsp_schedule_delay={otel['bsp_schedule_delay']!r}: "
+                                   "expected milliseconds") from None
+        if s.trace_mode == "triton" and s.on and not s.trace_file:
             raise TraceConfigError("--trace-config level=TIMESTAMPS in triton mode needs file=PATH")
+        if not export:
+            return
+        if s.trace_mode == "opentelemetry":
+            self._otel = _OtelSink(otel.get("url", DEFAULT_OTLP_URL), resource, delay)
         self.settings = s
         self._initial = TraceSettings(**vars(s))
         self._samplers = {None: _Sampler(s)}

@@ -222,3 +222,24 @@ def test_opentelemetry_spans_reach_an_otlp_endpoint(server_factory, repo: Path) 
         assert abs(root.start_time_unix_nano - time.time_ns()) < 60e9
     finally:
         receiver.close()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--trace-config", "rate=0"], "trace_rate"),
+    (["--trace-config", "level=TIMESTAMPS"], "needs file=PATH"),
+    (["--trace-config", "jaeger,url=x"], "unknown mode"),
+    (["--workers", "2", "--trace-config", "opentelemetry,bsp_schedule_delay=soon"], "bsp_schedule_delay"),
+    (["--metrics-config", "summary_quantiles=0.5"], "summary_quantiles"),
+    (["--metrics-config", "histogram_latencies=true"], "histogram_latencies"),
+])
+def test_bad_config_flags_say_one_line(repo: Path, flags: list[str], needle: str) -> None:
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    res = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(repo), *flags], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m server: error:") and needle in lines[0], res.stderr
