@@ -125,6 +125,21 @@ def test_openmetrics_page_parses(server: ServerProcess) -> None:
     assert _fetch(server.metrics_url + "?format=openmetrics")[1] == ctype
 
 
+@pytest.mark.parametrize("accept, fmt, openmetrics", [
+    (PROMETHEUS_ACCEPT, None, False),  # Prometheus' default: it takes the classic text, which keeps Triton's names
+    (OM_ACCEPT, None, True),
+    ("application/openmetrics-text;version=1.0.0,text/plain;q=0", None, True),  # q=0: not acceptable
+    ("application/openmetrics-text;version=1.0.0,*/*;q=0.1", None, False),
+    (None, None, False),
+    ("text/plain", "openmetrics", True),
+    (OM_ACCEPT, "prometheus", False),
+])
+def test_format_negotiation(accept: str | None, fmt: str | None, openmetrics: bool) -> None:
+    from server.metrics import wants_openmetrics
+
+    assert wants_openmetrics(accept, fmt) is openmetrics
+
+
 def test_unknown_format_parameter_is_refused(server: ServerProcess) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         _fetch(server.metrics_url + "?format=xml")
