@@ -8,6 +8,11 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || \
     echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST checks will skip" >&2
 fi
+# promtool and Prometheus (Debian package) for the metrics page's checks (tests/test_metrics_page.py).
+if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus) >/dev/null || \
+    echo "warning: could not install prometheus; the promtool and Prometheus scrape checks will skip" >&2
+fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

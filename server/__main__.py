@@ -13,8 +13,11 @@ from server.bindings.rest import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S
                                   DEFAULT_MAX_INPUT_SIZE, HttpLimits)
 from server.dataplane.admission import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_INFLIGHT_REQUESTS, DEFAULT_RETRY_PUSHBACK_MS
 from server.dataplane.vision import DEFAULT_VISION_THREADS
-from server.logs import setup_logging
+from server.latency_summary import MetricsConfigError
+from server.latency_summary import configure as configure_summaries
+from server.logs import FORMATS, setup_logging
 from server.tls import TlsConfigError, TlsFiles
+from server.tracing import TRACER, TraceConfigError
 from server.workers import supervise, take_cpu_share, worker_role
 
 
@@ -101,8 +104,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="server ready only when every model in the repository loaded (default false)")
     p.add_argument("--exit-timeout-secs", type=float, default=30.0,
                    help="on SIGTERM, how long accepted requests may take to finish (default 30)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    p.add_argument("--log-format", choices=["json", "text"], default="json")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                   help="debug = --log-verbose 1; warning / error turn the lower severities off (default info)")
+    p.add_argument("--log-format", choices=list(FORMATS), default="json",
+                   help="json (one object a line), text, or Triton's default / ISO8601 (default json); "
+                        "changeable at run time, as the levels are, through /v2/logging and LogSettings")
+    p.add_argument("--log-verbose", type=int, default=0, metavar="N",
+                   help="verbose messages of level <= N (0: none; 1: one line per inference request)")
+    p.add_argument("--log-info", type=_bool, default=None, help="log INFO messages (default true)")
+    p.add_argument("--log-warning", type=_bool, default=None, help="log WARNING messages (default true)")
+    p.add_argument("--log-error", type=_bool, default=None, help="log ERROR messages (default true)")
+    p.add_argument("--log-file", default="", help="append the log to this file instead of stderr")
+    p.add_argument("--metrics-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="Triton's: summary_latencies=true adds nv_inference_*_summary_us quantile summaries; "
+                        "summary_quantiles=0.5:0.05,0.99:0.001 sets their quantiles; repeatable")
+    p.add_argument("--trace-config", action="append", default=[], metavar="[MODE,]KEY=VALUE",
+                   help="Triton's: level=TIMESTAMPS, rate=N, count=N, file=PATH, log-frequency=N, "
+                        "mode=triton|opentelemetry, opentelemetry,url=http://HOST:4318/v1/traces, "
+                        "opentelemetry,resource=KEY=VALUE; repeatable (see /v2/trace/setting)")
     p.add_argument("--backend-module", action="append", default=[], metavar="MODULE",
                    help="import MODULE before loading models, so backends it registers "
                         "(server.backends.base.register_backend) can serve them; repeatable")
@@ -116,7 +135,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    setup_logging(a.log_level, a.log_format)
+    if a.log_verbose < 0:
+        raise SystemExit(f"python -m server: error: --log-verbose must be >= 0, got {a.log_verbose}")
+    setup_logging(a.log_level, a.log_format, verbose_level=a.log_verbose, log_info=a.log_info,
+                  log_warnings=a.log_warning, log_errors=a.log_error, log_file=a.log_file)
+    try:
+        configure_summaries(a.metrics_config)
+        TRACER.configure(a.trace_config, export=a.workers == 1)  # a supervisor serves no request
+    except (MetricsConfigError, TraceConfigError) as exc:
+        raise SystemExit(f"python -m server: error: {exc}") from None
     if a.workers < 1:
         raise SystemExit(f"python -m server: error: --workers must be at least 1, got {a.workers}")
     if a.vision_threads < 1:

@@ -21,11 +21,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
-from server import metrics
+from server import metrics, tracing
 from server.access import AccessInterceptor, AccessPolicy
-from server.bindings import rest_v2, rest_vision
+from server.bindings import rest_settings, rest_v2, rest_vision
 from server.bindings.grpc_inference import GrpcBinding, add_inference_service
 from server.bindings.grpc_vision import add_vision_service
 from server.bindings.rest import HttpLimits, RestBinding, RestServer
@@ -41,7 +40,7 @@ from server.tls import TlsFiles, warn_if_exposed
 log = logging.getLogger("cnnserve.app")
 
 GRPC_BINDINGS: list[GrpcBinding] = [add_inference_service, add_vision_service]
-REST_BINDINGS: list[RestBinding] = [rest_v2.routes, rest_vision.routes]
+REST_BINDINGS: list[RestBinding] = [rest_v2.routes, rest_vision.routes, rest_settings.routes]
 
 # A 32x3x224x224 FP32 batch is 19.3 MB; 64 MiB leaves room for its outputs and larger inputs.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -145,7 +144,7 @@ class InferenceServer:
         if cfg.allow_metrics:
             metrics.REGISTRY.register(metrics.TritonCollector(self.repository.all_stats))
             register_gpu_metrics(metrics.REGISTRY)  # per-GPU NVML gauges; a logged no-op without NVML
-            self._metrics_http, _ = start_http_server(cfg.metrics_port, cfg.metrics_address, registry=metrics.REGISTRY)
+            self._metrics_http = metrics.serve_metrics(cfg.metrics_port, cfg.metrics_address, metrics.REGISTRY)
             self.metrics_port = self._metrics_http.server_port
         if cfg.model_control_mode == "explicit":
             # Triton's `--load-model=*`: everything on disk, still answering load/unload requests.
@@ -196,6 +195,7 @@ class InferenceServer:
         self.state.shared_memory.close()  # regions are unmapped; the clients own the objects
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+        tracing.TRACER.close()  # trace files written, spans exported
         log.info("server stopped")
 
 

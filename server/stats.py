@@ -10,15 +10,20 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from server import latency_summary
+
 
 @dataclass
 class Duration:
     count: int = 0
     ns: int = 0
+    window: latency_summary.LatencyWindow | None = field(default=None, compare=False, repr=False)
 
     def add(self, ns: int, count: int = 1) -> None:
         self.count += count
         self.ns += ns
+        if self.window is not None:  # --metrics-config summary_latencies=true
+            self.window.observe_ns(ns, count)
 
 
 @dataclass
@@ -27,6 +32,10 @@ class BatchDurations:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
 
+
+# The durations Triton's latency summaries are kept for (nv_inference_<stage>_summary_us).
+SUMMARY_STAGES = {"success": "request", "queue": "queue", "compute_input": "compute_input",
+                  "compute_infer": "compute_infer", "compute_output": "compute_output"}
 
 # Why a request failed; the `reason` label of nv_inference_request_failure.
 FAILURE_REASONS = ("REJECTED", "TIMEOUT", "CANCELED", "INVALID", "BACKEND")
@@ -49,6 +58,11 @@ class ModelStats:
     pending: int = 0  # accepted, not yet answered
     last_inference_ms: int = 0
     batch: dict[int, BatchDurations] = field(default_factory=lambda: defaultdict(BatchDurations))
+
+    def __post_init__(self) -> None:
+        if latency_summary.CONFIG.enabled:
+            for name in SUMMARY_STAGES:
+                getattr(self, name).window = latency_summary.LatencyWindow()
 
     def record_failure(self, reason: str, duration_ns: int) -> None:
         self.failures[reason] += 1

@@ -43,20 +43,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from server.metrics import TritonCollector
+from server.metrics import OPENMETRICS_TYPE, merge_pages, serve_metrics
 from server.shared_memory import REGISTRY_DIR_ENV
 
 log = logging.getLogger("cnnserve.workers")
 
-# The families a worker computes at scrape time from its own statistics (everything TritonCollector
-# yields): fetched from every worker and summed. Everything else comes from the multiprocess files.
-SCRAPED_FAMILIES = frozenset(m.name for m in TritonCollector(lambda: []).collect())
 _WORKER_ENV = "CNNSERVE_WORKER"  # "index/count" in a worker's environment
 
 
@@ -103,32 +99,21 @@ def reserve_port(address: str, port: int) -> socket.socket:
 
 
 class WorkerMetrics(Collector):
-    """Triton's scrape-time families summed over the workers' own endpoints."""
+    """Triton's scrape-time families (metrics.TRITON_FAMILIES: computed from each worker's live
+    statistics, which multiprocess files cannot carry) merged over the workers' own endpoints."""
 
     def __init__(self, urls: Sequence[str]) -> None:
         self.urls = list(urls)
 
     def collect(self) -> Iterable[Metric]:
-        families: dict[str, Metric] = {}
-        totals: dict[str, dict[tuple[str, tuple], float]] = {}
+        pages = []
         for url in self.urls:
-            try:
-                text = urllib.request.urlopen(url, timeout=10).read().decode()
+            try:  # OpenMetrics: the format whose parser keeps counters' types and summaries whole
+                request = urllib.request.Request(url, headers={"Accept": OPENMETRICS_TYPE})
+                pages.append(urllib.request.urlopen(request, timeout=10).read().decode())
             except OSError as exc:  # a worker that is stopping: its share is missing from this scrape
                 log.warning("worker metrics unavailable", extra={"url": url, "error": str(exc)})
-                continue
-            for fam in text_string_to_metric_families(text):
-                if fam.name not in SCRAPED_FAMILIES:
-                    continue
-                families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type))
-                acc = totals.setdefault(fam.name, {})
-                for s in fam.samples:
-                    key = (s.name, tuple(sorted(s.labels.items())))
-                    acc[key] = acc.get(key, 0.0) + s.value
-        for name, fam in families.items():
-            for (sample, labels), value in totals[name].items():
-                fam.add_sample(sample, dict(labels), value)
-            yield fam
+        return merge_pages(pages)
 
 
 def _child_argv(argv: Sequence[str], *, grpc_port: int, http_port: int | None, ready_file: Path) -> list[str]:
@@ -194,7 +179,7 @@ def supervise(argv: Sequence[str], *, workers: int, grpc_address: str, grpc_port
                 MultiProcessCollector(registry, path=str(metrics_dir))
                 registry.register(WorkerMetrics(
                     [f"http://127.0.0.1:{info['metrics_port']}/metrics" for info in infos if info]))
-                metrics_http, _ = start_http_server(metrics_port, metrics_address, registry=registry)
+                metrics_http = serve_metrics(metrics_port, metrics_address, registry)
                 metrics_port_bound = metrics_http.server_port
             ready = {"grpc_port": grpc_port, "metrics_port": metrics_port_bound, "pid": os.getpid(),
                      "models": infos[0]["models"] if infos[0] else {},

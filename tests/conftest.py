@@ -191,6 +191,19 @@ def slow_onnx(tmp_path: Path) -> Path:
     return p
 
 
+def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
+    """A classic-format metrics page as (sample name as written, sorted label items) -> value.
+
+    prometheus_client's parser names a counter's samples `<family>_total`; Triton's counters are
+    written without the suffix (server/metrics.py), and tests name them as the page does."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.metrics import TRITON_COUNTERS
+
+    return {(fam.name if fam.name in TRITON_COUNTERS else s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
 # -- the real server as a subprocess -------------------------------------------------------------------
 @dataclass
 class ServerProcess:
@@ -224,11 +237,7 @@ class ServerProcess:
         """The metrics endpoint parsed: (sample name, sorted label items) -> value."""
         import urllib.request
 
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for fam in text_string_to_metric_families(text) for s in fam.samples}
+        return parse_metrics(urllib.request.urlopen(self.metrics_url, timeout=10).read().decode())
 
     async def wait_pending(self, model: str, n: int, timeout: float = 30.0) -> None:
         """Until the server holds `n` accepted, unanswered requests for `model` (its pending gauge), so

@@ -284,6 +284,8 @@ def exported_metric_names() -> set[str]:
     for fam in families:
         if fam.type == "histogram":
             names |= {f"{fam.name}_bucket", f"{fam.name}_sum", f"{fam.name}_count"}
+        elif fam.name in metrics.TRITON_COUNTERS:  # Triton's names: the samples the page writes
+            names.add(fam.name)
         elif fam.type == "counter" and not fam.samples:
             names |= {fam.name, f"{fam.name}_total"}
         else:

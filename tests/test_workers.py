@@ -21,10 +21,9 @@ import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
 import tritonclient.utils.shared_memory as shm
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from conftest import SLOW_WIDTH, ServerProcess, affine_model, slow_model, write_model
+from conftest import SLOW_WIDTH, ServerProcess, affine_model, parse_metrics, slow_model, write_model
 from fault_backends import FileGate
 
 pytestmark = pytest.mark.timeout(240)
@@ -33,9 +32,7 @@ SEPARATE_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # one TCP connect
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return parse_metrics(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
 
 
 def _affine(client: tc.InferenceServerClient, i: int) -> None:

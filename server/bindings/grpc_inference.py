@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from cnncore.datatypes import from_numpy
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from server import logs, tracing
 from server.bindings import v2_messages as v2
 from server.bindings.grpc_boundary import guard_servicer
 from server.bindings.grpc_wire import (WireError, WireInferRequest, encode_output, from_message,
@@ -130,6 +131,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.name:
             raise not_found(f"CUDA shared memory region {echo(request.name)} is not registered")
         return pb.CudaSharedMemoryStatusResponse()
+
+    # -- logging and trace extensions (server/logs.py, server/tracing.py) ------------------------------
+    async def LogSettings(self, request: pb.LogSettingsRequest,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.LogSettingsResponse:
+        return logs.settings_rpc(request)
+
+    async def TraceSetting(self, request: pb.TraceSettingRequest,
+                           context: grpc.aio.ServicerContext[Any, Any]) -> pb.TraceSettingResponse:
+        return tracing.setting_rpc(request, self.plane.repository)
 
     # -- inference -----------------------------------------------------------------------------------
     async def _infer(self, request: WireInferRequest, context: grpc.aio.ServicerContext,

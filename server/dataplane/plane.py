@@ -30,11 +30,13 @@ from server.dataplane.vision import DEFAULT_VISION_THREADS, VisionCalls
 from server.errors import InferError, echo, invalid, unavailable
 from server.repository import ModelRepository, ModelState
 from server.shared_memory import RegionStatus
+from server.tracing import TRACER, Trace
 
 SERVER_NAME = "cnnserve"
 SERVER_VERSION = "0.1.0"
 # The protocol extensions this server implements (what server metadata advertises to clients).
-EXTENSIONS = ["model_configuration", "model_repository", "statistics", "parameters", "system_shared_memory"]
+EXTENSIONS = ["model_configuration", "model_repository", "statistics", "parameters", "system_shared_memory",
+              "logging", "trace"]
 
 
 @dataclass(frozen=True)
@@ -121,14 +123,16 @@ class DataPlane:
                                request_id=request_id, transport_remaining_s=transport_remaining_s,
                                received_ns=received_ns)
 
-    async def _execute(self, request: InferenceRequest) -> dict[str, np.ndarray]:
+    async def _execute(self, request: InferenceRequest, trace: Trace | None = None) -> dict[str, np.ndarray]:
         return await request.model.batcher.infer(request.inputs, deadline=request.deadline,
-                                                 received_ns=request.received_ns)
+                                                 received_ns=request.received_ns, trace=trace)
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        """Queue a normalized request on its model's batcher; the outputs asked for, in order, those
-        asked for in shared memory written there."""
-        results = await self._execute(request)
+        """Queue a normalized request on its model's batcher (traced when sampled: server/tracing.py);
+        the outputs asked for, in order, those asked for in shared memory written there."""
+        model = request.model
+        with TRACER.request(model.name, model.version, request.id, request.received_ns) as trace:
+            results = await self._execute(request, trace)
         outputs = []
         for name in request.outputs:
             target = request.targets.get(name)
@@ -136,7 +140,6 @@ class DataPlane:
                 outputs.append(OutputTensor(name, results[name]))
             else:
                 outputs.append(OutputTensor(name, results[name], target.region.name, target.write(results[name])))
-        model = request.model
         return InferenceResponse(model.name, str(model.version), request.id, outputs)
 
     # -- repository -----------------------------------------------------------------------------------------

@@ -111,10 +111,10 @@ class _InstanceThread:
 
 
 class _Request:
-    __slots__ = ("inputs", "items", "key", "future", "enqueued_ns", "received_ns", "timer", "state")
+    __slots__ = ("inputs", "items", "key", "future", "enqueued_ns", "received_ns", "timer", "state", "trace")
 
     def __init__(self, inputs: dict[str, np.ndarray], items: int, key: tuple, future: asyncio.Future,
-                 received_ns: int) -> None:
+                 received_ns: int, trace: Any = None) -> None:
         self.inputs = inputs
         self.items = items
         self.key = key  # per-item shapes: only requests with equal keys can be concatenated
@@ -123,6 +123,7 @@ class _Request:
         self.received_ns = received_ns
         self.timer: asyncio.TimerHandle | None = None
         self.state = _QUEUED
+        self.trace = trace  # server.tracing.Trace when this request is traced
 
 
 class DynamicBatcher:
@@ -183,7 +184,7 @@ class DynamicBatcher:
 
     # -- submission --------------------------------------------------------------------------------------
     async def infer(self, inputs: dict[str, np.ndarray], deadline: float | None = None,
-                    received_ns: int | None = None) -> dict[str, np.ndarray]:
+                    received_ns: int | None = None, trace: Any = None) -> dict[str, np.ndarray]:
         if received_ns is None:
             received_ns = time.perf_counter_ns()
         if self.fault is not None:
@@ -199,7 +200,7 @@ class DynamicBatcher:
         first = next(iter(inputs.values()))
         items = first.shape[0] if s.max_batch_size and first.ndim else 1
         key = tuple((k, v.shape[1:] if s.max_batch_size else v.shape) for k, v in inputs.items())
-        req = _Request(inputs, items, key, loop.create_future(), received_ns)
+        req = _Request(inputs, items, key, loop.create_future(), received_ns, trace)
         if deadline is not None:
             if deadline <= loop.time():
                 self.stats.never_executed += 1
@@ -424,4 +425,7 @@ class DynamicBatcher:
                 split.append({name: arr[off:off + r.items] for name, arr in outputs.items()})
                 off += r.items
         t3 = time.perf_counter_ns()
+        for r in batch:
+            if r.trace is not None:
+                r.trace.computed(r.enqueued_ns, t0, t1, t2, t3)
         return split, (t1 - t0, t2 - t1, t3 - t2)
