@@ -58,6 +58,8 @@ from protos import vision_pb2 as vpb
 from server.access import AccessPolicy
 from server.boundary import status_of
 from server.errors import InferError, invalid
+from server.http_body import (FORM_ERRORS, HttpRefusal, decode_body, loads, refuse_encoded_form,
+                              tensor_values, uint64_field)
 from server.repository import ModelRepository
 from server.request import RequestPath, ServerState
 from server.service import InferenceServicer
@@ -87,15 +89,6 @@ _INFER_TYPES = {"", "application/json", "application/octet-stream", "application
 T = TypeVar("T")
 VISION_RPCS = {"classify": "Classify", "detect": "Detect", "segment": "Segment", "encode": "Encode",
                "reconstruct": "Reconstruct"}
-
-
-class HttpRefusal(Exception):
-    """A refusal only HTTP has a status for (413 body too large, 408 body too slow, 400 unreadable)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -179,8 +172,8 @@ def _tensors_in(inputs: list, binary: memoryview, shm: SharedMemoryRegistry) -> 
             tensors.append(TensorIn(name, datatype, tuple(shape), raw=binary[offset:offset + size]))
             offset += size
         elif "data" in t:
-            tensors.append(TensorIn(name, datatype, tuple(shape), values=_flatten(t["data"], where),
-                                   values_field="data"))
+            values = tensor_values(_flatten(t["data"], where), datatype, where)
+            tensors.append(TensorIn(name, datatype, tuple(shape), values=values, values_field="data"))
         else:
             raise invalid(f"{where}: neither 'data' nor parameters.binary_data_size given")
     if offset != len(binary):
@@ -310,13 +303,13 @@ class HttpBinding:
                                    "(--http-body-timeout-secs)") from None
 
     async def _body(self, request: web.Request) -> bytes:
-        return await self._read(request, request.read)
+        return await decode_body(request, await self._read(request, request.read), self.limits.max_input_size)
 
     async def _json(self, data: bytes | memoryview, what: str) -> Any:
         try:
             if len(data) > _OFFLOAD_JSON_BYTES:
-                return await asyncio.to_thread(json.loads, bytes(data))
-            return json.loads(bytes(data))
+                return await asyncio.to_thread(loads, bytes(data))
+            return loads(bytes(data))
         except (ValueError, UnicodeDecodeError) as exc:
             raise HttpRefusal(400, f"{what} is not valid JSON: {exc}") from None
         except RecursionError:
@@ -396,8 +389,7 @@ class HttpBinding:
         doc = await self._json_object(request, "register request")
         where = "register request"
         offset, size = _field(doc, "offset", int, where, 0), _field(doc, "byte_size", int, where)
-        if offset < 0 or size < 0:
-            raise invalid(f"{where}: 'offset' and 'byte_size' must not be negative")
+        offset, size = uint64_field(offset, "offset", where), uint64_field(size, "byte_size", where)
         await self.grpc.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(
             name=request.match_info["region"], key=_field(doc, "key", str, where), offset=offset, byte_size=size), _CTX)
         return web.Response(status=200)
@@ -513,9 +505,10 @@ class HttpBinding:
         """The pictures of a vision request: the body itself, or every file part of a multipart form."""
         ctype = request.content_type.lower()
         if ctype == "multipart/form-data":
+            refuse_encoded_form(request)
             try:
                 form = await self._read(request, request.post)
-            except ValueError as exc:
+            except FORM_ERRORS as exc:
                 raise HttpRefusal(400, f"unreadable multipart/form-data body: {exc}") from None
             files = [v for v in form.values() if isinstance(v, web.FileField)]
             if not files:
@@ -531,6 +524,7 @@ class HttpBinding:
         runner = web.AppRunner(
             self.app(), handle_signals=False, access_log=None,
             shutdown_timeout=1.0,  # stop() runs after the drain: no inference is left in flight
+            auto_decompress=False,  # bodies are inflated by server/http_body.py: bounded, off the loop
             keepalive_timeout=self.limits.idle_timeout_s,
             # After an answer that left the body unread (413, 408, a refused key), aiohttp drains the rest
             # so the client reads the answer rather than a reset; 10 s by default, 1 s here.
