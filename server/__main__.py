@@ -18,7 +18,8 @@ from server.latency_summary import configure as configure_summaries
 from server.logs import FORMATS, setup_logging
 from server.tls import TlsConfigError, TlsFiles
 from server.tracing import TRACER, TraceConfigError
-from server.workers import supervise, take_cpu_share, worker_role
+from server.workers import (DEFAULT_CRASH_LIMIT, DEFAULT_CRASH_WINDOW_S, supervise, take_cpu_share,
+                            worker_role)
 
 
 def _bool(v: str) -> bool:
@@ -128,6 +129,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1,
                    help="server processes sharing the ports (SO_REUSEPORT), each with its share of the CPUs; "
                         "metrics merged on --metrics-port, SIGTERM drains them all (default 1)")
+    p.add_argument("--worker-crash-limit", type=int, default=DEFAULT_CRASH_LIMIT,
+                   help="with --workers > 1, a worker that exits is started again; this many exits within "
+                        f"--worker-crash-window-secs stop the server (exit status 1; default {DEFAULT_CRASH_LIMIT})")
+    p.add_argument("--worker-crash-window-secs", type=float, default=DEFAULT_CRASH_WINDOW_S,
+                   help=f"the window of --worker-crash-limit (default {DEFAULT_CRASH_WINDOW_S:g})")
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write JSON {grpc_port, metrics_port, pid} here once serving (for supervisors, tests)")
     return p.parse_args(argv)
@@ -151,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("max_inflight_requests", "max_inflight_bytes", "retry_pushback_ms"):
         if getattr(a, flag) < 0:  # Admission would refuse it with a traceback
             raise SystemExit(f"python -m server: error: --{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
+    if a.worker_crash_limit < 1 or not a.worker_crash_window_secs > 0:
+        raise SystemExit("python -m server: error: --worker-crash-limit must be >= 1 and "
+                         "--worker-crash-window-secs > 0")
     if a.workers > 1 and a.model_control_mode == "explicit":
         # A load or unload request reaches the one worker its connection landed on.
         raise SystemExit("python -m server: error: --workers > 1 needs --model-control-mode none "
@@ -160,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.argv[1:] if argv is None else argv, workers=a.workers, grpc_address=a.grpc_address,
             grpc_port=a.grpc_port, http_address=a.http_address if a.allow_http else None,
             http_port=a.http_port, metrics_address=a.metrics_address, metrics_port=a.metrics_port,
-            allow_metrics=a.allow_metrics, ready_file=a.ready_file, exit_timeout_s=a.exit_timeout_secs))
+            allow_metrics=a.allow_metrics, ready_file=a.ready_file, exit_timeout_s=a.exit_timeout_secs,
+            crash_limit=a.worker_crash_limit, crash_window_s=a.worker_crash_window_secs))
     role = worker_role()
     if role is not None:  # a supervised worker: its CPUs, and ORT's threads sized to them unless set
         share = take_cpu_share(role)

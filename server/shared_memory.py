@@ -3,21 +3,26 @@
 A local client puts a tensor into a POSIX shared-memory object (/dev/shm/<key>), registers the object
 (or a window of it) under a name, and then names that region, an offset and a byte size in an input's
 or requested output's parameters instead of sending the bytes. The tensor then crosses no socket,
-protobuf or gRPC buffer: an input is a read-only memoryview into the mapping that numpy wraps without a
-copy, and an output is written straight into the region (its response entry stays empty, as Triton's).
+protobuf or gRPC buffer: an input is read from the object with pread (one copy, a memcpy from the page
+cache), and an output is written into it with pwrite (its response entry stays empty, as Triton's).
 
-Safety, since the other end of a region is another process:
+Safety, since the other end of a region is another process that may truncate, grow or rewrite the
+object at any moment:
+- the server never maps a region. A mapped page past the end of a truncated object raises SIGBUS in
+  whatever thread touches it, and no check before the access can close that window (the owner may
+  truncate between the check and the access), so a hostile local client could kill the server. pread
+  and pwrite on the object's descriptor cannot fault: a read past the end returns fewer bytes, which is
+  INVALID_ARGUMENT naming the region;
 - keys are shm_open names ("/name": one component, no "..") resolved under /dev/shm only, opened with
   O_NOFOLLOW and required to be regular files, so a key cannot reach any other file;
 - a region's window (offset, byte_size) must lie inside the object when registered, and every use
-  (offset, byte size within the region) is checked against the window AND against the object's size
-  at that moment (fstat): a client that shrinks its object after registering gets INVALID_ARGUMENT
-  instead of the SIGBUS that touching a page past its end would raise;
-- unregistering (or shutdown) closes the mapping; a request still holding a view keeps the mapping
-  alive until it finishes (the view owns a reference), so a region can never vanish under a request.
-A client that truncates its object between the check and the read can still fault the process, as in
-Triton: the extension is meant for trusted local clients, and --grpc-restricted-protocol can put
-the `shared-memory` group behind a key.
+  (offset, byte size within the region) is checked against the window; an output is not written into
+  an object that has shrunk below it (fstat first; a truncation racing that check only makes the write
+  grow the object back, which the owner's own truncation invited);
+- unregistering (or shutdown) closes the descriptor once no request is reading or writing through it,
+  so a descriptor number is never reused under a request.
+The data itself is the client's: a client that rewrites its object while a request reads it gets the
+answer to whatever bytes were read.
 
 `tensor_source` and `output_target` read the protocol parameters as Python values, so the gRPC
 binding and the REST binding resolve them the same way.
@@ -26,19 +31,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import stat
 import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import grpc
-import numpy as np
 
-from cnncore.datatypes import from_numpy
-from cnncore.wire import serialize_bytes
 from server.errors import InferError, echo, invalid, not_found
 
 SHM_ROOT = Path("/dev/shm")
@@ -56,46 +59,80 @@ class RegionStatus:
     byte_size: int
 
 
-@dataclass
 class Region:
-    name: str
-    key: str
-    offset: int
-    byte_size: int
-    _fd: int
-    _map: mmap.mmap
-    closed: bool = False
+    """A registered window of a shared-memory object, read and written through its descriptor."""
 
-    def window(self, offset: int, byte_size: int, what: str) -> memoryview:
-        """The bytes [offset, offset + byte_size) of this region, checked now (see module docstring)."""
+    def __init__(self, name: str, key: str, offset: int, byte_size: int, fd: int) -> None:
+        self.name, self.key, self.offset, self.byte_size = name, key, offset, byte_size
+        self._fd = fd
+        self._users = 0  # requests reading or writing through _fd now
+        self._cond = threading.Condition()
+        self.closed = False
+
+    def check(self, offset: int, byte_size: int, what: str) -> int:
+        """The object offset of [offset, offset + byte_size) of this region; INVALID_ARGUMENT outside it."""
         if offset < 0 or byte_size < 0 or offset + byte_size > self.byte_size:
             raise invalid(f"{what}: {OFFSET} {offset} + {BYTE_SIZE} {byte_size} exceeds shared memory region "
                           f"{echo(self.name)} of {self.byte_size} bytes")
-        if self.closed:  # unregistered while this request was on its way
-            raise invalid(f"{what}: shared memory region {echo(self.name)} was unregistered")
-        size = os.fstat(self._fd).st_size
-        start = self.offset + offset
-        if start + byte_size > size:
-            raise invalid(f"{what}: shared memory object {echo(self.key)} shrank to {size} bytes after "
-                          f"region {echo(self.name)} was registered; it no longer holds bytes "
-                          f"[{start}, {start + byte_size})")
-        return memoryview(self._map)[start:start + byte_size]
+        return self.offset + offset
+
+    @contextmanager
+    def _descriptor(self, what: str) -> Iterator[int]:
+        with self._cond:
+            if self.closed:  # unregistered while this request was on its way
+                raise invalid(f"{what}: shared memory region {echo(self.name)} was unregistered")
+            self._users += 1
+        try:
+            yield self._fd
+        finally:
+            with self._cond:
+                self._users -= 1
+                if self.closed and not self._users:
+                    os.close(self._fd)
+
+    def _shrank(self, what: str, size: int, start: int, end: int) -> InferError:
+        return invalid(f"{what}: shared memory object {echo(self.key)} shrank to {size} bytes after region "
+                       f"{echo(self.name)} was registered; it no longer holds bytes [{start}, {end})")
+
+    def read(self, offset: int, byte_size: int, what: str) -> memoryview:
+        """A copy of the bytes [offset, offset + byte_size) of this region (see the module docstring)."""
+        start = self.check(offset, byte_size, what)
+        with self._descriptor(what) as fd:
+            # os.pread into a fresh bytes: no zero-filled buffer first (a bytearray's memset doubles the
+            # cost of a 600 KB read). A single read stops at 2 GiB; an empty one is the object's end.
+            parts = [os.pread(fd, byte_size, start)]
+            done = len(parts[0])
+            while done < byte_size:
+                part = os.pread(fd, byte_size - done, start + done)
+                if not part:
+                    raise self._shrank(what, os.fstat(fd).st_size, start, start + byte_size)
+                parts.append(part)
+                done += len(part)
+        return memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def write(self, offset: int, data: memoryview, what: str) -> None:
+        """`data` into the region at `offset` (checked against the region and the object's size now)."""
+        start = self.check(offset, len(data), what)
+        end = start + len(data)
+        done = 0
+        with self._descriptor(what) as fd:
+            size = os.fstat(fd).st_size
+            if end > size:
+                raise self._shrank(what, size, start, end)
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], start + done)
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        os.close(self._fd)
-        try:
-            self._map.close()
-        except BufferError:
-            # A request in flight still holds a view: dropping our reference lets the mapping close
-            # when that request releases it.
-            pass
+        with self._cond:
+            if self.closed:
+                return
+            self.closed = True
+            if not self._users:  # otherwise the last request using it closes it
+                os.close(self._fd)
 
 
-def _map(name: str, key: str, offset: int, byte_size: int, path: Path) -> Region:
-    """Open and map a key's object after checking it (the window must lie inside it)."""
+def _open(name: str, key: str, offset: int, byte_size: int, path: Path) -> Region:
+    """Open a key's object after checking it (the window must lie inside it)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -107,12 +144,10 @@ def _map(name: str, key: str, offset: int, byte_size: int, path: Path) -> Region
         if offset + byte_size > st.st_size:
             raise invalid(f"shared memory region {echo(name)}: offset {offset} + byte_size {byte_size} "
                           f"exceeds {echo(key)} of {st.st_size} bytes")
-        # Mapped from 0: mmap offsets must be page-aligned, region offsets need not be.
-        mapping = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
         os.close(fd)
         raise
-    return Region(name, key, offset, byte_size, fd, mapping)
+    return Region(name, key, offset, byte_size, fd)
 
 
 class SharedMemoryRegistry:
@@ -121,14 +156,14 @@ class SharedMemoryRegistry:
     With `shared_dir` (the --workers supervisor's, see `process_registry`) registrations are shared by
     all worker processes: a client's connections may reach different workers (perf_analyzer opens
     several), so a region registered through one must be usable through all. Each registration is a
-    small file there (written once, atomically); a worker maps a region the first time a request names
-    it, and on every use checks that the registration file is still the one it mapped (one stat), so an
+    small file there (written once, atomically); a worker opens a region the first time a request names
+    it, and on every use checks that the registration file is still the one it opened (one stat), so an
     unregister or re-register through another worker takes effect everywhere.
     """
 
     def __init__(self, shared_dir: Path | None = None) -> None:
         self._regions: dict[str, Region] = {}
-        self._tokens: dict[str, int] = {}  # name -> inode of the registration file mapped (shared mode)
+        self._tokens: dict[str, int] = {}  # name -> inode of the registration file opened (shared mode)
         self._lock = threading.Lock()  # register/unregister may come from worker threads of a binding
         self.shared_dir = shared_dir
         if shared_dir is not None:
@@ -157,7 +192,7 @@ class SharedMemoryRegistry:
         with self._lock:
             if name in self._regions and self.shared_dir is None:
                 raise exists
-            region = _map(name, key, offset, byte_size, path)
+            region = _open(name, key, offset, byte_size, path)
             if self.shared_dir is not None:
                 record = self._record(name)
                 tmp = record.with_suffix(f".{os.getpid()}.tmp")
@@ -168,7 +203,7 @@ class SharedMemoryRegistry:
                 except FileExistsError:
                     region.close()
                     raise exists from None
-                except BaseException:  # e.g. the directory's disk is full: the mapping must not leak
+                except BaseException:  # e.g. the directory's disk is full: the descriptor must not leak
                     region.close()
                     raise
                 finally:
@@ -229,17 +264,17 @@ class SharedMemoryRegistry:
                 raise missing from None
             if self._tokens.get(name) == token:
                 return self._regions[name]
-            self._forget(name)  # first use here, or re-registered since it was mapped
+            self._forget(name)  # first use here, or re-registered since it was opened
             try:
                 r = json.loads(record.read_text())
             except FileNotFoundError:
                 raise missing from None
-            region = _map(name, r["key"], r["offset"], r["byte_size"], self.path_of(r["key"]))
+            region = _open(name, r["key"], r["offset"], r["byte_size"], self.path_of(r["key"]))
             self._regions[name], self._tokens[name] = region, token
             return region
 
     def close(self) -> None:
-        """Unmap this process's regions (registrations in a shared directory stay for the other workers)."""
+        """Close this process's regions (registrations in a shared directory stay for the other workers)."""
         with self._lock:
             for n in list(self._regions):
                 self._forget(n)
@@ -277,7 +312,8 @@ def _placement(registry: SharedMemoryRegistry, params: Mapping[str, Any],
 
 
 def tensor_source(registry: SharedMemoryRegistry, name: str, params: Mapping[str, Any]) -> memoryview | None:
-    """An input's bytes in shared memory (read-only view, no copy), or None when it names no region.
+    """An input's bytes read from shared memory (a read-only view of the copy), or None when it names no
+    region.
 
     The view's length is the request's `shared_memory_byte_size`; the request path then checks it
     against the size the input's datatype and shape need, like any raw contents."""
@@ -286,7 +322,7 @@ def tensor_source(registry: SharedMemoryRegistry, name: str, params: Mapping[str
     if placed is None:
         return None
     region, offset, byte_size = placed
-    return region.window(offset, byte_size, what).toreadonly()
+    return region.read(offset, byte_size, what)
 
 
 @dataclass(frozen=True)
@@ -298,19 +334,15 @@ class OutputTarget:
     offset: int
     byte_size: int
 
-    def write(self, arr: np.ndarray) -> int:
-        """Copy the output (BYTES in its length-prefixed wire form) into the region; returns bytes written."""
+    def write(self, data: bytes | memoryview) -> int:
+        """Copy an output's raw bytes (the protocol's form: server.dataplane.tensors.raw_view) into the
+        region; returns bytes written."""
         what = f"output '{self.name}'"
-        if from_numpy(arr.dtype) == "BYTES":
-            src = np.frombuffer(serialize_bytes(arr), np.uint8)
-        else:
-            src = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-        if src.nbytes > self.byte_size:
-            raise invalid(f"{what}: result of {src.nbytes} bytes does not fit {BYTE_SIZE} {self.byte_size} "
+        if len(data) > self.byte_size:
+            raise invalid(f"{what}: result of {len(data)} bytes does not fit {BYTE_SIZE} {self.byte_size} "
                           f"of shared memory region {echo(self.region.name)}")
-        view = self.region.window(self.offset, src.nbytes, what)
-        np.frombuffer(view, np.uint8)[:] = src
-        return src.nbytes
+        self.region.write(self.offset, memoryview(data), what)
+        return len(data)
 
 
 def output_target(registry: SharedMemoryRegistry, name: str, params: Mapping[str, Any]) -> OutputTarget | None:
@@ -320,5 +352,5 @@ def output_target(registry: SharedMemoryRegistry, name: str, params: Mapping[str
     if placed is None:
         return None
     region, offset, byte_size = placed
-    region.window(offset, byte_size, what)  # refuse a bad window before the model runs
+    region.check(offset, byte_size, what)  # refuse a bad window before the model runs
     return OutputTarget(name, region, offset, byte_size)

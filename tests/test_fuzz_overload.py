@@ -1,5 +1,6 @@
-"""Hostile and heavy clients against the real server: fuzzed ModelInfer bytes and vision requests get
-only well-defined statuses from a server that stays live; an overload burst on an exported config is
+"""Hostile and heavy clients against the real server: fuzzed ModelInfer bytes, REST requests (bodies,
+encodings, headers, JSON documents) and vision requests get only well-defined statuses from a server
+that stays live; an overload burst on an exported config is
 bounded by its queue and loses no accepted request; repeated bursts do not grow the server's memory.
 
 Hypothesis runs derandomized with bounded examples (the same inputs every run, a few seconds each);
@@ -8,9 +9,14 @@ a failure prints the minimal request that broke the server.
 from __future__ import annotations
 
 import asyncio
+import gzip
+import http.client
 import io
+import json
+import zlib
 from pathlib import Path
 
+import brotli
 import grpc
 import numpy as np
 import onnx
@@ -134,6 +140,97 @@ def test_server_survives_the_fuzzing(channel) -> None:
     _assert_live(channel)
     out = tpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_valid_affine(3), timeout=30)
     np.testing.assert_array_equal(np.frombuffer(out.raw_output_contents[0], np.float32), np.full(12, 3.0, np.float32))
+
+
+# -- the REST binding: hostile bodies, headers and JSON documents -------------------------------------------
+REST_FUZZ = settings(FUZZ, max_examples=200)
+# What a bad REST request may be answered with (the HTTP twins of WELL_DEFINED, plus what only HTTP has:
+# 413 too large, 415 an encoding or charset not taken). A 500 would be a server bug.
+REST_WELL_DEFINED = {200, 400, 404, 413, 415, 429, 503}
+json_value = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=12)
+rest_tensor = st.fixed_dictionaries({
+    "name": st.sampled_from(["a", "b", "x", ""]) | st.text(max_size=10),
+    "datatype": st.sampled_from(DATATYPES),
+    "shape": st.lists(st.integers(-2, 2**40) | st.integers(0, 6), max_size=4) | json_value,
+}, optional={
+    "data": st.lists(st.integers(-2**65, 2**65) | st.floats() | st.none() | st.booleans() | st.text(max_size=3)
+                     | st.lists(st.integers(-300, 300), max_size=3), max_size=10) | json_value,
+    "parameters": st.fixed_dictionaries({}, optional={
+        "binary_data_size": st.integers(-5, 2**64) | json_value,
+        "shared_memory_region": st.sampled_from(["r", ""]) | json_value,
+        "shared_memory_byte_size": st.integers(-1, 2**65) | json_value,
+        "shared_memory_offset": st.integers(-1, 2**65)}),
+})
+
+
+@st.composite
+def rest_requests(draw) -> tuple[str, bytes, dict[str, str]]:
+    path = draw(st.sampled_from(["/v2/models/affine/infer", "/v2/models/strings/infer", "/v2/models/nope/infer",
+                                 "/v2/models/affine/versions/1/infer", "/v2/systemsharedmemory/region/r/register",
+                                 "/v2/repository/index", "/v2/vision/models/colour_classifier/classify"]))
+    doc = draw(st.fixed_dictionaries({}, optional={
+        "inputs": st.lists(rest_tensor, max_size=3) | json_value,
+        "outputs": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["y", "z", "t"]) | json_value},
+                                                  optional={"parameters": json_value}), max_size=2),
+        "parameters": st.dictionaries(st.sampled_from(["timeout", "binary_data_output", "priority"]), json_value),
+        "id": json_value, "key": st.text(max_size=10), "byte_size": st.integers(-1, 2**65), "offset": json_value}))
+    body = json.dumps(doc).encode()
+    # the tokens Python's json would accept and RFC 8259 does not, and cuts / binary tails
+    mangle = draw(st.sampled_from(["", "nan", "cut", "tail", "bytes"]))
+    if mangle == "nan":
+        body = body.replace(b"null", b"NaN", 1).replace(b"0.0", b"-Infinity", 1)
+    elif mangle == "cut":
+        body = body[:draw(st.integers(0, max(0, len(body) - 1)))]
+    elif mangle == "tail":
+        body += draw(st.binary(max_size=64))
+    elif mangle == "bytes":
+        body = draw(st.binary(max_size=512))
+    headers = {"Content-Type": draw(st.sampled_from(["application/json", "application/octet-stream", "text/plain",
+                                                     "application/json; charset=latin-1", "image/png",
+                                                     "multipart/form-data; boundary=x", "application/xml"]))}
+    encoding = draw(st.sampled_from(["", "gzip", "deflate", "br", "gzip, deflate", "zstd", "identity"]))
+    if encoding:
+        headers["Content-Encoding"] = encoding
+        if draw(st.booleans()):  # encoded as it says (else the plain body under the label)
+            for coding in encoding.split(", "):
+                body = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress}.get(coding,
+                                                                                                  bytes)(body)
+    if draw(st.booleans()):
+        headers["Inference-Header-Content-Length"] = str(draw(st.integers(-1, len(body) + 4)))
+    return path, body, headers
+
+
+def _http(server: ServerProcess, method: str, path: str, body: bytes | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@REST_FUZZ
+@given(rest_requests())
+def test_fuzz_rest_requests(server: ServerProcess, sent: tuple[str, bytes, dict[str, str]]) -> None:
+    path, body, headers = sent
+    status, raw = _http(server, "POST", path, body, headers)
+    assert status in REST_WELL_DEFINED, (status, raw[:300])
+    if status >= 400:
+        assert "error" in json.loads(raw), raw[:300]  # the v2 error body, whatever went wrong
+
+
+def test_server_survives_the_rest_fuzzing(server: ServerProcess, channel) -> None:
+    _assert_live(channel)
+    doc = {"inputs": [{"name": "a", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]},
+                      {"name": "b", "datatype": "INT64", "shape": [1, 2], "data": [1, 2]}]}
+    status, raw = _http(server, "POST", "/v2/models/affine/infer", json.dumps(doc).encode())
+    assert status == 200 and json.loads(raw)["outputs"][0]["data"] == [3.0, 5.0, 7.0, 9.0], raw[:300]
 
 
 # -- the vision API ------------------------------------------------------------------------------------------

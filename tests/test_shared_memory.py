@@ -4,13 +4,15 @@ tritonclient.utils.shared_memory) against the real server process.
 Inference through regions must equal the bytes path, regions mix with raw contents in one request,
 and every misuse (unknown region, window out of bounds, wrong size, a key outside /dev/shm, an object
 shrunk after registering) is refused with INVALID_ARGUMENT naming what is wrong while the server keeps
-serving. Whether the server still maps a region is read from its /proc/<pid>/maps.
+serving. Whether the server still holds a region open is read from its /proc/<pid>/fd.
 """
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +107,15 @@ def _refused(call, *needles: str, code: str = "StatusCode.INVALID_ARGUMENT") -> 
     return ei.value.message()
 
 
-def _maps(server: ServerProcess) -> str:
-    return Path(f"/proc/{server.proc.pid}/maps").read_text()
+def _held(server: ServerProcess) -> set[str]:
+    """The files the server process holds open."""
+    held = set()
+    for fd in Path(f"/proc/{server.proc.pid}/fd").iterdir():
+        try:
+            held.add(os.readlink(fd))
+        except FileNotFoundError:  # closed while listed
+            continue
+    return held
 
 
 def test_extension_is_advertised(client: tc.InferenceServerClient) -> None:
@@ -173,7 +182,7 @@ def test_image_sized_tensor_and_bytes_output(client: tc.InferenceServerClient, r
     assert shm.get_contents_as_numpy(out_handle, np.object_, [3]).tolist() == s.tolist()
 
 
-def test_status_and_unregister_release_the_mapping(server: ServerProcess, client: tc.InferenceServerClient,
+def test_status_and_unregister_release_the_region(server: ServerProcess, client: tc.InferenceServerClient,
                                                    regions: Regions) -> None:
     name, key, _ = regions.create(256)
     client.register_system_shared_memory(name, key, 128, offset=64)
@@ -181,10 +190,10 @@ def test_status_and_unregister_release_the_mapping(server: ServerProcess, client
     region = status.regions[name]
     assert (region.name, region.key, region.offset, region.byte_size) == (name, key, 64, 128)
     assert name in client.get_system_shared_memory_status().regions
-    assert f"/dev/shm{key}" in _maps(server)
+    assert f"/dev/shm{key}" in _held(server)
     _refused(lambda: client.register_system_shared_memory(name, key, 128), name, code="StatusCode.ALREADY_EXISTS")
     client.unregister_system_shared_memory(name)
-    assert f"/dev/shm{key}" not in _maps(server)
+    assert f"/dev/shm{key}" not in _held(server)
     assert name not in client.get_system_shared_memory_status().regions
     _refused(lambda: client.get_system_shared_memory_status(name), name, code="StatusCode.NOT_FOUND")
     client.unregister_system_shared_memory(name)  # unknown names are a no-op, as in Triton
@@ -244,13 +253,81 @@ def test_object_shrunk_after_registering_is_refused_not_a_crash(server: ServerPr
     a, b = _affine_inputs(2)
     name, key, handle = regions.register(a.nbytes + b.nbytes)
     shm.set_shared_memory_region(handle, [a, b])
-    os.truncate(f"/dev/shm{key}", 8)  # touching the mapping past this would be SIGBUS in the server
+    os.truncate(f"/dev/shm{key}", 8)  # a server touching a mapping of it past this would die of SIGBUS
     ins = [tc.InferInput("a", list(a.shape), "FP32"), tc.InferInput("b", list(b.shape), "INT64")]
     ins[0].set_shared_memory(name, a.nbytes)
     ins[1].set_shared_memory(name, b.nbytes, offset=a.nbytes)
     _refused(lambda: client.infer("affine", ins), "shrank to 8 bytes", name)
     assert server.proc.poll() is None
     _bytes_path(client, a, b)
+
+
+STRESS_CLIENTS = 5
+STRESS_REQUESTS = 120  # per client; with the flips below, well past the 16-55 flips that killed a mapping server
+
+
+@pytest.mark.timeout(30)
+def test_truncating_a_region_in_use_fails_requests_never_the_server(server: ServerProcess, regions: Regions) -> None:
+    """Several gRPC clients use one region for their inputs and output while its owner truncates the
+    object to 0 and restores it in a loop: every request is answered OK or INVALID_ARGUMENT and the
+    server stays alive (a server reading through a mapping dies of SIGBUS here)."""
+    a, b = _affine_inputs(2)
+    y_off = a.nbytes + b.nbytes
+    size = y_off + a.nbytes
+    name, key, handle = regions.register(size)
+    shm.set_shared_memory_region(handle, [a, b])
+    path = f"/dev/shm{key}"
+    done = threading.Event()
+    flips = 0
+
+    def flip() -> None:
+        nonlocal flips
+        fd = os.open(path, os.O_RDWR)
+        try:
+            while not done.is_set() and flips < 1_000_000:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
+                os.pwrite(fd, a.tobytes() + b.tobytes(), 0)
+                flips += 1
+        finally:
+            os.close(fd)
+
+    def use(i: int) -> dict[str, int]:
+        codes: dict[str, int] = {}
+        client = tc.InferenceServerClient(server.grpc_url)
+        ins = [tc.InferInput("a", list(a.shape), "FP32"), tc.InferInput("b", list(b.shape), "INT64")]
+        ins[0].set_shared_memory(name, a.nbytes)
+        ins[1].set_shared_memory(name, b.nbytes, offset=a.nbytes)
+        out = tc.InferRequestedOutput("y")
+        out.set_shared_memory(name, a.nbytes, offset=y_off)
+        try:
+            for _ in range(STRESS_REQUESTS):
+                try:
+                    client.infer("affine", ins, outputs=[out] if i % 2 else None)
+                    code = "StatusCode.OK"
+                except InferenceServerException as exc:
+                    code = exc.status()
+                codes[code] = codes.get(code, 0) + 1
+        finally:
+            client.close()
+        return codes
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        with ThreadPoolExecutor(STRESS_CLIENTS) as pool:
+            results = list(pool.map(use, range(STRESS_CLIENTS)))
+    finally:
+        done.set()
+        flipper.join()
+    assert server.proc.poll() is None, f"the server died after {flips} flips:\n{server.log()[-3000:]}"
+    totals: dict[str, int] = {}
+    for r in results:
+        for code, n in r.items():
+            totals[code] = totals.get(code, 0) + n
+    assert set(totals) <= {"StatusCode.OK", "StatusCode.INVALID_ARGUMENT"}, totals
+    assert sum(totals.values()) == STRESS_CLIENTS * STRESS_REQUESTS and flips > 0, (totals, flips)
+    np.testing.assert_array_equal(_bytes_path(tc.InferenceServerClient(server.grpc_url), a, b)[0], 2 * a + 1)
 
 
 def test_registrations_in_a_shared_directory_follow_register_and_unregister_everywhere(tmp_path: Path) -> None:
@@ -266,7 +343,7 @@ def test_registrations_in_a_shared_directory_follow_register_and_unregister_ever
             shm.set_shared_memory_region(o, [np.full(4, i, np.int32)])
         one.register("r", objs[0]._shm_key, 0, 16)
         assert [s.name for s in two.status()] == ["r"]
-        assert bytes(two.get("r", "t").window(0, 4, "t")) == np.int32(0).tobytes()
+        assert bytes(two.get("r", "t").read(0, 4, "t")) == np.int32(0).tobytes()
         with pytest.raises(InferError) as ei:
             two.register("r", objs[1]._shm_key, 0, 16)
         assert ei.value.code.name == "ALREADY_EXISTS"
@@ -274,10 +351,10 @@ def test_registrations_in_a_shared_directory_follow_register_and_unregister_ever
         with pytest.raises(InferError, match="not registered"):
             two.get("r", "t")
         two.register("r", objs[1]._shm_key, 0, 16)
-        assert bytes(one.get("r", "t").window(0, 4, "t")) == np.int32(1).tobytes()
+        assert bytes(one.get("r", "t").read(0, 4, "t")) == np.int32(1).tobytes()
         one.unregister("r")
         with pytest.raises(InferError, match="not registered"):
-            two.get("r", "t")  # its own mapping of the re-registered region is dropped too
+            two.get("r", "t")  # its own descriptor of the re-registered region is dropped too
     finally:
         one.close()
         two.close()

@@ -10,8 +10,12 @@ while both workers hold accepted requests.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -23,7 +27,7 @@ import tritonclient.grpc.aio as tca
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from conftest import SLOW_WIDTH, ServerProcess, affine_model, parse_metrics, slow_model, write_model
+from conftest import SLOW_WIDTH, ServerProcess, affine_model, parse_metrics, slow_model, start_server, write_model
 from fault_backends import FileGate
 
 pytestmark = pytest.mark.timeout(240)
@@ -156,12 +160,97 @@ def _shared_memory_is_shared_by_the_workers(srv: ServerProcess) -> None:
         shm.destroy_shared_memory_region(handle)
 
 
-def test_a_worker_that_dies_stops_the_server(tmp_path: Path, server_factory) -> None:
+def _ready(srv: ServerProcess) -> dict:
+    """The supervisor's ready file now (rewritten when a worker is replaced)."""
+    return json.loads((srv.log_path.parent / "ready.json").read_text())
+
+
+def _until(what: str, check, polls: int = 3000) -> None:
+    """Poll observable state (ready file, metrics) until `check()`; bounded, no clock in the assertion."""
+    for _ in range(polls):
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"never observed: {what}")
+
+
+def _replaced(srv: ServerProcess, old_pid: int) -> None:
+    """Until the ready file lists two serving workers and not `old_pid` (its replacement serves)."""
+    def done() -> bool:
+        pids = [w["pid"] for w in _ready(srv)["workers"]]
+        return len(pids) == 2 and old_pid not in pids
+    _until(f"worker {old_pid} replaced", done)
+
+
+def _infer_retrying_connection_errors(srv: ServerProcess, i: int, tries: int = 20) -> int:
+    """One request as a client would send it after a server process died: retried only when the
+    connection fails (UNAVAILABLE); any other error fails the test. Returns the attempts used."""
+    for attempt in range(1, tries + 1):
+        try:
+            with tc.InferenceServerClient(srv.grpc_url, channel_args=SEPARATE_CONNECTION) as c:
+                _affine(c, i)
+            return attempt
+        except InferenceServerException as exc:
+            if exc.status() != "StatusCode.UNAVAILABLE":
+                raise
+    raise AssertionError(f"request {i} failed {tries} times on connection errors")
+
+
+def test_a_killed_worker_is_restarted_while_the_other_keeps_answering(tmp_path: Path, server_factory) -> None:
     repo = tmp_path / "repo"
     write_model(repo, "affine", affine_model(), "max_batch_size: 8\n")
     srv = server_factory(repo, "--workers", "2")
+    restarts = ("cnnserve_worker_restarts_total", (("worker", "0"),))
+    assert _scrape(srv.metrics_port)[restarts] == 0
+    assert _scrape(srv.metrics_port)[("cnnserve_workers_ready", ())] == 2
     victim, survivor = srv.ready["workers"]
     os.kill(victim["pid"], signal.SIGKILL)
+    for i in range(30):  # while the victim is dead and while its successor starts
+        _infer_retrying_connection_errors(srv, i)
+    assert srv.proc.poll() is None, srv.log()
+    _until("worker 0 restarted and serving",
+           lambda: _scrape(srv.metrics_port).get(restarts) == 1
+           and _scrape(srv.metrics_port).get(("cnnserve_workers_ready", ())) == 2)
+    _replaced(srv, victim["pid"])
+    new = next(w for w in _ready(srv)["workers"] if w["pid"] not in (victim["pid"], survivor["pid"]))
+    success = ("nv_inference_request_success", (("model", "affine"), ("version", "1")))
+    for i in range(32):  # separate connections: the kernel spreads them over both workers again
+        assert _infer_retrying_connection_errors(srv, i) == 1
+    assert _scrape(new["metrics_port"]).get(success, 0) > 0, "the restarted worker served nothing"
+    assert _scrape(srv.metrics_port)[restarts] == 1
+    assert "a worker exited; restarting it" in srv.log() and "worker restarted" in srv.log()
+    assert srv.terminate() == 0, srv.log()  # SIGTERM drains both, the replacement included
+    assert not any(Path(f"/proc/{w['pid']}").exists() for w in _ready(srv)["workers"])
+
+
+def test_a_crash_loop_stops_the_server_with_one_message(tmp_path: Path, server_factory) -> None:
+    repo = tmp_path / "repo"
+    write_model(repo, "affine", affine_model(), "max_batch_size: 8\n")
+    srv = server_factory(repo, "--workers", "2", "--worker-crash-limit", "3", "--worker-crash-window-secs", "600")
+    pid = srv.ready["workers"][0]["pid"]
+    for death in range(1, 3):  # two deaths: each worker comes back
+        os.kill(pid, signal.SIGKILL)
+        _replaced(srv, pid)
+        pid = _ready(srv)["workers"][0]["pid"]  # listed by worker slot
+        assert _scrape(srv.metrics_port)[("cnnserve_worker_restarts_total", (("worker", "0"),))] == death
+    survivor = srv.ready["workers"][1]["pid"]
+    os.kill(pid, signal.SIGKILL)  # the third within the window
     assert srv.proc.wait(60) == 1, srv.log()
-    assert "a worker exited" in srv.log()
-    assert not Path(f"/proc/{survivor['pid']}").exists()
+    log = srv.log()
+    assert log.count("crash-looping") == 1 and "3 exits within 600 s" in log and "--worker-crash-limit 3" in log
+    assert not Path(f"/proc/{survivor}").exists()
+
+
+def test_a_worker_that_cannot_start_stops_the_server_without_retrying(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_model(repo, "affine", affine_model(), "max_batch_size: 8\n")
+    with pytest.raises(RuntimeError, match="exited with 1") as ei:
+        start_server(repo, tmp_path, "--workers", "2", "--backend-module", "cnnserve_no_such_module")
+    assert "a worker exited before it served" in str(ei.value) and "restarting" not in str(ei.value)
+
+
+def test_crash_loop_flags_are_checked(tmp_path: Path) -> None:
+    for flags in (["--worker-crash-limit", "0"], ["--worker-crash-window-secs", "0"]):
+        res = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(tmp_path), "--workers", "2",
+                              *flags], capture_output=True, text=True, timeout=60)
+        assert res.returncode != 0 and "--worker-crash-limit must be >= 1" in res.stderr, res.stderr

@@ -5,7 +5,9 @@ KServe v2; rest_vision.py: the vision API): its handlers translate HTTP into dat
 results into HTTP. Registering one is one line in server.app.REST_BINDINGS. What every route gets from
 here, once: the access-key guard (before the body is read), the body limits (`RestBody`), and the
 error answer: any failure is an `InferError` (or becomes INTERNAL through `status_of`) answered with
-`InferError.http_status` and the v2 error body `{"error": "..."}`.
+`InferError.http_status` and the v2 error body `{"error": "..."}`. What a body may be (its
+Content-Encoding inflated off the loop under the size cap, standard JSON only, tensor data of its
+declared datatype and range) is server/bindings/http_body.py.
 
 Limits: bodies over --http-max-input-size are refused (413) from their Content-Length before they are
 read, or as soon as they pass it; a body must arrive within --http-body-timeout-secs (408, connection
@@ -16,15 +18,14 @@ and fields are capped at --http-max-header-bytes (aiohttp answers 400).
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TypeVar
 
-import grpc
 from aiohttp import web
 
 from server.access import AccessPolicy
+from server.bindings.http_body import decode_body, loads, too_large, too_slow
 from server.dataplane.plane import DataPlane
 from server.errors import InferError, invalid, status_of
 from server.tls import TlsFiles
@@ -59,16 +60,6 @@ class HttpLimits:
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
-
-
-def too_large(message: str) -> InferError:
-    """413: HTTP's own status for a body over the limit (RESOURCE_EXHAUSTED had it come over gRPC)."""
-    return InferError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, http_status=413)
-
-
-def too_slow(message: str) -> InferError:
-    """408: HTTP's own status for a body that did not arrive in time."""
-    return InferError(grpc.StatusCode.DEADLINE_EXCEEDED, message, http_status=408)
 
 
 def field(obj: dict, key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -106,13 +97,14 @@ class RestBody:
                            "(--http-body-timeout-secs)") from None
 
     async def content(self, request: web.Request) -> bytes:
-        return await self.read(request, request.read)
+        """The body as sent before its Content-Encoding (inflated off the loop under the size cap)."""
+        return await decode_body(request, await self.read(request, request.read), self.limits.max_input_size)
 
     async def json(self, data: bytes | memoryview, what: str) -> Any:
         try:
             if len(data) > _OFFLOAD_JSON_BYTES:
-                return await asyncio.to_thread(json.loads, bytes(data))
-            return json.loads(bytes(data))
+                return await asyncio.to_thread(loads, bytes(data))
+            return loads(bytes(data))
         except (ValueError, UnicodeDecodeError) as exc:
             raise invalid(f"{what} is not valid JSON: {exc}") from None
         except RecursionError:
@@ -190,6 +182,7 @@ class RestServer:
         runner = web.AppRunner(
             self.app(), handle_signals=False, access_log=None,
             shutdown_timeout=1.0,  # stop() runs after the drain: no inference is left in flight
+            auto_decompress=False,  # bodies are inflated by http_body.py: bounded, off the loop
             keepalive_timeout=self.limits.idle_timeout_s,
             # After an answer that left the body unread (413, 408, a refused key), aiohttp drains the rest
             # so the client reads the answer rather than a reset; 10 s by default, 1 s here.

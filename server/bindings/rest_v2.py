@@ -38,6 +38,7 @@ from aiohttp import web
 from cnncore.datatypes import from_numpy
 from cnncore.protojson import message_to_dict
 from server.bindings import v2_messages as v2
+from server.bindings.http_body import tensor_values, uint64_field
 from server.bindings.rest import RestBody, RestRoute, field
 from server.dataplane.normalize import OutputIn
 from server.dataplane.plane import DataPlane, OutputTensor
@@ -94,7 +95,7 @@ def _tensors_in(inputs: list, binary: memoryview) -> list[TensorIn]:
                               f"({len(binary) - offset} bytes left after the header)")
             raw = binary[offset:offset + size]
             offset += size
-        values = _flatten(t["data"], where) if "data" in t else None
+        values = tensor_values(_flatten(t["data"], where), datatype, where) if "data" in t else None
         tensors.append(TensorIn(name, datatype, tuple(shape), raw=raw, values=values, values_field="data",
                                 raw_field="parameters.binary_data_size", parameters=params))
     if offset != len(binary):
@@ -210,9 +211,8 @@ class KServeV2Routes:
     async def shm_register(self, request: web.Request) -> web.Response:
         doc = await self.body.json_object(request, "register request")
         where = "register request"
-        offset, size = field(doc, "offset", int, where, 0), field(doc, "byte_size", int, where)
-        if offset < 0 or size < 0:
-            raise invalid(f"{where}: 'offset' and 'byte_size' must not be negative")
+        offset = uint64_field(field(doc, "offset", int, where, 0), "offset", where)
+        size = uint64_field(field(doc, "byte_size", int, where), "byte_size", where)
         self.plane.register_region(request.match_info["region"], field(doc, "key", str, where), offset, size)
         return web.Response(status=200)
 

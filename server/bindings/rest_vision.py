@@ -16,6 +16,7 @@ from aiohttp import web
 
 from cnncore.postprocess import DEFAULT_SCORE_THRESHOLD
 from cnncore.protojson import message_to_dict
+from server.bindings.http_body import FORM_ERRORS, refuse_encoded_form
 from server.bindings.rest import RestBody, RestRoute
 from server.bindings.vision_messages import to_message
 from server.dataplane.plane import DataPlane
@@ -61,9 +62,10 @@ class VisionRoutes:
         """The pictures of a vision request: the body itself, or every file part of a multipart form."""
         ctype = request.content_type.lower()
         if ctype == "multipart/form-data":
+            refuse_encoded_form(request)
             try:
                 form = await self.body.read(request, request.post)
-            except ValueError as exc:
+            except FORM_ERRORS as exc:
                 raise invalid(f"unreadable multipart/form-data body: {exc}") from None
             files = [v for v in form.values() if isinstance(v, web.FileField)]
             if not files:

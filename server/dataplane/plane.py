@@ -25,7 +25,7 @@ import numpy as np
 from server.dataplane.model import ServedModel
 from server.dataplane.normalize import InferenceRequest, OutputIn, normalize
 from server.dataplane.state import ServerState
-from server.dataplane.tensors import TensorIn
+from server.dataplane.tensors import TensorIn, raw_view
 from server.dataplane.vision import DEFAULT_VISION_THREADS, VisionCalls
 from server.errors import InferError, echo, invalid, unavailable
 from server.repository import ModelRepository, ModelState
@@ -139,7 +139,8 @@ class DataPlane:
             if target is None:
                 outputs.append(OutputTensor(name, results[name]))
             else:
-                outputs.append(OutputTensor(name, results[name], target.region.name, target.write(results[name])))
+                outputs.append(OutputTensor(name, results[name], target.region.name,
+                                            target.write(raw_view(results[name]))))
         return InferenceResponse(model.name, str(model.version), request.id, outputs)
 
     # -- repository -----------------------------------------------------------------------------------------
