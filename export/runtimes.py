@@ -52,13 +52,18 @@ def ort_runner(path: Path, threads: int = 2) -> Runner:
 
 
 def openvino_runner(path: Path, threads: int = 2) -> Runner:
+    return _openvino_runner(path, threads, "f32")
+
+
+def _openvino_runner(path: Path, threads: int, inference_precision: str) -> Runner:
     try:
         import openvino as ov
     except ImportError as exc:
         raise RuntimeMissing(f"openvino is not installed ({exc}); pip install openvino") from None
     core = ov.Core()
     compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-        "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+        "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": inference_precision,
+        "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
     outputs = [o.get_any_name() for o in compiled.outputs]
 
@@ -75,6 +80,28 @@ def runner(path: Path, runtime: str, threads: int = 2) -> Runner:
     if runtime == "openvino":
         return openvino_runner(path, threads)
     raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+
+
+def variant_runner(path: Path, precision: str, runtime: str, threads: int = 2) -> Runner:
+    """A runner of one served variant: BF16 is the FP32 file on OpenVINO with INFERENCE_PRECISION_HINT
+    bf16 (the config parameter export writes for it); FP32 and INT8 run as `runner` runs them."""
+    if precision == "bf16":
+        if runtime != "openvino":
+            raise ValueError(f"bf16 is served by openvino only, not {runtime!r}")
+        return _openvino_runner(path, threads, "bf16")
+    return runner(path, runtime, threads)
+
+
+def served_runner(model_dir: Path, version: int = 1, threads: int = 2) -> Runner:
+    """The variant a repository model's config.pbtxt serves, run in this process as the server runs it:
+    the runtime, file and INFERENCE_PRECISION_HINT the config names (tests compare the server with it)."""
+    from cnncore.config import load_config
+
+    cfg = load_config(model_dir)
+    runtime = cfg.backend or "onnxruntime"
+    path = Path(model_dir) / str(version) / (cfg.default_model_filename or "model.onnx")
+    hint = cfg.parameters["INFERENCE_PRECISION_HINT"].string_value if "INFERENCE_PRECISION_HINT" in cfg.parameters else ""
+    return variant_runner(path, "bf16" if hint == "bf16" else "fp32", runtime, threads)
 
 
 def throughput(run: Runner, sample: np.ndarray, batch: int, seconds: float = 0.5, warmup: bool = True,

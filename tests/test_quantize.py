@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import ROOT
 
 pytest.importorskip("nncf")
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.precision]
 
 
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
