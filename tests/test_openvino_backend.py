@@ -15,7 +15,6 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper
 
