@@ -259,4 +259,4 @@ def test_bf16_is_the_fp32_file_on_openvino_with_the_precision_hint(tmp_path: Pat
 
     backend = OpenVinoBackend(d / "1" / "model.onnx", BackendOptions(
         max_batch_size=4, extra=(("INFERENCE_PRECISION_HINT", "bf16"),)))
-    assert "bf16" in str(backend.compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+    assert "bfloat16" in str(backend.compiled.get_property("INFERENCE_PRECISION_HINT"))
