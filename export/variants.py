@@ -26,7 +26,8 @@ from cnncore.artifacts import ONNX_FILENAME, file_sha256
 from cnncore.cpu import CpuInfo, current_cpu
 from cnncore.spec import GatedVariant, GateFigure, ModelMeta, ServingChoice
 from export.accuracy_gate import GateRefused, GateThresholds, check, describe, run_gate
-from export.quantize import EXCLUDE_NODES, QuantizationError, QuantizeResult, quantize_onnx
+from export.quantize import (EXCLUDE_NODES, FAST_BIAS_CORRECTION_ONLY, QuantizationError, QuantizeResult,
+                             quantize_onnx)
 from export.repository import PARITY_FILENAME, StagedModel
 from export.runtimes import Runner, RuntimeMissing, available_runtimes, throughput, variant_runner
 
@@ -202,7 +203,8 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
                 if "openvino" in runtimes:
                     files[INT8_OPENVINO_FILENAME] = quantize_onnx(
                         fp32_file, fp32_file.with_name(INT8_OPENVINO_FILENAME), calib, description=desc,
-                        exclude=EXCLUDE_NODES.get(name, ()), flavor="openvino").path
+                        exclude=EXCLUDE_NODES.get(name, ()), flavor="openvino",
+                        full_bias_correction=name not in FAST_BIAS_CORRECTION_ONLY).path
             import onnx
 
             from export.trt_lint import lint_model
