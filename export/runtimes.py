@@ -94,13 +94,21 @@ def variant_runner(path: Path, precision: str, runtime: str, threads: int = 2) -
 
 def served_runner(model_dir: Path, version: int = 1, threads: int = 2) -> Runner:
     """The variant a repository model's config.pbtxt serves, run in this process as the server runs it:
-    the runtime, file and INFERENCE_PRECISION_HINT the config names (tests compare the server with it)."""
+    the runtime, file and INFERENCE_PRECISION_HINT the config names, or the variant this CPU re-selects
+    (cnncore/variant_select.py) (tests compare the server with it)."""
     from cnncore.config import load_config
+    from cnncore.spec import META_FILENAME, ModelMeta
+    from cnncore.variant_select import reselect
 
     cfg = load_config(model_dir)
     runtime = cfg.backend or "onnxruntime"
     path = Path(model_dir) / str(version) / (cfg.default_model_filename or "model.onnx")
     hint = cfg.parameters["INFERENCE_PRECISION_HINT"].string_value if "INFERENCE_PRECISION_HINT" in cfg.parameters else ""
+    # on a CPU whose flags differ from export's, the server serves another gated variant: so does this
+    choice = reselect(ModelMeta.read(model_dir)) if (Path(model_dir) / META_FILENAME).is_file() else None
+    if choice is not None:
+        v = choice.variant
+        return variant_runner(path.with_name(v.file), v.precision, v.runtime, threads)
     return variant_runner(path, "bf16" if hint == "bf16" else "fp32", runtime, threads)
 
 

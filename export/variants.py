@@ -151,6 +151,11 @@ def _previous_choice(staged: StagedModel, previous: Path | None, options: Varian
                    parity=parity, variant_files=tuple(sorted((f, p) for f, p in files.items())))
 
 
+def _unpathed(exc: Exception, path: Path) -> str:
+    """The error without the export's temporary directory (model.json carries no build-machine paths)."""
+    return str(exc).replace(f"{path}: ", "").replace(str(path.parent) + "/", "")
+
+
 def _candidates(name: str, options: VariantOptions, cpu: CpuInfo) -> tuple[list[str], list[str]]:
     """(precisions, runtimes) to consider: the pins, or everything this machine can run."""
     runtimes = available_runtimes() if options.runtime == "auto" else [options.runtime]
@@ -201,10 +206,13 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
                                       description=desc, exclude=EXCLUDE_NODES.get(name, ()))
                 files[INT8_FILENAME] = quant.path
                 if "openvino" in runtimes:
-                    files[INT8_OPENVINO_FILENAME] = quantize_onnx(
-                        fp32_file, fp32_file.with_name(INT8_OPENVINO_FILENAME), calib, description=desc,
-                        exclude=EXCLUDE_NODES.get(name, ()), flavor="openvino",
-                        full_bias_correction=name not in FAST_BIAS_CORRECTION_ONLY).path
+                    try:
+                        files[INT8_OPENVINO_FILENAME] = quantize_onnx(
+                            fp32_file, fp32_file.with_name(INT8_OPENVINO_FILENAME), calib, description=desc,
+                            exclude=EXCLUDE_NODES.get(name, ()), flavor="openvino",
+                            full_bias_correction=name not in FAST_BIAS_CORRECTION_ONLY).path
+                    except QuantizationError as exc:  # OpenVINO's own file only: the other INT8 stays
+                        notes.append(f"no INT8 for OpenVINO: {_unpathed(exc, fp32_file)}")
             import onnx
 
             from export.trt_lint import lint_model
@@ -215,10 +223,11 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
         except (CalibrationDataMissing, QuantizationError) as exc:
             if options.precision == "int8":
                 raise VariantRefused(f"{name}: cannot build INT8: {exc}") from None
-            notes.append(f"no INT8: {exc}")
+            notes.append(f"no INT8: {_unpathed(exc, fp32_file)}")
             precisions = [p for p in precisions if p != "int8"]
 
-    candidates = [(p, r) for p in precisions for r in runtimes if p != "bf16" or r == "openvino"]
+    candidates = [(p, r) for p in precisions for r in runtimes if (p != "bf16" or r == "openvino")
+                  and variant_file(p, r) in files]
     tp: dict[str, float] = {}
     # The sessions built for the speed measurement serve the accuracy gate too, rather than loading and
     # optimising the same file a second time and holding it in memory twice.

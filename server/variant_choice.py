@@ -6,50 +6,22 @@ on, serves the fastest that passes the accuracy gate, and records in model.json 
 (serving.variants). A repository built on one machine may be served on another: BF16 without AMX runs
 at 0.7x FP32, INT8 without VNNI loses its edge. When this CPU's flags (cnncore.cpu: /proc/cpuinfo less
 what ONEDNN_MAX_CPU_ISA hides) differ from the recorded ones, the server serves the first recorded
-variant whose needs this CPU meets (FP32 needs nothing, so there always is one) and logs which and why.
-A choice pinned at export (--precision / --runtime) is kept as it is.
+variant whose needs this CPU meets (FP32 needs nothing, so there always is one; cnncore/variant_select.py)
+and logs which and why. A choice pinned at export (--precision / --runtime) is kept as it is.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
-from cnncore.cpu import CpuInfo, current_cpu
-from cnncore.spec import GatedVariant, ModelMeta
+from cnncore.cpu import CpuInfo
+from cnncore.spec import ModelMeta
+from cnncore.variant_select import reselect
 from protos import model_config_pb2 as mc
 
 log = logging.getLogger("cnnserve.variant_choice")
 
 # config parameters a variant sets; cleared before the chosen variant's are applied
 VARIANT_PARAMETERS = ("INFERENCE_PRECISION_HINT",)
-
-
-@dataclass(frozen=True)
-class Reselection:
-    variant: GatedVariant
-    reason: str
-
-
-def reselect(meta: ModelMeta | None, cpu: CpuInfo | None = None) -> Reselection | None:
-    """The variant to serve instead of the recorded choice, or None to keep the recorded choice."""
-    serving = meta.serving if meta is not None else None
-    if serving is None or serving.pinned or serving.cpu is None or not serving.variants:
-        return None
-    cpu = cpu or current_cpu()
-    if cpu.same_features(serving.cpu):
-        return None
-    usable = [v for v in serving.variants if all(cpu.has(f) for f in v.needs)]
-    if not usable:
-        return None
-    best = usable[0]
-    if (best.precision, best.runtime) == (serving.precision, serving.runtime):
-        return None
-    skipped = [f"{v.precision}/{v.runtime} (needs {'/'.join(n for n in v.needs if not cpu.has(n))})"
-               for v in serving.variants[:serving.variants.index(best)]]
-    reason = (f"measured on {serving.cpu.summary()}, serving on {cpu.summary()}: "
-              f"{serving.precision}/{serving.runtime} -> {best.precision}/{best.runtime}"
-              + (f"; this CPU lacks what {', '.join(skipped)} need" if skipped else ""))
-    return Reselection(best, reason)
 
 
 def apply(cfg: mc.ModelConfig, meta: ModelMeta | None, model: str, cpu: CpuInfo | None = None) -> None:

@@ -22,6 +22,7 @@ from conftest import affine_model, pool_model, write_model
 from server.backends.base import BackendOptions
 from server.backends.openvino_backend import OpenVinoBackend
 from server.backends.ort_backend import OrtBackend
+from server import variant_choice
 from server.repository import ModelRepository
 
 pytest.importorskip("openvino")
@@ -146,13 +147,15 @@ def test_every_default_model_matches_onnxruntime(default_repository: Path) -> No
         else:
             for k in want:
                 _close(got[k], want[k], FP32_RTOL, f"{name}.{k} FP32")
-        # the served variant: the server's backend vs the same runtime and precision in this process
+        # the served variant (re-selected as the server does where this CPU's flags differ from the
+        # build's): the server's backend vs the same runtime and precision in this process
+        variant_choice.apply(cfg, meta, name)
         served = d / "1" / (cfg.default_model_filename or "model.onnx")
         extra = tuple((k, v.string_value) for k, v in cfg.parameters.items() if k == "INFERENCE_PRECISION_HINT")
         backend_cls = OpenVinoBackend if cfg.backend == "openvino" else OrtBackend
         backend = backend_cls(served, BackendOptions(intra_op_threads=2, max_batch_size=32, extra=extra))
         got, want = backend.execute(feed), served_runner(d)(feed[ort_b.inputs[0].name])
-        precision = meta.serving.precision if meta.serving else "fp32"
+        precision = cfg.parameters["precision"].string_value.lower() or "fp32"
         for k in want:
             if meta.task.value == "detection":
                 _detections_match(got, want, f"{name} served")

@@ -79,7 +79,7 @@ def test_a_cpu_without_amx_serves_the_next_gated_variant_and_a_pin_stays(
 
 
 def test_recorded_flags_decide_only_where_they_differ() -> None:
-    from server.variant_choice import reselect
+    from cnncore.variant_select import reselect
 
     vnni = CpuInfo(flags={"avx512_vnni": True}, cores=2)
     meta = ModelMeta(name="m", task=Task.classification, preprocess=PreprocessSpec(input_size=(8, 8)),
