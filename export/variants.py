@@ -288,7 +288,8 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
             continue
         passing.append((p, r))
     if not passing:
-        raise VariantRefused(refusals[0] if refusals else f"{name}: no variant to serve")
+        raise VariantRefused(refusals[0] if refusals else
+                             f"{name}: no variant to serve" + (f" ({'; '.join(notes)})" if notes else ""))
     chosen = passing[0]
     if refusals:
         notes.append("refused by the accuracy gate: " + ", ".join(k for k, f in gated.items() if not all(x.passed for x in f)))
