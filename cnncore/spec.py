@@ -78,6 +78,9 @@ class GatedVariant(BaseModel):
     parameters: dict[str, str] = Field(default_factory=dict, description="config parameters it is served with")
     images_per_s: float = Field(default=0.0, description="geometric mean of batch 1 and 8 where measured")
     needs: list[str] = Field(default_factory=list)
+    gated_on: dict[str, bool] = Field(
+        default_factory=dict, description="CPU flags whose kernels its gate figures came from: it is served "
+        "only where they are the same (OpenVINO's INT8 segmenters pass with AMX, fail without)")
 
 
 class ServingChoice(BaseModel):

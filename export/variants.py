@@ -40,6 +40,9 @@ INT8_OPENVINO_FILENAME = "model.int8.openvino.onnx"  # unsigned activations, ful
 # CPU flags without which a variant measured slower than FP32 (issue 18's measurements: BF16 0.71x
 # without AMX; INT8 needs VNNI dot products to beat FP32's FMA kernels).
 NEEDS: dict[str, list[str]] = {"bf16": ["amx_bf16"], "int8": ["avx512_vnni"]}
+# The flags that pick the kernels a variant's gate figures came from: served elsewhere only where they
+# are the same (measured: OpenVINO's INT8 segmenters 0.910 / 0.909 mIoU with AMX, 0.746 / 0.189 without).
+GATED_ON: dict[str, tuple[str, ...]] = {"bf16": ("avx512_bf16", "amx_bf16"), "int8": ("avx512_vnni", "amx_int8")}
 
 
 class VariantRefused(RuntimeError):
@@ -311,7 +314,8 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
         kept_files.add(INT8_FILENAME)  # the TensorRT-readable file `export engine` builds from, gated or not
     variants = [GatedVariant(precision=p, runtime=r, file=variant_file(p, r), parameters=variant_parameters(p, r),
                              images_per_s=round(score(tp, p, r), 1) if f"{p}/{r}/b1" in tp else 0.0,
-                             needs=NEEDS.get(p, [])) for p, r in passing]
+                             needs=NEEDS.get(p, []), gated_on={f: cpu.has(f) for f in GATED_ON.get(p, ())})
+                for p, r in passing]
     fp32_sha = staged.parity["onnx_sha256"]  # the pipeline hashed the FP32 parent already
     serving = ServingChoice(precision=precision, runtime=runtime, reason=reason, throughput=tp, gate=gate,
                             calibration=quant.calibration if quant else "",
