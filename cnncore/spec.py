@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cnncore.cpu import CpuInfo
+
 META_FILENAME = "model.json"
 
 
@@ -46,19 +48,39 @@ class PreprocessSpec(BaseModel):
 
 
 class GateFigure(BaseModel):
-    """One accuracy-gate measurement: the task's metric for the INT8 artifact beside its FP32 parent."""
+    """One accuracy-gate measurement: the task's metric for a candidate (INT8 or BF16; the field keeps
+    its historical name `int8`) beside its FP32 parent."""
 
     model_config = ConfigDict(extra="forbid")
 
     metric: str
     fp32: float
     int8: float
-    rule: Literal["drop", "relative_increase"] = Field(
+    rule: Literal["drop", "relative_increase", "at_least", "at_most"] = Field(
         description="drop: fp32 - int8 <= threshold (higher is better); relative_increase: "
-                    "int8 <= fp32 * (1 + threshold) (lower is better)")
+                    "int8 <= fp32 * (1 + threshold) (lower is better); at_least / at_most: the candidate's "
+                    "value against the threshold alone (fp32 then holds FP32's own reference figure)")
     threshold: float
     held_out: str = ""
     passed: bool = True
+    variant: str = Field(default="", description="the candidate measured, '<precision>/<runtime>'")
+
+
+class GatedVariant(BaseModel):
+    """One variant `export` kept in the version directory: what it is, how fast it ran where it was
+    measured, and the CPU flags without which it would be slower than FP32 (server/variant_choice.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    precision: Literal["fp32", "bf16", "int8"]
+    runtime: Literal["onnxruntime", "openvino"]
+    file: str
+    parameters: dict[str, str] = Field(default_factory=dict, description="config parameters it is served with")
+    images_per_s: float = Field(default=0.0, description="geometric mean of batch 1 and 8 where measured")
+    needs: list[str] = Field(default_factory=list)
+    gated_on: dict[str, bool] = Field(
+        default_factory=dict, description="CPU flags whose kernels its gate figures came from: it is served "
+        "only where they are the same (OpenVINO's INT8 segmenters pass with AMX, fail without)")
 
 
 class ServingChoice(BaseModel):
@@ -66,9 +88,12 @@ class ServingChoice(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    precision: Literal["fp32", "int8"] = "fp32"
+    precision: Literal["fp32", "bf16", "int8"] = "fp32"
     runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
     reason: str = ""
+    pinned: bool = Field(default=False, description="--precision/--runtime chose it: the server keeps it")
+    cpu: CpuInfo | None = Field(default=None, description="the CPU the speeds were measured on")
+    variants: list[GatedVariant] = Field(default_factory=list, description="every variant that passed, fastest first")
     # images/s on the exporting machine, keyed "<precision>/<runtime>/b<batch>"
     throughput: dict[str, float] = Field(default_factory=dict)
     gate: list[GateFigure] = Field(default_factory=list)

@@ -104,8 +104,8 @@ def _served_summary(repo: Path, name: str) -> tuple[str, str]:
         return f"unreadable model.json: {exc}".splitlines()[0], ""
     if serving is None:
         return "fp32/onnxruntime", ""
-    gate = ", ".join(f"{f.metric}: INT8 {f.int8:.4g} vs FP32 {f.fp32:.4g}{'' if f.passed else ' (refused)'}"
-                     for f in serving.gate)
+    gate = ", ".join(f"{f.metric}: {(f.variant or 'int8').split('/')[0].upper()} {f.int8:.4g} vs FP32 {f.fp32:.4g}"
+                     f"{'' if f.passed else ' (refused)'}" for f in serving.gate)
     return f"{serving.precision}/{serving.runtime}", gate
 
 
@@ -144,7 +144,11 @@ def _describe_serving(console, repo: Path, name: str) -> None:
     for f in serving.gate:
         console.print(f"  gate {'[green]passed[/]' if f.passed else '[red]refused[/]'}: {describe(f)} on {f.held_out}")
     if serving.throughput:
-        console.print("  images/s here: " + ", ".join(f"{k} {v:g}" for k, v in sorted(serving.throughput.items())))
+        where = f" (on {serving.cpu.summary()})" if serving.cpu else ""
+        console.print(f"  images/s measured{where}: " + ", ".join(f"{k} {v:g}" for k, v in sorted(serving.throughput.items())))
+    for v in serving.variants:
+        needs = f", needs {'/'.join(v.needs)}" if v.needs else ""
+        console.print(f"  gated variant {v.precision}/{v.runtime}: {v.file} {v.images_per_s:g} img/s{needs}")
 
 
 def _options(args: argparse.Namespace):
@@ -208,6 +212,8 @@ def _export_into(repo: Path, names: Sequence[str], args: argparse.Namespace) -> 
     for path, o in zip(written, outcomes):
         serving = o.staged.meta.serving
         served = f", {serving.precision.upper()} on {serving.runtime}: {serving.reason}" if serving else ""
+        if serving and serving.cpu:
+            served += f"; measured on {serving.cpu.summary()}"
         onnx_file = path / str(o.staged.version) / ONNX_FILENAME
         console.print(f"[bold]{o.staged.name}[/] -> {onnx_file} ({onnx_file.stat().st_size / 1e6:.1f} MB{served})")
     return 0
@@ -257,7 +263,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 # --- parser ---------------------------------------------------------------------------------------
 
-def _add_export_options(p: argparse.ArgumentParser, precision: str = "fp32", runtime: str = "onnxruntime") -> None:
+def _add_export_options(p: argparse.ArgumentParser, precision: str = "auto", runtime: str = "auto") -> None:
     from export.defaults import (DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, GATE_ACCURACY_POINTS, GATE_MAP50,
                                  GATE_MIOU, GATE_MSE_RELATIVE, INPUT_DTYPES, PRECISION_CHOICES, RUNTIME_CHOICES)
 
@@ -283,8 +289,9 @@ def _add_export_options(p: argparse.ArgumentParser, precision: str = "fp32", run
                    help="uint8: the served model takes UINT8 pixels [N,C,H,W] and normalizes them in its graph "
                         "(4x fewer bytes per image; checked against the FP32 parent) (default: %(default)s)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=precision,
-                   help="served precision: int8 = QDQ INT8 calibrated on real data, served only if it passes the "
-                        "accuracy gate; auto = build both, serve the fastest that passes (default: %(default)s)")
+                   help="served precision: int8 = QDQ INT8 calibrated on real data, bf16 = the FP32 file run in "
+                        "bfloat16 by OpenVINO, each served only if it passes the accuracy gate; auto = build them "
+                        "all, serve the fastest that passes on this machine (default: %(default)s)")
     p.add_argument("--runtime", choices=RUNTIME_CHOICES, default=runtime,
                    help="served runtime; auto = measure both here, serve the fastest (default: %(default)s)")
     p.add_argument("--gate-accuracy", type=float, default=GATE_ACCURACY_POINTS, metavar="POINTS",
@@ -321,11 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_onnx)
     p = sub.add_parser("quantize", help="export one model as QDQ INT8 behind the accuracy gate (refused: not written)")
     p.add_argument("name", help="registry model name")
-    _add_export_options(p, precision="int8", runtime="auto")
+    _add_export_options(p, precision="int8")
     p.set_defaults(func=cmd_onnx)
     p = sub.add_parser("repository", help="build the default repository (all served_by_default models)")
     p.add_argument("--models", nargs="+", default=None, help="export these instead of the default set")
-    _add_export_options(p, precision="auto", runtime="auto")
+    _add_export_options(p)
     p.set_defaults(func=cmd_repository)
     p = sub.add_parser("lint", help="TensorRT 10 compatibility lint of any ONNX file")
     p.add_argument("file", help="path to a .onnx file")

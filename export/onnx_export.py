@@ -60,6 +60,37 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
+# Node metadata the dynamo exporter writes with the building machine's absolute source paths.
+BUILD_PATH_KEYS = ("pkg.torch.onnx.stack_trace",)
+
+
+def _graphs(g: onnx.GraphProto):  # type: ignore[no-untyped-def]
+    yield g
+    for node in g.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _graphs(sub)
+
+
+def strip_build_paths(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """`model` without the exporter's stack traces (absolute paths of the machine that built it, which
+    made the artifact, and its hash, depend on where the checkout lives); None when it had none. The
+    rest of the metadata (module names, fx nodes) carries no paths and stays."""
+    removed = 0
+    nodes = [n for g in _graphs(model.graph) for n in g.node] + [n for f in model.functions for n in f.node]
+    for node in nodes:
+        keep = [p for p in node.metadata_props if p.key not in BUILD_PATH_KEYS]
+        if len(keep) != len(node.metadata_props):
+            removed += len(node.metadata_props) - len(keep)
+            saved = [(p.key, p.value) for p in keep]
+            del node.metadata_props[:]
+            for k, v in saved:
+                node.metadata_props.add(key=k, value=v)
+    return model if removed else None
+
+
 def export_onnx(
     model: nn.Module,
     entry: ModelEntry,
@@ -104,6 +135,10 @@ def export_onnx(
     stray = [p.name for p in path.parent.iterdir() if p.name.startswith(path.name) and p != path]
     if stray:
         raise ExportError(f"{entry.name}: exporter wrote external data {stray}; expected one file")
+
+    stripped = strip_build_paths(onnx.load(str(path), load_external_data=False))
+    if stripped:
+        onnx.save(stripped, str(path))
 
     try:
         # full_check runs strict shape inference too; path-based so >2 GB models would still work

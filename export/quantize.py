@@ -34,7 +34,12 @@ import onnx
 QUANTIZE_OP_TYPES: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Node-name patterns kept FP32 per model, where INT8 measured worse than the gate allows (or no faster).
 EXCLUDE_NODES: dict[str, tuple[str, ...]] = {}
+# Models whose OpenVINO file gets NNCF's fast bias correction: the full one fails on their graph after
+# minutes of statistics (the detector: KeyError 'node_conv2d_52' cutting the per-layer subgraphs).
+FAST_BIAS_CORRECTION_ONLY: frozenset[str] = frozenset({"shapes_detector"})
 CALIBRATION_BATCH = 8
+# "tensorrt": signed, zero point 0, fast bias correction; "openvino": unsigned ReLU outputs, full bias correction
+FLAVORS: tuple[str, ...] = ("tensorrt", "openvino")
 
 
 class QuantizationError(RuntimeError):
@@ -82,8 +87,16 @@ class _Reader:
 
 
 def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, description: str = "",
-                  exclude: Sequence[str] = (), backend: str = "nncf") -> QuantizeResult:
+                  exclude: Sequence[str] = (), backend: str = "nncf", flavor: str = "tensorrt",
+                  full_bias_correction: bool = True) -> QuantizeResult:
     """Write the QDQ INT8 model of `fp32_path` to `out_path`, calibrated on `calibration` [N, C, H, W].
+
+    `flavor` (NNCF only): "tensorrt", every quantizer signed with zero point 0 and fast bias correction
+    (the file TensorRT and ONNX Runtime read; `python -m export engine` builds from it); "openvino",
+    NNCF's own unsigned activation quantizers for non-negative tensors and full bias correction: the
+    bit the sign would take stays with the range, and OpenVINO runs that file fastest and closest to
+    FP32 (README, "INT8 and OpenVINO"). `full_bias_correction=False` keeps the fast one for that flavor
+    (FAST_BIAS_CORRECTION_ONLY); where the full one fails anyway, the fast one is used.
 
     `exclude`: regular expressions of node names kept FP32. QuantizationError names what is wrong
     (no such file, not a valid ONNX model, no calibration data, the quantizer's own failure)."""
@@ -99,8 +112,11 @@ def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, d
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        if flavor not in FLAVORS:
+            raise ValueError(f"unknown INT8 flavor {flavor!r} ({', '.join(FLAVORS)})")
         if backend == "nncf":
-            _quantize_nncf(model, out_path, inputs[0], data, excluded)
+            _quantize_nncf(model, out_path, inputs[0], data, excluded, signed=flavor == "tensorrt",
+                           full_bias_correction=full_bias_correction)
         elif backend == "onnxruntime":
             _quantize_ort(Path(fp32_path), out_path, inputs[0], data, excluded)
         else:
@@ -112,18 +128,32 @@ def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, d
 
 
 def _quantize_nncf(model: onnx.ModelProto, out_path: Path, input_name: str, data: np.ndarray,
-                   excluded: list[str]) -> None:
+                   excluded: list[str], signed: bool = True, full_bias_correction: bool = True) -> None:
     import nncf
 
     dataset = nncf.Dataset([data[i:i + 1] for i in range(len(data))], lambda x: {input_name: x})
-    quantized = nncf.quantize(
-        model, dataset,
-        preset=nncf.QuantizationPreset.PERFORMANCE,  # symmetric weights and activations
-        subset_size=len(data),
-        fast_bias_correction=True,
-        ignored_scope=nncf.IgnoredScope(names=excluded, validate=False) if excluded else None,
-    )
-    onnx.save(signed_activations(quantized), str(out_path))
+
+    def run(fast_bias_correction: bool) -> onnx.ModelProto:
+        return nncf.quantize(
+            model, dataset,
+            preset=nncf.QuantizationPreset.PERFORMANCE,  # symmetric weights and activations
+            subset_size=len(data),
+            fast_bias_correction=fast_bias_correction,
+            ignored_scope=nncf.IgnoredScope(names=excluded, validate=False) if excluded else None,
+        )
+
+    if signed:
+        quantized = signed_activations(run(True))
+    elif not full_bias_correction:
+        quantized = run(True)
+    else:
+        try:
+            quantized = run(False)
+        except KeyError:
+            # NNCF's full bias correction cuts the graph into per-layer subgraphs, which fails on the
+            # detector's (KeyError 'node_conv2d_52', NNCF 2.x); its fast bias correction still works
+            quantized = run(True)
+    onnx.save(quantized, str(out_path))
 
 
 def signed_activations(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -134,6 +134,9 @@ class StagedModel:
     meta: ModelMeta
     parity: dict
     extra_files: tuple[tuple[str, str], ...] = ()  # (filename, text) beside config.pbtxt, e.g. labels.txt
+    # (filename, path) written into the version directory beside model.onnx: every gated variant
+    # (export/variants.py); one that is the served file itself becomes a hard link to model.onnx
+    variant_files: tuple[tuple[str, Path], ...] = ()
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -167,6 +170,11 @@ def _fill(tmp: Path, target: Path, staged: StagedModel) -> None:
     vdir = tmp / str(staged.version)
     vdir.mkdir()
     shutil.copyfile(staged.onnx_path, vdir / ONNX_FILENAME)
+    for fname, src in staged.variant_files:
+        if Path(src) == Path(staged.onnx_path):
+            _link_or_copy(str(vdir / ONNX_FILENAME), str(vdir / fname))
+        else:
+            shutil.copyfile(src, vdir / fname)
     for fname in (CONFIG_FILENAME, META_FILENAME, PARITY_FILENAME, *(f for f, _ in staged.extra_files)):
         (tmp / fname).unlink(missing_ok=True)  # hard links from the old dir: never write through them
     (tmp / CONFIG_FILENAME).write_text(render_config(staged.config))

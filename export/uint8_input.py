@@ -143,4 +143,8 @@ def uint8_variant(staged: StagedModel, step: Callable[[str], object] | None = No
             sample.inputs[meta.input_name].data_type = DataType.TYPE_UINT8
     parity = {**staged.parity, "uint8_input": {**report, "parent_sha256": file_sha256(staged.onnx_path),
                                                "onnx_sha256": file_sha256(path)}}
-    return replace(staged, onnx_path=path, config=config, parity=parity)
+    meta = staged.meta
+    if meta.serving is not None and meta.serving.variants:
+        # the kept variant files take float tensors: a server must not switch this model to one of them
+        meta = meta.model_copy(update={"serving": meta.serving.model_copy(update={"variants": []})})
+    return replace(staged, onnx_path=path, config=config, parity=parity, meta=meta)

@@ -36,7 +36,7 @@ from server.backends.base import (Backend, BackendOptions, BackendUnavailable, T
                                   create_backend)
 from server.scheduling.batcher import BatchSettings, DynamicBatcher
 from cnncore.datatypes import from_config, from_numpy, to_config
-from server import warmup
+from server import variant_choice, warmup
 from server.errors import InferError, echo, not_found, unavailable
 from server.dataplane.names import check_model_name, parse_version
 from server.dataplane.model import ServedModel
@@ -216,6 +216,7 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults) -> list[_Built]:
             meta = ModelMeta.read(model_dir)
         except (ValidationError, ValueError) as exc:
             raise LoadError(f"{model_dir / META_FILENAME}: invalid model metadata: {exc}") from None
+    variant_choice.apply(cfg, meta, name)  # another gated variant where this CPU's flags differ from export's
     backend = _backend_name(cfg, model_dir)
     if backend not in available_backends():
         raise LoadError(f"{model_dir / CONFIG_FILENAME}: unknown backend {backend!r}; "

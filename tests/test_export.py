@@ -100,7 +100,9 @@ def _snapshot(repo: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def exported_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("cli") / "model_repository"
-    out = _cli("onnx", CLI_MODEL, "--weights", "none", "--repository", str(repo), "--parity-batch-sizes", "1", "3")
+    # pinned: these tests look at the layout of one known variant (`onnx` chooses by measurement otherwise)
+    out = _cli("onnx", CLI_MODEL, "--weights", "none", "--repository", str(repo), "--parity-batch-sizes", "1", "3",
+               "--precision", "fp32", "--runtime", "onnxruntime")
     assert out.returncode == 0, out.stderr
     return repo
 
@@ -117,10 +119,31 @@ def test_cli_writes_triton_layout(exported_repo: Path):
     assert cfg.dynamic_batching.preferred_batch_size and cfg.instance_group[0].count >= 1
 
 
+def test_exported_onnx_carries_no_build_machine_paths(exported_repo: Path):
+    """The dynamo exporter's per-node stack traces name this checkout's absolute paths; export strips
+    them before hashing, so parity.json's hash is the written file's and the bytes do not depend on
+    where the repository was built."""
+    import json
+
+    import onnx
+
+    from cnncore.artifacts import file_sha256
+    from export.onnx_export import BUILD_PATH_KEYS
+
+    served = exported_repo / CLI_MODEL / "1" / "model.onnx"
+    proto = onnx.load(str(served))
+    assert proto.graph.node and not [p.key for n in proto.graph.node for p in n.metadata_props
+                                     if p.key in BUILD_PATH_KEYS]
+    assert any(n.metadata_props for n in proto.graph.node)  # the path-free metadata stays
+    assert str(ROOT).encode() not in served.read_bytes()
+    parity = json.loads((exported_repo / CLI_MODEL / "parity.json").read_text())
+    assert parity["onnx_sha256"] == file_sha256(served) == parity["served"]["onnx_sha256"]
+    assert parity["served"]["files"] == {"model.fp32.onnx": parity["onnx_sha256"]}
+
+
 def test_cli_reexport_is_idempotent(exported_repo: Path):
     before = _snapshot(exported_repo)
-    # `repository` defaults to choosing precision and runtime by measurement; with the options `onnx`
-    # defaults to (FP32 on ONNX Runtime) it must rewrite nothing.
+    # `repository` with the options the fixture pinned (FP32 on ONNX Runtime) must rewrite nothing.
     out = _cli("repository", "--models", CLI_MODEL, "--weights", "none", "--repository", str(exported_repo),
                "--parity-batch-sizes", "1", "3", "--precision", "fp32", "--runtime", "onnxruntime")
     assert out.returncode == 0, out.stderr

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import ROOT
 
 pytest.importorskip("nncf")
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.precision]
 
 
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -162,12 +162,21 @@ def test_default_repository_serves_the_fastest_gated_variant_and_says_which(defa
         assert cfg.backend == serving.runtime, name
         assert cfg.parameters["precision"].string_value == serving.precision.upper(), name
         assert is_qdq(onnx.load(str(d / "1" / "model.onnx"), load_external_data=False)) == (serving.precision == "int8")
-        if serving.precision == "int8":
+        # every gated variant stays, fastest first, with the CPU it was measured on
+        assert serving.cpu is not None and serving.variants, name
+        assert (serving.variants[0].precision, serving.variants[0].runtime) == (serving.precision, serving.runtime)
+        assert any(v.precision == "fp32" for v in serving.variants), name
+        for v in serving.variants:
+            assert (d / "1" / v.file).is_file(), (name, v.file)
+        assert (cfg.parameters["INFERENCE_PRECISION_HINT"].string_value == "bf16") == (serving.precision == "bf16")
+        if serving.precision != "fp32":
             assert serving.gate and all(f.passed for f in serving.gate), (name, serving.gate)
+            assert serving.gate[0].variant == f"{serving.precision}/{serving.runtime}"
+        if serving.precision == "int8":
             assert serving.calibration and serving.fp32_onnx_sha256
-        elif serving.gate:  # FP32 served although INT8 was gated: the refusal is recorded, with its figures
+        elif serving.precision == "fp32" and serving.gate:  # a faster variant was refused: recorded with its figures
             assert not all(f.passed for f in serving.gate) and "refused" in serving.reason, (name, serving)
-            assert cfg.parameters["accuracy_gate"].string_value.startswith("INT8 refused: "), name
+            assert " refused: " in cfg.parameters["accuracy_gate"].string_value, name
         if serving.gate:
             for f in serving.gate:
                 assert f.metric in cfg.parameters["accuracy_gate"].string_value, name
@@ -178,10 +187,76 @@ def test_default_repository_serves_the_fastest_gated_variant_and_says_which(defa
         served = score(tp, serving.precision, serving.runtime)
         for key in tp:
             p, r, _ = key.split("/")
-            if p == "fp32":  # every FP32 variant qualifies: none may be faster than the served one
+            if p == "fp32" or any((v.precision, v.runtime) == (p, r) for v in serving.variants):
+                # every FP32 variant and every gated one qualifies: none may be faster than the served one
                 assert score(tp, p, r) <= served, (name, key, tp)
     res = _cli("list", "--repository", str(default_repository), timeout=300)
     assert res.returncode == 0, res.stderr
     for name in names:
         serving = ModelMeta.read(default_repository / name).serving
         assert f"{serving.precision}/{serving.runtime}" in next(ln for ln in res.stdout.splitlines() if name in ln)
+
+
+@pytest.mark.slow
+def test_noise_floor_gate_refuses_a_bad_quantizer_and_passes_a_good_one(default_repository: Path,
+                                                                        tmp_path: Path) -> None:
+    """MobileNetV2 on held-out photos (no labelled ImageNet offline): onnxruntime's quantize_static S8S8
+    (MinMax) is refused, NNCF's INT8 for OpenVINO passes; FP32's own noise floor is measured in the run."""
+    from cnncore.spec import ModelMeta
+    from export.accuracy_gate import GateRefused, check, run_gate
+    from export.quantize import quantize_onnx
+    from export.runtimes import variant_runner
+    from export.variants import FP32_FILENAME
+    from models.data.calibration import calibration_inputs
+
+    d = default_repository / "mobilenet_v2"
+    meta = ModelMeta.read(d)
+    fp32 = d / "1" / FP32_FILENAME
+    calib, desc = calibration_inputs("mobilenet_v2", meta.preprocess)
+    bad = quantize_onnx(fp32, tmp_path / "s8s8.onnx", calib, description=desc, backend="onnxruntime").path
+    good = quantize_onnx(fp32, tmp_path / "nncf.onnx", calib, description=desc, flavor="openvino").path
+    ref = variant_runner(fp32, "fp32", "onnxruntime")
+    refused = run_gate(meta, ref, variant_runner(bad, "int8", "onnxruntime"), variant="int8/onnxruntime")
+    figures = {f.metric: f for f in refused}
+    assert set(figures) == {"confident_top1_agreement_pct", "top1_disagreement_pct", "mean_kl_nats"}
+    assert not figures["mean_kl_nats"].passed and not figures["top1_disagreement_pct"].passed, refused
+    assert figures["top1_disagreement_pct"].threshold == figures["top1_disagreement_pct"].fp32 > 0
+    with pytest.raises(GateRefused, match=r"mean_kl_nats INT8 [0-9.]+ vs FP32 0 \(threshold <= 0.05\)"):
+        check(meta, refused)
+    passed = run_gate(meta, ref, variant_runner(good, "int8", "openvino"), variant="int8/openvino")
+    assert all(f.passed for f in passed), passed
+    check(meta, passed)
+
+
+def test_bf16_is_the_fp32_file_on_openvino_with_the_precision_hint(tmp_path: Path) -> None:
+    """`--precision bf16`: the FP32 file served by OpenVINO with INFERENCE_PRECISION_HINT bf16 in the
+    config, gated like INT8; on a CPU without BF16 instructions it is refused, saying why."""
+    pytest.importorskip("openvino")
+    from cnncore.config import load_config
+    from cnncore.cpu import current_cpu
+    from cnncore.spec import ModelMeta
+
+    repo = tmp_path / "repo"
+    res = _cli("onnx", "fashion_mnist_encoder", "--repository", str(repo), "--precision", "bf16",
+               "--parity-batch-sizes", "1", "2")
+    cpu = current_cpu()
+    if not (cpu.has("avx512_bf16") or cpu.has("amx_bf16")):
+        assert res.returncode == 1 and "no BF16 instructions" in res.stderr, res.stderr[-2000:]
+        assert not (repo / "fashion_mnist_encoder").exists()
+        return
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    d = repo / "fashion_mnist_encoder"
+    cfg = load_config(d)
+    assert cfg.backend == "openvino" and cfg.default_model_filename == "model.onnx"
+    assert cfg.parameters["INFERENCE_PRECISION_HINT"].string_value == "bf16"
+    assert cfg.parameters["precision"].string_value == "BF16"
+    assert "retrieval_1nn_accuracy_pct BF16" in cfg.parameters["accuracy_gate"].string_value
+    assert (d / "1" / "model.onnx").read_bytes() == (d / "1" / "model.fp32.onnx").read_bytes()
+    serving = ModelMeta.read(d).serving
+    assert serving.precision == "bf16" and serving.pinned and serving.gate[0].passed
+    from server.backends.base import BackendOptions
+    from server.backends.openvino_backend import OpenVinoBackend
+
+    backend = OpenVinoBackend(d / "1" / "model.onnx", BackendOptions(
+        max_batch_size=4, extra=(("INFERENCE_PRECISION_HINT", "bf16"),)))
+    assert "bfloat16" in str(backend.compiled.get_property("INFERENCE_PRECISION_HINT"))

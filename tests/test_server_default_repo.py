@@ -16,7 +16,7 @@ import tritonclient.grpc as tc
 
 from conftest import ServerProcess
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.precision, pytest.mark.timeout(1800)]
 
 _NUMPY = {"FP32": np.float32, "FP16": np.float16, "UINT8": np.uint8, "INT64": np.int64, "INT32": np.int32}
 
@@ -31,14 +31,16 @@ def server(default_repo: Path, server_factory) -> ServerProcess:
     return server_factory(default_repo, "--strict-readiness", "true")
 
 
-class _OpenVinoSession:
-    """The served file on OpenVINO, with onnxruntime.InferenceSession's run() (tests/test_openvino_backend.py
-    compares the two runtimes; here each model is compared with the runtime that serves it)."""
+class _ServedSession:
+    """The variant config.pbtxt serves (runtime, file, INFERENCE_PRECISION_HINT) run in this process, with
+    onnxruntime.InferenceSession's run(): each model is compared with the runtime and precision that
+    serve it, never with another (different runtimes and precisions differ by more than float order;
+    the accuracy gate compares those through the task's metric)."""
 
-    def __init__(self, path: Path) -> None:
-        from export.runtimes import openvino_runner
+    def __init__(self, model_dir: Path, version: str) -> None:
+        from export.runtimes import served_runner
 
-        self._run = openvino_runner(path)
+        self._run = served_runner(model_dir, int(version))
 
     def run(self, _names, feeds: dict) -> list:
         return list(self._run(next(iter(feeds.values()))).values())
@@ -63,7 +65,7 @@ def test_every_default_model_matches_onnxruntime(default_repo: Path, server: Ser
         assert [i.name for i in meta.inputs] == [i.name for i in sess.get_inputs()]
         assert [o.name for o in meta.outputs] == [o.name for o in sess.get_outputs()]
         if cfg.backend == "openvino":  # export chose OpenVINO: compare with it in this process
-            sess = _OpenVinoSession(default_repo / name / version / "model.onnx")
+            sess = _ServedSession(default_repo / name, version)
         batch = 2 if cfg.max_batch_size >= 2 else 1
         feeds, inputs = {}, []
         for t in meta.inputs:

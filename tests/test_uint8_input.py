@@ -7,6 +7,7 @@ in float rounding of one multiply-add, and measure ~1e-7 here.
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -121,7 +122,8 @@ def test_inputs_that_are_not_images_are_refused() -> None:
 
 def _export(repo: Path, *extra: str) -> None:
     res = subprocess.run([sys.executable, "-m", "export", "onnx", "fashion_resnet20", "--weights", "none",
-                          "--repository", str(repo), "--parity-batch-sizes", "1", "2", *extra], cwd=ROOT,
+                          "--repository", str(repo), "--parity-batch-sizes", "1", "2",
+                          "--precision", "fp32", "--runtime", "onnxruntime", *extra], cwd=ROOT,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
@@ -153,3 +155,25 @@ def test_exported_pixel_model_serves_pictures_like_its_fp32_parent(tmp_path: Pat
             result = vision.classify("fashion_resnet20", [png.getvalue()], top_k=10).results[0]
             scores = {c.class_index: c.score for c in result.classes}
             np.testing.assert_allclose([scores[i] for i in range(10)], softmax(want), atol=1e-5)
+
+
+@pytest.mark.timeout(900)
+def test_auto_pixel_reexport_keeps_the_choice_without_measuring(tmp_path: Path) -> None:
+    """`--input-dtype uint8 --precision auto` twice: the second run finds the recorded choice (parity.json
+    records the parent's hash, the kept variant files are the parents) and rewrites nothing."""
+    def export() -> subprocess.CompletedProcess:
+        res = subprocess.run([sys.executable, "-m", "export", "onnx", "fashion_mnist_encoder", "--repository",
+                              str(tmp_path), "--parity-batch-sizes", "1", "2", "--input-dtype", "uint8",
+                              "--precision", "auto"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"},
+                             capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return res
+
+    first = export()
+    assert "throughput of" in first.stdout
+    snapshot = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    second = export()
+    assert "throughput of" not in second.stdout and "accuracy gate" not in second.stdout, second.stdout[-2000:]
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == snapshot
+    parity = json.loads((tmp_path / "fashion_mnist_encoder" / "parity.json").read_text())
+    assert parity["uint8_input"]["parent_sha256"] == parity["served"]["onnx_sha256"]

@@ -88,6 +88,20 @@ def photo_crops(photos: tuple[tuple[str, str], ...], crops: int, seed: int) -> l
             f"(the export extra and dev dependencies): {exc}") from None
 
 
+def jpeg_reencoded(pictures: list[Image.Image], quality: int) -> list[Image.Image]:
+    """Each picture saved as JPEG at `quality` and decoded again (the accuracy gate's imperceptible
+    perturbation: FP32's answers on these measure its own noise floor)."""
+    import io
+
+    out = []
+    for p in pictures:
+        buf = io.BytesIO()
+        p.convert("RGB").save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        out.append(Image.open(buf).convert(p.mode))
+    return out
+
+
 def _fashion(split: str) -> tuple[np.ndarray, np.ndarray]:
     from models.data import fashion_mnist
 
