@@ -97,7 +97,7 @@ class ServerState:
         if not self.started or self.shutting_down:
             return False
         if self.strict_readiness:
-            return all(s.state == "READY" for s in repository.models.values())
+            return all(s.state == "READY" or s.reason == "unloaded" for s in repository.models.values())  # as Triton
         return True
 
     @contextmanager
