@@ -58,6 +58,7 @@ from protos import vision_pb2 as vpb
 from server.access import AccessPolicy
 from server.boundary import status_of
 from server.errors import InferError, invalid
+from server.model_overrides import load_request_from_json, unload_request_from_json
 from server.repository import ModelRepository
 from server.request import RequestPath, ServerState
 from server.service import InferenceServicer
@@ -375,15 +376,13 @@ class HttpBinding:
                                   for m in message_to_dict(answer)["models"]])
 
     async def load(self, request: web.Request) -> web.Response:
-        await self._json_object(request, "load request")  # parameters: none are taken yet, but JSON checked
-        await self.grpc.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=request.match_info["model"]),
-                                            _CTX)
+        doc = await self._json_object(request, "load request")
+        await self.grpc.RepositoryModelLoad(load_request_from_json(request.match_info["model"], doc), _CTX)
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
-        await self._json_object(request, "unload request")
-        await self.grpc.RepositoryModelUnload(
-            pb.RepositoryModelUnloadRequest(model_name=request.match_info["model"]), _CTX)
+        doc = await self._json_object(request, "unload request")
+        await self.grpc.RepositoryModelUnload(unload_request_from_json(request.match_info["model"], doc), _CTX)
         return web.Response(status=200)
 
     # -- system shared memory -----------------------------------------------------------------------------------

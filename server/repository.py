@@ -39,6 +39,7 @@ from server import warmup
 from server.errors import InferError, echo, not_found, unavailable
 from server.names import check_model_name, parse_version
 from server.model import ServedModel
+from server.model_overrides import LoadOverride
 from server.stats import ModelStats
 
 log = logging.getLogger("cnnserve.repository")
@@ -197,11 +198,15 @@ def _settings(cfg: mc.ModelConfig) -> BatchSettings:
     )
 
 
-def build_model(model_dir: Path, defaults: RuntimeDefaults) -> list[_Built]:
-    """Blocking: parse and check the config, create every selected version's backend instances."""
+def build_model(model_dir: Path, defaults: RuntimeDefaults, override: LoadOverride | None = None) -> list[_Built]:
+    """Blocking: parse and check the config (or take the load's override), create every selected
+    version's backend instances."""
+    if override is not None and override.files:  # the override's files are the model directory
+        with override.materialized(model_dir.name) as files_dir:
+            return build_model(files_dir, defaults, LoadOverride(override.config))
     name = model_dir.name
     try:
-        cfg = load_config(model_dir)
+        cfg = override.config_copy() if override is not None else load_config(model_dir)
     except ConfigError as exc:
         raise LoadError(str(exc)) from None
     if cfg.name and cfg.name != name:
@@ -283,14 +288,16 @@ class ModelRepository:
             except InferError as exc:  # a --load-model naming no model: the others still load
                 log.error("model load failed", extra={"model": echo(name), "reason": exc.message})
 
-    async def load(self, name: str) -> ModelState:
+    async def load(self, name: str, override: LoadOverride | None = None) -> ModelState:
         """(Re)load `name`; on failure the model is UNAVAILABLE with the reason (and the old copy, if any,
         keeps serving until a load succeeds, as Triton does). A malformed name is INVALID_ARGUMENT and
         a name neither on disk nor loaded NOT_FOUND, both leaving no trace: clients cannot grow the
-        index (or the locks) with names that are not models."""
+        index (or the locks) with names that are not models. `override` (server/model_overrides.py)
+        replaces the config, or the whole directory, for this load only."""
         check_model_name(name)
-        if name not in self.models and not (self.root / name).is_dir():
-            raise not_found(f"model '{name}' not found in repository {self.root}")
+        from_files = override is not None and bool(override.files)
+        if name not in self.models and not from_files and not (self.root / name).is_dir():
+            raise not_found(f"model '{name}' not found in the model repository")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             model_dir = self.root / name
@@ -299,9 +306,9 @@ class ModelRepository:
             if not old:
                 state.state = "LOADING"
             try:
-                if not model_dir.is_dir():  # loaded before, removed from disk since: the old copy serves on
-                    raise LoadError(f"model '{name}' not found in repository {self.root}")
-                built = await asyncio.to_thread(build_model, model_dir, self.defaults)
+                if not from_files and not model_dir.is_dir():  # removed from disk since: the old copy serves on
+                    raise LoadError(f"model '{name}' is no longer in the model repository")
+                built = await asyncio.to_thread(build_model, model_dir, self.defaults, override)
             except LoadError as exc:
                 state.reason = str(exc)
                 state.state = "READY" if old and not any(m.batcher.fault for m in old.values()) else "UNAVAILABLE"

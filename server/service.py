@@ -21,6 +21,7 @@ from protos import grpc_service_pb2_grpc as pb_grpc
 from server.boundary import guard_servicer, status_of
 from server.errors import InferError, echo, invalid, not_found, unavailable
 from server.infer_request import InferRequest, WireError, from_message, parse_infer_request
+from server.model_overrides import check_unload, load_override
 from server.repository import ModelRepository
 from server.request import InferenceRequest, RequestPath, ServerState
 from server.shared_memory import (BYTE_SIZE, REGION, OutputTarget, SharedMemoryRegistry, output_target,
@@ -190,7 +191,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._check_model_control()
         if self.state.shutting_down:
             raise unavailable("server is shutting down")
-        state = await self.repository.load(request.model_name)
+        state = await self.repository.load(request.model_name, load_override(request))
         if not state.versions:
             raise invalid(f"failed to load {echo(request.model_name)}: {state.reason}")
         if state.reason:  # a reload failed; the previously loaded copy keeps serving
@@ -199,6 +200,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelUnload(self, request, context):
         self._check_model_control()
+        check_unload(request)
         await self.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
