@@ -77,7 +77,8 @@ class RepositoryPoller:
         """One pass: load what appeared, reload what changed, unload what disappeared."""
         now = await asyncio.to_thread(snapshot, self.repository.root)
         for name in sorted(set(self.seen) - set(now)):
-            if name in self.repository.models and self.repository.models[name].versions:
+            # A model that had failed is unloaded too: its failure no longer counts against readiness.
+            if name in self.repository.models:
                 log.info("model removed from the repository: unloading", extra={"model": name})
                 await self.repository.unload(name)
         for name, fp in sorted(now.items()):
