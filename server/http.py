@@ -58,6 +58,7 @@ from protos import vision_pb2 as vpb
 from server.access import AccessPolicy
 from server.boundary import status_of
 from server.errors import InferError, invalid
+from server.classification import class_counts, classify
 from server.model_overrides import load_request_from_json, unload_request_from_json
 from server.repository import ModelRepository
 from server.request import RequestPath, ServerState
@@ -449,10 +450,11 @@ class HttpBinding:
                 wanted[out_name] = bool(out_params.get("binary_data", binary_default))
                 if out_params and (target := output_target(shm, out_name, out_params)) is not None:
                     targets[out_name] = target
+            counts = class_counts((o["name"], o.get("parameters", {})) for o in outputs)
             normalized = await self.path.normalize(
                 name, version, _tensors_in(inputs, binary, shm), outputs=list(wanted), parameters=params,
                 request_id=request_id, received_ns=received)
-            results = await self.path.infer(normalized)
+            results = classify(normalized.model, await self.path.infer(normalized), counts)
             chunks: list[bytes | memoryview] = []
             out_json = [_output_json(o, results[o], wanted.get(o, binary_default), chunks, targets.get(o))
                         for o in normalized.outputs]

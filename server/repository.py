@@ -34,6 +34,7 @@ from server import backends as _backends  # noqa: F401  (registers the backends)
 from server.backends.base import (Backend, BackendOptions, BackendUnavailable, TensorSpec, available_backends,
                                   create_backend)
 from server.batcher import BatchSettings, DynamicBatcher
+from server.classification import read_labels
 from cnncore.datatypes import from_config, from_numpy, to_config
 from server import warmup
 from server.errors import InferError, echo, not_found, unavailable
@@ -80,6 +81,7 @@ class _Built:
     instances: list[Backend]
     settings: BatchSettings
     platform: str
+    labels: dict[str, list[str]] = field(default_factory=dict)  # output -> class labels (label_filename)
 
 
 def _backend_name(cfg: mc.ModelConfig, model_dir: Path) -> str:
@@ -255,6 +257,10 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults, override: LoadOverri
                 except Exception as exc:  # a corrupt file or an unsupported graph fails this model only
                     raise LoadError(f"model '{name}' version {version}: {exc}") from None
             _complete(vcfg, instances[0], str(path))
+            try:
+                built[-1].labels = read_labels(vcfg, model_dir)
+            except ValueError as exc:
+                raise LoadError(f"model '{name}': {exc}") from None
             if vcfg.model_warmup:
                 t0 = time.perf_counter()
                 try:
@@ -321,6 +327,7 @@ class ModelRepository:
                                          on_fault=self._fault_handler(state, b.version))
                 batcher.start()
                 versions[b.version] = ServedModel(name, b.version, b.config, b.meta, b.instances, batcher, b.platform)
+                versions[b.version].labels = b.labels
             state.versions, state.state, state.reason = versions, "READY", ""
             log.info("model loaded", extra={"model": name, "versions": sorted(versions),
                                             "instances": len(built[0].instances) if built else 0})

@@ -21,6 +21,7 @@ from protos import grpc_service_pb2_grpc as pb_grpc
 from server.boundary import guard_servicer, status_of
 from server.errors import InferError, echo, invalid, not_found, unavailable
 from server.infer_request import InferRequest, WireError, from_message, parse_infer_request
+from server.classification import class_counts, classify
 from server.model_overrides import check_unload, load_override
 from server.repository import ModelRepository
 from server.request import InferenceRequest, RequestPath, ServerState
@@ -33,7 +34,8 @@ log = logging.getLogger("cnnserve.service")
 SERVER_NAME = "cnnserve"
 SERVER_VERSION = "0.1.0"
 # The protocol extensions this server implements (what ServerMetadata advertises to clients).
-EXTENSIONS = ["model_configuration", "model_repository", "statistics", "parameters", "system_shared_memory"]
+EXTENSIONS = ["classification", "model_configuration", "model_repository", "model_repository(unload_dependents)",
+              "statistics", "parameters", "system_shared_memory", "binary_tensor_data"]
 
 
 def parameters_of(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
@@ -240,11 +242,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         header = request.header
         shm = self.state.shared_memory
         targets = output_targets(request, shm)
+        counts = class_counts((o.name, parameters_of(o.parameters)) for o in header.outputs)
         normalized = await self.path.normalize(
             header.model_name, header.model_version, tensors_in(request, shm),
             outputs=[o.name for o in header.outputs], parameters=parameters_of(header.parameters),
             request_id=header.id, transport_remaining_s=context.time_remaining(), received_ns=received_ns)
-        return build_response(normalized, await self.path.infer(normalized), targets)
+        return build_response(normalized, classify(normalized.model, await self.path.infer(normalized), counts), targets)
 
     async def ModelInfer(self, request: bytes, context):
         # Registered with no request deserializer: `request` is the serialized message, decoded here
