@@ -59,6 +59,7 @@ from server.access import AccessPolicy
 from server.boundary import status_of
 from server.errors import InferError, invalid
 from server.classification import class_counts, classify
+from server.protocol_checks import check_json_request
 from server.model_overrides import load_request_from_json, unload_request_from_json
 from server.repository import ModelRepository
 from server.request import RequestPath, ServerState
@@ -66,6 +67,7 @@ from server.service import InferenceServicer
 from server.shared_memory import BYTE_SIZE, REGION, OutputTarget, SharedMemoryRegistry, output_target, tensor_source
 from server.tensors import TensorIn
 from server.tls import TlsFiles
+from server.unsupported_apis import cuda_routes, unsupported
 from server.vision_service import VisionService
 
 log = logging.getLogger("cnnserve.http")
@@ -245,7 +247,7 @@ class HttpBinding:
             ("POST", "/v2/systemsharedmemory/region/{region}/register", self.shm_register, "shared-memory"),
             ("POST", "/v2/systemsharedmemory/unregister", self.shm_unregister, "shared-memory"),
             ("POST", "/v2/systemsharedmemory/region/{region}/unregister", self.shm_unregister, "shared-memory"),
-        ]
+        ] + cuda_routes(self.grpc)
         for base in (m, mv):
             routes += [
                 ("GET", base, self.model_metadata, "metadata"),
@@ -288,6 +290,8 @@ class HttpBinding:
         except web.HTTPException as exc:  # no route (404), wrong method (405), ...: the v2 error body too
             if exc.status < 400:
                 raise
+            if exc.status == 404 and (err := unsupported(request.path)) is not None:  # Triton's API, not ours
+                return _error(err.http_status, err.message)
             return _error(exc.status, exc.reason, {k: v for k, v in exc.headers.items() if k == "Allow"})
         except asyncio.CancelledError:
             raise
@@ -434,6 +438,7 @@ class HttpBinding:
             doc = await self._json(header, "inference request")
             if not isinstance(doc, dict):
                 raise invalid(f"inference request must be a JSON object, got {type(doc).__name__}")
+            check_json_request(doc)
             inputs = _field(doc, "inputs", list, "inference request")
             outputs = _field(doc, "outputs", list, "inference request", [])
             params = _parameters(doc, "inference request")

@@ -22,6 +22,7 @@ from server.boundary import guard_servicer, status_of
 from server.errors import InferError, echo, invalid, not_found, unavailable
 from server.infer_request import InferRequest, WireError, from_message, parse_infer_request
 from server.classification import class_counts, classify
+from server.protocol_checks import check_infer_parameters
 from server.model_overrides import check_unload, load_override
 from server.repository import ModelRepository
 from server.request import InferenceRequest, RequestPath, ServerState
@@ -35,7 +36,7 @@ SERVER_NAME = "cnnserve"
 SERVER_VERSION = "0.1.0"
 # The protocol extensions this server implements (what ServerMetadata advertises to clients).
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "model_repository(unload_dependents)",
-              "statistics", "parameters", "system_shared_memory", "binary_tensor_data"]
+              "statistics", "system_shared_memory", "binary_tensor_data"]  # not "parameters": custom ones are refused
 
 
 def parameters_of(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
@@ -240,6 +241,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: InferRequest, context: grpc.aio.ServicerContext,
                      received_ns: int) -> pb.ModelInferResponse:
         header = request.header
+        check_infer_parameters("grpc", parameters_of(header.parameters), ((t.name, parameters_of(t.parameters)) for t in header.inputs), ((o.name, parameters_of(o.parameters)) for o in header.outputs))
         shm = self.state.shared_memory
         targets = output_targets(request, shm)
         counts = class_counts((o.name, parameters_of(o.parameters)) for o in header.outputs)

@@ -1,0 +1,87 @@
+"""Every parameter an inference request may carry: honoured, or refused INVALID_ARGUMENT naming it.
+
+Nothing is accepted and ignored. What each place takes (README, "Protocol support", says the same):
+
+    request   timeout (µs, honoured); priority (0 only: no model here has priority levels);
+              sequence_id / sequence_start / sequence_end (absent, 0 or false only: no sequence batching);
+              binary_data_output (REST: honoured; gRPC: outputs are always binary, so a no-op by nature)
+    input     shared_memory_region / _byte_size / _offset (both); binary_data_size (REST only)
+    output    shared_memory_region / _byte_size / _offset (both); classification (both);
+              binary_data (REST only)
+
+Custom parameters (Triton's `parameters` extension passes them to the backend) are refused: no backend
+here reads any. The REST JSON objects are checked the same way: unknown keys are refused.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from server.classification import CLASSIFICATION
+from server.errors import echo, invalid
+from server.shared_memory import BYTE_SIZE, OFFSET, REGION
+
+SHARED_MEMORY = {REGION, BYTE_SIZE, OFFSET}
+REQUEST = {"timeout", "priority", "sequence_id", "sequence_start", "sequence_end", "binary_data_output"}
+INPUT = {"grpc": SHARED_MEMORY, "http": SHARED_MEMORY | {"binary_data_size"}}
+OUTPUT = {"grpc": SHARED_MEMORY | {CLASSIFICATION}, "http": SHARED_MEMORY | {CLASSIFICATION, "binary_data"}}
+# REST JSON: the keys each object may have.
+JSON_KEYS = {"request": {"id", "parameters", "inputs", "outputs"},
+             "input": {"name", "shape", "datatype", "parameters", "data"},
+             "output": {"name", "parameters"}}
+_UNSET = (None, 0, False, "")
+
+
+def _unknown(where: str, key: str, allowed: set[str]) -> None:
+    raise invalid(f"{where}: unknown parameter {echo(key)}; accepted here: {', '.join(sorted(allowed))} "
+                  "(custom parameters are not taken: no backend of this server reads any)")
+
+
+def check_request_parameters(params: Mapping[str, Any]) -> None:
+    for key, value in params.items():
+        if key not in REQUEST:
+            _unknown("inference request", key, REQUEST)
+        if key == "priority" and value not in _UNSET:
+            raise invalid(f"inference request: parameter 'priority' {value!r:.40} is not supported: no model "
+                          "here has priority levels (send 0 or leave it out)")
+        if key.startswith("sequence_") and value not in _UNSET:
+            raise invalid(f"inference request: parameter '{key}' {value!r:.40} is not supported: models here "
+                          "are stateless (no sequence batching)")
+
+
+def _check_tensors(kind: str, tensors: Iterable[tuple[str, Mapping[str, Any]]], allowed: set[str]) -> None:
+    for name, params in tensors:
+        for key in params:
+            if key not in allowed:
+                _unknown(f"{kind} {echo(name)}", key, allowed)
+
+
+def check_infer_parameters(protocol: str, request: Mapping[str, Any],
+                           inputs: Iterable[tuple[str, Mapping[str, Any]]],
+                           outputs: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
+    """The parameters of a whole inference request (`protocol` "grpc" or "http")."""
+    check_request_parameters(request)
+    _check_tensors("input", inputs, INPUT[protocol])
+    _check_tensors("output", outputs, OUTPUT[protocol])
+
+
+def check_json_request(doc: Mapping[str, Any]) -> None:
+    """A REST inference request's JSON keys and parameters (values are checked where they are read)."""
+    for key in doc:
+        if key not in JSON_KEYS["request"]:
+            raise invalid(f"inference request: unknown field {echo(key)}; fields are "
+                          f"{', '.join(sorted(JSON_KEYS['request']))}")
+    tensors: dict[str, list[tuple[str, Mapping[str, Any]]]] = {"input": [], "output": []}
+    for kind, field in (("input", "inputs"), ("output", "outputs")):
+        items = doc.get(field)
+        for t in items if isinstance(items, list) else ():
+            if not isinstance(t, dict):
+                continue  # refused, with its index, where the tensors are read
+            name = t.get("name", "")
+            for key in t:
+                if key not in JSON_KEYS[kind]:
+                    raise invalid(f"{kind} {echo(name)}: unknown field {echo(key)}; fields are "
+                                  f"{', '.join(sorted(JSON_KEYS[kind]))}")
+            params = t.get("parameters")
+            tensors[kind].append((str(name), params if isinstance(params, dict) else {}))
+    params = doc.get("parameters")
+    check_infer_parameters("http", params if isinstance(params, dict) else {}, tensors["input"], tensors["output"])
