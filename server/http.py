@@ -57,10 +57,10 @@ from protos import grpc_service_pb2 as pb
 from protos import vision_pb2 as vpb
 from server.access import AccessPolicy
 from server.boundary import status_of
-from server.errors import InferError, invalid
 from server.classification import class_counts, classify
-from server.protocol_checks import check_json_request
+from server.errors import InferError, invalid
 from server.model_overrides import load_request_from_json, unload_request_from_json
+from server.protocol_checks import check_json_keys, check_json_request
 from server.repository import ModelRepository
 from server.request import RequestPath, ServerState
 from server.service import InferenceServicer
@@ -375,6 +375,7 @@ class HttpBinding:
     # -- repository ------------------------------------------------------------------------------------------
     async def repository_index(self, request: web.Request) -> web.Response:
         doc = await self._json_object(request, "repository index request")
+        check_json_keys(doc, "repository index request")
         ready = _field(doc, "ready", bool, "repository index request", False)
         answer = await self.grpc.RepositoryIndex(pb.RepositoryIndexRequest(ready=ready), _CTX)
         return web.json_response([{k: v for k, v in m.items() if v != ""}
@@ -398,6 +399,7 @@ class HttpBinding:
 
     async def shm_register(self, request: web.Request) -> web.Response:
         doc = await self._json_object(request, "register request")
+        check_json_keys(doc, "register request")
         where = "register request"
         offset, size = _field(doc, "offset", int, where, 0), _field(doc, "byte_size", int, where)
         if offset < 0 or size < 0:

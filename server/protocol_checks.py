@@ -27,7 +27,9 @@ OUTPUT = {"grpc": SHARED_MEMORY | {CLASSIFICATION}, "http": SHARED_MEMORY | {CLA
 # REST JSON: the keys each object may have.
 JSON_KEYS = {"request": {"id", "parameters", "inputs", "outputs"},
              "input": {"name", "shape", "datatype", "parameters", "data"},
-             "output": {"name", "parameters"}}
+             "output": {"name", "parameters"},
+             "repository index request": {"ready"},
+             "register request": {"key", "offset", "byte_size"}}
 _UNSET = (None, 0, False, "")
 
 
@@ -62,6 +64,13 @@ def check_infer_parameters(protocol: str, request: Mapping[str, Any],
     check_request_parameters(request)
     _check_tensors("input", inputs, INPUT[protocol])
     _check_tensors("output", outputs, OUTPUT[protocol])
+
+
+def check_json_keys(doc: Mapping[str, Any], what: str) -> None:
+    """A REST body's keys (`what`: a JSON_KEYS entry): an unknown one is refused, never ignored."""
+    unknown = sorted(set(doc) - JSON_KEYS[what])
+    if unknown:
+        raise invalid(f"{what}: unknown field {echo(unknown[0])}; fields are {', '.join(sorted(JSON_KEYS[what]))}")
 
 
 def check_json_request(doc: Mapping[str, Any]) -> None:

@@ -19,11 +19,11 @@ from cnncore.datatypes import from_numpy
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from server.boundary import guard_servicer, status_of
+from server.classification import class_counts, classify
 from server.errors import InferError, echo, invalid, not_found, unavailable
 from server.infer_request import InferRequest, WireError, from_message, parse_infer_request
-from server.classification import class_counts, classify
+from server.model_overrides import check_repository_name, check_unload, load_override
 from server.protocol_checks import check_infer_parameters
-from server.model_overrides import check_unload, load_override
 from server.repository import ModelRepository
 from server.request import InferenceRequest, RequestPath, ServerState
 from server.shared_memory import (BYTE_SIZE, REGION, OutputTarget, SharedMemoryRegistry, output_target,
@@ -166,6 +166,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- repository ----------------------------------------------------------------------------------
     async def RepositoryIndex(self, request, context):
+        check_repository_name(request.repository_name)
         out = pb.RepositoryIndexResponse()
         names = set(self.repository.models) | set(self.repository.names_on_disk())
         for name in sorted(names):
@@ -241,7 +242,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: InferRequest, context: grpc.aio.ServicerContext,
                      received_ns: int) -> pb.ModelInferResponse:
         header = request.header
-        check_infer_parameters("grpc", parameters_of(header.parameters), ((t.name, parameters_of(t.parameters)) for t in header.inputs), ((o.name, parameters_of(o.parameters)) for o in header.outputs))
+        check_infer_parameters("grpc", parameters_of(header.parameters),
+                               ((t.name, parameters_of(t.parameters)) for t in header.inputs),
+                               ((o.name, parameters_of(o.parameters)) for o in header.outputs))
         shm = self.state.shared_memory
         targets = output_targets(request, shm)
         counts = class_counts((o.name, parameters_of(o.parameters)) for o in header.outputs)
@@ -249,7 +252,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             header.model_name, header.model_version, tensors_in(request, shm),
             outputs=[o.name for o in header.outputs], parameters=parameters_of(header.parameters),
             request_id=header.id, transport_remaining_s=context.time_remaining(), received_ns=received_ns)
-        return build_response(normalized, classify(normalized.model, await self.path.infer(normalized), counts), targets)
+        outputs = classify(normalized.model, await self.path.infer(normalized), counts)
+        return build_response(normalized, outputs, targets)
 
     async def ModelInfer(self, request: bytes, context):
         # Registered with no request deserializer: `request` is the serialized message, decoded here

@@ -140,3 +140,21 @@ def test_exported_image_inputs_declare_nchw(tmp_path: Path) -> None:
     assert image.input[0].format == ModelInput.FORMAT_NCHW
     vector = build_config("affine", onnx.load_from_string(affine_model()), 8)
     assert all(i.format == ModelInput.FORMAT_NONE for i in vector.input)
+
+
+def test_repository_and_shared_memory_bodies_refuse_unknown_fields(server: ServerProcess) -> None:
+    import grpc
+    from tritonclient.grpc import service_pb2 as tpb
+    from tritonclient.grpc import service_pb2_grpc as tpb_grpc
+
+    status, body = _request(server, "POST", "/v2/repository/index", {"ready": True, "repository": "x"})
+    assert status == 400 and "'repository'" in body["error"]
+    status, body = _request(server, "POST", "/v2/systemsharedmemory/region/r/register",
+                            {"key": "/nothing", "byte_size": 64, "device_id": 0})
+    assert status == 400 and "'device_id'" in body["error"]
+    with grpc.insecure_channel(server.grpc_url) as ch:
+        stub = tpb_grpc.GRPCInferenceServiceStub(ch)
+        assert stub.RepositoryIndex(tpb.RepositoryIndexRequest(), timeout=30).models
+        with pytest.raises(grpc.RpcError) as err:
+            stub.RepositoryIndex(tpb.RepositoryIndexRequest(repository_name="other"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "repository_name" in err.value.details()
