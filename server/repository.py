@@ -205,7 +205,10 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults, override: LoadOverri
     version's backend instances."""
     if override is not None and override.files:  # the override's files are the model directory
         with override.materialized(model_dir.name) as files_dir:
-            return build_model(files_dir, defaults, LoadOverride(override.config))
+            try:
+                return build_model(files_dir, defaults, LoadOverride(override.config))
+            except LoadError as exc:  # name the request's files, not the server's temporary directory
+                raise LoadError(str(exc).replace(str(files_dir), f"<{model_dir.name}: load request files>")) from None
     name = model_dir.name
     try:
         cfg = override.config_copy() if override is not None else load_config(model_dir)

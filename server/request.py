@@ -97,7 +97,8 @@ class ServerState:
         if not self.started or self.shutting_down:
             return False
         if self.strict_readiness:
-            return all(s.state == "READY" or s.reason == "unloaded" for s in repository.models.values())  # as Triton
+            # As Triton: a model unloaded on purpose does not count against readiness.
+            return all(s.state == "READY" or s.reason == "unloaded" for s in repository.models.values())
         return True
 
     @contextmanager

@@ -140,3 +140,11 @@ def test_file_overrides_load_a_model_from_the_request(server: ServerProcess) -> 
     client.unload_model("uploaded_rest")
     th.InferenceServerClient(server.http_url).unload_model("uploaded", unload_dependents=True)
     assert not client.is_model_ready("uploaded")
+
+
+def test_a_failed_file_override_names_the_request_not_server_paths(server: ServerProcess) -> None:
+    client = tc.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException) as err:
+        client.load_model("uploaded_bad", config=_override(4), files={"file:1/model.onnx": b"not onnx"})
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "cnnserve-override" not in err.value.message() and "load request files" in err.value.message()
