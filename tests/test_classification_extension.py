@@ -90,3 +90,43 @@ def test_extensions_advertised(server: ServerProcess) -> None:
     http_ext = set(th.InferenceServerClient(server.http_url).get_server_metadata()["extensions"])
     assert grpc_ext == http_ext
     assert {"classification", "binary_tensor_data", "model_repository(unload_dependents)"} <= grpc_ext
+
+
+@pytest.mark.slow
+def test_exported_classifier_answers_class_count_with_its_labels(tmp_path: Path, server_factory) -> None:
+    """The export CLI writes label_filename + labels.txt (and FORMAT_NCHW); the server answers with them."""
+    pytest.importorskip("torch", reason="the export half builds the model")
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from cnncore.config import load_config
+    from protos.model_config_pb2 import ModelInput
+
+    repo = tmp_path / "repo"
+    res = subprocess.run([sys.executable, "-m", "export", "onnx", "fashion_resnet20", "--repository", str(repo),
+                          "--precision", "fp32", "--runtime", "onnxruntime"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    model_dir = repo / "fashion_resnet20"
+    cfg = load_config(model_dir)
+    assert cfg.output[0].label_filename == "labels.txt" and cfg.input[0].format == ModelInput.FORMAT_NCHW
+    labels = (model_dir / "labels.txt").read_text().splitlines()
+    assert len(labels) == 10 and "Shirt" in labels
+
+    srv = server_factory(repo)
+    x = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    grpc_client = tc.InferenceServerClient(srv.grpc_url)
+    inp = tc.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    logits = grpc_client.infer("fashion_resnet20", [inp]).as_numpy("logits")
+    expected = [[f"{logits[b, i]:f}:{i}:{labels[i]}".encode() for i in np.argsort(-logits[b], kind="stable")[:3]]
+                for b in range(2)]
+    got = grpc_client.infer("fashion_resnet20", [inp], outputs=[tc.InferRequestedOutput("logits", class_count=3)])
+    assert _as_bytes(got.as_numpy("logits")) == expected
+    http_client = th.InferenceServerClient(srv.http_url)
+    hin = th.InferInput("input", list(x.shape), "FP32")
+    hin.set_data_from_numpy(x)
+    got = http_client.infer("fashion_resnet20", [hin], outputs=[th.InferRequestedOutput("logits", class_count=3)])
+    assert _as_bytes(got.as_numpy("logits")) == expected
