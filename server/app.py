@@ -5,6 +5,10 @@ Adding a service to the same server is one line in SERVICER_ADDERS: a function
 (`server.vision_service.add_vision_service`) is registered so: it finds models with `repository.get(name)`
 and infers with `await model.infer(...)`, i.e. through the same batcher as the inference protocol.
 
+Start-up: every listener (gRPC, REST, metrics; each may be switched off) is bound before any model
+loads, so a port in use fails in milliseconds; a StartupError releases what was bound and
+`python -m server` prints its one line. In poll mode a RepositoryPoller (server/poll.py) follows the disk.
+
 Shutdown (SIGTERM/SIGINT): readiness and health turn NOT_SERVING, new inference requests are refused
 with UNAVAILABLE, every accepted request is answered (batchers drain), then the process exits.
 """
