@@ -148,3 +148,16 @@ def test_a_failed_file_override_names_the_request_not_server_paths(server: Serve
         client.load_model("uploaded_bad", config=_override(4), files={"file:1/model.onnx": b"not onnx"})
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "cnnserve-override" not in err.value.message() and "load request files" in err.value.message()
+
+
+def test_served_config_round_trips_as_an_override(server: ServerProcess) -> None:
+    """What a client reads (get_model_config as JSON), edited and sent back, is a valid override."""
+    http_client = th.InferenceServerClient(server.http_url)
+    grpc_client = tc.InferenceServerClient(server.grpc_url)
+    for edit, client in ((http_client.get_model_config("other"), http_client),
+                         (grpc_client.get_model_config("other", as_json=True)["config"], grpc_client)):
+        edit["max_batch_size"] = 16
+        client.load_model("other", config=json.dumps(edit))
+        assert grpc_client.get_model_config("other").config.max_batch_size == 16
+        client.load_model("other")
+        assert grpc_client.get_model_config("other").config.max_batch_size == 32
