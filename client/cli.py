@@ -1,10 +1,10 @@
 """`python -m client`: call a running cnnserve server from the shell, JSON on stdout.
 
-    python -m client classify mobilenet_v2 cat.jpg --top-k 3
-    python -m client detect shapes_detector shapes.png --score-threshold 0.5 --out-image boxes.png
-    python -m client segment shapes_segmenter_bilinear shapes.png --out-image overlay.png --out-mask mask.png
-    python -m client reconstruct fashion_autoencoder shirt.png --out-image recon.png
-    python -m client encode fashion_encoder shirt.png
+    python -m client classify mobilenet_v2 examples/chelsea.jpg --top-k 3
+    python -m client detect shapes_detector examples/shapes.png --score-threshold 0.5 --out-image boxes.png
+    python -m client segment shapes_segmenter_bilinear examples/shapes.png --out-image overlay.png --out-mask mask.png
+    python -m client reconstruct fashion_mnist_autoencoder examples/chelsea.jpg --out-image recon.png
+    python -m client encode fashion_mnist_encoder examples/chelsea.jpg
     python -m client health
     python -m client models
     python -m client --url host:8001 --ssl --root-cert ca.pem -H x-api-key=env:API_KEY models

@@ -28,7 +28,7 @@ from onnx import TensorProto
 from cnncore.artifacts import ONNX_FILENAME
 from cnncore.config import CONFIG_FILENAME, render_config
 from cnncore.spec import META_FILENAME, ModelMeta
-from protos.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup, ModelWarmup
+from protos.model_config_pb2 import DataType, ModelConfig, ModelInput, ModelInstanceGroup, ModelWarmup
 
 PARITY_FILENAME = "parity.json"
 LABELS_FILENAME = "labels.txt"
@@ -105,7 +105,9 @@ def build_config(name: str, model: onnx.ModelProto, max_batch_size: int,
         if vi.name in initializers:
             continue
         dtype, dims = _tensor_dims(vi, name)
-        cfg.input.add(name=vi.name, data_type=DataType.Value(dtype), dims=dims)
+        inp = cfg.input.add(name=vi.name, data_type=DataType.Value(dtype), dims=dims)
+        if len(dims) == 3 and dims[0] in (1, 3):  # an image [C, H, W]: image clients read the layout from here
+            inp.format = ModelInput.FORMAT_NCHW
     for vi in model.graph.output:
         dtype, dims = _tensor_dims(vi, name)
         cfg.output.add(name=vi.name, data_type=DataType.Value(dtype), dims=dims)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from server.access import AccessConfigError, AccessPolicy
-from server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, serve
+from server.app import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, StartupError, serve
 from server.bindings.rest import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES,
                                   DEFAULT_MAX_INPUT_SIZE, HttpLimits)
 from server.dataplane.admission import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_INFLIGHT_REQUESTS, DEFAULT_RETRY_PUSHBACK_MS
@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model-repository", "--model-store", dest="model_repository", type=Path, required=True,
                    help="model repository directory (<model>/config.pbtxt, <model>/<version>/model.onnx)")
+    p.add_argument("--allow-grpc", type=_bool, default=True, help="serve the KServe v2 gRPC API (default true)")
     p.add_argument("--grpc-address", default="0.0.0.0", help="gRPC bind address (default 0.0.0.0)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 = pick a free one)")
     _add_tls_flags(p, "grpc", "gRPC over TLS")
@@ -97,12 +98,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vision-threads", type=int, default=DEFAULT_VISION_THREADS,
                    help="threads that decode, preprocess and postprocess the vision API's pictures, one pool "
                         f"for gRPC and REST (default min(4, cores) = {DEFAULT_VISION_THREADS})")
-    p.add_argument("--model-control-mode", choices=["none", "explicit"], default="none",
+    p.add_argument("--model-control-mode", choices=["none", "explicit", "poll"], default="none",
                    help="none: load every model at start, refuse load/unload requests; explicit: load only "
-                        "--load-model, then on request")
+                        "--load-model, then on request; poll: load every model, then load, reload and unload "
+                        "as model directories appear, change and disappear (checked every "
+                        "--repository-poll-secs)")
+    p.add_argument("--repository-poll-secs", type=float, default=15.0,
+                   help="poll mode: seconds between two looks at the repository (default 15)")
     p.add_argument("--load-model", action="append", default=[], help="model to load at start (explicit mode; '*': every model in the repository)")
-    p.add_argument("--strict-readiness", type=_bool, default=False,
-                   help="server ready only when every model in the repository loaded (default false)")
+    p.add_argument("--strict-readiness", type=_bool, default=True,
+                   help="server ready only when every model loaded is ready (default true, as Triton; false: "
+                        "ready once started, whatever failed to load)")
     p.add_argument("--exit-timeout-secs", type=float, default=30.0,
                    help="on SIGTERM, how long accepted requests may take to finish (default 30)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
@@ -160,6 +166,14 @@ def main(argv: list[str] | None = None) -> None:
     if a.worker_crash_limit < 1 or not a.worker_crash_window_secs > 0:
         raise SystemExit("python -m server: error: --worker-crash-limit must be >= 1 and "
                          "--worker-crash-window-secs > 0")
+    if not a.model_repository.is_dir():
+        raise SystemExit(f"python -m server: error: --model-repository {a.model_repository} is not a directory")
+    if a.repository_poll_secs <= 0:
+        raise SystemExit(f"python -m server: error: --repository-poll-secs must be > 0, got {a.repository_poll_secs:g}")
+    if not a.allow_grpc and not a.allow_http:
+        raise SystemExit("python -m server: error: --allow-grpc false and --allow-http false leave nothing to serve")
+    if a.workers > 1 and not a.allow_grpc:
+        raise SystemExit("python -m server: error: --workers > 1 needs --allow-grpc true")
     if a.workers > 1 and a.model_control_mode == "explicit":
         # A load or unload request reaches the one worker its connection landed on.
         raise SystemExit("python -m server: error: --workers > 1 needs --model-control-mode none "
@@ -197,13 +211,17 @@ def main(argv: list[str] | None = None) -> None:
         retry_pushback_ms=a.retry_pushback_ms, vision_threads=a.vision_threads,
         inter_op_threads=a.inter_op_threads, allow_spinning=a.ort_allow_spinning, exit_timeout_s=a.exit_timeout_secs,
         strict_readiness=a.strict_readiness, model_control_mode=a.model_control_mode,
+        repository_poll_secs=a.repository_poll_secs, allow_grpc=a.allow_grpc,
         load_models=a.load_model, ready_file=a.ready_file, grpc_tls=grpc_tls, grpc_access=grpc_access,
         reuse_port=role is not None,
         allow_http=a.allow_http, http_address=a.http_address, http_port=a.http_port, http_tls=http_tls,
         http_access=http_access, http_limits=HttpLimits(a.http_max_input_size, a.http_body_timeout_secs,
                                                         a.http_idle_timeout_secs, a.http_max_header_bytes),
     )
-    asyncio.run(serve(cfg))
+    try:
+        asyncio.run(serve(cfg))
+    except StartupError as exc:  # one line, no traceback: everything bound so far was released
+        raise SystemExit(f"python -m server: error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -20,16 +20,18 @@ ECHO_LIMIT = 128
 
 log = logging.getLogger("cnnserve.errors")
 
-# gRPC status -> HTTP status for the KServe v2 REST binding (Google's canonical gRPC/HTTP mapping,
-# which is also what gRPC-gateway and Envoy's transcoder use).
+# gRPC status -> HTTP status for the KServe v2 REST binding. The classes Triton's errors have are mapped
+# as Triton's HTTP server maps them (HttpCodeFromError: INTERNAL 500, NOT_FOUND 404, UNAVAILABLE 503,
+# UNSUPPORTED 501, UNKNOWN / INVALID_ARG / ALREADY_EXISTS / CANCELLED 400); the codes only this server
+# raises (admission's RESOURCE_EXHAUSTED, access keys, deadlines) as Google's canonical gRPC/HTTP mapping.
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.CANCELLED: 400,
+    grpc.StatusCode.UNKNOWN: 400,
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ALREADY_EXISTS: 400,
     grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.FAILED_PRECONDITION: 400,

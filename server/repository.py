@@ -40,6 +40,8 @@ from server import variant_choice, warmup
 from server.errors import InferError, echo, not_found, unavailable
 from server.dataplane.names import check_model_name, parse_version
 from server.dataplane.model import ServedModel
+from server.dataplane.classification import read_labels
+from server.model_overrides import LoadOverride
 from server.stats import ModelStats
 
 log = logging.getLogger("cnnserve.repository")
@@ -80,6 +82,7 @@ class _Built:
     instances: list[Backend]
     settings: BatchSettings
     platform: str
+    labels: dict[str, list[str]] = field(default_factory=dict)  # output -> class labels (label_filename)
 
 
 def _backend_name(cfg: mc.ModelConfig, model_dir: Path) -> str:
@@ -198,11 +201,18 @@ def _settings(cfg: mc.ModelConfig) -> BatchSettings:
     )
 
 
-def build_model(model_dir: Path, defaults: RuntimeDefaults) -> list[_Built]:
-    """Blocking: parse and check the config, create every selected version's backend instances."""
+def build_model(model_dir: Path, defaults: RuntimeDefaults, override: LoadOverride | None = None) -> list[_Built]:
+    """Blocking: parse and check the config (or take the load's override), create every selected
+    version's backend instances."""
+    if override is not None and override.files:  # the override's files are the model directory
+        with override.materialized(model_dir.name) as files_dir:
+            try:
+                return build_model(files_dir, defaults, LoadOverride(override.config))
+            except LoadError as exc:  # name the request's files, not the server's temporary directory
+                raise LoadError(str(exc).replace(str(files_dir), f"<{model_dir.name}: load request files>")) from None
     name = model_dir.name
     try:
-        cfg = load_config(model_dir)
+        cfg = override.config_copy() if override is not None else load_config(model_dir)
     except ConfigError as exc:
         raise LoadError(str(exc)) from None
     if cfg.name and cfg.name != name:
@@ -252,6 +262,10 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults) -> list[_Built]:
                 except Exception as exc:  # a corrupt file or an unsupported graph fails this model only
                     raise LoadError(f"model '{name}' version {version}: {exc}") from None
             _complete(vcfg, instances[0], str(path))
+            try:
+                built[-1].labels = read_labels(vcfg, model_dir)
+            except ValueError as exc:
+                raise LoadError(f"model '{name}': {exc}") from None
             if vcfg.model_warmup:
                 t0 = time.perf_counter()
                 try:
@@ -285,14 +299,16 @@ class ModelRepository:
             except InferError as exc:  # a --load-model naming no model: the others still load
                 log.error("model load failed", extra={"model": echo(name), "reason": exc.message})
 
-    async def load(self, name: str) -> ModelState:
+    async def load(self, name: str, override: LoadOverride | None = None) -> ModelState:
         """(Re)load `name`; on failure the model is UNAVAILABLE with the reason (and the old copy, if any,
         keeps serving until a load succeeds, as Triton does). A malformed name is INVALID_ARGUMENT and
         a name neither on disk nor loaded NOT_FOUND, both leaving no trace: clients cannot grow the
-        index (or the locks) with names that are not models."""
+        index (or the locks) with names that are not models. `override` (server/model_overrides.py)
+        replaces the config, or the whole directory, for this load only."""
         check_model_name(name)
-        if name not in self.models and not (self.root / name).is_dir():
-            raise not_found(f"model '{name}' not found in repository {self.root}")
+        from_files = override is not None and bool(override.files)
+        if name not in self.models and not from_files and not (self.root / name).is_dir():
+            raise not_found(f"model '{name}' not found in the model repository")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             model_dir = self.root / name
@@ -301,9 +317,9 @@ class ModelRepository:
             if not old:
                 state.state = "LOADING"
             try:
-                if not model_dir.is_dir():  # loaded before, removed from disk since: the old copy serves on
-                    raise LoadError(f"model '{name}' not found in repository {self.root}")
-                built = await asyncio.to_thread(build_model, model_dir, self.defaults)
+                if not from_files and not model_dir.is_dir():  # removed from disk since: the old copy serves on
+                    raise LoadError(f"model '{name}' is no longer in the model repository")
+                built = await asyncio.to_thread(build_model, model_dir, self.defaults, override)
             except LoadError as exc:
                 state.reason = str(exc)
                 state.state = "READY" if old and not any(m.batcher.fault for m in old.values()) else "UNAVAILABLE"
@@ -316,6 +332,7 @@ class ModelRepository:
                                          on_fault=self._fault_handler(state, b.version))
                 batcher.start()
                 versions[b.version] = ServedModel(name, b.version, b.config, b.meta, b.instances, batcher, b.platform)
+                versions[b.version].labels = b.labels
             state.versions, state.state, state.reason = versions, "READY", ""
             log.info("model loaded", extra={"model": name, "versions": sorted(versions),
                                             "instances": len(built[0].instances) if built else 0})

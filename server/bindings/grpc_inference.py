@@ -26,7 +26,8 @@ from server.bindings.grpc_wire import (WireError, WireInferRequest, encode_outpu
 from server.dataplane.normalize import OutputIn
 from server.dataplane.plane import DataPlane, InferenceResponse
 from server.dataplane.tensors import TensorIn
-from server.errors import InferError, echo, invalid, not_found, status_of
+from server.errors import invalid, status_of
+from server.model_overrides import check_repository_name, check_unload, load_override
 from server.shared_memory import BYTE_SIZE, REGION
 
 log = logging.getLogger("cnnserve.grpc")
@@ -96,13 +97,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- repository ----------------------------------------------------------------------------------
     async def RepositoryIndex(self, request, context):
+        check_repository_name(request.repository_name)
         return v2.repository_index(self.plane.repository_index(request.ready))
 
     async def RepositoryModelLoad(self, request, context):
-        await self.plane.load(request.model_name)
+        await self.plane.load(request.model_name, load_override(request))
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
+        check_unload(request)
         await self.plane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -118,18 +121,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryStatus(self, request, context):
         return v2.region_status(self.plane.region_status(request.name))
 
-    # CUDA shared memory: no region can exist here, so status lists none and unregister (a client's
-    # cleanup, e.g. perf_analyzer's on exit) succeeds, as Triton answers when none is registered.
+    # CUDA shared memory: the data plane's answers (no region can exist here), alike over REST.
     async def CudaSharedMemoryRegister(self, request, context):
-        raise InferError(grpc.StatusCode.UNIMPLEMENTED, "CUDA shared memory is not supported by this server; "
-                                                        "use system shared memory")
+        self.plane.cuda_register_region(request.name)
+        return pb.CudaSharedMemoryRegisterResponse()
 
     async def CudaSharedMemoryUnregister(self, request, context):
+        self.plane.cuda_unregister_region(request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryStatus(self, request, context):
-        if request.name:
-            raise not_found(f"CUDA shared memory region {echo(request.name)} is not registered")
+        self.plane.cuda_region_status(request.name)  # lists none
         return pb.CudaSharedMemoryStatusResponse()
 
     # -- logging and trace extensions (server/logs.py, server/tracing.py) ------------------------------

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from server.access import AccessPolicy
 from server.bindings.http_body import decode_body, loads, too_large, too_slow
+from server.bindings.unsupported_apis import unsupported
 from server.dataplane.plane import DataPlane
 from server.errors import InferError, invalid, status_of
 from server.tls import TlsFiles
@@ -170,6 +171,8 @@ class RestServer:
         except web.HTTPException as exc:  # no route (404), wrong method (405), ...: the v2 error body too
             if exc.status < 400:
                 raise
+            if exc.status == 404 and (err := unsupported(request.path)) is not None:  # Triton's API, not ours
+                return error_response(err)
             return web.json_response({"error": exc.reason}, status=exc.status,
                                      headers={k: v for k, v in exc.headers.items() if k == "Allow"} or None)
         except asyncio.CancelledError:

@@ -17,6 +17,8 @@ Routes (Triton's, so `tritonclient.http` works unchanged):
     POST /v2/models/{m}[/versions/{v}]/infer                      JSON tensors, binary-data extension
     POST /v2/repository/index | /v2/repository/models/{m}/load | .../unload
     GET  /v2/systemsharedmemory[/region/{r}]/status; POST .../region/{r}/register, [.../region/{r}]/unregister
+    GET  /v2/cudasharedmemory[/region/{r}]/status; POST ...: the same, answered as the gRPC CUDA RPCs
+         (no region can exist here: server/bindings/unsupported_apis.py)
     (the vision API's routes, /v2/vision/..., are their own binding: server/bindings/rest_vision.py)
 
 Binary-data extension: with `Inference-Header-Content-Length: N` the first N bytes of the body are the
@@ -42,8 +44,10 @@ from server.bindings.http_body import tensor_values, uint64_field
 from server.bindings.rest import RestBody, RestRoute, field
 from server.dataplane.normalize import OutputIn
 from server.dataplane.plane import DataPlane, OutputTensor
+from server.dataplane.protocol_checks import check_json_keys, check_json_request
 from server.dataplane.tensors import TensorIn, raw_view
 from server.errors import invalid
+from server.model_overrides import check_unload, load_override, load_request_from_json, unload_request_from_json
 from server.shared_memory import BYTE_SIZE, REGION
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -151,6 +155,12 @@ class KServeV2Routes:
             RestRoute("POST", "/v2/systemsharedmemory/unregister", self.shm_unregister, "shared-memory"),
             RestRoute("POST", "/v2/systemsharedmemory/region/{region}/unregister", self.shm_unregister,
                       "shared-memory"),
+            RestRoute("GET", "/v2/cudasharedmemory/status", self.cuda_status, "shared-memory"),
+            RestRoute("GET", "/v2/cudasharedmemory/region/{region}/status", self.cuda_status, "shared-memory"),
+            RestRoute("POST", "/v2/cudasharedmemory/region/{region}/register", self.cuda_register, "shared-memory"),
+            RestRoute("POST", "/v2/cudasharedmemory/unregister", self.cuda_unregister, "shared-memory"),
+            RestRoute("POST", "/v2/cudasharedmemory/region/{region}/unregister", self.cuda_unregister,
+                      "shared-memory"),
         ]
         for base in (m, mv):
             routes += [
@@ -189,17 +199,20 @@ class KServeV2Routes:
     # -- repository ------------------------------------------------------------------------------------------
     async def repository_index(self, request: web.Request) -> web.Response:
         doc = await self.body.json_object(request, "repository index request")
+        check_json_keys(doc, "repository index request")
         ready = field(doc, "ready", bool, "repository index request", False)
         answer = message_to_dict(v2.repository_index(self.plane.repository_index(ready)))
         return web.json_response([{k: v for k, v in m.items() if v != ""} for m in answer["models"]])
 
     async def load(self, request: web.Request) -> web.Response:
-        await self.body.json_object(request, "load request")  # parameters: none are taken yet, but JSON checked
-        await self.plane.load(request.match_info["model"])
+        doc = await self.body.json_object(request, "load request")
+        name = request.match_info["model"]
+        await self.plane.load(name, load_override(load_request_from_json(name, doc)))
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
-        await self.body.json_object(request, "unload request")
+        doc = await self.body.json_object(request, "unload request")
+        check_unload(unload_request_from_json(request.match_info["model"], doc))
         await self.plane.unload(request.match_info["model"])
         return web.Response(status=200)
 
@@ -210,6 +223,7 @@ class KServeV2Routes:
 
     async def shm_register(self, request: web.Request) -> web.Response:
         doc = await self.body.json_object(request, "register request")
+        check_json_keys(doc, "register request")
         where = "register request"
         offset = uint64_field(field(doc, "offset", int, where, 0), "offset", where)
         size = uint64_field(field(doc, "byte_size", int, where), "byte_size", where)
@@ -218,6 +232,19 @@ class KServeV2Routes:
 
     async def shm_unregister(self, request: web.Request) -> web.Response:
         self.plane.unregister_region(request.match_info.get("region", ""))
+        return web.Response(status=200)
+
+    # -- CUDA shared memory (the data plane's answers: no region can exist here) -----------------------------
+    async def cuda_status(self, request: web.Request) -> web.Response:
+        regions = self.plane.cuda_region_status(request.match_info.get("region", ""))
+        return web.json_response([{"name": r.name, "byte_size": r.byte_size} for r in regions])
+
+    async def cuda_register(self, request: web.Request) -> web.Response:
+        self.plane.cuda_register_region(request.match_info["region"])
+        return web.Response(status=200)
+
+    async def cuda_unregister(self, request: web.Request) -> web.Response:
+        self.plane.cuda_unregister_region(request.match_info.get("region", ""))
         return web.Response(status=200)
 
     # -- inference -------------------------------------------------------------------------------------------
@@ -248,6 +275,7 @@ class KServeV2Routes:
             doc = await self.body.json(header, "inference request")
             if not isinstance(doc, dict):
                 raise invalid(f"inference request must be a JSON object, got {type(doc).__name__}")
+            check_json_request(doc)
             inputs = field(doc, "inputs", list, "inference request")
             outputs = field(doc, "outputs", list, "inference request", [])
             params = _parameters(doc, "inference request")
@@ -264,7 +292,7 @@ class KServeV2Routes:
                 outputs_in.append(OutputIn(out_name, out_params))
             normalized = await self.plane.normalize(
                 name, version, _tensors_in(inputs, binary), outputs=outputs_in, parameters=params,
-                request_id=request_id, received_ns=received)
+                request_id=request_id, received_ns=received, protocol="http")
             result = await self.plane.infer(normalized)
             chunks: list[bytes | memoryview] = []
             out_json = [_output_json(o, wanted.get(o.name, binary_default), chunks) for o in result.outputs]

@@ -59,6 +59,7 @@ class ServedModel:
         self._where = f"model '{name}' version {version}"
         self._expected_shapes = {s.name: s.metadata_shape(config.max_batch_size > 0) for s in self.inputs}
         self.output_names = [s.name for s in self.outputs]
+        self.labels: dict[str, list[str]] = {}  # output -> label_filename's lines (server/dataplane/classification.py)
 
     @property
     def max_batch_size(self) -> int:

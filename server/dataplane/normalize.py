@@ -9,10 +9,14 @@ the model and runs `normalize` here. Every check a request must satisfy runs onc
 1. the server is accepting requests (UNAVAILABLE while draining);
 2. the model and version resolve (NOT_FOUND / UNAVAILABLE; names are echoed truncated);
    from here on every refusal is counted as the model's INVALID failure, whichever check refused;
-3. parameters: `timeout` is an integer (microseconds); the deadline is the earliest of it, the
-   transport's and the model's `default_queue_policy.default_timeout_microseconds` (`deadline_from`,
-   the one place a deadline is computed; the batcher only enforces it);
+3. parameters: every request, input and output parameter is one this server honours, or it is refused
+   (server/dataplane/protocol_checks.py: nothing is accepted and ignored); `timeout` is an integer
+   (microseconds); the deadline is the earliest of it, the transport's and the model's
+   `default_queue_policy.default_timeout_microseconds` (`deadline_from`, the one place a deadline is
+   computed; the batcher only enforces it);
 4. requested outputs exist, and those to be written into shared memory name a region window that fits;
+   those asked for with `classification` carry a positive count (server/dataplane/classification.py,
+   applied to the results by `DataPlane.infer` for every binding);
 5. inputs: no duplicates; exactly one source of contents each (a shared-memory region, raw bytes or
    typed values), a region resolved to its window; each input's name, datatype and shape (no negative
    dimension, the batch within max_batch_size) checked against the model's config BEFORE its contents
@@ -32,7 +36,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from server.dataplane.classification import class_counts
 from server.dataplane.model import ServedModel
+from server.dataplane.protocol_checks import check_infer_parameters
 from server.dataplane.tensors import TensorIn, decode_tensor
 from server.errors import invalid
 from server.shared_memory import OutputTarget, SharedMemoryRegistry, output_target, tensor_source
@@ -88,6 +94,7 @@ class InferenceRequest:
     deadline: float | None = None
     received_ns: int = field(default_factory=time.perf_counter_ns)
     targets: dict[str, OutputTarget] = field(default_factory=dict)  # outputs written into shared memory
+    classes: dict[str, int] = field(default_factory=dict)  # outputs answered as their top classes
 
 
 def _source(t: TensorIn, shm: SharedMemoryRegistry) -> TensorIn:
@@ -118,11 +125,16 @@ def _targets(model: ServedModel, outputs: Sequence[OutputIn], shm: SharedMemoryR
 
 async def normalize(model: ServedModel, inputs: Sequence[TensorIn], outputs: Sequence[OutputIn],
                     parameters: Mapping[str, Any], shm: SharedMemoryRegistry, *, request_id: str = "",
-                    transport_remaining_s: float | None = None, received_ns: int) -> InferenceRequest:
-    """Steps 3-6 for a tensor request on its resolved model; InferError names what is wrong."""
+                    transport_remaining_s: float | None = None, received_ns: int,
+                    protocol: str = "grpc") -> InferenceRequest:
+    """Steps 3-6 for a tensor request on its resolved model; InferError names what is wrong. `protocol`
+    ("grpc" or "http") says which wire parameters the binding itself consumed (binary data over REST)."""
     with model.refusals_counted():
+        check_infer_parameters(protocol, parameters, ((t.name, t.parameters) for t in inputs),
+                               ((o.name, o.parameters) for o in outputs))
         deadline = deadline_from(transport_remaining_s, timeout_parameter(parameters), model.default_timeout_us)
         targets = _targets(model, outputs, shm)
+        classes = class_counts((o.name, o.parameters) for o in outputs)
         arrays: dict[str, np.ndarray] = {}
         for t in inputs:
             if t.name in arrays:
@@ -135,7 +147,7 @@ async def normalize(model: ServedModel, inputs: Sequence[TensorIn], outputs: Seq
                 arrays[t.name] = decode_tensor(t)
         model.validate(arrays, declarations_checked=True)
     return InferenceRequest(model, arrays, [o.name for o in outputs] or list(model.output_names), request_id,
-                            deadline, received_ns, targets)
+                            deadline, received_ns, targets, classes)
 
 
 def normalize_arrays(model: ServedModel, inputs: dict[str, np.ndarray], *, deadline: float | None,

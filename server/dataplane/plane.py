@@ -20,14 +20,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
+import grpc
 import numpy as np
 
+from server.dataplane.classification import classify
 from server.dataplane.model import ServedModel
 from server.dataplane.normalize import InferenceRequest, OutputIn, normalize
 from server.dataplane.state import ServerState
 from server.dataplane.tensors import TensorIn, raw_view
 from server.dataplane.vision import DEFAULT_VISION_THREADS, VisionCalls
-from server.errors import InferError, echo, invalid, unavailable
+from server.errors import InferError, echo, invalid, not_found, unavailable
+from server.model_overrides import LoadOverride
 from server.repository import ModelRepository, ModelState
 from server.shared_memory import RegionStatus
 from server.tracing import TRACER, Trace
@@ -35,8 +38,9 @@ from server.tracing import TRACER, Trace
 SERVER_NAME = "cnnserve"
 SERVER_VERSION = "0.1.0"
 # The protocol extensions this server implements (what server metadata advertises to clients).
-EXTENSIONS = ["model_configuration", "model_repository", "statistics", "parameters", "system_shared_memory",
-              "logging", "trace"]
+EXTENSIONS = ["classification", "model_configuration", "model_repository", "model_repository(unload_dependents)",
+              "statistics", "system_shared_memory", "binary_tensor_data", "logging", "trace"]
+# not "parameters": custom ones are refused
 
 
 @dataclass(frozen=True)
@@ -115,13 +119,14 @@ class DataPlane:
     async def normalize(self, name: str, version: str, inputs: Sequence[TensorIn], *,
                         outputs: Sequence[OutputIn] = (), parameters: Mapping[str, Any] | None = None,
                         request_id: str = "", transport_remaining_s: float | None = None,
-                        received_ns: int | None = None) -> InferenceRequest:
-        """Every check of a tensor request, once, in Normalize's order; InferError names what is wrong."""
+                        received_ns: int | None = None, protocol: str = "grpc") -> InferenceRequest:
+        """Every check of a tensor request, once, in Normalize's order; InferError names what is wrong.
+        `protocol`: "grpc" or "http", whose own wire parameters (binary data) the binding consumed."""
         received_ns = received_ns or time.perf_counter_ns()
         model = self.resolve(name, version)
         return await normalize(model, inputs, outputs, parameters or {}, self.state.shared_memory,
                                request_id=request_id, transport_remaining_s=transport_remaining_s,
-                               received_ns=received_ns)
+                               received_ns=received_ns, protocol=protocol)
 
     async def _execute(self, request: InferenceRequest, trace: Trace | None = None) -> dict[str, np.ndarray]:
         return await request.model.batcher.infer(request.inputs, deadline=request.deadline,
@@ -129,10 +134,11 @@ class DataPlane:
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Queue a normalized request on its model's batcher (traced when sampled: server/tracing.py);
-        the outputs asked for, in order, those asked for in shared memory written there."""
+        the outputs asked for, in order, those asked for in shared memory written there, those asked for
+        with `classification` as their top classes (Triton's classification extension)."""
         model = request.model
         with TRACER.request(model.name, model.version, request.id, request.received_ns) as trace:
-            results = await self._execute(request, trace)
+            results = classify(model, await self._execute(request, trace), request.classes)
         outputs = []
         for name in request.outputs:
             target = request.targets.get(name)
@@ -168,11 +174,12 @@ class DataPlane:
                               f"{self.state.model_control_mode}; start the server with "
                               "--model-control-mode explicit to load and unload models on request")
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, override: LoadOverride | None = None) -> None:
+        """(Re)load `name`, from the repository or from the request's `override` (server/model_overrides.py)."""
         self._check_model_control()
         if self.state.shutting_down:
             raise unavailable("server is shutting down")
-        state = await self.repository.load(name)
+        state = await self.repository.load(name, override)
         if not state.versions:
             raise invalid(f"failed to load {echo(name)}: {state.reason}")
         if state.reason:  # a reload failed; the previously loaded copy keeps serving
@@ -191,3 +198,18 @@ class DataPlane:
 
     def region_status(self, name: str = "") -> list[RegionStatus]:
         return self.state.shared_memory.status(name)
+
+    # -- CUDA shared memory: answered alike on every binding, though no region can exist here -----------------
+    # Status lists none and unregister (a client's cleanup, e.g. perf_analyzer's on exit) succeeds, as a
+    # Triton with no region registered answers; register is refused UNIMPLEMENTED (501 over REST).
+    def cuda_region_status(self, name: str = "") -> list[RegionStatus]:
+        if name:
+            raise not_found(f"CUDA shared memory region {echo(name)} is not registered")
+        return []
+
+    def cuda_register_region(self, name: str) -> None:
+        raise InferError(grpc.StatusCode.UNIMPLEMENTED, "CUDA shared memory is not supported by this server; "
+                                                        "use system shared memory")
+
+    def cuda_unregister_region(self, name: str = "") -> None:
+        return None

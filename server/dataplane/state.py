@@ -14,7 +14,7 @@ class ServerState:
         self.started = False
         self.shutting_down = False
         self.strict_readiness = False
-        self.model_control_mode = "none"  # "explicit": models load and unload on request
+        self.model_control_mode = "none"  # "explicit": models load and unload on request; "poll": follow the disk
         self.admission = Admission()  # server-wide in-flight limits; the app sets the configured one
         self.shared_memory = process_registry()  # system shared-memory regions, every binding's
 
@@ -27,7 +27,8 @@ class ServerState:
         if not self.started or self.shutting_down:
             return False
         if self.strict_readiness:
-            return all(s.state == "READY" for s in repository.models.values())
+            # As Triton: a model unloaded on purpose does not count against readiness.
+            return all(s.state == "READY" or s.reason == "unloaded" for s in repository.models.values())
         return True
 
     @contextmanager
