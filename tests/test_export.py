@@ -18,6 +18,7 @@ import torch
 import models
 from export.eager_parity import ort_session
 from export.pipeline import ExportFailed, ExportOptions, export_model
+from export.variants import FP32_FILENAME
 from models.registry import get_entry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,9 @@ def test_model_exports_with_parity_and_lint(name: str, tmp_path: Path):
     assert outcome.parity.batch_sizes == sizes
     assert outcome.lint.ok, [str(i) for i in outcome.lint.issues]
     path = outcome.export.path
-    assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["model.onnx"]  # one file, no external data
+    # the served file and the FP32 parent export keeps beside it (export/variants.py): whole ONNX files,
+    # no external data
+    assert path.is_file() and sorted(p.name for p in path.parent.iterdir()) == sorted({"model.onnx", FP32_FILENAME})
 
     cfg = outcome.staged.config
     assert cfg.max_batch_size == entry.max_batch_size
