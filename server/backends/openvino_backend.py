@@ -98,7 +98,9 @@ class OpenVinoBackend(Backend):
             raise RuntimeError(f"openvino could not compile {model_file}: {_reason(exc)}") from exc
         # one request per stream computing, plus one being filled with the next batch
         self.concurrent_executions = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")) + 1
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        # last in, first out: a lone execution always meets the request used last (warm, its buffers
+        # sized); the spare ones only serve when executions overlap
+        self._requests: queue.LifoQueue = queue.LifoQueue()
         for _ in range(self.concurrent_executions):
             self._requests.put(self.compiled.create_infer_request())
         self._inputs = [_spec(p, options.batched) for p in self.compiled.inputs]
@@ -124,7 +126,7 @@ class OpenVinoBackend(Backend):
             self._requests.put(request)
 
     def close(self) -> None:
-        self._requests = queue.SimpleQueue()
+        self._requests = queue.LifoQueue()
         self.compiled = None  # type: ignore[assignment]
 
 
