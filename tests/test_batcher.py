@@ -335,6 +335,11 @@ class _TwoAtOnce(GatedBackend):
     def __init__(self, inner, gate: Gate) -> None:
         super().__init__(inner, gate)
         self.concurrent_executions = 2
+        self.sizes: list[int] = []
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.sizes.append(len(inputs["a"]))
+        return super().execute(inputs)
 
 
 @pytest.mark.parametrize("concurrent", [1, 2])
@@ -368,6 +373,35 @@ def test_next_batch_forms_while_one_computes(affine_file: Path, concurrent: int)
         np.testing.assert_array_equal(o["y"], r["a"] * 2 + 1)
         np.testing.assert_array_equal(o["z"], r["b"] + 3)
     assert b.stats.execution_count == 2
+
+
+def test_a_saturated_runtime_gets_no_smaller_batch_than_it_runs(affine_file: Path) -> None:
+    # One computing, one spare: the spare slot holds a lone request past its (zero) queue delay while a
+    # batch of 2 computes, and dispatches once its own batch has 2 too.
+    async def main():
+        gate = Gate()
+        backend = _TwoAtOnce(_backends(affine_file)[0], gate)
+        b = DynamicBatcher("affine", "1", [backend], BatchSettings(max_batch_size=4, max_queue_delay_us=0))
+        b.start()
+        reqs = [_affine_inputs(2, 0), _affine_inputs(1, 1), _affine_inputs(1, 2)]
+        first = asyncio.create_task(b.infer(reqs[0]))
+        await asyncio.to_thread(gate.wait_entered, 1)
+        second = asyncio.create_task(b.infer(reqs[1]))
+        for _ in range(100):  # event-loop passes: ample for the scheduler to dispatch it, were it to
+            await asyncio.sleep(0)
+        held = (gate.entered, b.queued)
+        third = asyncio.create_task(b.infer(reqs[2]))
+        await asyncio.to_thread(gate.wait_entered, 2)
+        gate.open()
+        outs = await asyncio.gather(first, second, third)
+        await b.stop()
+        return held, backend.sizes, reqs, outs
+
+    held, sizes, reqs, outs = _run(main())
+    assert held == (1, 1)
+    assert sizes == [2, 2]
+    for r, o in zip(reqs, outs):
+        np.testing.assert_array_equal(o["y"], r["a"] * 2 + 1)
 
 
 class _Recording(GatedBackend):
