@@ -37,9 +37,9 @@ ones computing, or one of them finishes. Dispatching a small batch into a busy r
 it wait there while later requests could not join it (measured: mean batch 2.6 instead of 4 at
 concurrency 8 on mobilenet_v2, throughput down by a fifth).
 
-Zero copies: each slot gathers a multi-request batch into one contiguous buffer per batch shape that it
-reuses for every later batch of that shape (requests are copied straight into it, no np.concatenate
-temporaries); a lone request goes to the backend as it came (a view over the message bytes). Outputs
+Zero copies: each slot gathers a multi-request batch into one contiguous buffer that it reuses for every
+later batch (sized to the largest batch it has gathered; a smaller batch fills its first rows), copying
+the requests straight into it (no np.concatenate temporaries); a lone request goes to the backend as it came (a view over the message bytes). Outputs
 are split back as views; an output that still shares memory with the reused buffer is copied first,
 since the next batch overwrites the buffer.
 
@@ -127,12 +127,14 @@ class _InstanceThread:
 
 
 class _BatchBuffers:
-    """One execution slot's input buffers, one set per batch shape, reused across its batches. The slot
-    executes one batch at a time and the backend is done with its inputs when `execute` returns, so a
-    buffer is free again by the slot's next batch. Bounded: variable per-item shapes could otherwise
-    grow it without limit."""
+    """One execution slot's input buffers, reused across its batches: per per-item shape, one contiguous
+    array per input as large as the largest batch the slot has gathered; a batch of n fills its first n
+    rows (a C-contiguous prefix, itself contiguous). The slot executes one batch at a time and the
+    backend is done with its inputs when `execute` returns, so the buffer is free again by the slot's
+    next batch. Memory: one largest batch per slot, not one per batch size; bounded in item shapes, which
+    variable dimensions could otherwise grow without limit."""
 
-    KEEP = 8
+    KEEP = 4
 
     def __init__(self) -> None:
         self._by_shape: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
@@ -140,21 +142,21 @@ class _BatchBuffers:
     def gather(self, batch: list[_Request]) -> dict[str, np.ndarray]:
         first = batch[0].inputs
         total = sum(r.items for r in batch)
-        key = (total, batch[0].key, tuple(a.dtype.str for a in first.values()))
+        key = (batch[0].key, tuple(a.dtype.str for a in first.values()))
         bufs = self._by_shape.get(key)
-        if bufs is None:
+        if bufs is None or next(iter(bufs.values())).shape[0] < total:
             bufs = {name: np.empty((total, *a.shape[1:]), a.dtype) for name, a in first.items()}
             self._by_shape[key] = bufs
             if len(self._by_shape) > self.KEEP:
                 self._by_shape.popitem(last=False)
-        else:
-            self._by_shape.move_to_end(key)
-        for name, buf in bufs.items():
+        self._by_shape.move_to_end(key)
+        out = {name: buf[:total] for name, buf in bufs.items()}
+        for name, buf in out.items():
             off = 0
             for r in batch:
                 buf[off:off + r.items] = r.inputs[name]
                 off += r.items
-        return bufs
+        return out
 
 
 class _Request:
