@@ -369,7 +369,7 @@ def test_next_batch_forms_while_one_computes(affine_file: Path, concurrent: int)
     (entered, queued, pending, first_done), reqs, outs, b = _run(main())
     assert not first_done and pending == 3
     assert (entered, queued) == ((2, 0) if concurrent == 2 else (1, 2))
-    for r, o in zip(reqs, outs):
+    for r, o in zip(reqs, outs, strict=True):
         np.testing.assert_array_equal(o["y"], r["a"] * 2 + 1)
         np.testing.assert_array_equal(o["z"], r["b"] + 3)
     assert b.stats.execution_count == 2
@@ -400,7 +400,7 @@ def test_a_saturated_runtime_gets_no_smaller_batch_than_it_runs(affine_file: Pat
     held, sizes, reqs, outs = _run(main())
     assert held == (1, 1)
     assert sizes == [2, 2]
-    for r, o in zip(reqs, outs):
+    for r, o in zip(reqs, outs, strict=True):
         np.testing.assert_array_equal(o["y"], r["a"] * 2 + 1)
 
 
@@ -439,6 +439,6 @@ def test_one_batch_buffer_is_reused_across_batches(affine_file: Path, identity: 
     assert len({a for _, a in addresses}) == 1  # one buffer: the batch of 2 fills the first rows of the 3
     # every request got its own rows, including the first batches', whose buffer the later ones refilled
     for reqs, outs in results:
-        for r, o in zip(reqs, outs):
+        for r, o in zip(reqs, outs, strict=True):
             np.testing.assert_array_equal(o["y"], r["a"] if identity else r["a"] * 2 + 1)
             np.testing.assert_array_equal(o["z"], r["b"] + 3)

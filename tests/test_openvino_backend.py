@@ -122,7 +122,7 @@ def test_spare_infer_requests_take_executions_at_once(tmp_path: Path) -> None:
               "b": rng.integers(-9, 9, (n, 2))} for n in (1, 3, 8, 2) * 8]
     with ThreadPoolExecutor(ov_b.concurrent_executions) as pool:
         outs = list(pool.map(ov_b.execute, feeds))
-    for feed, out in zip(feeds, outs):
+    for feed, out in zip(feeds, outs, strict=True):
         np.testing.assert_allclose(out["y"], feed["a"] * 2 + 1, rtol=1e-6)
         np.testing.assert_array_equal(out["z"], feed["b"] + 3)
 

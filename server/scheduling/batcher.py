@@ -39,9 +39,9 @@ concurrency 8 on mobilenet_v2, throughput down by a fifth).
 
 Zero copies: each slot gathers a multi-request batch into one contiguous buffer that it reuses for every
 later batch (sized to the largest batch it has gathered; a smaller batch fills its first rows), copying
-the requests straight into it (no np.concatenate temporaries); a lone request goes to the backend as it came (a view over the message bytes). Outputs
-are split back as views; an output that still shares memory with the reused buffer is copied first,
-since the next batch overwrites the buffer.
+the requests straight into it (no np.concatenate temporaries); a lone request goes to the backend as it
+came (a view over the message bytes). Outputs are split back as views; an output that still shares
+memory with the reused buffer is copied first, since the next batch overwrites the buffer.
 
 Fault isolation: a backend that raises fails only the batch it was executing (INTERNAL naming the
 model). With `execution_timeout_ms` set, an execution that has not returned by then is abandoned: its
