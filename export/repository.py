@@ -78,11 +78,14 @@ def default_queue_size(max_batch_size: int, instance_count: int) -> int:
     return 2 * max(1, max_batch_size) * max(1, instance_count)
 
 
-def warmup_batch_sizes(max_batch_size: int) -> list[int]:
-    """Batch 1 (a lone request's path) and the largest batch (ONNX Runtime's arena grows to it once).
-    Sizes between run as fast cold as warm on ONNX Runtime's CPU provider (measured per size), so
-    warming them would only lengthen the cold start."""
-    return sorted({1, max(1, max_batch_size)})
+def warmup_batch_sizes(max_batch_size: int, preferred: Sequence[int] = ()) -> list[int]:
+    """Batch 1 (a lone request's path) and the largest batch the batcher dispatches under load: the
+    largest preferred size, else max_batch_size (ONNX Runtime's arena and OpenVINO's buffers grow to it
+    once, so warming a size the batcher never forms would only hold memory). Sizes between run as fast
+    cold as warm on ONNX Runtime's CPU provider (measured per size), so warming them would only lengthen
+    the cold start."""
+    largest = max((b for b in preferred if 0 < b <= max_batch_size), default=max_batch_size)
+    return sorted({1, max(1, largest)})
 
 
 def _tensor_dims(vi: onnx.ValueInfoProto, name: str) -> tuple[str, list[int]]:
@@ -117,7 +120,7 @@ def build_config(name: str, model: onnx.ModelProto, max_batch_size: int,
     cfg.dynamic_batching.default_queue_policy.max_queue_size = default_queue_size(max_batch_size,
                                                                                   batching.instance_count)
     cfg.instance_group.add(count=batching.instance_count, kind=ModelInstanceGroup.KIND_CPU)
-    for batch in warmup_batch_sizes(max_batch_size):
+    for batch in warmup_batch_sizes(max_batch_size, sizes):
         sample = cfg.model_warmup.add(name=f"random_batch_{batch}", batch_size=batch if max_batch_size else 0)
         for t in cfg.input:
             sample.inputs[t.name].CopyFrom(ModelWarmup.Input(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -51,6 +51,11 @@ _PLATFORM_BACKEND = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensor
 _BACKEND_PLATFORM = {v: k for k, v in _PLATFORM_BACKEND.items()}
 _DEFAULT_FILENAME = {"onnxruntime": ONNX_FILENAME, "tensorrt": PLAN_FILENAME, "pytorch": PROGRAM_FILENAME,
                      "openvino": ONNX_FILENAME}
+# beside the models: compiled artifacts the backends keep between loads (never listed as a model)
+CACHE_DIRNAME = ".cache"
+# models loading at once at start: loading is mostly native code (graph conversion, compiling) that
+# releases the GIL, so a few overlap well; more would only contend for the same cores
+PARALLEL_LOADS = 4
 
 
 class LoadError(RuntimeError):
@@ -237,6 +242,7 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults, override: LoadOverri
     filename = cfg.default_model_filename or _DEFAULT_FILENAME.get(backend, "model")
     try:
         options, count = _options(cfg, defaults)
+        options = replace(options, cache_dir=model_dir.parent / CACHE_DIRNAME)
         settings = _settings(cfg)
     except LoadError as exc:
         raise LoadError(f"{model_dir / CONFIG_FILENAME}: {exc}") from None
@@ -293,11 +299,18 @@ class ModelRepository:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     async def load_all(self, names: Iterable[str] | None = None) -> None:
-        for name in (self.names_on_disk() if names is None else names):
-            try:
-                await self.load(name)
-            except InferError as exc:  # a --load-model naming no model: the others still load
-                log.error("model load failed", extra={"model": echo(name), "reason": exc.message})
+        """Load models in parallel (as Triton does), PARALLEL_LOADS at a time; one failing leaves it
+        UNAVAILABLE with its reason and the others load on."""
+        slots = asyncio.Semaphore(PARALLEL_LOADS)
+
+        async def one(name: str) -> None:
+            async with slots:
+                try:
+                    await self.load(name)
+                except InferError as exc:  # a --load-model naming no model: the others still load
+                    log.error("model load failed", extra={"model": echo(name), "reason": exc.message})
+
+        await asyncio.gather(*(one(n) for n in (self.names_on_disk() if names is None else names)))
 
     async def load(self, name: str, override: LoadOverride | None = None) -> ModelState:
         """(Re)load `name`; on failure the model is UNAVAILABLE with the reason (and the old copy, if any,

@@ -95,6 +95,7 @@ class GatedBackend(Backend):
         super().__init__(inner.model_file, inner.options)
         self.inner = inner
         self.gate = gate
+        self.concurrent_executions = inner.concurrent_executions
         self._inputs = inner.inputs
         self._outputs = inner.outputs
 

@@ -324,3 +324,121 @@ def test_backend_raising_timeout_error_is_a_failed_batch_not_a_hang(affine_file:
     assert b.fault is None
     np.testing.assert_array_equal(out["y"], good["a"] * 2 + 1)
     assert b.stats.failures["BACKEND"] == 1
+
+
+# -- overlap and buffer reuse ---------------------------------------------------------------------------
+class _TwoAtOnce(GatedBackend):
+    """A gated backend that takes two executions at once (as OpenVINO with its spare infer request)."""
+
+    concurrent_executions = 2
+
+    def __init__(self, inner, gate: Gate) -> None:
+        super().__init__(inner, gate)
+        self.concurrent_executions = 2
+        self.sizes: list[int] = []
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.sizes.append(len(inputs["a"]))
+        return super().execute(inputs)
+
+
+@pytest.mark.parametrize("concurrent", [1, 2])
+def test_next_batch_forms_while_one_computes(affine_file: Path, concurrent: int) -> None:
+    async def main():
+        gate = Gate()
+        inner = _backends(affine_file)[0]
+        backend = _TwoAtOnce(inner, gate) if concurrent == 2 else GatedBackend(inner, gate)
+        b = DynamicBatcher("affine", "1", [backend],
+                           BatchSettings(max_batch_size=4, preferred_batch_sizes=(2,), max_queue_delay_us=HOUR_US))
+        b.start()
+        reqs = [_affine_inputs(2, 0), _affine_inputs(1, 1), _affine_inputs(1, 2)]
+        first = asyncio.create_task(b.infer(reqs[0]))
+        await asyncio.to_thread(gate.wait_entered, 1)  # batch 1 is computing, held inside the backend
+        rest = [asyncio.create_task(b.infer(r)) for r in reqs[1:]]
+        if concurrent == 2:  # the second slot gathers requests 2 and 3 into a batch of the preferred 2
+            await asyncio.to_thread(gate.wait_entered, 2)
+        else:
+            while b.queued < 2:  # both accepted and waiting for the one busy slot
+                await asyncio.sleep(0)
+        held = (gate.entered, b.queued, b.stats.pending, first.done())
+        gate.open()
+        outs = [await first, *await asyncio.gather(*rest)]
+        await b.stop()
+        return held, reqs, outs, b
+
+    (entered, queued, pending, first_done), reqs, outs, b = _run(main())
+    assert not first_done and pending == 3
+    assert (entered, queued) == ((2, 0) if concurrent == 2 else (1, 2))
+    for r, o in zip(reqs, outs, strict=True):
+        np.testing.assert_array_equal(o["y"], r["a"] * 2 + 1)
+        np.testing.assert_array_equal(o["z"], r["b"] + 3)
+    assert b.stats.execution_count == 2
+
+
+def test_a_saturated_runtime_gets_no_smaller_batch_than_it_runs(affine_file: Path) -> None:
+    # One computing, one spare: the spare slot holds a lone request past its (zero) queue delay while a
+    # batch of 2 computes, and dispatches once its own batch has 2 too.
+    async def main():
+        gate = Gate()
+        backend = _TwoAtOnce(_backends(affine_file)[0], gate)
+        b = DynamicBatcher("affine", "1", [backend], BatchSettings(max_batch_size=4, max_queue_delay_us=0))
+        b.start()
+        reqs = [_affine_inputs(2, 0), _affine_inputs(1, 1), _affine_inputs(1, 2)]
+        first = asyncio.create_task(b.infer(reqs[0]))
+        await asyncio.to_thread(gate.wait_entered, 1)
+        second = asyncio.create_task(b.infer(reqs[1]))
+        for _ in range(100):  # event-loop passes: ample for the scheduler to dispatch it, were it to
+            await asyncio.sleep(0)
+        held = (gate.entered, b.queued)
+        third = asyncio.create_task(b.infer(reqs[2]))
+        await asyncio.to_thread(gate.wait_entered, 2)
+        gate.open()
+        outs = await asyncio.gather(first, second, third)
+        await b.stop()
+        return held, backend.sizes, reqs, outs
+
+    held, sizes, reqs, outs = _run(main())
+    assert held == (1, 1)
+    assert sizes == [2, 2]
+    for r, o in zip(reqs, outs, strict=True):
+        np.testing.assert_array_equal(o["y"], r["a"] * 2 + 1)
+
+
+class _Recording(GatedBackend):
+    """Records the address of every batch's inputs; optionally answers with its input (an identity graph)."""
+
+    def __init__(self, inner, identity: bool = False) -> None:
+        gate = Gate()
+        gate.open()
+        super().__init__(inner, gate)
+        self.identity = identity
+        self.addresses: list[tuple[int, int]] = []
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.addresses.append((inputs["a"].shape[0], inputs["a"].ctypes.data))
+        out = self.inner.execute(inputs)
+        return {"y": inputs["a"], "z": out["z"]} if self.identity else out
+
+
+@pytest.mark.parametrize("identity", [False, True])
+def test_one_batch_buffer_is_reused_across_batches(affine_file: Path, identity: bool) -> None:
+    async def main():
+        backend = _Recording(_backends(affine_file)[0], identity)
+        b = DynamicBatcher("affine", "1", [backend],
+                           BatchSettings(max_batch_size=3, preferred_batch_sizes=(2,), max_queue_delay_us=HOUR_US))
+        b.start()
+        results = []
+        for sizes, seed in (((1, 2), 10), ((1, 1), 20), ((1, 2), 30)):  # batches of 3, 2, then 3 again
+            reqs = [_affine_inputs(n, seed + i) for i, n in enumerate(sizes)]
+            results.append((reqs, await asyncio.gather(*(b.infer(r) for r in reqs))))
+        await b.stop()
+        return backend.addresses, results
+
+    addresses, results = _run(main())
+    assert [n for n, _ in addresses] == [3, 2, 3]
+    assert len({a for _, a in addresses}) == 1  # one buffer: the batch of 2 fills the first rows of the 3
+    # every request got its own rows, including the first batches', whose buffer the later ones refilled
+    for reqs, outs in results:
+        for r, o in zip(reqs, outs, strict=True):
+            np.testing.assert_array_equal(o["y"], r["a"] if identity else r["a"] * 2 + 1)
+            np.testing.assert_array_equal(o["z"], r["b"] + 3)

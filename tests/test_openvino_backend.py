@@ -69,6 +69,63 @@ def test_threads_from_the_config_reach_openvino(tmp_path: Path) -> None:
     assert "float32" in str(one.compiled.get_property("INFERENCE_PRECISION_HINT"))
 
 
+def _scale_model(k: float) -> bytes:
+    """x FP32 [N,4] -> y = k x: one graph, other weights per k."""
+    g = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["y"])], "scale",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor("k", TensorProto.FLOAT, [], [k])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+
+
+def test_compiled_model_cache_is_keyed_by_the_model_file(tmp_path: Path) -> None:
+    model = tmp_path / "m" / "1" / "model.onnx"
+    model.parent.mkdir(parents=True)
+    cache = tmp_path / ".cache"
+    options = BackendOptions(intra_op_threads=1, max_batch_size=4, cache_dir=cache)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+    def load_and_run() -> np.ndarray:
+        b = OpenVinoBackend(model, options)
+        try:
+            return b.execute({"x": x})["y"]
+        finally:
+            b.close()
+
+    def cached() -> dict[str, list[str]]:
+        return {d.name: sorted(f.name for f in d.iterdir()) for d in (cache / "openvino").iterdir()}
+
+    model.write_bytes(_scale_model(2.0))
+    np.testing.assert_array_equal(load_and_run(), x * 2)
+    first = cached()
+    assert len(first) == 1 and any(f.endswith(".blob") for f in next(iter(first.values()))), first
+    np.testing.assert_array_equal(load_and_run(), x * 2)  # a second load reads the blob it wrote
+    assert cached() == first
+    model.write_bytes(_scale_model(3.0))  # the file changes in place: another key, never the old blob
+    np.testing.assert_array_equal(load_and_run(), x * 3)
+    after = cached()
+    assert len(after) == 2 and set(first) < set(after)
+
+
+def test_spare_infer_requests_take_executions_at_once(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = tmp_path / "affine.onnx"
+    p.write_bytes(affine_model())
+    ov_b = OpenVinoBackend(p, BackendOptions(intra_op_threads=1, max_batch_size=8))
+    streams = int(ov_b.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    assert ov_b.concurrent_executions == streams + 1 >= 2
+    rng = np.random.default_rng(1)
+    # read-only views, as requests arrive from the message bytes: shared with OpenVINO, not copied
+    feeds = [{"a": np.frombuffer(rng.standard_normal((n, 4)).astype(np.float32).tobytes(), np.float32).reshape(n, 4),
+              "b": rng.integers(-9, 9, (n, 2))} for n in (1, 3, 8, 2) * 8]
+    with ThreadPoolExecutor(ov_b.concurrent_executions) as pool:
+        outs = list(pool.map(ov_b.execute, feeds))
+    for feed, out in zip(feeds, outs, strict=True):
+        np.testing.assert_allclose(out["y"], feed["a"] * 2 + 1, rtol=1e-6)
+        np.testing.assert_array_equal(out["z"], feed["b"] + 3)
+
+
 def _unknown_op_model() -> bytes:
     """A graph ONNX Runtime and OpenVINO both parse but OpenVINO has no kernel for: a custom-domain op."""
     g = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")], "bad",
@@ -96,6 +153,8 @@ def test_a_model_openvino_cannot_compile_fails_alone_with_the_reason(tmp_path: P
     assert "openvino could not compile" in reason and "Frobnicate" in reason, reason
     served = repo.get("good")
     assert served.platform == "openvino" and isinstance(served.instances[0], OpenVinoBackend)
+    # the compiled-model cache sits beside the models and is never taken for one
+    assert any((tmp_path / ".cache" / "openvino").iterdir()) and ".cache" not in repo.models
     out = served.instances[0].execute({"a": np.ones((2, 4), np.float32), "b": np.ones((2, 2), np.int64)})
     np.testing.assert_allclose(out["y"], 3.0)
 

@@ -5,6 +5,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import grpc
@@ -13,6 +14,8 @@ import pytest
 
 from cnncore.spec import ModelMeta, PreprocessSpec, Task
 from conftest import ROOT, affine_model, write_model
+from server.backends.base import BackendOptions, register_backend
+from server.backends.ort_backend import OrtBackend
 from server.errors import InferError
 from server.repository import ModelRepository
 
@@ -117,3 +120,29 @@ def test_cli_help_and_bad_repository() -> None:
                           "--grpc-port", "0", "--metrics-port", "0"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert res.returncode != 0 and "/nonexistent/repo is not a directory" in res.stderr
+
+
+class _MeetingBackend(OrtBackend):
+    """Loads only once the other model using it is loading too: with the loads in sequence the barrier
+    breaks (its timeout is a failure guard, not an ordering device) and both fail."""
+
+    barrier: threading.Barrier
+
+    def __init__(self, model_file: Path, options: BackendOptions) -> None:
+        type(self).barrier.wait()
+        super().__init__(model_file, options)
+
+
+register_backend("test_meeting", _MeetingBackend)
+
+
+def test_models_load_in_parallel_and_one_failing_stops_none(tmp_path: Path) -> None:
+    _MeetingBackend.barrier = threading.Barrier(2, timeout=60)
+    meeting = 'max_batch_size: 4\nbackend: "test_meeting"\ndefault_model_filename: "model.onnx"\n'
+    write_model(tmp_path, "a_first", affine_model(), meeting)
+    write_model(tmp_path, "b_broken", b"not an onnx file", "max_batch_size: 4\n")
+    write_model(tmp_path, "c_second", affine_model(), meeting)
+    repo = _load(tmp_path)
+    assert repo.models["a_first"].state == "READY", repo.models["a_first"].reason
+    assert repo.models["c_second"].state == "READY", repo.models["c_second"].reason
+    assert repo.models["b_broken"].state == "UNAVAILABLE" and "b_broken" in repo.models["b_broken"].reason

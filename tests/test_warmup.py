@@ -173,6 +173,9 @@ def test_export_writes_warmup_for_served_batch_sizes_and_a_queue_bound(tmp_path:
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     cfg = build_config("r", model, 16, BatchingDefaults(instance_count=2))
     assert [w.batch_size for w in cfg.model_warmup] == warmup_batch_sizes(16) == [1, 16]
+    # preferred sizes below max_batch_size: warmed at the largest of them, never at a size never formed
+    narrow = build_config("r", model, 16, BatchingDefaults(preferred_batch_sizes=(2, 4)))
+    assert [w.batch_size for w in narrow.model_warmup] == warmup_batch_sizes(16, (2, 4)) == [1, 4]
     for w in cfg.model_warmup:
         (inp,) = w.inputs.items()
         assert inp[0] == "input" and list(inp[1].dims) == [3, 8, 8] and inp[1].random_data

@@ -1,7 +1,8 @@
 """The one interface the service and the batcher know a backend by.
 
 A backend owns one loaded model version and executes whole batches. `execute` is called from a worker
-thread (ONNX Runtime and TensorRT release the GIL), at most once at a time per instance; the batcher
+thread (ONNX Runtime and TensorRT release the GIL), at most `concurrent_executions` at a time per
+instance (1 unless the backend says otherwise); the batcher
 runs `instance_count` instances for concurrent executions. Adding TensorRT, a CUDA provider or torch
 means adding a class here and registering it: nothing in the service or batcher changes.
 """
@@ -43,12 +44,18 @@ class BackendOptions:
     # optimization.cuda.graphs in config.pbtxt, and the config's max_batch_size (the sizes to capture).
     cuda_graphs: bool = False
     max_batch_size: int = 0
+    # Where a backend may keep compiled artifacts between loads (OpenVINO's CACHE_DIR); None: no cache.
+    # The repository gives <repository>/.cache.
+    cache_dir: Path | None = None
 
 
 class Backend(ABC):
     """One loaded model version. Inputs and outputs carry the batch dimension first."""
 
     kind: str = "abstract"
+    # How many `execute` calls this instance takes at the same time (each from its own thread): the
+    # batcher gives it that many execution slots, so the next batch is gathered while one computes.
+    concurrent_executions: int = 1
 
     def __init__(self, model_file: Path, options: BackendOptions) -> None:
         self.model_file = Path(model_file)
