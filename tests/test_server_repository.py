@@ -100,7 +100,7 @@ def test_failed_reload_keeps_the_previous_copy_serving(tmp_path: Path) -> None:
         state = await repo.load("m")
         seen = (state.state, state.reason)
         a = np.ones((1, 4), np.float32)
-        out = await repo.get("m").infer({"a": a, "b": np.zeros((1, 2), np.int64)})
+        out = await repo.get("m").batcher.infer({"a": a, "b": np.zeros((1, 2), np.int64)})
         await repo.close()
         return seen, out
 
