@@ -115,8 +115,7 @@ class TlsFiles:
                 return None
 
         # grpc documents None from the fetcher as "keep the current configuration"; types-grpcio's stub omits it
-        return grpc.dynamic_ssl_server_credentials(
-            initial, fetch, require_client_authentication=self.mutual)  # type: ignore[arg-type]
+        return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=self.mutual)  # type: ignore[arg-type]
 
     def reloading_ssl_context(self) -> ssl.SSLContext:
         """`ssl_context()` whose handshakes use a freshly built context once the files changed: the
