@@ -84,7 +84,7 @@ class Point:
         return out
 
 
-def run_raw(run, bs: int, seconds: float, point: Point) -> None:  # type: ignore[no-untyped-def]
+def run_raw(run, bs: int, seconds: float, point: Point) -> None:
     """`run`: a runtime layer runner (its input_shape: one item's, static)."""
     x = np.random.default_rng(0).standard_normal((bs, *run.input_shape)).astype(np.float32)
     run(x)
@@ -168,9 +168,9 @@ def start_server(repo: Path, models: list[str], threads: int, spinning: bool, wo
            "--ort-allow-spinning", str(spinning).lower(), "--log-level", "warning"]
     for m in models:
         cmd += ["--load-model", m]
-    log = open(workdir / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
-                            stderr=subprocess.STDOUT)
+    with open(workdir / "server.log", "w") as log:  # the child holds its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
+                                stderr=subprocess.STDOUT)
     t_end = time.monotonic() + 300
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > t_end:
@@ -207,15 +207,18 @@ def main() -> None:
             for m in args.models:
                 sides = raw_sides(args.repository, m, args.threads, args.spinning, Path(work))
                 inp = ort_runner(model_file(args.repository, m), args.threads)
+                shape = [d for d in inp.input_shape if isinstance(d, int)]
+                if len(shape) != len(inp.input_shape):  # the requests are built from it
+                    raise SystemExit(f"{m}: the benchmark needs a static input shape, got {inp.input_shape}")
                 raw = {(label, bs): Point() for label in sides for bs in args.batch_sizes}
                 served = {c: Point() for c in args.concurrency}
-                for r in range(args.rounds):
+                for rnd in range(args.rounds):
                     for (label, bs), point in raw.items():
                         run_raw(sides[label], bs, args.seconds, point)
                     for c in args.concurrency:
-                        asyncio.run(run_server(f"127.0.0.1:{port}", m, inp.input_name, list(inp.input_shape), c,
+                        asyncio.run(run_server(f"127.0.0.1:{port}", m, inp.input_name, shape, c,
                                                args.seconds, served[c]))
-                    print(f"{m}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+                    print(f"{m}: round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
                 results[m] = {"raw": {f"{label} batch {bs}": p.row() for (label, bs), p in raw.items()},
                               "server": {c: p.row() for c, p in served.items()}}
         finally:
@@ -225,7 +228,8 @@ def main() -> None:
     load = os.getloadavg()
     print(f"\nmachine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end")
     for m, r in results.items():
-        print(f"\n== {m} (ONNX Runtime CPU, {args.threads} intra-op threads, spinning {'on' if args.spinning else 'off'}; "
+        spinning = "on" if args.spinning else "off"
+        print(f"\n== {m} (ONNX Runtime CPU, {args.threads} intra-op threads, spinning {spinning}; "
               f"{args.rounds} rounds x {args.seconds:g} s) ==")
         print(f"{'mode':<30}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'n':>6}   server: request = queue + compute + other"
               f" ms, mean batch")

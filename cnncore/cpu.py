@@ -35,7 +35,7 @@ class CpuInfo(BaseModel):
     def has(self, flag: str) -> bool:
         return bool(self.flags.get(flag, False))
 
-    def same_features(self, other: "CpuInfo") -> bool:
+    def same_features(self, other: CpuInfo) -> bool:
         return all(self.has(f) == other.has(f) for f in FLAGS)
 
     def summary(self) -> str:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +27,11 @@ from cnncore.artifacts import ONNX_FILENAME, file_sha256
 MANIFEST_FILENAME = "engines.json"
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+
+
+def is_precision(value: str) -> TypeGuard[Precision]:
+    """`value` is one of PRECISIONS (a flag's string, narrowed to the manifest's type)."""
+    return value in PRECISIONS
 
 
 class EngineMismatch(RuntimeError):
@@ -72,7 +77,7 @@ class EngineRecord(BaseModel):
     onnx_sha256: str = Field(description="hash of the model.onnx the engine was built from")
     profiles: dict[str, ProfileShapes] = Field(default_factory=dict, description="input name -> shapes")
     workspace_mib: int = 0
-    built_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    built_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
     def max_batch(self) -> int:
@@ -91,7 +96,7 @@ class EngineManifest(BaseModel):
     engines: list[EngineRecord] = Field(default_factory=list)
 
     @classmethod
-    def read(cls, version_dir: Path) -> "EngineManifest":
+    def read(cls, version_dir: Path) -> EngineManifest:
         path = Path(version_dir) / MANIFEST_FILENAME
         if not path.is_file():
             return cls()

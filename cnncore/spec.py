@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeGuard, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -66,14 +66,27 @@ class GateFigure(BaseModel):
     variant: str = Field(default="", description="the candidate measured, '<precision>/<runtime>'")
 
 
+# The variants `export` can serve (a precision on a runtime), as model.json names them.
+VariantPrecision = Literal["fp32", "bf16", "int8"]
+VariantRuntime = Literal["onnxruntime", "openvino"]
+
+
+def is_variant_precision(value: str) -> TypeGuard[VariantPrecision]:
+    return value in get_args(VariantPrecision)
+
+
+def is_variant_runtime(value: str) -> TypeGuard[VariantRuntime]:
+    return value in get_args(VariantRuntime)
+
+
 class GatedVariant(BaseModel):
     """One variant `export` kept in the version directory: what it is, how fast it ran where it was
     measured, and the CPU flags without which it would be slower than FP32 (server/variant_choice.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    precision: Literal["fp32", "bf16", "int8"]
-    runtime: Literal["onnxruntime", "openvino"]
+    precision: VariantPrecision
+    runtime: VariantRuntime
     file: str
     parameters: dict[str, str] = Field(default_factory=dict, description="config parameters it is served with")
     images_per_s: float = Field(default=0.0, description="geometric mean of batch 1 and 8 where measured")
@@ -88,8 +101,8 @@ class ServingChoice(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    precision: Literal["fp32", "bf16", "int8"] = "fp32"
-    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    precision: VariantPrecision = "fp32"
+    runtime: VariantRuntime = "onnxruntime"
     reason: str = ""
     pinned: bool = Field(default=False, description="--precision/--runtime chose it: the server keeps it")
     cpu: CpuInfo | None = Field(default=None, description="the CPU the speeds were measured on")

@@ -20,15 +20,22 @@ what is served. A refusal names the metric, both values and the threshold.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from cnncore.spec import GateFigure, ModelMeta, Task
-from export.defaults import (GATE_ACCURACY_POINTS, GATE_CONFIDENT_AGREEMENT_PCT, GATE_CONFIDENT_P, GATE_MAP50,
-                             GATE_MEAN_KL, GATE_MIOU, GATE_MSE_RELATIVE)
+from export.defaults import (
+    GATE_ACCURACY_POINTS,
+    GATE_CONFIDENT_AGREEMENT_PCT,
+    GATE_CONFIDENT_P,
+    GATE_MAP50,
+    GATE_MEAN_KL,
+    GATE_MIOU,
+    GATE_MSE_RELATIVE,
+)
 from export.runtimes import Runner, runner
 
 FASHION_TEST_IMAGES = 10_000
@@ -193,7 +200,7 @@ def _segmenter_miou(fp32: Runner, int8: Runner, meta: ModelMeta, th: GateThresho
         logits = next(iter(_batched(run, x).values()))
         k = logits.shape[1]
         conf = np.zeros((k, k), dtype=np.int64)
-        for s, (_, geometry), lg in zip(samples, prepared, logits):
+        for s, (_, geometry), lg in zip(samples, prepared, logits, strict=True):
             conf += confusion_matrix(segmentation_mask(lg, geometry), s.semantic, k)
         return float(np.nanmean(iou_per_class(conf)))
 

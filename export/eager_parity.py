@@ -12,9 +12,10 @@ numpy array (same batch) and returns a dict of JSON-able metrics; it fails the c
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -96,7 +97,7 @@ def torch_outputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> di
         flat = list(out)
     if len(flat) != len(names):
         raise ParityError(f"model returned {len(flat)} outputs but the entry names {len(names)}: {list(names)}")
-    return {n: t.detach().cpu().numpy() for n, t in zip(names, flat)}
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, flat, strict=True)}
 
 
 def _compare(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float, batch: int, name: str) -> OutputParity:
@@ -153,7 +154,7 @@ def check_parity(
         x = example_batch(entry, n, seed=base_seed + i)
         ref = torch_outputs(model, x, names)
         got_list = session.run(names, {INPUT_NAME: x.numpy()})
-        got = dict(zip(names, got_list))
+        got = dict(zip(names, got_list, strict=True))
         if entry.parity_check is not None:
             try:
                 detail = dict(entry.parity_check(ref, got) or {})

@@ -15,8 +15,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 if not __package__:
     # Run as a file (`python export/export.py`): Python put export/ itself first on sys.path, where this
@@ -25,7 +25,7 @@ if not __package__:
     _here = Path(__file__).resolve().parent
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
-from export.defaults import DEFAULT_REPOSITORY  # noqa: E402
+from export.defaults import DEFAULT_REPOSITORY
 
 
 def _console():
@@ -209,7 +209,7 @@ def _export_into(repo: Path, names: Sequence[str], args: argparse.Namespace) -> 
             outcomes.append(outcome)
         with step(f"write {len(outcomes)} model(s) into {repo}"):
             written = write_models(repo, [o.staged for o in outcomes])
-    for path, o in zip(written, outcomes):
+    for path, o in zip(written, outcomes, strict=True):
         serving = o.staged.meta.serving
         served = f", {serving.precision.upper()} on {serving.runtime}: {serving.reason}" if serving else ""
         if serving and serving.cpu:
@@ -264,8 +264,18 @@ def cmd_lint(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------------
 
 def _add_export_options(p: argparse.ArgumentParser, precision: str = "auto", runtime: str = "auto") -> None:
-    from export.defaults import (DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, GATE_ACCURACY_POINTS, GATE_MAP50,
-                                 GATE_MIOU, GATE_MSE_RELATIVE, INPUT_DTYPES, PRECISION_CHOICES, RUNTIME_CHOICES)
+    from export.defaults import (
+        DEFAULT_ATOL,
+        DEFAULT_OPSET,
+        DEFAULT_RTOL,
+        GATE_ACCURACY_POINTS,
+        GATE_MAP50,
+        GATE_MIOU,
+        GATE_MSE_RELATIVE,
+        INPUT_DTYPES,
+        PRECISION_CHOICES,
+        RUNTIME_CHOICES,
+    )
 
     p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="model repository dir (default: %(default)s)")
     p.add_argument("--version", type=int, default=1, help="model version directory (default: %(default)s)")

@@ -6,6 +6,7 @@ import io
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def _quiet_exporter():
 BUILD_PATH_KEYS = ("pkg.torch.onnx.stack_trace",)
 
 
-def _graphs(g: onnx.GraphProto):  # type: ignore[no-untyped-def]
+def _graphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     yield g
     for node in g.node:
         for attr in node.attribute:

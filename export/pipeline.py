@@ -6,27 +6,25 @@ parity from ever damaging a served repository.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import onnx
 import onnxruntime
 import torch
 
+from cnncore.artifacts import ONNX_FILENAME, file_sha256
+from cnncore.spec import META_FILENAME, ModelMeta, Task
+from export.eager_parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityError, ParityReport, check_parity, default_batch_sizes
 from export.onnx_export import DEFAULT_OPSET, ExportResult, example_batch, export_onnx
-from export.eager_parity import (DEFAULT_ATOL, DEFAULT_RTOL, ParityError, ParityReport, check_parity,
-                           default_batch_sizes)
+from export.progress import Step
 from export.repository import LABELS_FILENAME, BatchingDefaults, StagedModel, build_config
 from export.trt_lint import LintReport, TensorRTLintError, lint_model
 from export.uint8_input import Uint8InputError, uint8_variant
 from export.variants import VariantOptions, VariantRefused, select_variant
-from cnncore.artifacts import ONNX_FILENAME, file_sha256
-from cnncore.spec import META_FILENAME, ModelMeta, Task
 from models.registry import ModelEntry, get_entry, get_model
-
-Step = Callable[[str], object]  # progress callback: called with a step description, returns a ctx manager
 
 
 class ExportFailed(RuntimeError):

@@ -22,9 +22,9 @@ EXCLUDE_NODES is empty; `exclude=` takes node-name patterns for a model that nee
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx

@@ -10,8 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cnncore.runtime import (RUNTIMES, OpenVinoSettings, OrtSettings, Runner, RuntimeUnavailable, available_runtimes,
-                             openvino_available, throughput)
+from cnncore.runtime import (
+    RUNTIMES,
+    OpenVinoSettings,
+    OrtSettings,
+    Runner,
+    RuntimeUnavailable,
+    available_runtimes,
+    openvino_available,
+    throughput,
+)
 from cnncore.runtime import openvino_runner as _openvino_runner
 from cnncore.runtime import ort_runner as _ort_runner
 from cnncore.runtime import runner as _runner

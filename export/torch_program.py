@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 if not __package__:
     # Run as a file (`python export/torch_program.py`): Python put export/ itself first on sys.path, where this
@@ -28,10 +28,10 @@ if not __package__:
     _here = Path(__file__).resolve().parent
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from cnncore.artifacts import PROGRAM_FILENAME, PROGRAM_NAMES_FILE  # noqa: E402
+from cnncore.artifacts import PROGRAM_FILENAME, PROGRAM_NAMES_FILE
 
 
 def export_program(model: nn.Module, example: torch.Tensor, max_batch_size: int) -> torch.export.ExportedProgram:
@@ -59,9 +59,9 @@ def save_program(program: torch.export.ExportedProgram, path: Path, input_names:
 
 def write_repository_programs(repository: Path, models: Sequence[str] | None = None) -> list[Path]:
     """Export the registry model behind each repository model into its latest version directory."""
-    from models import get_entry, get_model
     from cnncore.config import load_config
     from cnncore.layout import latest_version_dir, model_names
+    from models import get_entry, get_model
 
     repository = Path(repository)
     names = list(models) if models else model_names(repository)

@@ -21,12 +21,13 @@ other inputs (shapes, axes, indices) are governed by the global rules above only
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import onnx
+import onnx.inliner
 from onnx import TensorProto, helper
 
 TABLE_PATH = Path(__file__).with_name("trt_operators.json")
@@ -205,9 +206,8 @@ def _restriction_issues(node: onnx.NodeProto, constants: set[str], spatial_rank:
             why.append(f"axes input {node.input[1]!r} must be an initializer/constant")
     elif op in ("Conv", "ConvTranspose") and spatial_rank is not None and spatial_rank not in (1, 2, 3):
         why.append(f"{spatial_rank}D convolution is not supported")
-    elif op == "Dropout":
-        if len(node.input) > 2 and node.input[2] and node.input[2] not in constants:
-            why.append("training_mode must be an initializer that evaluates to False")
+    elif op == "Dropout" and len(node.input) > 2 and node.input[2] and node.input[2] not in constants:
+        why.append("training_mode must be an initializer that evaluates to False")
     return why
 
 
@@ -277,28 +277,29 @@ def lint_model(model: onnx.ModelProto) -> LintReport:
     # consumes it, for graph inputs and initializers), so the message points at a node.
     first_user: dict[str, tuple[str, str]] = {}
     for node, prefix in _walk_graph(inferred.graph):
-        for t in list(node.input) + list(node.output):
-            if t and t not in first_user:
-                first_user[t] = (prefix + (node.name or f"<unnamed {node.op_type}>"), node.op_type)
+        for used in list(node.input) + list(node.output):
+            if used and used not in first_user:
+                first_user[used] = (prefix + (node.name or f"<unnamed {node.op_type}>"), node.op_type)
     for tensor, t in sorted(types.items()):
-        why = None
+        problem: str | None = None
         if t == TensorProto.DOUBLE:
-            why = "is DOUBLE (float64): TensorRT only casts it down with clamping; export float32"
+            problem = "is DOUBLE (float64): TensorRT only casts it down with clamping; export float32"
         elif t == TensorProto.UINT8:
             if tensor not in graph_io and producers.get(tensor) != "Cast" and consumers.get(tensor, set()) - {"Cast"}:
-                why = "is UINT8, which TensorRT supports only as a network input or output"
+                problem = "is UINT8, which TensorRT supports only as a network input or output"
         elif t in _QUANTIZED:
             if tensor in zero_points:
                 nonzero = _nonzero_initializer(inferred.graph, tensor)
                 if nonzero:
-                    why = "is a zero point with non-zero values; TensorRT quantization is symmetric (zero point 0)"
+                    problem = "is a zero point with non-zero values; TensorRT quantization is symmetric (zero point 0)"
             elif producers.get(tensor) != "QuantizeLinear" and not consumers.get(tensor, set()) <= {"DequantizeLinear"}:
-                why = f"is {_type_name(t)}, a quantized type TensorRT accepts only between QuantizeLinear/DequantizeLinear"
+                problem = (f"is {_type_name(t)}, a quantized type TensorRT accepts only between "
+                       "QuantizeLinear/DequantizeLinear")
         elif t not in _ANYWHERE:
-            why = f"is {_type_name(t)}, which TensorRT does not support"
-        if why:
-            node, op = first_user.get(tensor, ("graph", ""))
-            report.issues.append(LintIssue(node, op, f"tensor {tensor!r} {why}"))
+            problem = f"is {_type_name(t)}, which TensorRT does not support"
+        if problem:
+            where, op = first_user.get(tensor, ("graph", ""))
+            report.issues.append(LintIssue(where, op, f"tensor {tensor!r} {problem}"))
     return report
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -30,6 +29,7 @@ from cnncore.artifacts import file_sha256
 from cnncore.preprocess import preprocess
 from cnncore.runtime import OrtSettings, ort_session
 from cnncore.spec import PreprocessSpec
+from export.progress import Step
 from export.repository import StagedModel
 from protos.model_config_pb2 import DataType
 
@@ -109,7 +109,7 @@ def parity_with_parent(parent: Path, pixels_model: Path, spec: PreprocessSpec, i
         px, _ = preprocess(picture, spec, pixels=True)
         ya = a.run(None, {input_name: x[None].astype(feed_dtype)})
         yb = b.run(None, {input_name: px[None]})
-        for o, ra, rb in zip(a.get_outputs(), ya, yb):
+        for o, ra, rb in zip(a.get_outputs(), ya, yb, strict=True):
             ra, rb = np.asarray(ra, np.float64), np.asarray(rb, np.float64)
             rel = float(np.abs(ra - rb).max() / max(np.abs(ra).max(), 1e-12)) if ra.size else 0.0
             worst[o.name] = max(worst.get(o.name, 0.0), rel)
@@ -117,7 +117,7 @@ def parity_with_parent(parent: Path, pixels_model: Path, spec: PreprocessSpec, i
             "ok": all(v <= UINT8_TOLERANCE for v in worst.values())}
 
 
-def uint8_variant(staged: StagedModel, step: Callable[[str], object] | None = None) -> StagedModel:
+def uint8_variant(staged: StagedModel, step: Step | None = None) -> StagedModel:
     """`staged` serving the same model with a UINT8 pixel input, checked against its parent."""
     step = step or (lambda _desc: nullcontext())
     meta, name = staged.meta, staged.name

@@ -20,14 +20,22 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from cnncore.artifacts import ONNX_FILENAME, file_sha256
 from cnncore.cpu import CpuInfo, current_cpu
-from cnncore.spec import GatedVariant, GateFigure, ModelMeta, ServingChoice
+from cnncore.spec import (
+    GatedVariant,
+    GateFigure,
+    ModelMeta,
+    ServingChoice,
+    VariantPrecision,
+    VariantRuntime,
+    is_variant_precision,
+    is_variant_runtime,
+)
 from export.accuracy_gate import GateRefused, GateThresholds, check, describe, run_gate
-from export.quantize import (EXCLUDE_NODES, FAST_BIAS_CORRECTION_ONLY, QuantizationError, QuantizeResult,
-                             quantize_onnx)
+from export.progress import Step
+from export.quantize import EXCLUDE_NODES, FAST_BIAS_CORRECTION_ONLY, QuantizationError, QuantizeResult, quantize_onnx
 from export.repository import PARITY_FILENAME, StagedModel
 from export.runtimes import Runner, RuntimeMissing, available_runtimes, throughput, variant_runner
 
@@ -100,7 +108,7 @@ def _config_for(staged: StagedModel, precision: str, runtime: str, gate: list[Ga
         del cfg.parameters["accuracy_gate"]
 
 
-def _speed_sample(name: str, staged: StagedModel, calib):  # type: ignore[no-untyped-def]
+def _speed_sample(name: str, staged: StagedModel, calib):
     """One real input for the speed measurement (the content does not change the speed of these
     graphs, but the detector's NMS work does depend on it)."""
     import numpy as np
@@ -159,6 +167,13 @@ def _unpathed(exc: Exception, path: Path) -> str:
     return str(exc).replace(f"{path}: ", "").replace(str(path.parent) + "/", "")
 
 
+def _variant(precision: str, runtime: str) -> tuple[VariantPrecision, VariantRuntime]:
+    """A candidate as model.json types it (candidates are built from those names only)."""
+    if not (is_variant_precision(precision) and is_variant_runtime(runtime)):
+        raise ValueError(f"not a servable variant: {precision}/{runtime}")
+    return precision, runtime
+
+
 def _candidates(name: str, options: VariantOptions, cpu: CpuInfo) -> tuple[list[str], list[str]]:
     """(precisions, runtimes) to consider: the pins, or everything this machine can run."""
     runtimes = available_runtimes() if options.runtime == "auto" else [options.runtime]
@@ -167,8 +182,9 @@ def _candidates(name: str, options: VariantOptions, cpu: CpuInfo) -> tuple[list[
     if options.precision != "auto":
         if options.precision == "bf16":
             if options.runtime not in ("auto", "openvino") or "openvino" not in runtimes:
+                why = f"--runtime {options.runtime}" if options.runtime != "auto" else "openvino is not installed"
                 raise VariantRefused(f"{name}: --precision bf16 is served by OpenVINO (INFERENCE_PRECISION_HINT "
-                                     f"bf16); {'--runtime ' + options.runtime if options.runtime != 'auto' else 'openvino is not installed'}")
+                                     f"bf16); {why}")
             if not (cpu.has("avx512_bf16") or cpu.has("amx_bf16")):
                 raise VariantRefused(f"{name}: --precision bf16, but this CPU ({cpu.summary()}) has no BF16 "
                                      "instructions: OpenVINO would run FP32 and call it BF16")
@@ -182,7 +198,7 @@ def _candidates(name: str, options: VariantOptions, cpu: CpuInfo) -> tuple[list[
 
 
 def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
-                   step: Callable[[str], object] | None = None, previous: Path | None = None) -> StagedModel:
+                   step: Step | None = None, previous: Path | None = None) -> StagedModel:
     """The staged model to write, with the chosen file, config, model.json and parity.json figures.
     `previous`: the model's directory in the target repository, whose choice is kept if still valid."""
     from models.data.calibration import CalibrationDataMissing, calibration_inputs
@@ -267,12 +283,12 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
     # 0.913 on ONNX Runtime and 0.742 on OpenVINO with the symmetric file). Those that pass stay in the
     # repository, fastest first, for a server on another CPU to choose from (server/variant_choice.py).
     gated: dict[str, list[GateFigure]] = {}
-    passing: list[tuple[str, str]] = []
+    passing: list[tuple[VariantPrecision, VariantRuntime]] = []
     refusals: list[str] = []
     first_fp32 = next((i for i, c in enumerate(candidates) if c[0] == "fp32"), len(candidates))
     for i, (p, r) in enumerate(candidates):
         if p == "fp32":
-            passing.append((p, r))
+            passing.append(_variant(p, r))
             continue
         if i > first_fp32:  # slower than FP32 here: never chosen, not worth gating
             continue
@@ -289,7 +305,7 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
         except GateRefused as exc:
             refusals.append(f"{exc} (on {r})")
             continue
-        passing.append((p, r))
+        passing.append(_variant(p, r))
     if not passing:
         raise VariantRefused(refusals[0] if refusals else
                              f"{name}: no variant to serve" + (f" ({'; '.join(notes)})" if notes else ""))

@@ -20,9 +20,10 @@ import hashlib
 import hmac
 import logging
 import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Awaitable, Callable, Iterable, Literal, Sequence
+from typing import Literal
 
 import grpc
 
@@ -89,7 +90,7 @@ class Restriction:
         return hashlib.sha256(self.value.encode()).digest()
 
     @classmethod
-    def parse(cls, spec: str, flag: str) -> "Restriction":
+    def parse(cls, spec: str, flag: str) -> Restriction:
         """`<group>[,<group>...]:<header>=<value>` -> Restriction; AccessConfigError names what is wrong."""
         groups_part, sep, kv = spec.partition(":")
         header, eq, raw = kv.partition("=")
@@ -133,7 +134,8 @@ class Denial:
         return InferError(code, self.message)
 
 
-HeaderLookup = Callable[[str], Sequence[str]]  # header name (lower case) -> the values the request sent
+# header name (lower case) -> the values the request sent (gRPC's binary `-bin` metadata arrives as bytes)
+HeaderLookup = Callable[[str], Sequence[str | bytes]]
 
 
 class AccessPolicy:
@@ -149,7 +151,7 @@ class AccessPolicy:
                 self._by_group[g] = r
 
     @classmethod
-    def from_flags(cls, specs: Sequence[str], protocol: str, flag: str) -> "AccessPolicy":
+    def from_flags(cls, specs: Sequence[str], protocol: str, flag: str) -> AccessPolicy:
         return cls([Restriction.parse(s, flag) for s in specs], protocol, flag)
 
     def __bool__(self) -> bool:
@@ -166,7 +168,7 @@ class AccessPolicy:
     def check(self, group: str | None, lookup: HeaderLookup) -> Denial | None:
         """None when the request may proceed; otherwise the Denial (already counted)."""
         r = self._by_group.get(group) if group is not None else None
-        if r is None:
+        if r is None or group is None:
             return None
         sent = [v for name in self._names(r.header) for v in lookup(name)]
         # Digests compared, not the values: compare_digest is constant-time only for equal lengths, and
@@ -217,7 +219,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         metadata = details.invocation_metadata or ()
 
-        def lookup(name: str) -> list[str]:
+        def lookup(name: str) -> list[str | bytes]:
             return [v for k, v in metadata if k == name]
 
         denial = self.policy.check(grpc_group(details.method), lookup)

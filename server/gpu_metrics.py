@@ -12,7 +12,8 @@ machine) registration logs one line and does nothing, so the server starts the s
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client.core import CollectorRegistry, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -80,15 +81,18 @@ def register_gpu_metrics(registry: CollectorRegistry | None = None, nvml: Any | 
     None (with a log line) when NVML is not available. Idempotent per registry, so a server restarted
     inside one process (tests) does not register the same series twice."""
     if registry is None:
-        from server.metrics import REGISTRY as registry
+        from server.metrics import REGISTRY
+
+        registry = REGISTRY
     if id(registry) in _registered:
         return _registered[id(registry)]
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml
         except ImportError:
             log.info("GPU metrics disabled: nvidia-ml-py (pynvml) is not installed")
             return None
+        nvml = pynvml
     try:
         nvml.nvmlInit()
         collector = NvmlCollector(nvml)

@@ -19,8 +19,9 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from protos import grpc_service_pb2 as pb
 from server.errors import invalid
@@ -170,7 +171,7 @@ def checked(updates: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise invalid(f"log setting '{key}' must be {'uint32' if kind is int else kind.__name__}, "
                           f"got {type(value).__name__}")
-        if key == "log_verbose_level" and not 0 <= value < 2**32:
+        if key == "log_verbose_level" and isinstance(value, int) and not 0 <= value < 2**32:
             raise invalid(f"log setting 'log_verbose_level' must be a non-negative integer, got {value}")
         if key == "log_format" and value not in FORMATS:
             raise invalid(f"log setting 'log_format' must be one of {', '.join(FORMATS)}, got {value!r:.40}")
@@ -205,7 +206,7 @@ def setup_logging(level: str = "info", fmt: str = "json", *, verbose_level: int 
         log_verbose_level=max(verbose_level, by_level[2]))
     try:
         _install(settings)
-    except Exception as exc:  # noqa: BLE001 - an unusable --log-file is a start-up error, said once
+    except Exception as exc:  # an unusable --log-file is a start-up error, said once
         raise SystemExit(f"python -m server: error: --log-file: {getattr(exc, 'message', exc)}") from None
     for key, value in asdict(settings).items():
         setattr(SETTINGS, key, value)

@@ -25,12 +25,11 @@ import logging
 import math
 import socket
 import threading
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable
 from urllib.parse import parse_qs, urlparse
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client import exposition
+from prometheus_client import CollectorRegistry, Counter, Histogram, exposition
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
@@ -128,7 +127,7 @@ class TritonCollector(Collector):
                     continue
                 values, count, total = window.quantiles(qs)
                 fam, base = summaries[stage], {"model": s.name, "version": s.version}
-                for q, v in zip(qs, values):
+                for q, v in zip(qs, values, strict=True):
                     fam.add_sample(fam.name, {**base, "quantile": exposition.floatToGoString(q)}, v)
                 fam.add_sample(fam.name + "_count", base, count)
                 fam.add_sample(fam.name + "_sum", base, total)
@@ -203,7 +202,7 @@ def serve_metrics(port: int, address: str, registry: Collector) -> ThreadingHTTP
     """The metrics HTTP endpoint on a daemon thread; `.shutdown()` stops it, `.server_port` is the port."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:  # http.server's name
             url = urlparse(self.path)
             fmt = parse_qs(url.query).get("format", [None])[0]
             if fmt is not None and fmt.lower() not in _FORMATS:
@@ -212,7 +211,7 @@ def serve_metrics(port: int, address: str, registry: Collector) -> ThreadingHTTP
                 return
             try:
                 body, ctype = render(registry, self.headers.get("Accept"), fmt)
-            except Exception as exc:  # noqa: BLE001 - a broken collector answers 500, the server serves on
+            except Exception as exc:  # a broken collector answers 500, the server serves on
                 log.exception("metrics page failed")
                 self._answer(500, f"metrics collection failed: {exc}\n".encode(), "text/plain; charset=utf-8")
                 return
@@ -230,7 +229,7 @@ def serve_metrics(port: int, address: str, registry: Collector) -> ThreadingHTTP
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - scrapes are not logged
+        def log_message(self, format: str, *args: object) -> None:  # scrapes are not logged
             pass
 
     class Server(ThreadingHTTPServer):

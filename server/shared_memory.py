@@ -178,9 +178,10 @@ class SharedMemoryRegistry:
                           f"'/name' (one component under {SHM_ROOT}, no '/' inside)")
         return SHM_ROOT / name
 
-    def _record(self, name: str) -> Path:
+    @staticmethod
+    def _record(shared_dir: Path, name: str) -> Path:
         # Any region name maps to a fixed-length file name.
-        return self.shared_dir / (hashlib.sha256(name.encode()).hexdigest() + ".json")
+        return shared_dir / (hashlib.sha256(name.encode()).hexdigest() + ".json")
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if not name:
@@ -194,7 +195,7 @@ class SharedMemoryRegistry:
                 raise exists
             region = _open(name, key, offset, byte_size, path)
             if self.shared_dir is not None:
-                record = self._record(name)
+                record = self._record(self.shared_dir, name)
                 tmp = record.with_suffix(f".{os.getpid()}.tmp")
                 try:
                     tmp.write_text(json.dumps({"name": name, "key": key, "offset": offset, "byte_size": byte_size}))
@@ -222,15 +223,16 @@ class SharedMemoryRegistry:
         """Release one region, or every region when `name` is empty (Triton: unknown names are a no-op)."""
         with self._lock:
             if self.shared_dir is not None:
-                records = [self._record(name)] if name else list(self.shared_dir.glob("*.json"))
+                records = [self._record(self.shared_dir, name)] if name else list(self.shared_dir.glob("*.json"))
                 for r in records:
                     r.unlink(missing_ok=True)
             for n in [name] if name else list(self._regions):
                 self._forget(n)
 
-    def _shared_records(self) -> list[dict]:
+    @staticmethod
+    def _shared_records(shared_dir: Path) -> list[dict]:
         out = []
-        for r in self.shared_dir.glob("*.json"):
+        for r in shared_dir.glob("*.json"):
             try:
                 out.append(json.loads(r.read_text()))
             except FileNotFoundError:  # unregistered meanwhile
@@ -239,7 +241,7 @@ class SharedMemoryRegistry:
 
     def status(self, name: str = "") -> list[RegionStatus]:
         if self.shared_dir is not None:
-            found = [RegionStatus(**r) for r in self._shared_records() if not name or r["name"] == name]
+            found = [RegionStatus(**r) for r in self._shared_records(self.shared_dir) if not name or r["name"] == name]
         else:
             with self._lock:
                 found = [RegionStatus(r.name, r.key, r.offset, r.byte_size) for r in self._regions.values()
@@ -255,7 +257,7 @@ class SharedMemoryRegistry:
             if region is None:
                 raise missing
             return region
-        record = self._record(name)
+        record = self._record(self.shared_dir, name)
         with self._lock:
             try:
                 token = record.stat().st_ino

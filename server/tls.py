@@ -13,6 +13,7 @@ import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -34,7 +35,7 @@ class TlsFiles:
 
     @classmethod
     def from_flags(cls, protocol: str, use_ssl: bool, mutual: bool, cert: Path | None, key: Path | None,
-                   root: Path | None) -> "TlsFiles | None":
+                   root: Path | None) -> TlsFiles | None:
         """Triton's flag set (`--<protocol>-use-ssl`, `-use-ssl-mutual`, `-server-cert`, `-server-key`,
         `-root-cert`) -> TlsFiles, None for plaintext; a set that cannot work raises TlsConfigError."""
         if not (use_ssl or mutual):
@@ -109,22 +110,23 @@ class TlsFiles:
         def fetch() -> grpc.ServerCertificateConfiguration | None:
             try:
                 return self._reloaded(state, self._grpc_configuration)
-            except Exception:  # noqa: BLE001 - called from grpc's C core: never let it raise there
+            except Exception:  # called from grpc's C core: never let it raise there
                 log.exception("certificate reload failed")
                 return None
 
-        return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=self.mutual)
+        # grpc documents None from the fetcher as "keep the current configuration"; types-grpcio's stub omits it
+        return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=self.mutual)  # type: ignore[arg-type]
 
     def reloading_ssl_context(self) -> ssl.SSLContext:
         """`ssl_context()` whose handshakes use a freshly built context once the files changed: the
         callback OpenSSL runs on every ClientHello (with or without SNI) swaps it in."""
-        state = {"stamp": self._stamp(), "ctx": None}
+        state: dict[str, Any] = {"stamp": self._stamp(), "ctx": None}  # the stamp, the swapped-in context
         listening = self.ssl_context()
 
         def on_hello(sslobj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
             try:
                 fresh = self._reloaded(state, self.ssl_context)
-            except Exception:  # noqa: BLE001 - inside OpenSSL's callback
+            except Exception:  # inside OpenSSL's callback
                 log.exception("certificate reload failed")
                 fresh = None
             if fresh is not None:

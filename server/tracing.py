@@ -30,10 +30,11 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from protos import grpc_service_pb2 as pb
 from server.errors import invalid, not_found
@@ -382,7 +383,7 @@ class Tracer:
                     self._otel.add(trace, settings)
                 else:
                     self._file.add(trace, settings)
-            except Exception as exc:  # noqa: BLE001 - tracing never fails a request
+            except Exception as exc:  # tracing never fails a request
                 log.error("trace not recorded", extra={"error": str(exc)})
 
     def close(self) -> None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import deque
 import os
 import shutil
 import signal
@@ -46,9 +45,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.metrics_core import Metric
@@ -191,7 +191,7 @@ def supervise(argv: Sequence[str], *, workers: int, grpc_address: str, grpc_port
     published = False
     status = 0
 
-    def spawn(slot: _Slot) -> None:
+    def spawn(slot: _Slot) -> subprocess.Popen[bytes]:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), _WORKER_ENV: f"{slot.index}/{workers}",
                REGISTRY_DIR_ENV: str(run_dir / "shared_memory")}
         ready = run_dir / f"worker-{slot.index}.json"
@@ -199,6 +199,7 @@ def supervise(argv: Sequence[str], *, workers: int, grpc_address: str, grpc_port
         args = _child_argv(argv, grpc_port=grpc_port, http_port=http_port if http_address else None,
                            ready_file=ready)
         slot.proc, slot.info = subprocess.Popen([sys.executable, "-m", "server", *args], env=env), None
+        return slot.proc
 
     def bury(slot: _Slot, now: float) -> None:
         """A worker exited while the server runs: count it, and plan its successor or stop."""
@@ -256,9 +257,9 @@ def supervise(argv: Sequence[str], *, workers: int, grpc_address: str, grpc_port
                     bury(slot, now)
                     changed = True
                 if slot.proc is None and now >= slot.restart_at:
-                    spawn(slot)
+                    proc = spawn(slot)
                     restarts.labels(str(slot.index)).inc()
-                    log.info("worker restarted", extra={"worker": slot.index, "pid": slot.proc.pid})
+                    log.info("worker restarted", extra={"worker": slot.index, "pid": proc.pid})
                 f = run_dir / f"worker-{slot.index}.json"
                 if slot.proc is not None and slot.info is None and f.exists():
                     slot.info = json.loads(f.read_text())

@@ -39,6 +39,7 @@ def test_decoder_transposed_convs_double_exactly() -> None:
     for layer in ConvAutoencoder().decoder.upsample:
         if isinstance(layer, nn.ConvTranspose2d):
             k, s, p = layer.kernel_size[0], layer.stride[0], layer.padding[0]
+            assert isinstance(p, int)  # padding given in pixels, not "same"/"valid"
             assert k % s == 0  # even overlap: no checkerboard pattern
             sizes.append(transposed_conv_output_size(sizes[-1], k, s, p))
     assert sizes == [7, 14, 28]

@@ -17,8 +17,8 @@ from conftest import affine_model
 from fault_backends import Gate, GatedBackend
 from server.backends.base import BackendOptions
 from server.backends.ort_backend import OrtBackend
-from server.scheduling.batcher import BatchSettings, DynamicBatcher
 from server.errors import InferError
+from server.scheduling.batcher import BatchSettings, DynamicBatcher
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -42,7 +42,7 @@ def load_compose() -> dict:
 
 
 def k8s_documents() -> list[tuple[str, dict]]:
-    docs = []
+    docs: list[tuple[str, dict]] = []
     for path in sorted(K8S.glob("*.yaml")):
         docs.extend((path.name, d) for d in _yaml().safe_load_all(path.read_text()) if d)
     return docs

@@ -14,12 +14,13 @@ from PIL import Image
 
 import models  # noqa: F401  (registers the families)
 from cnncore.preprocess import preprocess
-from export.onnx_export import export_onnx
 from export.eager_parity import check_parity
+from export.onnx_export import export_onnx
 from export.trt_lint import check_model
 from models.data.shapes import generate_sample
 from models.detection import SHAPES_WEIGHTS, shapes_example_inputs
 from models.detection.evaluate import box_iou_np
+from models.detection.faster_rcnn import FasterRCNN
 from models.registry import get_entry, get_model
 
 pytestmark = pytest.mark.skipif(not SHAPES_WEIGHTS.is_file(), reason="shipped detector weights not trained yet")
@@ -34,20 +35,22 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module,
     return model, path
 
 
-def test_graph_uses_native_nms_and_roialign_and_passes_tensorrt_lint(exported) -> None:  # type: ignore[no-untyped-def]
+def test_graph_uses_native_nms_and_roialign_and_passes_tensorrt_lint(exported) -> None:
     _, path = exported
     graph = onnx.load(str(path))
     ops = {n.op_type for n in graph.graph.node}
     assert {"NonMaxSuppression", "RoiAlign"} <= ops
     check_model(graph)
     dims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.graph.output}
-    k = get_entry("shapes_detector").builder().roi_heads.cfg.detections_per_img
+    detector = get_entry("shapes_detector").builder()
+    assert isinstance(detector, FasterRCNN)
+    k = detector.roi_heads.cfg.detections_per_img
     batch = dims["num_detections"][0]
     assert isinstance(batch, str)  # dynamic batch, everything else static
     assert dims == {"num_detections": [batch], "boxes": [batch, k, 4], "scores": [batch, k], "labels": [batch, k]}
 
 
-def test_parity_at_batch_1_2_3_with_blank_pictures(exported) -> None:  # type: ignore[no-untyped-def]
+def test_parity_at_batch_1_2_3_with_blank_pictures(exported) -> None:
     model, path = exported
     entry = get_entry("shapes_detector")
     report = check_parity(model, entry, path, batch_sizes=[1, 2, 3])
@@ -59,7 +62,7 @@ def test_parity_at_batch_1_2_3_with_blank_pictures(exported) -> None:  # type: i
     assert shapes_example_inputs(3)[2].eq(0.5).all()
 
 
-def test_finds_the_shapes_through_onnxruntime(exported) -> None:  # type: ignore[no-untyped-def]
+def test_finds_the_shapes_through_onnxruntime(exported) -> None:
     _, path = exported
     entry = get_entry("shapes_detector")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -80,7 +83,7 @@ def test_finds_the_shapes_through_onnxruntime(exported) -> None:  # type: ignore
     assert found == total, f"found {found} of {total} shapes"
 
 
-def test_evaluate_command_measures_map_through_onnxruntime(exported, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+def test_evaluate_command_measures_map_through_onnxruntime(exported, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
     from export.evaluate.detection import main

@@ -115,12 +115,13 @@ def test_values_at_the_ends_of_their_range_are_served(server: ServerProcess) -> 
     status, doc = _post(server, AFFINE, _affine([1, 2.5, -3, 4], [lo, 7]))
     assert status == 200, doc
     assert doc["outputs"][0]["data"] == [3.0, 6.0, -5.0, 9.0] and doc["outputs"][1]["data"] == [lo + 3, 10]
-    cast = {"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1, 2, 3], "data": [0, 1, 2, 253, 254, 255]}]}
+    data = [0, 1, 2, 253, 254, 255]
+    cast = {"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1, 2, 3], "data": data}]}
     status, doc = _post(server, "/v2/models/cast/infer", json.dumps(cast).encode())
     assert status == 200, doc
     y = np.array(doc["outputs"][0]["data"])  # x scaled by the model's constant: proportional to x
     assert np.allclose(y / y[1], [0, 1, 2, 253, 254, 255], rtol=1e-3), doc
-    cast["inputs"][0]["data"][5] = 256
+    data[5] = 256
     _refused(server, json.dumps(cast).encode(), 400, "input 'x'", "data[5]", "out of range for UINT8 [0, 255]",
              path="/v2/models/cast/infer")
 

@@ -185,10 +185,10 @@ def test_prometheus_scrapes_both_formats(server: ServerProcess, tmp_path: Path) 
             config += ["    params:", f"      format: [{'openmetrics' if job == 'openmetrics' else 'prometheus'}]"]
     (tmp_path / "prometheus.yml").write_text("\n".join(config) + "\n")
     port = _free_port()
-    log = open(tmp_path / "prometheus.log", "w")
-    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp_path / "prometheus.log", "w") as log:  # the child holds its own copy of the descriptor
+        proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=log, stderr=subprocess.STDOUT)
     try:
         # Both targets scraped once at least, healthy (bounded: a minute).
         t_end = time.monotonic() + 60
@@ -223,7 +223,6 @@ def test_prometheus_scrapes_both_formats(server: ServerProcess, tmp_path: Path) 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-        log.close()
 
 
 # -- --workers: the supervisor's merged page -------------------------------------------------------------------

@@ -19,10 +19,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import affine_model, pool_model, write_model
+from server import variant_choice
 from server.backends.base import BackendOptions
 from server.backends.openvino_backend import OpenVinoBackend
 from server.backends.ort_backend import OrtBackend
-from server import variant_choice
 from server.repository import ModelRepository
 
 pytest.importorskip("openvino")
@@ -50,7 +50,8 @@ def test_same_outputs_and_specs_as_onnxruntime_on_small_graphs(tmp_path: Path) -
     assert ov_b.inputs == ort_b.inputs and ov_b.outputs == ort_b.outputs
     rng = np.random.default_rng(0)
     for batch in (1, 3, 8):  # dynamic batch, bounded by max_batch_size
-        feed = {"a": rng.standard_normal((batch, 4)).astype(np.float32), "b": rng.integers(-9, 9, (batch, 2))}
+        feed: dict[str, np.ndarray] = {"a": rng.standard_normal((batch, 4)).astype(np.float32),
+                                       "b": rng.integers(-9, 9, (batch, 2))}
         want, got = ort_b.execute(feed), ov_b.execute(feed)
         for k in want:
             _close(got[k], want[k], FP32_RTOL, f"affine.{k} batch {batch}")

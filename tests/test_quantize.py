@@ -143,7 +143,7 @@ def test_a_refused_int8_is_not_written_and_says_why(tmp_path: Path) -> None:
     from cnncore.spec import ModelMeta
 
     serving = ModelMeta.read(repo / "fashion_mnist_encoder").serving
-    assert serving.precision == "int8" and serving.gate[0].passed
+    assert serving is not None and serving.precision == "int8" and serving.gate[0].passed
 
 
 def test_default_repository_serves_the_fastest_gated_variant_and_says_which(default_repository: Path) -> None:
@@ -194,6 +194,7 @@ def test_default_repository_serves_the_fastest_gated_variant_and_says_which(defa
     assert res.returncode == 0, res.stderr
     for name in names:
         serving = ModelMeta.read(default_repository / name).serving
+        assert serving is not None, name
         assert f"{serving.precision}/{serving.runtime}" in next(ln for ln in res.stdout.splitlines() if name in ln)
 
 
@@ -253,7 +254,7 @@ def test_bf16_is_the_fp32_file_on_openvino_with_the_precision_hint(tmp_path: Pat
     assert "retrieval_1nn_accuracy_pct BF16" in cfg.parameters["accuracy_gate"].string_value
     assert (d / "1" / "model.onnx").read_bytes() == (d / "1" / "model.fp32.onnx").read_bytes()
     serving = ModelMeta.read(d).serving
-    assert serving.precision == "bf16" and serving.pinned and serving.gate[0].passed
+    assert serving is not None and serving.precision == "bf16" and serving.pinned and serving.gate[0].passed
     from server.backends.base import BackendOptions
     from server.backends.openvino_backend import OpenVinoBackend
 

@@ -12,9 +12,23 @@ import onnxruntime as ort
 import pytest
 
 from cnncore.datatypes import _ORT, from_ort, to_numpy
-from cnncore.runtime import (CPU_PROVIDER, OpenVinoSettings, OrtSettings, RuntimeUnavailable, compile_openvino,
-                             numpy_dtype, openvino_available, openvino_runner, ort_providers, ort_runner, ort_session,
-                             requested_providers, runner, throughput, throughput_by_batch)
+from cnncore.runtime import (
+    CPU_PROVIDER,
+    OpenVinoSettings,
+    OrtSettings,
+    RuntimeUnavailable,
+    compile_openvino,
+    numpy_dtype,
+    openvino_available,
+    openvino_runner,
+    ort_providers,
+    ort_runner,
+    ort_session,
+    requested_providers,
+    runner,
+    throughput,
+    throughput_by_batch,
+)
 from conftest import affine_model, pool_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,9 @@ from torch.nn import functional as F
 
 import models
 from cnncore.preprocess import preprocess
+from cnncore.spec import Task
 from models.registry import get_entry
-from models.segmentation import INPUT_SIZE, LABELS, PREPROCESS, weights_path
+from models.segmentation import INPUT_SIZE, LABELS, PREPROCESS, Upsampling, weights_path
 from models.segmentation.encoder_decoder import EncoderDecoderSegmenter, Upsample2x, transposed_conv_output_size
 from models.segmentation.evaluate import confusion_matrix, held_out_samples, iou_per_class
 
@@ -87,13 +88,14 @@ def test_letterbox_target_round_trips_through_served_postprocessing() -> None:
 
 
 def test_registry_entries() -> None:
-    for name, mode in zip(SHIPPED, ("bilinear", "transposed"), strict=True):
+    modes: tuple[Upsampling, ...] = ("bilinear", "transposed")
+    for name, mode in zip(SHIPPED, modes, strict=True):
         entry = get_entry(name)
         assert entry.task.value == "segmentation" and entry.served_by_default and entry.has_weights
-        assert list(entry.labels()) == ["background", "circle", "square", "triangle", "ellipse", "star", "cross"]
+        assert entry.labels is not None and list(entry.labels()) == ["background", "circle", "square", "triangle", "ellipse", "star", "cross"]
         assert entry.preprocess.mean == (0.485, 0.456, 0.406) and entry.input_shape == (3, *INPUT_SIZE) == (3, 160, 160)
         assert weights_path(mode).stat().st_size < 10_000_000
-    assert set(SHIPPED) <= set(models.list_models(served_by_default=True, task="segmentation"))
+    assert set(SHIPPED) <= set(models.list_models(served_by_default=True, task=Task.segmentation))
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +148,7 @@ def test_shipped_segmenter_quality_floor_through_onnxruntime(exported, name: str
     samples = held_out_samples(24)  # held-out seed; sizes 256x256, 200x300, 300x200, 240x320, 192x256
     masks = _served_masks(exported[name][1], samples)
     conf = sum(confusion_matrix(m, s.semantic, len(LABELS)) for m, s in zip(masks, samples, strict=True))
+    assert isinstance(conf, np.ndarray)  # not sum()'s start, 0: there are samples
     assert all(m.shape == s.semantic.shape for m, s in zip(masks, samples, strict=True))
     ious = iou_per_class(conf)
     assert ious[0] > 0.98 and np.nanmean(ious) >= 0.85, f"{name}: per-class IoU {ious}"

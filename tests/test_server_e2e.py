@@ -128,7 +128,8 @@ def test_grpc_health_and_reflection(server: ServerProcess) -> None:
     with grpc.insecure_channel(server.grpc_url) as ch:
         health = health_pb2_grpc.HealthStub(ch)
         for service in ("", "inference.GRPCInferenceService"):
-            resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            # types-grpcio-health-checking's HealthStub declares no methods (grpc sets them per instance)
+            resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)  # type: ignore[attr-defined]
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
         services = ProtoReflectionDescriptorDatabase(ch).get_services()
         assert "inference.GRPCInferenceService" in services
@@ -262,12 +263,16 @@ def _raw_request(**over) -> tpb.ModelInferRequest:
     return req
 
 
+def _as_fp64(r: tpb.ModelInferRequest) -> None:
+    r.inputs[0].datatype = "FP64"
+    r.raw_input_contents[0] = np.zeros((2, 4)).tobytes()
+
+
 BAD_REQUESTS = {
     "unknown model": (_raw_request(model_name="nope"), grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
     "unknown version": (_raw_request(model_version="7"), grpc.StatusCode.NOT_FOUND, "no version '7'"),
     "wrong datatype": (
-        _raw_request(x=(lambda r: (setattr(r.inputs[0], "datatype", "FP64"),
-                                       r.raw_input_contents.__setitem__(0, np.zeros((2, 4)).tobytes())))),
+        _raw_request(x=_as_fp64),
         grpc.StatusCode.INVALID_ARGUMENT, "input 'a': expected datatype FP32, got FP64"),
     "unknown datatype": (_raw_request(x=(lambda r: setattr(r.inputs[0], "datatype", "FP33"))),
                          grpc.StatusCode.INVALID_ARGUMENT, "unsupported datatype 'FP33'"),
@@ -309,7 +314,7 @@ def test_bad_input_matrix(server: ServerProcess, client: tc.InferenceServerClien
     with grpc.insecure_channel(server.grpc_url) as ch, pytest.raises(grpc.RpcError) as err:
         tpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
     assert err.value.code() == code, err.value.details()
-    assert fragment in err.value.details(), err.value.details()
+    assert fragment in (err.value.details() or ""), err.value.details()
     # ... and the server keeps serving.
     a, b = _affine_inputs(1, 6)
     r = client.infer("affine", [_input("a", a, "FP32"), _input("b", b, "INT64")])
@@ -318,11 +323,12 @@ def test_bad_input_matrix(server: ServerProcess, client: tc.InferenceServerClien
 
 def test_malformed_request_bytes(server: ServerProcess, client: tc.InferenceServerClient) -> None:
     with grpc.insecure_channel(server.grpc_url) as ch:
-        call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary(  # bytes in, bytes out
+            "/inference.GRPCInferenceService/ModelInfer")
         with pytest.raises(grpc.RpcError) as err:
             call(b"\x0a\x05ab", timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "malformed ModelInferRequest" in err.value.details()
+    assert "malformed ModelInferRequest" in (err.value.details() or "")
     assert client.is_server_ready()
 
 
@@ -332,7 +338,7 @@ def test_bad_bytes_tensors(client: tc.InferenceServerClient, server: ServerProce
     req.raw_input_contents.append(b"\x05\x00\x00\x00abc")  # declares 5 bytes, carries 3
     with grpc.insecure_channel(server.grpc_url) as ch, pytest.raises(grpc.RpcError) as err:
         tpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "overruns" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "overruns" in (err.value.details() or "")
     assert client.is_server_ready()
 
 
@@ -461,8 +467,8 @@ def test_metrics_scrape_parses_and_moves(server: ServerProcess, client: tc.Infer
         ("nv_inference_compute_infer_duration_us", lab), 0)
     hist = ("cnnserve_request_latency_seconds_count", lab)
     assert after[hist] - before.get(hist, 0) == 3
-    for hist in ("cnnserve_batch_size_bucket", "cnnserve_queue_time_seconds_bucket"):
-        assert any(k[0] == hist and dict(k[1]).get("model") == "affine" for k in after), hist
+    for bucket in ("cnnserve_batch_size_bucket", "cnnserve_queue_time_seconds_bucket"):
+        assert any(k[0] == bucket and dict(k[1]).get("model") == "affine" for k in after), bucket
 
 
 # -- repository control ----------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import pytest
 
 from cnncore.wire import WireFormatError, deserialize_bytes, serialize_bytes
 from protos import grpc_service_pb2 as pb
-from server.errors import InferError
 from server.bindings.grpc_wire import WireError, decode_input, from_message, parse_infer_request
+from server.errors import InferError
 
 
 def _request() -> pb.ModelInferRequest:

@@ -12,27 +12,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnncore.artifacts import file_sha256
+from cnncore.config import parse_config
 from cnncore.engine_manifest import (
     MANIFEST_FILENAME,
     EngineManifest,
     EngineMismatch,
     EngineRecord,
+    Precision,
     ProfileShapes,
     capability_tag,
     engine_filename,
-    file_sha256,
     select_engine,
 )
+from cnncore.spec import ModelMeta, PreprocessSpec, Task
 from export.tensorrt.activation import activate_tensorrt
 from export.tensorrt.build import check_precision_supported, timing_cache_path
 from export.tensorrt.calibration import calibration_batches, load_calibration_samples, select_calibration_files
+from export.tensorrt.cli import main
 from export.tensorrt.errors import BuildError
 from export.tensorrt.gpu import GpuInfo
 from export.tensorrt.profiles import derive_profile, profiles_from_config
 from export.tensorrt.repository_engines import current_engine
-from export.tensorrt.cli import main
-from cnncore.config import parse_config
-from cnncore.spec import ModelMeta, PreprocessSpec, Task
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 HAVE_GPU = Path("/dev/nvidiactl").exists()  # the NVIDIA driver's control node: a GPU box, torch or not
@@ -45,7 +46,7 @@ def _version_dir(tmp_path: Path) -> Path:
     return vdir
 
 
-def _record(vdir: Path, cc: str = "8.6", trt: str = "10.7.0", precision: str = "fp16") -> EngineRecord:
+def _record(vdir: Path, cc: str = "8.6", trt: str = "10.7.0", precision: Precision = "fp16") -> EngineRecord:
     name = engine_filename(cc, trt, precision)
     (vdir / name).write_bytes(b"engine " + name.encode())
     prof = ProfileShapes(min=(1, 3, 224, 224), opt=(8, 3, 224, 224), max=(32, 3, 224, 224))

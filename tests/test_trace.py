@@ -169,7 +169,7 @@ class _OtlpReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 export = ExportTraceServiceRequest.FromString(body)
                 with receiver.changed:

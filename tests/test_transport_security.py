@@ -382,8 +382,10 @@ def test_policy_checks_group_and_header_only() -> None:
     policy = AccessPolicy.from_flags(["inference:k=abc"], "http", "--http-restricted-api")
     assert policy.check("health", lambda name: []) is None
     assert policy.check("inference", lambda name: ["abc"] if name == "k" else []) is None
-    assert policy.check("inference", lambda name: []).error.http_status == 401
-    assert policy.check("inference", lambda name: ["abd"] if name == "k" else []).error.http_status == 403
+    missing = policy.check("inference", lambda name: [])
+    assert missing is not None and missing.error.http_status == 401
+    wrong = policy.check("inference", lambda name: ["abd"] if name == "k" else [])
+    assert wrong is not None and wrong.error.http_status == 403
     # Triton's gRPC prefix is a gRPC-only alias
     assert policy.check("inference", lambda n: ["abc"] if n == "triton-grpc-protocol-k" else []) is not None
 

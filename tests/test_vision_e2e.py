@@ -437,8 +437,8 @@ def test_real_detector_finds_the_shapes(real_vision) -> None:
     ],
 )
 def test_real_segmenter_mask_matches_truth(real_vision, model: str) -> None:
-    from export.runtimes import served_runner
     from cnncore.postprocess import segmentation_mask
+    from export.runtimes import served_runner
     from models.segmentation.evaluate import confusion_matrix, iou_per_class, shape_samples
 
     vision, missing, repo = real_vision

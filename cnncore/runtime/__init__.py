@@ -15,11 +15,29 @@ package costs nothing, and it loads none of the project's protos (a benchmark pr
 tritonclient can use it).
 """
 from cnncore.runtime.errors import RuntimeUnavailable
-from cnncore.runtime.ort import (ACCELERATOR_PROVIDERS, CPU_PROVIDER, OrtSettings, Provider, numpy_dtype, ort_providers,
-                                 ort_session, requested_providers)
+from cnncore.runtime.ort import (
+                                 ACCELERATOR_PROVIDERS,
+                                 CPU_PROVIDER,
+                                 OrtSettings,
+                                 Provider,
+                                 numpy_dtype,
+                                 ort_providers,
+                                 ort_session,
+                                 requested_providers,
+)
 from cnncore.runtime.ov import OpenVinoSettings, compile_openvino, import_openvino, openvino_available
-from cnncore.runtime.runner import (RUNTIMES, OpenVinoRunner, OrtRunner, Runner, available_runtimes, openvino_runner,
-                                    ort_runner, runner, throughput, throughput_by_batch)
+from cnncore.runtime.runner import (
+                                 RUNTIMES,
+                                 OpenVinoRunner,
+                                 OrtRunner,
+                                 Runner,
+                                 available_runtimes,
+                                 openvino_runner,
+                                 ort_runner,
+                                 runner,
+                                 throughput,
+                                 throughput_by_batch,
+)
 
 __all__ = [
     "ACCELERATOR_PROVIDERS", "CPU_PROVIDER", "RUNTIMES", "OpenVinoRunner", "OpenVinoSettings", "OrtRunner", "OrtSettings",

@@ -7,9 +7,9 @@ runner feeds its model's first input and casts the batch to that input's dtype; 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +33,7 @@ class OrtRunner:
 
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
         feed = {self.input_name: np.ascontiguousarray(x, dtype=self.input_dtype)}
-        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        return dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=True))
 
 
 class OpenVinoRunner:
@@ -56,11 +56,16 @@ class OpenVinoRunner:
         return {name: np.array(res[port]) for name, port in self._outputs}
 
 
-def ort_runner(path: str | Path | bytes, settings: OrtSettings = OrtSettings()) -> OrtRunner:
+# The settings are frozen dataclasses: one shared default instance is safe.
+_ORT_DEFAULTS = OrtSettings()
+_OPENVINO_DEFAULTS = OpenVinoSettings()
+
+
+def ort_runner(path: str | Path | bytes, settings: OrtSettings = _ORT_DEFAULTS) -> OrtRunner:
     return OrtRunner(ort_session(path, settings))
 
 
-def openvino_runner(path: str | Path, settings: OpenVinoSettings = OpenVinoSettings()) -> OpenVinoRunner:
+def openvino_runner(path: str | Path, settings: OpenVinoSettings = _OPENVINO_DEFAULTS) -> OpenVinoRunner:
     return OpenVinoRunner(compile_openvino(path, settings.properties(), device=settings.device))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from export.evaluate.source import add_source_arguments, resolve_source, source_runner
 from models.detection.evaluate import HELDOUT_SIZE, evaluate_runner

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from cnncore.artifacts import file_sha256
-from cnncore.engine_manifest import PRECISIONS, EngineRecord, ProfileShapes, engine_filename
+from cnncore.engine_manifest import PRECISIONS, EngineRecord, Precision, ProfileShapes, engine_filename, is_precision
 from export.tensorrt.calibration import calibration_batches, make_calibrator
 from export.tensorrt.errors import BuildError
 from export.tensorrt.gpu import GpuInfo, probe_gpu
@@ -41,16 +41,18 @@ def tensorrt_major(version: str) -> int:
     return int(version.split(".")[0])
 
 
-def check_precision_supported(precision: str, tensorrt_version: str) -> None:
-    if precision not in PRECISIONS:
+def check_precision_supported(precision: str, tensorrt_version: str) -> Precision:
+    """`precision` as the manifest's type, when `tensorrt_version` can build it; else BuildError."""
+    if not is_precision(precision):
         raise BuildError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "fp32" and tensorrt_major(tensorrt_version) >= 11:
         raise BuildError(f"TensorRT {tensorrt_version} removed weak-typing precision flags: for {precision}, "
                          "convert the ONNX first (ModelOpt AutoCast for fp16, Q/DQ nodes for int8) and build "
                          "that with --precision fp32, or use TensorRT 10")
+    return precision
 
 
-def _has_qdq(network, trt) -> bool:  # type: ignore[no-untyped-def]
+def _has_qdq(network, trt) -> bool:
     """True when the parsed network carries Q/DQ layers (explicit quantization)."""
     kinds = (trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE)
     return any(network.get_layer(i).type in kinds for i in range(network.num_layers))
@@ -112,7 +114,7 @@ def build_engine(
 ) -> EngineRecord:
     """Build one engine next to `onnx_path` and return its manifest record (not yet written)."""
     trt = import_tensorrt()
-    check_precision_supported(precision, trt.__version__)
+    record_precision = check_precision_supported(precision, trt.__version__)
     gpu = gpu or probe_gpu()
     onnx_path = Path(onnx_path)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -180,5 +182,5 @@ def build_engine(
     del config, monitor  # the config (holding the monitor's pointer) goes first
     return EngineRecord(
         file=out_name, compute_capability=gpu.compute_capability, tensorrt_version=trt.__version__,
-        precision=precision, gpu_name=gpu.name, onnx_sha256=file_sha256(onnx_path), profiles=profiles,
+        precision=record_precision, gpu_name=gpu.name, onnx_sha256=file_sha256(onnx_path), profiles=profiles,
         workspace_mib=workspace_mib)

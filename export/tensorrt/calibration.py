@@ -5,8 +5,8 @@ Everything but the calibrator itself is plain Python (CPU-testable).
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from cnncore.engine_manifest import PRECISIONS
 from export.tensorrt.errors import BuildError

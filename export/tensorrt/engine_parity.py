@@ -1,8 +1,8 @@
 """An engine against ONNX Runtime, with the ONNX export's own parity criterion (export/eager_parity.py)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -19,15 +19,15 @@ def parity_against_onnxruntime(backend, onnx_path: Path, batch_sizes: Sequence[i
     """Any backend against ONNX Runtime (CPU, FP32) on the same random inputs, as the ONNX export's own
     parity report (export/eager_parity.py: scale-aware max |d| <= atol + rtol * max |ref|, per output and
     batch size)."""
-    from export.eager_parity import ParityReport, _compare, ort_session
+    from export.eager_parity import OutputParity, ParityReport, _compare, ort_session
 
     session = ort_session(onnx_path)
     rng = np.random.default_rng(seed)
-    results = []
+    results: list[OutputParity] = []
     for n in batch_sizes:
         feeds = {spec.name: rng.standard_normal((n, *spec.shape)).astype(spec.dtype) for spec in backend.inputs}
         got = backend.execute(feeds)
-        want = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        want = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
         results.extend(_compare(ref, got[name], atol, rtol, n, name) for name, ref in want.items())
     return ParityReport(label, list(batch_sizes), atol, rtol, results, custom_check=False)
 

@@ -1,7 +1,7 @@
 """Optimization-profile shapes for an engine, derived from the model's config.pbtxt (CPU-testable)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from cnncore.engine_manifest import ProfileShapes
 from export.tensorrt.errors import BuildError

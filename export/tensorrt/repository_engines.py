@@ -1,8 +1,8 @@
 """Engines for every model of a repository: cached ones kept, failures reported per model."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from cnncore.artifacts import ONNX_FILENAME
 from cnncore.engine_manifest import EngineManifest, EngineMismatch, EngineRecord, select_engine
@@ -18,9 +18,9 @@ from export.tensorrt.build import (
     timing_cache_path,
 )
 from export.tensorrt.calibration import CALIBRATION_DIRNAME, load_calibration_samples, select_calibration_files
+from export.tensorrt.engine_parity import engine_parity
 from export.tensorrt.errors import BuildError
 from export.tensorrt.gpu import GpuInfo, probe_gpu
-from export.tensorrt.engine_parity import engine_parity
 from export.tensorrt.profiles import profiles_from_config
 
 
@@ -75,7 +75,8 @@ def build_repository_engines(
             explicit = qdq_onnx(version_dir / ONNX_FILENAME)
             model_precision = engine_precision(version_dir / ONNX_FILENAME, precision)
             if explicit:
-                progress(f"    {ONNX_FILENAME} is QDQ INT8 (export's gated INT8): explicit-quantization {model_precision} engine")
+                progress(f"    {ONNX_FILENAME} is QDQ INT8 (export's gated INT8): "
+                         f"explicit-quantization {model_precision} engine")
             existing = current_engine(version_dir, gpu, trt.__version__, model_precision) if skip_existing else None
             if existing is not None:
                 progress(f"    cached: {existing.file}")
@@ -110,7 +111,7 @@ def build_repository_engines(
             built[name] = record
             if activate:
                 activate_tensorrt(model_dir, record)
-        except Exception as exc:  # noqa: BLE001 - reported per model, summarised below
+        except Exception as exc:  # reported per model, summarised below
             failed[name] = str(exc)
             progress(f"    FAILED: {exc}")
     if failed:

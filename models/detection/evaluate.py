@@ -8,8 +8,8 @@ export.evaluate.detection` measures an exported file on a runtime.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -59,7 +59,7 @@ def mean_average_precision(
     for c in range(1, num_classes + 1):
         scored: list[tuple[float, bool]] = []
         n_gt = 0
-        for det, (gt_boxes, gt_labels) in zip(predictions, ground_truth):
+        for det, (gt_boxes, gt_labels) in zip(predictions, ground_truth, strict=True):
             gt = gt_boxes[gt_labels == c]
             n_gt += len(gt)
             sel = det.labels == c
@@ -87,7 +87,7 @@ def mean_average_precision(
     return {"mAP50": float(np.mean(list(per_class.values()))) if per_class else 0.0, **{f"AP50_class{k}": v for k, v in per_class.items()}}
 
 
-def heldout_set(n: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED):  # type: ignore[no-untyped-def]
+def heldout_set(n: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED):
     """(picture, gt boxes, gt labels) triples, deterministic."""
     from models.data.shapes import generate_sample
 

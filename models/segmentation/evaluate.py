@@ -11,7 +11,7 @@ use the held-out set and the metric directly.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -67,14 +67,14 @@ def evaluate_runner(run: Callable[[np.ndarray], dict[str, np.ndarray]], spec: Pr
     t0 = time.perf_counter()
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        inputs, geometries = zip(*(preprocess(Image.fromarray(s.image), spec) for s in chunk))
+        inputs, geometries = zip(*(preprocess(Image.fromarray(s.image), spec) for s in chunk), strict=True)
         logits = next(iter(run(np.stack(inputs)).values()))
         num_classes = logits.shape[1]
         if conf is None:
             if labels is not None and len(labels) != num_classes:
                 raise ValueError(f"{num_classes} output classes but {len(labels)} labels")
             conf = np.zeros((num_classes, num_classes), dtype=np.int64)
-        for sample, geometry, lg in zip(chunk, geometries, logits):
+        for sample, geometry, lg in zip(chunk, geometries, logits, strict=True):
             conf += confusion_matrix(segmentation_mask(lg, geometry), sample.semantic, num_classes)
     seconds = time.perf_counter() - t0
     if conf is None:
@@ -82,7 +82,7 @@ def evaluate_runner(run: Callable[[np.ndarray], dict[str, np.ndarray]], spec: Pr
     ious = iou_per_class(conf)
     names = labels or [str(i) for i in range(len(ious))]
     return {
-        "iou": {name: float(v) for name, v in zip(names, ious)},
+        "iou": {name: float(v) for name, v in zip(names, ious, strict=True)},
         "miou": float(np.nanmean(ious)),
         "images": len(samples),
         "seconds": seconds,

@@ -10,6 +10,8 @@ except ImportError as _exc:  # a GPU box without onnxruntime/protobuf still runs
     import logging as _logging
 
     _logging.getLogger("cnnserve.backends").warning("onnxruntime backend not available: %s", _exc)
-from server.backends import torch_program  # noqa: F401  (registers "pytorch")
-from server.backends import trt_engine  # noqa: F401  (registers "tensorrt")
-from server.backends import openvino_backend  # noqa: F401  (registers "openvino"; imports openvino at load)
+from server.backends import (
+    openvino_backend,  # noqa: F401  (registers "openvino"; imports openvino at load)
+    torch_program,  # noqa: F401  (registers "pytorch")
+    trt_engine,  # noqa: F401  (registers "tensorrt")
+)

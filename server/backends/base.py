@@ -9,9 +9,9 @@ means adding a class here and registering it: nothing in the service or batcher 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -77,11 +77,11 @@ class Backend(ABC):
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch. Arrays are C-contiguous with the batch dimension first."""
 
-    def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+    def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:  # noqa: B027 - an optional hook, not abstract
         """Backend-specific request checks, run before queueing so one bad request never fails a batch.
         Raise ValueError with a message naming the input; the default accepts everything."""
 
-    def close(self) -> None:  # release sessions, device buffers
+    def close(self) -> None:  # noqa: B027 - optional: release sessions, device buffers
         pass
 
 

@@ -20,7 +20,6 @@ import numpy as np
 from cnncore.artifacts import PROGRAM_NAMES_FILE
 from server.backends.base import Backend, BackendOptions, BackendUnavailable, TensorSpec, register_backend
 
-
 log = logging.getLogger("cnnserve.backends.pytorch")
 
 # Up to this max_batch_size every batch size gets its own graph; above it, powers of two and the max
@@ -88,7 +87,7 @@ class CudaGraphs:
             # Largest first: the smaller captures then fit in blocks the pool already holds. Graphs share
             # intermediates safely because an instance replays one at a time and copies outputs out.
             for b in reversed(self.sizes):
-                static = [torch.zeros((b, *spec.shape), dtype=dt, device=device) for spec, dt in zip(inputs, dtypes)]
+                static = [torch.zeros((b, *spec.shape), dtype=dt, device=device) for spec, dt in zip(inputs, dtypes, strict=True)]
                 side.wait_stream(current)
                 with torch.cuda.stream(side):  # warm-up off the capture: lazy init, workspace allocation
                     for _ in range(2):
@@ -108,7 +107,7 @@ class CudaGraphs:
         graph, static, outs = self._graphs[b]
         torch = self._torch
         with torch.inference_mode():  # the static buffers are inference tensors: written only in this mode
-            for buf, a in zip(static, arrays):
+            for buf, a in zip(static, arrays, strict=True):
                 # Rows n..b keep an earlier batch's inputs: computed, never returned (rows are independent).
                 buf[:n].copy_(torch.from_numpy(a).pin_memory(), non_blocking=True)
             graph.replay()
@@ -149,7 +148,7 @@ class TorchProgramBackend(Backend):
             torch.set_num_threads(options.intra_op_threads)
         self._module = program.module()
         self._batched = getattr(options, "batched", True)
-        self._inputs = [self._spec(name, node) for name, node in zip(input_names, self._placeholders(program))]
+        self._inputs = [self._spec(name, node) for name, node in zip(input_names, self._placeholders(program), strict=False)]
         self._output_names = output_names
         self._outputs = self._output_specs(program, output_names)
         self._graphs: CudaGraphs | None = None
@@ -165,7 +164,7 @@ class TorchProgramBackend(Backend):
                 graphs = CudaGraphs(self._torch, self._module, self._inputs, options.max_batch_size, self.device)
                 log.info("%s: CUDA graphs captured for batch sizes %s", self.model_file, graphs.sizes)
                 return graphs
-            except Exception as exc:  # noqa: BLE001 - data-dependent programs cannot be captured: stay eager
+            except Exception as exc:  # data-dependent programs cannot be captured: stay eager
                 why = f"capture failed ({type(exc).__name__}: {exc})"
                 self._torch.cuda.synchronize(self.device)
         log.warning("%s: optimization.cuda.graphs ignored, running eagerly: %s", self.model_file, why)
@@ -193,7 +192,7 @@ class TorchProgramBackend(Backend):
         out_node = next(n for n in program.graph.nodes if n.op == "output")
         vals = [a.meta.get("val") for a in out_node.args[0]][: len(names)]
         specs = []
-        for name, val in zip(names, vals):
+        for name, val in zip(names, vals, strict=False):
             shape = tuple(d if isinstance(d, int) else -1 for d in val.shape)
             specs.append(TensorSpec(name, self._np_dtype(val.dtype), shape[1:] if self._batched else shape))
         return specs
@@ -202,7 +201,7 @@ class TorchProgramBackend(Backend):
         torch = self._torch
         if self._graphs is not None:
             arrays = [np.ascontiguousarray(inputs[spec.name]) for spec in self._inputs]
-            return {name: t.numpy() for name, t in zip(self._output_names, self._graphs.run(arrays))}
+            return {name: t.numpy() for name, t in zip(self._output_names, self._graphs.run(arrays), strict=False)}
         cuda = self.device != "cpu"
         args = []
         for spec in self._inputs:
@@ -214,7 +213,7 @@ class TorchProgramBackend(Backend):
         if isinstance(result, torch.Tensor):
             result = (result,)
         # .cpu() synchronises the stream, so the numpy arrays are complete.
-        return {name: t.detach().cpu().numpy() for name, t in zip(self._output_names, result)}
+        return {name: t.detach().cpu().numpy() for name, t in zip(self._output_names, result, strict=False)}
 
     def close(self) -> None:
         self._module = self._graphs = None

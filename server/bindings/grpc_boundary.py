@@ -11,11 +11,18 @@ and are answered INVALID_ARGUMENT here. The REST bindings map the same `InferErr
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeAlias
 
 import grpc
 
 from server.errors import InferError, invalid, status_of
+
+# Any request and response message: the boundary wraps every method of every service alike. Quoted:
+# the stubs make these generic, grpc's runtime classes are not subscriptable.
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Behaviour: TypeAlias = Callable[..., Any]
 
 
 class _Malformed:
@@ -27,14 +34,14 @@ class _Malformed:
         self.error = error
 
 
-def _tolerant(deserializer: Callable | None) -> Callable | None:
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     if deserializer is None:  # the handler takes the bytes itself (ModelInfer)
         return None
 
     def deserialize(data: bytes) -> Any:
         try:
             return deserializer(data)
-        except Exception as exc:  # noqa: BLE001 - DecodeError and whatever a custom deserializer raises
+        except Exception as exc:  # DecodeError and whatever a custom deserializer raises
             return _Malformed(f"{type(exc).__name__}: {exc}")
 
     return deserialize
@@ -55,38 +62,38 @@ def _checked(request: Any, rpc: str, streaming_request: bool) -> Any:
     return _parsed_stream(request, rpc) if streaming_request else _parsed(request, rpc)
 
 
-async def _abort(context: grpc.aio.ServicerContext, err: InferError) -> None:
+async def _abort(context: Context, err: InferError) -> None:
     if err.trailers:
         context.set_trailing_metadata(err.trailers)
     await context.abort(err.code, err.message)
 
 
-def _guard_unary(fn: Callable, rpc: str, streaming_request: bool = False) -> Callable:
-    async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+def _guard_unary(fn: Behaviour, rpc: str, streaming_request: bool = False) -> Behaviour:
+    async def behaviour(request: Any, context: Context) -> Any:
         try:
             return await fn(_checked(request, rpc, streaming_request), context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception as exc:  # noqa: BLE001 - the boundary: every failure is answered here
+        except Exception as exc:  # the boundary: every failure is answered here
             await _abort(context, status_of(exc, rpc))
 
     return behaviour
 
 
-def _guard_streaming(fn: Callable, rpc: str, streaming_request: bool = False) -> Callable:
-    async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+def _guard_streaming(fn: Behaviour, rpc: str, streaming_request: bool = False) -> Behaviour:
+    async def behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
         try:
             async for item in fn(_checked(request, rpc, streaming_request), context):
                 yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             await _abort(context, status_of(exc, rpc))
 
     return behaviour
 
 
-def guard_handler(handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
+def guard_handler(handler: Handler, rpc: str) -> Handler:
     """The same handler with its behaviour wrapped by the boundary."""
     deserialize = _tolerant(handler.request_deserializer)
     if handler.unary_unary is not None:
@@ -98,6 +105,8 @@ def guard_handler(handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHan
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
             _guard_unary(handler.stream_unary, rpc, streaming_request=True), deserialize, handler.response_serializer)
+    if handler.stream_stream is None:  # grpc's handlers carry exactly one of the four behaviours
+        raise ValueError(f"{rpc}: the method handler has no behaviour")
     return grpc.stream_stream_rpc_method_handler(
         _guard_streaming(handler.stream_stream, rpc, streaming_request=True), deserialize,
         handler.response_serializer)
@@ -108,17 +117,17 @@ class _HandlerCapture:
 
     def __init__(self) -> None:
         self.service = ""
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.handlers: dict[str, Handler] = {}
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         pass
 
-    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Handler]) -> None:
         self.service, self.handlers = service, dict(handlers)
 
 
 def guard_servicer(server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: Any,
-                   overrides: dict[str, grpc.RpcMethodHandler] | None = None) -> str:
+                   overrides: dict[str, Handler] | None = None) -> str:
     """Register `servicer` (through its generated `add_to_server`) with every method behind the
     boundary; `overrides` replaces generated handlers (e.g. ModelInfer taking raw bytes). Returns the
     full service name (for reflection and health)."""

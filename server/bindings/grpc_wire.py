@@ -10,9 +10,9 @@ the raw contents as memoryviews into the received buffer, which numpy then wraps
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

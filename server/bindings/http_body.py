@@ -113,7 +113,7 @@ def _inflate_flate(data: bytes, coding: str, cap: int) -> bytes:
 def _inflate_brotli(data: bytes, cap: int) -> bytes:
     d = brotli.Decompressor()
     try:
-        out = d.process(data, output_buffer_limit=cap + 1)
+        out: bytes = d.process(data, output_buffer_limit=cap + 1)
     except brotli.error as exc:
         raise invalid(f"request body is not valid br data: {exc}") from None
     if len(out) > cap:
@@ -172,7 +172,7 @@ def _describe(value: Any) -> str:
     return f"{kind.get(type(value), type(value).__name__)} ({echo(value, 40)})"
 
 
-def tensor_values(values: list, datatype: str, where: str) -> list:
+def tensor_values(values: list[Any], datatype: str, where: str) -> list[Any]:
     """JSON `data` of an input (flat) checked against its declared datatype; INVALID_ARGUMENT naming the
     input and the index of the first value that does not fit. An unknown datatype is left to the
     request path, which names it."""

@@ -53,7 +53,7 @@ class VisionRoutes:
         with self.plane.admitted(sum(len(i) for i in images)):
             answer = await getattr(self.plane.vision, call)(name, version, images, **options)
         out = message_to_dict(to_message(answer), bytes_as="base64")
-        for result, source in zip(out["results"], sources):
+        for result, source in zip(out["results"], sources, strict=True):
             if source:
                 result["source"] = source
         return web.json_response(out)

@@ -6,7 +6,7 @@ binding reads its own wire form straight into data-plane calls.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from protos import grpc_service_pb2 as pb
 from server.dataplane.model import ServedModel

@@ -5,7 +5,9 @@ APIs (and the CLI, which prints the gRPC answer as JSON) answer alike.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar, overload
+
+from google.protobuf.message import Message
 
 from protos import vision_pb2 as vpb
 from server.dataplane.vision import ImageResult, VisionAnswer
@@ -13,8 +15,9 @@ from server.dataplane.vision import ImageResult, VisionAnswer
 
 def _info(r: ImageResult) -> vpb.ImageInfo:
     if r.error is not None:
-        reason = vpb.ImageError.Reason.Value(r.error.reason.value)
-        return vpb.ImageInfo(index=r.index, error=vpb.ImageError(reason=reason, message=str(r.error)))
+        # the enum by its name (the data plane's reasons are named as in protos/vision.proto)
+        error = vpb.ImageError(reason=r.error.reason.value, message=str(r.error))
+        return vpb.ImageInfo(index=r.index, error=error)
     return vpb.ImageInfo(index=r.index, width=r.width, height=r.height)
 
 
@@ -37,14 +40,25 @@ def _fill(call: str, result: Any, r: ImageResult) -> None:
             result.image_png = r.image_png
 
 
-def to_message(answer: VisionAnswer) -> Any:
-    """The `<Call>Response` message of `answer`."""
-    response = getattr(vpb, f"{answer.call}Response")(model_name=answer.model_name,
-                                                      model_version=answer.model_version)
+Response = TypeVar("Response", bound=Message)
+
+
+@overload
+def to_message(answer: VisionAnswer) -> Message: ...
+@overload
+def to_message(answer: VisionAnswer, kind: type[Response]) -> Response: ...
+
+
+def to_message(answer: VisionAnswer, kind: type[Message] | None = None) -> Message:
+    """The `<Call>Response` message of `answer`; `kind`, that class, where the caller knows the call."""
+    # The five response messages share these fields; the stubs type each class on its own.
+    make: Any = kind if kind is not None else getattr(vpb, f"{answer.call}Response")
+    response = make(model_name=answer.model_name, model_version=answer.model_version)
     if answer.labels:
         response.labels.extend(answer.labels)
     for r in answer.results:
         result = response.results.add(image=_info(r))
         if r.error is None:
             _fill(answer.call, result, r)
-    return response
+    message: Message = response
+    return message

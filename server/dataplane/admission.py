@@ -19,8 +19,8 @@ below one message never refuses a client forever (gRPC's message limit bounds it
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import grpc
 from prometheus_client import Counter, Gauge

@@ -7,18 +7,18 @@ are INVALID_ARGUMENT and name the input, what was expected and what came.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 
+from cnncore.datatypes import PROTOCOL_DATATYPES, from_config, from_numpy, to_numpy
 from cnncore.spec import ModelMeta
 from protos import model_config_pb2 as mc
 from server.backends.base import Backend
-from server.scheduling.batcher import DynamicBatcher
-from cnncore.datatypes import PROTOCOL_DATATYPES, from_config, from_numpy, to_numpy
 from server.errors import InferError, invalid
+from server.scheduling.batcher import DynamicBatcher
 from server.stats import ModelStats
 
 
@@ -89,7 +89,7 @@ class ServedModel:
                               f"supported: {', '.join(PROTOCOL_DATATYPES)}")
             raise invalid(f"{where}: input '{name}': expected datatype {spec.datatype}, got {datatype}")
         expected = self._expected_shapes[name]
-        if len(shape) != len(expected) or any(e != -1 and e != g for e, g in zip(expected, shape)):
+        if len(shape) != len(expected) or any(e != -1 and e != g for e, g in zip(expected, shape, strict=True)):
             raise invalid(f"{where}: input '{name}': expected shape {expected}, got {list(shape)}")
         if self.max_batch_size > 0:
             if shape[0] < 1:

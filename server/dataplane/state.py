@@ -1,8 +1,8 @@
 """What the data plane knows about the process: readiness, draining, admission, shared memory."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from server.dataplane.admission import Admission
 from server.repository import ModelRepository

@@ -10,8 +10,9 @@ without a copy (np.frombuffer over the request's bytes); the batcher copies once
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -74,4 +75,4 @@ def raw_view(arr: np.ndarray) -> bytes | memoryview:
     array's own memory in row-major order (a view, no copy, where the array is contiguous)."""
     if from_numpy(arr.dtype) == "BYTES":
         return serialize_bytes(arr)
-    return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    return np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data  # a memoryview (numpy's Buffer needs 3.12 stubs)

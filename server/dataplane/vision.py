@@ -16,9 +16,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 from prometheus_client import Counter, Histogram
@@ -147,7 +148,7 @@ class VisionCalls:
         async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer) -> None:
             idx, probs = await self._post(model, postprocess.top_k, _first(o.outputs)[0], k)
             result.classes = [Labelled(c, postprocess.label_of(meta.labels, c), p)
-                              for c, p in zip(idx.tolist(), probs.tolist())]
+                              for c, p in zip(idx.tolist(), probs.tolist(), strict=True)]
 
         return await self._run("Classify", name, version, images, transport_remaining_s, fill)
 
@@ -167,7 +168,7 @@ class VisionCalls:
             )
             result.detections = [Detection(tuple(box), cls, postprocess.label_of(meta.labels, cls), score)
                                  for box, score, cls in zip(det.boxes.tolist(), det.scores.tolist(),
-                                                            det.classes.tolist())]
+                                                            det.classes.tolist(), strict=True)]
 
         return await self._run("Detect", name, version, images, transport_remaining_s, fill)
 
