@@ -14,6 +14,7 @@ each model adds to the empty server's RSS (target: the whole repository at most 
 round may compile where the repository's OpenVINO cache (<repository>/.cache) is still empty; later
 rounds import the cached blobs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,12 +57,37 @@ def time_to_ready(repo: Path, work: Path, *only: str) -> tuple[float, dict[str, 
     t0 = time.monotonic()
     with open(log, "w") as logf:  # the server writes to its own copy of the descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
-             "--grpc-port", "0", "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--allow-http", "false",
-             "--ready-file", str(ready),
-             "--strict-readiness", "true",
-             *(["--model-control-mode", "explicit", *[a for m in only for a in ("--load-model", m)]] if only else [])],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=logf, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "--model-repository",
+                str(repo),
+                "--grpc-address",
+                "127.0.0.1",
+                "--grpc-port",
+                "0",
+                "--metrics-address",
+                "127.0.0.1",
+                "--metrics-port",
+                "0",
+                "--allow-http",
+                "false",
+                "--ready-file",
+                str(ready),
+                "--strict-readiness",
+                "true",
+                *(
+                    ["--model-control-mode", "explicit", *[a for m in only for a in ("--load-model", m)]]
+                    if only
+                    else []
+                ),
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+        )
     try:
         while not ready.exists():
             if proc.poll() is not None:
@@ -99,8 +125,11 @@ def main() -> None:
             t_n, _, rss_n = time_to_ready(bare, Path(tmp))
             with_w.append(t_w)
             without_w.append(t_n)
-            print(f"round {r + 1}: with warm-up {t_w:.2f} s ({rss_w:.0f} MiB RSS), without {t_n:.2f} s "
-                  f"({rss_n:.0f} MiB RSS)", flush=True)
+            print(
+                f"round {r + 1}: with warm-up {t_w:.2f} s ({rss_w:.0f} MiB RSS), without {t_n:.2f} s "
+                f"({rss_n:.0f} MiB RSS)",
+                flush=True,
+            )
         if a.per_model_rss:
             names = sorted(p.parent.name for p in a.repository.glob(f"*/{CONFIG_FILENAME}"))
             empty = time_to_ready(a.repository, Path(tmp), "none_such_model")[2]
@@ -108,8 +137,10 @@ def main() -> None:
             for name in names:
                 print(f"  {name}: {time_to_ready(a.repository, Path(tmp), name)[2] - empty:.0f} MiB", flush=True)
     mw, mn = statistics.median(with_w), statistics.median(without_w)
-    print(f"median cold start to ready: with warm-up {mw:.2f} s (target <= 5 s), without {mn:.2f} s; "
-          f"warm-up adds {mw - mn:.2f} s ({mw / mn:.2f}x)")
+    print(
+        f"median cold start to ready: with warm-up {mw:.2f} s (target <= 5 s), without {mn:.2f} s; "
+        f"warm-up adds {mw - mn:.2f} s ({mw / mn:.2f}x)"
+    )
     for model, ms in sorted(warm.items()):
         print(f"  {model}: warm-up {ms:.0f} ms")
     print(f"load average: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")

@@ -25,6 +25,7 @@ from /proc, so it does not depend on how fast the driver is) and the ratios the 
   pread/pwrite: see server/shared_memory.py), 2 workers / 1 worker (target >= 1.4x),
   and bytes-path CPU per request / echo CPU per request (what the server adds over gRPC itself).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,9 @@ def identity_targets() -> list[Target]:
     out = []
     for name, shape in SHAPES.items():
         dt = DATATYPES.get(name, "FP32")
-        out.append(Target(name, f"identity_{name}", "x", shape, "y",
-                          np.dtype(_NUMPY[dt]).itemsize * int(np.prod(shape)), dt))
+        out.append(
+            Target(name, f"identity_{name}", "x", shape, "y", np.dtype(_NUMPY[dt]).itemsize * int(np.prod(shape)), dt)
+        )
     return out
 
 
@@ -91,10 +93,15 @@ def repository_target(repo: Path, name: str) -> Target:
     if i.data_type != DataType.TYPE_FP32 or o.data_type != DataType.TYPE_FP32:
         raise SystemExit(f"{name}: the driver sends and receives FP32 tensors only")
     return Target(name, name, i.name, list(i.dims), o.name, 4 * int(np.prod(list(o.dims))))
+
+
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 ECHO = "/bench.Echo/Echo"
-CHANNEL_OPTS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
-                ("grpc.use_local_subchannel_pool", 1)]  # a connection per channel: spread over workers
+CHANNEL_OPTS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.use_local_subchannel_pool", 1),
+]  # a connection per channel: spread over workers
 _TICK = os.sysconf("SC_CLK_TCK")
 PERF_ANALYZER_MEMORY = 4 << 30
 
@@ -105,7 +112,8 @@ def identity_model(shape: list[int], datatype: str = "FP32") -> bytes:
     elem = TensorProto.UINT8 if datatype == "UINT8" else TensorProto.FLOAT
 
     g = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "identity",
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
         [helper.make_tensor_value_info("x", elem, ["N", *shape])],
         [helper.make_tensor_value_info("y", elem, ["N", *shape])],
     )
@@ -134,9 +142,13 @@ def cpu_seconds(pids: list[int]) -> float:
 def start(cmd: list[str], workdir: Path, tag: str, ready_flag: str = "--ready-file") -> tuple[subprocess.Popen, dict]:
     ready = workdir / f"{tag}.ready.json"
     with open(workdir / f"{tag}.log", "w") as log:  # the child writes to its own copy of the descriptor
-        proc = subprocess.Popen([*cmd, ready_flag, str(ready)], cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*cmd, ready_flag, str(ready)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     t_end = time.monotonic() + 300
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > t_end:
@@ -162,8 +174,9 @@ async def echo_server(ready_file: Path) -> None:
 
 
 # -- requests ------------------------------------------------------------------------------------------
-def infer_request(target: Target, x: np.ndarray | None, shm_in: tuple[str, int] | None = None,
-                  shm_out: tuple[str, int] | None = None) -> bytes:
+def infer_request(
+    target: Target, x: np.ndarray | None, shm_in: tuple[str, int] | None = None, shm_out: tuple[str, int] | None = None
+) -> bytes:
     req = pb.ModelInferRequest(model_name=target.model)
     t = req.inputs.add(name=target.input, datatype=target.datatype, shape=[1, *target.shape])
     if shm_in is not None:
@@ -183,14 +196,16 @@ class Driver:
     """`concurrency` loops, each on its own channel (connection), sending prepared request bytes."""
 
     def __init__(self, port: int, concurrency: int) -> None:
-        self.channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTS)
-                         for _ in range(concurrency)]
+        self.channels = [
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTS) for _ in range(concurrency)
+        ]
         self.requests: list[bytes] = [b""] * concurrency
         self.method = INFER
 
     async def run(self, seconds: float) -> tuple[float, list[float]]:
         calls: list[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = [
-            ch.unary_unary(self.method) for ch in self.channels]  # bytes in, bytes out
+            ch.unary_unary(self.method) for ch in self.channels
+        ]  # bytes in, bytes out
         c = len(calls)
         return await drive(lambda i: calls[i % c](self.requests[i % c]), c, seconds)
 
@@ -217,15 +232,17 @@ class ShmPlan:
                 self.objects.append(obj)
                 if kind == "in":
                     assert obj.buf is not None  # None only once closed
-                    obj.buf[:self.nbytes] = x.tobytes()
+                    obj.buf[: self.nbytes] = x.tobytes()
                 names += [f"{kind}_{tag}", "/" + obj.name]
             self.regions.append(tuple(names))
 
     async def register(self, driver: Driver) -> None:
         for ch, (in_name, in_key, out_name, out_key) in zip(driver.channels, self.regions, strict=True):
-            reg = ch.unary_unary("/inference.GRPCInferenceService/SystemSharedMemoryRegister",
-                                 request_serializer=pb.SystemSharedMemoryRegisterRequest.SerializeToString,
-                                 response_deserializer=pb.SystemSharedMemoryRegisterResponse.FromString)
+            reg = ch.unary_unary(
+                "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
+                request_serializer=pb.SystemSharedMemoryRegisterRequest.SerializeToString,
+                response_deserializer=pb.SystemSharedMemoryRegisterResponse.FromString,
+            )
             await reg(pb.SystemSharedMemoryRegisterRequest(name=in_name, key=in_key, byte_size=self.nbytes))
             await reg(pb.SystemSharedMemoryRegisterRequest(name=out_name, key=out_key, byte_size=self.out_nbytes))
 
@@ -247,8 +264,9 @@ async def measure(port: int, pids: list[int], mode: str, target: Target, concurr
     else:
         plan = ShmPlan(target, x, concurrency)
         await plan.register(driver)
-        driver.requests = [infer_request(target, None, (r[0], x.nbytes), (r[2], target.output_nbytes))
-                           for r in plan.regions]
+        driver.requests = [
+            infer_request(target, None, (r[0], x.nbytes), (r[2], target.output_nbytes)) for r in plan.regions
+        ]
     try:
         await driver.run(min(1.0, seconds))  # warm: connections, sessions, allocator
         cpu0 = cpu_seconds(pids)
@@ -265,8 +283,12 @@ async def measure(port: int, pids: list[int], mode: str, target: Target, concurr
 def served_requests(metrics_port: int) -> float:
     """Successful inference requests so far, over every model and worker (the merged metrics view)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == "nv_inference_request_success")
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "nv_inference_request_success"
+    )
 
 
 def _cap_memory() -> None:
@@ -275,33 +297,62 @@ def _cap_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (PERF_ANALYZER_MEMORY, PERF_ANALYZER_MEMORY))
 
 
-def perf_analyzer(command: list[str], port: int, metrics_port: int, pids: list[int], mode: str, target: Target,
-                  concurrency: int, seconds: float) -> dict:
+def perf_analyzer(
+    command: list[str],
+    port: int,
+    metrics_port: int,
+    pids: list[int],
+    mode: str,
+    target: Target,
+    concurrency: int,
+    seconds: float,
+) -> dict:
     """Triton's C++ perf_analyzer as the driver (its client costs far less CPU than a Python one): its
     stable throughput, and the server's CPU per request over its whole run (from the served count)."""
-    cmd = [*command, "-m", target.model, "-u", f"127.0.0.1:{port}", "-i", "grpc", "-b", "1",
-           "--concurrency-range", str(concurrency), "--measurement-interval", str(int(seconds * 1000)),
-           "--stability-percentage", "80", "--max-trials", "4"]  # a shared machine is never within 10%
+    cmd = [
+        *command,
+        "-m",
+        target.model,
+        "-u",
+        f"127.0.0.1:{port}",
+        "-i",
+        "grpc",
+        "-b",
+        "1",
+        "--concurrency-range",
+        str(concurrency),
+        "--measurement-interval",
+        str(int(seconds * 1000)),
+        "--stability-percentage",
+        "80",
+        "--max-trials",
+        "4",
+    ]  # a shared machine is never within 10%
     if mode == "pa-shm":
         cmd += ["--shared-memory", "system", "--output-shared-memory-size", str(target.output_nbytes)]
     served0, cpu0 = served_requests(metrics_port), cpu_seconds(pids)
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 12 + 60,
-                             preexec_fn=_cap_memory)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 12 + 60, preexec_fn=_cap_memory)
     except subprocess.TimeoutExpired:  # seen once here: perf_analyzer stalled on 600 KB tensors at load 11
         print(f"perf_analyzer: timed out on {target.label} {mode}", file=sys.stderr)
         return {"rps": float("nan"), "p50_ms": float("nan"), "cpu_us": float("nan"), "n": 0}
     served, cpu = served_requests(metrics_port) - served0, cpu_seconds(pids) - cpu0
     found = re.search(r"Concurrency: \d+, throughput: ([\d.]+) infer/sec, latency (\d+) usec", res.stdout)
     if res.returncode != 0:
-        print(f"perf_analyzer failed with {res.returncode} ({' '.join(cmd)}):\n{res.stdout[-1000:]}\n"
-              f"{res.stderr[-1000:]}", file=sys.stderr)
+        print(
+            f"perf_analyzer failed with {res.returncode} ({' '.join(cmd)}):\n{res.stdout[-1000:]}\n"
+            f"{res.stderr[-1000:]}",
+            file=sys.stderr,
+        )
         return {"rps": float("nan"), "p50_ms": float("nan"), "cpu_us": float("nan"), "n": 0}
     if not found:  # no stable window: its figure is missing from this point, the CPU per request is not
         print(f"perf_analyzer: no stable measurement for {target.label} {mode}", file=sys.stderr)
-    return {"rps": float(found.group(1)) if found else float("nan"),
-            "p50_ms": float(found.group(2)) / 1e3 if found else float("nan"),
-            "cpu_us": cpu / max(1.0, served) * 1e6, "n": int(served)}
+    return {
+        "rps": float(found.group(1)) if found else float("nan"),
+        "p50_ms": float(found.group(2)) / 1e3 if found else float("nan"),
+        "cpu_us": cpu / max(1.0, served) * 1e6,
+        "n": int(served),
+    }
 
 
 def main() -> None:
@@ -312,9 +363,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="server worker counts (default 1 2)")
     ap.add_argument("--repository", type=Path, help="a repository holding --models (served beside the identities)")
     ap.add_argument("--models", nargs="*", default=[], help="models of --repository to measure too")
-    ap.add_argument("--perf-analyzer", nargs="+", metavar="CMD",
-                    help="also drive the identity models with this perf_analyzer command, e.g. "
-                         "'bash benchmarks/perf_analyzer.sh' (bytes and --shared-memory system)")
+    ap.add_argument(
+        "--perf-analyzer",
+        nargs="+",
+        metavar="CMD",
+        help="also drive the identity models with this perf_analyzer command, e.g. "
+        "'bash benchmarks/perf_analyzer.sh' (bytes and --shared-memory system)",
+    )
     ap.add_argument("--echo-server", type=Path, help=argparse.SUPPRESS)  # internal: run the echo floor
     a = ap.parse_args()
     if a.echo_server:
@@ -331,10 +386,31 @@ def main() -> None:
     metrics_ports: dict[str, int] = {}
     try:
         for w in a.workers:
-            proc, info = start([sys.executable, "-m", "server", "--model-repository", str(repo),
-                                "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-                                "--metrics-address", "127.0.0.1", "--allow-http", "false", "--log-level", "warning",
-                                "--workers", str(w)], work, f"server{w}")
+            proc, info = start(
+                [
+                    sys.executable,
+                    "-m",
+                    "server",
+                    "--model-repository",
+                    str(repo),
+                    "--grpc-address",
+                    "127.0.0.1",
+                    "--grpc-port",
+                    "0",
+                    "--metrics-port",
+                    "0",
+                    "--metrics-address",
+                    "127.0.0.1",
+                    "--allow-http",
+                    "false",
+                    "--log-level",
+                    "warning",
+                    "--workers",
+                    str(w),
+                ],
+                work,
+                f"server{w}",
+            )
             pids = [proc.pid] + [x["pid"] for x in info.get("workers", [])]
             procs[f"w{w}"] = (proc, info["grpc_port"], pids)
             metrics_ports[f"w{w}"] = info["metrics_port"]
@@ -346,16 +422,23 @@ def main() -> None:
         points += [(t.label, "echo", "echo") for t in targets if t.label in SHAPES]  # the same bytes back
         if a.perf_analyzer:
             # pa-bytes only on the small tensor: on 600 KB ones perf_analyzer exhausts memory (_cap_memory)
-            points += [(t.label, mode, f"w{w}") for t in targets if t.label in SHAPES for w in a.workers
-                       for mode in ("pa-bytes", "pa-shm") if mode == "pa-shm" or t.label == "mnist"]
+            points += [
+                (t.label, mode, f"w{w}")
+                for t in targets
+                if t.label in SHAPES
+                for w in a.workers
+                for mode in ("pa-bytes", "pa-shm")
+                if mode == "pa-shm" or t.label == "mnist"
+            ]
         acc: dict[tuple, list[dict]] = {p: [] for p in points}
         for r in range(a.rounds):
             order = points if r % 2 == 0 else points[::-1]
             for label, mode, srv in order:
                 _, port, pids = procs[srv]
                 if mode.startswith("pa-"):
-                    res = perf_analyzer(a.perf_analyzer, port, metrics_ports[srv], pids, mode, by_label[label],
-                                        a.concurrency, a.seconds)
+                    res = perf_analyzer(
+                        a.perf_analyzer, port, metrics_ports[srv], pids, mode, by_label[label], a.concurrency, a.seconds
+                    )
                 else:
                     res = asyncio.run(measure(port, pids, mode, by_label[label], a.concurrency, a.seconds))
                 acc[(label, mode, srv)].append(res)
@@ -368,8 +451,10 @@ def main() -> None:
     def mean(p: tuple, k: str) -> float:
         return float(np.nanmean([x[k] for x in acc[p]])) if any(x[k] == x[k] for x in acc[p]) else float("nan")
 
-    print(f"\nfrontend capacity, concurrency {a.concurrency} (one connection each), {a.rounds} x {a.seconds:g} s, "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    print(
+        f"\nfrontend capacity, concurrency {a.concurrency} (one connection each), {a.rounds} x {a.seconds:g} s, "
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'model':<14}{'path':<10}{'server':<8}{'req/s':>9}{'p50 ms':>9}{'server CPU us/req':>19}")
     for p in points:
         label, mode, srv = p
@@ -378,29 +463,38 @@ def main() -> None:
     for w in a.workers:  # compact image tensors: the same picture as UINT8 pixels vs FP32
         u8, f32 = ("image_u8", "bytes", f"w{w}"), ("image", "bytes", f"w{w}")
         if u8 in acc and f32 in acc:
-            print(f"  {w} worker(s), bytes path: UINT8 pixels / FP32 image req/s "
-                  f"{mean(u8, 'rps') / mean(f32, 'rps'):.2f}x, "
-                  f"CPU/req FP32 / UINT8 {mean(f32, 'cpu_us') / mean(u8, 'cpu_us'):.2f}x")
+            print(
+                f"  {w} worker(s), bytes path: UINT8 pixels / FP32 image req/s "
+                f"{mean(u8, 'rps') / mean(f32, 'rps'):.2f}x, "
+                f"CPU/req FP32 / UINT8 {mean(f32, 'cpu_us') / mean(u8, 'cpu_us'):.2f}x"
+            )
     for shape in by_label:
         for w in a.workers:
             if (shape, "pa-bytes", f"w{w}") in acc and (shape, "pa-shm", f"w{w}") in acc:
                 pb_, ps_ = (shape, "pa-bytes", f"w{w}"), (shape, "pa-shm", f"w{w}")
-                print(f"  {shape} {w} worker(s), perf_analyzer: shm/bytes req/s "
-                      f"{mean(ps_, 'rps') / mean(pb_, 'rps'):.2f}x, CPU/req bytes/shm "
-                      f"{mean(pb_, 'cpu_us') / mean(ps_, 'cpu_us'):.2f}x")
+                print(
+                    f"  {shape} {w} worker(s), perf_analyzer: shm/bytes req/s "
+                    f"{mean(ps_, 'rps') / mean(pb_, 'rps'):.2f}x, CPU/req bytes/shm "
+                    f"{mean(pb_, 'cpu_us') / mean(ps_, 'cpu_us'):.2f}x"
+                )
             b, s = (shape, "bytes", f"w{w}"), (shape, "shm", f"w{w}")
             echo = (shape, "echo", "echo")
-            over_echo = (f", bytes CPU/req over echo {mean(b, 'cpu_us') / mean(echo, 'cpu_us'):.2f}x"
-                         if echo in acc else "")
-            print(f"  {shape} {w} worker(s): shm/bytes req/s {mean(s, 'rps') / mean(b, 'rps'):.2f}x, "
-                  f"CPU/req bytes/shm {mean(b, 'cpu_us') / mean(s, 'cpu_us'):.2f}x{over_echo}")
+            over_echo = (
+                f", bytes CPU/req over echo {mean(b, 'cpu_us') / mean(echo, 'cpu_us'):.2f}x" if echo in acc else ""
+            )
+            print(
+                f"  {shape} {w} worker(s): shm/bytes req/s {mean(s, 'rps') / mean(b, 'rps'):.2f}x, "
+                f"CPU/req bytes/shm {mean(b, 'cpu_us') / mean(s, 'cpu_us'):.2f}x{over_echo}"
+            )
         if len(a.workers) > 1:
             w1, wn = a.workers[0], a.workers[-1]
             for mode in ("bytes", "shm", "pa-bytes", "pa-shm"):
                 if (shape, mode, f"w{w1}") not in acc:
                     continue
-                print(f"  {shape} {mode}: {wn} workers / {w1} worker req/s "
-                      f"{mean((shape, mode, f'w{wn}'), 'rps') / mean((shape, mode, f'w{w1}'), 'rps'):.2f}x")
+                print(
+                    f"  {shape} {mode}: {wn} workers / {w1} worker req/s "
+                    f"{mean((shape, mode, f'w{wn}'), 'rps') / mean((shape, mode, f'w{w1}'), 'rps'):.2f}x"
+                )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Every runtime gets the same thread count and the same real input; each measureme
 runs at least --seconds, split over 3 interleaved rounds (the best round counts). Not a test: numbers
 depend on the machine and its load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ VARIANTS = ("ORT FP32", "ORT INT8", "OpenVINO FP32", "OpenVINO INT8")
 ROUNDS = 3
 
 
-def bench(name: str, batch_sizes: list[int], seconds: float, threads: int, workdir: Path,
-          eager: bool, gate: list[str] | None) -> dict[tuple[str, int], float]:
+def bench(
+    name: str, batch_sizes: list[int], seconds: float, threads: int, workdir: Path, eager: bool, gate: list[str] | None
+) -> dict[tuple[str, int], float]:
     entry = get_entry(name)
     torch.manual_seed(0)
     try:
@@ -66,8 +68,12 @@ def bench(name: str, batch_sizes: list[int], seconds: float, threads: int, workd
         from cnncore.spec import ModelMeta
         from export.accuracy_gate import describe, run_gate
 
-        meta = ModelMeta(name=name, task=entry.task, preprocess=entry.preprocess,
-                         labels=list(entry.labels()) if entry.labels else None)
+        meta = ModelMeta(
+            name=name,
+            task=entry.task,
+            preprocess=entry.preprocess,
+            labels=list(entry.labels()) if entry.labels else None,
+        )
         for runtime in available_runtimes():
             try:
                 figures = run_gate(meta, runner(fp32, "onnxruntime", threads), runner(int8, runtime, threads))
@@ -77,9 +83,12 @@ def bench(name: str, batch_sizes: list[int], seconds: float, threads: int, workd
             for f in figures:
                 gate.append(f"{name} INT8 on {runtime}: {'pass' if f.passed else 'REFUSED'}: {describe(f)}")
     rates: dict[tuple[str, int], float] = {}
-    runs = {f"{label} {precision}": runner(path, runtime, threads)
-            for runtime, label in (("onnxruntime", "ORT"), ("openvino", "OpenVINO")) if runtime in available_runtimes()
-            for precision, path in files.items()}
+    runs = {
+        f"{label} {precision}": runner(path, runtime, threads)
+        for runtime, label in (("onnxruntime", "ORT"), ("openvino", "OpenVINO"))
+        if runtime in available_runtimes()
+        for precision, path in files.items()
+    }
     # Interleaved rounds, best of each: a load that drifts during the run slows every variant alike,
     # and other processes only ever slow a measurement down.
     for r in range(ROUNDS):
@@ -118,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     console = Console(width=max(Console().width, 150))
     variants = [*VARIANTS, *(["eager FP32"] if args.eager else [])]
-    table = Table(title=f"images/s (x ONNX Runtime FP32), CPU, {args.threads} threads, batch "
-                        f"{'/'.join(map(str, args.batch_sizes))}")
+    table = Table(
+        title=f"images/s (x ONNX Runtime FP32), CPU, {args.threads} threads, batch "
+        f"{'/'.join(map(str, args.batch_sizes))}"
+    )
     table.add_column("model")
     table.add_column("batch", justify="right")
     for v in variants:

@@ -12,6 +12,7 @@ server's resident memory is printed after the run (what a soak at this concurren
 (issue 19): served / raw >= 0.85 through shared memory, >= 0.75 through bytes. perf_analyzer shares the
 machine's cores with the server, so on a small machine its own CPU shows up in the bytes figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,9 @@ def raw_runner(repo: Path, name: str, threads: int, max_batch: int):  # type: ig
     runtime = (meta.get("serving") or {}).get("runtime", "onnxruntime")
     path = model_file(repo, name)
     if runtime == "openvino":
-        return f"raw {runtime}", OpenVinoRunner(compile_openvino(path, OpenVinoSettings(threads=threads).properties(),
-                                                                 max_batch=max_batch))
+        return f"raw {runtime}", OpenVinoRunner(
+            compile_openvino(path, OpenVinoSettings(threads=threads).properties(), max_batch=max_batch)
+        )
     return f"raw {runtime}", ort_runner(path, threads)
 
 
@@ -66,27 +68,62 @@ def main() -> None:
     write_repository(work / "repo", a.repository, models)
     target = repository_target(work / "repo", a.model)
     label, raw = raw_runner(a.repository, a.model, a.threads, target_max_batch(work / "repo" / a.model))
-    proc, info = start([sys.executable, "-m", "server", "--model-repository", str(work / "repo"),
-                        "--grpc-address", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-                        "--metrics-address", "127.0.0.1", "--allow-http", "false", "--log-level", "warning",
-                        "--intra-op-threads", str(a.threads), "--model-control-mode", "explicit",
-                        *[x for m in models for x in ("--load-model", m)]], work, "server")
+    proc, info = start(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--model-repository",
+            str(work / "repo"),
+            "--grpc-address",
+            "127.0.0.1",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--metrics-address",
+            "127.0.0.1",
+            "--allow-http",
+            "false",
+            "--log-level",
+            "warning",
+            "--intra-op-threads",
+            str(a.threads),
+            "--model-control-mode",
+            "explicit",
+            *[x for m in models for x in ("--load-model", m)],
+        ],
+        work,
+        "server",
+    )
     raw_pts = {bs: Point() for bs in (1, 8)}
     served: dict[str, list[dict]] = {"pa-bytes": [], "pa-shm": []}
     try:
         for r in range(a.rounds):
             for bs, pt in raw_pts.items():
                 run_raw(raw, bs, a.seconds, pt)
-            for mode in (("pa-bytes", "pa-shm") if r % 2 == 0 else ("pa-shm", "pa-bytes")):
-                served[mode].append(perf_analyzer(a.perf_analyzer, info["grpc_port"], info["metrics_port"],
-                                                  [proc.pid], mode, target, a.concurrency, a.seconds))
+            for mode in ("pa-bytes", "pa-shm") if r % 2 == 0 else ("pa-shm", "pa-bytes"):
+                served[mode].append(
+                    perf_analyzer(
+                        a.perf_analyzer,
+                        info["grpc_port"],
+                        info["metrics_port"],
+                        [proc.pid],
+                        mode,
+                        target,
+                        a.concurrency,
+                        a.seconds,
+                    )
+                )
         rss = rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(60)
     best_bs, best = max(((bs, pt.row()["ips"]) for bs, pt in raw_pts.items()), key=lambda x: x[1])
-    print(f"\n{a.model}, {a.threads} threads, concurrency {a.concurrency}, {a.rounds} x {a.seconds:g} s, "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    print(
+        f"\n{a.model}, {a.threads} threads, concurrency {a.concurrency}, {a.rounds} x {a.seconds:g} s, "
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+    )
     for bs, pt in raw_pts.items():
         row = pt.row()
         print(f"  {label} batch {bs:<3} {row['ips']:8.1f} img/s  p50 {row['p50_ms']:7.2f} ms")
@@ -94,8 +131,10 @@ def main() -> None:
         rps = float(np.nanmean([x["rps"] for x in runs]))
         p50 = float(np.nanmean([x["p50_ms"] for x in runs]))
         cpu = float(np.nanmean([x["cpu_us"] for x in runs]))
-        print(f"  served {mode:<9} {rps:8.1f} img/s  p50 {p50:7.2f} ms  server CPU {cpu:6.0f} us/req  "
-              f"served/raw (batch {best_bs}) {rps / best:.2f}")
+        print(
+            f"  served {mode:<9} {rps:8.1f} img/s  p50 {p50:7.2f} ms  server CPU {cpu:6.0f} us/req  "
+            f"served/raw (batch {best_bs}) {rps / best:.2f}"
+        )
     print(f"  server RSS after the run ({len(models)} model(s) loaded): {rss:.0f} MiB")
 
 

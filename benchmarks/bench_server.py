@@ -18,6 +18,7 @@ OpenVINO), the raw side has two rows per batch: "raw ORT FP32" (the FP32 parent,
 temporary directory) and "raw served" (the served file on the served runtime, the raw best gated
 variant), and the ratios are printed against both.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,15 +73,22 @@ class Point:
         self.server: dict[str, float] = defaultdict(float)
 
     def row(self) -> dict:
-        out = {"ips": self.items / self.wall if self.wall else float("nan"), "p50_ms": pct(self.lat, 50) * 1e3,
-               "p99_ms": pct(self.lat, 99) * 1e3, "n": len(self.lat)}
+        out = {
+            "ips": self.items / self.wall if self.wall else float("nan"),
+            "p50_ms": pct(self.lat, 50) * 1e3,
+            "p99_ms": pct(self.lat, 99) * 1e3,
+            "n": len(self.lat),
+        }
         s = self.server
         if s.get("requests"):
             n = s["requests"]
-            out.update(server_request_ms=s["request_ns"] / n / 1e6, server_queue_ms=s["queue_ns"] / n / 1e6,
-                       server_compute_ms=s["infer_ns"] / n / 1e6,
-                       server_other_ms=(s["request_ns"] - s["queue_ns"] - s["infer_ns"]) / n / 1e6,
-                       mean_batch=s["items"] / max(1, s["executions"]))
+            out.update(
+                server_request_ms=s["request_ns"] / n / 1e6,
+                server_queue_ms=s["queue_ns"] / n / 1e6,
+                server_compute_ms=s["infer_ns"] / n / 1e6,
+                server_other_ms=(s["request_ns"] - s["queue_ns"] - s["infer_ns"]) / n / 1e6,
+                mean_batch=s["items"] / max(1, s["executions"]),
+            )
         return out
 
 
@@ -100,8 +108,9 @@ def run_raw(run, bs: int, seconds: float, point: Point) -> None:
         n += 1
 
 
-async def run_server(url: str, model: str, input_name: str, shape: list[int], concurrency: int,
-                     seconds: float, point: Point) -> None:
+async def run_server(
+    url: str, model: str, input_name: str, shape: list[int], concurrency: int, seconds: float, point: Point
+) -> None:
     import tritonclient.grpc.aio as tca
     from tritonclient.grpc import InferInput
 
@@ -147,30 +156,74 @@ def raw_sides(repo: Path, name: str, threads: int, spinning: bool, workdir: Path
         return {"raw ORT": ort_runner(served_file, threads, spinning)}
     fp32_file = served_file
     if serving.precision != "fp32":  # the FP32 parent is not in the repository: export it again
-        subprocess.run([sys.executable, "-m", "export", "onnx", name, "--repository", str(workdir / "fp32"),
-                        "--precision", "fp32", "--runtime", "onnxruntime"], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "export",
+                "onnx",
+                name,
+                "--repository",
+                str(workdir / "fp32"),
+                "--precision",
+                "fp32",
+                "--runtime",
+                "onnxruntime",
+            ],
+            cwd=ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         fp32_file = model_file(workdir / "fp32", name)
     sides: dict[str, object] = {"raw ORT FP32": ort_runner(fp32_file, threads, spinning)}
     if serving.runtime == "openvino":
-        sides[f"raw {serving.precision.upper()} openvino"] = openvino_runner(served_file, OpenVinoSettings(threads=threads))
+        sides[f"raw {serving.precision.upper()} openvino"] = openvino_runner(
+            served_file, OpenVinoSettings(threads=threads)
+        )
     else:
         sides[f"raw {serving.precision.upper()} {serving.runtime}"] = ort_runner(served_file, threads, spinning)
     return sides
 
 
-def start_server(repo: Path, models: list[str], threads: int, spinning: bool, workdir: Path) -> tuple[subprocess.Popen, int]:
+def start_server(
+    repo: Path, models: list[str], threads: int, spinning: bool, workdir: Path
+) -> tuple[subprocess.Popen, int]:
     ready = workdir / "ready.json"
-    cmd = [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
-           "--grpc-port", "0", "--metrics-port", "0", "--metrics-address", "127.0.0.1", "--allow-http", "false",
-           "--ready-file", str(ready),
-           "--intra-op-threads", str(threads), "--inter-op-threads", "1", "--model-control-mode", "explicit",
-           "--ort-allow-spinning", str(spinning).lower(), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--model-repository",
+        str(repo),
+        "--grpc-address",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--metrics-address",
+        "127.0.0.1",
+        "--allow-http",
+        "false",
+        "--ready-file",
+        str(ready),
+        "--intra-op-threads",
+        str(threads),
+        "--inter-op-threads",
+        "1",
+        "--model-control-mode",
+        "explicit",
+        "--ort-allow-spinning",
+        str(spinning).lower(),
+        "--log-level",
+        "warning",
+    ]
     for m in models:
         cmd += ["--load-model", m]
     with open(workdir / "server.log", "w") as log:  # the child holds its own copy of the descriptor
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT
+        )
     t_end = time.monotonic() + 300
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > t_end:
@@ -186,8 +239,11 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     ap.add_argument("--export", action="store_true", help="export the models into --repository first")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads, server and raw (default 2)")
-    ap.add_argument("--spinning", action="store_true",
-                    help="let ONNX Runtime threads spin, server and raw alike (default off, as the server)")
+    ap.add_argument(
+        "--spinning",
+        action="store_true",
+        help="let ONNX Runtime threads spin, server and raw alike (default off, as the server)",
+    )
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--seconds", type=float, default=3.0, help="measuring time per point per round (default 3)")
@@ -198,8 +254,11 @@ def main() -> None:
     if args.export:
         for m in args.models:
             weights = ["--weights", "none"] if m == "resnet18" else []
-            subprocess.run([sys.executable, "-m", "export", "onnx", m, "--repository", str(args.repository),
-                            *weights], cwd=ROOT, check=True)
+            subprocess.run(
+                [sys.executable, "-m", "export", "onnx", m, "--repository", str(args.repository), *weights],
+                cwd=ROOT,
+                check=True,
+            )
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as work:
         proc, port = start_server(args.repository, args.models, args.threads, args.spinning, Path(work))
@@ -216,11 +275,14 @@ def main() -> None:
                     for (label, bs), point in raw.items():
                         run_raw(sides[label], bs, args.seconds, point)
                     for c in args.concurrency:
-                        asyncio.run(run_server(f"127.0.0.1:{port}", m, inp.input_name, shape, c,
-                                               args.seconds, served[c]))
+                        asyncio.run(
+                            run_server(f"127.0.0.1:{port}", m, inp.input_name, shape, c, args.seconds, served[c])
+                        )
                     print(f"{m}: round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-                results[m] = {"raw": {f"{label} batch {bs}": p.row() for (label, bs), p in raw.items()},
-                              "server": {c: p.row() for c, p in served.items()}}
+                results[m] = {
+                    "raw": {f"{label} batch {bs}": p.row() for (label, bs), p in raw.items()},
+                    "server": {c: p.row() for c, p in served.items()},
+                }
         finally:
             proc.terminate()
             proc.wait(60)
@@ -229,15 +291,25 @@ def main() -> None:
     print(f"\nmachine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end")
     for m, r in results.items():
         spinning = "on" if args.spinning else "off"
-        print(f"\n== {m} (ONNX Runtime CPU, {args.threads} intra-op threads, spinning {spinning}; "
-              f"{args.rounds} rounds x {args.seconds:g} s) ==")
-        print(f"{'mode':<30}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'n':>6}   server: request = queue + compute + other"
-              f" ms, mean batch")
+        print(
+            f"\n== {m} (ONNX Runtime CPU, {args.threads} intra-op threads, spinning {spinning}; "
+            f"{args.rounds} rounds x {args.seconds:g} s) =="
+        )
+        print(
+            f"{'mode':<30}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'n':>6}   server: request = queue + compute + other"
+            f" ms, mean batch"
+        )
         for key, x in r["raw"].items():
             print(f"{key:<30}{x['ips']:8.1f}{x['p50_ms']:9.2f}{x['p99_ms']:9.2f}{x['n']:6d}")
         for c, x in r["server"].items():
-            extra = (f"   {x['server_request_ms']:.2f} = {x['server_queue_ms']:.2f} + {x['server_compute_ms']:.2f} + "
-                     f"{x['server_other_ms']:.2f}, {x['mean_batch']:.1f}") if "server_request_ms" in x else ""
+            extra = (
+                (
+                    f"   {x['server_request_ms']:.2f} = {x['server_queue_ms']:.2f} + {x['server_compute_ms']:.2f} + "
+                    f"{x['server_other_ms']:.2f}, {x['mean_batch']:.1f}"
+                )
+                if "server_request_ms" in x
+                else ""
+            )
             print(f"{'server conc ' + str(c):<30}{x['ips']:8.1f}{x['p50_ms']:9.2f}{x['p99_ms']:9.2f}{x['n']:6d}{extra}")
         for label in dict.fromkeys(k.rsplit(" batch ", 1)[0] for k in r["raw"]):
             rows = {k: x for k, x in r["raw"].items() if k.rsplit(" batch ", 1)[0] == label}

@@ -19,6 +19,7 @@ issue sets targets for, over all slices and as the median of the per-slice ratio
   http / grpc       (target >= 0.9)
   grpc-tls / grpc   (target >= 0.9)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,9 @@ from pki import make_pki  # noqa: E402  (tests/pki.py: the throw-away CA the TLS
 MODES = ("grpc", "http", "grpc-tls")
 
 
-async def measure(targets: list[Target], plain: dict, tls: dict, ca: Path, concurrency: int, seconds: float,
-                  rounds: int) -> dict[tuple[str, str], list[tuple[float, list[float], float]]]:
+async def measure(
+    targets: list[Target], plain: dict, tls: dict, ca: Path, concurrency: int, seconds: float, rounds: int
+) -> dict[tuple[str, str], list[tuple[float, list[float], float]]]:
     """(model, mode) -> per slice (requests/s, latencies, server CPU seconds per request)."""
     import tritonclient.grpc.aio as tga
     import tritonclient.http.aio as tha
@@ -74,6 +76,7 @@ async def measure(targets: list[Target], plain: dict, tls: dict, ca: Path, concu
             def grpc_call(client, t=t, gi=gi, go=go):
                 async def call(n: int) -> None:
                     (await client.infer(t.model, [gi], outputs=go)).as_numpy(t.output)
+
                 return call
 
             async def http_call(n: int, t=t, hi=hi, ho=ho) -> None:
@@ -91,8 +94,11 @@ async def measure(targets: list[Target], plain: dict, tls: dict, ca: Path, concu
                     cpu = (cpu_seconds([pid[mode]]) - cpu0) / max(1, len(lat))
                     results.setdefault((label, mode), []).append((rps, lat, cpu))
             if (r + 1) % max(1, rounds // 4) == 0 or r + 1 == rounds:
-                print(f"  slice {r + 1}/{rounds}: " + ", ".join(f"{k[0]}/{k[1]} {v[-1][0]:.0f}/s"
-                                                                 for k, v in results.items()), flush=True)
+                print(
+                    f"  slice {r + 1}/{rounds}: "
+                    + ", ".join(f"{k[0]}/{k[1]} {v[-1][0]:.0f}/s" for k, v in results.items()),
+                    flush=True,
+                )
     finally:
         await grpc_plain.close()
         await grpc_tls.close()
@@ -119,11 +125,32 @@ def main() -> None:
         targets = [t for t in identity_targets() if t.label == "image"]
         targets += [repository_target(repo, m) for m in args.models]
         pki = make_pki(work / "pki")
-        base = [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
-                "--grpc-port", "0", "--http-address", "127.0.0.1", "--http-port", "0", "--allow-metrics", "false",
-                "--log-format", "text"]
-        tls_flags = ["--grpc-use-ssl", "--grpc-server-cert", str(pki.server_cert), "--grpc-server-key",
-                     str(pki.server_key)]
+        base = [
+            sys.executable,
+            "-m",
+            "server",
+            "--model-repository",
+            str(repo),
+            "--grpc-address",
+            "127.0.0.1",
+            "--grpc-port",
+            "0",
+            "--http-address",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--allow-metrics",
+            "false",
+            "--log-format",
+            "text",
+        ]
+        tls_flags = [
+            "--grpc-use-ssl",
+            "--grpc-server-cert",
+            str(pki.server_cert),
+            "--grpc-server-key",
+            str(pki.server_key),
+        ]
         procs = []
         try:
             plain_proc, plain = start(base, work, "plain")
@@ -131,8 +158,9 @@ def main() -> None:
             tls_proc, tls = start(base + tls_flags, work, "tls")
             procs.append(tls_proc)
             print(f"concurrency {args.concurrency}, {args.rounds} slices x {args.seconds:g} s per mode", flush=True)
-            results = asyncio.run(measure(targets, plain, tls, pki.ca_cert, args.concurrency, args.seconds,
-                                          args.rounds))
+            results = asyncio.run(
+                measure(targets, plain, tls, pki.ca_cert, args.concurrency, args.seconds, args.rounds)
+            )
         finally:
             for p in procs:
                 p.terminate()
@@ -146,27 +174,46 @@ def main() -> None:
             runs = results[(t.label, mode)]
             lat = [x for _, ls, _ in runs for x in ls]
             total_s = args.seconds * len(runs)
-            row[mode] = {"rps": len(lat) / total_s, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
-                         "server_cpu_ms": float(np.median([c for _, _, c in runs])) * 1e3}
+            row[mode] = {
+                "rps": len(lat) / total_s,
+                "p50_ms": pct(lat, 50) * 1e3,
+                "p99_ms": pct(lat, 99) * 1e3,
+                "server_cpu_ms": float(np.median([c for _, _, c in runs])) * 1e3,
+            }
             m = row[mode]
-            print(f"{t.label:<14}{mode:<10}{m['rps']:>9.1f}{m['p50_ms']:>9.2f}{m['p99_ms']:>9.2f}"
-                  f"{m['server_cpu_ms']:>19.2f}")
+            print(
+                f"{t.label:<14}{mode:<10}{m['rps']:>9.1f}{m['p50_ms']:>9.2f}{m['p99_ms']:>9.2f}"
+                f"{m['server_cpu_ms']:>19.2f}"
+            )
         for name, mode in (("http/grpc", "http"), ("grpc-tls/grpc", "grpc-tls")):
             per_slice = [a[0] / b[0] for a, b in zip(results[(t.label, mode)], results[(t.label, "grpc")], strict=True)]
-            row[name] = {"overall": row[mode]["rps"] / row["grpc"]["rps"], "median_slice": float(np.median(per_slice)),
-                         "slices": [round(x, 2) for x in per_slice]}
+            row[name] = {
+                "overall": row[mode]["rps"] / row["grpc"]["rps"],
+                "median_slice": float(np.median(per_slice)),
+                "slices": [round(x, 2) for x in per_slice],
+            }
         summary[t.label] = row
     print()
     for label, row in summary.items():
         for name in ("http/grpc", "grpc-tls/grpc"):
             r = row[name]
-            print(f"{label}: {name} {r['overall']:.2f} over all slices, median slice {r['median_slice']:.2f} "
-                  f"(target >= 0.9)")
+            print(
+                f"{label}: {name} {r['overall']:.2f} over all slices, median slice {r['median_slice']:.2f} "
+                f"(target >= 0.9)"
+            )
     if args.json:
-        args.json.write_text(json.dumps({"concurrency": args.concurrency, "seconds": args.seconds,
-                                         "rounds": args.rounds, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                      time.gmtime()),
-                                         "results": summary}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "concurrency": args.concurrency,
+                    "seconds": args.seconds,
+                    "rounds": args.rounds,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "results": summary,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

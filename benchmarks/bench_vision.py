@@ -10,6 +10,7 @@ Three ways to classify the same JPEG photos (scikit-image's chelsea, coffee, ast
 The server runs as a subprocess (as users run it) unless --url points at one. ONNX Runtime gets the
 same intra-op thread count in both places. The goal: Classify costs <= 10% over in-process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,9 @@ class InProcess:
     def __init__(self, repository: Path, model: str, jpegs: list[bytes], threads: int) -> None:
         self.meta = ModelMeta.read(repository / model)
         self.jpegs = jpegs
-        self.backend = OrtBackend(model_file(repository, model),
-                                  BackendOptions(intra_op_threads=threads, inter_op_threads=1))
+        self.backend = OrtBackend(
+            model_file(repository, model), BackendOptions(intra_op_threads=threads, inter_op_threads=1)
+        )
         self._next = 0
         self.run_batch(8)  # warm-up
 
@@ -97,13 +99,15 @@ async def drive(call, concurrency: int, seconds: float) -> tuple[float, list[flo
     return len(latencies) / (time.perf_counter() - start), latencies
 
 
-async def measure_all(url: str, model: str, local: InProcess, concurrency: int, seconds: float,
-                      rounds: int) -> dict[str, list[tuple[float, list[float]]]]:
+async def measure_all(
+    url: str, model: str, local: InProcess, concurrency: int, seconds: float, rounds: int
+) -> dict[str, list[tuple[float, list[float]]]]:
     """Every path once per round, interleaved, so a noisy neighbour slows all of them alike."""
     meta, jpegs = local.meta, local.jpegs
     tensors = [prepare_image(j, meta.preprocess).tensor[None] for j in jpegs]
     results: dict[str, list[tuple[float, list[float]]]] = {}
     async with AsyncVisionClient(url) as vision, AsyncInferenceClient(url) as infer:
+
         async def classify(n: int) -> None:
             response = await vision.classify(model, [jpegs[n % len(jpegs)]], top_k=5)
             assert not response.results[0].image.HasField("error")
@@ -120,8 +124,10 @@ async def measure_all(url: str, model: str, local: InProcess, concurrency: int, 
                 results.setdefault(name, []).append((local.measure(batch, seconds), []))
             for name, call in served:
                 results.setdefault(name, []).append(await drive(call, concurrency, seconds))
-            print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1][0]:.1f}/s" for k, v in results.items()),
-                  flush=True)
+            print(
+                f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1][0]:.1f}/s" for k, v in results.items()),
+                flush=True,
+            )
     return results
 
 
@@ -138,8 +144,10 @@ def main() -> None:
 
     jpegs = sample_jpegs()
     local = InProcess(args.repository, args.model, jpegs, args.threads)
-    print(f"model {args.model}, {len(jpegs)} JPEG photos ({', '.join(str(len(j) // 1024) + ' KiB' for j in jpegs)}), "
-          f"concurrency {args.concurrency}, {args.rounds} rounds x {args.seconds:.0f} s, {args.threads} ORT threads")
+    print(
+        f"model {args.model}, {len(jpegs)} JPEG photos ({', '.join(str(len(j) // 1024) + ' KiB' for j in jpegs)}), "
+        f"concurrency {args.concurrency}, {args.rounds} rounds x {args.seconds:.0f} s, {args.threads} ORT threads"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         proc = None
@@ -167,10 +175,14 @@ def main() -> None:
             print(f"{name:<24}{rate[name]:>10.1f}")
     best = max(rate["in-process batch 1"], rate["in-process batch 8"])
     classify, tensor = rate["Classify (JPEG)"], rate["ModelInfer (tensor)"]
-    print(f"\nserver executions: {stats.execution_count} for {stats.inference_count} images "
-          f"(average batch {stats.inference_count / max(1, stats.execution_count):.1f})")
-    print(f"Classify / in-process (best batch) = {classify / best:.3f}  (cost of the image path: "
-          f"{(best / classify - 1) * 100:+.1f}%; goal <= +10%)")
+    print(
+        f"\nserver executions: {stats.execution_count} for {stats.inference_count} images "
+        f"(average batch {stats.inference_count / max(1, stats.execution_count):.1f})"
+    )
+    print(
+        f"Classify / in-process (best batch) = {classify / best:.3f}  (cost of the image path: "
+        f"{(best / classify - 1) * 100:+.1f}%; goal <= +10%)"
+    )
     print(f"ModelInfer / in-process            = {tensor / best:.3f}")
     print(f"Classify / ModelInfer              = {classify / tensor:.3f}")
 

@@ -12,6 +12,7 @@
 Exit status: 0 when every image was answered, 2 when some images failed (their errors are in the
 JSON), 1 when the request itself failed (the gRPC status is printed on stderr).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,12 @@ def _connection(args: argparse.Namespace) -> dict[str, Any]:
     """The client keyword arguments for TLS and headers the command line asked for."""
     tls = None
     if args.ssl or args.root_cert or args.client_cert or args.client_key:
-        tls = ClientTLS(root_certificates=args.root_cert, private_key=args.client_key,
-                        certificate_chain=args.client_cert, target_name=args.tls_server_name)
+        tls = ClientTLS(
+            root_certificates=args.root_cert,
+            private_key=args.client_key,
+            certificate_chain=args.client_cert,
+            target_name=args.tls_server_name,
+        )
     return {"tls": tls, "headers": dict(args.header)}
 
 
@@ -84,7 +89,10 @@ def _run_vision(args: argparse.Namespace) -> tuple[dict, int]:
             response = client.classify(args.model, images, top_k=args.top_k, timeout=args.timeout)
         elif args.command == "detect":
             response = client.detect(
-                args.model, images, score_threshold=args.score_threshold, max_detections=args.max_detections,
+                args.model,
+                images,
+                score_threshold=args.score_threshold,
+                max_detections=args.max_detections,
                 timeout=args.timeout,
             )
         elif args.command == "segment":
@@ -163,8 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--client-cert", type=Path, help="PEM client certificate chain, for mutual TLS")
     tls.add_argument("--client-key", type=Path, help="PEM private key of --client-cert")
     tls.add_argument("--tls-server-name", help="name to check the server certificate against, if not the URL's host")
-    tls.add_argument("-H", "--header", type=_header, action="append", default=[], metavar="NAME=VALUE",
-                     help="send this header on every call (an access key); VALUE may be @FILE or env:VARIABLE")
+    tls.add_argument(
+        "-H",
+        "--header",
+        type=_header,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="send this header on every call (an access key); VALUE may be @FILE or env:VARIABLE",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def vision(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -176,8 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = vision("classify", "top-k classes per image")
     p.add_argument("--top-k", type=int, default=5)
     p = vision("detect", "boxes, labels and scores per image")
-    p.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
-                   help="keep detections scoring at least this (default: all the model returns)")
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=DEFAULT_SCORE_THRESHOLD,
+        help="keep detections scoring at least this (default: all the model returns)",
+    )
     p.add_argument("--max-detections", type=int, default=0, help="0: all")
     p.add_argument("--out-image", help="write the picture with the boxes drawn (PNG/JPEG by suffix)")
     p = vision("segment", "class mask and per-class pixel fractions per image")

@@ -6,6 +6,7 @@ fields back into pixels. Per-image failures stay in `result.image.error` (see `f
 picture in a batch does not hide the others' answers; request-level failures raise
 `InferenceServerError` with the gRPC status.
 """
+
 from __future__ import annotations
 
 import io
@@ -72,14 +73,23 @@ class VisionClient(BlockingClient):
     stub_type = vpb_grpc.VisionServiceStub
 
     def classify(
-        self, model_name: str, images: ImageInput | Sequence[ImageInput], top_k: int = 5,
-        model_version: str = "", timeout: float | None = None,
+        self,
+        model_name: str,
+        images: ImageInput | Sequence[ImageInput],
+        top_k: int = 5,
+        model_version: str = "",
+        timeout: float | None = None,
     ) -> vpb.ClassifyResponse:
         return self._call("Classify", _request("Classify", model_name, images, model_version, top_k=top_k), timeout)
 
     def detect(
-        self, model_name: str, images: ImageInput | Sequence[ImageInput], score_threshold: float = DEFAULT_SCORE_THRESHOLD,
-        max_detections: int = 0, model_version: str = "", timeout: float | None = None,
+        self,
+        model_name: str,
+        images: ImageInput | Sequence[ImageInput],
+        score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+        max_detections: int = 0,
+        model_version: str = "",
+        timeout: float | None = None,
     ) -> vpb.DetectResponse:
         request = _request(
             "Detect", model_name, images, model_version, score_threshold=score_threshold, max_detections=max_detections
@@ -87,19 +97,28 @@ class VisionClient(BlockingClient):
         return self._call("Detect", request, timeout)
 
     def segment(
-        self, model_name: str, images: ImageInput | Sequence[ImageInput], model_version: str = "",
+        self,
+        model_name: str,
+        images: ImageInput | Sequence[ImageInput],
+        model_version: str = "",
         timeout: float | None = None,
     ) -> vpb.SegmentResponse:
         return self._call("Segment", _request("Segment", model_name, images, model_version), timeout)
 
     def encode(
-        self, model_name: str, images: ImageInput | Sequence[ImageInput], model_version: str = "",
+        self,
+        model_name: str,
+        images: ImageInput | Sequence[ImageInput],
+        model_version: str = "",
         timeout: float | None = None,
     ) -> vpb.EncodeResponse:
         return self._call("Encode", _request("Encode", model_name, images, model_version), timeout)
 
     def reconstruct(
-        self, model_name: str, images: ImageInput | Sequence[ImageInput], model_version: str = "",
+        self,
+        model_name: str,
+        images: ImageInput | Sequence[ImageInput],
+        model_version: str = "",
         timeout: float | None = None,
     ) -> vpb.ReconstructResponse:
         return self._call("Reconstruct", _request("Reconstruct", model_name, images, model_version), timeout)
@@ -111,15 +130,24 @@ class AsyncVisionClient(AsyncClient):
     stub_type = vpb_grpc.VisionServiceStub
 
     async def classify(
-        self, model_name: str, images: ImageInput | Sequence[ImageInput], top_k: int = 5,
-        model_version: str = "", timeout: float | None = None,
+        self,
+        model_name: str,
+        images: ImageInput | Sequence[ImageInput],
+        top_k: int = 5,
+        model_version: str = "",
+        timeout: float | None = None,
     ) -> vpb.ClassifyResponse:
         request = _request("Classify", model_name, images, model_version, top_k=top_k)
         return await self._call("Classify", request, timeout)
 
     async def detect(
-        self, model_name: str, images: ImageInput | Sequence[ImageInput], score_threshold: float = DEFAULT_SCORE_THRESHOLD,
-        max_detections: int = 0, model_version: str = "", timeout: float | None = None,
+        self,
+        model_name: str,
+        images: ImageInput | Sequence[ImageInput],
+        score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+        max_detections: int = 0,
+        model_version: str = "",
+        timeout: float | None = None,
     ) -> vpb.DetectResponse:
         request = _request(
             "Detect", model_name, images, model_version, score_threshold=score_threshold, max_detections=max_detections
@@ -127,19 +155,28 @@ class AsyncVisionClient(AsyncClient):
         return await self._call("Detect", request, timeout)
 
     async def segment(
-        self, model_name: str, images: ImageInput | Sequence[ImageInput], model_version: str = "",
+        self,
+        model_name: str,
+        images: ImageInput | Sequence[ImageInput],
+        model_version: str = "",
         timeout: float | None = None,
     ) -> vpb.SegmentResponse:
         return await self._call("Segment", _request("Segment", model_name, images, model_version), timeout)
 
     async def encode(
-        self, model_name: str, images: ImageInput | Sequence[ImageInput], model_version: str = "",
+        self,
+        model_name: str,
+        images: ImageInput | Sequence[ImageInput],
+        model_version: str = "",
         timeout: float | None = None,
     ) -> vpb.EncodeResponse:
         return await self._call("Encode", _request("Encode", model_name, images, model_version), timeout)
 
     async def reconstruct(
-        self, model_name: str, images: ImageInput | Sequence[ImageInput], model_version: str = "",
+        self,
+        model_name: str,
+        images: ImageInput | Sequence[ImageInput],
+        model_version: str = "",
         timeout: float | None = None,
     ) -> vpb.ReconstructResponse:
         return await self._call("Reconstruct", _request("Reconstruct", model_name, images, model_version), timeout)

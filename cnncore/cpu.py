@@ -6,6 +6,7 @@ ONEDNN_MAX_CPU_ISA hides: OpenVINO's CPU plugin (oneDNN) honours that variable, 
 with ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI runs neither AMX nor AVX-512 BF16 kernels and must not choose
 as if it did.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,11 +17,31 @@ from pydantic import BaseModel, ConfigDict
 # The flags that matter: VNNI (INT8 dot products), AVX-512 BF16, AMX tiles for BF16 and INT8.
 FLAGS: tuple[str, ...] = ("avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 # oneDNN's ISA names, in order; a flag survives a cap at or above the level that introduced it.
-_ISA_ORDER = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
-              "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
-              "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL")
-_FLAG_LEVEL = {"avx512_vnni": "AVX512_CORE_VNNI", "avx512_bf16": "AVX512_CORE_BF16",
-               "amx_bf16": "AVX512_CORE_AMX", "amx_int8": "AVX512_CORE_AMX"}
+_ISA_ORDER = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+    "ALL",
+)
+_FLAG_LEVEL = {
+    "avx512_vnni": "AVX512_CORE_VNNI",
+    "avx512_bf16": "AVX512_CORE_BF16",
+    "amx_bf16": "AVX512_CORE_AMX",
+    "amx_int8": "AVX512_CORE_AMX",
+}
 
 
 class CpuInfo(BaseModel):
@@ -65,5 +86,8 @@ def current_cpu(cpuinfo: str | None = None, max_isa: str | None = None) -> CpuIn
     if max_isa is None:
         max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
     present = _cpuinfo_flags(cpuinfo)
-    return CpuInfo(flags={f: f in present and _allowed(f, max_isa) for f in FLAGS},
-                   cores=os.cpu_count() or 1, max_isa=max_isa.upper())
+    return CpuInfo(
+        flags={f: f in present and _allowed(f, max_isa) for f in FLAGS},
+        cores=os.cpu_count() or 1,
+        max_isa=max_isa.upper(),
+    )

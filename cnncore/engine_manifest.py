@@ -12,6 +12,7 @@ Layout inside `<repo>/<model>/<version>/`:
     model.sm86.trt10.7.0.fp16.plan
     engines.json
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ class EngineMismatch(RuntimeError):
 
 
 def capability_tag(compute_capability: str) -> str:
-    """"8.6" -> "sm86" (the CUDA spelling, also Triton's `cc_model_filenames` key without the dot)."""
+    """ "8.6" -> "sm86" (the CUDA spelling, also Triton's `cc_model_filenames` key without the dot)."""
     m = re.fullmatch(r"(\d+)\.(\d+)", compute_capability.strip())
     if not m:
         raise ValueError(f"compute capability must look like '8.6', got {compute_capability!r}")
@@ -84,8 +85,10 @@ class EngineRecord(BaseModel):
         return min((p.max[0] for p in self.profiles.values()), default=0)
 
     def describe(self) -> str:
-        return (f"{self.file} (compute capability {self.compute_capability}, TensorRT {self.tensorrt_version}, "
-                f"{self.precision})")
+        return (
+            f"{self.file} (compute capability {self.compute_capability}, TensorRT {self.tensorrt_version}, "
+            f"{self.precision})"
+        )
 
 
 class EngineManifest(BaseModel):
@@ -115,8 +118,7 @@ class EngineManifest(BaseModel):
     def add(self, record: EngineRecord) -> None:
         """Insert or replace the record for the same (capability, TensorRT, precision)."""
         key = (record.compute_capability, record.tensorrt_version, record.precision)
-        self.engines = [e for e in self.engines
-                        if (e.compute_capability, e.tensorrt_version, e.precision) != key]
+        self.engines = [e for e in self.engines if (e.compute_capability, e.tensorrt_version, e.precision) != key]
         self.engines.append(record)
         self.engines.sort(key=lambda e: (e.compute_capability, e.tensorrt_version, e.precision))
 
@@ -136,29 +138,39 @@ def select_engine(
     """
     version_dir = Path(version_dir)
     manifest = EngineManifest.read(version_dir)
-    rebuild = (f"build one with: python -m export engine --repository {version_dir.parent.parent} "
-               f"--models {version_dir.parent.name}")
+    rebuild = (
+        f"build one with: python -m export engine --repository {version_dir.parent.parent} "
+        f"--models {version_dir.parent.name}"
+    )
     if not manifest.engines:
-        raise EngineMismatch(f"{version_dir}: no TensorRT engine built ({MANIFEST_FILENAME} missing or empty); {rebuild}")
+        raise EngineMismatch(
+            f"{version_dir}: no TensorRT engine built ({MANIFEST_FILENAME} missing or empty); {rebuild}"
+        )
     here = f"this machine has compute capability {compute_capability} and TensorRT {tensorrt_version}"
     same_gpu = [e for e in manifest.engines if e.compute_capability == compute_capability]
     if not same_gpu:
         built = ", ".join(sorted({e.compute_capability for e in manifest.engines}))
-        raise EngineMismatch(f"{version_dir}: no TensorRT engine for this GPU: engines exist for compute "
-                             f"capability {built}, {here}; {rebuild}")
+        raise EngineMismatch(
+            f"{version_dir}: no TensorRT engine for this GPU: engines exist for compute "
+            f"capability {built}, {here}; {rebuild}"
+        )
     same_trt = [e for e in same_gpu if e.tensorrt_version == tensorrt_version]
     if not same_trt:
         built = ", ".join(sorted({e.tensorrt_version for e in same_gpu}))
-        raise EngineMismatch(f"{version_dir}: TensorRT version mismatch: engines for compute capability "
-                             f"{compute_capability} were built with TensorRT {built}, {here} (an engine only "
-                             f"loads under the TensorRT release that built it); {rebuild}")
+        raise EngineMismatch(
+            f"{version_dir}: TensorRT version mismatch: engines for compute capability "
+            f"{compute_capability} were built with TensorRT {built}, {here} (an engine only "
+            f"loads under the TensorRT release that built it); {rebuild}"
+        )
     if precision is not None:
         candidates = [e for e in same_trt if e.precision == precision]
         if not candidates:
             have = ", ".join(e.precision for e in same_trt)
-            raise EngineMismatch(f"{version_dir}: no {precision} engine for compute capability "
-                                 f"{compute_capability} / TensorRT {tensorrt_version} (have: {have}); "
-                                 f"{rebuild} --precision {precision}")
+            raise EngineMismatch(
+                f"{version_dir}: no {precision} engine for compute capability "
+                f"{compute_capability} / TensorRT {tensorrt_version} (have: {have}); "
+                f"{rebuild} --precision {precision}"
+            )
     else:
         order = {"int8": 0, "fp16": 1, "fp32": 2}
         candidates = sorted(same_trt, key=lambda e: order[e.precision])
@@ -169,6 +181,8 @@ def select_engine(
     if onnx_path is None and (version_dir / ONNX_FILENAME).is_file():
         onnx_path = version_dir / ONNX_FILENAME
     if onnx_path is not None and file_sha256(Path(onnx_path)) != record.onnx_sha256:
-        raise EngineMismatch(f"{engine_path}: stale engine: built from a different {Path(onnx_path).name} than the "
-                             f"one in the repository now; {rebuild}")
+        raise EngineMismatch(
+            f"{engine_path}: stale engine: built from a different {Path(onnx_path).name} than the "
+            f"one in the repository now; {rebuild}"
+        )
     return record

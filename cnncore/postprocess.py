@@ -5,6 +5,7 @@ cnncore.preprocess), so boxes and masks land on the original, upright image what
 the model's preprocessing used (stretch, centre crop, letterbox). Pure numpy + Pillow: no protobuf, so
 the benchmark's in-process path and the tests use exactly what the server uses.
 """
+
 from __future__ import annotations
 
 import io

@@ -3,6 +3,7 @@
 `export` writes one `model.json` per model directory (next to `config.pbtxt`); the server reads it so
 that image clients never repeat preprocessing. pydantic validates both sides of that file.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,9 @@ class GateFigure(BaseModel):
     int8: float
     rule: Literal["drop", "relative_increase", "at_least", "at_most"] = Field(
         description="drop: fp32 - int8 <= threshold (higher is better); relative_increase: "
-                    "int8 <= fp32 * (1 + threshold) (lower is better); at_least / at_most: the candidate's "
-                    "value against the threshold alone (fp32 then holds FP32's own reference figure)")
+        "int8 <= fp32 * (1 + threshold) (lower is better); at_least / at_most: the candidate's "
+        "value against the threshold alone (fp32 then holds FP32's own reference figure)"
+    )
     threshold: float
     held_out: str = ""
     passed: bool = True
@@ -92,8 +94,10 @@ class GatedVariant(BaseModel):
     images_per_s: float = Field(default=0.0, description="geometric mean of batch 1 and 8 where measured")
     needs: list[str] = Field(default_factory=list)
     gated_on: dict[str, bool] = Field(
-        default_factory=dict, description="CPU flags whose kernels its gate figures came from: it is served "
-        "only where they are the same (OpenVINO's INT8 segmenters pass with AMX, fail without)")
+        default_factory=dict,
+        description="CPU flags whose kernels its gate figures came from: it is served "
+        "only where they are the same (OpenVINO's INT8 segmenters pass with AMX, fail without)",
+    )
 
 
 class ServingChoice(BaseModel):

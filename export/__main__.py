@@ -1,4 +1,5 @@
 """Entry point for `python -m export`."""
+
 import sys
 
 from export.export import main

@@ -18,6 +18,7 @@ threshold of its FP32 parent's, both measured here on the same held-out data (mo
 The metrics run through the runtime that would serve the file (runtimes.Runner), so what is gated is
 what is served. A refusal names the metric, both values and the threshold.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -69,27 +70,32 @@ class GateRefused(RuntimeError):
     def __init__(self, model: str, failed: list[GateFigure]) -> None:
         self.model = model
         self.figures = failed
-        super().__init__(f"{model}: {_label(failed[0])} refused by the accuracy gate: "
-                         + "; ".join(describe(f) for f in failed))
+        super().__init__(
+            f"{model}: {_label(failed[0])} refused by the accuracy gate: " + "; ".join(describe(f) for f in failed)
+        )
 
 
 def describe(f: GateFigure) -> str:
     label = _label(f)
     if f.rule == "relative_increase":
         change = (f.int8 - f.fp32) / f.fp32 if f.fp32 else float("inf")
-        return (f"{f.metric} {label} {f.int8:.5g} vs FP32 {f.fp32:.5g} (+{100 * change:.1f}%, threshold "
-                f"{100 * f.threshold:.3g}% relative increase)")
+        return (
+            f"{f.metric} {label} {f.int8:.5g} vs FP32 {f.fp32:.5g} (+{100 * change:.1f}%, threshold "
+            f"{100 * f.threshold:.3g}% relative increase)"
+        )
     if f.rule in ("at_least", "at_most"):
         sign = ">=" if f.rule == "at_least" else "<="
         return f"{f.metric} {label} {f.int8:.4g} vs FP32 {f.fp32:.4g} (threshold {sign} {f.threshold:.4g})"
-    return (f"{f.metric} {label} {f.int8:.4g} vs FP32 {f.fp32:.4g} (drop {f.fp32 - f.int8:.3g}, threshold "
-            f"{f.threshold:.3g})")
+    return (
+        f"{f.metric} {label} {f.int8:.4g} vs FP32 {f.fp32:.4g} (drop {f.fp32 - f.int8:.3g}, threshold "
+        f"{f.threshold:.3g})"
+    )
 
 
 def _batched(run: Runner, x: np.ndarray, output: str | None = None) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(x), EVAL_BATCH):
-        for k, v in run(x[i:i + EVAL_BATCH]).items():
+        for k, v in run(x[i : i + EVAL_BATCH]).items():
             parts.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in parts.items()}
 
@@ -111,8 +117,16 @@ def _fashion_accuracy(fp32: Runner, int8: Runner, meta: ModelMeta, th: GateThres
         logits = next(iter(_batched(run, x).values()))
         return 100.0 * float(np.mean(logits.argmax(1) == labels))
 
-    return [GateFigure(metric="test_accuracy_pct", fp32=acc(fp32), int8=acc(int8), rule="drop",
-                       threshold=th.accuracy_points, held_out=f"{len(images)} Fashion-MNIST test images")]
+    return [
+        GateFigure(
+            metric="test_accuracy_pct",
+            fp32=acc(fp32),
+            int8=acc(int8),
+            rule="drop",
+            threshold=th.accuracy_points,
+            held_out=f"{len(images)} Fashion-MNIST test images",
+        )
+    ]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -144,8 +158,10 @@ def _imagenet_noise_floor(fp32: Runner, meta: ModelMeta) -> tuple[np.ndarray, np
         a = next(iter(_batched(fp32, x).values()))
         top1 = a.argmax(1)
         floor = {}
-        for what, xp in (("jpeg_q95", preprocess_all(jpeg_reencoded(crops, 95), meta.preprocess)),
-                         ("shift_1px", _shifted(x))):
+        for what, xp in (
+            ("jpeg_q95", preprocess_all(jpeg_reencoded(crops, 95), meta.preprocess)),
+            ("shift_1px", _shifted(x)),
+        ):
             ap = next(iter(_batched(fp32, xp).values()))
             floor[what] = 100.0 * float(np.mean(ap.argmax(1) != top1))
         _FP32_FLOOR.clear()  # one model at a time: do not hold every model's logits
@@ -165,15 +181,31 @@ def _imagenet_agreement(fp32: Runner, int8: Runner, meta: ModelMeta, th: GateThr
     disagreement = 100.0 * float(np.mean(~agree))
     kl = float(np.mean(np.sum(pa * (np.log(np.clip(pa, 1e-30, None)) - np.log(np.clip(pb, 1e-30, None))), axis=1)))
     noise = max(floor.values())
-    held = (f"{len(x)} crops of {len(HELDOUT_PHOTOS)} natural photos not used for calibration "
-            f"({int(confident.sum())} where FP32's top-1 p >= {GATE_CONFIDENT_P}; FP32's own disagreement "
-            + ", ".join(f"{k} {v:.1f}%" for k, v in floor.items()) + ")")
-    return [GateFigure(metric="confident_top1_agreement_pct", fp32=100.0, int8=confident_agreement,
-                       rule="at_least", threshold=th.confident_agreement_pct, held_out=held),
-            GateFigure(metric="top1_disagreement_pct", fp32=noise, int8=disagreement, rule="at_most",
-                       threshold=noise, held_out=held),
-            GateFigure(metric="mean_kl_nats", fp32=0.0, int8=kl, rule="at_most", threshold=th.mean_kl,
-                       held_out=held)]
+    held = (
+        f"{len(x)} crops of {len(HELDOUT_PHOTOS)} natural photos not used for calibration "
+        f"({int(confident.sum())} where FP32's top-1 p >= {GATE_CONFIDENT_P}; FP32's own disagreement "
+        + ", ".join(f"{k} {v:.1f}%" for k, v in floor.items())
+        + ")"
+    )
+    return [
+        GateFigure(
+            metric="confident_top1_agreement_pct",
+            fp32=100.0,
+            int8=confident_agreement,
+            rule="at_least",
+            threshold=th.confident_agreement_pct,
+            held_out=held,
+        ),
+        GateFigure(
+            metric="top1_disagreement_pct",
+            fp32=noise,
+            int8=disagreement,
+            rule="at_most",
+            threshold=noise,
+            held_out=held,
+        ),
+        GateFigure(metric="mean_kl_nats", fp32=0.0, int8=kl, rule="at_most", threshold=th.mean_kl, held_out=held),
+    ]
 
 
 def _detector_map(fp32: Runner, int8: Runner, meta: ModelMeta, th: GateThresholds) -> Figures:
@@ -181,8 +213,16 @@ def _detector_map(fp32: Runner, int8: Runner, meta: ModelMeta, th: GateThreshold
 
     num_classes = len(meta.labels or []) or 6
     values = [evaluate_runner(r, meta.preprocess, num_classes, n=DETECTOR_HELDOUT)["mAP50"] for r in (fp32, int8)]
-    return [GateFigure(metric="mAP50", fp32=values[0], int8=values[1], rule="drop", threshold=th.map50,
-                       held_out=f"{DETECTOR_HELDOUT} held-out shapes pictures")]
+    return [
+        GateFigure(
+            metric="mAP50",
+            fp32=values[0],
+            int8=values[1],
+            rule="drop",
+            threshold=th.map50,
+            held_out=f"{DETECTOR_HELDOUT} held-out shapes pictures",
+        )
+    ]
 
 
 def _segmenter_miou(fp32: Runner, int8: Runner, meta: ModelMeta, th: GateThresholds) -> Figures:
@@ -204,8 +244,16 @@ def _segmenter_miou(fp32: Runner, int8: Runner, meta: ModelMeta, th: GateThresho
             conf += confusion_matrix(segmentation_mask(lg, geometry), s.semantic, k)
         return float(np.nanmean(iou_per_class(conf)))
 
-    return [GateFigure(metric="mIoU", fp32=miou(fp32), int8=miou(int8), rule="drop", threshold=th.miou,
-                       held_out=f"{len(samples)} held-out shapes pictures")]
+    return [
+        GateFigure(
+            metric="mIoU",
+            fp32=miou(fp32),
+            int8=miou(int8),
+            rule="drop",
+            threshold=th.miou,
+            held_out=f"{len(samples)} held-out shapes pictures",
+        )
+    ]
 
 
 def _autoencoder_mse(fp32: Runner, int8: Runner, meta: ModelMeta, th: GateThresholds) -> Figures:
@@ -218,8 +266,16 @@ def _autoencoder_mse(fp32: Runner, int8: Runner, meta: ModelMeta, th: GateThresh
     def mse(run: Runner) -> float:
         return float(np.mean((_batched(run, x)["reconstruction"] - x) ** 2))
 
-    return [GateFigure(metric="reconstruction_mse", fp32=mse(fp32), int8=mse(int8), rule="relative_increase",
-                       threshold=th.mse_relative, held_out=f"{len(x)} Fashion-MNIST test images")]
+    return [
+        GateFigure(
+            metric="reconstruction_mse",
+            fp32=mse(fp32),
+            int8=mse(int8),
+            rule="relative_increase",
+            threshold=th.mse_relative,
+            held_out=f"{len(x)} Fashion-MNIST test images",
+        )
+    ]
 
 
 def _encoder_retrieval(fp32: Runner, int8: Runner, meta: ModelMeta, th: GateThresholds) -> Figures:
@@ -238,12 +294,19 @@ def _encoder_retrieval(fp32: Runner, int8: Runner, meta: ModelMeta, th: GateThre
 
     def accuracy(run: Runner) -> float:
         q = next(iter(_batched(run, qx).values())).reshape(len(qx), -1)
-        d = (q ** 2).sum(1)[:, None] - 2 * q @ gallery.T + (gallery ** 2).sum(1)[None, :]
+        d = (q**2).sum(1)[:, None] - 2 * q @ gallery.T + (gallery**2).sum(1)[None, :]
         return 100.0 * float(np.mean(gallery_labels[d.argmin(1)] == q_labels))
 
-    return [GateFigure(metric="retrieval_1nn_accuracy_pct", fp32=accuracy(fp32), int8=accuracy(int8), rule="drop",
-                       threshold=th.accuracy_points,
-                       held_out=f"{len(qx)} Fashion-MNIST test queries, {len(gallery_x)} training images as gallery")]
+    return [
+        GateFigure(
+            metric="retrieval_1nn_accuracy_pct",
+            fp32=accuracy(fp32),
+            int8=accuracy(int8),
+            rule="drop",
+            threshold=th.accuracy_points,
+            held_out=f"{len(qx)} Fashion-MNIST test queries, {len(gallery_x)} training images as gallery",
+        )
+    ]
 
 
 Metric = Callable[[Runner, Runner, ModelMeta, GateThresholds], Figures]
@@ -253,8 +316,12 @@ def metric_for(meta: ModelMeta) -> Metric:
     """The gate's metric for a model; ValueError when its task has none defined."""
     if meta.task == Task.classification:
         return _fashion_accuracy if meta.preprocess.color == "L" else _imagenet_agreement
-    table: dict[Task, Metric] = {Task.detection: _detector_map, Task.segmentation: _segmenter_miou,
-                                 Task.autoencoder: _autoencoder_mse, Task.encoder: _encoder_retrieval}
+    table: dict[Task, Metric] = {
+        Task.detection: _detector_map,
+        Task.segmentation: _segmenter_miou,
+        Task.autoencoder: _autoencoder_mse,
+        Task.encoder: _encoder_retrieval,
+    }
     if meta.task not in table:
         raise ValueError(f"{meta.name}: no accuracy gate metric for task {meta.task.value!r}")
     return table[meta.task]
@@ -270,8 +337,9 @@ def passed(f: GateFigure) -> bool:
     return f.fp32 - f.int8 <= f.threshold
 
 
-def run_gate(meta: ModelMeta, fp32: Runner, int8: Runner, thresholds: GateThresholds = GateThresholds(),
-             variant: str = "") -> Figures:
+def run_gate(
+    meta: ModelMeta, fp32: Runner, int8: Runner, thresholds: GateThresholds = GateThresholds(), variant: str = ""
+) -> Figures:
     """Every figure of the model's metric, each with `passed` set; GateRefused is the caller's to raise.
     `variant`: the candidate's '<precision>/<runtime>', recorded with each figure."""
     figures = metric_for(meta)(fp32, int8, meta, thresholds)
@@ -284,6 +352,12 @@ def check(meta: ModelMeta, figures: Figures) -> None:
         raise GateRefused(meta.name, failed)
 
 
-def gate_paths(meta: ModelMeta, fp32_path: Path, int8_path: Path, runtime: str = "onnxruntime",
-               thresholds: GateThresholds = GateThresholds(), threads: int = 2) -> Figures:
+def gate_paths(
+    meta: ModelMeta,
+    fp32_path: Path,
+    int8_path: Path,
+    runtime: str = "onnxruntime",
+    thresholds: GateThresholds = GateThresholds(),
+    threads: int = 2,
+) -> Figures:
     return run_gate(meta, runner(fp32_path, "onnxruntime", threads), runner(int8_path, runtime, threads), thresholds)

@@ -12,11 +12,12 @@ Conventions: MACs count multiply-accumulates of Conv/ConvTranspose/Linear (the a
 dominates); FLOPs = 2 x MACs. Receptive field is the theoretical one along the spatial axes, in input
 pixels, of the deepest feature map before any global pooling (or flattening).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import fx, nn
@@ -81,8 +82,7 @@ def _shape(out) -> tuple[int, ...]:
     return ()
 
 
-def layer_table(module: nn.Module, input_shape: Sequence[int],
-                example: torch.Tensor | None = None) -> list[LayerRow]:
+def layer_table(module: nn.Module, input_shape: Sequence[int], example: torch.Tensor | None = None) -> list[LayerRow]:
     """One forward at batch 1 with hooks on every leaf module (modules without children)."""
     rows: list[LayerRow] = []
     handles = []
@@ -92,8 +92,12 @@ def layer_table(module: nn.Module, input_shape: Sequence[int],
             inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
             first = out if isinstance(out, torch.Tensor) else None
             macs = layer_macs(mod, inp, first) if inp is not None and first is not None else 0
-            rows.append(LayerRow(name, type(mod).__name__, _shape(out),
-                                 sum(p.numel() for p in mod.parameters(recurse=False)), macs))
+            rows.append(
+                LayerRow(
+                    name, type(mod).__name__, _shape(out), sum(p.numel() for p in mod.parameters(recurse=False)), macs
+                )
+            )
+
         return fn
 
     for name, mod in module.named_modules():
@@ -110,6 +114,7 @@ def layer_table(module: nn.Module, input_shape: Sequence[int],
 
 
 # --- receptive field -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class RF:
@@ -183,18 +188,19 @@ def receptive_field(module: nn.Module) -> int:
 
 # --- closed forms the design-fact tests check against real modules ---------------------------------
 
+
 def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def conv_transpose_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1,
-                               output_padding: int = 0) -> int:
+def conv_transpose_output_size(
+    size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1, output_padding: int = 0
+) -> int:
     """(in-1)*stride - 2*pad + dilation*(k-1) + output_padding + 1."""
     return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
 
 
-def build_card(name: str, module: nn.Module, input_shape: Sequence[int],
-               example: torch.Tensor | None = None) -> Card:
+def build_card(name: str, module: nn.Module, input_shape: Sequence[int], example: torch.Tensor | None = None) -> Card:
     rows = layer_table(module, input_shape, example)
     notes: list[str] = []
     try:
@@ -221,8 +227,14 @@ def render_card(card: Card, console=None, max_rows: int | None = None) -> None:
 
     console = console or Console()
     table = Table(title=f"{card.model}  input 1x{'x'.join(map(str, card.input_shape))}")
-    for col, just in (("#", "right"), ("layer", "left"), ("type", "left"), ("output", "left"),
-                      ("params", "right"), ("MACs", "right")):
+    for col, just in (
+        ("#", "right"),
+        ("layer", "left"),
+        ("type", "left"),
+        ("output", "left"),
+        ("params", "right"),
+        ("MACs", "right"),
+    ):
         table.add_column(col, justify=just)
     rows = card.layers if max_rows is None else card.layers[:max_rows]
     for i, r in enumerate(rows):
@@ -234,8 +246,10 @@ def render_card(card: Card, console=None, max_rows: int | None = None) -> None:
     summary.add_row("parameters", f"{card.params:,} ({card.trainable_params:,} trainable)")
     summary.add_row("MACs", f"{card.macs:,} ({card.macs / 1e9:.3f} G)")
     summary.add_row("FLOPs (2 x MACs)", f"{card.flops:,} ({card.flops / 1e9:.3f} G)")
-    summary.add_row("receptive field", f"{card.receptive_field} px ({card.receptive_field_method})"
-                    if card.receptive_field is not None else "n/a")
+    summary.add_row(
+        "receptive field",
+        f"{card.receptive_field} px ({card.receptive_field_method})" if card.receptive_field is not None else "n/a",
+    )
     summary.add_row("layer table", "forward hooks on leaf modules, batch 1")
     for n in card.notes:
         summary.add_row("note", n)

@@ -9,6 +9,7 @@ Hook contract: `entry.parity_check(torch_outputs, ort_outputs)` receives two dic
 numpy array (same batch) and returns a dict of JSON-able metrics; it fails the check by raising
 (AssertionError or ValueError with a message) or by returning {"ok": False, ...}.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -29,7 +30,6 @@ from models.registry import ModelEntry
 
 if TYPE_CHECKING:
     import onnxruntime
-
 
 
 class ParityError(AssertionError):
@@ -102,20 +102,45 @@ def torch_outputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> di
 
 def _compare(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float, batch: int, name: str) -> OutputParity:
     if ref.shape != got.shape:
-        return OutputParity(batch, name, float("inf"), float("inf"), 0.0, 0.0, False,
-                            {"error": f"shape {got.shape} != eager {ref.shape}"})
+        return OutputParity(
+            batch,
+            name,
+            float("inf"),
+            float("inf"),
+            0.0,
+            0.0,
+            False,
+            {"error": f"shape {got.shape} != eager {ref.shape}"},
+        )
     if not np.issubdtype(ref.dtype, np.floating):
         mismatches = int(np.count_nonzero(ref != got))
-        return OutputParity(batch, name, float(mismatches), 0.0, 0.0, 0.0, mismatches == 0,
-                            {"exact": True, "mismatches": mismatches})
+        return OutputParity(
+            batch, name, float(mismatches), 0.0, 0.0, 0.0, mismatches == 0, {"exact": True, "mismatches": mismatches}
+        )
     ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
     if not np.all(np.isfinite(ref64)):
         # NaN == NaN everywhere would "pass" while proving nothing about the exported graph
-        return OutputParity(batch, name, float("inf"), float("inf"), 0.0, 0.0, False,
-                            {"error": "eager output is not finite (overflow?): parity would be meaningless"})
+        return OutputParity(
+            batch,
+            name,
+            float("inf"),
+            float("inf"),
+            0.0,
+            0.0,
+            False,
+            {"error": "eager output is not finite (overflow?): parity would be meaningless"},
+        )
     if not np.all(np.isfinite(got64)):
-        return OutputParity(batch, name, float("inf"), float("inf"), 0.0, 0.0, False,
-                            {"error": "ONNX Runtime output is not finite where eager is"})
+        return OutputParity(
+            batch,
+            name,
+            float("inf"),
+            float("inf"),
+            0.0,
+            0.0,
+            False,
+            {"error": "ONNX Runtime output is not finite where eager is"},
+        )
     diff = np.abs(got64 - ref64)
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.abs(ref64).max()) if ref64.size else 0.0
@@ -164,8 +189,11 @@ def check_parity(
             detail = {k: (float(v) if isinstance(v, (np.floating, np.integer)) else v) for k, v in detail.items()}
             # the hook's own "max_*" error figures (e.g. max_box_abs) summarise it in the report table
             errors = [float(v) for k, v in detail.items() if k.startswith("max_") and isinstance(v, (int, float))]
-            results.append(OutputParity(n, "custom check", max(errors, default=0.0),
-                                        float(detail.get("max_rel", 0.0)), 0.0, 0.0, ok, detail))
+            results.append(
+                OutputParity(
+                    n, "custom check", max(errors, default=0.0), float(detail.get("max_rel", 0.0)), 0.0, 0.0, ok, detail
+                )
+            )
         else:
             results.extend(_compare(ref[k], got[k], atol, rtol, n, k) for k in names)
     return ParityReport(entry.name, sizes, atol, rtol, results, entry.parity_check is not None)

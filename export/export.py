@@ -1,12 +1,13 @@
 """`python -m export`: registry models -> checked ONNX -> Triton-layout model repository.
 
-    python -m export list
-    python -m export describe resnet18
-    python -m export onnx mobilenet_v2 --repository model_repository --version 1
-    python -m export repository                     # every served_by_default model, fastest gated variant
-    python -m export quantize mobilenet_v2          # QDQ INT8 behind the accuracy gate
-    python -m export lint some_model.onnx
+python -m export list
+python -m export describe resnet18
+python -m export onnx mobilenet_v2 --repository model_repository --version 1
+python -m export repository                     # every served_by_default model, fastest gated variant
+python -m export quantize mobilenet_v2          # QDQ INT8 behind the accuracy gate
+python -m export lint some_model.onnx
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,10 @@ def _step_factory(console):
     """A rich status spinner per long step, and a timing line when it ends."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+    ) as progress:
+
         @contextlib.contextmanager
         def step(desc: str):
             task = progress.add_task(desc, total=None)
@@ -73,6 +76,7 @@ def _load_registry():
 
 # --- subcommands ----------------------------------------------------------------------------------
 
+
 def cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -86,8 +90,16 @@ def cmd_list(args: argparse.Namespace) -> int:
         served, gate = _served_summary(repo, name)
         if args.served and not served:
             continue
-        table.add_row(name, e.task.value, "x".join(map(str, e.input_shape)), "yes" if e.served_by_default else "no",
-                      "yes" if e.has_weights else "no", str(e.max_batch_size), served, gate)
+        table.add_row(
+            name,
+            e.task.value,
+            "x".join(map(str, e.input_shape)),
+            "yes" if e.served_by_default else "no",
+            "yes" if e.has_weights else "no",
+            str(e.max_batch_size),
+            served,
+            gate,
+        )
     _console().print(table)
     return 0
 
@@ -104,8 +116,11 @@ def _served_summary(repo: Path, name: str) -> tuple[str, str]:
         return f"unreadable model.json: {exc}".splitlines()[0], ""
     if serving is None:
         return "fp32/onnxruntime", ""
-    gate = ", ".join(f"{f.metric}: {(f.variant or 'int8').split('/')[0].upper()} {f.int8:.4g} vs FP32 {f.fp32:.4g}"
-                     f"{'' if f.passed else ' (refused)'}" for f in serving.gate)
+    gate = ", ".join(
+        f"{f.metric}: {(f.variant or 'int8').split('/')[0].upper()} {f.int8:.4g} vs FP32 {f.fp32:.4g}"
+        f"{'' if f.passed else ' (refused)'}"
+        for f in serving.gate
+    )
     return f"{serving.precision}/{serving.runtime}", gate
 
 
@@ -145,7 +160,9 @@ def _describe_serving(console, repo: Path, name: str) -> None:
         console.print(f"  gate {'[green]passed[/]' if f.passed else '[red]refused[/]'}: {describe(f)} on {f.held_out}")
     if serving.throughput:
         where = f" (on {serving.cpu.summary()})" if serving.cpu else ""
-        console.print(f"  images/s measured{where}: " + ", ".join(f"{k} {v:g}" for k, v in sorted(serving.throughput.items())))
+        console.print(
+            f"  images/s measured{where}: " + ", ".join(f"{k} {v:g}" for k, v in sorted(serving.throughput.items()))
+        )
     for v in serving.variants:
         needs = f", needs {'/'.join(v.needs)}" if v.needs else ""
         console.print(f"  gated variant {v.precision}/{v.runtime}: {v.file} {v.images_per_s:g} img/s{needs}")
@@ -167,11 +184,15 @@ def _options(args: argparse.Namespace):
         rtol=args.rtol,
         lint=not args.no_lint,
         input_dtype=args.input_dtype,
-        batching=BatchingDefaults(max_queue_delay_microseconds=args.max_queue_delay_us,
-                                  instance_count=args.instances),
-        variant=VariantOptions(precision=args.precision, runtime=args.runtime, thresholds=GateThresholds(
-            accuracy_points=args.gate_accuracy, map50=args.gate_map, miou=args.gate_miou,
-            mse_relative=args.gate_mse), remeasure=args.remeasure),
+        batching=BatchingDefaults(max_queue_delay_microseconds=args.max_queue_delay_us, instance_count=args.instances),
+        variant=VariantOptions(
+            precision=args.precision,
+            runtime=args.runtime,
+            thresholds=GateThresholds(
+                accuracy_points=args.gate_accuracy, map50=args.gate_map, miou=args.gate_miou, mse_relative=args.gate_mse
+            ),
+            remeasure=args.remeasure,
+        ),
     )
 
 
@@ -183,12 +204,20 @@ def _print_outcome(console, outcome) -> None:
         table.add_column(col, justify="right")
     for r in outcome.parity.results:
         tol = "entry's parity_check" if outcome.parity.custom_check else f"{r.tolerance:.3g}"
-        table.add_row(str(r.batch_size), r.output, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}", tol,
-                      "[green]yes[/]" if r.ok else "[red]NO[/]")
+        table.add_row(
+            str(r.batch_size),
+            r.output,
+            f"{r.max_abs:.3g}",
+            f"{r.max_rel:.3g}",
+            tol,
+            "[green]yes[/]" if r.ok else "[red]NO[/]",
+        )
     console.print(table)
     lint = outcome.lint
-    console.print(f"TensorRT {lint.tensorrt_version} lint: {'[green]ok[/]' if lint.ok else '[red]FAILED[/]'} "
-                  f"({lint.node_count} nodes, ops: {', '.join(sorted(lint.op_types))})")
+    console.print(
+        f"TensorRT {lint.tensorrt_version} lint: {'[green]ok[/]' if lint.ok else '[red]FAILED[/]'} "
+        f"({lint.node_count} nodes, ops: {', '.join(sorted(lint.op_types))})"
+    )
 
 
 def _export_into(repo: Path, names: Sequence[str], args: argparse.Namespace) -> int:
@@ -263,6 +292,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 # --- parser ---------------------------------------------------------------------------------------
 
+
 def _add_export_options(p: argparse.ArgumentParser, precision: str = "auto", runtime: str = "auto") -> None:
     from export.defaults import (
         DEFAULT_ATOL,
@@ -279,48 +309,95 @@ def _add_export_options(p: argparse.ArgumentParser, precision: str = "auto", run
 
     p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="model repository dir (default: %(default)s)")
     p.add_argument("--version", type=int, default=1, help="model version directory (default: %(default)s)")
-    p.add_argument("--weights", default="default",
-                   help="'default' (the entry's trained weights), 'none' (random init, seed 0) or a checkpoint "
-                        "path (.safetensors / .pth, torchvision key layout, strict)")
+    p.add_argument(
+        "--weights",
+        default="default",
+        help="'default' (the entry's trained weights), 'none' (random init, seed 0) or a checkpoint "
+        "path (.safetensors / .pth, torchvision key layout, strict)",
+    )
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, >= 18 (default: %(default)s)")
-    p.add_argument("--max-batch-size", type=int, default=None,
-                   help="max_batch_size in config.pbtxt and the exported dynamic range (default: the entry's)")
-    p.add_argument("--parity-batch-sizes", type=int, nargs="+", default=None,
-                   help="batch sizes for the parity check (default: 1 2 3 and max batch)")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="max_batch_size in config.pbtxt and the exported dynamic range (default: the entry's)",
+    )
+    p.add_argument(
+        "--parity-batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes for the parity check (default: 1 2 3 and max batch)",
+    )
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="parity: absolute tolerance (default: %(default)s)")
-    p.add_argument("--rtol", type=float, default=None,
-                   help=f"parity: tolerance relative to the output's max magnitude (default: the model's own, "
-                        f"else {DEFAULT_RTOL})")
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=None,
+        help=f"parity: tolerance relative to the output's max magnitude (default: the model's own, "
+        f"else {DEFAULT_RTOL})",
+    )
     p.add_argument("--no-lint", action="store_true", help="record the TensorRT lint but do not fail on it")
-    p.add_argument("--max-queue-delay-us", type=int, default=100,
-                   help="dynamic_batching.max_queue_delay_microseconds (default: %(default)s)")
+    p.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=100,
+        help="dynamic_batching.max_queue_delay_microseconds (default: %(default)s)",
+    )
     p.add_argument("--instances", type=int, default=1, help="instance_group count, KIND_CPU (default: %(default)s)")
-    p.add_argument("--input-dtype", choices=INPUT_DTYPES, default="fp32",
-                   help="uint8: the served model takes UINT8 pixels [N,C,H,W] and normalizes them in its graph "
-                        "(4x fewer bytes per image; checked against the FP32 parent) (default: %(default)s)")
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default=precision,
-                   help="served precision: int8 = QDQ INT8 calibrated on real data, bf16 = the FP32 file run in "
-                        "bfloat16 by OpenVINO, each served only if it passes the accuracy gate; auto = build them "
-                        "all, serve the fastest that passes on this machine (default: %(default)s)")
-    p.add_argument("--runtime", choices=RUNTIME_CHOICES, default=runtime,
-                   help="served runtime; auto = measure both here, serve the fastest (default: %(default)s)")
-    p.add_argument("--gate-accuracy", type=float, default=GATE_ACCURACY_POINTS, metavar="POINTS",
-                   help="gate: largest INT8 drop of accuracy / top-1 agreement / retrieval accuracy, in "
-                        "percentage points (default: %(default)s)")
-    p.add_argument("--gate-map", type=float, default=GATE_MAP50, help="gate: largest mAP@0.5 drop (default: %(default)s)")
+    p.add_argument(
+        "--input-dtype",
+        choices=INPUT_DTYPES,
+        default="fp32",
+        help="uint8: the served model takes UINT8 pixels [N,C,H,W] and normalizes them in its graph "
+        "(4x fewer bytes per image; checked against the FP32 parent) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default=precision,
+        help="served precision: int8 = QDQ INT8 calibrated on real data, bf16 = the FP32 file run in "
+        "bfloat16 by OpenVINO, each served only if it passes the accuracy gate; auto = build them "
+        "all, serve the fastest that passes on this machine (default: %(default)s)",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIME_CHOICES,
+        default=runtime,
+        help="served runtime; auto = measure both here, serve the fastest (default: %(default)s)",
+    )
+    p.add_argument(
+        "--gate-accuracy",
+        type=float,
+        default=GATE_ACCURACY_POINTS,
+        metavar="POINTS",
+        help="gate: largest INT8 drop of accuracy / top-1 agreement / retrieval accuracy, in "
+        "percentage points (default: %(default)s)",
+    )
+    p.add_argument(
+        "--gate-map", type=float, default=GATE_MAP50, help="gate: largest mAP@0.5 drop (default: %(default)s)"
+    )
     p.add_argument("--gate-miou", type=float, default=GATE_MIOU, help="gate: largest mIoU drop (default: %(default)s)")
-    p.add_argument("--gate-mse", type=float, default=GATE_MSE_RELATIVE, metavar="FRACTION",
-                   help="gate: largest relative increase of reconstruction MSE (default: %(default)s)")
-    p.add_argument("--remeasure", action="store_true",
-                   help="quantize, measure and gate again even when the repository already holds a choice for "
-                        "the same FP32 model and options (default: keep it, so re-exports are idempotent)")
+    p.add_argument(
+        "--gate-mse",
+        type=float,
+        default=GATE_MSE_RELATIVE,
+        metavar="FRACTION",
+        help="gate: largest relative increase of reconstruction MSE (default: %(default)s)",
+    )
+    p.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="quantize, measure and gate again even when the repository already holds a choice for "
+        "the same FP32 model and options (default: keep it, so re-exports are idempotent)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export",
         description="Export registry models to checked ONNX (parity vs PyTorch, TensorRT lint) in a "
-                    "Triton-layout model repository.",
+        "Triton-layout model repository.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("list", help="registry models: task, served by default, weights, served precision/runtime")
@@ -349,8 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lint)
     # Parsed by export/tensorrt/cli.py itself (main() hands it the rest of the command line), so the
     # engine builder keeps one definition of its options.
-    sub.add_parser("engine", add_help=False,
-                   help="TensorRT engines for a repository (GPU + TensorRT); `engine --help` for options")
+    sub.add_parser(
+        "engine", add_help=False, help="TensorRT engines for a repository (GPU + TensorRT); `engine --help` for options"
+    )
     return parser
 
 

@@ -1,4 +1,5 @@
 """PyTorch module -> one checked ONNX file, with the dynamo exporter and a dynamic batch dimension."""
+
 from __future__ import annotations
 
 import contextlib
@@ -152,10 +153,12 @@ def export_onnx(
     if inputs != (INPUT_NAME,):
         raise ExportError(f"{entry.name}: expected one graph input {INPUT_NAME!r}, got {list(inputs)}")
     if outputs != tuple(entry.output_names):
-        raise ExportError(f"{entry.name}: graph outputs {list(outputs)} != registry output_names "
-                          f"{list(entry.output_names)}")
+        raise ExportError(
+            f"{entry.name}: graph outputs {list(outputs)} != registry output_names {list(entry.output_names)}"
+        )
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     if not batch_dim.dim_param:
         raise ExportError(f"{entry.name}: the batch dimension of {INPUT_NAME!r} is static ({batch_dim.dim_value})")
-    return ExportResult(path=path, opset=opset, seconds=seconds, inputs=inputs, outputs=outputs,
-                        size_bytes=path.stat().st_size)
+    return ExportResult(
+        path=path, opset=opset, seconds=seconds, inputs=inputs, outputs=outputs, size_bytes=path.stat().st_size
+    )

@@ -4,6 +4,7 @@ Nothing here touches the model repository until every check has passed; `reposit
 then swaps the results in. That ordering is what keeps a bad name, a missing checkpoint or a failed
 parity from ever damaging a served repository.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -101,8 +102,9 @@ def calibrate_batchnorm(model: torch.nn.Module, entry: ModelEntry, batch: int = 
             m.eval()
 
 
-def export_model(name: str, workdir: Path, options: ExportOptions, *, repository: Path | None = None,
-                 step: Step | None = None) -> ExportOutcome:
+def export_model(
+    name: str, workdir: Path, options: ExportOptions, *, repository: Path | None = None, step: Step | None = None
+) -> ExportOutcome:
     """Run the whole pipeline for `name`, writing only under `workdir`; raise ExportFailed on any failure."""
     step = step or (lambda _desc: nullcontext())
     try:
@@ -120,8 +122,9 @@ def export_model(name: str, workdir: Path, options: ExportOptions, *, repository
         try:
             if weights == "default":
                 if entry.weights is None:
-                    raise ExportFailed(f"{name}: has no trained weights; pass --weights none (random init) "
-                                       "or --weights PATH")
+                    raise ExportFailed(
+                        f"{name}: has no trained weights; pass --weights none (random init) or --weights PATH"
+                    )
                 # get_model(name, "default") would drop the loader's description of its source, which
                 # model.json records; this is the same build + strict load, keeping that string.
                 model = entry.builder(**entry.builder_kwargs)
@@ -131,9 +134,11 @@ def export_model(name: str, workdir: Path, options: ExportOptions, *, repository
                 model = get_model(name, weights=weights)
                 if weights is None:
                     calibrate_batchnorm(model, entry)
-                weights_desc = ("none (random initialisation, seed 0, BatchNorm statistics calibrated on random "
-                                "inputs)" if weights is None else
-                                f"checkpoint {Path(weights).name} sha256 {file_sha256(Path(weights))[:16]}")
+                weights_desc = (
+                    "none (random initialisation, seed 0, BatchNorm statistics calibrated on random inputs)"
+                    if weights is None
+                    else f"checkpoint {Path(weights).name} sha256 {file_sha256(Path(weights))[:16]}"
+                )
         except ExportFailed:
             raise
         except FileNotFoundError as exc:
@@ -192,11 +197,19 @@ def export_model(name: str, workdir: Path, options: ExportOptions, *, repository
         "parity": _rounded(parity.to_dict()),
         "tensorrt_lint": lint.to_dict(),
     }
-    staged = StagedModel(name=name, version=options.version, onnx_path=onnx_path, config=config, meta=meta,
-                         parity=parity_doc, extra_files=extra)
+    staged = StagedModel(
+        name=name,
+        version=options.version,
+        onnx_path=onnx_path,
+        config=config,
+        meta=meta,
+        parity=parity_doc,
+        extra_files=extra,
+    )
     try:
-        staged = select_variant(staged, workdir, options.variant, step,
-                                previous=repository / name if repository is not None else None)
+        staged = select_variant(
+            staged, workdir, options.variant, step, previous=repository / name if repository is not None else None
+        )
     except VariantRefused as exc:
         raise ExportFailed(str(exc)) from None
     if options.input_dtype == "uint8":
@@ -216,4 +229,3 @@ def _rounded(obj):
     if isinstance(obj, list):
         return [_rounded(v) for v in obj]
     return obj
-

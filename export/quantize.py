@@ -19,6 +19,7 @@ FP32 measured no better (top-1 agreement 63.5% vs 64.6% with onnxruntime's quant
 detector with its RPN and box heads in INT8 loses 0.005 mAP@0.5 (0.982 -> 0.977), within its gate, so
 EXCLUDE_NODES is empty; `exclude=` takes node-name patterns for a model that needs it.
 """
+
 from __future__ import annotations
 
 import re
@@ -55,9 +56,13 @@ class QuantizeResult:
     fp32_nodes: int  # compute ops (QUANTIZE_OP_TYPES) left in FP32
 
     def to_dict(self) -> dict:
-        return {"calibration": self.calibration, "calibration_images": self.calibration_count,
-                "format": "QDQ (per-channel INT8 weights, static INT8 activations, symmetric)",
-                "quantized_nodes": self.quantized_nodes, "fp32_compute_nodes": self.fp32_nodes}
+        return {
+            "calibration": self.calibration,
+            "calibration_images": self.calibration_count,
+            "format": "QDQ (per-channel INT8 weights, static INT8 activations, symmetric)",
+            "quantized_nodes": self.quantized_nodes,
+            "fp32_compute_nodes": self.fp32_nodes,
+        }
 
 
 def _load_checked(path: Path) -> onnx.ModelProto:
@@ -80,15 +85,23 @@ class _Reader:
     """onnxruntime.quantization.CalibrationDataReader over a preprocessed array, in small batches."""
 
     def __init__(self, input_name: str, data: np.ndarray, batch: int) -> None:
-        self._batches = iter([{input_name: data[i:i + batch]} for i in range(0, len(data), batch)])
+        self._batches = iter([{input_name: data[i : i + batch]} for i in range(0, len(data), batch)])
 
     def get_next(self) -> dict | None:
         return next(self._batches, None)
 
 
-def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, description: str = "",
-                  exclude: Sequence[str] = (), backend: str = "nncf", flavor: str = "tensorrt",
-                  full_bias_correction: bool = True) -> QuantizeResult:
+def quantize_onnx(
+    fp32_path: Path,
+    out_path: Path,
+    calibration: np.ndarray,
+    *,
+    description: str = "",
+    exclude: Sequence[str] = (),
+    backend: str = "nncf",
+    flavor: str = "tensorrt",
+    full_bias_correction: bool = True,
+) -> QuantizeResult:
     """Write the QDQ INT8 model of `fp32_path` to `out_path`, calibrated on `calibration` [N, C, H, W].
 
     `flavor` (NNCF only): "tensorrt", every quantizer signed with zero point 0 and fast bias correction
@@ -102,8 +115,10 @@ def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, d
     (no such file, not a valid ONNX model, no calibration data, the quantizer's own failure)."""
     model = _load_checked(Path(fp32_path))
     if calibration is None or len(calibration) == 0:
-        raise QuantizationError(f"{fp32_path}: no calibration data (static INT8 needs real inputs of the "
-                                "model's task to measure activation ranges)")
+        raise QuantizationError(
+            f"{fp32_path}: no calibration data (static INT8 needs real inputs of the "
+            "model's task to measure activation ranges)"
+        )
     inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     if len(inputs) != 1:
         raise QuantizationError(f"{fp32_path}: calibration feeds one image input, the model has {inputs}")
@@ -115,8 +130,15 @@ def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, d
         if flavor not in FLAVORS:
             raise ValueError(f"unknown INT8 flavor {flavor!r} ({', '.join(FLAVORS)})")
         if backend == "nncf":
-            _quantize_nncf(model, out_path, inputs[0], data, excluded, signed=flavor == "tensorrt",
-                           full_bias_correction=full_bias_correction)
+            _quantize_nncf(
+                model,
+                out_path,
+                inputs[0],
+                data,
+                excluded,
+                signed=flavor == "tensorrt",
+                full_bias_correction=full_bias_correction,
+            )
         elif backend == "onnxruntime":
             _quantize_ort(Path(fp32_path), out_path, inputs[0], data, excluded)
         else:
@@ -127,15 +149,23 @@ def quantize_onnx(fp32_path: Path, out_path: Path, calibration: np.ndarray, *, d
     return _summary(out_path, description or f"{len(data)} inputs", len(data))
 
 
-def _quantize_nncf(model: onnx.ModelProto, out_path: Path, input_name: str, data: np.ndarray,
-                   excluded: list[str], signed: bool = True, full_bias_correction: bool = True) -> None:
+def _quantize_nncf(
+    model: onnx.ModelProto,
+    out_path: Path,
+    input_name: str,
+    data: np.ndarray,
+    excluded: list[str],
+    signed: bool = True,
+    full_bias_correction: bool = True,
+) -> None:
     import nncf
 
-    dataset = nncf.Dataset([data[i:i + 1] for i in range(len(data))], lambda x: {input_name: x})
+    dataset = nncf.Dataset([data[i : i + 1] for i in range(len(data))], lambda x: {input_name: x})
 
     def run(fast_bias_correction: bool) -> onnx.ModelProto:
         return nncf.quantize(
-            model, dataset,
+            model,
+            dataset,
             preset=nncf.QuantizationPreset.PERFORMANCE,  # symmetric weights and activations
             subset_size=len(data),
             fast_bias_correction=fast_bias_correction,
@@ -183,15 +213,24 @@ def signed_activations(model: onnx.ModelProto) -> onnx.ModelProto:
         zp.CopyFrom(numpy_helper.from_array(zero.astype(np.int8), zp_name))
         done.add(zp_name)
     # the quantized tensors between the pairs change type with their zero points
-    retyped = {o for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
-               and n.input[2] in done for o in n.output}
+    retyped = {
+        o
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in done
+        for o in n.output
+    }
     for vi in list(model.graph.value_info) + list(model.graph.output):
         if vi.name in retyped:
             vi.type.tensor_type.elem_type = TensorProto.INT8
     # a scale shared by a UINT8 and an INT8 quantizer would be rescaled for both: refuse that graph
-    shared = [n.name for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-              and len(n.input) > 2 and n.input[2] not in done and n.input[1] in
-              {m.input[1] for m in model.graph.node if len(m.input) > 2 and m.input[2] in done}]
+    shared = [
+        n.name
+        for n in model.graph.node
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+        and len(n.input) > 2
+        and n.input[2] not in done
+        and n.input[1] in {m.input[1] for m in model.graph.node if len(m.input) > 2 and m.input[2] in done}
+    ]
     if shared:
         raise ValueError(f"{shared[0]}: a rescaled activation scale is shared with a signed quantizer")
     return model
@@ -204,7 +243,9 @@ def _quantize_ort(fp32_path: Path, out_path: Path, input_name: str, data: np.nda
     reader = _Reader(input_name, data, CALIBRATION_BATCH)
     CalibrationDataReader.register(_Reader)
     quantize_static(
-        str(fp32_path), str(out_path), reader,
+        str(fp32_path),
+        str(out_path),
+        reader,
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         activation_type=QuantType.QInt8,
@@ -229,8 +270,13 @@ def _summary(out_path: Path, description: str, count: int) -> QuantizeResult:
     dq_outputs = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     compute = [n for n in q.graph.node if n.op_type in op_types]
     quantized = sum(1 for n in compute if any(i in dq_outputs for i in n.input[:1]))
-    return QuantizeResult(path=out_path, calibration=description, calibration_count=count, quantized_nodes=quantized,
-                          fp32_nodes=len(compute) - quantized)
+    return QuantizeResult(
+        path=out_path,
+        calibration=description,
+        calibration_count=count,
+        quantized_nodes=quantized,
+        fp32_nodes=len(compute) - quantized,
+    )
 
 
 def is_qdq(model: onnx.ModelProto) -> bool:

@@ -12,6 +12,7 @@ already in the model directory are carried over (hard links, no copy of big file
 portable atomic directory exchange, so the swap is two renames; the gap between them is a few
 microseconds and a crash there leaves `<model>` missing plus a `.old-<model>-*` directory to restore.
 """
+
 from __future__ import annotations
 
 import json
@@ -99,8 +100,9 @@ def _tensor_dims(vi: onnx.ValueInfoProto, name: str) -> tuple[str, list[int]]:
     return _TRITON_TYPE[tt.elem_type], [d.dim_value if d.HasField("dim_value") else -1 for d in dims[1:]]
 
 
-def build_config(name: str, model: onnx.ModelProto, max_batch_size: int,
-                 batching: BatchingDefaults = BatchingDefaults()) -> ModelConfig:
+def build_config(
+    name: str, model: onnx.ModelProto, max_batch_size: int, batching: BatchingDefaults = BatchingDefaults()
+) -> ModelConfig:
     """The Triton ModelConfig for an exported ONNX graph (inputs/outputs read from the graph itself)."""
     cfg = ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=max_batch_size)
     initializers = {i.name for i in model.graph.initializer}
@@ -117,14 +119,16 @@ def build_config(name: str, model: onnx.ModelProto, max_batch_size: int,
     sizes = list(batching.preferred_batch_sizes) or preferred_batch_sizes(max_batch_size)
     cfg.dynamic_batching.preferred_batch_size.extend(sizes)
     cfg.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_microseconds
-    cfg.dynamic_batching.default_queue_policy.max_queue_size = default_queue_size(max_batch_size,
-                                                                                  batching.instance_count)
+    cfg.dynamic_batching.default_queue_policy.max_queue_size = default_queue_size(
+        max_batch_size, batching.instance_count
+    )
     cfg.instance_group.add(count=batching.instance_count, kind=ModelInstanceGroup.KIND_CPU)
     for batch in warmup_batch_sizes(max_batch_size, sizes):
         sample = cfg.model_warmup.add(name=f"random_batch_{batch}", batch_size=batch if max_batch_size else 0)
         for t in cfg.input:
-            sample.inputs[t.name].CopyFrom(ModelWarmup.Input(
-                data_type=t.data_type, dims=[d if d > 0 else 1 for d in t.dims], random_data=True))
+            sample.inputs[t.name].CopyFrom(
+                ModelWarmup.Input(data_type=t.data_type, dims=[d if d > 0 else 1 for d in t.dims], random_data=True)
+            )
     return cfg
 
 

@@ -6,6 +6,7 @@ variant) and by benchmarks/bench_models.py. The sessions and compiled models com
 layer (cnncore/runtime) with the server's own defaults, so what export measures is what is served;
 this module only fixes export's thread count.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,19 @@ from cnncore.runtime import runner as _runner
 # Not installed here: the runtime layer's error under the name export has always caught.
 RuntimeMissing = RuntimeUnavailable
 
-__all__ = ["RUNTIMES", "Runner", "RuntimeMissing", "available_runtimes", "openvino_available", "openvino_runner",
-           "ort_runner", "runner", "served_runner", "throughput", "variant_runner"]
+__all__ = [
+    "RUNTIMES",
+    "Runner",
+    "RuntimeMissing",
+    "available_runtimes",
+    "openvino_available",
+    "openvino_runner",
+    "ort_runner",
+    "runner",
+    "served_runner",
+    "throughput",
+    "variant_runner",
+]
 
 
 def ort_runner(path: Path, threads: int = 2) -> Runner:
@@ -41,7 +53,6 @@ def openvino_runner(path: Path, threads: int = 2, precision_hint: str = "f32") -
 
 def runner(path: Path, runtime: str, threads: int = 2) -> Runner:
     return _runner(path, runtime, threads)
-
 
 
 def variant_runner(path: Path, precision: str, runtime: str, threads: int = 2) -> Runner:

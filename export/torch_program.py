@@ -13,6 +13,7 @@ and instance counts kept); `--cuda-graphs` also sets `optimization { cuda { grap
 replays one captured CUDA graph per batch size instead of launching every op from Python (2.5-3.1x the
 eager program's throughput for MobileNetV2 on an H200; README, GPU section).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,15 +47,15 @@ def export_program(model: nn.Module, example: torch.Tensor, max_batch_size: int)
         return torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
 
 
-def save_program(program: torch.export.ExportedProgram, path: Path, input_names: Sequence[str],
-                 output_names: Sequence[str]) -> Path:
+def save_program(
+    program: torch.export.ExportedProgram, path: Path, input_names: Sequence[str], output_names: Sequence[str]
+) -> Path:
     path = Path(path)
     names = json.dumps({"inputs": list(input_names), "outputs": list(output_names)})
     tmp = path.with_name(path.stem + ".tmp.pt2")  # torch.export.save wants the .pt2 suffix
     torch.export.save(program, str(tmp), extra_files={PROGRAM_NAMES_FILE: names})
     tmp.replace(path)
     return path
-
 
 
 def write_repository_programs(repository: Path, models: Sequence[str] | None = None) -> list[Path]:
@@ -73,8 +74,12 @@ def write_repository_programs(repository: Path, models: Sequence[str] | None = N
         model = get_model(name, weights="default" if entry.has_weights else None)
         example = entry.example_inputs(2) if entry.example_inputs else torch.randn(2, *entry.input_shape)
         program = export_program(model, example, max(config.max_batch_size, 1))
-        path = save_program(program, latest_version_dir(model_dir) / PROGRAM_FILENAME,
-                            [i.name for i in config.input], [o.name for o in config.output])
+        path = save_program(
+            program,
+            latest_version_dir(model_dir) / PROGRAM_FILENAME,
+            [i.name for i in config.input],
+            [o.name for o in config.output],
+        )
         print(f"{name}: wrote {path}", file=sys.stderr)
         written.append(path)
     return written
@@ -94,8 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.torch_program", description=__doc__.split("\n\n")[0])
     ap.add_argument("--repository", required=True, type=Path)
     ap.add_argument("--models", nargs="*")
-    ap.add_argument("--activate", action="store_true",
-                    help='switch each config.pbtxt to backend "pytorch" on KIND_GPU instances')
+    ap.add_argument(
+        "--activate", action="store_true", help='switch each config.pbtxt to backend "pytorch" on KIND_GPU instances'
+    )
     ap.add_argument("--cuda-graphs", action="store_true", help="with --activate: optimization.cuda.graphs")
     args = ap.parse_args(argv)
     if args.cuda_graphs and not args.activate:
@@ -104,8 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.activate:
             model_dir = path.parent.parent
             activate_pytorch(model_dir, args.cuda_graphs)
-            print(f"{model_dir.name}: config.pbtxt -> backend pytorch, KIND_GPU"
-                  + (", CUDA graphs" if args.cuda_graphs else ""), file=sys.stderr)
+            print(
+                f"{model_dir.name}: config.pbtxt -> backend pytorch, KIND_GPU"
+                + (", CUDA graphs" if args.cuda_graphs else ""),
+                file=sys.stderr,
+            )
     return 0
 
 

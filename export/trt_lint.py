@@ -18,6 +18,7 @@ Type policy (the decision the table leaves to us):
 The per-operator "Supported Types" column describes an operator's data tensor, i.e. its first input;
 other inputs (shapes, axes, indices) are governed by the global rules above only.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,13 +47,31 @@ _TABLE_TYPE_NAME: dict[int, str] = {
     TensorProto.FLOAT8E4M3FN: "FP8",
     TensorProto.FLOAT4E2M1: "FP4",
 }
-_ANYWHERE = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.INT32, TensorProto.INT64,
-             TensorProto.BOOL}
+_ANYWHERE = {
+    TensorProto.FLOAT,
+    TensorProto.FLOAT16,
+    TensorProto.BFLOAT16,
+    TensorProto.INT32,
+    TensorProto.INT64,
+    TensorProto.BOOL,
+}
 _QUANTIZED = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT4E2M1}
 _RESIZE_COORD_MODES = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
 _RESIZE_NEAREST_MODES = {"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"}
-_AXES_MUST_BE_CONSTANT = {"Squeeze", "Unsqueeze", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
-                          "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare"}
+_AXES_MUST_BE_CONSTANT = {
+    "Squeeze",
+    "Unsqueeze",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceSum",
+    "ReduceSumSquare",
+}
 
 
 @dataclass(frozen=True)
@@ -226,8 +245,14 @@ def lint_model(model: onnx.ModelProto) -> LintReport:
     report = LintReport(tensorrt_version=table["tensorrt_version"], opset=opset, node_count=0)
 
     if not table["opset_min"] <= opset <= table["opset_max"]:
-        report.issues.append(LintIssue("graph", "", f"default-domain opset {opset} is outside TensorRT "
-                                       f"{table['tensorrt_version']}'s range {table['opset_min']}..{table['opset_max']}"))
+        report.issues.append(
+            LintIssue(
+                "graph",
+                "",
+                f"default-domain opset {opset} is outside TensorRT "
+                f"{table['tensorrt_version']}'s range {table['opset_min']}..{table['opset_max']}",
+            )
+        )
 
     types = _elem_types(inferred)
     constants = _constant_names(inferred)
@@ -252,8 +277,14 @@ def lint_model(model: onnx.ModelProto) -> LintReport:
         name = prefix + (node.name or f"<unnamed {node.op_type}>")
         report.op_types[node.op_type] = report.op_types.get(node.op_type, 0) + 1
         if node.domain not in ("", "ai.onnx"):
-            report.issues.append(LintIssue(name, node.op_type, f"custom domain {node.domain!r}: TensorRT needs a "
-                                           "plugin for it and none is registered for this repository"))
+            report.issues.append(
+                LintIssue(
+                    name,
+                    node.op_type,
+                    f"custom domain {node.domain!r}: TensorRT needs a "
+                    "plugin for it and none is registered for this repository",
+                )
+            )
             continue
         entry = ops.get(node.op_type)
         if entry is None:
@@ -267,8 +298,14 @@ def lint_model(model: onnx.ModelProto) -> LintReport:
         if data and allowed and data in types:
             t = types[data]
             if _TABLE_TYPE_NAME.get(t) not in allowed:
-                report.issues.append(LintIssue(name, node.op_type, f"input {data!r} is {_type_name(t)}; TensorRT "
-                                               f"supports {node.op_type} on {', '.join(allowed)} only"))
+                report.issues.append(
+                    LintIssue(
+                        name,
+                        node.op_type,
+                        f"input {data!r} is {_type_name(t)}; TensorRT "
+                        f"supports {node.op_type} on {', '.join(allowed)} only",
+                    )
+                )
         spatial = ranks[data] - 2 if data in ranks else None
         for why in _restriction_issues(node, constants, spatial):
             report.issues.append(LintIssue(name, node.op_type, why))
@@ -293,8 +330,10 @@ def lint_model(model: onnx.ModelProto) -> LintReport:
                 if nonzero:
                     problem = "is a zero point with non-zero values; TensorRT quantization is symmetric (zero point 0)"
             elif producers.get(tensor) != "QuantizeLinear" and not consumers.get(tensor, set()) <= {"DequantizeLinear"}:
-                problem = (f"is {_type_name(t)}, a quantized type TensorRT accepts only between "
-                       "QuantizeLinear/DequantizeLinear")
+                problem = (
+                    f"is {_type_name(t)}, a quantized type TensorRT accepts only between "
+                    "QuantizeLinear/DequantizeLinear"
+                )
         elif t not in _ANYWHERE:
             problem = f"is {_type_name(t)}, which TensorRT does not support"
         if problem:

@@ -14,6 +14,7 @@ it against that parent on the same pictures: the two paths differ only in float 
 normalization, so outputs must agree within UINT8_TOLERANCE (of the output's magnitude). The figures go
 into parity.json; config.pbtxt (input and warm-up) says TYPE_UINT8.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -55,8 +56,10 @@ def add_pixel_input(model: onnx.ModelProto, spec: PreprocessSpec, input_name: st
         raise Uint8InputError(f"input {input_name!r} is not a float NCHW image tensor")
     channels = tt.shape.dim[1].dim_value
     if channels not in (1, 3) or channels > len(spec.mean) or channels > len(spec.std):
-        raise Uint8InputError(f"input {input_name!r} has {channels or 'unknown'} channels; the preprocessing "
-                              f"spec describes {len(spec.mean)}")
+        raise Uint8InputError(
+            f"input {input_name!r} has {channels or 'unknown'} channels; the preprocessing "
+            f"spec describes {len(spec.mean)}"
+        )
     mean = np.asarray(spec.mean[:channels], np.float64)
     std = np.asarray(spec.std[:channels], np.float64)
     sign = -1.0 if spec.invert else 1.0
@@ -69,15 +72,20 @@ def add_pixel_input(model: onnx.ModelProto, spec: PreprocessSpec, input_name: st
             if name == input_name:
                 node.input[k] = inner
     pre = f"{input_name}__pixels"
-    nodes = [helper.make_node("Cast", [input_name], [f"{pre}_f"], to=TensorProto.FLOAT, name=f"{pre}_cast"),
-             helper.make_node("Mul", [f"{pre}_f", f"{pre}_scale"], [f"{pre}_scaled"], name=f"{pre}_mul")]
+    nodes = [
+        helper.make_node("Cast", [input_name], [f"{pre}_f"], to=TensorProto.FLOAT, name=f"{pre}_cast"),
+        helper.make_node("Mul", [f"{pre}_f", f"{pre}_scale"], [f"{pre}_scaled"], name=f"{pre}_mul"),
+    ]
     if tt.elem_type == TensorProto.FLOAT16:  # an FP16 export: normalize in FP32, hand over in half
-        nodes += [helper.make_node("Add", [f"{pre}_scaled", f"{pre}_shift"], [f"{pre}_f32"], name=f"{pre}_add"),
-                  helper.make_node("Cast", [f"{pre}_f32"], [inner], to=TensorProto.FLOAT16, name=f"{pre}_half")]
+        nodes += [
+            helper.make_node("Add", [f"{pre}_scaled", f"{pre}_shift"], [f"{pre}_f32"], name=f"{pre}_add"),
+            helper.make_node("Cast", [f"{pre}_f32"], [inner], to=TensorProto.FLOAT16, name=f"{pre}_half"),
+        ]
     else:
         nodes.append(helper.make_node("Add", [f"{pre}_scaled", f"{pre}_shift"], [inner], name=f"{pre}_add"))
-    g.initializer.extend([numpy_helper.from_array(scale, f"{pre}_scale"),
-                          numpy_helper.from_array(shift, f"{pre}_shift")])
+    g.initializer.extend(
+        [numpy_helper.from_array(scale, f"{pre}_scale"), numpy_helper.from_array(shift, f"{pre}_shift")]
+    )
     old = list(g.node)
     del g.node[:]
     g.node.extend(nodes + old)  # the prelude first: nodes stay in topological order
@@ -113,8 +121,12 @@ def parity_with_parent(parent: Path, pixels_model: Path, spec: PreprocessSpec, i
             ra, rb = np.asarray(ra, np.float64), np.asarray(rb, np.float64)
             rel = float(np.abs(ra - rb).max() / max(np.abs(ra).max(), 1e-12)) if ra.size else 0.0
             worst[o.name] = max(worst.get(o.name, 0.0), rel)
-    return {"pictures": len(_CHECK_SIZES), "max_relative_difference": worst, "tolerance": UINT8_TOLERANCE,
-            "ok": all(v <= UINT8_TOLERANCE for v in worst.values())}
+    return {
+        "pictures": len(_CHECK_SIZES),
+        "max_relative_difference": worst,
+        "tolerance": UINT8_TOLERANCE,
+        "ok": all(v <= UINT8_TOLERANCE for v in worst.values()),
+    }
 
 
 def uint8_variant(staged: StagedModel, step: Step | None = None) -> StagedModel:
@@ -131,8 +143,10 @@ def uint8_variant(staged: StagedModel, step: Step | None = None) -> StagedModel:
         onnx.save(pixels, str(path))
         report = parity_with_parent(staged.onnx_path, path, meta.preprocess, meta.input_name)
         if not report["ok"]:
-            raise Uint8InputError(f"{name}: --input-dtype uint8 disagrees with its parent: max relative "
-                                  f"difference {report['max_relative_difference']} > {UINT8_TOLERANCE}")
+            raise Uint8InputError(
+                f"{name}: --input-dtype uint8 disagrees with its parent: max relative "
+                f"difference {report['max_relative_difference']} > {UINT8_TOLERANCE}"
+            )
     config = type(staged.config)()
     config.CopyFrom(staged.config)
     for t in config.input:
@@ -141,8 +155,10 @@ def uint8_variant(staged: StagedModel, step: Step | None = None) -> StagedModel:
     for sample in config.model_warmup:
         if meta.input_name in sample.inputs:
             sample.inputs[meta.input_name].data_type = DataType.TYPE_UINT8
-    parity = {**staged.parity, "uint8_input": {**report, "parent_sha256": file_sha256(staged.onnx_path),
-                                               "onnx_sha256": file_sha256(path)}}
+    parity = {
+        **staged.parity,
+        "uint8_input": {**report, "parent_sha256": file_sha256(staged.onnx_path), "onnx_sha256": file_sha256(path)},
+    }
     meta = staged.meta
     if meta.serving is not None and meta.serving.variants:
         # the kept variant files take float tensors: a server must not switch this model to one of them

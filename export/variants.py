@@ -12,6 +12,7 @@ records why. Every passing variant's file stays in the version directory with it
 the CPU it ran on (model.json's serving.variants / serving.cpu), so a server on a CPU with other flags
 can serve the best of them for itself (server/variant_choice.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -137,8 +138,11 @@ def _previous_choice(staged: StagedModel, previous: Path | None, options: Varian
         old_meta = ModelMeta.read(previous)
         old = json.loads((previous / PARITY_FILENAME).read_text())
         served = old["served"]
-        if (old_meta.serving is None or old.get("onnx_sha256") != staged.parity["onnx_sha256"]
-                or served.get("options") != options.recorded()):
+        if (
+            old_meta.serving is None
+            or old.get("onnx_sha256") != staged.parity["onnx_sha256"]
+            or served.get("options") != options.recorded()
+        ):
             return None
         vdir = previous / str(old["version"])
         kept = dict(served.get("files", {}))
@@ -158,8 +162,13 @@ def _previous_choice(staged: StagedModel, previous: Path | None, options: Varian
     for key in ("served", "quantization", "accuracy_gate", "throughput_images_per_s"):
         if key in old:
             parity[key] = old[key]
-    return replace(staged, onnx_path=onnx_path, meta=staged.meta.model_copy(update={"serving": serving}),
-                   parity=parity, variant_files=tuple(sorted((f, p) for f, p in files.items())))
+    return replace(
+        staged,
+        onnx_path=onnx_path,
+        meta=staged.meta.model_copy(update={"serving": serving}),
+        parity=parity,
+        variant_files=tuple(sorted((f, p) for f, p in files.items())),
+    )
 
 
 def _unpathed(exc: Exception, path: Path) -> str:
@@ -183,11 +192,14 @@ def _candidates(name: str, options: VariantOptions, cpu: CpuInfo) -> tuple[list[
         if options.precision == "bf16":
             if options.runtime not in ("auto", "openvino") or "openvino" not in runtimes:
                 why = f"--runtime {options.runtime}" if options.runtime != "auto" else "openvino is not installed"
-                raise VariantRefused(f"{name}: --precision bf16 is served by OpenVINO (INFERENCE_PRECISION_HINT "
-                                     f"bf16); {why}")
+                raise VariantRefused(
+                    f"{name}: --precision bf16 is served by OpenVINO (INFERENCE_PRECISION_HINT bf16); {why}"
+                )
             if not (cpu.has("avx512_bf16") or cpu.has("amx_bf16")):
-                raise VariantRefused(f"{name}: --precision bf16, but this CPU ({cpu.summary()}) has no BF16 "
-                                     "instructions: OpenVINO would run FP32 and call it BF16")
+                raise VariantRefused(
+                    f"{name}: --precision bf16, but this CPU ({cpu.summary()}) has no BF16 "
+                    "instructions: OpenVINO would run FP32 and call it BF16"
+                )
             runtimes = ["openvino"]
         return [options.precision], runtimes
     precisions = ["fp32", "int8"]
@@ -197,8 +209,9 @@ def _candidates(name: str, options: VariantOptions, cpu: CpuInfo) -> tuple[list[
     return precisions, runtimes
 
 
-def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
-                   step: Step | None = None, previous: Path | None = None) -> StagedModel:
+def select_variant(
+    staged: StagedModel, workdir: Path, options: VariantOptions, step: Step | None = None, previous: Path | None = None
+) -> StagedModel:
     """The staged model to write, with the chosen file, config, model.json and parity.json figures.
     `previous`: the model's directory in the target repository, whose choice is kept if still valid."""
     from models.data.calibration import CalibrationDataMissing, calibration_inputs
@@ -221,15 +234,25 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
         try:
             with step(f"{name}: INT8 calibration + quantization (QDQ, per-channel; TensorRT's and OpenVINO's files)"):
                 calib, desc = calibration_inputs(name, meta.preprocess)
-                quant = quantize_onnx(fp32_file, fp32_file.with_name(INT8_FILENAME), calib,
-                                      description=desc, exclude=EXCLUDE_NODES.get(name, ()))
+                quant = quantize_onnx(
+                    fp32_file,
+                    fp32_file.with_name(INT8_FILENAME),
+                    calib,
+                    description=desc,
+                    exclude=EXCLUDE_NODES.get(name, ()),
+                )
                 files[INT8_FILENAME] = quant.path
                 if "openvino" in runtimes:
                     try:
                         files[INT8_OPENVINO_FILENAME] = quantize_onnx(
-                            fp32_file, fp32_file.with_name(INT8_OPENVINO_FILENAME), calib, description=desc,
-                            exclude=EXCLUDE_NODES.get(name, ()), flavor="openvino",
-                            full_bias_correction=name not in FAST_BIAS_CORRECTION_ONLY).path
+                            fp32_file,
+                            fp32_file.with_name(INT8_OPENVINO_FILENAME),
+                            calib,
+                            description=desc,
+                            exclude=EXCLUDE_NODES.get(name, ()),
+                            flavor="openvino",
+                            full_bias_correction=name not in FAST_BIAS_CORRECTION_ONLY,
+                        ).path
                     except QuantizationError as exc:  # OpenVINO's own file only: the other INT8 stays
                         notes.append(f"no INT8 for OpenVINO: {_unpathed(exc, fp32_file)}")
             import onnx
@@ -245,8 +268,9 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
             notes.append(f"no INT8: {_unpathed(exc, fp32_file)}")
             precisions = [p for p in precisions if p != "int8"]
 
-    candidates = [(p, r) for p in precisions for r in runtimes if (p != "bf16" or r == "openvino")
-                  and variant_file(p, r) in files]
+    candidates = [
+        (p, r) for p in precisions for r in runtimes if (p != "bf16" or r == "openvino") and variant_file(p, r) in files
+    ]
     tp: dict[str, float] = {}
     # The sessions built for the speed measurement serve the accuracy gate too, rather than loading and
     # optimising the same file a second time and holding it in memory twice.
@@ -259,8 +283,10 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
 
     if len(candidates) > 1:
         sample = _speed_sample(name, staged, calib)
-        with step(f"{name}: throughput of {', '.join(f'{p}/{r}' for p, r in candidates)} at batch "
-                  f"{'/'.join(map(str, MEASURE_BATCHES))}"):
+        with step(
+            f"{name}: throughput of {', '.join(f'{p}/{r}' for p, r in candidates)} at batch "
+            f"{'/'.join(map(str, MEASURE_BATCHES))}"
+        ):
             for p, r in candidates:
                 try:
                     session(p, r)
@@ -272,8 +298,9 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
                 for (p, r), run in runs.items():
                     for b in MEASURE_BATCHES:
                         key = f"{p}/{r}/b{b}"
-                        rate = throughput(run, sample, b, options.measure_seconds / MEASURE_ROUNDS,
-                                          warmup=round_ == 0, min_runs=1)
+                        rate = throughput(
+                            run, sample, b, options.measure_seconds / MEASURE_ROUNDS, warmup=round_ == 0, min_runs=1
+                        )
                         tp[key] = round(max(tp.get(key, 0.0), rate), 1)
         candidates = [c for c in candidates if f"{c[0]}/{c[1]}/b1" in tp]
         candidates.sort(key=lambda c: -score(tp, *c))
@@ -294,8 +321,9 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
             continue
         with step(f"{name}: accuracy gate, {p.upper()} on {r} vs FP32 parent"):
             try:
-                figures = run_gate(meta, session("fp32", "onnxruntime"), session(p, r), options.thresholds,
-                                   variant=f"{p}/{r}")
+                figures = run_gate(
+                    meta, session("fp32", "onnxruntime"), session(p, r), options.thresholds, variant=f"{p}/{r}"
+                )
             except Exception as exc:  # an evaluator that cannot run is a refusal, never a pass
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise VariantRefused(f"{name}: accuracy gate could not run: {first}") from None
@@ -307,11 +335,14 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
             continue
         passing.append(_variant(p, r))
     if not passing:
-        raise VariantRefused(refusals[0] if refusals else
-                             f"{name}: no variant to serve" + (f" ({'; '.join(notes)})" if notes else ""))
+        raise VariantRefused(
+            refusals[0] if refusals else f"{name}: no variant to serve" + (f" ({'; '.join(notes)})" if notes else "")
+        )
     chosen = passing[0]
     if refusals:
-        notes.append("refused by the accuracy gate: " + ", ".join(k for k, f in gated.items() if not all(x.passed for x in f)))
+        notes.append(
+            "refused by the accuracy gate: " + ", ".join(k for k, f in gated.items() if not all(x.passed for x in f))
+        )
     if chosen[0] == "fp32" and quant is not None and not gated:
         notes.append("FP32 measured faster than INT8 here (INT8 not gated)")
 
@@ -328,28 +359,55 @@ def select_variant(staged: StagedModel, workdir: Path, options: VariantOptions,
     kept_files = {variant_file(p, r) for p, r in passing}
     if quant is not None:
         kept_files.add(INT8_FILENAME)  # the TensorRT-readable file `export engine` builds from, gated or not
-    variants = [GatedVariant(precision=p, runtime=r, file=variant_file(p, r), parameters=variant_parameters(p, r),
-                             images_per_s=round(score(tp, p, r), 1) if f"{p}/{r}/b1" in tp else 0.0,
-                             needs=NEEDS.get(p, []), gated_on={f: cpu.has(f) for f in GATED_ON.get(p, ())})
-                for p, r in passing]
+    variants = [
+        GatedVariant(
+            precision=p,
+            runtime=r,
+            file=variant_file(p, r),
+            parameters=variant_parameters(p, r),
+            images_per_s=round(score(tp, p, r), 1) if f"{p}/{r}/b1" in tp else 0.0,
+            needs=NEEDS.get(p, []),
+            gated_on={f: cpu.has(f) for f in GATED_ON.get(p, ())},
+        )
+        for p, r in passing
+    ]
     fp32_sha = staged.parity["onnx_sha256"]  # the pipeline hashed the FP32 parent already
-    serving = ServingChoice(precision=precision, runtime=runtime, reason=reason, throughput=tp, gate=gate,
-                            calibration=quant.calibration if quant else "",
-                            fp32_onnx_sha256=fp32_sha if precision == "int8" else "",
-                            pinned=pinned, cpu=cpu, variants=variants)
+    serving = ServingChoice(
+        precision=precision,
+        runtime=runtime,
+        reason=reason,
+        throughput=tp,
+        gate=gate,
+        calibration=quant.calibration if quant else "",
+        fp32_onnx_sha256=fp32_sha if precision == "int8" else "",
+        pinned=pinned,
+        cpu=cpu,
+        variants=variants,
+    )
     _config_for(staged, precision, runtime, gate)
     parity = dict(staged.parity)
     served_path = files[variant_file(precision, runtime)]
     served_sha = fp32_sha if served_path == fp32_file else file_sha256(served_path)
     hashes = {f: (fp32_sha if f == FP32_FILENAME else file_sha256(files[f])) for f in sorted(kept_files)}
-    parity["served"] = {"precision": precision, "runtime": runtime, "onnx_sha256": served_sha,
-                        "reason": reason, "options": options.recorded(), "files": hashes,
-                        "cpu": cpu.model_dump(mode="json")}
+    parity["served"] = {
+        "precision": precision,
+        "runtime": runtime,
+        "onnx_sha256": served_sha,
+        "reason": reason,
+        "options": options.recorded(),
+        "files": hashes,
+        "cpu": cpu.model_dump(mode="json"),
+    }
     if quant is not None:
         parity["quantization"] = quant.to_dict()
     if gated:
         parity["accuracy_gate"] = {v: [f.model_dump(mode="json") for f in figs] for v, figs in gated.items()}
     if tp:
         parity["throughput_images_per_s"] = tp
-    return replace(staged, onnx_path=served_path, meta=meta.model_copy(update={"serving": serving}),
-                   parity=parity, variant_files=tuple(sorted((f, files[f]) for f in kept_files)))
+    return replace(
+        staged,
+        onnx_path=served_path,
+        meta=meta.model_copy(update={"serving": serving}),
+        parity=parity,
+        variant_files=tuple(sorted((f, files[f]) for f in kept_files)),
+    )

@@ -12,6 +12,7 @@ Two registry entries share one checkpoint: the full model (outputs "latent" and 
 the encoder alone ("latent"), so a client can ask for compact features without paying for the decoder.
 An exported model's reconstruction MSE: `python -m export.evaluate.autoencoder --onnx PATH`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

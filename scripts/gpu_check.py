@@ -15,6 +15,7 @@ Serving path, best available first:
   in-process the torch backend called directly at fixed batch sizes (when the server's own
              dependencies are missing): no batching, no gRPC, labelled as such.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,24 @@ if str(ROOT) not in sys.path:
 DEFAULT_MODELS = ("mobilenet_v2", "resnet18", "fashion_resnet20")
 QUICK_MODELS = ("fashion_resnet20",)
 GPU_TEST_FILES = ("tests/test_gpu_backends.py", "tests/test_tensorrt_engine.py", "tests/test_gpu_metrics.py")
-OPTIONAL_MODULES = ("numpy", "torch", "tensorrt", "cuda.bindings", "pynvml", "onnxruntime", "onnx", "onnxscript",
-                    "grpc", "grpc_health", "google.protobuf", "prometheus_client", "pydantic", "PIL", "pytest",
-                    "tritonclient.grpc")
+OPTIONAL_MODULES = (
+    "numpy",
+    "torch",
+    "tensorrt",
+    "cuda.bindings",
+    "pynvml",
+    "onnxruntime",
+    "onnx",
+    "onnxscript",
+    "grpc",
+    "grpc_health",
+    "google.protobuf",
+    "prometheus_client",
+    "pydantic",
+    "PIL",
+    "pytest",
+    "tritonclient.grpc",
+)
 
 
 def say(msg: str = "") -> None:
@@ -53,9 +69,16 @@ def say(msg: str = "") -> None:
 
 # Distribution names, for versions read from package metadata: importing is avoided on purpose, since
 # tritonclient's generated `inference.*` messages clash with the project's own in one process.
-_DISTRIBUTIONS = {"cuda.bindings": "cuda-bindings", "pynvml": "nvidia-ml-py", "grpc": "grpcio",
-                  "grpc_health": "grpcio-health-checking", "google.protobuf": "protobuf", "PIL": "pillow",
-                  "prometheus_client": "prometheus-client", "tritonclient.grpc": "tritonclient"}
+_DISTRIBUTIONS = {
+    "cuda.bindings": "cuda-bindings",
+    "pynvml": "nvidia-ml-py",
+    "grpc": "grpcio",
+    "grpc_health": "grpcio-health-checking",
+    "google.protobuf": "protobuf",
+    "PIL": "pillow",
+    "prometheus_client": "prometheus-client",
+    "tritonclient.grpc": "tritonclient",
+}
 
 
 def module_version(name: str) -> str | None:
@@ -75,6 +98,7 @@ def module_version(name: str) -> str | None:
 
 # ------------------------------------------------------------------ 1. what exists
 
+
 def report_environment() -> dict:
     info: dict = {"python": sys.version.split()[0], "modules": {}}
     say("== environment")
@@ -87,11 +111,17 @@ def report_environment() -> dict:
     info["cuda"] = bool(torch and torch.cuda.is_available())
     if info["cuda"]:
         props = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": props.name, "compute_capability": f"{props.major}.{props.minor}",
-                       "memory_gib": round(props.total_memory / 2**30, 1), "count": torch.cuda.device_count(),
-                       "torch_cuda": torch.version.cuda}
-        say(f"  GPU: {props.name}, compute capability {props.major}.{props.minor}, "
-            f"{props.total_memory / 2**30:.0f} GiB, x{torch.cuda.device_count()}, torch CUDA {torch.version.cuda}")
+        info["gpu"] = {
+            "name": props.name,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "count": torch.cuda.device_count(),
+            "torch_cuda": torch.version.cuda,
+        }
+        say(
+            f"  GPU: {props.name}, compute capability {props.major}.{props.minor}, "
+            f"{props.total_memory / 2**30:.0f} GiB, x{torch.cuda.device_count()}, torch CUDA {torch.version.cuda}"
+        )
     else:
         say("  GPU: none visible to torch")
     if info["modules"].get("onnxruntime"):
@@ -101,8 +131,12 @@ def report_environment() -> dict:
         say(f"  onnxruntime providers: {', '.join(info['ort_providers'])}")
     smi = shutil.which("nvidia-smi")
     if smi:
-        out = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            [smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         info["nvidia_smi"] = out.stdout.strip()
         say(f"  nvidia-smi: {out.stdout.strip() or out.stderr.strip()}")
     return info
@@ -118,6 +152,7 @@ def _torch():
 
 # ------------------------------------------------------------------ 2. GPU tests
 
+
 def run_gpu_tests(timeout_s: int) -> dict[str, str]:
     say("\n== GPU tests (pytest -m 'gpu or tensorrt')")
     if not module_version("pytest"):
@@ -126,9 +161,24 @@ def run_gpu_tests(timeout_s: int) -> dict[str, str]:
     results = {}
     for test_file in GPU_TEST_FILES:
         try:
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                                   "-m", "gpu or tensorrt", test_file], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=timeout_s)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-rs",
+                    "-p",
+                    "no:cacheprovider",
+                    "-m",
+                    "gpu or tensorrt",
+                    test_file,
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
             tail = [ln for ln in proc.stdout.splitlines() if ln.strip()][-3:]
             results[test_file] = " / ".join(tail)
         except subprocess.TimeoutExpired:
@@ -138,6 +188,7 @@ def run_gpu_tests(timeout_s: int) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ 3. a repository for the benchmark
+
 
 @dataclass
 class Variant:
@@ -154,17 +205,29 @@ class Variant:
         return f"{self.backend} {self.device}" + (" graphs" if self.graphs else "")
 
 
-def _config_text(name: str, backend: str, kind: str, input_name: str, input_shape, outputs: dict[str, tuple],
-                 max_batch: int, instances: int, graphs: bool = False) -> str:
+def _config_text(
+    name: str,
+    backend: str,
+    kind: str,
+    input_name: str,
+    input_shape,
+    outputs: dict[str, tuple],
+    max_batch: int,
+    instances: int,
+    graphs: bool = False,
+) -> str:
     dims = ", ".join(str(d) for d in input_shape)
-    out = ",\n  ".join(f'{{ name: "{o}" data_type: TYPE_FP32 dims: [{", ".join(str(d) for d in s)}] }}'
-                       for o, s in outputs.items())
-    return (f'name: "{name}"\nbackend: "{backend}"\nmax_batch_size: {max_batch}\n'
-            f'input [{{ name: "{input_name}" data_type: TYPE_FP32 dims: [{dims}] }}]\n'
-            f"output [\n  {out}\n]\n"
-            f"instance_group [{{ kind: {kind} count: {instances} }}]\n"
-            f"dynamic_batching {{ max_queue_delay_microseconds: 500 }}\n"
-            + ("optimization { cuda { graphs: true } }\n" if graphs else ""))
+    out = ",\n  ".join(
+        f'{{ name: "{o}" data_type: TYPE_FP32 dims: [{", ".join(str(d) for d in s)}] }}' for o, s in outputs.items()
+    )
+    return (
+        f'name: "{name}"\nbackend: "{backend}"\nmax_batch_size: {max_batch}\n'
+        f'input [{{ name: "{input_name}" data_type: TYPE_FP32 dims: [{dims}] }}]\n'
+        f"output [\n  {out}\n]\n"
+        f"instance_group [{{ kind: {kind} count: {instances} }}]\n"
+        f"dynamic_batching {{ max_queue_delay_microseconds: 500 }}\n"
+        + ("optimization { cuda { graphs: true } }\n" if graphs else "")
+    )
 
 
 def gpu_backends_found(info: dict) -> list[str]:
@@ -178,8 +241,9 @@ def gpu_backends_found(info: dict) -> list[str]:
     return found
 
 
-def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool = True,
-                     extra_gpu: tuple[str, ...] = ()) -> tuple[list[Variant], list[str]]:
+def build_repository(
+    root: Path, models, gpu: bool, max_batch: int, onnx: bool = True, extra_gpu: tuple[str, ...] = ()
+) -> tuple[list[Variant], list[str]]:
     """Export each model once (torch.export; ONNX for the CPU default when ONNX Runtime is here and for
     the TensorRT engine) and write one repository entry per (model, backend, device)."""
     import shutil as _shutil
@@ -211,8 +275,11 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
         program = export_program(model, example, max_batch)
         input_name = "input"
         # (backend, instance kind, device, CUDA graphs): the eager torch program and its CUDA-graph replay.
-        kinds = ([("pytorch", "KIND_GPU", "gpu", False), ("pytorch", "KIND_GPU", "gpu", True)] if gpu
-                 else [("pytorch", "KIND_CPU", "cpu", False)])
+        kinds = (
+            [("pytorch", "KIND_GPU", "gpu", False), ("pytorch", "KIND_GPU", "gpu", True)]
+            if gpu
+            else [("pytorch", "KIND_CPU", "cpu", False)]
+        )
         if gpu:
             kinds += [(b, "KIND_GPU", "gpu", False) for b in extra_gpu]
         if have_ort:
@@ -224,8 +291,15 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
         onnx_file = root / ".onnx" / f"{name}.onnx"
         if any(k[0] != "pytorch" for k in kinds):
             onnx_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.onnx.export(program, (example,), str(onnx_file), input_names=[input_name],
-                              output_names=list(outputs), dynamo=True, external_data=False)
+            torch.onnx.export(
+                program,
+                (example,),
+                str(onnx_file),
+                input_names=[input_name],
+                output_names=list(outputs),
+                dynamo=True,
+                external_data=False,
+            )
         for backend, kind, device, graphs in kinds:
             served = f"{name}__{backend}_{device}" + ("_graphs" if graphs else "")
             vdir = root / served / "1"
@@ -241,9 +315,19 @@ def build_repository(root: Path, models, gpu: bool, max_batch: int, onnx: bool =
                     notes.append(f"{name}: TensorRT engine build failed: {exc}")
                     _shutil.rmtree(root / served)
                     continue
-            (root / served / "config.pbtxt").write_text(_config_text(
-                served, backend, kind, input_name, entry.input_shape, outputs, max_batch,
-                instances=2 if device == "gpu" else 1, graphs=graphs))
+            (root / served / "config.pbtxt").write_text(
+                _config_text(
+                    served,
+                    backend,
+                    kind,
+                    input_name,
+                    entry.input_shape,
+                    outputs,
+                    max_batch,
+                    instances=2 if device == "gpu" else 1,
+                    graphs=graphs,
+                )
+            )
             variants.append(Variant(name, served, backend, device, input_name, tuple(entry.input_shape), graphs))
         say(f"  {name}: exported in {time.perf_counter() - t0:.1f}s ({weights})")
     return variants, notes
@@ -255,15 +339,21 @@ def _build_engine(vdir: Path, root: Path, input_name: str, input_shape, max_batc
     from export.tensorrt.build import build_engine
     from export.tensorrt.profiles import derive_profile
 
-    record = build_engine(vdir / ONNX_FILENAME, {input_name: derive_profile(input_shape, max_batch, [8])},
-                          precision="fp16", workspace_mib=2048, timing_cache=root / ".tensorrt" / "timing.cache",
-                          progress=lambda m: say(f"  {m.strip()}"))
+    record = build_engine(
+        vdir / ONNX_FILENAME,
+        {input_name: derive_profile(input_shape, max_batch, [8])},
+        precision="fp16",
+        workspace_mib=2048,
+        timing_cache=root / ".tensorrt" / "timing.cache",
+        progress=lambda m: say(f"  {m.strip()}"),
+    )
     manifest = EngineManifest()
     manifest.add(record)
     manifest.write(vdir)
 
 
 # ------------------------------------------------------------------ 4. GPU utilisation sampling
+
 
 class GpuSampler:
     """Mean GPU utilisation over a window, from NVML or nvidia-smi, sampled every 100 ms."""
@@ -279,10 +369,16 @@ class GpuSampler:
         except Exception:  # no pynvml / no driver
             smi = shutil.which("nvidia-smi")
             if smi:
+
                 def read() -> float:
-                    out = subprocess.run([smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                          "-i", "0"], capture_output=True, text=True, timeout=5)
+                    out = subprocess.run(
+                        [smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                        capture_output=True,
+                        text=True,
+                        timeout=5,
+                    )
                     return float(out.stdout.strip().splitlines()[0])
+
                 self._read = read
         self._samples: list[float] = []
         self._stop = threading.Event()
@@ -316,6 +412,7 @@ class GpuSampler:
 
 
 # ------------------------------------------------------------------ 5. driving the server
+
 
 @dataclass
 class Row:
@@ -376,10 +473,18 @@ async def _drive(client, v: Variant, concurrency: int, seconds: float, sampler: 
     stats1 = await _counts(client, v.served_as)
     items, execs = stats1[0] - stats0[0], stats1[1] - stats0[1]
     lat = sorted(latencies) or [float("nan")]
-    return Row(v.model, v.path, concurrency, len(latencies) / elapsed,
-               lat[len(lat) // 2] * 1e3, lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
-               items / execs if execs else None, sampler.mean() if v.device == "gpu" else None,
-               len(latencies), errors)
+    return Row(
+        v.model,
+        v.path,
+        concurrency,
+        len(latencies) / elapsed,
+        lat[len(lat) // 2] * 1e3,
+        lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
+        items / execs if execs else None,
+        sampler.mean() if v.device == "gpu" else None,
+        len(latencies),
+        errors,
+    )
 
 
 async def _counts(client, model: str) -> tuple[int, int]:
@@ -400,8 +505,10 @@ async def _bench_server(grpc_port: int, variants, concurrencies, cpu_concurrenci
             for c in levels:
                 row = await _drive(client, v, c, seconds, sampler)
                 rows.append(row)
-                say(f"  {row.model:18s} {row.path:16s} c={c:<3d} {row.throughput:8.1f} img/s  "
-                    f"p50 {row.p50_ms:7.2f} ms  p99 {row.p99_ms:7.2f} ms")
+                say(
+                    f"  {row.model:18s} {row.path:16s} c={c:<3d} {row.throughput:8.1f} img/s  "
+                    f"p50 {row.p50_ms:7.2f} ms  p99 {row.p99_ms:7.2f} ms"
+                )
     return rows
 
 
@@ -417,13 +524,35 @@ class _NullSampler(GpuSampler):
 
 def bench_with_server(repo: Path, variants, concurrencies, cpu_concurrencies, seconds, budget_end) -> list[Row]:
     grpc_port, metrics_port = _free_port(), _free_port()
-    cmd = [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
-           "--grpc-port", str(grpc_port), "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port),
-           "--log-format", "text", "--log-level", "warning", "--allow-http", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--model-repository",
+        str(repo),
+        "--grpc-address",
+        "127.0.0.1",
+        "--grpc-port",
+        str(grpc_port),
+        "--metrics-address",
+        "127.0.0.1",
+        "--metrics-port",
+        str(metrics_port),
+        "--log-format",
+        "text",
+        "--log-level",
+        "warning",
+        "--allow-http",
+        "false",
+    ]
     with open(repo / "server.log", "w") as log:  # the server writes to its own copy of the descriptor
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+        )
     try:
         try:
             _wait_ready(grpc_port, proc, variants, timeout=min(180.0, max(10.0, budget_end - time.monotonic())))
@@ -470,8 +599,10 @@ def bench_in_process(repo: Path, variants, batch_sizes, seconds, sampler: GpuSam
     for v in variants:
         if v.backend != "pytorch":
             continue
-        backend = TorchProgramBackend(repo / v.served_as / "1" / PROGRAM_FILENAME, BackendOptions(
-            device_kind=v.device, cuda_graphs=v.graphs, max_batch_size=max(batch_sizes)))
+        backend = TorchProgramBackend(
+            repo / v.served_as / "1" / PROGRAM_FILENAME,
+            BackendOptions(device_kind=v.device, cuda_graphs=v.graphs, max_batch_size=max(batch_sizes)),
+        )
         for n in batch_sizes:
             x = np.random.default_rng(0).standard_normal((n, *v.input_shape)).astype(np.float32)
             for _ in range(3):
@@ -485,14 +616,26 @@ def bench_in_process(repo: Path, variants, batch_sizes, seconds, sampler: GpuSam
                     lat.append(time.perf_counter() - t)
                 elapsed = time.perf_counter() - t0
             lat.sort()
-            rows.append(Row(v.model, f"{v.path} (in-process, batch {n})", n, len(lat) * n / elapsed,
-                            lat[len(lat) // 2] * 1e3, lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, float(n),
-                            sampler.mean() if v.device == "gpu" else None, len(lat), 0))
+            rows.append(
+                Row(
+                    v.model,
+                    f"{v.path} (in-process, batch {n})",
+                    n,
+                    len(lat) * n / elapsed,
+                    lat[len(lat) // 2] * 1e3,
+                    lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
+                    float(n),
+                    sampler.mean() if v.device == "gpu" else None,
+                    len(lat),
+                    0,
+                )
+            )
         backend.close()
     return rows
 
 
 # ------------------------------------------------------------------ 6. the table
+
 
 def format_table(rows: list[Row]) -> str:
     head = f"| {'model':18s} | {'backend':16s} | conc | img/s    | p50 ms  | p99 ms  | avg batch | GPU util |"
@@ -500,8 +643,10 @@ def format_table(rows: list[Row]) -> str:
     for r in rows:
         batch = f"{r.avg_batch:.1f}" if r.avg_batch is not None else "-"
         util = f"{r.gpu_util:.0f}%" if r.gpu_util is not None else "-"
-        lines.append(f"| {r.model:18s} | {r.path:16s} | {r.concurrency:4d} | {r.throughput:8.1f} | {r.p50_ms:7.2f} | "
-                     f"{r.p99_ms:7.2f} | {batch:>9s} | {util:>8s} |")
+        lines.append(
+            f"| {r.model:18s} | {r.path:16s} | {r.concurrency:4d} | {r.throughput:8.1f} | {r.p50_ms:7.2f} | "
+            f"{r.p99_ms:7.2f} | {batch:>9s} | {util:>8s} |"
+        )
     return "\n".join(lines)
 
 
@@ -548,8 +693,7 @@ def main(argv=None) -> int:
         extra = tuple(gpu_backends_found(info)) if gpu else ()
         if gpu:
             say(f"GPU backends: pytorch{''.join(', ' + b for b in extra)}")
-        variants, notes = build_repository(repo, models, gpu=gpu, max_batch=32, onnx=not args.no_onnx,
-                                           extra_gpu=extra)
+        variants, notes = build_repository(repo, models, gpu=gpu, max_batch=32, onnx=not args.no_onnx, extra_gpu=extra)
         result["notes"] = notes
         why_not = "--in-process asked for" if args.in_process else server_stack_available()
         if why_not is None:

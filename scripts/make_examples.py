@@ -1,5 +1,6 @@
 """Write the README's example pictures: a real photo (scikit-image's chelsea, a cat) and a generated
 shapes picture with its ground truth, so the first requests need nothing from the internet."""
+
 from __future__ import annotations
 
 import argparse

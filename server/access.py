@@ -14,6 +14,7 @@ over a header lookup: `AccessInterceptor` does so for gRPC, the REST binding for
 the header may also be sent as `triton-grpc-protocol-<header>`, the name Triton's gRPC server reads, so
 clients written for Triton work unchanged.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,24 +34,42 @@ from server.errors import InferError
 
 log = logging.getLogger("cnnserve.access")
 
-GROUPS = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
-          "statistics", "trace", "logging")
+GROUPS = (
+    "health",
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+)
 
 # Triton's grouping of the inference service's RPCs, including the ones this server answers
 # UNIMPLEMENTED (shared memory, trace, log settings): restricting them still refuses before that.
 _INFERENCE_SERVICE = "inference.GRPCInferenceService"
 _INFERENCE_RPC_GROUPS = {
-    "ServerLive": "health", "ServerReady": "health", "ModelReady": "health",
-    "ServerMetadata": "metadata", "ModelMetadata": "metadata",
-    "ModelInfer": "inference", "ModelStreamInfer": "inference",
+    "ServerLive": "health",
+    "ServerReady": "health",
+    "ModelReady": "health",
+    "ServerMetadata": "metadata",
+    "ModelMetadata": "metadata",
+    "ModelInfer": "inference",
+    "ModelStreamInfer": "inference",
     "ModelConfig": "model-config",
     "ModelStatistics": "statistics",
-    "RepositoryIndex": "model-repository", "RepositoryModelLoad": "model-repository",
+    "RepositoryIndex": "model-repository",
+    "RepositoryModelLoad": "model-repository",
     "RepositoryModelUnload": "model-repository",
-    "SystemSharedMemoryStatus": "shared-memory", "SystemSharedMemoryRegister": "shared-memory",
-    "SystemSharedMemoryUnregister": "shared-memory", "CudaSharedMemoryStatus": "shared-memory",
-    "CudaSharedMemoryRegister": "shared-memory", "CudaSharedMemoryUnregister": "shared-memory",
-    "TraceSetting": "trace", "LogSettings": "logging",
+    "SystemSharedMemoryStatus": "shared-memory",
+    "SystemSharedMemoryRegister": "shared-memory",
+    "SystemSharedMemoryUnregister": "shared-memory",
+    "CudaSharedMemoryStatus": "shared-memory",
+    "CudaSharedMemoryRegister": "shared-memory",
+    "CudaSharedMemoryUnregister": "shared-memory",
+    "TraceSetting": "trace",
+    "LogSettings": "logging",
 }
 # Whole services: the vision API runs inference; the standard health service is health; reflection
 # describes the API, i.e. metadata.
@@ -95,17 +114,21 @@ class Restriction:
         groups_part, sep, kv = spec.partition(":")
         header, eq, raw = kv.partition("=")
         if not sep or not eq:
-            raise AccessConfigError(f"{flag}: expected <group>[,<group>...]:<header>=<value>, got "
-                                    f"{spec.split('=', 1)[0]!r}=...")
+            raise AccessConfigError(
+                f"{flag}: expected <group>[,<group>...]:<header>=<value>, got {spec.split('=', 1)[0]!r}=..."
+            )
         groups = [g.strip() for g in groups_part.split(",") if g.strip()]
         unknown = [g for g in groups if g not in GROUPS]
         if not groups or unknown:
-            raise AccessConfigError(f"{flag}: unknown API group(s) {unknown or groups_part!r}; groups are "
-                                    f"{', '.join(GROUPS)}")
+            raise AccessConfigError(
+                f"{flag}: unknown API group(s) {unknown or groups_part!r}; groups are {', '.join(GROUPS)}"
+            )
         header = header.strip().lower()
         if not _HEADER_NAME.match(header) or header.endswith("-bin") or header.startswith("grpc-"):
-            raise AccessConfigError(f"{flag}: header {header!r} is not usable: lower-case letters, digits, "
-                                    "'-', '_' and '.', not starting with 'grpc-' nor ending in '-bin'")
+            raise AccessConfigError(
+                f"{flag}: header {header!r} is not usable: lower-case letters, digits, "
+                "'-', '_' and '.', not starting with 'grpc-' nor ending in '-bin'"
+            )
         try:
             value = resolve_secret(raw, flag)
         except ValueError as exc:  # an empty key would let every request in
@@ -176,8 +199,7 @@ class AccessPolicy:
         expected = r.digest
         ok = False
         for v in sent:
-            ok |= hmac.compare_digest(hashlib.sha256(v.encode() if isinstance(v, str) else bytes(v)).digest(),
-                                      expected)
+            ok |= hmac.compare_digest(hashlib.sha256(v.encode() if isinstance(v, str) else bytes(v)).digest(), expected)
         if ok:
             return None
         denial = Denial(self.protocol, group, r.header, "missing" if not sent else "wrong")
@@ -214,7 +236,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         self.policy = policy
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         metadata = details.invocation_metadata or ()

@@ -11,6 +11,7 @@ loads, so a port in use fails in milliseconds; a StartupError releases what was 
 Shutdown (SIGTERM/SIGINT): readiness and health turn NOT_SERVING, new inference requests are refused
 with UNAVAILABLE, every accepted request is answered (batchers drain), then the process exits.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,8 +34,12 @@ from server.bindings import rest_settings, rest_v2, rest_vision
 from server.bindings.grpc_inference import GrpcBinding, add_inference_service
 from server.bindings.grpc_vision import add_vision_service
 from server.bindings.rest import HttpLimits, RestBinding, RestServer
-from server.dataplane.admission import (DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_INFLIGHT_REQUESTS,
-                                        DEFAULT_RETRY_PUSHBACK_MS, Admission)
+from server.dataplane.admission import (
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    DEFAULT_MAX_INFLIGHT_REQUESTS,
+    DEFAULT_RETRY_PUSHBACK_MS,
+    Admission,
+)
 from server.dataplane.plane import DataPlane
 from server.dataplane.state import ServerState
 from server.dataplane.vision import DEFAULT_VISION_THREADS
@@ -99,7 +104,8 @@ class InferenceServer:
         self.state.admission = Admission(cfg.max_inflight_requests, cfg.max_inflight_bytes, cfg.retry_pushback_ms)
         self.state.model_control_mode = cfg.model_control_mode
         self.repository = ModelRepository(
-            cfg.model_repository, RuntimeDefaults(cfg.intra_op_threads, cfg.inter_op_threads, cfg.allow_spinning))
+            cfg.model_repository, RuntimeDefaults(cfg.intra_op_threads, cfg.inter_op_threads, cfg.allow_spinning)
+        )
         self.plane = DataPlane(self.repository, self.state, vision_threads=cfg.vision_threads)
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
@@ -124,19 +130,23 @@ class InferenceServer:
             self.http = RestServer(self.plane, REST_BINDINGS, cfg.http_access, cfg.http_limits)
             warn_if_exposed("http", cfg.http_address, cfg.http_tls)
             try:
-                self.http_port = await self.http.start(cfg.http_address, cfg.http_port, cfg.http_tls,
-                                                       reuse_port=cfg.reuse_port)
+                self.http_port = await self.http.start(
+                    cfg.http_address, cfg.http_port, cfg.http_tls, reuse_port=cfg.reuse_port
+                )
             except SystemExit as exc:  # the REST server's own one-line refusal
                 raise StartupError(f"{exc} (--http-port)") from None
             if cfg.http_access:
-                log.info("access keys required", extra={"protocol": "http",
-                                                        "restricted": cfg.http_access.restricted_groups})
+                log.info(
+                    "access keys required", extra={"protocol": "http", "restricted": cfg.http_access.restricted_groups}
+                )
         if cfg.allow_metrics:
             try:
                 self._metrics_http = metrics.serve_metrics(cfg.metrics_port, cfg.metrics_address, metrics.REGISTRY)
             except OSError as exc:
-                raise StartupError(f"could not bind metrics to {cfg.metrics_address}:{cfg.metrics_port} "
-                                   f"(--metrics-port): {exc.strerror or exc}") from None
+                raise StartupError(
+                    f"could not bind metrics to {cfg.metrics_address}:{cfg.metrics_port} "
+                    f"(--metrics-port): {exc.strerror or exc}"
+                ) from None
             self.metrics_port = self._metrics_http.server_port
             metrics.REGISTRY.register(metrics.TritonCollector(self.repository.all_stats))
             register_gpu_metrics(metrics.REGISTRY)  # per-GPU NVML gauges; a logged no-op without NVML
@@ -154,22 +164,39 @@ class InferenceServer:
             await self.health.set(n, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         models = {n: s.state for n, s in self.repository.models.items()}
-        log.info("server ready", extra={"grpc_port": self.grpc_port, "http_port": self.http_port,
-                                        "metrics_port": self.metrics_port, "models": models})
+        log.info(
+            "server ready",
+            extra={
+                "grpc_port": self.grpc_port,
+                "http_port": self.http_port,
+                "metrics_port": self.metrics_port,
+                "models": models,
+            },
+        )
         if cfg.ready_file is not None:
             tmp = cfg.ready_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"grpc_port": self.grpc_port, "http_port": self.http_port,
-                                       "metrics_port": self.metrics_port,
-                                       "pid": os.getpid(), "models": models}))
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "grpc_port": self.grpc_port,
+                        "http_port": self.http_port,
+                        "metrics_port": self.metrics_port,
+                        "pid": os.getpid(),
+                        "models": models,
+                    }
+                )
+            )
             tmp.replace(cfg.ready_file)  # atomic: a reader never sees half a file
 
     async def _bind_grpc(self) -> list[str]:
         """Build the gRPC server with every binding, bind and start it (live, not ready); the service names."""
         cfg = self.cfg
-        opts = [("grpc.max_send_message_length", cfg.max_message_bytes),
-                ("grpc.max_receive_message_length", cfg.max_message_bytes),
-                # Workers (server/workers.py) share the port; a lone server must own it.
-                ("grpc.so_reuseport", 1 if cfg.reuse_port else 0)]
+        opts = [
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            # Workers (server/workers.py) share the port; a lone server must own it.
+            ("grpc.so_reuseport", 1 if cfg.reuse_port else 0),
+        ]
         # The interceptor only when a group is restricted: unrestricted servers pay nothing per call.
         interceptors = [AccessInterceptor(cfg.grpc_access)] if cfg.grpc_access else None
         server = grpc.aio.server(options=opts, interceptors=interceptors)
@@ -198,8 +225,9 @@ class InferenceServer:
         if self.grpc_port == 0:
             raise StartupError(f"could not bind gRPC to {address} (--grpc-address / --grpc-port)")
         if cfg.grpc_access:
-            log.info("access keys required", extra={"protocol": "grpc",
-                                                    "restricted": cfg.grpc_access.restricted_groups})
+            log.info(
+                "access keys required", extra={"protocol": "grpc", "restricted": cfg.grpc_access.restricted_groups}
+            )
         for n in names:
             await self.health.set(n, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -227,8 +255,9 @@ class InferenceServer:
         await self._stop.wait()
 
     async def stop(self) -> None:
-        log.info("shutting down: refusing new requests, draining accepted ones",
-                 extra={"inflight": self.state.inflight})
+        log.info(
+            "shutting down: refusing new requests, draining accepted ones", extra={"inflight": self.state.inflight}
+        )
         self.state.shutting_down = True
         await self.health.enter_graceful_shutdown()
         if self._poller is not None:
@@ -258,8 +287,7 @@ def check_port_free(address: str, port: int, what: str, flag: str) -> None:
     if port == 0:
         return
     try:
-        infos = socket.getaddrinfo(address.strip("[]") or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(address.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise StartupError(f"could not bind {what} to {address}:{port} ({flag}): {exc.strerror}") from None
     family, kind, proto, _, sockaddr = infos[0]
@@ -268,8 +296,7 @@ def check_port_free(address: str, port: int, what: str, flag: str) -> None:
         try:
             probe.bind(sockaddr)
         except OSError as exc:
-            raise StartupError(f"could not bind {what} to {address}:{port} ({flag}): "
-                               f"{exc.strerror or exc}") from None
+            raise StartupError(f"could not bind {what} to {address}:{port} ({flag}): {exc.strerror or exc}") from None
 
 
 async def serve(cfg: ServerConfig) -> None:

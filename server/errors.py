@@ -8,6 +8,7 @@ alike) takes its status from `InferError.http_status`, i.e. from `HTTP_STATUS`, 
 refusal only HTTP has a status for (413 body too large, 408 body too slow) is an `InferError` with
 the nearest gRPC code and that status given explicitly.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,13 @@ class InferError(Exception):
     """A failure with the status it is answered with; `trailers` travel as gRPC trailing metadata
     (and HTTP headers), e.g. the retry pushback of a refused request."""
 
-    def __init__(self, code: grpc.StatusCode, message: str,
-                 trailers: tuple[tuple[str, str], ...] = (), http_status: int | None = None) -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        trailers: tuple[tuple[str, str], ...] = (),
+        http_status: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

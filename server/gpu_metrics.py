@@ -9,6 +9,7 @@ A custom collector reads NVML at scrape time rather than on a timer: the values 
 scrape and nothing runs between scrapes. Without NVML (no nvidia-ml-py, no driver, no GPU: every CPU
 machine) registration logs one line and does nothing, so the server starts the same everywhere.
 """
+
 from __future__ import annotations
 
 import logging

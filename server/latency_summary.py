@@ -7,6 +7,7 @@ every error target is met; the error values are accepted and shown only for Trit
 Observations arrive on the event loop, quantiles are read by the metrics thread: a lock keeps the
 window consistent between the two.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,12 @@ from dataclasses import dataclass, field
 
 # Triton's defaults (quantile, allowed error).
 DEFAULT_QUANTILES: tuple[tuple[float, float], ...] = (
-    (0.5, 0.05), (0.9, 0.01), (0.95, 0.001), (0.99, 0.001), (0.999, 0.000001))
+    (0.5, 0.05),
+    (0.9, 0.01),
+    (0.95, 0.001),
+    (0.99, 0.001),
+    (0.999, 0.000001),
+)
 MAX_AGE_S = 60.0  # prometheus-cpp's default max_age, as Triton uses it
 MAX_SAMPLES = 20_000  # per window: bounds memory at ~1 MB per model and stage under any load
 
@@ -42,8 +48,9 @@ def parse_quantiles(text: str) -> tuple[tuple[float, float], ...]:
         try:
             q, err = (float(x) for x in part.split(":"))
         except ValueError:
-            raise MetricsConfigError(f"summary_quantiles: {part!r} is not <quantile>:<error> "
-                                     "(e.g. 0.5:0.05,0.99:0.001)") from None
+            raise MetricsConfigError(
+                f"summary_quantiles: {part!r} is not <quantile>:<error> (e.g. 0.5:0.05,0.99:0.001)"
+            ) from None
         if not (0.0 <= q <= 1.0 and 0.0 <= err <= 1.0):
             raise MetricsConfigError(f"summary_quantiles: {part!r}: quantile and error must be in [0, 1]")
         out.append((q, err))
@@ -66,8 +73,10 @@ def configure(settings: list[str]) -> SummaryConfig:
         elif key == "counter_latencies" and value.lower() in ("true", "1"):
             pass  # the cumulative *_duration_us counters are always on here
         else:
-            raise MetricsConfigError(f"--metrics-config {item!r}: supported are summary_latencies=true|false, "
-                                     "summary_quantiles=<q>:<err>,... and counter_latencies=true")
+            raise MetricsConfigError(
+                f"--metrics-config {item!r}: supported are summary_latencies=true|false, "
+                "summary_quantiles=<q>:<err>,... and counter_latencies=true"
+            )
     return CONFIG
 
 

@@ -12,6 +12,7 @@ readable and changeable at run time through `GET/POST /v2/logging` and the gRPC 
 Triton's setting names: log_file, log_info, log_warnings, log_errors, log_verbose_level, log_format.
 Verbose level N is a logging level below DEBUG (`verbose(logger, n, ...)`); level 1 is DEBUG.
 """
+
 from __future__ import annotations
 
 import json
@@ -109,8 +110,14 @@ class LogSettings:
     log_format: str = "json"
 
 
-_TYPES: dict[str, type] = {"log_file": str, "log_info": bool, "log_warnings": bool, "log_errors": bool,
-                           "log_verbose_level": int, "log_format": str}
+_TYPES: dict[str, type] = {
+    "log_file": str,
+    "log_info": bool,
+    "log_warnings": bool,
+    "log_errors": bool,
+    "log_verbose_level": int,
+    "log_format": str,
+}
 
 
 class _Switches(logging.Filter):
@@ -145,8 +152,9 @@ def _install(settings: LogSettings) -> None:
         try:
             handler: logging.Handler = logging.FileHandler(settings.log_file, encoding="utf-8")
         except OSError as exc:
-            raise invalid(f"log_file: cannot open {settings.log_file!r:.200} for appending: "
-                          f"{exc.strerror or exc}") from None
+            raise invalid(
+                f"log_file: cannot open {settings.log_file!r:.200} for appending: {exc.strerror or exc}"
+            ) from None
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_formatter(settings.log_format))
@@ -169,8 +177,9 @@ def checked(updates: Mapping[str, Any]) -> dict[str, Any]:
         if kind is None:
             raise invalid(f"log setting '{key:.64}' is not one of {', '.join(_TYPES)}")
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise invalid(f"log setting '{key}' must be {'uint32' if kind is int else kind.__name__}, "
-                          f"got {type(value).__name__}")
+            raise invalid(
+                f"log setting '{key}' must be {'uint32' if kind is int else kind.__name__}, got {type(value).__name__}"
+            )
         if key == "log_verbose_level" and isinstance(value, int) and not 0 <= value < 2**32:
             raise invalid(f"log setting 'log_verbose_level' must be a non-negative integer, got {value}")
         if key == "log_format" and value not in FORMATS:
@@ -192,18 +201,32 @@ def update(updates: Mapping[str, Any]) -> dict[str, Any]:
         return asdict(SETTINGS)
 
 
-def setup_logging(level: str = "info", fmt: str = "json", *, verbose_level: int = 0, log_info: bool | None = None,
-                  log_warnings: bool | None = None, log_errors: bool | None = None, log_file: str = "") -> None:
+def setup_logging(
+    level: str = "info",
+    fmt: str = "json",
+    *,
+    verbose_level: int = 0,
+    log_info: bool | None = None,
+    log_warnings: bool | None = None,
+    log_errors: bool | None = None,
+    log_file: str = "",
+) -> None:
     """At start: `--log-level` (debug = verbose 1; warning/error turn the lower severities off) and
     Triton's --log-verbose / --log-info / --log-warning / --log-error / --log-file / --log-format."""
-    by_level = {"debug": (True, True, 1), "info": (True, True, 0), "warning": (False, True, 0),
-                "error": (False, False, 0)}[level]
+    by_level = {
+        "debug": (True, True, 1),
+        "info": (True, True, 0),
+        "warning": (False, True, 0),
+        "error": (False, False, 0),
+    }[level]
     settings = LogSettings(
-        log_file=log_file, log_format=fmt,
+        log_file=log_file,
+        log_format=fmt,
         log_info=by_level[0] if log_info is None else log_info,
         log_warnings=by_level[1] if log_warnings is None else log_warnings,
         log_errors=True if log_errors is None else log_errors,
-        log_verbose_level=max(verbose_level, by_level[2]))
+        log_verbose_level=max(verbose_level, by_level[2]),
+    )
     try:
         _install(settings)
     except Exception as exc:  # an unusable --log-file is a start-up error, said once

@@ -18,6 +18,7 @@ that accept only it (Prometheus with `scrape_protocols: [OpenMetricsText1.0.0]`)
 The counters are built as prometheus_client's counter families (samples `<name>_total`); only the
 classic writer here names their samples as Triton does.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -44,20 +45,31 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 REQUEST_LATENCY = Histogram(
-    "cnnserve_request_latency_seconds", "Server-side request latency, arrival to answer (successful requests)",
-    ["model", "version"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+    "cnnserve_request_latency_seconds",
+    "Server-side request latency, arrival to answer (successful requests)",
+    ["model", "version"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
 QUEUE_TIME = Histogram(
-    "cnnserve_queue_time_seconds", "Time a request waited in the dynamic batcher's queue before execution",
-    ["model", "version"], buckets=(0.0,) + _LATENCY_BUCKETS, registry=REGISTRY,
+    "cnnserve_queue_time_seconds",
+    "Time a request waited in the dynamic batcher's queue before execution",
+    ["model", "version"],
+    buckets=(0.0,) + _LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
 BATCH_SIZE = Histogram(
-    "cnnserve_batch_size", "Batch size (items) of each backend execution",
-    ["model", "version"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=REGISTRY,
+    "cnnserve_batch_size",
+    "Batch size (items) of each backend execution",
+    ["model", "version"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+    registry=REGISTRY,
 )
 ACCESS_DENIED = Counter(
-    "cnnserve_access_denied", "Requests refused by an access key (server/access.py): reason missing or wrong",
-    ["protocol", "group", "reason"], registry=REGISTRY,
+    "cnnserve_access_denied",
+    "Requests refused by an access key (server/access.py): reason missing or wrong",
+    ["protocol", "group", "reason"],
+    registry=REGISTRY,
 )
 
 
@@ -72,8 +84,10 @@ _COUNTERS: tuple[tuple[str, str], ...] = (
     ("nv_inference_compute_input_duration_us", "Cumulative compute input duration in microseconds"),
     ("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds"),
     ("nv_inference_compute_output_duration_us", "Cumulative inference compute output duration in microseconds"),
-    ("cnnserve_inference_request_never_executed",
-     "Requests accepted then expired or cancelled while queued (never executed)"),
+    (
+        "cnnserve_inference_request_never_executed",
+        "Requests accepted then expired or cancelled while queued (never executed)",
+    ),
 )
 TRITON_COUNTERS = frozenset(name for name, _ in _COUNTERS)
 _SUMMARY_HELP = {
@@ -100,12 +114,16 @@ class TritonCollector(Collector):
         labels = ["model", "version"]
         fams = {name: CounterMetricFamily(name, doc, labels=labels) for name, doc in _COUNTERS}
         fams["nv_inference_request_failure"] = CounterMetricFamily(
-            "nv_inference_request_failure", dict(_COUNTERS)["nv_inference_request_failure"],
-            labels=[*labels, "reason"])
-        pending = GaugeMetricFamily(PENDING, "Instantaneous number of pending requests awaiting execution per-model",
-                                    labels=labels)
-        summaries = {stage: Metric(f"nv_inference_{stage}_summary_us", doc, "summary")
-                     for stage, doc in _SUMMARY_HELP.items()} if latency_summary.CONFIG.enabled else {}
+            "nv_inference_request_failure", dict(_COUNTERS)["nv_inference_request_failure"], labels=[*labels, "reason"]
+        )
+        pending = GaugeMetricFamily(
+            PENDING, "Instantaneous number of pending requests awaiting execution per-model", labels=labels
+        )
+        summaries = (
+            {stage: Metric(f"nv_inference_{stage}_summary_us", doc, "summary") for stage, doc in _SUMMARY_HELP.items()}
+            if latency_summary.CONFIG.enabled
+            else {}
+        )
         qs = [q for q, _ in latency_summary.CONFIG.quantiles]
         for s in list(self._source()):
             lab = [s.name, s.version]
@@ -206,8 +224,11 @@ def serve_metrics(port: int, address: str, registry: Collector) -> ThreadingHTTP
             url = urlparse(self.path)
             fmt = parse_qs(url.query).get("format", [None])[0]
             if fmt is not None and fmt.lower() not in _FORMATS:
-                self._answer(400, f"format must be one of {', '.join(_FORMATS)}, got {fmt!r:.40}\n".encode(),
-                             "text/plain; charset=utf-8")
+                self._answer(
+                    400,
+                    f"format must be one of {', '.join(_FORMATS)}, got {fmt!r:.40}\n".encode(),
+                    "text/plain; charset=utf-8",
+                )
                 return
             try:
                 body, ctype = render(registry, self.headers.get("Accept"), fmt)
@@ -258,8 +279,9 @@ def merge_pages(pages: Iterable[str]) -> list[Metric]:
             for s in fam.samples:
                 key = (s.name, tuple(sorted(s.labels.items())))
                 if "quantile" in s.labels:  # NaN (an empty window) loses to any value
-                    acc[key] = max((v for v in (acc.get(key, math.nan), s.value) if not math.isnan(v)),
-                                   default=math.nan)
+                    acc[key] = max(
+                        (v for v in (acc.get(key, math.nan), s.value) if not math.isnan(v)), default=math.nan
+                    )
                 else:
                     acc[key] = acc.get(key, 0.0) + s.value
     for name, fam in families.items():

@@ -12,15 +12,17 @@ Load:
 Unload: `unload_dependents` (bool) is accepted; no model here has dependents (no ensembles).
 Anything else is refused with INVALID_ARGUMENT naming the key: never accepted and ignored.
 """
+
 from __future__ import annotations
 
 import base64
 import binascii
 import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from google.protobuf import json_format
 
@@ -76,18 +78,20 @@ def parse_config_json(text: str) -> mc.ModelConfig:
 
 
 def _file_path(key: str) -> str:
-    rel = key[len(FILE_PREFIX):]
+    rel = key[len(FILE_PREFIX) :]
     parts = PurePosixPath(rel).parts
     if not rel or rel.startswith("/") or "\\" in rel or any(p in ("..", ".") for p in parts):
-        raise invalid(f"load parameter {echo(key)}: expected 'file:<version>/<file name>', a path inside "
-                      "the model directory")
+        raise invalid(
+            f"load parameter {echo(key)}: expected 'file:<version>/<file name>', a path inside the model directory"
+        )
     return str(PurePosixPath(*parts))
 
 
 def check_repository_name(name: str) -> None:
     if name:
-        raise invalid(f"repository_name {echo(name)}: this server serves one repository, which has no name; "
-                      "leave it empty")
+        raise invalid(
+            f"repository_name {echo(name)}: this server serves one repository, which has no name; leave it empty"
+        )
 
 
 def load_override(request: pb.RepositoryModelLoadRequest) -> LoadOverride | None:
@@ -106,11 +110,14 @@ def load_override(request: pb.RepositoryModelLoadRequest) -> LoadOverride | None
                 raise invalid(f"load parameter {echo(key)} must be bytes (base64 in REST): the file's content")
             files[_file_path(key)] = value
         else:
-            raise invalid(f"unknown load parameter {echo(key)}; this server takes 'config' and "
-                          "'file:<version>/<file name>'")
+            raise invalid(
+                f"unknown load parameter {echo(key)}; this server takes 'config' and 'file:<version>/<file name>'"
+            )
     if files and config is None:
-        raise invalid("load parameters 'file:...' need the 'config' parameter too: the override files "
-                      "replace the model directory, config.pbtxt included")
+        raise invalid(
+            "load parameters 'file:...' need the 'config' parameter too: the override files "
+            "replace the model directory, config.pbtxt included"
+        )
     if config is None:
         return None
     return LoadOverride(config, files)
@@ -146,14 +153,15 @@ def _grpc_parameters(doc: Mapping[str, Any], what: str) -> dict[str, pb.ModelRep
         elif isinstance(value, bool):
             out[key] = pb.ModelRepositoryParameter(bool_param=value)
         elif isinstance(value, int):
-            if not -2**63 <= value < 2**63:
+            if not -(2**63) <= value < 2**63:
                 raise invalid(f"{what}: parameter {echo(key)} is out of the int64 range")
             out[key] = pb.ModelRepositoryParameter(int64_param=value)
         elif isinstance(value, str):
             out[key] = pb.ModelRepositoryParameter(string_param=value)
         else:
-            raise invalid(f"{what}: parameter {echo(key)} must be a string, number or boolean, "
-                          f"got {type(value).__name__}")
+            raise invalid(
+                f"{what}: parameter {echo(key)} must be a string, number or boolean, got {type(value).__name__}"
+            )
     return out
 
 

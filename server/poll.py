@@ -8,6 +8,7 @@ throughout. A model whose files change while being copied in fails to load, and 
 the fingerprint changed again, loads it once it is whole; a failed model whose files did not change is
 not retried.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,8 +39,7 @@ def fingerprint(model_dir: Path) -> Fingerprint:
 
 
 def snapshot(root: Path) -> dict[str, Fingerprint]:
-    return {p.name: fingerprint(p) for p in sorted(root.iterdir())
-            if p.is_dir() and not p.name.startswith(".")}
+    return {p.name: fingerprint(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
 
 
 class RepositoryPoller:
@@ -70,7 +70,7 @@ class RepositoryPoller:
                 await self.poll()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - one failed poll (a vanished repository) must not end polling
+            except Exception:
                 log.exception("repository poll failed")
 
     async def poll(self) -> None:
@@ -84,8 +84,11 @@ class RepositoryPoller:
         for name, fp in sorted(now.items()):
             if self.seen.get(name) == fp:
                 continue
-            log.info("model %s in the repository: loading", "changed" if name in self.seen else "added",
-                     extra={"model": name})
+            log.info(
+                "model %s in the repository: loading",
+                "changed" if name in self.seen else "added",
+                extra={"model": name},
+            )
             try:
                 await self.repository.load(name)
             except InferError as exc:  # a directory name that is no model name: recorded, not retried

@@ -15,33 +15,40 @@ Config parameter `execution_timeout_ms` (string, milliseconds; absent or 0: no l
 execution: a model whose execution overruns it turns UNAVAILABLE with the reason (its batcher failed the
 requests; server/batcher.py) while every other model keeps serving; RepositoryModelLoad loads it afresh.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable
 
 from pydantic import ValidationError
 
 from cnncore.artifacts import ONNX_FILENAME, PLAN_FILENAME, PROGRAM_FILENAME
 from cnncore.config import CONFIG_FILENAME, ConfigError, load_config
+from cnncore.datatypes import from_config, from_numpy, to_config
 from cnncore.layout import version_numbers
 from cnncore.spec import META_FILENAME, ModelMeta
 from protos import model_config_pb2 as mc
 from server import backends as _backends  # noqa: F401  (registers the backends)
-from server.backends.base import (Backend, BackendOptions, BackendUnavailable, TensorSpec, available_backends,
-                                  create_backend)
-from server.scheduling.batcher import BatchSettings, DynamicBatcher
-from cnncore.datatypes import from_config, from_numpy, to_config
 from server import variant_choice, warmup
-from server.errors import InferError, echo, not_found, unavailable
-from server.dataplane.names import check_model_name, parse_version
-from server.dataplane.model import ServedModel
+from server.backends.base import (
+    Backend,
+    BackendOptions,
+    BackendUnavailable,
+    TensorSpec,
+    available_backends,
+    create_backend,
+)
 from server.dataplane.classification import read_labels
+from server.dataplane.model import ServedModel
+from server.dataplane.names import check_model_name, parse_version
+from server.errors import InferError, echo, not_found, unavailable
 from server.model_overrides import LoadOverride
+from server.scheduling.batcher import BatchSettings, DynamicBatcher
 from server.stats import ModelStats
 
 log = logging.getLogger("cnnserve.repository")
@@ -49,8 +56,12 @@ log = logging.getLogger("cnnserve.repository")
 # config `platform` -> backend name, and what each backend reports as platform / looks for on disk.
 _PLATFORM_BACKEND = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt", "pytorch_libtorch": "pytorch"}
 _BACKEND_PLATFORM = {v: k for k, v in _PLATFORM_BACKEND.items()}
-_DEFAULT_FILENAME = {"onnxruntime": ONNX_FILENAME, "tensorrt": PLAN_FILENAME, "pytorch": PROGRAM_FILENAME,
-                     "openvino": ONNX_FILENAME}
+_DEFAULT_FILENAME = {
+    "onnxruntime": ONNX_FILENAME,
+    "tensorrt": PLAN_FILENAME,
+    "pytorch": PROGRAM_FILENAME,
+    "openvino": ONNX_FILENAME,
+}
 # beside the models: compiled artifacts the backends keep between loads (never listed as a model)
 CACHE_DIRNAME = ".cache"
 # models loading at once at start: loading is mostly native code (graph conversion, compiling) that
@@ -95,8 +106,10 @@ def _backend_name(cfg: mc.ModelConfig, model_dir: Path) -> str:
         return cfg.backend
     if cfg.platform:
         if cfg.platform not in _PLATFORM_BACKEND:
-            raise LoadError(f"{model_dir / CONFIG_FILENAME}: unknown platform {cfg.platform!r} "
-                            f"(known: {', '.join(_PLATFORM_BACKEND)})")
+            raise LoadError(
+                f"{model_dir / CONFIG_FILENAME}: unknown platform {cfg.platform!r} "
+                f"(known: {', '.join(_PLATFORM_BACKEND)})"
+            )
         return _PLATFORM_BACKEND[cfg.platform]
     for backend, filename in _DEFAULT_FILENAME.items():  # Triton's auto-complete: guess from the files
         if any(model_dir.glob(f"*/{filename}")):
@@ -193,8 +206,10 @@ def _settings(cfg: mc.ModelConfig) -> BatchSettings:
     db = cfg.dynamic_batching
     timeout = cfg.parameters[EXECUTION_TIMEOUT_PARAM].string_value if EXECUTION_TIMEOUT_PARAM in cfg.parameters else "0"
     if not (timeout.isascii() and timeout.isdigit()) or len(timeout) > 12:
-        raise LoadError(f"config parameter {EXECUTION_TIMEOUT_PARAM} must be a whole number of milliseconds "
-                        f"(0 = no limit), got {timeout[:40]!r}")
+        raise LoadError(
+            f"config parameter {EXECUTION_TIMEOUT_PARAM} must be a whole number of milliseconds "
+            f"(0 = no limit), got {timeout[:40]!r}"
+        )
     return BatchSettings(
         max_batch_size=cfg.max_batch_size,
         dynamic=cfg.HasField("dynamic_batching") and cfg.max_batch_size > 0,
@@ -234,8 +249,9 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults, override: LoadOverri
     variant_choice.apply(cfg, meta, name)  # another gated variant where this CPU's flags differ from export's
     backend = _backend_name(cfg, model_dir)
     if backend not in available_backends():
-        raise LoadError(f"{model_dir / CONFIG_FILENAME}: unknown backend {backend!r}; "
-                        f"available: {', '.join(available_backends())}")
+        raise LoadError(
+            f"{model_dir / CONFIG_FILENAME}: unknown backend {backend!r}; available: {', '.join(available_backends())}"
+        )
     if not cfg.backend and not cfg.platform:
         cfg.backend = backend
     platform = cfg.platform or _BACKEND_PLATFORM.get(backend, backend)
@@ -264,7 +280,9 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults, override: LoadOverri
                 try:
                     instances.append(create_backend(backend, path, options))
                 except BackendUnavailable as exc:
-                    raise LoadError(f"model '{name}' version {version}: backend {backend!r} unavailable: {exc}") from None
+                    raise LoadError(
+                        f"model '{name}' version {version}: backend {backend!r} unavailable: {exc}"
+                    ) from None
                 except Exception as exc:  # a corrupt file or an unsupported graph fails this model only
                     raise LoadError(f"model '{name}' version {version}: {exc}") from None
             _complete(vcfg, instances[0], str(path))
@@ -278,8 +296,15 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults, override: LoadOverri
                     runs = warmup.run(vcfg, instances, model_dir)
                 except warmup.WarmupError as exc:
                     raise LoadError(f"model '{name}' version {version}: {exc}") from None
-                log.info("model warmed up", extra={"model": name, "version": version, "executions": runs,
-                                                   "ms": round((time.perf_counter() - t0) * 1000, 1)})
+                log.info(
+                    "model warmed up",
+                    extra={
+                        "model": name,
+                        "version": version,
+                        "executions": runs,
+                        "ms": round((time.perf_counter() - t0) * 1000, 1),
+                    },
+                )
     except BaseException:
         for b in built:
             for inst in b.instances:
@@ -341,14 +366,21 @@ class ModelRepository:
             versions: dict[int, ServedModel] = {}
             for b in built:
                 stats = ModelStats(name, str(b.version))
-                batcher = DynamicBatcher(name, str(b.version), b.instances, b.settings, stats,
-                                         on_fault=self._fault_handler(state, b.version))
+                batcher = DynamicBatcher(
+                    name, str(b.version), b.instances, b.settings, stats, on_fault=self._fault_handler(state, b.version)
+                )
                 batcher.start()
                 versions[b.version] = ServedModel(name, b.version, b.config, b.meta, b.instances, batcher, b.platform)
                 versions[b.version].labels = b.labels
             state.versions, state.state, state.reason = versions, "READY", ""
-            log.info("model loaded", extra={"model": name, "versions": sorted(versions),
-                                            "instances": len(built[0].instances) if built else 0})
+            log.info(
+                "model loaded",
+                extra={
+                    "model": name,
+                    "versions": sorted(versions),
+                    "instances": len(built[0].instances) if built else 0,
+                },
+            )
             for m in old.values():
                 await m.close()
             return state
@@ -358,6 +390,7 @@ class ModelRepository:
             if version in state.versions and state.versions[version].batcher.fault is not None:
                 state.state, state.reason = "UNAVAILABLE", f"version {version}: {reason}"
                 log.error("model marked not ready", extra={"model": state.name, "version": version, "reason": reason})
+
         return on_fault
 
     async def unload(self, name: str) -> None:
@@ -383,8 +416,10 @@ class ModelRepository:
         if number is None:
             model = state.versions[max(state.versions)]
         elif number not in state.versions:
-            raise not_found(f"model '{name}' has no version '{number}'; served versions: "
-                            f"{', '.join(str(v) for v in sorted(state.versions))}")
+            raise not_found(
+                f"model '{name}' has no version '{number}'; served versions: "
+                f"{', '.join(str(v) for v in sorted(state.versions))}"
+            )
         else:
             model = state.versions[number]
         if model.batcher.fault is not None:

@@ -27,6 +27,7 @@ answer to whatever bytes were read.
 `tensor_source` and `output_target` read the protocol parameters as Python values, so the gRPC
 binding and the REST binding resolve them the same way.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -72,8 +73,10 @@ class Region:
     def check(self, offset: int, byte_size: int, what: str) -> int:
         """The object offset of [offset, offset + byte_size) of this region; INVALID_ARGUMENT outside it."""
         if offset < 0 or byte_size < 0 or offset + byte_size > self.byte_size:
-            raise invalid(f"{what}: {OFFSET} {offset} + {BYTE_SIZE} {byte_size} exceeds shared memory region "
-                          f"{echo(self.name)} of {self.byte_size} bytes")
+            raise invalid(
+                f"{what}: {OFFSET} {offset} + {BYTE_SIZE} {byte_size} exceeds shared memory region "
+                f"{echo(self.name)} of {self.byte_size} bytes"
+            )
         return self.offset + offset
 
     @contextmanager
@@ -91,8 +94,10 @@ class Region:
                     os.close(self._fd)
 
     def _shrank(self, what: str, size: int, start: int, end: int) -> InferError:
-        return invalid(f"{what}: shared memory object {echo(self.key)} shrank to {size} bytes after region "
-                       f"{echo(self.name)} was registered; it no longer holds bytes [{start}, {end})")
+        return invalid(
+            f"{what}: shared memory object {echo(self.key)} shrank to {size} bytes after region "
+            f"{echo(self.name)} was registered; it no longer holds bytes [{start}, {end})"
+        )
 
     def read(self, offset: int, byte_size: int, what: str) -> memoryview:
         """A copy of the bytes [offset, offset + byte_size) of this region (see the module docstring)."""
@@ -142,8 +147,10 @@ def _open(name: str, key: str, offset: int, byte_size: int, path: Path) -> Regio
         if not stat.S_ISREG(st.st_mode):
             raise invalid(f"shared memory key {echo(key)}: {path} is not a shared-memory object")
         if offset + byte_size > st.st_size:
-            raise invalid(f"shared memory region {echo(name)}: offset {offset} + byte_size {byte_size} "
-                          f"exceeds {echo(key)} of {st.st_size} bytes")
+            raise invalid(
+                f"shared memory region {echo(name)}: offset {offset} + byte_size {byte_size} "
+                f"exceeds {echo(key)} of {st.st_size} bytes"
+            )
     except BaseException:
         os.close(fd)
         raise
@@ -174,8 +181,10 @@ class SharedMemoryRegistry:
         """The /dev/shm file a shm_open key names; INVALID_ARGUMENT for anything that would leave it."""
         name = key[1:] if key.startswith("/") else key
         if not name or "/" in name or name in (".", "..") or "\0" in name:
-            raise invalid(f"shared memory key {echo(key)} is not a POSIX shared-memory name: expected "
-                          f"'/name' (one component under {SHM_ROOT}, no '/' inside)")
+            raise invalid(
+                f"shared memory key {echo(key)} is not a POSIX shared-memory name: expected "
+                f"'/name' (one component under {SHM_ROOT}, no '/' inside)"
+            )
         return SHM_ROOT / name
 
     @staticmethod
@@ -244,8 +253,11 @@ class SharedMemoryRegistry:
             found = [RegionStatus(**r) for r in self._shared_records(self.shared_dir) if not name or r["name"] == name]
         else:
             with self._lock:
-                found = [RegionStatus(r.name, r.key, r.offset, r.byte_size) for r in self._regions.values()
-                         if not name or r.name == name]
+                found = [
+                    RegionStatus(r.name, r.key, r.offset, r.byte_size)
+                    for r in self._regions.values()
+                    if not name or r.name == name
+                ]
         if name and not found:
             raise not_found(f"shared memory region {echo(name)} is not registered")
         return found
@@ -291,8 +303,7 @@ def process_registry() -> SharedMemoryRegistry:
     return SharedMemoryRegistry(Path(shared) if shared else None)
 
 
-def _placement(registry: SharedMemoryRegistry, params: Mapping[str, Any],
-               what: str) -> tuple[Region, int, int] | None:
+def _placement(registry: SharedMemoryRegistry, params: Mapping[str, Any], what: str) -> tuple[Region, int, int] | None:
     """(region, offset, byte_size) a tensor's parameters name, or None when they name no region."""
     if REGION not in params:
         for p in (OFFSET, BYTE_SIZE):
@@ -341,8 +352,10 @@ class OutputTarget:
         region; returns bytes written."""
         what = f"output '{self.name}'"
         if len(data) > self.byte_size:
-            raise invalid(f"{what}: result of {len(data)} bytes does not fit {BYTE_SIZE} {self.byte_size} "
-                          f"of shared memory region {echo(self.region.name)}")
+            raise invalid(
+                f"{what}: result of {len(data)} bytes does not fit {BYTE_SIZE} {self.byte_size} "
+                f"of shared memory region {echo(self.region.name)}"
+            )
         self.region.write(self.offset, memoryview(data), what)
         return len(data)
 

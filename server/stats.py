@@ -4,6 +4,7 @@ Updated only on the event loop thread (the batcher hands timings measured in wor
 the loop), read by the metrics HTTP thread; plain ints under the GIL need no lock for that.
 Durations are nanoseconds, as in the protocol's StatisticDuration.
 """
+
 from __future__ import annotations
 
 import time
@@ -34,8 +35,13 @@ class BatchDurations:
 
 
 # The durations Triton's latency summaries are kept for (nv_inference_<stage>_summary_us).
-SUMMARY_STAGES = {"success": "request", "queue": "queue", "compute_input": "compute_input",
-                  "compute_infer": "compute_infer", "compute_output": "compute_output"}
+SUMMARY_STAGES = {
+    "success": "request",
+    "queue": "queue",
+    "compute_input": "compute_input",
+    "compute_infer": "compute_infer",
+    "compute_output": "compute_output",
+}
 
 # Why a request failed; the `reason` label of nv_inference_request_failure.
 FAILURE_REASONS = ("REJECTED", "TIMEOUT", "CANCELED", "INVALID", "BACKEND")

@@ -6,6 +6,7 @@ The files are read and checked once with Python's `ssl` module before any listen
 failure on a bad certificate or a key that does not match it is a bare "could not add port", which
 names neither file nor reason.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -34,20 +35,24 @@ class TlsFiles:
     mutual: bool = False
 
     @classmethod
-    def from_flags(cls, protocol: str, use_ssl: bool, mutual: bool, cert: Path | None, key: Path | None,
-                   root: Path | None) -> TlsFiles | None:
+    def from_flags(
+        cls, protocol: str, use_ssl: bool, mutual: bool, cert: Path | None, key: Path | None, root: Path | None
+    ) -> TlsFiles | None:
         """Triton's flag set (`--<protocol>-use-ssl`, `-use-ssl-mutual`, `-server-cert`, `-server-key`,
         `-root-cert`) -> TlsFiles, None for plaintext; a set that cannot work raises TlsConfigError."""
         if not (use_ssl or mutual):
             if cert or key or root:
-                raise TlsConfigError(f"--{protocol}-server-cert/-key/--{protocol}-root-cert given without "
-                                     f"--{protocol}-use-ssl: refusing to serve plaintext by mistake")
+                raise TlsConfigError(
+                    f"--{protocol}-server-cert/-key/--{protocol}-root-cert given without "
+                    f"--{protocol}-use-ssl: refusing to serve plaintext by mistake"
+                )
             return None
         if cert is None or key is None:
             raise TlsConfigError(f"--{protocol}-use-ssl needs --{protocol}-server-cert and --{protocol}-server-key")
         if mutual and root is None:
-            raise TlsConfigError(f"--{protocol}-use-ssl-mutual needs --{protocol}-root-cert "
-                                 "(the CA that signs client certificates)")
+            raise TlsConfigError(
+                f"--{protocol}-use-ssl-mutual needs --{protocol}-root-cert (the CA that signs client certificates)"
+            )
         files = cls(cert, key, root, mutual)
         files.check()
         return files
@@ -61,8 +66,11 @@ class TlsFiles:
     def check(self) -> None:
         """Every file readable and PEM, the key matching the certificate: raises TlsConfigError naming
         the file otherwise."""
-        for path, what in ((self.server_cert, "server certificate"), (self.server_key, "server key"),
-                           *(((self.root_cert, "root certificate"),) if self.root_cert else ())):
+        for path, what in (
+            (self.server_cert, "server certificate"),
+            (self.server_key, "server key"),
+            *(((self.root_cert, "root certificate"),) if self.root_cert else ()),
+        ):
             self._read(path, what)
         self.ssl_context()
 
@@ -146,8 +154,10 @@ class TlsFiles:
         try:
             ctx.load_cert_chain(self.server_cert, self.server_key)
         except (ssl.SSLError, OSError) as exc:
-            raise TlsConfigError(f"server certificate {self.server_cert} / key {self.server_key} unusable "
-                                 f"(not PEM, or the key does not match the certificate): {exc}") from None
+            raise TlsConfigError(
+                f"server certificate {self.server_cert} / key {self.server_key} unusable "
+                f"(not PEM, or the key does not match the certificate): {exc}"
+            ) from None
         if self.root_cert is not None:
             try:
                 ctx.load_verify_locations(cafile=str(self.root_cert))
@@ -172,7 +182,12 @@ def warn_if_exposed(protocol: str, address: str, tls: TlsFiles | None) -> bool:
     """Log a warning when `protocol` ("grpc", "http") serves plaintext beyond loopback; True if it did."""
     if tls is not None or is_loopback(address):
         return False
-    log.warning("%s listens in plaintext on %s: anyone who can reach the port can read and send requests; "
-                "use --%s-use-ssl, or bind 127.0.0.1 behind a proxy that terminates TLS",
-                protocol, address, protocol, extra={"protocol": protocol, "address": address})
+    log.warning(
+        "%s listens in plaintext on %s: anyone who can reach the port can read and send requests; "
+        "use --%s-use-ssl, or bind 127.0.0.1 behind a proxy that terminates TLS",
+        protocol,
+        address,
+        protocol,
+        extra={"protocol": protocol, "address": address},
+    )
     return True

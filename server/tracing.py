@@ -24,6 +24,7 @@ triton mode they go to trace_file as Triton writes them; in opentelemetry mode t
 The request path calls `TRACER.request(...)` around the batcher; the batcher reports the queue and
 compute timestamps to the `Trace` it is handed. The same call logs each request at verbose level 1.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,9 +65,14 @@ class TraceSettings:
     trace_mode: str = "triton"
 
     def as_strings(self) -> dict[str, str | list[str]]:
-        return {"trace_file": self.trace_file, "trace_level": list(self.trace_level),
-                "trace_rate": str(self.trace_rate), "trace_count": str(self.trace_count),
-                "log_frequency": str(self.log_frequency), "trace_mode": self.trace_mode}
+        return {
+            "trace_file": self.trace_file,
+            "trace_level": list(self.trace_level),
+            "trace_rate": str(self.trace_rate),
+            "trace_count": str(self.trace_count),
+            "log_frequency": str(self.log_frequency),
+            "trace_mode": self.trace_mode,
+        }
 
     @property
     def on(self) -> bool:
@@ -95,8 +101,10 @@ def _checked(key: str, value: Any) -> Any:
             raise invalid("trace setting 'trace_level' must be a list of strings (OFF, TIMESTAMPS)")
         for v in levels:
             if v not in LEVELS:
-                raise invalid(f"trace setting 'trace_level': {v!r:.40} is not supported; levels are "
-                              f"{', '.join(LEVELS)} (TENSORS: tensors are not recorded by this server)")
+                raise invalid(
+                    f"trace setting 'trace_level': {v!r:.40} is not supported; levels are "
+                    f"{', '.join(LEVELS)} (TENSORS: tensors are not recorded by this server)"
+                )
         return ("OFF",) if levels == ["OFF"] or "TIMESTAMPS" not in levels else ("TIMESTAMPS",)
     if key == "trace_rate":
         return _integer(key, value, 1)
@@ -124,11 +132,17 @@ class Trace:
     request_id: str
     timestamps: dict[str, int] = field(default_factory=dict)  # name -> steady-clock ns
 
-    def computed(self, queue_start: int, compute_start: int, input_end: int, output_start: int,
-                 compute_end: int) -> None:
+    def computed(
+        self, queue_start: int, compute_start: int, input_end: int, output_start: int, compute_end: int
+    ) -> None:
         """The batcher's report (from its execution thread) once the request's batch ran."""
-        self.timestamps.update(QUEUE_START=queue_start, COMPUTE_START=compute_start, COMPUTE_INPUT_END=input_end,
-                               COMPUTE_OUTPUT_START=output_start, COMPUTE_END=compute_end)
+        self.timestamps.update(
+            QUEUE_START=queue_start,
+            COMPUTE_START=compute_start,
+            COMPUTE_INPUT_END=input_end,
+            COMPUTE_OUTPUT_START=output_start,
+            COMPUTE_END=compute_end,
+        )
 
     def ordered(self) -> list[dict[str, Any]]:
         return [{"name": k, "ns": v} for k, v in sorted(self.timestamps.items(), key=lambda kv: kv[1])]
@@ -190,8 +204,14 @@ class _FileSink:
     def _write(path: Path, traces: list[Trace]) -> None:
         doc: list[dict[str, Any]] = []
         for t in traces:
-            doc.append({"id": t.id, "model_name": t.model, "model_version": int(t.version) if t.version.isdigit()
-                        else t.version, "request_id": t.request_id})
+            doc.append(
+                {
+                    "id": t.id,
+                    "model_name": t.model,
+                    "model_version": int(t.version) if t.version.isdigit() else t.version,
+                    "request_id": t.request_id,
+                }
+            )
             doc.append({"id": t.id, "timestamps": t.ordered()})
         try:
             tmp = path.with_name(path.name + ".tmp")
@@ -211,8 +231,9 @@ class _OtelSink:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         self.provider = TracerProvider(resource=Resource.create({"service.name": "cnnserve", **resource}))
-        self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url),
-                                                            schedule_delay_millis=schedule_delay_ms))
+        self.provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=url), schedule_delay_millis=schedule_delay_ms)
+        )
         self.tracer = self.provider.get_tracer("cnnserve")
         # Span times are wall-clock ns; the trace's timestamps are steady-clock ns.
         self._offset = time.time_ns() - time.perf_counter_ns()
@@ -222,14 +243,23 @@ class _OtelSink:
 
         ts = {k: v + self._offset for k, v in trace.timestamps.items()}
         start, end = ts["REQUEST_START"], ts["REQUEST_END"]
-        root = self.tracer.start_span("request", start_time=start, attributes={
-            "triton.model_name": trace.model, "triton.model_version": trace.version,
-            "triton.trace_id": trace.id, "triton.request_id": trace.request_id})
+        root = self.tracer.start_span(
+            "request",
+            start_time=start,
+            attributes={
+                "triton.model_name": trace.model,
+                "triton.model_version": trace.version,
+                "triton.trace_id": trace.id,
+                "triton.request_id": trace.request_id,
+            },
+        )
         ctx = otel.set_span_in_context(root)
         if "COMPUTE_START" in ts:
-            spans = [("queue", ts["QUEUE_START"], ts["COMPUTE_START"]),
-                     ("compute", ts["COMPUTE_START"], ts["COMPUTE_END"]),
-                     ("response", ts["COMPUTE_END"], end)]
+            spans = [
+                ("queue", ts["QUEUE_START"], ts["COMPUTE_START"]),
+                ("compute", ts["COMPUTE_START"], ts["COMPUTE_END"]),
+                ("response", ts["COMPUTE_END"], end),
+            ]
             for name, a, b in spans:
                 span = self.tracer.start_span(name, context=ctx, start_time=a)
                 if name == "compute":
@@ -262,8 +292,14 @@ class Tracer:
         otel: dict[str, str] = {}
         resource: dict[str, str] = {}
         s = TraceSettings()
-        names = {"level": "trace_level", "rate": "trace_rate", "count": "trace_count",
-                 "log-frequency": "log_frequency", "log_frequency": "log_frequency", "file": "trace_file"}
+        names = {
+            "level": "trace_level",
+            "rate": "trace_rate",
+            "count": "trace_count",
+            "log-frequency": "log_frequency",
+            "log_frequency": "log_frequency",
+            "file": "trace_file",
+        }
         for flag in flags:
             mode, sep, rest = flag.partition(",")
             if not sep:
@@ -278,8 +314,9 @@ class Tracer:
                 elif key in ("url", "bsp_schedule_delay"):
                     otel[key] = value
                 else:
-                    raise TraceConfigError(f"--trace-config {flag!r}: opentelemetry settings are url, resource, "
-                                           "bsp_schedule_delay")
+                    raise TraceConfigError(
+                        f"--trace-config {flag!r}: opentelemetry settings are url, resource, bsp_schedule_delay"
+                    )
             elif mode in ("", "triton"):
                 if key == "mode":
                     if value not in MODES:
@@ -291,15 +328,17 @@ class Tracer:
                     except Exception as exc:  # InferError: said as a flag error
                         raise TraceConfigError(f"--trace-config {flag!r}: {getattr(exc, 'message', exc)}") from None
                 else:
-                    raise TraceConfigError(f"--trace-config {flag!r}: settings are level, rate, count, file, "
-                                           "log-frequency, mode")
+                    raise TraceConfigError(
+                        f"--trace-config {flag!r}: settings are level, rate, count, file, log-frequency, mode"
+                    )
             else:
                 raise TraceConfigError(f"--trace-config {flag!r}: unknown mode {mode!r} (triton, opentelemetry)")
         try:
             delay = float(otel["bsp_schedule_delay"]) if "bsp_schedule_delay" in otel else None
         except ValueError:
-            raise TraceConfigError(f"--trace-config opentelemetry,bsp_schedule_delay={otel['bsp_schedule_delay']!r}: "
-                                   "expected milliseconds") from None
+            raise TraceConfigError(
+                f"--trace-config opentelemetry,bsp_schedule_delay={otel['bsp_schedule_delay']!r}: expected milliseconds"
+            ) from None
         if s.trace_mode == "triton" and s.on and not s.trace_file:
             raise TraceConfigError("--trace-config level=TIMESTAMPS in triton mode needs file=PATH")
         if not export:
@@ -322,8 +361,12 @@ class Tracer:
             return self.answer(model)
         with self._lock:
             if model is None:
-                new = TraceSettings(**{**vars(self.settings),
-                                       **{k: getattr(self._initial, k) if v is None else v for k, v in changes.items()}})
+                new = TraceSettings(
+                    **{
+                        **vars(self.settings),
+                        **{k: getattr(self._initial, k) if v is None else v for k, v in changes.items()},
+                    }
+                )
                 self._check_sink(new)
                 self.settings = new
                 self._samplers = {None: _Sampler(new), **{m: _Sampler(self.model_settings(m)) for m in self._models}}
@@ -358,8 +401,9 @@ class Tracer:
             raise invalid("trace setting 'trace_level' TIMESTAMPS needs a 'trace_file' in triton mode")
 
     # -- the request path's hook ------------------------------------------------------------------------------
-    def request(self, model: str, version: int | str, request_id: str,
-                received_ns: int) -> AbstractContextManager[Trace | None]:
+    def request(
+        self, model: str, version: int | str, request_id: str, received_ns: int
+    ) -> AbstractContextManager[Trace | None]:
         """Around one inference request: a context giving the batcher a Trace when this request is
         sampled, None otherwise (a shared null context: nothing is allocated per untraced request)."""
         if log.isEnabledFor(_VERBOSE_1):

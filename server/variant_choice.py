@@ -9,6 +9,7 @@ what ONEDNN_MAX_CPU_ISA hides) differ from the recorded ones, the server serves 
 variant whose needs this CPU meets (FP32 needs nothing, so there always is one; cnncore/variant_select.py)
 and logs which and why. A choice pinned at export (--precision / --runtime) is kept as it is.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,5 +40,7 @@ def apply(cfg: mc.ModelConfig, meta: ModelMeta | None, model: str, cpu: CpuInfo 
     for key, value in v.parameters.items():
         cfg.parameters[key].string_value = value
     cfg.parameters["precision"].string_value = v.precision.upper()
-    log.info("serving another gated variant for this CPU",
-             extra={"model": model, "variant": f"{v.precision}/{v.runtime}", "file": v.file, "why": choice.reason})
+    log.info(
+        "serving another gated variant for this CPU",
+        extra={"model": model, "variant": f"{v.precision}/{v.runtime}", "file": v.file, "why": choice.reason},
+    )

@@ -13,6 +13,7 @@ are checked against the model's inputs before anything runs, so a mistake fails 
 naming the sample and the input; the loader runs them while the model is LOADING, so readiness only
 turns true once every instance has executed every sample.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,14 @@ class WarmupSample:
     count: int
 
 
-def _data(sample: str, name: str, spec: mc.ModelWarmup.Input, shape: tuple[int, ...], model_dir: Path,
-          rng: np.random.Generator) -> np.ndarray:
+def _data(
+    sample: str,
+    name: str,
+    spec: mc.ModelWarmup.Input,
+    shape: tuple[int, ...],
+    model_dir: Path,
+    rng: np.random.Generator,
+) -> np.ndarray:
     datatype = from_config(spec.data_type)
     dtype = to_numpy(datatype)
     which = spec.WhichOneof("input_data_type")
@@ -49,8 +56,10 @@ def _data(sample: str, name: str, spec: mc.ModelWarmup.Input, shape: tuple[int, 
     if which == "input_data_file":
         path = model_dir / WARMUP_DIR / spec.input_data_file
         if Path(spec.input_data_file).is_absolute() or ".." in Path(spec.input_data_file).parts:
-            raise WarmupError(f"warm-up sample '{sample}' input '{name}': input_data_file must name a file "
-                              f"inside {model_dir / WARMUP_DIR}, got {spec.input_data_file!r}")
+            raise WarmupError(
+                f"warm-up sample '{sample}' input '{name}': input_data_file must name a file "
+                f"inside {model_dir / WARMUP_DIR}, got {spec.input_data_file!r}"
+            )
         try:
             raw = path.read_bytes()
         except OSError as exc:
@@ -61,8 +70,10 @@ def _data(sample: str, name: str, spec: mc.ModelWarmup.Input, shape: tuple[int, 
             except WireFormatError as exc:
                 raise WarmupError(f"warm-up sample '{sample}': {path}: {exc}") from None
         if len(raw) != n * dtype.itemsize:
-            raise WarmupError(f"warm-up sample '{sample}' input '{name}': {path} holds {len(raw)} bytes; "
-                              f"{datatype} {list(shape)} needs {n * dtype.itemsize}")
+            raise WarmupError(
+                f"warm-up sample '{sample}' input '{name}': {path} holds {len(raw)} bytes; "
+                f"{datatype} {list(shape)} needs {n * dtype.itemsize}"
+            )
         return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
     if datatype == "BYTES":
         arr = np.empty(n, dtype=np.object_)
@@ -87,31 +98,40 @@ def samples(cfg: mc.ModelConfig, model_dir: Path) -> list[WarmupSample]:
         if cfg.max_batch_size > 0:
             batch = w.batch_size or 1
             if batch > cfg.max_batch_size:
-                raise WarmupError(f"warm-up sample '{sample}': batch_size {batch} exceeds max_batch_size "
-                                  f"{cfg.max_batch_size}")
+                raise WarmupError(
+                    f"warm-up sample '{sample}': batch_size {batch} exceeds max_batch_size {cfg.max_batch_size}"
+                )
             prefix: tuple[int, ...] = (batch,)
         else:
             if w.batch_size:
-                raise WarmupError(f"warm-up sample '{sample}': batch_size must be 0 for a model without "
-                                  f"batching (max_batch_size 0), got {w.batch_size}")
+                raise WarmupError(
+                    f"warm-up sample '{sample}': batch_size must be 0 for a model without "
+                    f"batching (max_batch_size 0), got {w.batch_size}"
+                )
             prefix = ()
         missing = sorted(set(inputs) - set(w.inputs))
         extra = sorted(set(w.inputs) - set(inputs))
         if missing or extra:
-            raise WarmupError(f"warm-up sample '{sample}': inputs must be the model's {sorted(inputs)}; "
-                              f"missing {missing}, unknown {extra}")
+            raise WarmupError(
+                f"warm-up sample '{sample}': inputs must be the model's {sorted(inputs)}; "
+                f"missing {missing}, unknown {extra}"
+            )
         arrays = {}
         for name, spec in w.inputs.items():
             model_in = inputs[name]
             if spec.data_type != model_in.data_type:
-                raise WarmupError(f"warm-up sample '{sample}' input '{name}': data_type "
-                                  f"{mc.DataType.Name(spec.data_type)}, the model's is "
-                                  f"{mc.DataType.Name(model_in.data_type)}")
+                raise WarmupError(
+                    f"warm-up sample '{sample}' input '{name}': data_type "
+                    f"{mc.DataType.Name(spec.data_type)}, the model's is "
+                    f"{mc.DataType.Name(model_in.data_type)}"
+                )
             dims = list(spec.dims)
             want = list(model_in.dims)
             if len(dims) != len(want) or any(d < 1 or (m != -1 and d != m) for d, m in zip(dims, want)):
-                raise WarmupError(f"warm-up sample '{sample}' input '{name}': dims {dims} do not fit the "
-                                  f"model's {want} (positive sizes; -1 in the model accepts any)")
+                raise WarmupError(
+                    f"warm-up sample '{sample}' input '{name}': dims {dims} do not fit the "
+                    f"model's {want} (positive sizes; -1 in the model accepts any)"
+                )
             arrays[name] = _data(sample, name, spec, prefix + tuple(dims), model_dir, rng)
         out.append(WarmupSample(sample, arrays, max(1, w.count)))
     return out

@@ -31,6 +31,7 @@ The supervisor (this module, the process started by the user) owns what must be 
 System shared-memory registrations are shared by the workers through a directory of the run
 (server/shared_memory.py): a region registered over one connection can be named over any other.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,7 +89,7 @@ def take_cpu_share(role: WorkerRole) -> int:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < role.count:
         return 1
-    share = cpus[role.index::role.count]
+    share = cpus[role.index :: role.count]
     os.sched_setaffinity(0, share)
     return len(share)
 
@@ -130,8 +131,19 @@ class WorkerMetrics(Collector):
 
 def _child_argv(argv: Sequence[str], *, grpc_port: int, http_port: int | None, ready_file: Path) -> list[str]:
     # argparse keeps the last of repeated single-valued flags, so overrides are appended.
-    out = [*argv, "--workers", "1", "--grpc-port", str(grpc_port), "--metrics-address", "127.0.0.1",
-           "--metrics-port", "0", "--ready-file", str(ready_file)]
+    out = [
+        *argv,
+        "--workers",
+        "1",
+        "--grpc-port",
+        str(grpc_port),
+        "--metrics-address",
+        "127.0.0.1",
+        "--metrics-port",
+        "0",
+        "--ready-file",
+        str(ready_file),
+    ]
     if http_port is not None:
         out += ["--http-port", str(http_port)]
     return out
@@ -152,10 +164,22 @@ class _CrashLoop(Exception):
     pass
 
 
-def supervise(argv: Sequence[str], *, workers: int, grpc_address: str, grpc_port: int,
-              http_address: str | None, http_port: int, metrics_address: str, metrics_port: int,
-              allow_metrics: bool, ready_file: Path | None, exit_timeout_s: float,
-              crash_limit: int = DEFAULT_CRASH_LIMIT, crash_window_s: float = DEFAULT_CRASH_WINDOW_S) -> int:
+def supervise(
+    argv: Sequence[str],
+    *,
+    workers: int,
+    grpc_address: str,
+    grpc_port: int,
+    http_address: str | None,
+    http_port: int,
+    metrics_address: str,
+    metrics_port: int,
+    allow_metrics: bool,
+    ready_file: Path | None,
+    exit_timeout_s: float,
+    crash_limit: int = DEFAULT_CRASH_LIMIT,
+    crash_window_s: float = DEFAULT_CRASH_WINDOW_S,
+) -> int:
     """Run `workers` copies of `python -m server argv` on shared ports until a signal; the exit status."""
     stop = threading.Event()
     requested: list[int] = []
@@ -179,8 +203,9 @@ def supervise(argv: Sequence[str], *, workers: int, grpc_address: str, grpc_port
     # The supervisor's own families live in the merged endpoint's registry (it is not a multiprocess
     # writer: PROMETHEUS_MULTIPROC_DIR is set for the workers only).
     registry = CollectorRegistry()
-    restarts = Counter("cnnserve_worker_restarts", "Worker processes started again after one exited",
-                       ["worker"], registry=registry)
+    restarts = Counter(
+        "cnnserve_worker_restarts", "Worker processes started again after one exited", ["worker"], registry=registry
+    )
     serving = Gauge("cnnserve_workers_ready", "Worker processes serving now", registry=registry)
     for i in range(workers):
         restarts.labels(str(i))  # every worker's series from 0, so the first restart is an increase
@@ -192,12 +217,15 @@ def supervise(argv: Sequence[str], *, workers: int, grpc_address: str, grpc_port
     status = 0
 
     def spawn(slot: _Slot) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), _WORKER_ENV: f"{slot.index}/{workers}",
-               REGISTRY_DIR_ENV: str(run_dir / "shared_memory")}
+        env = {
+            **os.environ,
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            _WORKER_ENV: f"{slot.index}/{workers}",
+            REGISTRY_DIR_ENV: str(run_dir / "shared_memory"),
+        }
         ready = run_dir / f"worker-{slot.index}.json"
         ready.unlink(missing_ok=True)
-        args = _child_argv(argv, grpc_port=grpc_port, http_port=http_port if http_address else None,
-                           ready_file=ready)
+        args = _child_argv(argv, grpc_port=grpc_port, http_port=http_port if http_address else None, ready_file=ready)
         slot.proc, slot.info = subprocess.Popen([sys.executable, "-m", "server", *args], env=env), None
         return slot.proc
 
@@ -211,16 +239,21 @@ def supervise(argv: Sequence[str], *, workers: int, grpc_address: str, grpc_port
         slot.proc, slot.info = None, None
         how = f"signal {-code}" if code < 0 else f"status {code}"
         if not published and not was_serving:
-            log.error("a worker exited before it served; stopping the others",
-                      extra={"worker": slot.index, "pid": proc.pid, "exit": how})
+            log.error(
+                "a worker exited before it served; stopping the others",
+                extra={"worker": slot.index, "pid": proc.pid, "exit": how},
+            )
             raise _CrashLoop
         deaths.append(now)
         while deaths and deaths[0] < now - crash_window_s:
             deaths.popleft()
         if len(deaths) >= crash_limit:
-            log.error(f"workers are crash-looping: {len(deaths)} exits within {crash_window_s:g} s "
-                      f"(--worker-crash-limit {crash_limit}, --worker-crash-window-secs {crash_window_s:g}); "
-                      "stopping the server", extra={"worker": slot.index, "pid": proc.pid, "exit": how})
+            log.error(
+                f"workers are crash-looping: {len(deaths)} exits within {crash_window_s:g} s "
+                f"(--worker-crash-limit {crash_limit}, --worker-crash-window-secs {crash_window_s:g}); "
+                "stopping the server",
+                extra={"worker": slot.index, "pid": proc.pid, "exit": how},
+            )
             raise _CrashLoop
         slot.deaths.append(now)
         while slot.deaths and slot.deaths[0] < now - crash_window_s:
@@ -228,14 +261,23 @@ def supervise(argv: Sequence[str], *, workers: int, grpc_address: str, grpc_port
         first, longest = RESTART_BACKOFF_S
         delay = min(longest, first * 2 ** (len(slot.deaths) - 1))
         slot.restart_at = now + delay
-        log.warning("a worker exited; restarting it", extra={"worker": slot.index, "pid": proc.pid, "exit": how,
-                                                               "restart_in_s": delay})
+        log.warning(
+            "a worker exited; restarting it",
+            extra={"worker": slot.index, "pid": proc.pid, "exit": how, "restart_in_s": delay},
+        )
 
     def publish() -> None:
-        ready = {"grpc_port": grpc_port, "metrics_port": metrics_http.server_port if metrics_http else 0,
-                 "pid": os.getpid(), "models": slots[0].info["models"] if slots[0].info else {},
-                 "workers": [{"pid": s.proc.pid, "metrics_port": s.info["metrics_port"]}
-                             for s in slots if s.proc is not None and s.info is not None]}
+        ready = {
+            "grpc_port": grpc_port,
+            "metrics_port": metrics_http.server_port if metrics_http else 0,
+            "pid": os.getpid(),
+            "models": slots[0].info["models"] if slots[0].info else {},
+            "workers": [
+                {"pid": s.proc.pid, "metrics_port": s.info["metrics_port"]}
+                for s in slots
+                if s.proc is not None and s.info is not None
+            ],
+        }
         if http_address is not None:
             ready["http_port"] = http_port
         log.info("server ready", extra=ready)
@@ -247,8 +289,10 @@ def supervise(argv: Sequence[str], *, workers: int, grpc_address: str, grpc_port
     try:
         for slot in slots:
             spawn(slot)
-        log.info("workers started", extra={"workers": workers, "pids": [s.proc.pid for s in slots if s.proc],
-                                           "grpc_port": grpc_port})
+        log.info(
+            "workers started",
+            extra={"workers": workers, "pids": [s.proc.pid for s in slots if s.proc], "grpc_port": grpc_port},
+        )
         while not requested:
             now = time.monotonic()
             changed = False

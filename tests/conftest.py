@@ -5,6 +5,7 @@ The repository root goes on sys.path so tests import the project's packages with
 server writes the ports it bound to --ready-file) and waits until it reports ready; it is how users run
 it, and it keeps tritonclient's generated protos out of the server's process.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -72,11 +73,16 @@ def affine_model() -> bytes:
         helper.make_tensor("three", TensorProto.INT64, [], [3]),
     ]
     g = helper.make_graph(
-        nodes, "affine",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4]),
-         helper.make_tensor_value_info("b", TensorProto.INT64, ["N", 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
-         helper.make_tensor_value_info("z", TensorProto.INT64, ["N", 2])],
+        nodes,
+        "affine",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("b", TensorProto.INT64, ["N", 2]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("z", TensorProto.INT64, ["N", 2]),
+        ],
         inits,
     )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
@@ -95,8 +101,7 @@ def cast_model() -> bytes:
     from onnx import TensorProto, helper
 
     g = helper.make_graph(
-        [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT16),
-         helper.make_node("Div", ["xf", "d"], ["y"])],
+        [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT16), helper.make_node("Div", ["xf", "d"], ["y"])],
         "cast",
         [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 2, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 2, 3])],
@@ -110,7 +115,8 @@ def strings_model() -> bytes:
     from onnx import TensorProto, helper
 
     g = helper.make_graph(
-        [helper.make_node("Identity", ["s"], ["t"])], "strings",
+        [helper.make_node("Identity", ["s"], ["t"])],
+        "strings",
         [helper.make_tensor_value_info("s", TensorProto.STRING, [3])],
         [helper.make_tensor_value_info("t", TensorProto.STRING, [3])],
     )
@@ -122,7 +128,8 @@ def pool_model() -> bytes:
     from onnx import TensorProto, helper
 
     g = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["x"], ["y"])], "pool",
+        [helper.make_node("GlobalAveragePool", ["x"], ["y"])],
+        "pool",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 224, 224])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 1, 1])],
     )
@@ -145,24 +152,32 @@ def slow_model(iterations: int = 1500, width: int = SLOW_WIDTH) -> bytes:
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
     body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("MatMul", ["h_in", "W"], ["hw"]),
-         helper.make_node("Tanh", ["hw"], ["h_out"])],
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("MatMul", ["h_in", "W"], ["hw"]),
+            helper.make_node("Tanh", ["hw"], ["h_out"]),
+        ],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", width])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", width])],
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", width]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", width]),
+        ],
     )
     g = helper.make_graph(
         [helper.make_node("Loop", ["trips", "cond", "x"], ["y"], body=body)],
         "slow",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
-        [helper.make_tensor("trips", TensorProto.INT64, [], [iterations]),
-         helper.make_tensor("cond", TensorProto.BOOL, [], [True]),
-         helper.make_tensor("W", TensorProto.FLOAT, [width, width], w.tobytes(), raw=True)],
+        [
+            helper.make_tensor("trips", TensorProto.INT64, [], [iterations]),
+            helper.make_tensor("cond", TensorProto.BOOL, [], [True]),
+            helper.make_tensor("W", TensorProto.FLOAT, [width, width], w.tobytes(), raw=True),
+        ],
     )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
 
@@ -200,8 +215,11 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
 
     from server.metrics import TRITON_COUNTERS
 
-    return {(fam.name if fam.name in TRITON_COUNTERS else s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (fam.name if fam.name in TRITON_COUNTERS else s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 # -- the real server as a subprocess -------------------------------------------------------------------
@@ -269,20 +287,45 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(repo: Path, workdir: Path, *extra: str, timeout: float = 120.0, python: str = sys.executable,
-                 source_root: Path = ROOT) -> ServerProcess:
+def start_server(
+    repo: Path,
+    workdir: Path,
+    *extra: str,
+    timeout: float = 120.0,
+    python: str = sys.executable,
+    source_root: Path = ROOT,
+) -> ServerProcess:
     """`python -m server` from `source_root` with `python` (another interpreter and a copy of only the
     serving packages make the torch-free serving test)."""
     ready = workdir / "ready.json"
     log_path = workdir / "server.log"
     ready.unlink(missing_ok=True)
     # tests/ too: `--backend-module fault_backends` registers the test-only backends in the server.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source_root), str(ROOT / "tests")]),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [python, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
-           "--grpc-port", "0", "--http-address", "127.0.0.1", "--http-port", "0",
-           "--metrics-address", "127.0.0.1", "--metrics-port", "0",
-           "--ready-file", str(ready), "--intra-op-threads", "1", *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source_root), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        python,
+        "-m",
+        "server",
+        "--model-repository",
+        str(repo),
+        "--grpc-address",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--http-address",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+        "--metrics-address",
+        "127.0.0.1",
+        "--metrics-port",
+        "0",
+        "--ready-file",
+        str(ready),
+        "--intra-op-threads",
+        "1",
+        *extra,
+    ]
     with open(log_path, "w") as logf:  # the server writes to its own copy of the descriptor
         proc = subprocess.Popen(cmd, cwd=source_root, env=env, stdout=logf, stderr=subprocess.STDOUT)
     t_end = time.monotonic() + timeout
@@ -325,8 +368,14 @@ def default_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
             pytest.skip(f"the default repository needs the export half ({mod} is not installed)")
     repo = tmp_path_factory.mktemp("default_repo")
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    res = subprocess.run([sys.executable, "-m", "export", "repository", "--repository", str(repo)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    res = subprocess.run(
+        [sys.executable, "-m", "export", "repository", "--repository", str(repo)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert res.returncode == 0, f"python -m export repository failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return repo
 
@@ -340,11 +389,23 @@ E2E_FIXTURES = {"server_factory"}
 # torch.onnx.export, parity and TensorRT lint on the real models.
 SLOW_FIXTURES = {"default_repository", "exported"}
 # Modules that start `python -m server` themselves (not through server_factory).
-E2E_MODULES = {"test_serving_without_torch", "test_warmup", "test_hardening", "test_transport_security",
-               "test_server_repository"}
+E2E_MODULES = {
+    "test_serving_without_torch",
+    "test_warmup",
+    "test_hardening",
+    "test_transport_security",
+    "test_server_repository",
+}
 # Modules whose tests export, quantize or train real models, or run the CLIs that do.
-SLOW_MODULES = {"test_export", "test_export_entrypoints", "test_quantize", "test_uint8_input", "test_card",
-                "test_trt_lint", "test_tensorrt_engine"}
+SLOW_MODULES = {
+    "test_export",
+    "test_export_entrypoints",
+    "test_quantize",
+    "test_uint8_input",
+    "test_card",
+    "test_trt_lint",
+    "test_tensorrt_engine",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

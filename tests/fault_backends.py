@@ -15,6 +15,7 @@ must stay busy while requests queue is held in its backend until the test lets i
       gate_file          every execution waits until this file exists; `FileGate(path)` is the test's
                          handle on it (close, open, and how many executions have entered)
 """
+
 from __future__ import annotations
 
 import threading

@@ -1,5 +1,6 @@
 """Fashion-MNIST convolutional autoencoder: shapes, the shared checkpoint of the two entries, export +
 parity + TensorRT lint, and reconstruction MSE through ONNX Runtime against the mean-image baseline."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,7 +24,9 @@ from models.registry import get_entry
 from models.segmentation.encoder_decoder import transposed_conv_output_size
 
 NAMES = ("fashion_mnist_autoencoder", "fashion_mnist_encoder")
-needs_data = pytest.mark.skipif(not fashion_mnist.available(), reason="Fashion-MNIST not installed (dataset-fashion-mnist)")
+needs_data = pytest.mark.skipif(
+    not fashion_mnist.available(), reason="Fashion-MNIST not installed (dataset-fashion-mnist)"
+)
 
 
 def test_shapes_and_range() -> None:

@@ -4,6 +4,7 @@ Orders of events come from observable state, never from how long something takes
 `Gate` (tests/fault_backends.py) stays busy until the test opens it, and queue delays that must not
 expire are an hour long (a test that waited for one would hit the pytest timeout, not pass slowly).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -51,8 +52,9 @@ def _run(coro):
 
 def test_mixed_batch_sizes_concatenate_and_split_exactly(affine_file: Path) -> None:
     async def main():
-        b = DynamicBatcher("affine", "1", _backends(affine_file),
-                           BatchSettings(max_batch_size=8, max_queue_delay_us=HOUR_US))
+        b = DynamicBatcher(
+            "affine", "1", _backends(affine_file), BatchSettings(max_batch_size=8, max_queue_delay_us=HOUR_US)
+        )
         b.start()
         sizes = [1, 3, 2, 2]  # sums to max_batch_size: dispatched at once, without waiting out the delay
         reqs = [_affine_inputs(n, i) for i, n in enumerate(sizes)]
@@ -72,8 +74,9 @@ def test_mixed_batch_sizes_concatenate_and_split_exactly(affine_file: Path) -> N
 
 def test_requests_never_split_and_overflow_goes_to_next_batch(affine_file: Path) -> None:
     async def main():
-        b = DynamicBatcher("affine", "1", _backends(affine_file),
-                           BatchSettings(max_batch_size=8, max_queue_delay_us=100_000))
+        b = DynamicBatcher(
+            "affine", "1", _backends(affine_file), BatchSettings(max_batch_size=8, max_queue_delay_us=100_000)
+        )
         b.start()
         reqs = [_affine_inputs(3, 10 + i) for i in range(3)]
         outs = await asyncio.gather(*(b.infer(r) for r in reqs))
@@ -90,8 +93,12 @@ def test_requests_never_split_and_overflow_goes_to_next_batch(affine_file: Path)
 
 def test_preferred_batch_size_dispatches_at_once(affine_file: Path) -> None:
     async def main():
-        b = DynamicBatcher("affine", "1", _backends(affine_file),
-                           BatchSettings(max_batch_size=8, preferred_batch_sizes=(4,), max_queue_delay_us=HOUR_US))
+        b = DynamicBatcher(
+            "affine",
+            "1",
+            _backends(affine_file),
+            BatchSettings(max_batch_size=8, preferred_batch_sizes=(4,), max_queue_delay_us=HOUR_US),
+        )
         b.start()
         reqs = [_affine_inputs(1, 20 + i) for i in range(6)]
         tasks = [asyncio.create_task(b.infer(r)) for r in reqs]
@@ -111,8 +118,9 @@ def test_preferred_batch_size_dispatches_at_once(affine_file: Path) -> None:
 
 def test_queue_delay_collects_requests_into_one_batch(affine_file: Path) -> None:
     async def main():
-        b = DynamicBatcher("affine", "1", _backends(affine_file),
-                           BatchSettings(max_batch_size=8, max_queue_delay_us=HOUR_US))
+        b = DynamicBatcher(
+            "affine", "1", _backends(affine_file), BatchSettings(max_batch_size=8, max_queue_delay_us=HOUR_US)
+        )
         b.start()
         t1 = asyncio.create_task(b.infer(_affine_inputs(1, 1)))
         for _ in range(5):  # the scheduler takes the instance and starts gathering around the first
@@ -132,8 +140,9 @@ def test_queue_delay_collects_requests_into_one_batch(affine_file: Path) -> None
 
 def test_lone_request_runs_when_its_queue_delay_ends(affine_file: Path) -> None:
     async def main():
-        b = DynamicBatcher("affine", "1", _backends(affine_file),
-                           BatchSettings(max_batch_size=8, max_queue_delay_us=20_000))
+        b = DynamicBatcher(
+            "affine", "1", _backends(affine_file), BatchSettings(max_batch_size=8, max_queue_delay_us=20_000)
+        )
         b.start()
         x = _affine_inputs(1, 3)
         out = await b.infer(x)  # nobody else comes: the delay's end, not a full batch, dispatches it
@@ -255,8 +264,9 @@ def test_instance_count_is_concurrent_executions(affine_file: Path, n_instances:
 
 def test_stop_answers_every_accepted_request_then_refuses(affine_file: Path) -> None:
     async def main():
-        b = DynamicBatcher("affine", "1", _backends(affine_file),
-                           BatchSettings(max_batch_size=4, max_queue_delay_us=500_000))
+        b = DynamicBatcher(
+            "affine", "1", _backends(affine_file), BatchSettings(max_batch_size=4, max_queue_delay_us=500_000)
+        )
         b.start()
         reqs = [_affine_inputs(1, i) for i in range(10)]
         tasks = [asyncio.create_task(b.infer(r)) for r in reqs]
@@ -302,13 +312,15 @@ class _RaisesTimeoutError(OrtBackend):
 
 
 @pytest.mark.parametrize("execution_timeout_ms", [0, 3_600_000])
-def test_backend_raising_timeout_error_is_a_failed_batch_not_a_hang(affine_file: Path,
-                                                                    execution_timeout_ms: int) -> None:
+def test_backend_raising_timeout_error_is_a_failed_batch_not_a_hang(
+    affine_file: Path, execution_timeout_ms: int
+) -> None:
     # Was taken for an overrun of execution_timeout_ms: the model faulted (UNAVAILABLE from then on).
     async def main():
         backend = _RaisesTimeoutError(affine_file, BackendOptions(intra_op_threads=1, inter_op_threads=1))
-        b = DynamicBatcher("affine", "1", [backend],
-                           BatchSettings(max_batch_size=8, execution_timeout_ms=execution_timeout_ms))
+        b = DynamicBatcher(
+            "affine", "1", [backend], BatchSettings(max_batch_size=8, execution_timeout_ms=execution_timeout_ms)
+        )
         b.start()
         bad = _affine_inputs(1, 6)
         bad["a"][0, 0] = 13
@@ -348,8 +360,12 @@ def test_next_batch_forms_while_one_computes(affine_file: Path, concurrent: int)
         gate = Gate()
         inner = _backends(affine_file)[0]
         backend = _TwoAtOnce(inner, gate) if concurrent == 2 else GatedBackend(inner, gate)
-        b = DynamicBatcher("affine", "1", [backend],
-                           BatchSettings(max_batch_size=4, preferred_batch_sizes=(2,), max_queue_delay_us=HOUR_US))
+        b = DynamicBatcher(
+            "affine",
+            "1",
+            [backend],
+            BatchSettings(max_batch_size=4, preferred_batch_sizes=(2,), max_queue_delay_us=HOUR_US),
+        )
         b.start()
         reqs = [_affine_inputs(2, 0), _affine_inputs(1, 1), _affine_inputs(1, 2)]
         first = asyncio.create_task(b.infer(reqs[0]))
@@ -424,8 +440,12 @@ class _Recording(GatedBackend):
 def test_one_batch_buffer_is_reused_across_batches(affine_file: Path, identity: bool) -> None:
     async def main():
         backend = _Recording(_backends(affine_file)[0], identity)
-        b = DynamicBatcher("affine", "1", [backend],
-                           BatchSettings(max_batch_size=3, preferred_batch_sizes=(2,), max_queue_delay_us=HOUR_US))
+        b = DynamicBatcher(
+            "affine",
+            "1",
+            [backend],
+            BatchSettings(max_batch_size=3, preferred_batch_sizes=(2,), max_queue_delay_us=HOUR_US),
+        )
         b.start()
         results = []
         for sizes, seed in (((1, 2), 10), ((1, 1), 20), ((1, 2), 30)):  # batches of 3, 2, then 3 again

@@ -1,4 +1,5 @@
 """Architecture cards of registry models: parameters, MACs and receptive fields against known values."""
+
 from __future__ import annotations
 
 import subprocess
@@ -50,20 +51,38 @@ def test_layer_macs_by_hand():
 
 
 def test_layer_table_shapes_and_params():
-    m = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
     rows = layer_table(m, (3, 32, 32))
-    assert [r.output_shape for r in rows] == [(1, 8, 16, 16), (1, 8, 16, 16), (1, 8, 16, 16), (1, 8, 1, 1), (1, 8),
-                                             (1, 5)]
+    assert [r.output_shape for r in rows] == [
+        (1, 8, 16, 16),
+        (1, 8, 16, 16),
+        (1, 8, 16, 16),
+        (1, 8, 1, 1),
+        (1, 8),
+        (1, 5),
+    ]
     assert [r.params for r in rows] == [3 * 8 * 9 + 8, 16, 0, 0, 0, 45]
 
 
 def test_describe_cli():
     name = "resnet20_cifar" if "resnet20_cifar" in models.list_models() else models.list_models()[0]
-    out = subprocess.run([sys.executable, "-m", "export", "describe", name], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "export", "describe", name], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr
     assert "receptive field" in out.stdout and "parameters" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "export", "describe", "no_such_model"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
+    bad = subprocess.run(
+        [sys.executable, "-m", "export", "describe", "no_such_model"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode == 1 and "unknown model 'no_such_model'" in bad.stderr

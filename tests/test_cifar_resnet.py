@@ -1,5 +1,6 @@
 """CIFAR ResNets (He et al. 2015) and pre-activation ResNets (He et al. 2016): shapes, sizes, depth,
 and the design facts that set them apart."""
+
 from __future__ import annotations
 
 import pytest

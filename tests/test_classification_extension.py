@@ -1,4 +1,5 @@
 """Triton's classification extension (`class_count`) over gRPC and REST, with tritonclient."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,10 @@ output [{ name: "y" data_type: TYPE_FP32 dims: [4] label_filename: "labels.txt" 
 A = np.array([[0.1, 0.9, 0.3, 0.9], [0.5, -1.0, 0.0, 0.25]], np.float32)  # y = 2a + 1
 B = np.array([[1, 2], [7, -9]], np.int64)  # z = b + 3
 # What Triton answers for these (std::to_string values, ties by the lower index, labels by line).
-Y_TOP3 = [[b"2.800000:1:dog", b"2.800000:3:fish", b"1.600000:2:bird"],
-          [b"2.000000:0:cat", b"1.500000:3:fish", b"1.000000:2:bird"]]
+Y_TOP3 = [
+    [b"2.800000:1:dog", b"2.800000:3:fish", b"1.600000:2:bird"],
+    [b"2.000000:0:cat", b"1.500000:3:fish", b"1.000000:2:bird"],
+]
 Z_TOP5 = [[b"5:1", b"4:0"], [b"10:0", b"-6:1"]]  # only 2 classes: the count is capped; no labels file
 
 
@@ -100,14 +103,31 @@ def test_exported_classifier_answers_class_count_with_its_labels(tmp_path: Path,
     import subprocess
     import sys
 
-    from conftest import ROOT
     from cnncore.config import load_config
+    from conftest import ROOT
     from protos.model_config_pb2 import ModelInput
 
     repo = tmp_path / "repo"
-    res = subprocess.run([sys.executable, "-m", "export", "onnx", "fashion_resnet20", "--repository", str(repo),
-                          "--precision", "fp32", "--runtime", "onnxruntime"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "onnx",
+            "fashion_resnet20",
+            "--repository",
+            str(repo),
+            "--precision",
+            "fp32",
+            "--runtime",
+            "onnxruntime",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     model_dir = repo / "fashion_resnet20"
     cfg = load_config(model_dir)
@@ -121,8 +141,10 @@ def test_exported_classifier_answers_class_count_with_its_labels(tmp_path: Path,
     inp = tc.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     logits = grpc_client.infer("fashion_resnet20", [inp]).as_numpy("logits")
-    expected = [[f"{logits[b, i]:f}:{i}:{labels[i]}".encode() for i in np.argsort(-logits[b], kind="stable")[:3]]
-                for b in range(2)]
+    expected = [
+        [f"{logits[b, i]:f}:{i}:{labels[i]}".encode() for i in np.argsort(-logits[b], kind="stable")[:3]]
+        for b in range(2)
+    ]
     got = grpc_client.infer("fashion_resnet20", [inp], outputs=[tc.InferRequestedOutput("logits", class_count=3)])
     assert _as_bytes(got.as_numpy("logits")) == expected
     http_client = th.InferenceServerClient(srv.http_url)

@@ -5,6 +5,7 @@ Layouts are checked against facts read off torchvision 0.29.1 (tests/fixtures/to
 copied from the shared fixture dump); torchvision itself is not importable here and not needed.
 Layout checks build on the meta device: no memory, no init cost, even for VGG-19 and ResNet-152.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,19 @@ EXPECTED_PARAMS = {
 }
 CLASSIFIERS = [
     "alexnet",
-    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "vgg11",
+    "vgg11_bn",
+    "vgg13",
+    "vgg13_bn",
+    "vgg16",
+    "vgg16_bn",
+    "vgg19",
+    "vgg19_bn",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
     "mobilenet_v2",
 ]
 # The fixture folder also holds the detectors' layouts (tests/test_detection_fixtures.py checks those).
@@ -75,10 +87,14 @@ def test_state_dict_matches_torchvision(name: str):
     ours = layout(build_meta(name))
     theirs = fx["state_dict"]
     if ours != theirs:  # name the first difference instead of dumping two long lists
-        first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
-        pytest.fail(f"{name}: {len(ours)} vs {len(theirs)} entries; first difference at {first}: "
-                    f"ours={ours[first] if first < len(ours) else None} "
-                    f"torchvision={theirs[first] if first < len(theirs) else None}")
+        first = next(
+            (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs))
+        )
+        pytest.fail(
+            f"{name}: {len(ours)} vs {len(theirs)} entries; first difference at {first}: "
+            f"ours={ours[first] if first < len(ours) else None} "
+            f"torchvision={theirs[first] if first < len(theirs) else None}"
+        )
     assert num_params(build_meta(name)) == fx["num_params"]
 
 
@@ -96,8 +112,15 @@ def test_vgg13_bn_is_vgg13_plus_one_batchnorm_per_conv():
     assert num_params(bn) == num_params(plain) + sum(2 * c.out_channels for c in convs)
     # Same key scheme as the fixture-checked vgg11_bn/vgg16_bn: conv, bn, relu triplets in one Sequential.
     keys = [k for k, *_ in layout(bn)]
-    assert keys[:7] == ["features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias",
-                        "features.1.running_mean", "features.1.running_var", "features.1.num_batches_tracked"]
+    assert keys[:7] == [
+        "features.0.weight",
+        "features.0.bias",
+        "features.1.weight",
+        "features.1.bias",
+        "features.1.running_mean",
+        "features.1.running_var",
+        "features.1.num_batches_tracked",
+    ]
 
 
 def test_registry_entries():
@@ -105,7 +128,12 @@ def test_registry_entries():
     labels = imagenet_labels()
     assert len(labels) == 1000
     assert (labels[0], labels[281], labels[285], labels[967], labels[999]) == (
-        "tench", "tabby", "Egyptian cat", "espresso", "toilet tissue")
+        "tench",
+        "tabby",
+        "Egyptian cat",
+        "espresso",
+        "toilet tissue",
+    )
     for name in CLASSIFIERS:
         entry = get_entry(name)
         assert entry.task == Task.classification

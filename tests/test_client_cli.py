@@ -1,4 +1,5 @@
 """The client's drawing and CLI plumbing; the CLI against the real server is in test_vision_e2e.py."""
+
 from __future__ import annotations
 
 import json
@@ -53,7 +54,13 @@ def test_output_paths_never_collide(tmp_path) -> None:
 def test_parser_commands() -> None:
     parser = build_parser()
     args = parser.parse_args(["--url", "h:1", "detect", "m", "x.png", "y.jpg", "--out-image", "o.png"])
-    assert (args.command, args.model, args.images, args.out_image, args.url) == ("detect", "m", ["x.png", "y.jpg"], "o.png", "h:1")
+    assert (args.command, args.model, args.images, args.out_image, args.url) == (
+        "detect",
+        "m",
+        ["x.png", "y.jpg"],
+        "o.png",
+        "h:1",
+    )
     assert parser.parse_args(["classify", "m", "x.png"]).top_k == 5
     with pytest.raises(SystemExit):
         parser.parse_args(["classify", "m"])  # an image is required
@@ -71,8 +78,9 @@ def url(tmp_path_factory, server_factory) -> str:
 
 def cli(*args: str) -> tuple[int, dict, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "client", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     out = json.loads(proc.stdout) if proc.stdout.strip() else {}
     return proc.returncode, out, proc.stderr
 
@@ -100,8 +108,17 @@ def test_cli_detect_writes_annotated_picture(url: str, picture: Path, tmp_path: 
 
 def test_cli_segment_writes_overlay_and_mask(url: str, picture: Path, tmp_path: Path) -> None:
     overlay, mask_path = tmp_path / "overlay.png", tmp_path / "mask.png"
-    code, out, _ = cli("--url", url, "segment", "bright_segmenter", str(picture), "--out-image", str(overlay),
-                       "--out-mask", str(mask_path))
+    code, out, _ = cli(
+        "--url",
+        url,
+        "segment",
+        "bright_segmenter",
+        str(picture),
+        "--out-image",
+        str(overlay),
+        "--out-mask",
+        str(mask_path),
+    )
     assert code == 0
     result = out["results"][0]
     assert "mask_png" not in result  # binary goes to files, not into the JSON
@@ -162,7 +179,9 @@ def test_inference_client_sync(url: str) -> None:
         assert c.get_model_metadata("colour_classifier").inputs[0].name == "input"
         assert c.get_model_config("colour_classifier").config.max_batch_size == 8
         np.testing.assert_allclose(c.infer("colour_classifier", {"input": x})["logits"], expected, rtol=1e-5)
-        requests = [build_infer_request("colour_classifier", {"input": x[i : i + 1]}, request_id=str(i)) for i in range(3)]
+        requests = [
+            build_infer_request("colour_classifier", {"input": x[i : i + 1]}, request_id=str(i)) for i in range(3)
+        ]
         streamed = dict(c.stream_infer(requests))
         assert sorted(streamed) == ["0", "1", "2"]
         for i in range(3):
@@ -193,8 +212,12 @@ def test_inference_client_async(url: str) -> None:
             outs = await asyncio.gather(*(c.infer("colour_classifier", {"input": x[i : i + 1]}) for i in range(2)))
             for i, out in enumerate(outs):
                 np.testing.assert_allclose(out["logits"][0], x[i].mean(axis=(1, 2)) * 10, rtol=1e-5)
-            streamed = [rid async for rid, _ in c.stream_infer(
-                [build_infer_request("colour_classifier", {"input": x[:1]}, request_id=f"r{i}") for i in range(2)])]
+            streamed = [
+                rid
+                async for rid, _ in c.stream_infer(
+                    [build_infer_request("colour_classifier", {"input": x[:1]}, request_id=f"r{i}") for i in range(2)]
+                )
+            ]
             assert sorted(streamed) == ["r0", "r1"]
 
     asyncio.run(run())

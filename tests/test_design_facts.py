@@ -1,4 +1,5 @@
 """The design facts the classic CNNs teach, checked with export.card's functions on real modules."""
+
 from __future__ import annotations
 
 import itertools
@@ -28,8 +29,11 @@ def test_two_3x3_see_5x5_with_fewer_weights(c: int):
 
 @pytest.mark.parametrize("c", [4, 16, 64])
 def test_bottleneck_costs_17c2_against_18c2(c: int):
-    bottleneck = _stack(nn.Conv2d(4 * c, c, 1, bias=False), nn.Conv2d(c, c, 3, padding=1, bias=False),
-                        nn.Conv2d(c, 4 * c, 1, bias=False))
+    bottleneck = _stack(
+        nn.Conv2d(4 * c, c, 1, bias=False),
+        nn.Conv2d(c, c, 3, padding=1, bias=False),
+        nn.Conv2d(c, 4 * c, 1, bias=False),
+    )
     basic = _stack(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.Conv2d(c, c, 3, padding=1, bias=False))
     assert count_params(bottleneck) == 4 * c * c + 9 * c * c + 4 * c * c == 17 * c * c
     assert count_params(basic) == 18 * c * c
@@ -53,8 +57,14 @@ def test_transposed_conv_output_size(size, k, stride, pad, dil, out_pad):
     assert layer_table(m, (2, size, size))[0].output_shape == (1, 3, expected, expected)
 
 
-@pytest.mark.parametrize("size,k,stride,pad,dil", [g for g in itertools.product([7, 32], [1, 3, 5], [1, 2], [0, 1, 2], [1, 2])
-                                                    if g[0] + 2 * g[3] >= g[4] * (g[1] - 1) + 1])
+@pytest.mark.parametrize(
+    "size,k,stride,pad,dil",
+    [
+        g
+        for g in itertools.product([7, 32], [1, 3, 5], [1, 2], [0, 1, 2], [1, 2])
+        if g[0] + 2 * g[3] >= g[4] * (g[1] - 1) + 1
+    ],
+)
 def test_conv_output_size_matches_conv2d(size, k, stride, pad, dil):
     m = nn.Conv2d(1, 1, k, stride=stride, padding=pad, dilation=dil)
     assert m(torch.zeros(1, 1, size, size)).shape[-1] == conv_output_size(size, k, stride, pad, dil)
@@ -70,12 +80,15 @@ def _vgg_stack(convs_per_stage: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-@pytest.mark.parametrize("stages,expected", [
-    ([1], 4),  # conv3 (3) + pool2 (stride 1 -> +1)
-    ([2, 2], 16),  # 3,5,6 | (jump 2) 10,14,16
-    ([2, 2, 3, 3, 3], 212),  # VGG-16's conv tower: the textbook 212
-    ([2, 2, 4, 4, 4], 268),  # VGG-19's
-])
+@pytest.mark.parametrize(
+    "stages,expected",
+    [
+        ([1], 4),  # conv3 (3) + pool2 (stride 1 -> +1)
+        ([2, 2], 16),  # 3,5,6 | (jump 2) 10,14,16
+        ([2, 2, 3, 3, 3], 212),  # VGG-16's conv tower: the textbook 212
+        ([2, 2, 4, 4, 4], 268),  # VGG-19's
+    ],
+)
 def test_receptive_field_of_vgg_stacks(stages, expected):
     assert receptive_field(_vgg_stack(stages)) == expected
 

@@ -1,4 +1,5 @@
 """Faster R-CNN components: anchors, box coding, matching, static-shape post-processing, mAP."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -63,7 +64,9 @@ def test_matcher_thresholds_and_low_quality_matches() -> None:
 
 def test_postprocess_static_shapes_padding_and_class_aware_nms() -> None:
     head = RoIHeads(
-        MultiScaleRoIAlign(["0"]), TwoMLPHead(4 * 49, 8), FastRCNNPredictor(8, 3),
+        MultiScaleRoIAlign(["0"]),
+        TwoMLPHead(4 * 49, 8),
+        FastRCNNPredictor(8, 3),
         BoxHeadConfig(score_thresh=0.3, nms_thresh=0.5, detections_per_img=5),
     )
     proposals = torch.tensor([[[10.0, 10.0, 50.0, 50.0], [12.0, 10.0, 52.0, 50.0], [60.0, 60.0, 90.0, 90.0]]] * 2)
@@ -88,7 +91,9 @@ def test_mean_average_precision() -> None:
     assert mean_average_precision(perfect, gt, 2)["mAP50"] == pytest.approx(1.0)
     wrong_class = [Detections(gt[0][0].copy(), np.array([0.9, 0.8], np.float32), np.array([2, 1]))]
     assert mean_average_precision(wrong_class, gt, 2)["mAP50"] == pytest.approx(0.0)
-    shifted = [Detections(gt[0][0] + np.array([6, 0, 6, 0], np.float32), np.array([0.9, 0.8], np.float32), np.array([1, 2]))]
+    shifted = [
+        Detections(gt[0][0] + np.array([6, 0, 6, 0], np.float32), np.array([0.9, 0.8], np.float32), np.array([1, 2]))
+    ]
     res = mean_average_precision(shifted, gt, 2)  # IoU 4/16 for the small box, 14/26 for the large one
     assert res["AP50_class1"] == 0.0 and res["AP50_class2"] == pytest.approx(1.0)
     # a false positive ranked above the true one halves precision at full recall
@@ -106,12 +111,15 @@ def test_faster_rcnn_takes_its_components_and_defaults_the_rest() -> None:
     anchors = AnchorGenerator(((32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 3)
     pool = MultiScaleRoIAlign(["0", "1", "2"], (5, 5), 2, 64)
     predictor = FastRCNNPredictor(1024, 4)
-    model = FasterRCNN(backbone, image_size=(128, 128), rpn_anchor_generator=anchors, box_roi_pool=pool,
-                       box_predictor=predictor).eval()
+    model = FasterRCNN(
+        backbone, image_size=(128, 128), rpn_anchor_generator=anchors, box_roi_pool=pool, box_predictor=predictor
+    ).eval()
     assert model.rpn.anchor_generator is anchors and model.roi_heads.box_roi_pool is pool
     assert model.roi_heads.box_predictor is predictor and model.num_classes == 4
     assert model.rpn.head.cls_logits.out_channels == 3  # default RPN head: 3 anchors per location
-    assert model.get_submodule("roi_heads.box_head.fc6").in_features == 16 * 5 * 5  # default box head: backbone x pool size
+    assert (
+        model.get_submodule("roi_heads.box_head.fc6").in_features == 16 * 5 * 5
+    )  # default box head: backbone x pool size
     with torch.no_grad():
         num, boxes, scores, labels = model(torch.rand(2, 3, 128, 128))
     assert num.shape == (2,) and boxes.shape == (2, 100, 4) and scores.shape == labels.shape == (2, 100)

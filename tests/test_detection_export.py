@@ -1,6 +1,7 @@
 """The shipped detector end to end: export through the project's pipeline, parity eager vs ONNX Runtime
 at batch 1, 2 and 3 (blank pictures included), TensorRT lint, and that it finds the shapes in
 generated pictures (IoU >= 0.7, right label) through ONNX Runtime with the server's letterboxing."""
+
 from __future__ import annotations
 
 from pathlib import Path

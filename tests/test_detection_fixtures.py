@@ -1,6 +1,7 @@
 """ResNet-50 + FPN Faster R-CNN against torchvision's state-dict layouts (tests/fixtures/torchvision):
 keys, shapes and order for the BatchNorm2d builder and the pretrained (FrozenBatchNorm2d) checkpoint
 layout, hyper-parameters, and that a checkpoint of the pretrained layout loads strictly and exports."""
+
 from __future__ import annotations
 
 import json
@@ -49,22 +50,45 @@ def test_default_hyperparameters_match_torchvision() -> None:
     assert [list(s) for s in anchors.sizes] == hp["anchor_sizes"]
     assert [list(a) for a in anchors.aspect_ratios] == hp["anchor_aspect_ratios"]
     rpn: RPNConfig = RESNET50_FPN_RPN
-    assert (rpn.pre_nms_top_n_train, rpn.pre_nms_top_n_test) == (hp["rpn_pre_nms_top_n"]["training"], hp["rpn_pre_nms_top_n"]["testing"])
-    assert (rpn.post_nms_top_n_train, rpn.post_nms_top_n_test) == (hp["rpn_post_nms_top_n"]["training"], hp["rpn_post_nms_top_n"]["testing"])
-    assert (rpn.nms_thresh, rpn.score_thresh, rpn.min_size) == (hp["rpn_nms_thresh"], hp["rpn_score_thresh"], hp["rpn_min_box_size"])
+    assert (rpn.pre_nms_top_n_train, rpn.pre_nms_top_n_test) == (
+        hp["rpn_pre_nms_top_n"]["training"],
+        hp["rpn_pre_nms_top_n"]["testing"],
+    )
+    assert (rpn.post_nms_top_n_train, rpn.post_nms_top_n_test) == (
+        hp["rpn_post_nms_top_n"]["training"],
+        hp["rpn_post_nms_top_n"]["testing"],
+    )
+    assert (rpn.nms_thresh, rpn.score_thresh, rpn.min_size) == (
+        hp["rpn_nms_thresh"],
+        hp["rpn_score_thresh"],
+        hp["rpn_min_box_size"],
+    )
     assert (rpn.fg_iou_thresh, rpn.bg_iou_thresh) == (hp["rpn_fg_iou_thresh"], hp["rpn_bg_iou_thresh"])
-    assert (rpn.batch_size_per_image, rpn.positive_fraction) == (hp["rpn_batch_size_per_image"], hp["rpn_positive_fraction"])
+    assert (rpn.batch_size_per_image, rpn.positive_fraction) == (
+        hp["rpn_batch_size_per_image"],
+        hp["rpn_positive_fraction"],
+    )
     box: BoxHeadConfig = RESNET50_FPN_BOX
-    assert (box.score_thresh, box.nms_thresh, box.detections_per_img) == (hp["box_score_thresh"], hp["box_nms_thresh"], hp["box_detections_per_img"])
+    assert (box.score_thresh, box.nms_thresh, box.detections_per_img) == (
+        hp["box_score_thresh"],
+        hp["box_nms_thresh"],
+        hp["box_detections_per_img"],
+    )
     assert (box.fg_iou_thresh, box.bg_iou_thresh) == (hp["box_fg_iou_thresh"], hp["box_bg_iou_thresh"])
-    assert (box.batch_size_per_image, box.positive_fraction) == (hp["box_batch_size_per_image"], hp["box_positive_fraction"])
+    assert (box.batch_size_per_image, box.positive_fraction) == (
+        hp["box_batch_size_per_image"],
+        hp["box_positive_fraction"],
+    )
     assert list(box.box_coder_weights) == hp["box_coder_weights"]
     assert model.rpn.box_coder.weights == tuple(hp["rpn_box_coder_weights"])
     assert model.roi_heads.box_coder.bbox_xform_clip == pytest.approx(hp["bbox_xform_clip"])
     pool = model.roi_heads.box_roi_pool
     assert list(pool.output_size) == hp["roi_pool_output_size"] and pool.sampling_ratio == hp["roi_pool_sampling_ratio"]
     assert pool.featmap_names == hp["roi_pool_featmaps_used"]
-    assert (pool.canonical_scale, pool.canonical_level) == (hp["roi_pool_canonical_scale"], hp["roi_pool_canonical_level"])
+    assert (pool.canonical_scale, pool.canonical_level) == (
+        hp["roi_pool_canonical_scale"],
+        hp["roi_pool_canonical_level"],
+    )
     assert model.get_submodule("roi_heads.box_head.fc6").out_features == hp["box_head_representation_size"]
     assert model.num_classes == hp["num_classes"]
     assert model.transform.mean.flatten().tolist() == pytest.approx(hp["transform_image_mean"])
@@ -97,7 +121,8 @@ def test_pretrained_layout_checkpoint_loads_strict_and_exports(tmp_path: Path) -
     entry = get_entry("fasterrcnn_resnet50_fpn")
     assert entry.onnx_translation_table is not None and entry.parity_check is not None
     small = fasterrcnn_resnet50_fpn(
-        image_size=(192, 192), frozen_bn=True,
+        image_size=(192, 192),
+        frozen_bn=True,
         rpn_config=RPNConfig(pre_nms_top_n_test=100, post_nms_top_n_test=50),
         box_config=BoxHeadConfig(detections_per_img=10),
     )
@@ -107,9 +132,15 @@ def test_pretrained_layout_checkpoint_loads_strict_and_exports(tmp_path: Path) -
     x[1] = 0
     path = tmp_path / "frcnn.onnx"
     torch.onnx.export(
-        small, (x,), str(path), dynamo=True, custom_translation_table=entry.onnx_translation_table(),
-        input_names=["input"], output_names=list(entry.output_names),
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=8)},), external_data=False,
+        small,
+        (x,),
+        str(path),
+        dynamo=True,
+        custom_translation_table=entry.onnx_translation_table(),
+        input_names=["input"],
+        output_names=list(entry.output_names),
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=8)},),
+        external_data=False,
     )
     import onnx
     import onnxruntime as ort

@@ -1,5 +1,6 @@
 """NMS and RoIAlign: the eager references against ONNX Runtime's own NonMaxSuppression / RoiAlign
 (one-node graphs built with onnx.helper), RoIAlign's aligned semantics, and the ONNX translations."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -66,7 +67,9 @@ def test_nms_reference_matches_onnxruntime(iou: float, score_thr: float) -> None
     assert 0 < ours.sum() < ours.size  # the check is not vacuous: some kept, some suppressed
 
 
-def _ort_roi_align(features: np.ndarray, rois: np.ndarray, scale: float, out: int, sr: int, aligned: bool) -> np.ndarray:
+def _ort_roi_align(
+    features: np.ndarray, rois: np.ndarray, scale: float, out: int, sr: int, aligned: bool
+) -> np.ndarray:
     node = helper.make_node(
         "RoiAlign",
         ["x", "rois", "batch_indices"],
@@ -149,8 +152,14 @@ def test_translations_export_to_native_onnx_ops(tmp_path) -> None:
     batch = torch.export.Dim("batch", min=1, max=8)
     path = tmp_path / "ops.onnx"
     torch.onnx.export(
-        _OpsModule().eval(), args, str(path), dynamo=True, custom_translation_table=ops.onnx_translation_table(),
-        input_names=["features", "rois", "boxes", "scores"], dynamic_shapes=({0: batch},) * 4, external_data=False,
+        _OpsModule().eval(),
+        args,
+        str(path),
+        dynamo=True,
+        custom_translation_table=ops.onnx_translation_table(),
+        input_names=["features", "rois", "boxes", "scores"],
+        dynamic_shapes=({0: batch},) * 4,
+        external_data=False,
     )
     op_types = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"NonMaxSuppression", "RoiAlign"} <= op_types

@@ -4,6 +4,7 @@ The parametrized test picks up every model in the registry, so a family added la
 touching this file. Big models are marked slow (they still run in CI) and check parity at batch 1 and
 2 only, which keeps their cost to the export itself.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,8 +24,6 @@ from models.registry import get_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG = re.compile(r"^(vgg|alexnet|resnet101|resnet152|fasterrcnn_resnet50)")
-
-
 
 
 def _params():
@@ -92,8 +91,9 @@ CLI_MODEL = "resnet20_cifar" if "resnet20_cifar" in models.list_models() else mo
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "export", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=1200)
+    return subprocess.run(
+        [sys.executable, "-m", "export", *args], cwd=ROOT, capture_output=True, text=True, timeout=1200
+    )
 
 
 def _snapshot(repo: Path) -> dict[str, bytes]:
@@ -104,16 +104,33 @@ def _snapshot(repo: Path) -> dict[str, bytes]:
 def exported_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("cli") / "model_repository"
     # pinned: these tests look at the layout of one known variant (`onnx` chooses by measurement otherwise)
-    out = _cli("onnx", CLI_MODEL, "--weights", "none", "--repository", str(repo), "--parity-batch-sizes", "1", "3",
-               "--precision", "fp32", "--runtime", "onnxruntime")
+    out = _cli(
+        "onnx",
+        CLI_MODEL,
+        "--weights",
+        "none",
+        "--repository",
+        str(repo),
+        "--parity-batch-sizes",
+        "1",
+        "3",
+        "--precision",
+        "fp32",
+        "--runtime",
+        "onnxruntime",
+    )
     assert out.returncode == 0, out.stderr
     return repo
 
 
 def test_cli_writes_triton_layout(exported_repo: Path):
     files = sorted(_snapshot(exported_repo))
-    expected = {f"{CLI_MODEL}/config.pbtxt", f"{CLI_MODEL}/model.json", f"{CLI_MODEL}/parity.json",
-                f"{CLI_MODEL}/1/model.onnx"}
+    expected = {
+        f"{CLI_MODEL}/config.pbtxt",
+        f"{CLI_MODEL}/model.json",
+        f"{CLI_MODEL}/parity.json",
+        f"{CLI_MODEL}/1/model.onnx",
+    }
     assert expected <= set(files)
     from cnncore.config import load_config
 
@@ -135,8 +152,9 @@ def test_exported_onnx_carries_no_build_machine_paths(exported_repo: Path):
 
     served = exported_repo / CLI_MODEL / "1" / "model.onnx"
     proto = onnx.load(str(served))
-    assert proto.graph.node and not [p.key for n in proto.graph.node for p in n.metadata_props
-                                     if p.key in BUILD_PATH_KEYS]
+    assert proto.graph.node and not [
+        p.key for n in proto.graph.node for p in n.metadata_props if p.key in BUILD_PATH_KEYS
+    ]
     assert any(n.metadata_props for n in proto.graph.node)  # the path-free metadata stays
     assert str(ROOT).encode() not in served.read_bytes()
     parity = json.loads((exported_repo / CLI_MODEL / "parity.json").read_text())
@@ -147,20 +165,40 @@ def test_exported_onnx_carries_no_build_machine_paths(exported_repo: Path):
 def test_cli_reexport_is_idempotent(exported_repo: Path):
     before = _snapshot(exported_repo)
     # `repository` with the options the fixture pinned (FP32 on ONNX Runtime) must rewrite nothing.
-    out = _cli("repository", "--models", CLI_MODEL, "--weights", "none", "--repository", str(exported_repo),
-               "--parity-batch-sizes", "1", "3", "--precision", "fp32", "--runtime", "onnxruntime")
+    out = _cli(
+        "repository",
+        "--models",
+        CLI_MODEL,
+        "--weights",
+        "none",
+        "--repository",
+        str(exported_repo),
+        "--parity-batch-sizes",
+        "1",
+        "3",
+        "--precision",
+        "fp32",
+        "--runtime",
+        "onnxruntime",
+    )
     assert out.returncode == 0, out.stderr
     assert _snapshot(exported_repo) == before
 
 
-@pytest.mark.parametrize("args,message", [
-    (["onnx", "no_such_model"], "unknown model 'no_such_model'"),
-    (["onnx", CLI_MODEL, "--weights", "/nonexistent/ckpt.pth"], "checkpoint not found"),
-    (["repository", "--models", CLI_MODEL, "no_such_model", "--weights", "none"], "unknown model 'no_such_model'"),
-    # zero tolerance: float32 ONNX Runtime vs eager always differs in the last bits -> parity fails
-    (["onnx", CLI_MODEL, "--weights", "none", "--atol", "0", "--rtol", "0", "--parity-batch-sizes", "2"],
-     "parity PyTorch vs ONNX Runtime failed"),
-], ids=["bad-name", "missing-checkpoint", "one-bad-name-in-list", "failed-parity"])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["onnx", "no_such_model"], "unknown model 'no_such_model'"),
+        (["onnx", CLI_MODEL, "--weights", "/nonexistent/ckpt.pth"], "checkpoint not found"),
+        (["repository", "--models", CLI_MODEL, "no_such_model", "--weights", "none"], "unknown model 'no_such_model'"),
+        # zero tolerance: float32 ONNX Runtime vs eager always differs in the last bits -> parity fails
+        (
+            ["onnx", CLI_MODEL, "--weights", "none", "--atol", "0", "--rtol", "0", "--parity-batch-sizes", "2"],
+            "parity PyTorch vs ONNX Runtime failed",
+        ),
+    ],
+    ids=["bad-name", "missing-checkpoint", "one-bad-name-in-list", "failed-parity"],
+)
 def test_cli_bad_inputs_leave_repository_untouched(exported_repo: Path, args: list[str], message: str):
     before = _snapshot(exported_repo)
     out = _cli(*args, "--repository", str(exported_repo))

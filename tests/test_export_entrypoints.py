@@ -2,6 +2,7 @@
 the files themselves (`python export/export.py ...`, the tool docs/architecture.md names), from any
 directory. Running a file inside export/ puts export/ first on sys.path, where export.py would shadow
 the `export` package and export/tensorrt/ the `tensorrt` library."""
+
 from __future__ import annotations
 
 import subprocess
@@ -26,9 +27,16 @@ def test_export_help_from_the_repository_root(command):
     assert "usage: python -m export" in out and "repository" in out and "engine" in out
 
 
-@pytest.mark.parametrize("command", [["-m", "export", "engine"], ["export/export.py", "engine"],
-                                     ["-m", "export.tensorrt"],
-                                     ["-m", "export.torch_program"], ["export/torch_program.py"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "export", "engine"],
+        ["export/export.py", "engine"],
+        ["-m", "export.tensorrt"],
+        ["-m", "export.torch_program"],
+        ["export/torch_program.py"],
+    ],
+)
 def test_sub_tools_help(command):
     out = _run([*command, "--help"], ROOT).stdout
     assert "--repository" in out

@@ -1,5 +1,6 @@
 """Fashion-MNIST: the IDX reader, the label-safe augmentation policy, the training recipe and the
 served `fashion_resnet20` checkpoint (>= 92% on the 10k test set, through the serving preprocessing)."""
+
 from __future__ import annotations
 
 import gzip
@@ -206,7 +207,11 @@ def test_model_agrees_allowed_ops_keep_labels_forbidden_ones_do_not(served_model
 def test_training_cli_help():
     out = subprocess.run(
         [sys.executable, "-m", "models.training.train_fashion", "--help"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     assert "--epochs" in out and "--seed" in out and "--out" in out and "--reproduce" in out
 

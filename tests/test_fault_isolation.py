@@ -4,6 +4,7 @@ the model's execution_timeout_ms fails its requests and that model's readiness, 
 The faults come from tests/fault_backends.py ("test_faulty", loaded with --backend-module): a request
 carrying the configured poison value makes the backend raise, or never return.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,16 +41,28 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(repo, "affine", affine_model(), "max_batch_size: 8\ndynamic_batching { }\n")
     write_model(repo, "faulty", affine_model(), FAULTY_CFG)
     write_model(repo, "hangs", affine_model(), HANGS_CFG)
-    write_model(repo, "bad_timeout", affine_model(), 'max_batch_size: 8\nparameters { key: "execution_timeout_ms" '
-                'value { string_value: "soon" } }\n')
+    write_model(
+        repo,
+        "bad_timeout",
+        affine_model(),
+        'max_batch_size: 8\nparameters { key: "execution_timeout_ms" value { string_value: "soon" } }\n',
+    )
     return repo
 
 
 def _start(repo: Path, server_factory) -> ServerProcess:
     models = [arg for name in ("affine", "faulty", "hangs", "bad_timeout") for arg in ("--load-model", name)]
     # not strict: bad_timeout fails to load on purpose, and readiness here is the other models serving
-    return server_factory(repo, "--backend-module", "fault_backends", "--model-control-mode", "explicit",
-                          "--strict-readiness", "false", *models)
+    return server_factory(
+        repo,
+        "--backend-module",
+        "fault_backends",
+        "--model-control-mode",
+        "explicit",
+        "--strict-readiness",
+        "false",
+        *models,
+    )
 
 
 @pytest.fixture(scope="module")

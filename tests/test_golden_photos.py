@@ -4,6 +4,7 @@ The photos come with scikit-image; preprocessing is cnncore.preprocess (what the
 so these tests tie together the definition, the weights, the labels and the preprocessing spec.
 Run with -s to see the top-5.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,7 @@
 """GPU backends through the server's real loader: which backend a config.pbtxt asks for, a clear
 refusal (that model only) where the machine lacks it, and the torch.export backend's parity with ONNX
 Runtime (on CPU here; on CUDA where there is a GPU)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -38,15 +39,19 @@ CONFIGS = {
     "torch_cpu": 'backend: "pytorch"\ninstance_group [{ kind: KIND_CPU count: 1 }]',
     "torch_platform_cpu": 'platform: "pytorch_libtorch"\ninstance_group [{ kind: KIND_CPU }]',
     "torch_gpu": 'backend: "pytorch"\ninstance_group [{ kind: KIND_GPU gpus: [0] }]',
-    "torch_cpu_graphs": ('backend: "pytorch"\ninstance_group [{ kind: KIND_CPU }]\n'
-                         'optimization { cuda { graphs: true } }'),
-    "torch_gpu_graphs": ('backend: "pytorch"\ninstance_group [{ kind: KIND_GPU }]\n'
-                         'optimization { cuda { graphs: true } }'),
+    "torch_cpu_graphs": (
+        'backend: "pytorch"\ninstance_group [{ kind: KIND_CPU }]\noptimization { cuda { graphs: true } }'
+    ),
+    "torch_gpu_graphs": (
+        'backend: "pytorch"\ninstance_group [{ kind: KIND_GPU }]\noptimization { cuda { graphs: true } }'
+    ),
     "engine": 'platform: "tensorrt_plan"\ninstance_group [{ kind: KIND_GPU }]',
     "engine_other_gpu": 'backend: "tensorrt"\ninstance_group [{ kind: KIND_GPU }]',
-    "ort_trt_ep": ('backend: "onnxruntime"\noptimization { execution_accelerators { gpu_execution_accelerator [{\n'
-                   '  name: "tensorrt" parameters { key: "precision_mode" value: "FP16" } }] } }\n'
-                   'instance_group [{ kind: KIND_GPU }]'),
+    "ort_trt_ep": (
+        'backend: "onnxruntime"\noptimization { execution_accelerators { gpu_execution_accelerator [{\n'
+        '  name: "tensorrt" parameters { key: "precision_mode" value: "FP16" } }] } }\n'
+        "instance_group [{ kind: KIND_GPU }]"
+    ),
     "ort_cuda": 'platform: "onnxruntime_onnx"\ninstance_group [{ kind: KIND_GPU }]',
 }
 
@@ -65,9 +70,16 @@ def repo(exported, tmp_path_factory) -> Path:
     fname = engine_filename("5.0", "10.0.0", "fp16")
     (other / fname).write_bytes(b"not for this machine")
     m = EngineManifest()
-    m.add(EngineRecord(file=fname, compute_capability="5.0", tensorrt_version="10.0.0", precision="fp16",
-                       onnx_sha256=file_sha256(other / "model.onnx"),
-                       profiles={"input": ProfileShapes(min=(1, 3, 16, 16), opt=(8, 3, 16, 16), max=(8, 3, 16, 16))}))
+    m.add(
+        EngineRecord(
+            file=fname,
+            compute_capability="5.0",
+            tensorrt_version="10.0.0",
+            precision="fp16",
+            onnx_sha256=file_sha256(other / "model.onnx"),
+            profiles={"input": ProfileShapes(min=(1, 3, 16, 16), opt=(8, 3, 16, 16), max=(8, 3, 16, 16))},
+        )
+    )
     m.write(other)
     return root
 
@@ -108,8 +120,9 @@ def test_cuda_graphs_on_a_cpu_instance_run_eagerly_with_a_warning(repo, exported
     assert backend.cuda_graph_sizes == []
     assert "optimization.cuda.graphs ignored" in caplog.text and "CPU" in caplog.text
     x = np.random.default_rng(3).standard_normal((3, 3, 16, 16)).astype(np.float32)
-    np.testing.assert_allclose(backend.execute({"input": x})["logits"], session.run(None, {"input": x})[0],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        backend.execute({"input": x})["logits"], session.run(None, {"input": x})[0], rtol=1e-4, atol=1e-5
+    )
     for inst in built.instances:
         inst.close()
 
@@ -189,6 +202,7 @@ def test_torch_backend_missing_program_is_refused(tmp_path):
 
 def test_models_the_machine_cannot_run_fail_alone(repo):
     """The whole repository through ModelRepository, as the server loads it at start."""
+
     async def go():
         repository = ModelRepository(repo)
         await repository.load_all()
@@ -212,11 +226,17 @@ def test_models_the_machine_cannot_run_fail_alone(repo):
 
 # ------------------------------------------------------------------ torch.export program vs ONNX Runtime
 
+
 class Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                      nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(16, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,8 +254,15 @@ def exported(tmp_path_factory):
     vdir.mkdir()
     program = export_program(model, torch.randn(2, 3, 16, 16), max_batch_size=8)
     save_program(program, vdir / PROGRAM_FILENAME, ["input"], ["logits"])
-    torch.onnx.export(program, (torch.randn(2, 3, 16, 16),), str(vdir / "model.onnx"), input_names=["input"],
-                      output_names=["logits"], dynamo=True, external_data=False)
+    torch.onnx.export(
+        program,
+        (torch.randn(2, 3, 16, 16),),
+        str(vdir / "model.onnx"),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamo=True,
+        external_data=False,
+    )
     return vdir, model, ort.InferenceSession(str(vdir / "model.onnx"), providers=["CPUExecutionProvider"])
 
 
@@ -282,12 +309,14 @@ def test_torch_backend_on_cuda_matches_onnx_runtime(exported):
     backend = create_backend("pytorch", vdir / PROGRAM_FILENAME, BackendOptions(device_kind="gpu"))
     assert backend.device == "cuda:0"
     x = np.random.default_rng(2).standard_normal((8, 3, 16, 16)).astype(np.float32)
-    np.testing.assert_allclose(backend.execute({"input": x})["logits"], session.run(None, {"input": x})[0],
-                               rtol=1e-2, atol=1e-2)  # TF32 convolutions on Ampere+ are allowed to differ a little
+    np.testing.assert_allclose(
+        backend.execute({"input": x})["logits"], session.run(None, {"input": x})[0], rtol=1e-2, atol=1e-2
+    )  # TF32 convolutions on Ampere+ are allowed to differ a little
     backend.close()
 
 
 # ------------------------------------------------------------------ scripts/gpu_check.sh, CPU dry run
+
 
 @pytest.mark.slow
 def test_gpu_check_cpu_dry_run_serves_and_prints_the_table(tmp_path):
@@ -297,9 +326,26 @@ def test_gpu_check_cpu_dry_run_serves_and_prints_the_table(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-only", "--quick", "--seconds", "0.5",
-                           "--concurrency", "1,2", "--cpu-concurrency", "1,2", "--json", str(out)],
-                          cwd=root, capture_output=True, text=True, timeout=420)
+    proc = subprocess.run(
+        [
+            "bash",
+            "scripts/gpu_check.sh",
+            "--cpu-only",
+            "--quick",
+            "--seconds",
+            "0.5",
+            "--concurrency",
+            "1,2",
+            "--cpu-concurrency",
+            "1,2",
+            "--json",
+            str(out),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| model" in proc.stdout and "avg batch" in proc.stdout
     result = json.loads(out.read_text())
@@ -318,9 +364,24 @@ def test_gpu_check_in_process_fallback(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-only", "--quick", "--in-process", "--no-onnx",
-                           "--seconds", "0.3", "--json", str(out)], cwd=root, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            "bash",
+            "scripts/gpu_check.sh",
+            "--cpu-only",
+            "--quick",
+            "--in-process",
+            "--no-onnx",
+            "--seconds",
+            "0.3",
+            "--json",
+            str(out),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["serving"].startswith("in-process")

@@ -3,6 +3,7 @@
 NVML cannot run on a machine without an NVIDIA driver, so the collector's arithmetic is checked against
 a small stand-in with pynvml's function names and return shapes; on a GPU machine the real one is used.
 """
+
 from __future__ import annotations
 
 import logging
@@ -84,10 +85,12 @@ def test_without_nvml_registration_is_a_logged_no_op(caplog):
 
 
 def test_gauges_per_gpu_with_triton_names_and_units():
-    nvml = StandInNvml([
-        {"uuid": "GPU-aaaa", "util": 87, "total": 24 << 30, "used": 3 << 30, "power_mw": 150_500},
-        {"uuid": b"GPU-bbbb", "util": 0, "total": 80 << 30, "used": 1 << 20, "power_mw": None},
-    ])
+    nvml = StandInNvml(
+        [
+            {"uuid": "GPU-aaaa", "util": 87, "total": 24 << 30, "used": 3 << 30, "power_mw": 150_500},
+            {"uuid": b"GPU-bbbb", "util": 0, "total": 80 << 30, "used": 1 << 20, "power_mw": None},
+        ]
+    )
     registry = CollectorRegistry()
     collector = register_gpu_metrics(registry, nvml=nvml)
     assert collector is not None and collector.gpu_count == 2 and nvml.initialised

@@ -1,6 +1,7 @@
 """Regression tests for what a hostile client found (issue 13), against the real server process:
 versions of Unicode digits or thousands of digits, 10 KB model names, failed loads that left names
 behind, a 60 MB BYTES tensor sent to an FP32 model, and the server-wide admission limit."""
+
 from __future__ import annotations
 
 import asyncio
@@ -32,16 +33,29 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(repo, "affine", affine_model(), "max_batch_size: 8\ndynamic_batching { }\n")
     gate = FileGate(repo / "gated.gate")
     gate.open()
-    write_model(repo, "gated", affine_model(),
-                f'backend: "test_faulty"\ndefault_model_filename: "model.onnx"\nmax_batch_size: 8\n'
-                f'parameters {{ key: "gate_file" value {{ string_value: "{gate.path}" }} }}\n')
+    write_model(
+        repo,
+        "gated",
+        affine_model(),
+        f'backend: "test_faulty"\ndefault_model_filename: "model.onnx"\nmax_batch_size: 8\n'
+        f'parameters {{ key: "gate_file" value {{ string_value: "{gate.path}" }} }}\n',
+    )
     return repo
 
 
 @pytest.fixture(scope="module")
 def server(repo: Path, server_factory) -> ServerProcess:
-    return server_factory(repo, "--model-control-mode", "explicit", "--load-model", "affine",
-                          "--load-model", "gated", "--backend-module", "fault_backends")
+    return server_factory(
+        repo,
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "affine",
+        "--load-model",
+        "gated",
+        "--backend-module",
+        "fault_backends",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +80,11 @@ def _error(call, *args) -> grpc.RpcError:
 
 @pytest.mark.parametrize("version", ["²", "①", "٣", "9" * 5000, "9223372036854775808", "-1", " 1"])
 def test_malformed_versions_are_invalid_argument(stub, version: str) -> None:
-    for call, request in ((stub.ModelInfer, _affine_request(version)),
-                          (stub.ModelMetadata, tpb.ModelMetadataRequest(name="affine", version=version)),
-                          (stub.ModelConfig, tpb.ModelConfigRequest(name="affine", version=version))):
+    for call, request in (
+        (stub.ModelInfer, _affine_request(version)),
+        (stub.ModelMetadata, tpb.ModelMetadataRequest(name="affine", version=version)),
+        (stub.ModelConfig, tpb.ModelConfigRequest(name="affine", version=version)),
+    ):
         err = _error(call, request)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), str(err.details())[:200])
         assert "model version" in str(err.details()) and len(str(err.details())) < 400
@@ -85,10 +101,11 @@ def test_ten_kilobyte_names_get_a_short_clear_status(server: ServerProcess, stub
     name = "m" * 10_000
     client = tc.InferenceServerClient(server.grpc_url)
     for call, code in (
-            (lambda: client.load_model(name), "StatusCode.INVALID_ARGUMENT"),
-            (lambda: client.unload_model(name), "StatusCode.INVALID_ARGUMENT"),
-            (lambda: client.get_model_metadata(name), "StatusCode.NOT_FOUND"),
-            (lambda: client.infer(name, [tc.InferInput("a", [1], "FP32")]), "StatusCode.NOT_FOUND")):
+        (lambda: client.load_model(name), "StatusCode.INVALID_ARGUMENT"),
+        (lambda: client.unload_model(name), "StatusCode.INVALID_ARGUMENT"),
+        (lambda: client.get_model_metadata(name), "StatusCode.NOT_FOUND"),
+        (lambda: client.infer(name, [tc.InferInput("a", [1], "FP32")]), "StatusCode.NOT_FOUND"),
+    ):
         with pytest.raises(InferenceServerException) as err:
             call()
         assert err.value.status() == code, (err.value.status(), err.value.message()[:200])
@@ -138,8 +155,18 @@ def test_sixty_megabyte_bytes_tensor_to_an_fp32_model_is_refused_before_decoding
 
 
 def _admission_server(repo: Path, server_factory, *limits: str) -> ServerProcess:
-    return server_factory(repo, "--model-control-mode", "explicit", "--load-model", "gated",
-                          "--backend-module", "fault_backends", "--retry-pushback-ms", "250", *limits)
+    return server_factory(
+        repo,
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "gated",
+        "--backend-module",
+        "fault_backends",
+        "--retry-pushback-ms",
+        "250",
+        *limits,
+    )
 
 
 @asynccontextmanager
@@ -160,7 +187,9 @@ async def _two_held_at_the_gate(srv: ServerProcess, stub, req, gate: FileGate) -
 def test_admission_limit_refuses_with_retry_pushback_and_counts(repo: Path, server_factory, limit: str) -> None:
     req = _affine_request(name="gated")
     size = req.ByteSize()  # what the server counts: the message as received
-    flags = ("--max-inflight-requests", "2") if limit == "requests" else ("--max-inflight-bytes", str(2 * size + size // 2))
+    flags = (
+        ("--max-inflight-requests", "2") if limit == "requests" else ("--max-inflight-bytes", str(2 * size + size // 2))
+    )
     srv = _admission_server(repo, server_factory, *flags)
     gate = FileGate(repo / "gated.gate")
 
@@ -220,7 +249,8 @@ def test_unparsable_message_in_a_stream_is_invalid_argument(server: ServerProces
     # until the client's deadline instead of being answered.
     with grpc.insecure_channel(server.grpc_url) as ch:
         call: grpc.StreamStreamMultiCallable[bytes, bytes] = ch.stream_stream(
-            "/inference.GRPCInferenceService/ModelStreamInfer")
+            "/inference.GRPCInferenceService/ModelStreamInfer"
+        )
         with pytest.raises(grpc.RpcError) as err:
             list(call(iter([b"\x00"]), timeout=20))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.value.code(), str(err.value.details()))
@@ -229,24 +259,39 @@ def test_unparsable_message_in_a_stream_is_invalid_argument(server: ServerProces
 
 @pytest.mark.parametrize("flag", ["--max-inflight-requests", "--max-inflight-bytes", "--retry-pushback-ms"])
 def test_negative_admission_flags_are_refused_with_a_clear_error(repo: Path, flag: str) -> None:
-    res = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(repo), flag, "-1"],
-                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "server", "--model-repository", str(repo), flag, "-1"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode != 0
     assert f"{flag} must be >= 0, got -1" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
 
 
 def test_vision_threads_below_one_are_refused_with_a_clear_error(repo: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(repo), "--vision-threads", "0"],
-                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "server", "--model-repository", str(repo), "--vision-threads", "0"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode != 0
     assert "--vision-threads must be at least 1, got 0" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("method", ["/inference.GRPCInferenceService/ModelMetadata",
-                                    "/inference.GRPCInferenceService/RepositoryModelLoad",
-                                    "/cnnserve.vision.VisionService/Classify"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/inference.GRPCInferenceService/ModelMetadata",
+        "/inference.GRPCInferenceService/RepositoryModelLoad",
+        "/cnnserve.vision.VisionService/Classify",
+    ],
+)
 def test_unparsable_request_messages_are_invalid_argument(server: ServerProcess, method: str) -> None:
     # Found by the fuzzer: gRPC answered its deserializer's DecodeError UNKNOWN.
     with grpc.insecure_channel(server.grpc_url) as ch:

@@ -1,6 +1,7 @@
 """The KServe v2 REST binding end to end: the real server process, unmodified tritonclient.http (binary
 data extension both ways, JSON tensors), a plain HTTP client as curl would send, the vision API over
 HTTP, and the limits (oversize bodies, bad JSON, wrong content types, slow clients, huge headers)."""
+
 from __future__ import annotations
 
 import http.client
@@ -31,9 +32,19 @@ def server(tmp_path_factory: pytest.TempPathFactory, server_factory) -> ServerPr
     write_model(repo, "cast", cast_model(), "max_batch_size: 4\n")
     write_model(repo, "strings", strings_model(), "max_batch_size: 0\n")
     write_model(repo, "unloadable", affine_model(), "max_batch_size: 8\n")
-    return server_factory(repo, "--model-control-mode", "explicit", "--load-model", "*",
-                          "--http-max-input-size", str(MAX_INPUT), "--http-body-timeout-secs", "1",
-                          "--http-idle-timeout-secs", "1")
+    return server_factory(
+        repo,
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "*",
+        "--http-max-input-size",
+        str(MAX_INPUT),
+        "--http-body-timeout-secs",
+        "1",
+        "--http-idle-timeout-secs",
+        "1",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +52,9 @@ def client(server: ServerProcess) -> th.InferenceServerClient:
     return th.InferenceServerClient(server.http_url)
 
 
-def _request(server: ServerProcess, method: str, path: str, body: bytes | None = None,
-             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def _request(
+    server: ServerProcess, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -74,8 +86,10 @@ def test_health_and_metadata(client: th.InferenceServerClient) -> None:
     assert meta["name"] == "cnnserve" and "model_repository" in meta["extensions"]
     m = client.get_model_metadata("affine")
     assert m["name"] == "affine" and m["versions"] == ["1"]
-    assert m["inputs"] == [{"name": "a", "datatype": "FP32", "shape": [-1, 4]},
-                           {"name": "b", "datatype": "INT64", "shape": [-1, 2]}]
+    assert m["inputs"] == [
+        {"name": "a", "datatype": "FP32", "shape": [-1, 4]},
+        {"name": "b", "datatype": "INT64", "shape": [-1, 2]},
+    ]
     assert client.get_model_metadata("affine", model_version="1")["name"] == "affine"
 
 
@@ -141,18 +155,30 @@ def test_compressed_request_and_response(client: th.InferenceServerClient, serve
     for algorithm in ("gzip", "deflate"):
         for binary in (True, False):
             outputs = [th.InferRequestedOutput("y", binary_data=binary)]
-            result = client.infer("affine", inputs, outputs=outputs, request_compression_algorithm=algorithm,
-                                  response_compression_algorithm=algorithm)
+            result = client.infer(
+                "affine",
+                inputs,
+                outputs=outputs,
+                request_compression_algorithm=algorithm,
+                response_compression_algorithm=algorithm,
+            )
             np.testing.assert_array_equal(result.as_numpy("y"), y)
     # JSON answers are compressed when accepted, binary tensors never (they barely compress)
-    body = json.dumps({"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]},
-                                  {"name": "b", "shape": [1, 2], "datatype": "INT64", "data": [1, 2]}]})
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "a", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]},
+                {"name": "b", "shape": [1, 2], "datatype": "INT64", "data": [1, 2]},
+            ]
+        }
+    )
     _, headers, _ = _request(server, "POST", "/v2/models/affine/infer", body.encode(), {"Accept-Encoding": "gzip"})
     assert headers.get("Content-Encoding") == "gzip"
     binary = json.loads(body)
     binary["parameters"] = {"binary_data_output": True}
-    _, headers, _ = _request(server, "POST", "/v2/models/affine/infer", json.dumps(binary).encode(),
-                             {"Accept-Encoding": "gzip"})
+    _, headers, _ = _request(
+        server, "POST", "/v2/models/affine/infer", json.dumps(binary).encode(), {"Accept-Encoding": "gzip"}
+    )
     assert "Content-Encoding" not in headers and "Inference-Header-Content-Length" in headers
 
 
@@ -174,35 +200,58 @@ def test_request_path_errors_keep_their_status(client: th.InferenceServerClient,
 
 # -- a plain HTTP client, as curl sends ----------------------------------------------------------------
 def test_plain_json_infer_with_nested_data(server: ServerProcess) -> None:
-    body = {"id": "curl", "inputs": [
-        {"name": "a", "shape": [2, 4], "datatype": "FP32", "data": [[1, 2, 3, 4], [5, 6, 7, 8]]},
-        {"name": "b", "shape": [2, 2], "datatype": "INT64", "data": [1, 2, 3, 4]}]}
-    status, headers, raw = _request(server, "POST", "/v2/models/affine/infer", json.dumps(body).encode(),
-                                    {"Content-Type": "application/json"})
+    body = {
+        "id": "curl",
+        "inputs": [
+            {"name": "a", "shape": [2, 4], "datatype": "FP32", "data": [[1, 2, 3, 4], [5, 6, 7, 8]]},
+            {"name": "b", "shape": [2, 2], "datatype": "INT64", "data": [1, 2, 3, 4]},
+        ],
+    }
+    status, headers, raw = _request(
+        server, "POST", "/v2/models/affine/infer", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     assert status == 200, raw
     assert headers["Content-Type"].startswith("application/json")
     answer = json.loads(raw)
     assert answer["model_name"] == "affine" and answer["model_version"] == "1" and answer["id"] == "curl"
     out = {o["name"]: o for o in answer["outputs"]}
-    assert out["y"] == {"name": "y", "datatype": "FP32", "shape": [2, 4],
-                        "data": [3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0, 17.0]}
+    assert out["y"] == {
+        "name": "y",
+        "datatype": "FP32",
+        "shape": [2, 4],
+        "data": [3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0, 17.0],
+    }
     assert out["z"]["data"] == [4, 5, 6, 7]
     # curl -d without a Content-Type sends a form type; JSON is still what it holds
-    status, _, raw = _request(server, "POST", "/v2/models/affine/versions/1/infer", json.dumps(body).encode(),
-                              {"Content-Type": "application/x-www-form-urlencoded"})
+    status, _, raw = _request(
+        server,
+        "POST",
+        "/v2/models/affine/versions/1/infer",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert status == 200, raw
 
 
 def test_plain_binary_infer(server: ServerProcess) -> None:
     a = np.ones((1, 4), np.float32)
     b = np.zeros((1, 2), np.int64)
-    header = json.dumps({"inputs": [
-        {"name": "a", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": a.nbytes}},
-        {"name": "b", "shape": [1, 2], "datatype": "INT64", "parameters": {"binary_data_size": b.nbytes}}],
-        "outputs": [{"name": "y", "parameters": {"binary_data": True}}, {"name": "z"}]}).encode()
-    status, headers, raw = _request(server, "POST", "/v2/models/affine/infer", header + a.tobytes() + b.tobytes(),
-                                    {"Inference-Header-Content-Length": str(len(header)),
-                                     "Content-Type": "application/octet-stream"})
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "a", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": a.nbytes}},
+                {"name": "b", "shape": [1, 2], "datatype": "INT64", "parameters": {"binary_data_size": b.nbytes}},
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}, {"name": "z"}],
+        }
+    ).encode()
+    status, headers, raw = _request(
+        server,
+        "POST",
+        "/v2/models/affine/infer",
+        header + a.tobytes() + b.tobytes(),
+        {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+    )
     assert status == 200, raw
     n = int(headers["Inference-Header-Content-Length"])
     answer = json.loads(raw[:n])
@@ -213,34 +262,50 @@ def test_plain_binary_infer(server: ServerProcess) -> None:
 
 
 def test_every_get_endpoint_answers_json(server: ServerProcess) -> None:
-    for path in ("/v2", "/v2/models/affine", "/v2/models/affine/versions/1", "/v2/models/affine/config",
-                 "/v2/models/affine/stats", "/v2/models/affine/versions/1/stats", "/v2/models/stats"):
+    for path in (
+        "/v2",
+        "/v2/models/affine",
+        "/v2/models/affine/versions/1",
+        "/v2/models/affine/config",
+        "/v2/models/affine/stats",
+        "/v2/models/affine/versions/1/stats",
+        "/v2/models/stats",
+    ):
         status, headers, raw = _request(server, "GET", path)
         assert status == 200 and headers["Content-Type"].startswith("application/json"), path
         json.loads(raw)
-    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/affine/ready", "/v2/models/affine/versions/1/ready"):
+    for path in (
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/affine/ready",
+        "/v2/models/affine/versions/1/ready",
+    ):
         assert _request(server, "GET", path)[0] == 200, path
     assert _request(server, "GET", "/v2/models/affine/versions/7/ready")[0] == 400
     status, _, raw = _request(server, "POST", "/v2/repository/index", b'{"ready": true}')
     assert status == 200 and all(m["state"] == "READY" for m in json.loads(raw))
 
 
-@pytest.mark.parametrize("body, headers, status, says", [
-    (b"{not json", {"Content-Type": "application/json"}, 400, "not valid JSON"),
-    (b"[1, 2]", {}, 400, "must be a JSON object"),
-    (b'{"inputs": 3}', {}, 400, "'inputs' must be list"),
-    (b'{"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32"}]}', {}, 400, "neither 'data'"),
-    (b'{"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data": ["x", 1, 2, 3]}]}', {}, 400, "'a'"),
-    (b'{"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data": [[1, 2], 3, 4]}]}', {}, 400, "mixes"),
-    (b"[" * 100000 + b"]" * 100000, {}, 400, "nests too deeply"),
-    (b'{"inputs": []}', {"Content-Type": "image/png"}, 400, "Content-Type"),
-    (b'{"inputs": []}', {"Content-Type": "multipart/form-data; boundary=x"}, 400, "Content-Type"),
-    (b'{"inputs": []}xx', {"Inference-Header-Content-Length": "99"}, 400, "Inference-Header-Content-Length"),
-    (b'{"inputs": []}xx', {"Inference-Header-Content-Length": "14"}, 400, "2 bytes of binary data"),
-    (b"x" * (MAX_INPUT + 1), {}, 413, "--http-max-input-size"),
-])
-def test_bad_requests_get_the_v2_error(server: ServerProcess, body: bytes, headers: dict, status: int,
-                                       says: str) -> None:
+@pytest.mark.parametrize(
+    "body, headers, status, says",
+    [
+        (b"{not json", {"Content-Type": "application/json"}, 400, "not valid JSON"),
+        (b"[1, 2]", {}, 400, "must be a JSON object"),
+        (b'{"inputs": 3}', {}, 400, "'inputs' must be list"),
+        (b'{"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32"}]}', {}, 400, "neither 'data'"),
+        (b'{"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data": ["x", 1, 2, 3]}]}', {}, 400, "'a'"),
+        (b'{"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data": [[1, 2], 3, 4]}]}', {}, 400, "mixes"),
+        (b"[" * 100000 + b"]" * 100000, {}, 400, "nests too deeply"),
+        (b'{"inputs": []}', {"Content-Type": "image/png"}, 400, "Content-Type"),
+        (b'{"inputs": []}', {"Content-Type": "multipart/form-data; boundary=x"}, 400, "Content-Type"),
+        (b'{"inputs": []}xx', {"Inference-Header-Content-Length": "99"}, 400, "Inference-Header-Content-Length"),
+        (b'{"inputs": []}xx', {"Inference-Header-Content-Length": "14"}, 400, "2 bytes of binary data"),
+        (b"x" * (MAX_INPUT + 1), {}, 413, "--http-max-input-size"),
+    ],
+)
+def test_bad_requests_get_the_v2_error(
+    server: ServerProcess, body: bytes, headers: dict, status: int, says: str
+) -> None:
     got, resp_headers, raw = _request(server, "POST", "/v2/models/affine/infer", body, headers)
     assert got == status, raw
     assert resp_headers["Content-Type"].startswith("application/json")
@@ -302,8 +367,13 @@ def _grpc_answer(server: ServerProcess, rpc: str, images: list[bytes], **options
 
 
 def test_vision_classify_with_an_image_body(server: ServerProcess) -> None:
-    status, _, raw = _request(server, "POST", "/v2/vision/models/colour_classifier/classify?top_k=2",
-                              _png((250, 10, 10)), {"Content-Type": "image/png"})
+    status, _, raw = _request(
+        server,
+        "POST",
+        "/v2/vision/models/colour_classifier/classify?top_k=2",
+        _png((250, 10, 10)),
+        {"Content-Type": "image/png"},
+    )
     assert status == 200, raw
     answer = json.loads(raw)
     assert answer["results"][0]["classes"][0]["label"] == "red"
@@ -316,45 +386,73 @@ def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     parts = []
     for name, data in files:
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-                     f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            f"Content-Type: image/png\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 def test_vision_multipart_segment_and_detect(server: ServerProcess) -> None:
-    body, ctype = _multipart([("dark.png", _png((5, 5, 5), (32, 32))), ("bright.png", _png((250, 250, 250), (32, 32))),
-                              ("broken.png", b"not a picture")])
-    status, _, raw = _request(server, "POST", "/v2/vision/models/bright_segmenter/segment", body,
-                              {"Content-Type": ctype})
+    body, ctype = _multipart(
+        [
+            ("dark.png", _png((5, 5, 5), (32, 32))),
+            ("bright.png", _png((250, 250, 250), (32, 32))),
+            ("broken.png", b"not a picture"),
+        ]
+    )
+    status, _, raw = _request(
+        server, "POST", "/v2/vision/models/bright_segmenter/segment", body, {"Content-Type": ctype}
+    )
     assert status == 200, raw
     results = json.loads(raw)["results"]
     assert [r["source"] for r in results] == ["dark.png", "bright.png", "broken.png"]
     assert results[0]["mask_png"] and results[2]["image"]["error"]["reason"]
     expected = _grpc_answer(server, "segment", [_png((5, 5, 5), (32, 32))], model="bright_segmenter")
     assert results[0]["mask_png"] == expected["results"][0]["mask_png"]
-    status, _, raw = _request(server, "POST", "/v2/vision/models/box_detector/detect?score_threshold=0.5",
-                              _png((9, 9, 9), (64, 64)), {"Content-Type": "application/octet-stream"})
+    status, _, raw = _request(
+        server,
+        "POST",
+        "/v2/vision/models/box_detector/detect?score_threshold=0.5",
+        _png((9, 9, 9), (64, 64)),
+        {"Content-Type": "application/octet-stream"},
+    )
     assert status == 200, raw
     assert json.loads(raw)["results"][0]["detections"][0]["label"] == "thing"
 
 
 def test_vision_errors(server: ServerProcess) -> None:
-    status, _, raw = _request(server, "POST", "/v2/vision/models/colour_classifier/classify", b"{}",
-                              {"Content-Type": "application/json"})
+    status, _, raw = _request(
+        server, "POST", "/v2/vision/models/colour_classifier/classify", b"{}", {"Content-Type": "application/json"}
+    )
     assert status == 400 and "Content-Type" in json.loads(raw)["error"]
-    status, _, raw = _request(server, "POST", "/v2/vision/models/affine/classify", _png((1, 2, 3)),
-                              {"Content-Type": "image/png"})
+    status, _, raw = _request(
+        server, "POST", "/v2/vision/models/affine/classify", _png((1, 2, 3)), {"Content-Type": "image/png"}
+    )
     assert status == 400 and "model.json" in json.loads(raw)["error"]  # FAILED_PRECONDITION -> 400
-    status, _, raw = _request(server, "POST", "/v2/vision/models/colour_classifier/paint", _png((1, 2, 3)),
-                              {"Content-Type": "image/png"})
+    status, _, raw = _request(
+        server, "POST", "/v2/vision/models/colour_classifier/paint", _png((1, 2, 3)), {"Content-Type": "image/png"}
+    )
     assert status == 404 and "classify" in json.loads(raw)["error"]
     for query in ("top_k=many", "top_k=-1"):
-        status, _, raw = _request(server, "POST", f"/v2/vision/models/colour_classifier/classify?{query}",
-                                  _png((1, 2, 3)), {"Content-Type": "image/png"})
+        status, _, raw = _request(
+            server,
+            "POST",
+            f"/v2/vision/models/colour_classifier/classify?{query}",
+            _png((1, 2, 3)),
+            {"Content-Type": "image/png"},
+        )
         error = json.loads(raw)["error"]
         assert status == 400 and ("top_k" in error or "not a number" in error), raw
-    status, _, raw = _request(server, "POST", "/v2/vision/models/box_detector/detect?score_threshold=2",
-                              _png((1, 2, 3)), {"Content-Type": "image/png"})
+    status, _, raw = _request(
+        server,
+        "POST",
+        "/v2/vision/models/box_detector/detect?score_threshold=2",
+        _png((1, 2, 3)),
+        {"Content-Type": "image/png"},
+    )
     assert status == 400 and "score_threshold" in json.loads(raw)["error"]
     _still_serving(server)
 
@@ -375,8 +473,10 @@ def test_system_shared_memory_over_http(client: th.InferenceServerClient, server
 
     tag = uuid.uuid4().hex[:10]
     a = np.arange(8, dtype=np.float32).reshape(2, 4)
-    handles = [shm.create_shared_memory_region(f"in_{tag}", f"/cnnserve_http_in_{tag}", a.nbytes),
-               shm.create_shared_memory_region(f"out_{tag}", f"/cnnserve_http_out_{tag}", a.nbytes)]
+    handles = [
+        shm.create_shared_memory_region(f"in_{tag}", f"/cnnserve_http_in_{tag}", a.nbytes),
+        shm.create_shared_memory_region(f"out_{tag}", f"/cnnserve_http_out_{tag}", a.nbytes),
+    ]
     try:
         shm.set_shared_memory_region(handles[0], [a])
         client.register_system_shared_memory(f"in_{tag}", f"/cnnserve_http_in_{tag}", a.nbytes)
@@ -425,15 +525,20 @@ def test_sigterm_answers_accepted_http_requests(tmp_path: Path, server_factory) 
     repo = tmp_path / "repo"
     gate = FileGate(tmp_path / "gate")
     gate.close()  # executions are held until the test has seen the server draining
-    write_model(repo, "slow", slow_model(iterations=10),
-                f'backend: "test_faulty"\ndefault_model_filename: "model.onnx"\nmax_batch_size: 4\n'
-                f'dynamic_batching {{ }}\nparameters {{ key: "gate_file" value {{ string_value: "{gate.path}" }} }}\n')
+    write_model(
+        repo,
+        "slow",
+        slow_model(iterations=10),
+        f'backend: "test_faulty"\ndefault_model_filename: "model.onnx"\nmax_batch_size: 4\n'
+        f'dynamic_batching {{ }}\nparameters {{ key: "gate_file" value {{ string_value: "{gate.path}" }} }}\n',
+    )
     srv = server_factory(repo, "--backend-module", "fault_backends")
     n = 4
 
     async def main():
         client = tha.InferenceServerClient(srv.http_url)
         try:
+
             async def one(i: int) -> tuple[int, np.ndarray]:
                 inp = tha.InferInput("x", [1, SLOW_WIDTH], "FP32")
                 inp.set_data_from_numpy(np.full((1, SLOW_WIDTH), i / n, np.float32))
@@ -446,8 +551,9 @@ def test_sigterm_answers_accepted_http_requests(tmp_path: Path, server_factory) 
             while (await asyncio.to_thread(_request, srv, "GET", "/v2/health/ready"))[0] == 200:
                 pass  # until the signal is handled
             model_ready = (await asyncio.to_thread(_request, srv, "GET", "/v2/models/slow/ready"))[0]
-            late = json.dumps({"inputs": [{"name": "x", "shape": [1, SLOW_WIDTH], "datatype": "FP32",
-                                           "data": [0.0] * SLOW_WIDTH}]}).encode()
+            late = json.dumps(
+                {"inputs": [{"name": "x", "shape": [1, SLOW_WIDTH], "datatype": "FP32", "data": [0.0] * SLOW_WIDTH}]}
+            ).encode()
             late_status, _, late_body = await asyncio.to_thread(_request, srv, "POST", "/v2/models/slow/infer", late)
             gate.open()
             return await asyncio.gather(*tasks, return_exceptions=True), model_ready, late_status, late_body

@@ -1,4 +1,5 @@
 """The bad-input matrix of the image decoder, and the modes it must convert rather than reject."""
+
 from __future__ import annotations
 
 import io

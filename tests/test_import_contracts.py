@@ -4,6 +4,7 @@ in its torch backend; client imports no server, models, export or torch; models 
 server or client; cnncore and protos import none of the others and no torch; server and cnncore import
 none of the offline half's libraries (onnx, nncf, safetensors, rich); inside server the layers hold
 (bindings above the data plane above scheduling above the backends)."""
+
 from __future__ import annotations
 
 import shutil
@@ -19,8 +20,7 @@ def _lint(cwd: Path) -> subprocess.CompletedProcess:
     assert LINT_IMPORTS.is_file(), f"{LINT_IMPORTS} missing: install the dev extra (bash scripts/setup.sh)"
     # --no-cache: nothing written into the checkout. cwd first on the path: the packages analysed are
     # the ones in `cwd`, not an installed copy.
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_the_package_contracts_hold():

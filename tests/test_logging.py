@@ -1,5 +1,6 @@
 """Triton's logging extension on a live server: GET/POST /v2/logging and the gRPC LogSettings RPC through
 tritonclient, the changes taking effect in the server's log, refusals, and the --log-* flags."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,7 @@ from conftest import AFFINE_CONFIG, ServerProcess, affine_model, write_model
 
 pytestmark = pytest.mark.timeout(240)
 
-TRITON_DEFAULTS = {"log_file": "", "log_info": True, "log_warnings": True, "log_errors": True,
-                   "log_verbose_level": 0}
+TRITON_DEFAULTS = {"log_file": "", "log_info": True, "log_warnings": True, "log_errors": True, "log_verbose_level": 0}
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +105,16 @@ def test_grpc_log_settings_and_format(server: ServerProcess) -> None:
     client.close()
 
 
-@pytest.mark.parametrize("doc, needle", [
-    ({"log_verbose_level": -1}, "log_verbose_level"),
-    ({"log_verbose_level": True}, "log_verbose_level"),
-    ({"log_info": "yes"}, "log_info"),
-    ({"log_format": "xml"}, "log_format"),
-    ({"log_verbosity": 1}, "log_verbosity"),
-])
+@pytest.mark.parametrize(
+    "doc, needle",
+    [
+        ({"log_verbose_level": -1}, "log_verbose_level"),
+        ({"log_verbose_level": True}, "log_verbose_level"),
+        ({"log_info": "yes"}, "log_info"),
+        ({"log_format": "xml"}, "log_format"),
+        ({"log_verbosity": 1}, "log_verbosity"),
+    ],
+)
 def test_bad_settings_are_refused_and_change_nothing(server: ServerProcess, doc: dict, needle: str) -> None:
     before = th.InferenceServerClient(server.http_url).get_log_settings()
     status, body = _post(server, {"log_errors": False, **doc})  # the valid part is not applied either
@@ -129,9 +132,19 @@ def test_grpc_refusal_is_invalid_argument(server: ServerProcess) -> None:
 
 def test_log_flags_and_access_key(server_factory, tmp_path) -> None:
     write_model(tmp_path / "repo", "affine", affine_model(), AFFINE_CONFIG)
-    srv = server_factory(tmp_path / "repo", "--log-verbose", "1", "--log-format", "default", "--log-warning", "false",
-                         "--http-restricted-api", "logging:admin-key=s3cret",
-                         "--grpc-restricted-protocol", "logging:admin-key=s3cret")
+    srv = server_factory(
+        tmp_path / "repo",
+        "--log-verbose",
+        "1",
+        "--log-format",
+        "default",
+        "--log-warning",
+        "false",
+        "--http-restricted-api",
+        "logging:admin-key=s3cret",
+        "--grpc-restricted-protocol",
+        "logging:admin-key=s3cret",
+    )
     http = th.InferenceServerClient(srv.http_url)
     with pytest.raises(InferenceServerException) as err:  # the logging group behind a key, as in Triton
         http.get_log_settings()
@@ -140,7 +153,11 @@ def test_log_flags_and_access_key(server_factory, tmp_path) -> None:
         tc.InferenceServerClient(srv.grpc_url).update_log_settings({"log_verbose_level": 0})
     assert err.value.status() == "StatusCode.UNAUTHENTICATED"
     assert http.get_log_settings(headers={"admin-key": "s3cret"}) == {
-        **TRITON_DEFAULTS, "log_verbose_level": 1, "log_warnings": False, "log_format": "default"}
+        **TRITON_DEFAULTS,
+        "log_verbose_level": 1,
+        "log_warnings": False,
+        "log_format": "default",
+    }
     # Triton's default line: level letter, MMDD, time with microseconds, pid, source.
     assert re.search(r"^I\d{4} \d\d:\d\d:\d\d\.\d{6} \d+ cnnserve\.app\] server ready", srv.log(), re.M)
     _infer(srv, "from-the-start")

@@ -2,6 +2,7 @@
 parser and a real Prometheus (Debian's `prometheus` package ships both binaries; scripts/setup.sh
 installs it as root). Tests that need a binary skip, saying so, only where it is absent.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,16 +29,21 @@ pytestmark = pytest.mark.timeout(300)
 
 OM_ACCEPT = "application/openmetrics-text;version=1.0.0"
 # What Prometheus 2.x/3.x sends by default: OpenMetrics first, the classic text after it.
-PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
-                     "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
 REQUESTS = 5
 # promtool's naming lints, which Triton's own names trip (nv_inference_request_duration_us: an abbreviated
 # unit; nv_inference_count: a counter without _total, "_count" outside a histogram; *_summary_us: a type
 # in the name). The names stay Triton's. Anything else promtool says (no help text, a parse error,
 # duplicate or mistyped samples) is a defect of the page.
-NAMING_LINTS = ('counter metrics should have "_total" suffix', "metric names should not contain abbreviated units",
-                'non-histogram and non-summary metrics should not have "_count" suffix',
-                "metric name should not include type 'summary'")
+NAMING_LINTS = (
+    'counter metrics should have "_total" suffix',
+    "metric names should not contain abbreviated units",
+    'non-histogram and non-summary metrics should not have "_count" suffix',
+    "metric name should not include type 'summary'",
+)
 
 
 def _fetch(url: str, accept: str | None = None) -> tuple[str, str]:
@@ -104,7 +110,8 @@ def test_summaries_are_tritons(server: ServerProcess) -> None:
     # Triton's invariant: a summary's _count and _sum match the counters.
     assert m[("nv_inference_request_summary_us_count", lab)] == m[("nv_inference_request_success", lab)]
     assert m[("nv_inference_queue_summary_us_sum", lab)] == pytest.approx(
-        m[("nv_inference_queue_duration_us", lab)], abs=REQUESTS)
+        m[("nv_inference_queue_duration_us", lab)], abs=REQUESTS
+    )
 
 
 # -- OpenMetrics -----------------------------------------------------------------------------------------------
@@ -125,15 +132,18 @@ def test_openmetrics_page_parses(server: ServerProcess) -> None:
     assert _fetch(server.metrics_url + "?format=openmetrics")[1] == ctype
 
 
-@pytest.mark.parametrize("accept, fmt, openmetrics", [
-    (PROMETHEUS_ACCEPT, None, False),  # Prometheus' default: it takes the classic text, which keeps Triton's names
-    (OM_ACCEPT, None, True),
-    ("application/openmetrics-text;version=1.0.0,text/plain;q=0", None, True),  # q=0: not acceptable
-    ("application/openmetrics-text;version=1.0.0,*/*;q=0.1", None, False),
-    (None, None, False),
-    ("text/plain", "openmetrics", True),
-    (OM_ACCEPT, "prometheus", False),
-])
+@pytest.mark.parametrize(
+    "accept, fmt, openmetrics",
+    [
+        (PROMETHEUS_ACCEPT, None, False),  # Prometheus' default: it takes the classic text, which keeps Triton's names
+        (OM_ACCEPT, None, True),
+        ("application/openmetrics-text;version=1.0.0,text/plain;q=0", None, True),  # q=0: not acceptable
+        ("application/openmetrics-text;version=1.0.0,*/*;q=0.1", None, False),
+        (None, None, False),
+        ("text/plain", "openmetrics", True),
+        (OM_ACCEPT, "prometheus", False),
+    ],
+)
 def test_format_negotiation(accept: str | None, fmt: str | None, openmetrics: bool) -> None:
     from server.metrics import wants_openmetrics
 
@@ -186,9 +196,16 @@ def test_prometheus_scrapes_both_formats(server: ServerProcess, tmp_path: Path) 
     (tmp_path / "prometheus.yml").write_text("\n".join(config) + "\n")
     port = _free_port()
     with open(tmp_path / "prometheus.log", "w") as log:  # the child holds its own copy of the descriptor
-        proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         # Both targets scraped once at least, healthy (bounded: a minute).
         t_end = time.monotonic() + 60

@@ -1,4 +1,5 @@
 """RepositoryModelLoad with Triton's `config` and `file:` overrides, over gRPC and REST with tritonclient."""
+
 from __future__ import annotations
 
 import base64
@@ -37,8 +38,12 @@ def server(repo: Path, server_factory) -> ServerProcess:
 def _post(server: ServerProcess, path: str, doc: dict | str) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
     try:
-        conn.request("POST", path, body=doc if isinstance(doc, str) else json.dumps(doc),
-                     headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            path,
+            body=doc if isinstance(doc, str) else json.dumps(doc),
+            headers={"Content-Type": "application/json"},
+        )
         resp = conn.getresponse()
         body = resp.read()
         return resp.status, json.loads(body) if body else {}
@@ -60,13 +65,14 @@ def _override(max_batch_size: int) -> str:
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_config_override_wins_until_a_load_without_one(server: ServerProcess, protocol: str) -> None:
-    client = (tc.InferenceServerClient(server.grpc_url) if protocol == "grpc"
-              else th.InferenceServerClient(server.http_url))
+    client = (
+        tc.InferenceServerClient(server.grpc_url) if protocol == "grpc" else th.InferenceServerClient(server.http_url)
+    )
     grpc_client = tc.InferenceServerClient(server.grpc_url)
 
     def served_max_batch() -> int:
         cfg = client.get_model_config("affine")
-        return (cfg.config.max_batch_size if protocol == "grpc" else cfg["max_batch_size"])
+        return cfg.config.max_batch_size if protocol == "grpc" else cfg["max_batch_size"]
 
     assert served_max_batch() == 32
     client.load_model("affine", config=_override(8))
@@ -131,8 +137,7 @@ def test_file_overrides_load_a_model_from_the_request(server: ServerProcess) -> 
     assert client.is_model_ready("uploaded") and client.get_model_config("uploaded").config.max_batch_size == 4
     np.testing.assert_array_equal(_infer(client, "uploaded", 2), np.full((2, 4), 3, np.float32))
     # REST carries the file in base64 (tritonclient.http's own files= cannot JSON-encode its bytes)
-    doc = {"parameters": {"config": _override(2),
-                          "file:3/model.onnx": base64.b64encode(affine_model()).decode()}}
+    doc = {"parameters": {"config": _override(2), "file:3/model.onnx": base64.b64encode(affine_model()).decode()}}
     status, body = _post(server, "/v2/repository/models/uploaded_rest/load", doc)
     assert status == 200, body
     meta = client.get_model_metadata("uploaded_rest")
@@ -154,8 +159,10 @@ def test_served_config_round_trips_as_an_override(server: ServerProcess) -> None
     """What a client reads (get_model_config as JSON), edited and sent back, is a valid override."""
     http_client = th.InferenceServerClient(server.http_url)
     grpc_client = tc.InferenceServerClient(server.grpc_url)
-    for edit, client in ((http_client.get_model_config("other"), http_client),
-                         (grpc_client.get_model_config("other", as_json=True)["config"], grpc_client)):
+    for edit, client in (
+        (http_client.get_model_config("other"), http_client),
+        (grpc_client.get_model_config("other", as_json=True)["config"], grpc_client),
+    ):
         edit["max_batch_size"] = 16
         client.load_model("other", config=json.dumps(edit))
         assert grpc_client.get_model_config("other").config.max_batch_size == 16

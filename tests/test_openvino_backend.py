@@ -9,6 +9,7 @@ bounded dynamic batch may pick others). Detection outputs (box lists after NMS) 
 detections instead: every detection the reference scores above 0.5 has a twin of the same label with
 IoU >= 0.75.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,7 +39,9 @@ def _pair(path: Path, **kw) -> tuple[OrtBackend, OpenVinoBackend]:
 
 
 def _close(got: np.ndarray, want: np.ndarray, rtol: float, what: str) -> None:
-    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape}/{got.dtype} vs {want.shape}/{want.dtype}"
+    assert got.shape == want.shape and got.dtype == want.dtype, (
+        f"{what}: {got.shape}/{got.dtype} vs {want.shape}/{want.dtype}"
+    )
     scale = max(float(np.max(np.abs(want))), 1.0) if want.size else 1.0
     np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale, err_msg=what)
 
@@ -50,8 +53,10 @@ def test_same_outputs_and_specs_as_onnxruntime_on_small_graphs(tmp_path: Path) -
     assert ov_b.inputs == ort_b.inputs and ov_b.outputs == ort_b.outputs
     rng = np.random.default_rng(0)
     for batch in (1, 3, 8):  # dynamic batch, bounded by max_batch_size
-        feed: dict[str, np.ndarray] = {"a": rng.standard_normal((batch, 4)).astype(np.float32),
-                                       "b": rng.integers(-9, 9, (batch, 2))}
+        feed: dict[str, np.ndarray] = {
+            "a": rng.standard_normal((batch, 4)).astype(np.float32),
+            "b": rng.integers(-9, 9, (batch, 2)),
+        }
         want, got = ort_b.execute(feed), ov_b.execute(feed)
         for k in want:
             _close(got[k], want[k], FP32_RTOL, f"affine.{k} batch {batch}")
@@ -72,10 +77,13 @@ def test_threads_from_the_config_reach_openvino(tmp_path: Path) -> None:
 
 def _scale_model(k: float) -> bytes:
     """x FP32 [N,4] -> y = k x: one graph, other weights per k."""
-    g = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["y"])], "scale",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-                          [helper.make_tensor("k", TensorProto.FLOAT, [], [k])])
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"])],
+        "scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor("k", TensorProto.FLOAT, [], [k])],
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
 
 
@@ -118,8 +126,13 @@ def test_spare_infer_requests_take_executions_at_once(tmp_path: Path) -> None:
     assert ov_b.concurrent_executions == streams + 1 >= 2
     rng = np.random.default_rng(1)
     # read-only views, as requests arrive from the message bytes: shared with OpenVINO, not copied
-    feeds = [{"a": np.frombuffer(rng.standard_normal((n, 4)).astype(np.float32).tobytes(), np.float32).reshape(n, 4),
-              "b": rng.integers(-9, 9, (n, 2))} for n in (1, 3, 8, 2) * 8]
+    feeds = [
+        {
+            "a": np.frombuffer(rng.standard_normal((n, 4)).astype(np.float32).tobytes(), np.float32).reshape(n, 4),
+            "b": rng.integers(-9, 9, (n, 2)),
+        }
+        for n in (1, 3, 8, 2) * 8
+    ]
     with ThreadPoolExecutor(ov_b.concurrent_executions) as pool:
         outs = list(pool.map(ov_b.execute, feeds))
     for feed, out in zip(feeds, outs, strict=True):
@@ -129,9 +142,12 @@ def test_spare_infer_requests_take_executions_at_once(tmp_path: Path) -> None:
 
 def _unknown_op_model() -> bytes:
     """A graph ONNX Runtime and OpenVINO both parse but OpenVINO has no kernel for: a custom-domain op."""
-    g = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")], "bad",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    g = helper.make_graph(
+        [helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")],
+        "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)])
     return m.SerializeToString()
 

@@ -1,5 +1,6 @@
 """--model-control-mode poll: models added, changed and removed on disk are loaded, reloaded and unloaded
 while another model serves every request it is sent."""
+
 from __future__ import annotations
 
 import asyncio

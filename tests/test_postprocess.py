@@ -1,4 +1,5 @@
 """Postprocessing maps model outputs back onto the original picture, for every resize policy."""
+
 from __future__ import annotations
 
 import io

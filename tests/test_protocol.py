@@ -3,6 +3,7 @@
 tritonclient's generated `inference.*` messages and ours register the same symbols, so the two cannot
 be imported into one process: each side's descriptors are dumped to JSON by its own subprocess.
 """
+
 from __future__ import annotations
 
 import json
@@ -107,11 +108,27 @@ def test_every_enum_matches_triton(ours: dict, triton: dict) -> None:
 def test_core_messages_are_defined(ours: dict) -> None:
     # The subset must still cover what the server and perf_analyzer read.
     cfg = ours["messages"]["inference.ModelConfig"]["fields"]
-    for f in ("name", "platform", "backend", "max_batch_size", "input", "output", "dynamic_batching",
-              "instance_group", "optimization", "version_policy", "parameters"):
+    for f in (
+        "name",
+        "platform",
+        "backend",
+        "max_batch_size",
+        "input",
+        "output",
+        "dynamic_batching",
+        "instance_group",
+        "optimization",
+        "version_policy",
+        "parameters",
+    ):
         assert f in cfg, f
-    for m in ("inference.ModelDynamicBatching", "inference.ModelInstanceGroup", "inference.ModelVersionPolicy",
-              "inference.ModelParameter", "inference.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator"):
+    for m in (
+        "inference.ModelDynamicBatching",
+        "inference.ModelInstanceGroup",
+        "inference.ModelVersionPolicy",
+        "inference.ModelParameter",
+        "inference.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator",
+    ):
         assert m in ours["messages"], m
 
 
@@ -120,9 +137,20 @@ def test_service_methods_match_triton(ours: dict, triton: dict) -> None:
         pytest.skip("grpc_service.proto not generated yet")
     svc = ours["services"]["inference.GRPCInferenceService"]
     theirs = triton["services"]["inference.GRPCInferenceService"]
-    for rpc in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-                "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex",
-                "RepositoryModelLoad", "RepositoryModelUnload"):
+    for rpc in (
+        "ServerLive",
+        "ServerReady",
+        "ModelReady",
+        "ServerMetadata",
+        "ModelMetadata",
+        "ModelInfer",
+        "ModelStreamInfer",
+        "ModelConfig",
+        "ModelStatistics",
+        "RepositoryIndex",
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
+    ):
         assert svc[rpc] == theirs[rpc], rpc
 
 

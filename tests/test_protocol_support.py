@@ -1,6 +1,7 @@
 """What the README's protocol table says, checked against the real server with real clients: every
 request parameter honoured or refused, unsupported Triton APIs answered alike on both protocols, CUDA
 shared memory answered over REST as over gRPC, Triton's HTTP status per error class."""
+
 from __future__ import annotations
 
 import http.client
@@ -27,8 +28,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, server_factory) -> ServerPr
 def _request(server: ServerProcess, method: str, path: str, doc: dict | None = None) -> tuple[int, dict | list]:
     conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
     try:
-        conn.request(method, path, body=None if doc is None else json.dumps(doc),
-                     headers={"Content-Type": "application/json"})
+        conn.request(
+            method, path, body=None if doc is None else json.dumps(doc), headers={"Content-Type": "application/json"}
+        )
         resp = conn.getresponse()
         body = resp.read()
         return resp.status, json.loads(body) if body else {}
@@ -45,8 +47,12 @@ def _inputs(mod) -> list:
 
 
 def _json_infer(**extra) -> dict:
-    doc = {"inputs": [{"name": "a", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]},
-                      {"name": "b", "datatype": "INT64", "shape": [1, 2], "data": [0, 0]}]}
+    doc = {
+        "inputs": [
+            {"name": "a", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]},
+            {"name": "b", "datatype": "INT64", "shape": [1, 2], "data": [0, 0]},
+        ]
+    }
     doc.update(extra)
     return doc
 
@@ -83,10 +89,20 @@ def test_request_fields_and_parameters_refused_with_400_over_rest(server: Server
         "unknown field": _json_infer(priority=1),
         "custom parameter": _json_infer(parameters={"my_custom": 1}),
         "sequence": _json_infer(parameters={"sequence_id": 4, "sequence_start": True}),
-        "input field": {"inputs": [{"name": "a", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4],
-                                    "contents": {}}]},
-        "input parameter": {"inputs": [{"name": "a", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4],
-                                        "parameters": {"layout": "NCHW"}}]},
+        "input field": {
+            "inputs": [{"name": "a", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4], "contents": {}}]
+        },
+        "input parameter": {
+            "inputs": [
+                {
+                    "name": "a",
+                    "datatype": "FP32",
+                    "shape": [1, 4],
+                    "data": [1, 2, 3, 4],
+                    "parameters": {"layout": "NCHW"},
+                }
+            ]
+        },
         "output parameter": _json_infer(outputs=[{"name": "y", "parameters": {"top_k": 1}}]),
         "output field": _json_infer(outputs=[{"name": "y", "datatype": "FP32"}]),
     }
@@ -98,7 +114,10 @@ def test_request_fields_and_parameters_refused_with_400_over_rest(server: Server
 def test_cuda_shared_memory_answered_over_rest_as_over_grpc(server: ServerProcess) -> None:
     grpc_client = tc.InferenceServerClient(server.grpc_url)
     http_client = th.InferenceServerClient(server.http_url)
-    assert http_client.get_cuda_shared_memory_status() == [] and len(grpc_client.get_cuda_shared_memory_status().regions) == 0
+    assert (
+        http_client.get_cuda_shared_memory_status() == []
+        and len(grpc_client.get_cuda_shared_memory_status().regions) == 0
+    )
     http_client.unregister_cuda_shared_memory()
     http_client.unregister_cuda_shared_memory("anything")
     with pytest.raises(InferenceServerException) as err:
@@ -149,8 +168,9 @@ def test_repository_and_shared_memory_bodies_refuse_unknown_fields(server: Serve
 
     status, body = _request(server, "POST", "/v2/repository/index", {"ready": True, "repository": "x"})
     assert status == 400 and "'repository'" in body["error"]
-    status, body = _request(server, "POST", "/v2/systemsharedmemory/region/r/register",
-                            {"key": "/nothing", "byte_size": 64, "device_id": 0})
+    status, body = _request(
+        server, "POST", "/v2/systemsharedmemory/region/r/register", {"key": "/nothing", "byte_size": 64, "device_id": 0}
+    )
     assert status == 400 and "'device_id'" in body["error"]
     with grpc.insecure_channel(server.grpc_url) as ch:
         stub = tpb_grpc.GRPCInferenceServiceStub(ch)

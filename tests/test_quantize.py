@@ -1,6 +1,7 @@
 """INT8 quantization and the accuracy gate: QDQ format TensorRT reads, real calibration data, clear errors,
 a refused INT8 (not written, non-zero exit, message with metric, both values and threshold), and the
 default repository's recorded choice (model.json, config parameters, `export list` / `describe`)."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.precision]
 
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-m", "export", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "export", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,9 @@ def encoder_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_quantized_graph_is_qdq_int8_that_tensorrt_reads_and_passes_the_gate(encoder_fp32: Path, tmp_path: Path) -> None:
+def test_quantized_graph_is_qdq_int8_that_tensorrt_reads_and_passes_the_gate(
+    encoder_fp32: Path, tmp_path: Path
+) -> None:
     from cnncore.spec import ModelMeta
     from export.accuracy_gate import GateThresholds, check, gate_paths
     from export.quantize import is_qdq, quantize_onnx
@@ -53,10 +57,14 @@ def test_quantized_graph_is_qdq_int8_that_tensorrt_reads_and_passes_the_gate(enc
     assert is_qdq(q) and not is_qdq(onnx.load(str(encoder_fp32)))
     assert result.quantized_nodes >= 2
     inits = {i.name: i for i in q.graph.initializer}
-    zero_points = [inits[n.input[2]] for n in q.graph.node
-                   if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2]
-    assert zero_points and all(z.data_type == TensorProto.INT8 and not numpy_helper.to_array(z).any()
-                               for z in zero_points), "TensorRT needs INT8 zero points of 0"
+    zero_points = [
+        inits[n.input[2]]
+        for n in q.graph.node
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2
+    ]
+    assert zero_points and all(
+        z.data_type == TensorProto.INT8 and not numpy_helper.to_array(z).any() for z in zero_points
+    ), "TensorRT needs INT8 zero points of 0"
     report = lint_model(q)
     assert report.ok, [str(i) for i in report.issues]
 
@@ -104,12 +112,16 @@ def test_unsigned_activation_quantizers_become_signed_with_the_same_range() -> N
 
     scale = np.array(0.02, np.float32)
     g = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["r"]),
-         helper.make_node("QuantizeLinear", ["r", "s", "zp"], ["q"]),
-         helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])],
-        "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("QuantizeLinear", ["r", "s", "zp"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"]),
+        ],
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(np.array(0, np.uint8), "zp")])
+        [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(np.array(0, np.uint8), "zp")],
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     x = np.array([[0.0, 1.0, 2.5, 5.0]], np.float32)
@@ -199,8 +211,9 @@ def test_default_repository_serves_the_fastest_gated_variant_and_says_which(defa
 
 
 @pytest.mark.slow
-def test_noise_floor_gate_refuses_a_bad_quantizer_and_passes_a_good_one(default_repository: Path,
-                                                                        tmp_path: Path) -> None:
+def test_noise_floor_gate_refuses_a_bad_quantizer_and_passes_a_good_one(
+    default_repository: Path, tmp_path: Path
+) -> None:
     """MobileNetV2 on held-out photos (no labelled ImageNet offline): onnxruntime's quantize_static S8S8
     (MinMax) is refused, NNCF's INT8 for OpenVINO passes; FP32's own noise floor is measured in the run."""
     from cnncore.spec import ModelMeta
@@ -238,8 +251,17 @@ def test_bf16_is_the_fp32_file_on_openvino_with_the_precision_hint(tmp_path: Pat
     from cnncore.spec import ModelMeta
 
     repo = tmp_path / "repo"
-    res = _cli("onnx", "fashion_mnist_encoder", "--repository", str(repo), "--precision", "bf16",
-               "--parity-batch-sizes", "1", "2")
+    res = _cli(
+        "onnx",
+        "fashion_mnist_encoder",
+        "--repository",
+        str(repo),
+        "--precision",
+        "bf16",
+        "--parity-batch-sizes",
+        "1",
+        "2",
+    )
     cpu = current_cpu()
     if not (cpu.has("avx512_bf16") or cpu.has("amx_bf16")):
         assert res.returncode == 1 and "no BF16 instructions" in res.stderr, res.stderr[-2000:]
@@ -258,6 +280,7 @@ def test_bf16_is_the_fp32_file_on_openvino_with_the_precision_hint(tmp_path: Pat
     from server.backends.base import BackendOptions
     from server.backends.openvino_backend import OpenVinoBackend
 
-    backend = OpenVinoBackend(d / "1" / "model.onnx", BackendOptions(
-        max_batch_size=4, extra=(("INFERENCE_PRECISION_HINT", "bf16"),)))
+    backend = OpenVinoBackend(
+        d / "1" / "model.onnx", BackendOptions(max_batch_size=4, extra=(("INFERENCE_PRECISION_HINT", "bf16"),))
+    )
     assert "bfloat16" in str(backend.compiled.get_property("INFERENCE_PRECISION_HINT"))

@@ -7,6 +7,7 @@ repository holding models with the README's names, inputs and outputs stands in 
 other line runs unchanged: the example pictures, the registry commands, the server, tritonclient, curl
 and the client CLI.
 """
+
 from __future__ import annotations
 
 import os
@@ -68,21 +69,32 @@ def _small_repository(repo: Path) -> None:
     from vision_synthetic import _FLOAT, _write_model, build_synthetic_repository
 
     synthetic = build_synthetic_repository(repo.parent / "synthetic")
-    for readme_name, ours in (("shapes_detector", "box_detector"), ("shapes_segmenter_bilinear", "bright_segmenter"),
-                              ("fashion_mnist_autoencoder", "grey_autoencoder")):
+    for readme_name, ours in (
+        ("shapes_detector", "box_detector"),
+        ("shapes_segmenter_bilinear", "bright_segmenter"),
+        ("fashion_mnist_autoencoder", "grey_autoencoder"),
+    ):
         shutil.copytree(synthetic / ours, repo / readme_name)
         cfg = load_config(repo / readme_name)
         cfg.name = readme_name
         write_config(cfg, repo / readme_name)
         ModelMeta.read(repo / readme_name).model_copy(update={"name": readme_name}).write(repo / readme_name)
     _write_model(  # mobilenet_v2's input and output names and image size; logits = 10 x channel means
-        repo, "mobilenet_v2",
-        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "w"], ["logits"])],
-        [("input", [3, 224, 224])], [("logits", _FLOAT, [3])],
-        ModelMeta(name="mobilenet_v2", task=Task.classification, preprocess=PreprocessSpec(input_size=(224, 224)),
-                  labels=["red", "green", "blue"]),
+        repo,
+        "mobilenet_v2",
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+        ],
+        [("input", [3, 224, 224])],
+        [("logits", _FLOAT, [3])],
+        ModelMeta(
+            name="mobilenet_v2",
+            task=Task.classification,
+            preprocess=PreprocessSpec(input_size=(224, 224)),
+            labels=["red", "green", "blue"],
+        ),
         [("w", np.eye(3, dtype=np.float32) * 10)],
     )
 
@@ -130,8 +142,14 @@ def test_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     try:
         for lang, code in blocks:
             if lang == "python":
-                res = subprocess.run([sys.executable, "-c", _ported(code, grpc, http, metrics)], cwd=work, env=env,
-                                     capture_output=True, text=True, timeout=300)
+                res = subprocess.run(
+                    [sys.executable, "-c", _ported(code, grpc, http, metrics)],
+                    cwd=work,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
                 assert res.returncode == 0, f"README python block failed:\n{code}\n{res.stderr[-3000:]}"
                 ran.append("python block")
                 continue
@@ -141,13 +159,20 @@ def test_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
                 command = _ported(line, grpc, http, metrics)
                 if "-m server" in line:
                     with open(log, "w") as out:
-                        server = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=work, env=env,
-                                                  stdout=out, stderr=subprocess.STDOUT)
+                        server = subprocess.Popen(
+                            ["bash", "-c", f"exec {command}"], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT
+                        )
                     _wait_ready(http, server, log)
                     ran.append(line)
                     continue
-                res = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True,
-                                     timeout=1800 if FULL else 300)
+                res = subprocess.run(
+                    ["bash", "-c", command],
+                    cwd=work,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=1800 if FULL else 300,
+                )
                 assert res.returncode == 0, f"README line failed: {line}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
                 if line.startswith("curl"):  # curl -s exits 0 on an HTTP error too: its body says
                     assert '"error"' not in res.stdout, f"README line answered an error: {line}\n{res.stdout[:2000]}"

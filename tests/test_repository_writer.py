@@ -1,4 +1,5 @@
 """The repository writer on a small real ONNX graph: layout, config.pbtxt, atomic swap, idempotence."""
+
 from __future__ import annotations
 
 import json
@@ -26,13 +27,22 @@ def _classifier_onnx(path: Path, classes: int = 3) -> Path:
     """A real tiny classifier graph: [batch,1,4,4] -> GlobalAveragePool -> Flatten -> Gemm -> [batch,classes];
     plus a second output with a variable non-batch dimension."""
     w = numpy_helper.from_array(np.ones((classes, 1), dtype=np.float32), "w")
-    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["p"]),
-             helper.make_node("Flatten", ["p"], ["f"]),
-             helper.make_node("Gemm", ["f", "w"], ["logits"], transB=1),
-             helper.make_node("Identity", ["input"], ["features"])]
-    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 4, 4])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes]),
-                           helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 1, "h", 4])], [w])
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "w"], ["logits"], transB=1),
+        helper.make_node("Identity", ["input"], ["features"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 4, 4])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes]),
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 1, "h", 4]),
+        ],
+        [w],
+    )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path)
     return path
 
@@ -40,15 +50,31 @@ def _classifier_onnx(path: Path, classes: int = 3) -> Path:
 def _staged(tmp_path: Path, name: str = "tiny", version: int = 1, classes: int = 3) -> StagedModel:
     src = _classifier_onnx(tmp_path / f"{name}-{version}-{classes}.onnx", classes)
     proto = onnx.load(src)
-    meta = ModelMeta(name=name, task=Task.classification, preprocess=PreprocessSpec(input_size=(4, 4), color="L"),
-                     labels=[f"c{i}" for i in range(classes)], weights="test graph")
-    return StagedModel(name=name, version=version, onnx_path=src, config=build_config(name, proto, 8),
-                       meta=meta, parity={"ok": True, "version": version}, extra_files=(("labels.txt", "a\nb\nc\n"),))
+    meta = ModelMeta(
+        name=name,
+        task=Task.classification,
+        preprocess=PreprocessSpec(input_size=(4, 4), color="L"),
+        labels=[f"c{i}" for i in range(classes)],
+        weights="test graph",
+    )
+    return StagedModel(
+        name=name,
+        version=version,
+        onnx_path=src,
+        config=build_config(name, proto, 8),
+        meta=meta,
+        parity={"ok": True, "version": version},
+        extra_files=(("labels.txt", "a\nb\nc\n"),),
+    )
 
 
 def test_config_from_graph(tmp_path: Path):
-    cfg = build_config("tiny", onnx.load(_classifier_onnx(tmp_path / "m.onnx")), 16,
-                       BatchingDefaults(max_queue_delay_microseconds=250, instance_count=2))
+    cfg = build_config(
+        "tiny",
+        onnx.load(_classifier_onnx(tmp_path / "m.onnx")),
+        16,
+        BatchingDefaults(max_queue_delay_microseconds=250, instance_count=2),
+    )
     assert (cfg.name, cfg.platform, cfg.backend, cfg.max_batch_size) == ("tiny", "onnxruntime_onnx", "onnxruntime", 16)
     assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [("input", DataType.TYPE_FP32, [1, 4, 4])]
     assert [(o.name, list(o.dims)) for o in cfg.output] == [("logits", [3]), ("features", [1, -1, 4])]
@@ -59,9 +85,12 @@ def test_config_from_graph(tmp_path: Path):
 
 
 def test_static_batch_is_rejected(tmp_path: Path):
-    g = helper.make_graph([helper.make_node("Relu", ["input"], ["out"])], "s",
-                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3])],
-                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3])])
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["out"])],
+        "s",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3])],
+    )
     with pytest.raises(ValueError, match="not a dynamic batch dimension"):
         build_config("s", helper.make_model(g), 8)
 
@@ -71,7 +100,13 @@ def test_layout_and_round_trip(tmp_path: Path):
     target = write_model(repo, _staged(tmp_path))
     assert target == repo / "tiny"
     assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == [
-        "1", "1/model.onnx", "config.pbtxt", "labels.txt", "model.json", "parity.json"]
+        "1",
+        "1/model.onnx",
+        "config.pbtxt",
+        "labels.txt",
+        "model.json",
+        "parity.json",
+    ]
     cfg = load_config(target)  # the server's own parser reads what we wrote
     assert cfg.name == "tiny" and cfg.max_batch_size == 8
     assert ModelMeta.read(target).labels == ["c0", "c1", "c2"]

@@ -1,5 +1,6 @@
 """The data plane's one request path in-process, on a real repository and ONNX Runtime: what it checks, in which
 order, what it counts, and how the error boundary answers what it raises."""
+
 from __future__ import annotations
 
 import asyncio
@@ -48,8 +49,9 @@ def repo_dir(tmp_path: Path) -> Path:
 
 def test_normalized_request_infers(repo_dir: Path) -> None:
     async def body(path: DataPlane, repo, state):
-        req = await path.normalize("affine", "", _affine_inputs(), outputs=[OutputIn("y")], request_id="r1",
-                                   parameters={"timeout": 5_000_000})
+        req = await path.normalize(
+            "affine", "", _affine_inputs(), outputs=[OutputIn("y")], request_id="r1", parameters={"timeout": 5_000_000}
+        )
         assert req.outputs == ["y"] and req.id == "r1" and req.deadline is not None
         return {o.name: o.array for o in (await path.infer(req)).outputs}
 
@@ -73,13 +75,16 @@ def test_declaration_is_checked_before_contents_are_decoded(repo_dir: Path) -> N
     assert "input 'a': expected datatype FP32, got BYTES" in err.message
 
 
-@pytest.mark.parametrize("inputs, fragment", [
-    (lambda t: [t[0], t[1], t[0]], "input 'a' given twice"),
-    (lambda t: [t[0]], "missing input(s) 'b'"),
-    (lambda t: [TensorIn("a", "FP32", (2, 4), raw=b"\0" * 3), t[1]], "expected 32 bytes for FP32 [2, 4], got 3"),
-    (lambda t: [TensorIn("a", "FP32", (9, 4), raw=b"\0" * 144), t[1]], "exceeds max_batch_size 8"),
-    (lambda t: [TensorIn("a", "FP32", (2, 4), values=[1.0]), t[1]], "expected 8 elements in data"),
-])
+@pytest.mark.parametrize(
+    "inputs, fragment",
+    [
+        (lambda t: [t[0], t[1], t[0]], "input 'a' given twice"),
+        (lambda t: [t[0]], "missing input(s) 'b'"),
+        (lambda t: [TensorIn("a", "FP32", (2, 4), raw=b"\0" * 3), t[1]], "expected 32 bytes for FP32 [2, 4], got 3"),
+        (lambda t: [TensorIn("a", "FP32", (9, 4), raw=b"\0" * 144), t[1]], "exceeds max_batch_size 8"),
+        (lambda t: [TensorIn("a", "FP32", (2, 4), values=[1.0]), t[1]], "expected 8 elements in data"),
+    ],
+)
 def test_every_refusal_is_counted_once_as_invalid(repo_dir: Path, inputs, fragment: str) -> None:
     async def body(path: DataPlane, repo, state):
         stats = repo.get("affine").stats
@@ -115,8 +120,13 @@ def test_timeout_parameter_and_deadlines() -> None:
 
     async def main():
         now = asyncio.get_running_loop().time()
-        return (now, deadline_from(None, None), deadline_from(10.0, 1_000_000), deadline_from(0.5, 10_000_000),
-                deadline_from(1e10, None))
+        return (
+            now,
+            deadline_from(None, None),
+            deadline_from(10.0, 1_000_000),
+            deadline_from(0.5, 10_000_000),
+            deadline_from(1e10, None),
+        )
 
     now, none, by_timeout, by_transport, huge = asyncio.run(main())
     assert none is None and huge is None
@@ -167,7 +177,10 @@ def test_error_boundary_maps_every_failure() -> None:
     assert crashed[0] == grpc.StatusCode.INTERNAL and "Test/Call: internal error: KeyError" in crashed[1]
     assert fine == "fine"
     assert status_of(ValueError("x"), "R").http_status == 500
-    assert HTTP_STATUS[grpc.StatusCode.NOT_FOUND] == 404 and InferError(grpc.StatusCode.INVALID_ARGUMENT, "").http_status == 400
+    assert (
+        HTTP_STATUS[grpc.StatusCode.NOT_FOUND] == 404
+        and InferError(grpc.StatusCode.INVALID_ARGUMENT, "").http_status == 400
+    )
 
 
 def test_echo_truncates_what_it_quotes() -> None:
@@ -179,10 +192,16 @@ def test_echo_truncates_what_it_quotes() -> None:
 
 def test_the_model_default_timeout_is_part_of_the_one_deadline() -> None:
     """config default_timeout_us is applied where the deadline is computed (the batcher only enforces)."""
+
     async def main():
         now = asyncio.get_running_loop().time()
-        return now, deadline_from(None, None, 500_000), deadline_from(None, 2_000_000, 500_000), \
-            deadline_from(0.2, None, 5_000_000), deadline_from(None, None, 0)
+        return (
+            now,
+            deadline_from(None, None, 500_000),
+            deadline_from(None, 2_000_000, 500_000),
+            deadline_from(0.2, None, 5_000_000),
+            deadline_from(None, None, 0),
+        )
 
     now, by_default, default_first, transport_first, none = asyncio.run(main())
     assert now + 0.4 < by_default < now + 1.0 and now + 0.4 < default_first < now + 1.0
@@ -190,19 +209,41 @@ def test_the_model_default_timeout_is_part_of_the_one_deadline() -> None:
     assert none is None
 
 
-@pytest.mark.parametrize("tensor, fragment", [
-    (TensorIn("a", "FP32", (2, 4), raw=b"\0" * 32, values=[0.0] * 8, raw_field="raw_input_contents",
-              values_field="contents.fp32_contents"),
-     "input 'a': both raw_input_contents and contents.fp32_contents given"),
-    (TensorIn("a", "FP32", (2, 4), raw_field="parameters.binary_data_size"),
-     "input 'a': neither 'data' nor parameters.binary_data_size given"),
-    (TensorIn("a", "FP32", (2, 4), values=[0.0] * 8, parameters={"shared_memory_region": "nowhere",
-                                                                "shared_memory_byte_size": 32}),
-     "shared memory region 'nowhere' is not registered"),
-    (TensorIn("a", "FP32", (2, -4), raw=b""), "has a negative dimension"),
-])
+@pytest.mark.parametrize(
+    "tensor, fragment",
+    [
+        (
+            TensorIn(
+                "a",
+                "FP32",
+                (2, 4),
+                raw=b"\0" * 32,
+                values=[0.0] * 8,
+                raw_field="raw_input_contents",
+                values_field="contents.fp32_contents",
+            ),
+            "input 'a': both raw_input_contents and contents.fp32_contents given",
+        ),
+        (
+            TensorIn("a", "FP32", (2, 4), raw_field="parameters.binary_data_size"),
+            "input 'a': neither 'data' nor parameters.binary_data_size given",
+        ),
+        (
+            TensorIn(
+                "a",
+                "FP32",
+                (2, 4),
+                values=[0.0] * 8,
+                parameters={"shared_memory_region": "nowhere", "shared_memory_byte_size": 32},
+            ),
+            "shared memory region 'nowhere' is not registered",
+        ),
+        (TensorIn("a", "FP32", (2, -4), raw=b""), "has a negative dimension"),
+    ],
+)
 def test_each_input_gives_its_contents_one_way(repo_dir: Path, tensor: TensorIn, fragment: str) -> None:
     """The exclusivity of shared memory, raw and typed contents is checked once, for every binding."""
+
     async def body(path: DataPlane, repo, state):
         with pytest.raises(InferError) as err:
             await path.normalize("affine", "", [tensor, _affine_inputs()[1]])

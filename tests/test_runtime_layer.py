@@ -1,6 +1,7 @@
 """The runtime layer (cnncore/runtime): settings reach the sessions and compiled models, a config's
 providers resolve as Triton's onnxruntime backend reads them, runners agree with the runtimes they wrap,
 the throughput measurement is bounded, and importing the layer loads no runtime, torch, onnx or protos."""
+
 from __future__ import annotations
 
 import subprocess
@@ -43,16 +44,30 @@ def pool_onnx(tmp_path: Path) -> Path:
 
 
 def test_importing_the_layer_loads_no_runtime_torch_onnx_or_protos() -> None:
-    code = ("import sys, cnncore.runtime, export.runtimes; "
-            "print(sorted(m for m in ('onnxruntime', 'openvino', 'torch', 'onnx', 'protos') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    code = (
+        "import sys, cnncore.runtime, export.runtimes; "
+        "print(sorted(m for m in ('onnxruntime', 'openvino', 'torch', 'onnx', 'protos') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": ""},
+    )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_ort_settings_reach_the_session(pool_onnx: Path) -> None:
-    settings = OrtSettings(intra_op_threads=1, inter_op_threads=2, allow_spinning=True, execution_mode="parallel",
-                           graph_optimization="basic", log_severity=3)
+    settings = OrtSettings(
+        intra_op_threads=1,
+        inter_op_threads=2,
+        allow_spinning=True,
+        execution_mode="parallel",
+        graph_optimization="basic",
+        log_severity=3,
+    )
     so = ort_session(pool_onnx, settings).get_session_options()
     assert (so.intra_op_num_threads, so.inter_op_num_threads) == (1, 2)
     assert so.execution_mode == ort.ExecutionMode.ORT_PARALLEL
@@ -74,16 +89,29 @@ def test_a_session_from_bytes(tmp_path: Path) -> None:
 
 
 def test_providers_of_a_config() -> None:
-    got = requested_providers([("tensorrt", {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824"}),
-                               ("cuda", {"device_id": "3"})], gpu=True, device_id=1)
-    assert got == [("TensorrtExecutionProvider", {"device_id": "1", "trt_fp16_enable": "True",
-                                                  "trt_max_workspace_size": "1073741824"}),
-                   ("CUDAExecutionProvider", {"device_id": "3"})]
+    got = requested_providers(
+        [
+            ("tensorrt", {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824"}),
+            ("cuda", {"device_id": "3"}),
+        ],
+        gpu=True,
+        device_id=1,
+    )
+    assert got == [
+        (
+            "TensorrtExecutionProvider",
+            {"device_id": "1", "trt_fp16_enable": "True", "trt_max_workspace_size": "1073741824"},
+        ),
+        ("CUDAExecutionProvider", {"device_id": "3"}),
+    ]
     # KIND_GPU alone means the CUDA provider on the instance's device
     assert requested_providers(gpu=True, device_id=2) == [("CUDAExecutionProvider", {"device_id": "2"})]
-    assert requested_providers([("openvino", {"device_type": "CPU"})]) == [("OpenVINOExecutionProvider",
-                                                                            {"device_type": "CPU"})]
-    with pytest.raises(RuntimeUnavailable, match="'tpu' is not supported by onnxruntime .*known: tensorrt, cuda, openvino"):
+    assert requested_providers([("openvino", {"device_type": "CPU"})]) == [
+        ("OpenVINOExecutionProvider", {"device_type": "CPU"})
+    ]
+    with pytest.raises(
+        RuntimeUnavailable, match="'tpu' is not supported by onnxruntime .*known: tensorrt, cuda, openvino"
+    ):
         requested_providers([("tpu", {})])
     assert ort_providers() == (CPU_PROVIDER,)
 
@@ -98,10 +126,15 @@ def test_ort_runner_casts_to_the_input_dtype_and_returns_every_output(tmp_path: 
     p = tmp_path / "two_outputs.onnx"
     from onnx import TensorProto, helper
 
-    g = helper.make_graph([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["x"], ["n"])], "two",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                          [helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 4]),
-                           helper.make_tensor_value_info("n", TensorProto.FLOAT, ["N", 4])])
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["x"], ["n"])],
+        "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [
+            helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("n", TensorProto.FLOAT, ["N", 4]),
+        ],
+    )
     p.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString())
     run = ort_runner(p)
     assert (run.input_name, run.input_dtype, run.input_shape, run.output_names) == ("x", np.float32, [4], ["r", "n"])
@@ -123,8 +156,13 @@ def test_openvino_settings_reach_the_compiled_model(pool_onnx: Path, tmp_path: P
     cache = tmp_path / "ov_cache"
     settings = OpenVinoSettings(threads=2, streams=2, performance_hint="THROUGHPUT", cache_dir=cache)
     props = settings.properties()
-    assert props == {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "THROUGHPUT",
-                     "INFERENCE_NUM_THREADS": 2, "NUM_STREAMS": 2, "CACHE_DIR": str(cache)}
+    assert props == {
+        "INFERENCE_PRECISION_HINT": "f32",
+        "PERFORMANCE_HINT": "THROUGHPUT",
+        "INFERENCE_NUM_THREADS": 2,
+        "NUM_STREAMS": 2,
+        "CACHE_DIR": str(cache),
+    }
     compiled = compile_openvino(pool_onnx, props)
     assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 2
     assert int(compiled.get_property("NUM_STREAMS")) == 2
@@ -134,7 +172,9 @@ def test_openvino_settings_reach_the_compiled_model(pool_onnx: Path, tmp_path: P
     assert any(cache.iterdir()), "CACHE_DIR holds the compiled blob"
     # extra properties win over the fields
     assert OpenVinoSettings(extra={"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16"}).properties() == {
-        "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
+        "INFERENCE_PRECISION_HINT": "bf16",
+        "PERFORMANCE_HINT": "LATENCY",
+    }
 
 
 @needs_openvino

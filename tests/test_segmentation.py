@@ -1,5 +1,6 @@
 """Encoder-decoder segmentation: upsampling sizes, shapes, letterbox targets, export + parity + TensorRT
 lint, and the shipped models' masks against the generator's truth through ONNX Runtime."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,7 +24,8 @@ SHIPPED = ("shapes_segmenter_bilinear", "shapes_segmenter_transposed")
 
 
 @pytest.mark.parametrize(
-    "size,k,s,p,op,d", [(7, 4, 2, 1, 0, 1), (5, 3, 2, 1, 1, 1), (8, 8, 4, 2, 0, 1), (3, 3, 1, 0, 0, 2), (10, 2, 2, 0, 0, 1)]
+    "size,k,s,p,op,d",
+    [(7, 4, 2, 1, 0, 1), (5, 3, 2, 1, 1, 1), (8, 8, 4, 2, 0, 1), (3, 3, 1, 0, 0, 2), (10, 2, 2, 0, 0, 1)],
 )
 def test_transposed_conv_size_formula_matches_pytorch(size, k, s, p, op, d) -> None:
     conv = nn.ConvTranspose2d(1, 1, k, stride=s, padding=p, output_padding=op, dilation=d)
@@ -63,7 +65,12 @@ def test_output_is_class_logits_at_input_resolution(random_models, mode: str, sk
 
 def test_skips_widen_only_the_fusion_convs(random_models) -> None:
     with_skips, without = random_models[("bilinear", True)], random_models[("bilinear", False)]
-    assert [f[0].in_channels - g[0].in_channels for f, g in zip(with_skips.fuse, without.fuse, strict=True)] == [96, 32, 24, 16]
+    assert [f[0].in_channels - g[0].in_channels for f, g in zip(with_skips.fuse, without.fuse, strict=True)] == [
+        96,
+        32,
+        24,
+        16,
+    ]
     # Bilinear upsampling has no parameters; the transposed decoder adds one 4x4 kernel per stage.
     bil = sum(p.numel() for p in random_models[("bilinear", True)].parameters())
     tra = sum(p.numel() for p in random_models[("transposed", True)].parameters())
@@ -92,7 +99,15 @@ def test_registry_entries() -> None:
     for name, mode in zip(SHIPPED, modes, strict=True):
         entry = get_entry(name)
         assert entry.task.value == "segmentation" and entry.served_by_default and entry.has_weights
-        assert entry.labels is not None and list(entry.labels()) == ["background", "circle", "square", "triangle", "ellipse", "star", "cross"]
+        assert entry.labels is not None and list(entry.labels()) == [
+            "background",
+            "circle",
+            "square",
+            "triangle",
+            "ellipse",
+            "star",
+            "cross",
+        ]
         assert entry.preprocess.mean == (0.485, 0.456, 0.406) and entry.input_shape == (3, *INPUT_SIZE) == (3, 160, 160)
         assert weights_path(mode).stat().st_size < 10_000_000
     assert set(SHIPPED) <= set(models.list_models(served_by_default=True, task=Task.segmentation))
@@ -154,14 +169,18 @@ def test_shipped_segmenter_quality_floor_through_onnxruntime(exported, name: str
     assert ious[0] > 0.98 and np.nanmean(ious) >= 0.85, f"{name}: per-class IoU {ious}"
 
 
-@pytest.mark.parametrize("name", [
-    # One of these 4 pictures has a shape the bilinear weights give the wrong class: 0.68 mIoU on that
-    # picture alone (0.93-0.98 on the others; 0.912 over the 200 held-out ones). A per-picture bar is
-    # stricter than the set's mean, and the bilinear checkpoint does not clear it yet.
-    pytest.param(SHIPPED[0], marks=pytest.mark.xfail(reason="bilinear: one held-out picture at 0.68 < 0.8",
-                                                     strict=False)),
-    SHIPPED[1],
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        # One of these 4 pictures has a shape the bilinear weights give the wrong class: 0.68 mIoU on that
+        # picture alone (0.93-0.98 on the others; 0.912 over the 200 held-out ones). A per-picture bar is
+        # stricter than the set's mean, and the bilinear checkpoint does not clear it yet.
+        pytest.param(
+            SHIPPED[0], marks=pytest.mark.xfail(reason="bilinear: one held-out picture at 0.68 < 0.8", strict=False)
+        ),
+        SHIPPED[1],
+    ],
+)
 def test_shipped_segmenter_masks_match_truth_through_onnxruntime(exported, name: str) -> None:
     samples = held_out_samples(4)
     for sample, mask in zip(samples, _served_masks(exported[name][1], samples), strict=True):

@@ -5,6 +5,7 @@ file, and its config/metadata agree with the ONNX graph. The repository comes fr
 $CNNSERVE_MODEL_REPOSITORY when set, else conftest's `default_repository` builds it once per session
 with the export CLI; without torch/the export half it is skipped with the reason.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -60,8 +61,9 @@ def test_every_default_model_matches_onnxruntime(default_repo: Path, server: Ser
         meta = client.get_model_metadata(name)
         cfg = client.get_model_config(name).config
         version = meta.versions[-1]
-        sess = ort.InferenceSession(str(default_repo / name / version / "model.onnx"),
-                                    providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(
+            str(default_repo / name / version / "model.onnx"), providers=["CPUExecutionProvider"]
+        )
         assert [i.name for i in meta.inputs] == [i.name for i in sess.get_inputs()]
         assert [o.name for o in meta.outputs] == [o.name for o in sess.get_outputs()]
         if cfg.backend == "openvino":  # export chose OpenVINO: compare with it in this process

@@ -1,4 +1,5 @@
 """End to end: the real server process on loopback, driven by unmodified tritonclient (sync and aio)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -51,27 +52,43 @@ instance_group [{ count: 1 kind: KIND_CPU }]
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("repo")
     write_model(repo, "affine", affine_model(), AFFINE_CFG)
-    write_model(repo, "cast", cast_model(), 'max_batch_size: 4\ndynamic_batching { }\n')  # inputs auto-completed
+    write_model(repo, "cast", cast_model(), "max_batch_size: 4\ndynamic_batching { }\n")  # inputs auto-completed
     write_model(repo, "strings", strings_model(), "max_batch_size: 0\n")
     write_model(repo, "pool", pool_model(), "max_batch_size: 32\ndynamic_batching { }\n")
-    for name, cfg in (("slow", SLOW_CFG),
-                      ("tiny_queue", "max_batch_size: 1\ndynamic_batching { default_queue_policy { max_queue_size: 1 } }\n")):
+    for name, cfg in (
+        ("slow", SLOW_CFG),
+        ("tiny_queue", "max_batch_size: 1\ndynamic_batching { default_queue_policy { max_queue_size: 1 } }\n"),
+    ):
         gate = FileGate(repo / f"{name}.gate")
         gate.open()
         write_model(repo, name, slow_model(iterations=10), GATED_CFG.format(gate=gate.path) + cfg)
     gate = FileGate(repo / "gated_affine.gate")
     gate.open()
-    write_model(repo, "gated_affine", affine_model(), GATED_CFG.format(gate=gate.path)
-                + AFFINE_CFG.replace('name: "affine"\n', "").replace('backend: "onnxruntime"\n', "")
-                + "instance_group [{ count: 1 kind: KIND_CPU }]\n")
+    write_model(
+        repo,
+        "gated_affine",
+        affine_model(),
+        GATED_CFG.format(gate=gate.path)
+        + AFFINE_CFG.replace('name: "affine"\n', "").replace('backend: "onnxruntime"\n', "")
+        + "instance_group [{ count: 1 kind: KIND_CPU }]\n",
+    )
     write_model(repo, "versioned", affine_model(), "max_batch_size: 8\n", versions=(1, 2))
     write_model(repo, "broken", b"this is not an onnx file", "max_batch_size: 4\n")
     write_model(repo, "badconfig", affine_model(), "max_batch_size: 8\ndynamic_batching { max_delay: 5 }\n")
-    write_model(repo, "needs_trt", affine_model(), 'max_batch_size: 8\noptimization { execution_accelerators {'
-                ' gpu_execution_accelerator [{ name: "tensorrt" }] } }\n')
+    write_model(
+        repo,
+        "needs_trt",
+        affine_model(),
+        "max_batch_size: 8\noptimization { execution_accelerators {"
+        ' gpu_execution_accelerator [{ name: "tensorrt" }] } }\n',
+    )
     write_model(repo, "needs_gpu", affine_model(), "max_batch_size: 8\ninstance_group [{ kind: KIND_GPU }]\n")
-    write_model(repo, "badparam", affine_model(),
-                'max_batch_size: 8\nparameters { key: "intra_op_thread_count" value { string_value: "two" } }\n')
+    write_model(
+        repo,
+        "badparam",
+        affine_model(),
+        'max_batch_size: 8\nparameters { key: "intra_op_thread_count" value { string_value: "two" } }\n',
+    )
     return repo
 
 
@@ -79,8 +96,17 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(repo: Path, server_factory) -> ServerProcess:
     # explicit mode: test_unload_and_load drives the repository API (mode none refuses it, as Triton);
     # not strict: the repository holds models that fail to load on purpose, and the server serves the rest
-    return server_factory(repo, "--model-control-mode", "explicit", "--load-model", "*", "--strict-readiness", "false",
-                          "--backend-module", "fault_backends")
+    return server_factory(
+        repo,
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "*",
+        "--strict-readiness",
+        "false",
+        "--backend-module",
+        "fault_backends",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +165,14 @@ def test_grpc_health_and_reflection(server: ServerProcess) -> None:
 def test_model_metadata_and_config(client: tc.InferenceServerClient) -> None:
     meta = client.get_model_metadata("affine")
     assert meta.platform == "onnxruntime_onnx" and list(meta.versions) == ["1"]
-    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("a", "FP32", [-1, 4]), ("b", "INT64", [-1, 2])]
-    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("y", "FP32", [-1, 4]), ("z", "INT64", [-1, 2])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("a", "FP32", [-1, 4]),
+        ("b", "INT64", [-1, 2]),
+    ]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("y", "FP32", [-1, 4]),
+        ("z", "INT64", [-1, 2]),
+    ]
     cfg = client.get_model_config("affine").config
     assert cfg.max_batch_size == 8 and cfg.HasField("dynamic_batching")
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 50000
@@ -190,8 +222,9 @@ def test_default_message_limit_fits_a_32_image_batch(client: tc.InferenceServerC
 
 def test_requested_output_subset(client: tc.InferenceServerClient) -> None:
     a, b = _affine_inputs(2, 1)
-    r = client.infer("affine", [_input("a", a, "FP32"), _input("b", b, "INT64")],
-                     outputs=[tc.InferRequestedOutput("z")])
+    r = client.infer(
+        "affine", [_input("a", a, "FP32"), _input("b", b, "INT64")], outputs=[tc.InferRequestedOutput("z")]
+    )
     assert r.as_numpy("y") is None
     np.testing.assert_array_equal(r.as_numpy("z"), b + 3)
 
@@ -220,8 +253,11 @@ def test_inference_aio_and_stream(server: ServerProcess) -> None:
             async def requests():
                 for i in range(4):
                     a, b = _affine_inputs(1 + i, 10 + i)
-                    yield {"model_name": "affine", "inputs": [_input("a", a, "FP32"), _input("b", b, "INT64")],
-                           "request_id": str(i)}
+                    yield {
+                        "model_name": "affine",
+                        "inputs": [_input("a", a, "FP32"), _input("b", b, "INT64")],
+                        "request_id": str(i),
+                    }
                 yield {"model_name": "no_such_model", "inputs": [_input("a", a, "FP32")], "request_id": "bad"}
 
             got, errors = {}, []
@@ -273,38 +309,88 @@ BAD_REQUESTS = {
     "unknown version": (_raw_request(model_version="7"), grpc.StatusCode.NOT_FOUND, "no version '7'"),
     "wrong datatype": (
         _raw_request(x=_as_fp64),
-        grpc.StatusCode.INVALID_ARGUMENT, "input 'a': expected datatype FP32, got FP64"),
-    "unknown datatype": (_raw_request(x=(lambda r: setattr(r.inputs[0], "datatype", "FP33"))),
-                         grpc.StatusCode.INVALID_ARGUMENT, "unsupported datatype 'FP33'"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'a': expected datatype FP32, got FP64",
+    ),
+    "unknown datatype": (
+        _raw_request(x=(lambda r: setattr(r.inputs[0], "datatype", "FP33"))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unsupported datatype 'FP33'",
+    ),
     "wrong shape": (
         _raw_request(x=(lambda r: (r.inputs[0].ClearField("shape"), r.inputs[0].shape.extend([4, 2])))),
-        grpc.StatusCode.INVALID_ARGUMENT, "input 'a': expected shape [-1, 4], got [4, 2]"),
-    "byte size": (_raw_request(x=(lambda r: r.raw_input_contents.__setitem__(0, b"\0" * 20))),
-                  grpc.StatusCode.INVALID_ARGUMENT, "input 'a': expected 32 bytes for FP32 [2, 4], got 20 bytes"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'a': expected shape [-1, 4], got [4, 2]",
+    ),
+    "byte size": (
+        _raw_request(x=(lambda r: r.raw_input_contents.__setitem__(0, b"\0" * 20))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'a': expected 32 bytes for FP32 [2, 4], got 20 bytes",
+    ),
     "batch over max": (
-        _raw_request(x=(lambda r: (r.inputs[0].ClearField("shape"), r.inputs[0].shape.extend([9, 4]),
-                                       r.raw_input_contents.__setitem__(0, b"\0" * 144)))),
-        grpc.StatusCode.INVALID_ARGUMENT, "batch size 9 exceeds max_batch_size 8"),
-    "missing input": (_raw_request(x=(lambda r: (r.inputs.pop(), r.raw_input_contents.pop()))),
-                      grpc.StatusCode.INVALID_ARGUMENT, "missing input(s) 'b'"),
+        _raw_request(
+            x=(
+                lambda r: (
+                    r.inputs[0].ClearField("shape"),
+                    r.inputs[0].shape.extend([9, 4]),
+                    r.raw_input_contents.__setitem__(0, b"\0" * 144),
+                )
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "batch size 9 exceeds max_batch_size 8",
+    ),
+    "missing input": (
+        _raw_request(x=(lambda r: (r.inputs.pop(), r.raw_input_contents.pop()))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "missing input(s) 'b'",
+    ),
     "extra input": (
-        _raw_request(x=(lambda r: (r.inputs.add(name="c", datatype="FP32", shape=[2, 1]),
-                                       r.raw_input_contents.append(b"\0" * 8)))),
-        grpc.StatusCode.INVALID_ARGUMENT, "unexpected input(s) 'c'"),
+        _raw_request(
+            x=(
+                lambda r: (
+                    r.inputs.add(name="c", datatype="FP32", shape=[2, 1]),
+                    r.raw_input_contents.append(b"\0" * 8),
+                )
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unexpected input(s) 'c'",
+    ),
     "mismatched batch": (
-        _raw_request(x=(lambda r: (r.inputs[1].ClearField("shape"), r.inputs[1].shape.extend([1, 2]),
-                                       r.raw_input_contents.__setitem__(1, b"\0" * 16)))),
-        grpc.StatusCode.INVALID_ARGUMENT, "batch size 1 differs"),
-    "raw count": (_raw_request(x=(lambda r: r.raw_input_contents.pop())),
-                  grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents has 1 entries for 2 inputs"),
-    "negative dim": (_raw_request(x=(lambda r: r.inputs[0].shape.__setitem__(0, -2))),
-                     grpc.StatusCode.INVALID_ARGUMENT, "negative dimension"),
-    "unknown output": (_raw_request(x=(lambda r: r.outputs.add(name="w"))),
-                       grpc.StatusCode.INVALID_ARGUMENT, "requested output 'w' does not exist"),
+        _raw_request(
+            x=(
+                lambda r: (
+                    r.inputs[1].ClearField("shape"),
+                    r.inputs[1].shape.extend([1, 2]),
+                    r.raw_input_contents.__setitem__(1, b"\0" * 16),
+                )
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "batch size 1 differs",
+    ),
+    "raw count": (
+        _raw_request(x=(lambda r: r.raw_input_contents.pop())),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "raw_input_contents has 1 entries for 2 inputs",
+    ),
+    "negative dim": (
+        _raw_request(x=(lambda r: r.inputs[0].shape.__setitem__(0, -2))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "negative dimension",
+    ),
+    "unknown output": (
+        _raw_request(x=(lambda r: r.outputs.add(name="w"))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "requested output 'w' does not exist",
+    ),
     "broken model": (_raw_request(model_name="broken"), grpc.StatusCode.UNAVAILABLE, "not ready"),
     "timeout not an int": (
         _raw_request(x=(lambda r: setattr(r.parameters["timeout"], "string_param", "soon"))),
-        grpc.StatusCode.INVALID_ARGUMENT, "parameter 'timeout' must be an integer"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "parameter 'timeout' must be an integer",
+    ),
 }
 
 
@@ -324,7 +410,8 @@ def test_bad_input_matrix(server: ServerProcess, client: tc.InferenceServerClien
 def test_malformed_request_bytes(server: ServerProcess, client: tc.InferenceServerClient) -> None:
     with grpc.insecure_channel(server.grpc_url) as ch:
         call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary(  # bytes in, bytes out
-            "/inference.GRPCInferenceService/ModelInfer")
+            "/inference.GRPCInferenceService/ModelInfer"
+        )
         with pytest.raises(grpc.RpcError) as err:
             call(b"\x0a\x05ab", timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -352,6 +439,7 @@ def test_concurrent_requests_are_batched(repo: Path, server: ServerProcess, clie
 
     async def main():
         async with tca.InferenceServerClient(server.grpc_url) as c:
+
             async def one(i: int):
                 a, b = _affine_inputs(1, 100 + i)
                 r = await c.infer("gated_affine", [_input("a", a, "FP32"), _input("b", b, "INT64")])
@@ -379,10 +467,14 @@ def test_concurrent_requests_are_batched(repo: Path, server: ServerProcess, clie
 
 
 def test_request_whose_deadline_passes_in_queue_is_not_executed(
-        repo: Path, server: ServerProcess, client: tc.InferenceServerClient) -> None:
+    repo: Path, server: ServerProcess, client: tc.InferenceServerClient
+) -> None:
     before = _stats(client, "slow")
     before_metrics = _scrape(server)
-    x1, x2 = np.ones((1, SLOW_WIDTH), np.float32), np.ones((2, SLOW_WIDTH), np.float32)  # different shapes: never co-batched
+    x1, x2 = (
+        np.ones((1, SLOW_WIDTH), np.float32),
+        np.ones((2, SLOW_WIDTH), np.float32),
+    )  # different shapes: never co-batched
     gate = FileGate(repo / "slow.gate")
     key = ("cnnserve_inference_request_never_executed", (("model", "slow"), ("version", "1")))
 
@@ -394,8 +486,10 @@ def test_request_whose_deadline_passes_in_queue_is_not_executed(
                 first = asyncio.create_task(c.infer("slow", [_input("x", x1, "FP32")]))
                 await asyncio.to_thread(gate.wait_entered, 1)  # executing, held; the next ones queue behind it
                 # One with a gRPC deadline, one with the protocol's `timeout` parameter (microseconds).
-                late = [c.infer("slow", [_input("x", x2, "FP32")], **kw)
-                        for kw in ({"client_timeout": 0.03}, {"timeout": 30_000})]
+                late = [
+                    c.infer("slow", [_input("x", x2, "FP32")], **kw)
+                    for kw in ({"client_timeout": 0.03}, {"timeout": 30_000})
+                ]
                 results = await asyncio.gather(*late, return_exceptions=True)
                 # The server drops the abandoned request when it notices the cancellation: wait for that.
                 while (await asyncio.to_thread(_scrape, server)).get(key, 0) - before_metrics.get(key, 0) < 2:
@@ -459,12 +553,19 @@ def test_metrics_scrape_parses_and_moves(server: ServerProcess, client: tc.Infer
     assert after[("nv_inference_count", lab)] - before.get(("nv_inference_count", lab), 0) == 9
     fail = ("nv_inference_request_failure", (("model", "affine"), ("reason", "INVALID"), ("version", "1")))
     assert after[fail] - before.get(fail, 0) == 1
-    for name in ("nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
-                 "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
-                 "nv_inference_compute_output_duration_us", "nv_inference_pending_request_count"):
+    for name in (
+        "nv_inference_exec_count",
+        "nv_inference_request_duration_us",
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_input_duration_us",
+        "nv_inference_compute_infer_duration_us",
+        "nv_inference_compute_output_duration_us",
+        "nv_inference_pending_request_count",
+    ):
         assert (name, lab) in after, name
     assert after[("nv_inference_compute_infer_duration_us", lab)] > before.get(
-        ("nv_inference_compute_infer_duration_us", lab), 0)
+        ("nv_inference_compute_infer_duration_us", lab), 0
+    )
     hist = ("cnnserve_request_latency_seconds_count", lab)
     assert after[hist] - before.get(hist, 0) == 3
     for bucket in ("cnnserve_batch_size_bucket", "cnnserve_queue_time_seconds_bucket"):

@@ -1,4 +1,5 @@
 """The repository loader in-process: version policies, model.json, per-model failures, reloads."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,15 +28,19 @@ def _load(repo: Path, *names: str) -> ModelRepository:
         r = ModelRepository(repo)
         await r.load_all(names or None)
         return r
+
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("policy, served", [
-    ("", [3]),
-    ("version_policy { latest { num_versions: 2 } }", [2, 3]),
-    ("version_policy { all { } }", [1, 2, 3]),
-    ("version_policy { specific { versions: [1, 3] } }", [1, 3]),
-])
+@pytest.mark.parametrize(
+    "policy, served",
+    [
+        ("", [3]),
+        ("version_policy { latest { num_versions: 2 } }", [2, 3]),
+        ("version_policy { all { } }", [1, 2, 3]),
+        ("version_policy { specific { versions: [1, 3] } }", [1, 3]),
+    ],
+)
 def test_version_policies(tmp_path: Path, policy: str, served: list[int]) -> None:
     write_model(tmp_path, "m", affine_model(), f"max_batch_size: 4\n{policy}\n", versions=(1, 2, 3))
     repo = _load(tmp_path)
@@ -48,8 +53,13 @@ def test_version_policies(tmp_path: Path, policy: str, served: list[int]) -> Non
 
 def test_model_json_is_kept_for_the_vision_api(tmp_path: Path) -> None:
     d = write_model(tmp_path, "m", affine_model(), "max_batch_size: 4\n")
-    ModelMeta(name="m", task=Task.classification, preprocess=PreprocessSpec(input_size=(2, 2)),
-              labels=["a", "b", "c", "d"], input_name="a").write(d)
+    ModelMeta(
+        name="m",
+        task=Task.classification,
+        preprocess=PreprocessSpec(input_size=(2, 2)),
+        labels=["a", "b", "c", "d"],
+        input_name="a",
+    ).write(d)
     repo = _load(tmp_path)
     meta = repo.get("m").meta
     assert meta is not None and meta.task == Task.classification and meta.labels == ["a", "b", "c", "d"]
@@ -60,23 +70,42 @@ def _unversion(model_dir: Path) -> None:
     (model_dir / "1").rmdir()
 
 
-@pytest.mark.parametrize("setup, fragment", [
-    (lambda d: (d / "model.json").write_text(json.dumps({"name": "m"})), "model.json: invalid model metadata"),
-    (lambda d: (d / "config.pbtxt").write_text('name: "other"\nmax_batch_size: 4\n'), "differs from directory"),
-    (lambda d: (d / "1" / "model.onnx").unlink(), "1/model.onnx: model file not found"),
-    (lambda d: _unversion(d), "no numbered version"),
-    (lambda d: (d / "config.pbtxt").write_text('max_batch_size: 4\nversion_policy { specific { versions: [2] } }'),
-     "version(s) [2], not on disk"),
-    (lambda d: (d / "config.pbtxt").write_text('max_batch_size: 4\ninput [{ name: "a" data_type: TYPE_FP16 '
-                                               'dims: [4] }, { name: "b" data_type: TYPE_INT64 dims: [2] }]'),
-     "input 'a': config says FP16, model has FP32"),
-    (lambda d: (d / "config.pbtxt").write_text('max_batch_size: 4\ninput [{ name: "a" data_type: TYPE_FP32 '
-                                               'dims: [5] }, { name: "b" data_type: TYPE_INT64 dims: [2] }]'),
-     "config dims [5] do not match the model's [4]"),
-    (lambda d: (d / "config.pbtxt").write_text('max_batch_size: 4\nbackend: "tensorflow"\n'), "unknown backend"),
-    (lambda d: (d / "config.pbtxt").write_text('max_batch_size: 4\nparameters { key: "intra_op_allow_spinning" '
-                                               'value { string_value: "2" } }\n'), "must be 0 or 1"),
-])
+@pytest.mark.parametrize(
+    "setup, fragment",
+    [
+        (lambda d: (d / "model.json").write_text(json.dumps({"name": "m"})), "model.json: invalid model metadata"),
+        (lambda d: (d / "config.pbtxt").write_text('name: "other"\nmax_batch_size: 4\n'), "differs from directory"),
+        (lambda d: (d / "1" / "model.onnx").unlink(), "1/model.onnx: model file not found"),
+        (lambda d: _unversion(d), "no numbered version"),
+        (
+            lambda d: (d / "config.pbtxt").write_text(
+                "max_batch_size: 4\nversion_policy { specific { versions: [2] } }"
+            ),
+            "version(s) [2], not on disk",
+        ),
+        (
+            lambda d: (d / "config.pbtxt").write_text(
+                'max_batch_size: 4\ninput [{ name: "a" data_type: TYPE_FP16 '
+                'dims: [4] }, { name: "b" data_type: TYPE_INT64 dims: [2] }]'
+            ),
+            "input 'a': config says FP16, model has FP32",
+        ),
+        (
+            lambda d: (d / "config.pbtxt").write_text(
+                'max_batch_size: 4\ninput [{ name: "a" data_type: TYPE_FP32 '
+                'dims: [5] }, { name: "b" data_type: TYPE_INT64 dims: [2] }]'
+            ),
+            "config dims [5] do not match the model's [4]",
+        ),
+        (lambda d: (d / "config.pbtxt").write_text('max_batch_size: 4\nbackend: "tensorflow"\n'), "unknown backend"),
+        (
+            lambda d: (d / "config.pbtxt").write_text(
+                'max_batch_size: 4\nparameters { key: "intra_op_allow_spinning" value { string_value: "2" } }\n'
+            ),
+            "must be 0 or 1",
+        ),
+    ],
+)
 def test_a_broken_model_fails_alone_with_a_reason(tmp_path: Path, setup, fragment: str) -> None:
     write_model(tmp_path, "good", affine_model(), "max_batch_size: 4\n")
     d = write_model(tmp_path, "m", affine_model(), 'max_batch_size: 4\nbackend: "onnxruntime"\n')
@@ -110,15 +139,37 @@ def test_failed_reload_keeps_the_previous_copy_serving(tmp_path: Path) -> None:
 
 
 def test_cli_help_and_bad_repository() -> None:
-    res = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0
-    for flag in ("--model-repository", "--grpc-port", "--metrics-port", "--intra-op-threads", "--log-level",
-                 "--exit-timeout-secs", "--model-control-mode"):
+    for flag in (
+        "--model-repository",
+        "--grpc-port",
+        "--metrics-port",
+        "--intra-op-threads",
+        "--log-level",
+        "--exit-timeout-secs",
+        "--model-control-mode",
+    ):
         assert flag in res.stdout
-    res = subprocess.run([sys.executable, "-m", "server", "--model-repository", "/nonexistent/repo",
-                          "--grpc-port", "0", "--metrics-port", "0"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--model-repository",
+            "/nonexistent/repo",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode != 0 and "/nonexistent/repo is not a directory" in res.stderr
 
 

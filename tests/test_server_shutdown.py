@@ -1,4 +1,5 @@
 """SIGTERM with requests in flight: readiness turns false, new requests are refused, none accepted is lost."""
+
 from __future__ import annotations
 
 import asyncio
@@ -22,14 +23,19 @@ def test_sigterm_answers_every_accepted_request(tmp_path: Path, server_factory) 
     repo = tmp_path / "repo"
     gate = FileGate(tmp_path / "gate")
     gate.close()  # every execution is held until the test has seen the server draining
-    write_model(repo, "slow", slow_model(iterations=10),
-                f'backend: "test_faulty"\ndefault_model_filename: "model.onnx"\nmax_batch_size: 4\n'
-                f'dynamic_batching {{ }}\nparameters {{ key: "gate_file" value {{ string_value: "{gate.path}" }} }}\n')
+    write_model(
+        repo,
+        "slow",
+        slow_model(iterations=10),
+        f'backend: "test_faulty"\ndefault_model_filename: "model.onnx"\nmax_batch_size: 4\n'
+        f'dynamic_batching {{ }}\nparameters {{ key: "gate_file" value {{ string_value: "{gate.path}" }} }}\n',
+    )
     srv = server_factory(repo, "--backend-module", "fault_backends")
     n = 8
 
     async def main():
         async with tca.InferenceServerClient(srv.grpc_url) as c:
+
             async def one(i: int):
                 x = np.full((1, SLOW_WIDTH), i / n, np.float32)
                 inp = tc.InferInput("x", [1, SLOW_WIDTH], "FP32")

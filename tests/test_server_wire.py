@@ -1,4 +1,5 @@
 """Zero-copy ModelInferRequest decoding agrees with protobuf, and tensor codecs round-trip exactly."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,8 +47,10 @@ def test_large_raw_contents_and_interleaved_fields() -> None:
     req.inputs.add(name="x", datatype="FP32", shape=big.shape)
     req.raw_input_contents.append(big.tobytes())
     # Field order on the wire is free: put raw contents first, then the header fields.
-    data = pb.ModelInferRequest(raw_input_contents=[big.tobytes()]).SerializeToString() + \
-        pb.ModelInferRequest(model_name="m", inputs=req.inputs).SerializeToString()
+    data = (
+        pb.ModelInferRequest(raw_input_contents=[big.tobytes()]).SerializeToString()
+        + pb.ModelInferRequest(model_name="m", inputs=req.inputs).SerializeToString()
+    )
     parsed = parse_infer_request(data)
     assert parsed.header.model_name == "m" and len(parsed.raw) == 1
     np.testing.assert_array_equal(decode_input(parsed.header.inputs[0], parsed.raw[0]), big)
@@ -71,14 +74,17 @@ def test_bytes_tensor_codec_roundtrip() -> None:
         deserialize_bytes(wire + b"\1\0", 4, "s")
 
 
-@pytest.mark.parametrize("datatype, field, values, dtype", [
-    ("FP32", "fp32_contents", [1.5, -2.0], np.float32),
-    ("INT32", "int_contents", [7, -8], np.int32),
-    ("UINT8", "uint_contents", [0, 255], np.uint8),
-    ("INT64", "int64_contents", [2**40, -1], np.int64),
-    ("BOOL", "bool_contents", [True, False], np.bool_),
-    ("FP64", "fp64_contents", [0.1, 0.2], np.float64),
-])
+@pytest.mark.parametrize(
+    "datatype, field, values, dtype",
+    [
+        ("FP32", "fp32_contents", [1.5, -2.0], np.float32),
+        ("INT32", "int_contents", [7, -8], np.int32),
+        ("UINT8", "uint_contents", [0, 255], np.uint8),
+        ("INT64", "int64_contents", [2**40, -1], np.int64),
+        ("BOOL", "bool_contents", [True, False], np.bool_),
+        ("FP64", "fp64_contents", [0.1, 0.2], np.float64),
+    ],
+)
 def test_typed_contents(datatype: str, field: str, values: list, dtype) -> None:
     t = pb.ModelInferRequest.InferInputTensor(name="x", datatype=datatype, shape=[1, 2])
     getattr(t.contents, field).extend(values)

@@ -4,6 +4,7 @@
 This is what deploy/server.Dockerfile builds; the import-linter contracts say the same of the code, this
 test proves it of the installed result. The venv installs from pip's cache where setup.sh has filled it.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -29,8 +30,12 @@ def serving_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     python = str(env_dir / "bin" / "python")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     deps = project["dependencies"] + project["optional-dependencies"]["cpu"]  # ONNX Runtime: the `cpu` extra
-    res = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *deps],
-                         capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *deps],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, f"installing the serving dependencies failed:\n{res.stdout[-2000:]}{res.stderr[-2000:]}"
     src = base / "src"
     for pkg in SERVING_PACKAGES:
@@ -48,9 +53,11 @@ def test_serving_environment_has_no_torch(serving_env: tuple[str, Path]) -> None
 
 def test_openvino_installs_and_runs_in_the_serving_environment(serving_env: tuple[str, Path]) -> None:
     python, src = serving_env
-    code = ("import sys, openvino; assert 'CPU' in openvino.Core().available_devices; "
-            "import server.backends; assert 'openvino' in server.backends.base.available_backends(); "
-            "assert 'torch' not in sys.modules")
+    code = (
+        "import sys, openvino; assert 'CPU' in openvino.Core().available_devices; "
+        "import server.backends; assert 'openvino' in server.backends.base.available_backends(); "
+        "assert 'torch' not in sys.modules"
+    )
     res = subprocess.run([python, "-c", code], cwd=src, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
 

@@ -1,4 +1,5 @@
 """The synthetic shapes generator: determinism, exact ground truth, bounded occlusion."""
+
 from __future__ import annotations
 
 import numpy as np

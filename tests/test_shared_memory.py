@@ -6,6 +6,7 @@ and every misuse (unknown region, window out of bounds, wrong size, a key outsid
 shrunk after registering) is refused with INVALID_ARGUMENT naming what is wrong while the server keeps
 serving. Whether the server still holds a region open is read from its /proc/<pid>/fd.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,10 @@ from tritonclient.utils import InferenceServerException
 from conftest import ServerProcess, affine_model, pool_model, strings_model, write_model
 from server.errors import InferError
 
-pytestmark = [pytest.mark.timeout(180),
-              pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs POSIX shared memory (/dev/shm)")]
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs POSIX shared memory (/dev/shm)"),
+]
 
 AFFINE_CFG = """name: "affine"
 backend: "onnxruntime"
@@ -122,8 +125,9 @@ def test_extension_is_advertised(client: tc.InferenceServerClient) -> None:
     assert "system_shared_memory" in client.get_server_metadata().extensions
 
 
-def test_inputs_and_outputs_in_one_region_equal_the_bytes_path(client: tc.InferenceServerClient,
-                                                               regions: Regions) -> None:
+def test_inputs_and_outputs_in_one_region_equal_the_bytes_path(
+    client: tc.InferenceServerClient, regions: Regions
+) -> None:
     a, b = _affine_inputs()
     want_y, want_z = _bytes_path(client, a, b)
     # One region holds both inputs and both outputs at different offsets, as perf_analyzer lays them out.
@@ -182,8 +186,9 @@ def test_image_sized_tensor_and_bytes_output(client: tc.InferenceServerClient, r
     assert shm.get_contents_as_numpy(out_handle, np.object_, [3]).tolist() == s.tolist()
 
 
-def test_status_and_unregister_release_the_region(server: ServerProcess, client: tc.InferenceServerClient,
-                                                   regions: Regions) -> None:
+def test_status_and_unregister_release_the_region(
+    server: ServerProcess, client: tc.InferenceServerClient, regions: Regions
+) -> None:
     name, key, _ = regions.create(256)
     client.register_system_shared_memory(name, key, 128, offset=64)
     status = client.get_system_shared_memory_status(name)
@@ -205,8 +210,11 @@ def test_registration_misuse_is_refused(client: tc.InferenceServerClient, region
     outside.write_bytes(b"\0" * 100)
     for bad_key in ("/../../" + str(outside).lstrip("/"), str(outside), "/", "/a/b", "/.."):
         _refused(lambda k=bad_key: client.register_system_shared_memory("bad", k, 10), "POSIX shared-memory name")
-    _refused(lambda: client.register_system_shared_memory("bad", "/cnnserve_no_such_object", 10),
-             "cnnserve_no_such_object", "No such file")
+    _refused(
+        lambda: client.register_system_shared_memory("bad", "/cnnserve_no_such_object", 10),
+        "cnnserve_no_such_object",
+        "No such file",
+    )
     _refused(lambda: client.register_system_shared_memory("bad", key, 101), "exceeds", "100 bytes")
     _refused(lambda: client.register_system_shared_memory("bad", key, 60, offset=50), "offset 50")
     _refused(lambda: client.register_system_shared_memory("bad", key, 0), "byte_size must be positive")
@@ -219,8 +227,9 @@ def test_registration_misuse_is_refused(client: tc.InferenceServerClient, region
     assert "bad" not in client.get_system_shared_memory_status().regions
 
 
-def test_inference_misuse_is_refused_and_the_server_keeps_serving(client: tc.InferenceServerClient,
-                                                                  regions: Regions) -> None:
+def test_inference_misuse_is_refused_and_the_server_keeps_serving(
+    client: tc.InferenceServerClient, regions: Regions
+) -> None:
     a, b = _affine_inputs(2)
     name, _, handle = regions.register(a.nbytes + b.nbytes)
     shm.set_shared_memory_region(handle, [a, b])
@@ -247,9 +256,9 @@ def test_inference_misuse_is_refused_and_the_server_keeps_serving(client: tc.Inf
     infer()
 
 
-def test_object_shrunk_after_registering_is_refused_not_a_crash(server: ServerProcess,
-                                                                client: tc.InferenceServerClient,
-                                                                regions: Regions) -> None:
+def test_object_shrunk_after_registering_is_refused_not_a_crash(
+    server: ServerProcess, client: tc.InferenceServerClient, regions: Regions
+) -> None:
     a, b = _affine_inputs(2)
     name, key, handle = regions.register(a.nbytes + b.nbytes)
     shm.set_shared_memory_region(handle, [a, b])
@@ -336,8 +345,10 @@ def test_registrations_in_a_shared_directory_follow_register_and_unregister_ever
     from server.shared_memory import SharedMemoryRegistry
 
     one, two = SharedMemoryRegistry(tmp_path), SharedMemoryRegistry(tmp_path)
-    objs = [shm.create_shared_memory_region(f"o{i}", f"/cnnserve_test_dir_{uuid.uuid4().hex[:8]}", 16,
-                                            create_only=True) for i in range(2)]
+    objs = [
+        shm.create_shared_memory_region(f"o{i}", f"/cnnserve_test_dir_{uuid.uuid4().hex[:8]}", 16, create_only=True)
+        for i in range(2)
+    ]
     try:
         for i, o in enumerate(objs):
             shm.set_shared_memory_region(o, [np.full(4, i, np.int32)])
@@ -368,6 +379,9 @@ def test_cuda_shared_memory_has_no_regions_here(client: tc.InferenceServerClient
     client.unregister_cuda_shared_memory()
     client.unregister_cuda_shared_memory("anything")
     _refused(lambda: client.get_cuda_shared_memory_status("gpu0"), "gpu0", code="StatusCode.NOT_FOUND")
-    _refused(lambda: client.register_cuda_shared_memory("gpu0", b"\0" * 64, 0, 64), "system shared memory",
-             code="StatusCode.UNIMPLEMENTED")
+    _refused(
+        lambda: client.register_cuda_shared_memory("gpu0", b"\0" * 64, 0, 64),
+        "system shared memory",
+        code="StatusCode.UNIMPLEMENTED",
+    )
     assert "cuda_shared_memory" not in client.get_server_metadata().extensions

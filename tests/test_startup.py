@@ -1,5 +1,6 @@
 """Start-up as an operator sees it: one line and a non-zero exit for what stops the server, ports bound
 before any model loads, Triton's readiness default and its --allow-* switches."""
+
 from __future__ import annotations
 
 import http.client
@@ -14,8 +15,13 @@ import tritonclient.grpc as tc
 
 from conftest import AFFINE_CONFIG, ROOT, ServerProcess, affine_model, write_model
 
-NOISE = ("Traceback", "Task exception was never retrieved", "Event loop is closed", "never awaited",
-         "Exception ignored")
+NOISE = (
+    "Traceback",
+    "Task exception was never retrieved",
+    "Event loop is closed",
+    "never awaited",
+    "Exception ignored",
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +33,31 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "server", "--grpc-address", "127.0.0.1", "--grpc-port", "0",
-                           "--http-address", "127.0.0.1", "--http-port", "0", "--metrics-address", "127.0.0.1",
-                           "--metrics-port", "0", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--grpc-address",
+            "127.0.0.1",
+            "--grpc-port",
+            "0",
+            "--http-address",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--metrics-address",
+            "127.0.0.1",
+            "--metrics-port",
+            "0",
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _one_line(res: subprocess.CompletedProcess) -> str:

@@ -2,6 +2,7 @@
 
 Everything but the build itself runs without TensorRT or a GPU; the build test skips with the reason.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -50,11 +51,19 @@ def _record(vdir: Path, cc: str = "8.6", trt: str = "10.7.0", precision: Precisi
     name = engine_filename(cc, trt, precision)
     (vdir / name).write_bytes(b"engine " + name.encode())
     prof = ProfileShapes(min=(1, 3, 224, 224), opt=(8, 3, 224, 224), max=(32, 3, 224, 224))
-    return EngineRecord(file=name, compute_capability=cc, tensorrt_version=trt, precision=precision,
-                        gpu_name="NVIDIA A10", onnx_sha256=file_sha256(vdir / "model.onnx"), profiles={"input": prof})
+    return EngineRecord(
+        file=name,
+        compute_capability=cc,
+        tensorrt_version=trt,
+        precision=precision,
+        gpu_name="NVIDIA A10",
+        onnx_sha256=file_sha256(vdir / "model.onnx"),
+        profiles={"input": prof},
+    )
 
 
 # ------------------------------------------------------------------ naming
+
 
 def test_engine_filename_names_capability_tensorrt_and_precision():
     assert engine_filename("8.6", "10.7.0", "fp16") == "model.sm86.trt10.7.0.fp16.plan"
@@ -79,6 +88,7 @@ def test_timing_cache_is_per_capability_and_tensorrt_version(tmp_path):
 
 # ------------------------------------------------------------------ manifest
 
+
 def test_manifest_roundtrip_and_replace(tmp_path):
     vdir = _version_dir(tmp_path)
     m = EngineManifest()
@@ -97,8 +107,11 @@ def test_manifest_roundtrip_and_replace(tmp_path):
 def test_select_engine_matches_capability_and_version(tmp_path):
     vdir = _version_dir(tmp_path)
     m = EngineManifest()
-    for rec in (_record(vdir, "8.6", "10.7.0", "fp32"), _record(vdir, "8.6", "10.7.0", "fp16"),
-                _record(vdir, "8.9", "10.7.0", "fp16")):
+    for rec in (
+        _record(vdir, "8.6", "10.7.0", "fp32"),
+        _record(vdir, "8.6", "10.7.0", "fp16"),
+        _record(vdir, "8.9", "10.7.0", "fp16"),
+    ):
         m.add(rec)
     m.write(vdir)
     assert select_engine(vdir, "8.6", "10.7.0").file == "model.sm86.trt10.7.0.fp16.plan"  # fastest present
@@ -220,6 +233,7 @@ def test_lone_triton_style_model_plan_is_taken_as_is(tmp_path):
 
 # ------------------------------------------------------------------ optimization profile
 
+
 def test_profile_min_one_opt_preferred_max_batch():
     p = derive_profile([3, 224, 224], max_batch_size=32, preferred_batch_sizes=[4, 8])
     assert p.min == (1, 3, 224, 224) and p.opt == (8, 3, 224, 224) and p.max == (32, 3, 224, 224)
@@ -255,6 +269,7 @@ dynamic_batching { preferred_batch_size: [8, 16] max_queue_delay_microseconds: 5
 
 
 # ------------------------------------------------------------------ calibration data
+
 
 def test_calibration_selection_is_deterministic_and_mixed(tmp_path):
     cal = tmp_path / "calibration"
@@ -305,6 +320,7 @@ def test_calibration_images_use_the_models_own_preprocessing(tmp_path):
 
 # ------------------------------------------------------------------ precision / TensorRT availability
 
+
 def test_tensorrt_11_refuses_weak_typing_precisions():
     check_precision_supported("fp16", "10.7.0")
     check_precision_supported("int8", "10.13.3.9")
@@ -332,14 +348,23 @@ def test_build_engine_and_parity_on_gpu(tmp_path):
 
     vdir = tmp_path / "tiny" / "1"
     vdir.mkdir(parents=True)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(8, 4)).eval()
-    torch.onnx.export(model, (torch.randn(2, 3, 32, 32),), str(vdir / "model.onnx"), input_names=["input"],
-                      output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch", max=16)},),
-                      dynamo=True, external_data=False)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)
+    ).eval()
+    torch.onnx.export(
+        model,
+        (torch.randn(2, 3, 32, 32),),
+        str(vdir / "model.onnx"),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch", max=16)},),
+        dynamo=True,
+        external_data=False,
+    )
     profiles = {"input": derive_profile([3, 32, 32], 16, [8])}
-    rec = build_engine(vdir / "model.onnx", profiles, precision="fp32", workspace_mib=256,
-                       timing_cache=tmp_path / "timing.cache")
+    rec = build_engine(
+        vdir / "model.onnx", profiles, precision="fp32", workspace_mib=256, timing_cache=tmp_path / "timing.cache"
+    )
     assert (vdir / rec.file).is_file() and (tmp_path / "timing.cache").is_file()
     report = engine_parity(vdir, rec)
     assert report.ok, report.failure_message()
@@ -352,12 +377,18 @@ def test_main_cli_engine_subcommand_reaches_the_builder(tmp_path):
     import sys as _sys
 
     root = Path(__file__).resolve().parents[1]
-    help_out = subprocess.run([_sys.executable, "-m", "export", "engine", "--help"], cwd=root,
-                              capture_output=True, text=True, timeout=300)
+    help_out = subprocess.run(
+        [_sys.executable, "-m", "export", "engine", "--help"], cwd=root, capture_output=True, text=True, timeout=300
+    )
     assert help_out.returncode == 0 and "--precision" in help_out.stdout
     if importlib.util.find_spec("tensorrt") is not None:
         return
-    run = subprocess.run([_sys.executable, "-m", "export", "engine", "--repository", str(tmp_path)], cwd=root,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [_sys.executable, "-m", "export", "engine", "--repository", str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 1
     assert "TensorRT is not installed" in run.stderr

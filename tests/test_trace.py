@@ -1,6 +1,7 @@
 """Triton's trace extension on a live server: settings globally and per model over REST and gRPC
 (tritonclient), Triton JSON trace files, and OpenTelemetry spans received by a local OTLP/HTTP
 receiver that decodes the export with opentelemetry-proto's messages."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,15 @@ from conftest import AFFINE_CONFIG, ServerProcess, affine_model, write_model
 
 pytestmark = pytest.mark.timeout(240)
 
-ORDER = ["REQUEST_START", "QUEUE_START", "COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START",
-         "COMPUTE_END", "REQUEST_END"]
+ORDER = [
+    "REQUEST_START",
+    "QUEUE_START",
+    "COMPUTE_START",
+    "COMPUTE_INPUT_END",
+    "COMPUTE_OUTPUT_START",
+    "COMPUTE_END",
+    "REQUEST_END",
+]
 
 
 def _infer(server: ServerProcess, request_id: str, model: str = "affine") -> None:
@@ -59,12 +67,24 @@ def server(server_factory, repo) -> ServerProcess:
 
 def test_trace_file_at_rate_1_has_timestamps_in_order(server: ServerProcess, tmp_path: Path) -> None:
     http = th.InferenceServerClient(server.http_url)
-    assert http.get_trace_settings() == {"trace_file": "", "trace_level": ["OFF"], "trace_rate": "1000",
-                                         "trace_count": "-1", "log_frequency": "0", "trace_mode": "triton"}
+    assert http.get_trace_settings() == {
+        "trace_file": "",
+        "trace_level": ["OFF"],
+        "trace_rate": "1000",
+        "trace_count": "-1",
+        "log_frequency": "0",
+        "trace_mode": "triton",
+    }
     trace_file = tmp_path / "trace.json"
     try:
-        answer = http.update_trace_settings(settings={"trace_file": str(trace_file), "trace_level": ["TIMESTAMPS"],
-                                                      "trace_rate": "1", "log_frequency": "1"})
+        answer = http.update_trace_settings(
+            settings={
+                "trace_file": str(trace_file),
+                "trace_level": ["TIMESTAMPS"],
+                "trace_rate": "1",
+                "log_frequency": "1",
+            }
+        )
         assert answer["trace_level"] == ["TIMESTAMPS"] and answer["trace_rate"] == "1"
         _infer(server, "traced-1")
         # log_frequency 1: each trace is written, to <trace_file>.<i>, before its response goes out.
@@ -76,8 +96,9 @@ def test_trace_file_at_rate_1_has_timestamps_in_order(server: ServerProcess, tmp
         assert [ts[name] for name in ORDER] == sorted(ts[name] for name in ORDER)
         assert ts["REQUEST_END"] > ts["REQUEST_START"]
     finally:
-        http.update_trace_settings(settings={"trace_level": ["OFF"], "trace_file": None, "trace_rate": None,
-                                             "log_frequency": None})
+        http.update_trace_settings(
+            settings={"trace_level": ["OFF"], "trace_file": None, "trace_rate": None, "log_frequency": None}
+        )
     http.close()
 
 
@@ -85,8 +106,14 @@ def test_per_model_settings_and_count(server: ServerProcess, tmp_path: Path) -> 
     client = tc.InferenceServerClient(server.grpc_url)
     trace_file = tmp_path / "t.json"
     try:
-        client.update_trace_settings(settings={"trace_file": str(trace_file), "trace_level": ["TIMESTAMPS"],
-                                               "trace_rate": "1", "log_frequency": "1"})
+        client.update_trace_settings(
+            settings={
+                "trace_file": str(trace_file),
+                "trace_level": ["TIMESTAMPS"],
+                "trace_rate": "1",
+                "log_frequency": "1",
+            }
+        )
         # "other" is not traced; "affine" takes two traces and then stops (trace_count counts down).
         other = client.update_trace_settings("other", {"trace_level": ["OFF"]}, as_json=True)["settings"]
         assert other["trace_level"]["value"] == ["OFF"] and other["trace_rate"]["value"] == ["1"]
@@ -109,20 +136,24 @@ def test_per_model_settings_and_count(server: ServerProcess, tmp_path: Path) -> 
     finally:
         for model in ("affine", "other"):
             client.update_trace_settings(model, {k: None for k in ("trace_level", "trace_count")})
-        client.update_trace_settings(settings={"trace_level": ["OFF"], "trace_file": None, "trace_rate": None,
-                                               "log_frequency": None})
+        client.update_trace_settings(
+            settings={"trace_level": ["OFF"], "trace_file": None, "trace_rate": None, "log_frequency": None}
+        )
     client.close()
 
 
-@pytest.mark.parametrize("settings, needle", [
-    ({"trace_rate": "0"}, "trace_rate"),
-    ({"trace_rate": "often"}, "trace_rate"),
-    ({"trace_count": "-2"}, "trace_count"),
-    ({"trace_level": ["TENSORS"]}, "TENSORS"),
-    ({"trace_level": ["TIMESTAMPS"]}, "trace_file"),  # triton mode with nowhere to write
-    ({"trace_mode": "opentelemetry"}, "trace_mode"),
-    ({"trace_sampling": "1"}, "trace_sampling"),
-])
+@pytest.mark.parametrize(
+    "settings, needle",
+    [
+        ({"trace_rate": "0"}, "trace_rate"),
+        ({"trace_rate": "often"}, "trace_rate"),
+        ({"trace_count": "-2"}, "trace_count"),
+        ({"trace_level": ["TENSORS"]}, "TENSORS"),
+        ({"trace_level": ["TIMESTAMPS"]}, "trace_file"),  # triton mode with nowhere to write
+        ({"trace_mode": "opentelemetry"}, "trace_mode"),
+        ({"trace_sampling": "1"}, "trace_sampling"),
+    ],
+)
 def test_bad_trace_settings_are_refused(server: ServerProcess, settings: dict, needle: str) -> None:
     http = th.InferenceServerClient(server.http_url)
     before = http.get_trace_settings()
@@ -148,8 +179,15 @@ def test_unknown_model_is_not_found(server: ServerProcess) -> None:
 def test_trace_config_flags_and_shutdown_flush(server_factory, repo: Path, tmp_path: Path) -> None:
     # log_frequency 0 (the default): every trace goes to trace_file when the server stops, as in Triton.
     trace_file = tmp_path / "trace.json"
-    srv = server_factory(repo, "--trace-config", f"triton,file={trace_file}", "--trace-config", "level=TIMESTAMPS",
-                         "--trace-config", "rate=2")
+    srv = server_factory(
+        repo,
+        "--trace-config",
+        f"triton,file={trace_file}",
+        "--trace-config",
+        "level=TIMESTAMPS",
+        "--trace-config",
+        "rate=2",
+    )
     for i in range(4):
         _infer(srv, f"r-{i}")
     assert not trace_file.exists()
@@ -202,9 +240,19 @@ class _OtlpReceiver:
 def test_opentelemetry_spans_reach_an_otlp_endpoint(server_factory, repo: Path) -> None:
     receiver = _OtlpReceiver()
     try:
-        srv = server_factory(repo, "--trace-config", "mode=opentelemetry", "--trace-config", "level=TIMESTAMPS",
-                             "--trace-config", "rate=1", "--trace-config", f"opentelemetry,url={receiver.url}",
-                             "--trace-config", "opentelemetry,bsp_schedule_delay=50")
+        srv = server_factory(
+            repo,
+            "--trace-config",
+            "mode=opentelemetry",
+            "--trace-config",
+            "level=TIMESTAMPS",
+            "--trace-config",
+            "rate=1",
+            "--trace-config",
+            f"opentelemetry,url={receiver.url}",
+            "--trace-config",
+            "opentelemetry,bsp_schedule_delay=50",
+        )
         assert th.InferenceServerClient(srv.http_url).get_trace_settings()["trace_mode"] == "opentelemetry"
         _infer(srv, "otel-1")
         spans = {s.name: s for s in receiver.wait_for({"request", "queue", "compute", "response"})}
@@ -224,22 +272,30 @@ def test_opentelemetry_spans_reach_an_otlp_endpoint(server_factory, repo: Path) 
         receiver.close()
 
 
-@pytest.mark.parametrize("flags, needle", [
-    (["--trace-config", "rate=0"], "trace_rate"),
-    (["--trace-config", "level=TIMESTAMPS"], "needs file=PATH"),
-    (["--trace-config", "jaeger,url=x"], "unknown mode"),
-    (["--workers", "2", "--trace-config", "opentelemetry,bsp_schedule_delay=soon"], "bsp_schedule_delay"),
-    (["--metrics-config", "summary_quantiles=0.5"], "summary_quantiles"),
-    (["--metrics-config", "histogram_latencies=true"], "histogram_latencies"),
-])
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--trace-config", "rate=0"], "trace_rate"),
+        (["--trace-config", "level=TIMESTAMPS"], "needs file=PATH"),
+        (["--trace-config", "jaeger,url=x"], "unknown mode"),
+        (["--workers", "2", "--trace-config", "opentelemetry,bsp_schedule_delay=soon"], "bsp_schedule_delay"),
+        (["--metrics-config", "summary_quantiles=0.5"], "summary_quantiles"),
+        (["--metrics-config", "histogram_latencies=true"], "histogram_latencies"),
+    ],
+)
 def test_bad_config_flags_say_one_line(repo: Path, flags: list[str], needle: str) -> None:
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    res = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(repo), *flags], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "server", "--model-repository", str(repo), *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("python -m server: error:") and needle in lines[0], res.stderr

@@ -1,5 +1,6 @@
 """TLS, mutual TLS and access keys per API group, end to end: the real server process, unmodified
 tritonclient and the project's own client and CLI, certificates from a CA made in the test."""
+
 from __future__ import annotations
 
 import http.client
@@ -56,10 +57,20 @@ def _status(exc: InferenceServerException) -> str:
 # -- TLS ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tls_server(repo: Path, pki: Pki, server_factory) -> ServerProcess:
-    return server_factory(repo, "--grpc-use-ssl", "true", "--grpc-server-cert", str(pki.server_cert),
-                          "--grpc-server-key", str(pki.server_key),
-                          "--http-use-ssl", "--http-server-cert", str(pki.server_cert),
-                          "--http-server-key", str(pki.server_key))
+    return server_factory(
+        repo,
+        "--grpc-use-ssl",
+        "true",
+        "--grpc-server-cert",
+        str(pki.server_cert),
+        "--grpc-server-key",
+        str(pki.server_key),
+        "--http-use-ssl",
+        "--http-server-cert",
+        str(pki.server_cert),
+        "--http-server-key",
+        str(pki.server_key),
+    )
 
 
 def test_tritonclient_over_tls(tls_server: ServerProcess, pki: Pki) -> None:
@@ -88,13 +99,25 @@ def test_renewed_certificates_are_served_without_a_restart(repo: Path, tmp_path:
     cert, key = live / "server.pem", live / "server.key"
     shutil.copy(first.server_cert, cert)
     shutil.copy(first.server_key, key)
-    srv = server_factory(repo, "--grpc-use-ssl", "--grpc-server-cert", str(cert), "--grpc-server-key", str(key),
-                         "--http-use-ssl", "--http-server-cert", str(cert), "--http-server-key", str(key))
+    srv = server_factory(
+        repo,
+        "--grpc-use-ssl",
+        "--grpc-server-cert",
+        str(cert),
+        "--grpc-server-key",
+        str(key),
+        "--http-use-ssl",
+        "--http-server-cert",
+        str(cert),
+        "--http-server-key",
+        str(key),
+    )
 
     def grpc_trusted_by(ca: Path) -> bool:
         # a channel of its own (no shared subchannel): every call here is a new connection, a new handshake
-        client = tc.InferenceServerClient(srv.grpc_url, ssl=True, root_certificates=str(ca),
-                                          channel_args=[("grpc.use_local_subchannel_pool", 1)])
+        client = tc.InferenceServerClient(
+            srv.grpc_url, ssl=True, root_certificates=str(ca), channel_args=[("grpc.use_local_subchannel_pool", 1)]
+        )
         try:
             return client.is_server_live(client_timeout=10)
         except InferenceServerException:
@@ -103,8 +126,9 @@ def test_renewed_certificates_are_served_without_a_restart(repo: Path, tmp_path:
             client.close()
 
     def http_trusted_by(ca: Path) -> bool:
-        conn = http.client.HTTPSConnection("127.0.0.1", srv.http_port, timeout=10,
-                                           context=ssl.create_default_context(cafile=str(ca)))
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", srv.http_port, timeout=10, context=ssl.create_default_context(cafile=str(ca))
+        )
         try:
             conn.request("GET", "/v2/health/live")
             return conn.getresponse().status == 200
@@ -148,8 +172,13 @@ def test_project_client_and_cli_over_tls(tls_server: ServerProcess, pki: Pki) ->
     with InferenceClient(tls_server.grpc_url, tls=ClientTLS(root_certificates=pki.ca_cert)) as c:
         out = c.infer("affine", {"a": np.ones((1, 4), np.float32), "b": np.zeros((1, 2), np.int64)})
     np.testing.assert_allclose(out["y"], np.full((1, 4), 3.0))
-    res = subprocess.run([sys.executable, "-m", "client", "--url", tls_server.grpc_url, "--root-cert",
-                          str(pki.ca_cert), "health"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "client", "--url", tls_server.grpc_url, "--root-cert", str(pki.ca_cert), "health"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) == {"live": True, "ready": True, "health": "SERVING"}
 
@@ -157,42 +186,68 @@ def test_project_client_and_cli_over_tls(tls_server: ServerProcess, pki: Pki) ->
 # -- mutual TLS ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mtls_server(repo: Path, pki: Pki, server_factory) -> ServerProcess:
-    return server_factory(repo, "--grpc-use-ssl-mutual", "--grpc-server-cert", str(pki.server_cert),
-                          "--grpc-server-key", str(pki.server_key), "--grpc-root-cert", str(pki.ca_cert),
-                          "--http-use-ssl-mutual", "--http-server-cert", str(pki.server_cert),
-                          "--http-server-key", str(pki.server_key), "--http-root-cert", str(pki.ca_cert))
+    return server_factory(
+        repo,
+        "--grpc-use-ssl-mutual",
+        "--grpc-server-cert",
+        str(pki.server_cert),
+        "--grpc-server-key",
+        str(pki.server_key),
+        "--grpc-root-cert",
+        str(pki.ca_cert),
+        "--http-use-ssl-mutual",
+        "--http-server-cert",
+        str(pki.server_cert),
+        "--http-server-key",
+        str(pki.server_key),
+        "--http-root-cert",
+        str(pki.ca_cert),
+    )
 
 
 def test_mutual_tls_admits_a_client_with_a_certificate(mtls_server: ServerProcess, pki: Pki) -> None:
-    client = tc.InferenceServerClient(mtls_server.grpc_url, ssl=True, root_certificates=str(pki.ca_cert),
-                                      private_key=str(pki.client_key), certificate_chain=str(pki.client_cert))
+    client = tc.InferenceServerClient(
+        mtls_server.grpc_url,
+        ssl=True,
+        root_certificates=str(pki.ca_cert),
+        private_key=str(pki.client_key),
+        certificate_chain=str(pki.client_cert),
+    )
     inputs, expected = _affine_inputs()
     np.testing.assert_allclose(client.infer("affine", inputs).as_numpy("y"), expected)
 
 
 @pytest.mark.parametrize("who", ["no certificate", "certificate from another CA"])
 def test_mutual_tls_refuses_other_clients(mtls_server: ServerProcess, pki: Pki, who: str) -> None:
-    cert = {} if who == "no certificate" else {"private_key": str(pki.stranger_key),
-                                               "certificate_chain": str(pki.stranger_cert)}
+    cert = (
+        {}
+        if who == "no certificate"
+        else {"private_key": str(pki.stranger_key), "certificate_chain": str(pki.stranger_cert)}
+    )
     client = tc.InferenceServerClient(mtls_server.grpc_url, ssl=True, root_certificates=str(pki.ca_cert), **cert)
     with pytest.raises(InferenceServerException) as info:
         client.is_server_live(client_timeout=10)
     assert "UNAVAILABLE" in _status(info.value)
     # and the server keeps serving clients that have one
     from client import ClientTLS, InferenceClient
+
     tls = ClientTLS(pki.ca_cert, private_key=pki.client_key, certificate_chain=pki.client_cert)
     with InferenceClient(mtls_server.grpc_url, tls=tls) as c:
         assert c.is_server_live(timeout=10)
 
 
 def test_mutual_tls_over_http(mtls_server: ServerProcess, pki: Pki) -> None:
-    ok = th.InferenceServerClient(mtls_server.http_url, ssl=True, ssl_options={
-        "ca_certs": str(pki.ca_cert), "certfile": str(pki.client_cert), "keyfile": str(pki.client_key)})
+    ok = th.InferenceServerClient(
+        mtls_server.http_url,
+        ssl=True,
+        ssl_options={"ca_certs": str(pki.ca_cert), "certfile": str(pki.client_cert), "keyfile": str(pki.client_key)},
+    )
     inputs, expected = _affine_inputs(th)
     np.testing.assert_allclose(ok.infer("affine", inputs).as_numpy("y"), expected)
     for extra in ({}, {"certfile": str(pki.stranger_cert), "keyfile": str(pki.stranger_key)}):
-        other = th.InferenceServerClient(mtls_server.http_url, ssl=True, network_timeout=10,
-                                         ssl_options={"ca_certs": str(pki.ca_cert), **extra})
+        other = th.InferenceServerClient(
+            mtls_server.http_url, ssl=True, network_timeout=10, ssl_options={"ca_certs": str(pki.ca_cert), **extra}
+        )
         with pytest.raises(Exception) as info:
             other.is_server_live()
         assert not isinstance(info.value, AssertionError)
@@ -205,8 +260,12 @@ def test_container_healthcheck_speaks_mutual_tls(mtls_server: ServerProcess, pki
     script = tmp_path / "grpc-health"
     shutil.copy(ROOT / "deploy" / "scripts" / "grpc_health.py", script)
     base = [sys.executable, str(script), "--port", str(mtls_server.grpc_port), "--root-cert", str(pki.ca_cert)]
-    ok = subprocess.run(base + ["--client-cert", str(pki.client_cert), "--client-key", str(pki.client_key)],
-                        capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        base + ["--client-cert", str(pki.client_cert), "--client-key", str(pki.client_key)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0 and ok.stdout.strip() == "SERVING", ok.stderr
     refused = subprocess.run(base, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "unhealthy: UNAVAILABLE" in refused.stderr
@@ -214,15 +273,23 @@ def test_container_healthcheck_speaks_mutual_tls(mtls_server: ServerProcess, pki
 
 # -- access keys per API group -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def restricted(repo: Path, tmp_path_factory: pytest.TempPathFactory, server_factory, monkeypatch_module
-               ) -> ServerProcess:
+def restricted(
+    repo: Path, tmp_path_factory: pytest.TempPathFactory, server_factory, monkeypatch_module
+) -> ServerProcess:
     key_file = tmp_path_factory.mktemp("keys") / "admin.key"
     key_file.write_text(ADMIN_KEY + "\n")  # a trailing newline, as editors write it
     monkeypatch_module.setenv("TEST_INFER_KEY", INFER_KEY)  # the server subprocess inherits it
-    return server_factory(repo, "--grpc-restricted-protocol", f"model-repository,model-config:Admin-Key=@{key_file}",
-                          "--grpc-restricted-protocol", "inference,statistics:infer-key=env:TEST_INFER_KEY",
-                          "--http-restricted-api", f"model-repository,model-config:Admin-Key=@{key_file}",
-                          "--http-restricted-api", "inference,statistics:infer-key=env:TEST_INFER_KEY")
+    return server_factory(
+        repo,
+        "--grpc-restricted-protocol",
+        f"model-repository,model-config:Admin-Key=@{key_file}",
+        "--grpc-restricted-protocol",
+        "inference,statistics:infer-key=env:TEST_INFER_KEY",
+        "--http-restricted-api",
+        f"model-repository,model-config:Admin-Key=@{key_file}",
+        "--http-restricted-api",
+        "inference,statistics:infer-key=env:TEST_INFER_KEY",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -317,8 +384,7 @@ def test_stream_and_vision_api_count_as_inference(restricted: ServerProcess) -> 
 def test_http_restricted_api(restricted: ServerProcess) -> None:
     client = th.InferenceServerClient(restricted.http_url)
     inputs, expected = _affine_inputs(th)
-    np.testing.assert_allclose(client.infer("affine", inputs, headers={"infer-key": INFER_KEY}).as_numpy("y"),
-                               expected)
+    np.testing.assert_allclose(client.infer("affine", inputs, headers={"infer-key": INFER_KEY}).as_numpy("y"), expected)
     assert client.get_model_config("affine", headers={"ADMIN-KEY": ADMIN_KEY})["name"] == "affine"
     before = (_denied(restricted, "inference", "missing", "http"), _denied(restricted, "model-config", "wrong", "http"))
     with pytest.raises(InferenceServerException) as info:
@@ -331,8 +397,10 @@ def test_http_restricted_api(restricted: ServerProcess) -> None:
     with pytest.raises(InferenceServerException) as info:
         client.infer("affine", inputs, headers={"triton-grpc-protocol-infer-key": INFER_KEY})
     assert info.value.status() == "401"
-    assert (_denied(restricted, "inference", "missing", "http"),
-            _denied(restricted, "model-config", "wrong", "http")) == (before[0] + 2, before[1] + 1)
+    assert (
+        _denied(restricted, "inference", "missing", "http"),
+        _denied(restricted, "model-config", "wrong", "http"),
+    ) == (before[0] + 2, before[1] + 1)
     # open groups stay open, and the vision API is inference
     assert client.is_server_ready() and client.is_model_ready("affine") and client.get_model_metadata("affine")
     conn = http.client.HTTPConnection("127.0.0.1", restricted.http_port, timeout=30)
@@ -351,8 +419,14 @@ def test_cli_sends_a_key_from_the_environment(restricted: ServerProcess) -> None
     cmd = [sys.executable, "-m", "client", "--url", restricted.grpc_url, "models"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "UNAUTHENTICATED" in res.stderr
-    res = subprocess.run(cmd[:-1] + ["-H", "admin-key=env:CLI_ADMIN_KEY", "models"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        cmd[:-1] + ["-H", "admin-key=env:CLI_ADMIN_KEY", "models"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     assert [m["name"] for m in json.loads(res.stdout)["models"]] == ["affine"]
 
@@ -362,10 +436,14 @@ def test_restriction_flag_errors_name_the_problem(tmp_path: Path, monkeypatch: p
     from server.access import AccessConfigError, AccessPolicy, Restriction
 
     flag = "--grpc-restricted-protocol"
-    for spec, expected in [("inference", "expected <group>"), ("inferences:k=v", "unknown API group"),
-                           ("inference:k=", "empty"), ("inference:k=env:NOT_SET_ANYWHERE", "NOT_SET_ANYWHERE"),
-                           (f"inference:k=@{tmp_path / 'absent'}", "cannot read the key file"),
-                           ("inference:grpc-timeout=v", "not usable")]:
+    for spec, expected in [
+        ("inference", "expected <group>"),
+        ("inferences:k=v", "unknown API group"),
+        ("inference:k=", "empty"),
+        ("inference:k=env:NOT_SET_ANYWHERE", "NOT_SET_ANYWHERE"),
+        (f"inference:k=@{tmp_path / 'absent'}", "cannot read the key file"),
+        ("inference:grpc-timeout=v", "not usable"),
+    ]:
         with pytest.raises(AccessConfigError, match=expected):
             Restriction.parse(spec, flag)
     with pytest.raises(AccessConfigError, match="restricted twice"):
@@ -396,9 +474,11 @@ def test_every_served_grpc_method_has_a_group() -> None:
     from protos import grpc_service_pb2, vision_pb2
     from server.access import grpc_group
 
-    for desc in (grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
-                 vision_pb2.DESCRIPTOR.services_by_name["VisionService"],
-                 health_pb2.DESCRIPTOR.services_by_name["Health"]):
+    for desc in (
+        grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+        vision_pb2.DESCRIPTOR.services_by_name["VisionService"],
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+    ):
         for m in desc.methods:
             assert grpc_group(f"/{desc.full_name}/{m.name}") is not None, m.full_name
     assert grpc_group("/inference.GRPCInferenceService/RepositoryModelUnload") == "model-repository"
@@ -422,10 +502,26 @@ def test_tls_flag_errors_name_the_problem(pki: Pki, tmp_path: Path) -> None:
 
 
 def test_server_refuses_to_start_with_a_bad_key_reference(repo: Path, tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-port", "0",
-                          "--allow-metrics", "false", "--grpc-restricted-protocol", "inference:k=env:UNSET_FOR_TEST"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         env={k: v for k, v in os.environ.items() if k != "UNSET_FOR_TEST"})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--model-repository",
+            str(repo),
+            "--grpc-port",
+            "0",
+            "--allow-metrics",
+            "false",
+            "--grpc-restricted-protocol",
+            "inference:k=env:UNSET_FOR_TEST",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "UNSET_FOR_TEST"},
+    )
     assert res.returncode != 0
     assert "UNSET_FOR_TEST" in res.stderr and "Traceback" not in res.stderr
 

@@ -4,6 +4,7 @@ Stated tolerance: on the same pictures, a pixel model's outputs differ from its 
 float preprocessing) by at most UINT8_TOLERANCE (1e-3) of the output's magnitude; the two differ only
 in float rounding of one multiply-add, and measure ~1e-7 here.
 """
+
 from __future__ import annotations
 
 import io
@@ -29,8 +30,13 @@ from conftest import ROOT
 from export.uint8_input import UINT8_TOLERANCE, Uint8InputError, add_pixel_input, parity_with_parent
 from protos.model_config_pb2 import DataType
 
-IMAGENET = PreprocessSpec(input_size=(24, 20), resize="shorter_side_then_center_crop", resize_shorter_side=28,
-                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+IMAGENET = PreprocessSpec(
+    input_size=(24, 20),
+    resize="shorter_side_then_center_crop",
+    resize_shorter_side=28,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+)
 FASHION = PreprocessSpec(input_size=(28, 28), color="L", mean=(0.286,), std=(0.353,), invert=True)
 
 
@@ -40,10 +46,16 @@ def conv_model(channels: int, height: int, width: int, elem: int = TensorProto.F
     dtype = np.float16 if elem == TensorProto.FLOAT16 else np.float32
     w = numpy_helper.from_array(rng.standard_normal((4, channels, 3, 3)).astype(dtype), "w")
     g = helper.make_graph(
-        [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["logits"])],
-        "conv", [helper.make_tensor_value_info("input", elem, ["N", channels, height, width])],
-        [helper.make_tensor_value_info("logits", elem, ["N", 4, 1, 1])], [w])
+        [
+            helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("GlobalAveragePool", ["r"], ["logits"]),
+        ],
+        "conv",
+        [helper.make_tensor_value_info("input", elem, ["N", channels, height, width])],
+        [helper.make_tensor_value_info("logits", elem, ["N", 4, 1, 1])],
+        [w],
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
@@ -55,10 +67,13 @@ def qdq_model(channels: int, height: int, width: int) -> onnx.ModelProto:
     g = m.graph
     for node in g.node:
         node.input[:] = ["input_dq" if x == "input" else x for x in node.input]
-    g.initializer.extend([numpy_helper.from_array(np.array(0.02, np.float32), "s"),
-                          numpy_helper.from_array(np.array(0, np.int8), "zp")])
-    qdq = [helper.make_node("QuantizeLinear", ["input", "s", "zp"], ["input_q"]),
-           helper.make_node("DequantizeLinear", ["input_q", "s", "zp"], ["input_dq"])]
+    g.initializer.extend(
+        [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "zp")]
+    )
+    qdq = [
+        helper.make_node("QuantizeLinear", ["input", "s", "zp"], ["input_q"]),
+        helper.make_node("DequantizeLinear", ["input_q", "s", "zp"], ["input_dq"]),
+    ]
     old = list(g.node)
     del g.node[:]
     g.node.extend(qdq + old)
@@ -75,11 +90,14 @@ def test_pixel_input_in_front_of_a_quantized_parent(tmp_path: Path) -> None:
     assert report["ok"], report
 
 
-@pytest.mark.parametrize("spec,channels,elem", [(IMAGENET, 3, TensorProto.FLOAT), (FASHION, 1, TensorProto.FLOAT),
-                                                (IMAGENET, 3, TensorProto.FLOAT16)],
-                         ids=["rgb-normalized", "gray-inverted", "fp16-model"])
-def test_pixel_model_equals_its_parent_on_the_same_pictures(tmp_path: Path, spec: PreprocessSpec, channels: int,
-                                                            elem: int) -> None:
+@pytest.mark.parametrize(
+    "spec,channels,elem",
+    [(IMAGENET, 3, TensorProto.FLOAT), (FASHION, 1, TensorProto.FLOAT), (IMAGENET, 3, TensorProto.FLOAT16)],
+    ids=["rgb-normalized", "gray-inverted", "fp16-model"],
+)
+def test_pixel_model_equals_its_parent_on_the_same_pictures(
+    tmp_path: Path, spec: PreprocessSpec, channels: int, elem: int
+) -> None:
     h, w = spec.input_size
     parent = conv_model(channels, h, w, elem)
     pixels = add_pixel_input(parent, spec, "input")
@@ -108,9 +126,12 @@ def test_pixels_are_the_float_preprocessing_before_scaling() -> None:
 
 
 def test_inputs_that_are_not_images_are_refused() -> None:
-    g = helper.make_graph([helper.make_node("Identity", ["input"], ["y"])], "vec",
-                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])])
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["y"])],
+        "vec",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+    )
     vec = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     with pytest.raises(Uint8InputError, match="not a float NCHW image tensor"):
         add_pixel_input(vec, IMAGENET, "input")
@@ -121,10 +142,32 @@ def test_inputs_that_are_not_images_are_refused() -> None:
 
 
 def _export(repo: Path, *extra: str) -> None:
-    res = subprocess.run([sys.executable, "-m", "export", "onnx", "fashion_resnet20", "--weights", "none",
-                          "--repository", str(repo), "--parity-batch-sizes", "1", "2",
-                          "--precision", "fp32", "--runtime", "onnxruntime", *extra], cwd=ROOT,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "onnx",
+            "fashion_resnet20",
+            "--weights",
+            "none",
+            "--repository",
+            str(repo),
+            "--parity-batch-sizes",
+            "1",
+            "2",
+            "--precision",
+            "fp32",
+            "--runtime",
+            "onnxruntime",
+            *extra,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
@@ -138,7 +181,9 @@ def test_exported_pixel_model_serves_pictures_like_its_fp32_parent(tmp_path: Pat
     assert all(s.inputs["input"].data_type == DataType.TYPE_UINT8 for s in cfg.model_warmup)
 
     spec = ModelMeta.read(u8 / "fashion_resnet20").preprocess
-    parent = ort.InferenceSession(str(fp32 / "fashion_resnet20" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    parent = ort.InferenceSession(
+        str(fp32 / "fashion_resnet20" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     rng = np.random.default_rng(3)
     pictures = [Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L") for h, w in ((28, 28), (40, 31))]
     pictures.append(Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8), "RGB"))
@@ -161,11 +206,31 @@ def test_exported_pixel_model_serves_pictures_like_its_fp32_parent(tmp_path: Pat
 def test_auto_pixel_reexport_keeps_the_choice_without_measuring(tmp_path: Path) -> None:
     """`--input-dtype uint8 --precision auto` twice: the second run finds the recorded choice (parity.json
     records the parent's hash, the kept variant files are the parents) and rewrites nothing."""
+
     def export() -> subprocess.CompletedProcess:
-        res = subprocess.run([sys.executable, "-m", "export", "onnx", "fashion_mnist_encoder", "--repository",
-                              str(tmp_path), "--parity-batch-sizes", "1", "2", "--input-dtype", "uint8",
-                              "--precision", "auto"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"},
-                             capture_output=True, text=True, timeout=900)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "export",
+                "onnx",
+                "fashion_mnist_encoder",
+                "--repository",
+                str(tmp_path),
+                "--parity-batch-sizes",
+                "1",
+                "2",
+                "--input-dtype",
+                "uint8",
+                "--precision",
+                "auto",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "2"},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         return res
 

@@ -6,6 +6,7 @@ CPU with AMX where BF16 was fastest, and this process's CPU is described with AM
 hidden (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI, which OpenVINO honours), so the flags differ on any x86
 machine. The files are real and the real loader builds the real backends.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,12 +35,25 @@ parameters { key: "INFERENCE_PRECISION_HINT" value { string_value: "bf16" } }
 def _model(repo: Path, name: str, recorded: CpuInfo, pinned: bool = False) -> None:
     d = write_model(repo, name, pool_model(), BF16_CONFIG)
     (d / "1" / "model.fp32.onnx").write_bytes(pool_model())
-    variants = [GatedVariant(precision="bf16", runtime="openvino", file="model.fp32.onnx",
-                             parameters={"INFERENCE_PRECISION_HINT": "bf16"}, images_per_s=900.0, needs=["amx_bf16"]),
-                GatedVariant(precision="fp32", runtime="onnxruntime", file="model.fp32.onnx", images_per_s=400.0)]
-    ModelMeta(name=name, task=Task.classification, preprocess=PreprocessSpec(input_size=(224, 224)),
-              serving=ServingChoice(precision="bf16", runtime="openvino", reason="test", cpu=recorded,
-                                    variants=variants, pinned=pinned)).write(d)
+    variants = [
+        GatedVariant(
+            precision="bf16",
+            runtime="openvino",
+            file="model.fp32.onnx",
+            parameters={"INFERENCE_PRECISION_HINT": "bf16"},
+            images_per_s=900.0,
+            needs=["amx_bf16"],
+        ),
+        GatedVariant(precision="fp32", runtime="onnxruntime", file="model.fp32.onnx", images_per_s=400.0),
+    ]
+    ModelMeta(
+        name=name,
+        task=Task.classification,
+        preprocess=PreprocessSpec(input_size=(224, 224)),
+        serving=ServingChoice(
+            precision="bf16", runtime="openvino", reason="test", cpu=recorded, variants=variants, pinned=pinned
+        ),
+    ).write(d)
 
 
 def _load(repo: Path) -> ModelRepository:
@@ -52,7 +66,8 @@ def _load(repo: Path) -> ModelRepository:
 
 
 def test_a_cpu_without_amx_serves_the_next_gated_variant_and_a_pin_stays(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from server.backends.openvino_backend import OpenVinoBackend
     from server.backends.ort_backend import OrtBackend
 
@@ -67,8 +82,7 @@ def test_a_cpu_without_amx_serves_the_next_gated_variant_and_a_pin_stays(
     moved = repo.get("moved")
     assert isinstance(moved.instances[0], OrtBackend)
     x = np.random.default_rng(0).random((2, 3, 224, 224), np.float32)
-    np.testing.assert_allclose(moved.instances[0].execute({"x": x})["y"], x.mean(axis=(2, 3), keepdims=True),
-                               rtol=1e-5)
+    np.testing.assert_allclose(moved.instances[0].execute({"x": x})["y"], x.mean(axis=(2, 3), keepdims=True), rtol=1e-5)
     logged = [r for r in caplog.records if getattr(r, "model", "") == "moved"]
     why = getattr(logged[0], "why", "") if logged else ""  # the log record's `extra`
     assert "bf16/openvino -> fp32/onnxruntime" in why and "needs amx_bf16" in why
@@ -83,11 +97,21 @@ def test_recorded_flags_decide_only_where_they_differ() -> None:
     from cnncore.variant_select import reselect
 
     vnni = CpuInfo(flags={"avx512_vnni": True}, cores=2)
-    meta = ModelMeta(name="m", task=Task.classification, preprocess=PreprocessSpec(input_size=(8, 8)),
-                     serving=ServingChoice(precision="bf16", runtime="openvino", cpu=AMX, variants=[
-                         GatedVariant(precision="bf16", runtime="openvino", file="a", needs=["amx_bf16"]),
-                         GatedVariant(precision="int8", runtime="openvino", file="b", needs=["avx512_vnni"]),
-                         GatedVariant(precision="fp32", runtime="openvino", file="c")]))
+    meta = ModelMeta(
+        name="m",
+        task=Task.classification,
+        preprocess=PreprocessSpec(input_size=(8, 8)),
+        serving=ServingChoice(
+            precision="bf16",
+            runtime="openvino",
+            cpu=AMX,
+            variants=[
+                GatedVariant(precision="bf16", runtime="openvino", file="a", needs=["amx_bf16"]),
+                GatedVariant(precision="int8", runtime="openvino", file="b", needs=["avx512_vnni"]),
+                GatedVariant(precision="fp32", runtime="openvino", file="c"),
+            ],
+        ),
+    )
     assert reselect(meta, AMX) is None
     with_vnni, without = reselect(meta, vnni), reselect(meta, CpuInfo(flags={}, cores=2))
     assert with_vnni is not None and with_vnni.variant.file == "b"  # INT8 still beats FP32 with VNNI
@@ -95,13 +119,27 @@ def test_recorded_flags_decide_only_where_they_differ() -> None:
     assert meta.serving is not None
     assert reselect(meta.model_copy(update={"serving": meta.serving.model_copy(update={"cpu": None})}), vnni) is None
     # an INT8 gated with AMX kernels is not served where they are absent: its figures do not transfer
-    amx_gated = meta.serving.model_copy(update={"variants": [
-        meta.serving.variants[0],
-        GatedVariant(precision="int8", runtime="openvino", file="b", needs=["avx512_vnni"],
-                     gated_on={"avx512_vnni": True, "amx_int8": True}),
-        meta.serving.variants[2]]})
+    amx_gated = meta.serving.model_copy(
+        update={
+            "variants": [
+                meta.serving.variants[0],
+                GatedVariant(
+                    precision="int8",
+                    runtime="openvino",
+                    file="b",
+                    needs=["avx512_vnni"],
+                    gated_on={"avx512_vnni": True, "amx_int8": True},
+                ),
+                meta.serving.variants[2],
+            ]
+        }
+    )
     choice = reselect(meta.model_copy(update={"serving": amx_gated}), vnni)
     assert choice is not None
     assert choice.variant.file == "c" and "gated with amx_int8 present" in choice.reason, choice.reason
     assert current_cpu(cpuinfo="flags\t: fpu avx512_vnni amx_bf16\n", max_isa="AVX512_CORE_VNNI").flags == {
-        "avx512_vnni": True, "avx512_bf16": False, "amx_bf16": False, "amx_int8": False}
+        "avx512_vnni": True,
+        "avx512_bf16": False,
+        "amx_bf16": False,
+        "amx_int8": False,
+    }

@@ -4,6 +4,7 @@ Two repositories: tiny ONNX models with known answers (tests/vision_synthetic.py
 bad-input matrix, batching, metrics; seconds), and the real trained models (cat photo, shapes,
 segmentation quality), exported on demand or taken from CNNSERVE_TEST_REPOSITORY.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -227,7 +228,6 @@ def test_vision_metrics_exported(synthetic_server, vision: VisionClient) -> None
     assert 'cnnserve_vision_image_errors_total{model="colour_classifier",reason="EMPTY"}' in text
 
 
-
 def test_sigterm_answers_accepted_image_requests(synthetic_repo, server_factory, tmp_path: Path) -> None:
     import re
     import signal
@@ -249,7 +249,9 @@ def test_sigterm_answers_accepted_image_requests(synthetic_repo, server_factory,
     server = server_factory(tmp_path / "repo", "--backend-module", "fault_backends")
     noise = Image.fromarray(np.random.default_rng(2).integers(0, 255, (1200, 1600, 3), np.uint8))
     data = encode(noise, "PNG")  # ~5 MB, slow to decode: requests are still decoding at SIGTERM
-    accepted_re = re.compile(r'cnnserve_vision_images_per_request_count\{model="colour_classifier",rpc="Classify"\} (\S+)')
+    accepted_re = re.compile(
+        r'cnnserve_vision_images_per_request_count\{model="colour_classifier",rpc="Classify"\} (\S+)'
+    )
 
     def accepted() -> float:
         match = accepted_re.search(urllib.request.urlopen(server.metrics_url, timeout=10).read().decode())
@@ -291,7 +293,10 @@ def _export(name: str, repo: Path) -> str | None:
     """Export `name` into `repo` with the project's exporter; the reason it failed, or None."""
     proc = subprocess.run(
         [sys.executable, "-m", "export", "onnx", name, "--repository", str(repo)],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
@@ -394,7 +399,9 @@ def test_real_autoencoder_reconstructs(real_vision) -> None:
         pytest.skip("Fashion-MNIST not installed (Debian package dataset-fashion-mnist)")
     dataset = np.frombuffer(gzip.decompress(images_gz.read_bytes()), np.uint8, offset=16).reshape(-1, 28, 28)
     images = dataset[:16].astype(np.float32)
-    response = vision.reconstruct("fashion_mnist_autoencoder", [encode(Image.fromarray(im, "L")) for im in dataset[:16]])
+    response = vision.reconstruct(
+        "fashion_mnist_autoencoder", [encode(Image.fromarray(im, "L")) for im in dataset[:16]]
+    )
     recons = np.stack([np.asarray(png_image(r.image_png), np.float32) for r in response.results])
     assert recons.shape == (16, 28, 28) and all(len(r.latent) > 0 for r in response.results)
     # The baseline a model must beat: predicting the mean picture for every input.

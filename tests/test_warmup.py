@@ -1,6 +1,7 @@
 """Triton's model_warmup: samples from zero, random and file data, checked against the model; they run on
 every instance while the model is LOADING (not ready), and a failing sample fails the load alone.
 The exported config carries a warm-up for the batch sizes the model serves and a queue bound."""
+
 from __future__ import annotations
 
 import asyncio
@@ -64,24 +65,40 @@ def test_samples_from_zero_random_and_file_data(tmp_path: Path) -> None:
 
 
 def test_bytes_samples(tmp_path: Path) -> None:
-    d = write_model(tmp_path, "s", strings_model(), 'max_batch_size: 0\ninput [{ name: "s" data_type: TYPE_STRING '
-                    'dims: [3] }]\nmodel_warmup [{ name: "f" inputs { key: "s" value { data_type: TYPE_STRING '
-                    'dims: [3] input_data_file: "s.bin" } } }]\n')
+    d = write_model(
+        tmp_path,
+        "s",
+        strings_model(),
+        'max_batch_size: 0\ninput [{ name: "s" data_type: TYPE_STRING '
+        'dims: [3] }]\nmodel_warmup [{ name: "f" inputs { key: "s" value { data_type: TYPE_STRING '
+        'dims: [3] input_data_file: "s.bin" } } }]\n',
+    )
     (d / "warmup").mkdir()
     (d / "warmup" / "s.bin").write_bytes(serialize_bytes(np.array([b"x", b"", b"yz"], dtype=object)))
     (sample,) = warmup.samples(load_config(d), d)
     assert sample.inputs["s"].tolist() == [b"x", b"", b"yz"]
 
 
-@pytest.mark.parametrize("edit, fragment", [
-    (lambda c: c.replace('batch_size: 8 count', 'batch_size: 9 count'), "batch_size 9 exceeds max_batch_size 8"),
-    (lambda c: c.replace('key: "b" value { data_type: TYPE_INT64 dims: [2] zero_data: true } } },\n  { name: "random"',
-                         '} },\n  { name: "random"'), "missing ['b']"),
-    (lambda c: c.replace('"a.bin"', '"absent.bin"'), "cannot read"),
-    (lambda c: c.replace('"a.bin"', '"../config.pbtxt"'), "must name a file inside"),
-    (lambda c: c.replace("dims: [4] zero_data", "dims: [5] zero_data"), "dims [5] do not fit the model's [4]"),
-    (lambda c: c.replace("TYPE_FP32 dims: [4] random", "TYPE_FP16 dims: [4] random"), "TYPE_FP16, the model's is TYPE_FP32"),
-])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda c: c.replace("batch_size: 8 count", "batch_size: 9 count"), "batch_size 9 exceeds max_batch_size 8"),
+        (
+            lambda c: c.replace(
+                'key: "b" value { data_type: TYPE_INT64 dims: [2] zero_data: true } } },\n  { name: "random"',
+                '} },\n  { name: "random"',
+            ),
+            "missing ['b']",
+        ),
+        (lambda c: c.replace('"a.bin"', '"absent.bin"'), "cannot read"),
+        (lambda c: c.replace('"a.bin"', '"../config.pbtxt"'), "must name a file inside"),
+        (lambda c: c.replace("dims: [4] zero_data", "dims: [5] zero_data"), "dims [5] do not fit the model's [4]"),
+        (
+            lambda c: c.replace("TYPE_FP32 dims: [4] random", "TYPE_FP16 dims: [4] random"),
+            "TYPE_FP16, the model's is TYPE_FP32",
+        ),
+    ],
+)
 def test_bad_samples_fail_that_model_with_a_reason(tmp_path: Path, edit, fragment: str) -> None:
     _affine_dir(tmp_path, edit(AFFINE_WARMUP))
     write_model(tmp_path, "other", affine_model(), "max_batch_size: 4\n")
@@ -108,8 +125,10 @@ def test_file_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
 
 
 def _gated_config(gate: FileGate) -> str:
-    return (f'backend: "test_faulty"\ndefault_model_filename: "model.onnx"\ninstance_group [{{ count: 2 }}]\n'
-            f'parameters {{ key: "gate_file" value {{ string_value: "{gate.path}" }} }}\n' + AFFINE_WARMUP)
+    return (
+        f'backend: "test_faulty"\ndefault_model_filename: "model.onnx"\ninstance_group [{{ count: 2 }}]\n'
+        f'parameters {{ key: "gate_file" value {{ string_value: "{gate.path}" }} }}\n' + AFFINE_WARMUP
+    )
 
 
 def _free_port() -> int:
@@ -128,10 +147,34 @@ def test_server_and_model_turn_ready_only_after_every_instance_warmed_up(tmp_pat
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "server.log", "w") as log:  # the server writes to its own copy of the descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--model-repository", str(repo), "--grpc-address", "127.0.0.1",
-             "--grpc-port", str(port), "--metrics-port", "0", "--metrics-address", "127.0.0.1", "--allow-http", "false",
-             "--ready-file", str(ready_file), "--backend-module", "fault_backends", "--strict-readiness", "true"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "--model-repository",
+                str(repo),
+                "--grpc-address",
+                "127.0.0.1",
+                "--grpc-port",
+                str(port),
+                "--metrics-port",
+                "0",
+                "--metrics-address",
+                "127.0.0.1",
+                "--allow-http",
+                "false",
+                "--ready-file",
+                str(ready_file),
+                "--backend-module",
+                "fault_backends",
+                "--strict-readiness",
+                "true",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         client = tc.InferenceServerClient(f"127.0.0.1:{port}")
         gate.wait_entered(1)  # the first warm-up execution is held: the model is loading
@@ -145,8 +188,9 @@ def test_server_and_model_turn_ready_only_after_every_instance_warmed_up(tmp_pat
         assert client.is_server_ready() and client.is_model_ready("warm")
         # 2 instances x (zeros once + random twice + file once)
         assert gate.entered() == 2 * (1 + 2 + 1)
-        out = client.infer("warm", [_inp("a", np.ones((1, 4), np.float32), "FP32"),
-                                    _inp("b", np.zeros((1, 2), np.int64), "INT64")])
+        out = client.infer(
+            "warm", [_inp("a", np.ones((1, 4), np.float32), "FP32"), _inp("b", np.zeros((1, 2), np.int64), "INT64")]
+        )
         np.testing.assert_array_equal(out.as_numpy("y"), np.full((1, 4), 3.0, np.float32))
         stats = client.get_inference_statistics("warm").model_stats[0]
         assert stats.execution_count == 1  # warm-up executions are not inference statistics (as Triton)
@@ -167,9 +211,12 @@ def test_export_writes_warmup_for_served_batch_sizes_and_a_queue_bound(tmp_path:
 
     from export.repository import BatchingDefaults, build_config, default_queue_size, warmup_batch_sizes
 
-    g = helper.make_graph([helper.make_node("Relu", ["input"], ["out"])], "r",
-                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3, 8, 8])])
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["out"])],
+        "r",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3, 8, 8])],
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     cfg = build_config("r", model, 16, BatchingDefaults(instance_count=2))
     assert [w.batch_size for w in cfg.model_warmup] == warmup_batch_sizes(16) == [1, 16]
@@ -186,6 +233,7 @@ def test_export_writes_warmup_for_served_batch_sizes_and_a_queue_bound(tmp_path:
     (d / "1").mkdir(parents=True)
     onnx.save(model, d / "1" / "model.onnx")
     from cnncore.config import render_config
+
     (d / "config.pbtxt").write_text(render_config(cfg))
 
     async def main() -> ModelRepository:

@@ -3,6 +3,7 @@
 Failure cases use pip's own switches (no index, empty find-links) to make downloads impossible,
 so nothing is mocked: the code under test runs pip exactly as in production.
 """
+
 from __future__ import annotations
 
 import dataclasses

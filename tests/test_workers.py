@@ -7,6 +7,7 @@ metrics endpoint that both served, and through the supervisor's endpoint that th
 the sums. Executions are held behind a file gate (tests/fault_backends.py) so SIGTERM provably arrives
 while both workers hold accepted requests.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -53,9 +54,13 @@ def gated(tmp_path: Path, server_factory) -> tuple[ServerProcess, FileGate]:
     gate = FileGate(tmp_path / "gate")
     gate.open()
     write_model(repo, "affine", affine_model(), "max_batch_size: 8\ndynamic_batching { }\n")
-    write_model(repo, "slow", slow_model(iterations=10),
-                f'backend: "test_faulty"\ndefault_model_filename: "model.onnx"\nmax_batch_size: 4\n'
-                f'dynamic_batching {{ }}\nparameters {{ key: "gate_file" value {{ string_value: "{gate.path}" }} }}\n')
+    write_model(
+        repo,
+        "slow",
+        slow_model(iterations=10),
+        f'backend: "test_faulty"\ndefault_model_filename: "model.onnx"\nmax_batch_size: 4\n'
+        f'dynamic_batching {{ }}\nparameters {{ key: "gate_file" value {{ string_value: "{gate.path}" }} }}\n',
+    )
     return server_factory(repo, "--workers", "2", "--backend-module", "fault_backends"), gate
 
 
@@ -99,7 +104,9 @@ def test_two_workers_serve_one_port_with_merged_metrics_and_drain_together(gated
         pending = ("nv_inference_pending_request_count", (("model", "slow"), ("version", "1")))
         held = [_scrape(w["metrics_port"]).get(pending, 0.0) for w in workers]
         # The admission gauge is one series in the merged view: the sum over the workers (livesum).
-        inflight = {k: v for k, v in (await asyncio.to_thread(srv.scrape)).items() if k[0] == "cnnserve_inflight_requests"}
+        inflight = {
+            k: v for k, v in (await asyncio.to_thread(srv.scrape)).items() if k[0] == "cnnserve_inflight_requests"
+        }
         assert inflight == {("cnnserve_inflight_requests", ()): m}, inflight
         srv.proc.send_signal(signal.SIGTERM)
         # Each worker drains: it refuses new work once the signal reaches it, and reports not ready.
@@ -149,12 +156,16 @@ def _shared_memory_is_shared_by_the_workers(srv: ServerProcess) -> None:
                 ins[1].set_shared_memory("ab", b.nbytes, offset=a.nbytes)
                 np.testing.assert_array_equal(c.infer("affine", ins).as_numpy("y"), 2 * a + 1)
         after = [_scrape(w["metrics_port"]).get(success, 0.0) for w in srv.ready["workers"]]
-        assert all(x > y for x, y in zip(after, before, strict=True)), f"one worker served them all: {before} -> {after}"
+        assert all(x > y for x, y in zip(after, before, strict=True)), (
+            f"one worker served them all: {before} -> {after}"
+        )
         with tc.InferenceServerClient(srv.grpc_url, channel_args=SEPARATE_CONNECTION) as c:
             c.unregister_system_shared_memory("ab")
         for _ in range(8):
-            with (tc.InferenceServerClient(srv.grpc_url, channel_args=SEPARATE_CONNECTION) as c,
-                  pytest.raises(InferenceServerException, match="not registered")):
+            with (
+                tc.InferenceServerClient(srv.grpc_url, channel_args=SEPARATE_CONNECTION) as c,
+                pytest.raises(InferenceServerException, match="not registered"),
+            ):
                 c.infer("affine", ins)
     finally:
         shm.destroy_shared_memory_region(handle)
@@ -176,9 +187,11 @@ def _until(what: str, check, polls: int = 3000) -> None:
 
 def _replaced(srv: ServerProcess, old_pid: int) -> None:
     """Until the ready file lists two serving workers and not `old_pid` (its replacement serves)."""
+
     def done() -> bool:
         pids = [w["pid"] for w in _ready(srv)["workers"]]
         return len(pids) == 2 and old_pid not in pids
+
     _until(f"worker {old_pid} replaced", done)
 
 
@@ -208,9 +221,13 @@ def test_a_killed_worker_is_restarted_while_the_other_keeps_answering(tmp_path: 
     for i in range(30):  # while the victim is dead and while its successor starts
         _infer_retrying_connection_errors(srv, i)
     assert srv.proc.poll() is None, srv.log()
-    _until("worker 0 restarted and serving",
-           lambda: _scrape(srv.metrics_port).get(restarts) == 1
-           and _scrape(srv.metrics_port).get(("cnnserve_workers_ready", ())) == 2)
+    _until(
+        "worker 0 restarted and serving",
+        lambda: (
+            _scrape(srv.metrics_port).get(restarts) == 1
+            and _scrape(srv.metrics_port).get(("cnnserve_workers_ready", ())) == 2
+        ),
+    )
     _replaced(srv, victim["pid"])
     new = next(w for w in _ready(srv)["workers"] if w["pid"] not in (victim["pid"], survivor["pid"]))
     success = ("nv_inference_request_success", (("model", "affine"), ("version", "1")))
@@ -251,6 +268,10 @@ def test_a_worker_that_cannot_start_stops_the_server_without_retrying(tmp_path: 
 
 def test_crash_loop_flags_are_checked(tmp_path: Path) -> None:
     for flags in (["--worker-crash-limit", "0"], ["--worker-crash-window-secs", "0"]):
-        res = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(tmp_path), "--workers", "2",
-                              *flags], capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            [sys.executable, "-m", "server", "--model-repository", str(tmp_path), "--workers", "2", *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert res.returncode != 0 and "--worker-crash-limit must be >= 1" in res.stderr, res.stderr

@@ -7,6 +7,7 @@ errors, task checks) in seconds, independently of the trained models:
 - box_detector:      "detects" one fixed box (the middle quarter of its letterboxed input), score 0.9;
 - grey_autoencoder / grey_encoder: latent = mean brightness, reconstruction = the input itself.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -35,7 +36,8 @@ def _write_model(
 ) -> None:
     inits = [numpy_helper.from_array(arr, n) for n, arr in initializers]
     graph = helper.make_graph(
-        nodes, name,
+        nodes,
+        name,
         [helper.make_tensor_value_info(n, _FLOAT, ["N", *d]) for n, d in inputs],
         [helper.make_tensor_value_info(n, t, ["N", *d]) for n, t, d in outputs],
         initializer=inits,
@@ -60,51 +62,79 @@ def build_synthetic_repository(repo: Path) -> Path:
     repo.mkdir(parents=True, exist_ok=True)
     rgb8 = PreprocessSpec(input_size=(8, 8), resize="stretch")
     _write_model(
-        repo, "colour_classifier",
-        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "w"], ["logits"])],
-        [("input", [3, 8, 8])], [("logits", _FLOAT, [3])],
+        repo,
+        "colour_classifier",
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+        ],
+        [("input", [3, 8, 8])],
+        [("logits", _FLOAT, [3])],
         ModelMeta(name="colour_classifier", task=Task.classification, preprocess=rgb8, labels=["red", "green", "blue"]),
         [("w", np.eye(3, dtype=np.float32) * 10)],
     )
     weight = np.array([[-1, -1, -1], [1, 1, 1]], np.float32).reshape(2, 3, 1, 1) / 3
     _write_model(
-        repo, "bright_segmenter",
+        repo,
+        "bright_segmenter",
         [helper.make_node("Conv", ["input", "w", "b"], ["logits"])],
-        [("input", [3, 32, 32])], [("logits", _FLOAT, [2, 32, 32])],
-        ModelMeta(name="bright_segmenter", task=Task.segmentation,
-                  preprocess=PreprocessSpec(input_size=(32, 32), resize="stretch"), labels=["background", "bright"]),
+        [("input", [3, 32, 32])],
+        [("logits", _FLOAT, [2, 32, 32])],
+        ModelMeta(
+            name="bright_segmenter",
+            task=Task.segmentation,
+            preprocess=PreprocessSpec(input_size=(32, 32), resize="stretch"),
+            labels=["background", "bright"],
+        ),
         [("w", weight), ("b", np.array([0.5, -0.5], np.float32))],
     )
     # One padded detection row per image plus one padding row: shape [N, 2, 4]; num_detections = 1.
     box = np.array([[[16, 16, 48, 48], [0, 0, 1, 1]]], np.float32)
     _write_model(
-        repo, "box_detector",
-        [helper.make_node("Shape", ["input"], ["shape"]),
-         helper.make_node("Slice", ["shape", "zero", "one"], ["n"]),
-         helper.make_node("Concat", ["n", "two", "four"], ["rep3"], axis=0),
-         helper.make_node("Expand", ["box", "rep3"], ["boxes"]),
-         helper.make_node("Concat", ["n", "two"], ["rep2"], axis=0),
-         helper.make_node("Expand", ["score", "rep2"], ["scores"]),
-         helper.make_node("Expand", ["label", "rep2"], ["labels"]),
-         helper.make_node("Expand", ["one_det", "n"], ["num_detections"])],
+        repo,
+        "box_detector",
+        [
+            helper.make_node("Shape", ["input"], ["shape"]),
+            helper.make_node("Slice", ["shape", "zero", "one"], ["n"]),
+            helper.make_node("Concat", ["n", "two", "four"], ["rep3"], axis=0),
+            helper.make_node("Expand", ["box", "rep3"], ["boxes"]),
+            helper.make_node("Concat", ["n", "two"], ["rep2"], axis=0),
+            helper.make_node("Expand", ["score", "rep2"], ["scores"]),
+            helper.make_node("Expand", ["label", "rep2"], ["labels"]),
+            helper.make_node("Expand", ["one_det", "n"], ["num_detections"]),
+        ],
         [("input", [3, 64, 64])],
         [("num_detections", _INT64, []), ("boxes", _FLOAT, [2, 4]), ("scores", _FLOAT, [2]), ("labels", _INT64, [2])],
-        ModelMeta(name="box_detector", task=Task.detection,
-                  preprocess=PreprocessSpec(input_size=(64, 64), resize="letterbox"), labels=["background", "thing"]),
-        [("zero", np.array([0], np.int64)), ("one", np.array([1], np.int64)), ("two", np.array([2], np.int64)),
-         ("four", np.array([4], np.int64)), ("box", box),
-         ("score", np.array([[0.9, 0.1]], np.float32)), ("label", np.array([[1, 1]], np.int64)),
-         ("one_det", np.array([1], np.int64))],
+        ModelMeta(
+            name="box_detector",
+            task=Task.detection,
+            preprocess=PreprocessSpec(input_size=(64, 64), resize="letterbox"),
+            labels=["background", "thing"],
+        ),
+        [
+            ("zero", np.array([0], np.int64)),
+            ("one", np.array([1], np.int64)),
+            ("two", np.array([2], np.int64)),
+            ("four", np.array([4], np.int64)),
+            ("box", box),
+            ("score", np.array([[0.9, 0.1]], np.float32)),
+            ("label", np.array([[1, 1]], np.int64)),
+            ("one_det", np.array([1], np.int64)),
+        ],
     )
     grey8 = PreprocessSpec(input_size=(8, 8), color="L", resize="stretch", mean=(0.5,), std=(0.5,))
     for name, task in (("grey_autoencoder", Task.autoencoder), ("grey_encoder", Task.encoder)):
-        outputs = [("latent", _FLOAT, [1])] + ([("reconstruction", _FLOAT, [1, 8, 8])] if task == Task.autoencoder else [])
-        nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-                 helper.make_node("Flatten", ["pooled"], ["latent"])]
+        outputs = [("latent", _FLOAT, [1])] + (
+            [("reconstruction", _FLOAT, [1, 8, 8])] if task == Task.autoencoder else []
+        )
+        nodes = [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["latent"]),
+        ]
         if task == Task.autoencoder:
             nodes.append(helper.make_node("Identity", ["input"], ["reconstruction"]))
-        _write_model(repo, name, nodes, [("input", [1, 8, 8])], outputs,
-                     ModelMeta(name=name, task=task, preprocess=grey8))
+        _write_model(
+            repo, name, nodes, [("input", [1, 8, 8])], outputs, ModelMeta(name=name, task=task, preprocess=grey8)
+        )
     return repo

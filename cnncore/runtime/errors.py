@@ -1,4 +1,5 @@
 """The one error the runtime layer raises for a machine that lacks something."""
+
 from __future__ import annotations
 
 

@@ -6,6 +6,7 @@ that do not spin (spinning threads keep cores busy between runs and, in a server
 event loop: measured on the 2-core box with MobileNetV2 at concurrency 8, 15-20 ms CPU per image without
 spinning, 24-27 ms with it, and 2-3x the throughput). onnxruntime is imported when a session is made.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -56,8 +57,10 @@ class OrtSettings:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.intra_op_threads
         so.inter_op_num_threads = self.inter_op_threads
-        so.execution_mode = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
-                             "parallel": ort.ExecutionMode.ORT_PARALLEL}[self.execution_mode]
+        so.execution_mode = {
+            "sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
+            "parallel": ort.ExecutionMode.ORT_PARALLEL,
+        }[self.execution_mode]
         so.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -78,8 +81,9 @@ def ort_session(model: str | Path | bytes, settings: OrtSettings = OrtSettings()
     return ort.InferenceSession(source, sess_options=settings.session_options(), providers=list(settings.providers))
 
 
-def requested_providers(accelerators: Sequence[tuple[str, Mapping[str, str]]] = (), *, gpu: bool = False,
-                        device_id: int = 0) -> list[tuple[str, dict[str, str]]]:
+def requested_providers(
+    accelerators: Sequence[tuple[str, Mapping[str, str]]] = (), *, gpu: bool = False, device_id: int = 0
+) -> list[tuple[str, dict[str, str]]]:
     """The providers a model config asks for, with their options, the way Triton's onnxruntime backend
     reads a config (CPU not included; nothing checked against this machine).
 
@@ -92,8 +96,10 @@ def requested_providers(accelerators: Sequence[tuple[str, Mapping[str, str]]] = 
     for name, params in accelerators:
         ep = ACCELERATOR_PROVIDERS.get(name.lower())
         if ep is None:
-            raise RuntimeUnavailable(f"execution accelerator {name!r} is not supported by onnxruntime "
-                                     f"(known: {', '.join(ACCELERATOR_PROVIDERS)})")
+            raise RuntimeUnavailable(
+                f"execution accelerator {name!r} is not supported by onnxruntime "
+                f"(known: {', '.join(ACCELERATOR_PROVIDERS)})"
+            )
         opts = dict(params)
         if ep in (TENSORRT_PROVIDER, CUDA_PROVIDER):
             opts.setdefault("device_id", str(device_id))
@@ -108,8 +114,9 @@ def requested_providers(accelerators: Sequence[tuple[str, Mapping[str, str]]] = 
     return providers
 
 
-def ort_providers(accelerators: Sequence[tuple[str, Mapping[str, str]]] = (), *, gpu: bool = False,
-                  device_id: int = 0) -> tuple[Provider, ...]:
+def ort_providers(
+    accelerators: Sequence[tuple[str, Mapping[str, str]]] = (), *, gpu: bool = False, device_id: int = 0
+) -> tuple[Provider, ...]:
     """requested_providers, then the CPU provider last, for OrtSettings.providers.
 
     A provider this onnxruntime build lacks raises RuntimeUnavailable naming it, rather than letting
@@ -122,7 +129,8 @@ def ort_providers(accelerators: Sequence[tuple[str, Mapping[str, str]]] = (), *,
     if missing:
         raise RuntimeUnavailable(
             f"onnxruntime on this machine lacks {', '.join(missing)} (available: {', '.join(sorted(available))}); "
-            "install onnxruntime-gpu with CUDA/TensorRT, or serve the model on KIND_CPU")
+            "install onnxruntime-gpu with CUDA/TensorRT, or serve the model on KIND_CPU"
+        )
     return (*providers, CPU_PROVIDER)
 
 

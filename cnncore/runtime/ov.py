@@ -5,6 +5,7 @@ f32, because on CPUs with bfloat16 support (this one has avx512_bf16) OpenVINO w
 models in bfloat16 and answer with other numbers than the graph's. openvino is imported when a model is
 compiled: the serving half without it still imports this module.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -44,8 +45,10 @@ class OpenVinoSettings:
     extra: Mapping[str, object] = field(default_factory=dict)  # further properties by name; they win
 
     def properties(self) -> dict[str, object]:
-        props: dict[str, object] = {"INFERENCE_PRECISION_HINT": self.precision_hint,
-                                    "PERFORMANCE_HINT": self.performance_hint}
+        props: dict[str, object] = {
+            "INFERENCE_PRECISION_HINT": self.precision_hint,
+            "PERFORMANCE_HINT": self.performance_hint,
+        }
         if self.threads > 0:
             props["INFERENCE_NUM_THREADS"] = self.threads
         if self.streams is not None:
@@ -56,8 +59,9 @@ class OpenVinoSettings:
         return props
 
 
-def compile_openvino(model: str | Path, properties: Mapping[str, object] | None = None, *, device: str = "CPU",
-                     max_batch: int = 0) -> Any:
+def compile_openvino(
+    model: str | Path, properties: Mapping[str, object] | None = None, *, device: str = "CPU", max_batch: int = 0
+) -> Any:
     """`model` (ONNX or IR) compiled for `device` with `properties` (OpenVinoSettings().properties() when
     None). `max_batch` > 0 bounds every input's first dimension to [1..max_batch], so the CPU plugin
     plans for the sizes a batcher sends instead of any size."""
@@ -65,6 +69,12 @@ def compile_openvino(model: str | Path, properties: Mapping[str, object] | None 
     core = ov.Core()
     graph = core.read_model(str(model))
     if max_batch > 0:
-        graph.reshape({p.get_any_name(): ov.PartialShape([ov.Dimension(1, max_batch), *list(p.get_partial_shape())[1:]])
-                       for p in graph.inputs})
-    return core.compile_model(graph, device, dict(OpenVinoSettings().properties() if properties is None else properties))
+        graph.reshape(
+            {
+                p.get_any_name(): ov.PartialShape([ov.Dimension(1, max_batch), *list(p.get_partial_shape())[1:]])
+                for p in graph.inputs
+            }
+        )
+    return core.compile_model(
+        graph, device, dict(OpenVinoSettings().properties() if properties is None else properties)
+    )

@@ -4,6 +4,7 @@ The accuracy gate, export's variant choice, the evaluators and the benchmarks al
 way, so what they measure is the runtime and its settings, never a different way of calling it. A
 runner feeds its model's first input and casts the batch to that input's dtype; it returns every output.
 """
+
 from __future__ import annotations
 
 import time
@@ -46,8 +47,9 @@ class OpenVinoRunner:
         first = compiled.inputs[0]
         self.input_name: str = first.get_any_name()
         self.input_dtype = np.dtype(first.get_element_type().to_dtype())
-        self.input_shape: list[int | None] = [d.get_length() if d.is_static else None
-                                              for d in list(first.get_partial_shape())[1:]]
+        self.input_shape: list[int | None] = [
+            d.get_length() if d.is_static else None for d in list(first.get_partial_shape())[1:]
+        ]
         self._outputs = [(o.get_any_name(), o) for o in compiled.outputs]
         self.output_names = [name for name, _ in self._outputs]
 
@@ -83,8 +85,9 @@ def runner(path: str | Path, runtime: str, threads: int = 0) -> OrtRunner | Open
     raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
 
 
-def throughput(run: Runner, sample: np.ndarray, batch: int, seconds: float = 0.5, warmup: bool = True,
-               min_runs: int = 2) -> float:
+def throughput(
+    run: Runner, sample: np.ndarray, batch: int, seconds: float = 0.5, warmup: bool = True, min_runs: int = 2
+) -> float:
     """Images per second of `run` on `batch` copies of `sample` (one item, no batch dimension).
 
     Runs for `seconds` and at least `min_runs` times, after one warm-up run unless `warmup` is False
@@ -101,7 +104,8 @@ def throughput(run: Runner, sample: np.ndarray, batch: int, seconds: float = 0.5
             return n * batch / elapsed
 
 
-def throughput_by_batch(run: Runner, sample: np.ndarray, batch_sizes: Sequence[int],
-                        seconds: float = 0.5) -> dict[int, float]:
+def throughput_by_batch(
+    run: Runner, sample: np.ndarray, batch_sizes: Sequence[int], seconds: float = 0.5
+) -> dict[int, float]:
     """Images per second at each batch size, `seconds` (and at least two runs) each."""
     return {b: throughput(run, sample, b, seconds) for b in batch_sizes}

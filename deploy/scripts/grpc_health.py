@@ -9,6 +9,7 @@ Used by Docker HEALTHCHECK and compose (Kubernetes asks the same service with it
 With --root-cert it speaks TLS (a server started with --grpc-use-ssl), with a client certificate for
 mutual TLS; --header sends the key of a restricted `health` group (VALUE may be env:VARIABLE).
 """
+
 import argparse
 import os
 import sys
@@ -31,12 +32,14 @@ def main() -> int:
     args = ap.parse_args()
     target = f"{args.host}:{args.port}"
     if args.root_cert:
+
         def read(path):
             with open(path, "rb") as f:
                 return f.read()
 
-        creds = grpc.ssl_channel_credentials(read(args.root_cert), args.client_key and read(args.client_key),
-                                             args.client_cert and read(args.client_cert))
+        creds = grpc.ssl_channel_credentials(
+            read(args.root_cert), args.client_key and read(args.client_key), args.client_cert and read(args.client_cert)
+        )
         options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
         channel = grpc.secure_channel(target, creds, options=options)
     else:
@@ -48,7 +51,8 @@ def main() -> int:
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout, metadata=metadata)
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout, metadata=metadata
+            )
         except grpc.RpcError as exc:
             print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

@@ -3,6 +3,7 @@ against the mean-image baseline.
 
     python -m export.evaluate.autoencoder --onnx PATH [--limit N] [--runtime openvino]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,9 @@ def reconstruction_mse(run: Runner, images: np.ndarray, batch_size: int = BATCH_
     return total / count
 
 
-def onnx_reconstruction_mse(onnx_path: Path, images: np.ndarray, runtime: str = "onnxruntime", threads: int = 2) -> float:
+def onnx_reconstruction_mse(
+    onnx_path: Path, images: np.ndarray, runtime: str = "onnxruntime", threads: int = 2
+) -> float:
     return reconstruction_mse(runner(onnx_path, runtime, threads), images)
 
 

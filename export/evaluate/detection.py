@@ -5,6 +5,7 @@
 
 The held-out set, the server's letterbox preprocessing and the metric are models/detection/evaluate.py's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,11 @@ from models.detection.evaluate import HELDOUT_SIZE, evaluate_runner
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.evaluate.detection", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m export.evaluate.detection",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_source_arguments(parser, "shapes_detector")
     parser.add_argument("--n", type=int, default=HELDOUT_SIZE, help="held-out pictures")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -31,8 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
-        print(f"{args.model}: mAP@0.5 = {metrics['mAP50']:.4f} on {args.n} held-out pictures ({source.path}, "
-              f"{args.runtime})")
+        print(
+            f"{args.model}: mAP@0.5 = {metrics['mAP50']:.4f} on {args.n} held-out pictures ({source.path}, "
+            f"{args.runtime})"
+        )
         for c in range(1, num_classes + 1):
             if f"AP50_class{c}" in metrics:
                 print(f"  {labels[c]:>12}: AP50 {metrics[f'AP50_class{c}']:.4f}")

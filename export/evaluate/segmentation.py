@@ -6,6 +6,7 @@
 The held-out set, the server's pre/postprocessing and the metric are models/segmentation/evaluate.py's.
 `--benchmark` adds the bare runner's images/s (no pre/postprocessing) at batch 1 and 8.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_runner(run, source.spec, source.labels, args.n)
     except ValueError as exc:
         parser.error(f"{source.path}: {exc}")
-    print(f"{args.model}: {result['images']} held-out images (seed {HELD_OUT_SEED}), {args.runtime}, "
-          f"{result['seconds']:.1f}s incl. pre/postprocessing")
+    print(
+        f"{args.model}: {result['images']} held-out images (seed {HELD_OUT_SEED}), {args.runtime}, "
+        f"{result['seconds']:.1f}s incl. pre/postprocessing"
+    )
     for name, iou in result["iou"].items():
         print(f"  IoU {name:<12} {iou:.4f}")
     print(f"mean IoU {result['miou']:.4f}")

@@ -1,4 +1,5 @@
 """The command-line half every evaluator shares: which file, which preprocessing and labels, which runtime."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,9 @@ class Source:
 
 def add_source_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--onnx", type=Path, help="an exported model.onnx (preprocessing and labels from the registry entry)")
+    src.add_argument(
+        "--onnx", type=Path, help="an exported model.onnx (preprocessing and labels from the registry entry)"
+    )
     src.add_argument("--repository", type=Path, help="a model repository written by `python -m export`")
     parser.add_argument("--model", default=default_model, help="registry / repository model name")
     add_runtime_arguments(parser)

@@ -1,4 +1,5 @@
 """Serving a model from its engines: config.pbtxt pointed at backend tensorrt on the GPU."""
+
 from __future__ import annotations
 
 from pathlib import Path

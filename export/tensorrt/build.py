@@ -4,6 +4,7 @@ TensorRT 11 removed the weak-typing precision flags (BuilderFlag.FP16/INT8 and t
 there fp16/int8 mean converting the ONNX first (ModelOpt AutoCast / Q-DQ), so this builder refuses them
 with that advice instead of failing inside TensorRT.
 """
+
 from __future__ import annotations
 
 import sys
@@ -32,8 +33,10 @@ def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise BuildError(f"TensorRT is not installed ({exc}); build engines in the export image "
-                         "(deploy/export.Dockerfile, target gpu) or `pip install tensorrt` on a GPU machine") from None
+        raise BuildError(
+            f"TensorRT is not installed ({exc}); build engines in the export image "
+            "(deploy/export.Dockerfile, target gpu) or `pip install tensorrt` on a GPU machine"
+        ) from None
     return trt
 
 
@@ -46,9 +49,11 @@ def check_precision_supported(precision: str, tensorrt_version: str) -> Precisio
     if not is_precision(precision):
         raise BuildError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "fp32" and tensorrt_major(tensorrt_version) >= 11:
-        raise BuildError(f"TensorRT {tensorrt_version} removed weak-typing precision flags: for {precision}, "
-                         "convert the ONNX first (ModelOpt AutoCast for fp16, Q/DQ nodes for int8) and build "
-                         "that with --precision fp32, or use TensorRT 10")
+        raise BuildError(
+            f"TensorRT {tensorrt_version} removed weak-typing precision flags: for {precision}, "
+            "convert the ONNX first (ModelOpt AutoCast for fp16, Q/DQ nodes for int8) and build "
+            "that with --precision fp32, or use TensorRT 10"
+        )
     return precision
 
 
@@ -76,7 +81,11 @@ def engine_precision(onnx_path: Path, requested: str) -> str:
 def timing_cache_path(repository: Path, gpu: GpuInfo, tensorrt_version: str) -> Path:
     from cnncore.engine_manifest import capability_tag
 
-    return Path(repository) / TIMING_CACHE_DIRNAME / f"timing.{capability_tag(gpu.compute_capability)}.trt{tensorrt_version}.cache"
+    return (
+        Path(repository)
+        / TIMING_CACHE_DIRNAME
+        / f"timing.{capability_tag(gpu.compute_capability)}.trt{tensorrt_version}.cache"
+    )
 
 
 def _make_progress_monitor(trt, progress: Progress):
@@ -158,8 +167,12 @@ def build_engine(
         batch = min(8, len(calibration), profiles[input_name].max[0])
         config.set_calibration_profile(profile)
         # Held in a local as well: TensorRT keeps only a raw pointer to Python-implemented interfaces.
-        calibrator = make_calibrator(trt, list(calibration_batches(calibration, batch)), input_name,
-                                     onnx_path.parent / f"calibration.{gpu.compute_capability}.cache")
+        calibrator = make_calibrator(
+            trt,
+            list(calibration_batches(calibration, batch)),
+            input_name,
+            onnx_path.parent / f"calibration.{gpu.compute_capability}.cache",
+        )
         config.int8_calibrator = calibrator
 
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
@@ -181,6 +194,12 @@ def build_engine(
     progress(f"    built {out_name} in {time.perf_counter() - start:.1f}s ({out_path.stat().st_size / 2**20:.1f} MiB)")
     del config, monitor  # the config (holding the monitor's pointer) goes first
     return EngineRecord(
-        file=out_name, compute_capability=gpu.compute_capability, tensorrt_version=trt.__version__,
-        precision=record_precision, gpu_name=gpu.name, onnx_sha256=file_sha256(onnx_path), profiles=profiles,
-        workspace_mib=workspace_mib)
+        file=out_name,
+        compute_capability=gpu.compute_capability,
+        tensorrt_version=trt.__version__,
+        precision=record_precision,
+        gpu_name=gpu.name,
+        onnx_sha256=file_sha256(onnx_path),
+        profiles=profiles,
+        workspace_mib=workspace_mib,
+    )

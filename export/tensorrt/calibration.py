@@ -2,6 +2,7 @@
 
 Everything but the calibrator itself is plain Python (CPU-testable).
 """
+
 from __future__ import annotations
 
 import random
@@ -26,8 +27,7 @@ def select_calibration_files(directory: Path, count: int, seed: int = 0) -> list
     directory = Path(directory)
     if not directory.is_dir():
         raise BuildError(f"INT8 calibration needs sample inputs in {directory} (images or .npy); none found")
-    files = sorted(p for p in directory.iterdir()
-                   if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, ".npy"))
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, ".npy"))
     if not files:
         raise BuildError(f"{directory}: no calibration samples (expected {', '.join(IMAGE_SUFFIXES)} or .npy files)")
     if count <= 0 or count >= len(files):
@@ -70,7 +70,7 @@ def load_calibration_samples(files: Sequence[Path], model_dir: Path, shape: Sequ
 def calibration_batches(samples: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     """Full batches only: the calibration profile has one batch size, so a short tail is dropped."""
     for start in range(0, len(samples) - batch_size + 1, batch_size):
-        yield np.ascontiguousarray(samples[start:start + batch_size])
+        yield np.ascontiguousarray(samples[start : start + batch_size])
 
 
 def make_calibrator(trt, batches: list[np.ndarray], input_name: str, cache_file: Path):

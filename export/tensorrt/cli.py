@@ -8,6 +8,7 @@ a timing cache shared by all builds on this GPU + TensorRT (later builds skip ke
 did), write `model.<sm>.trt<ver>.<precision>.plan` and record it in `engines.json`
 (cnncore/engine_manifest.py), then check the engine against ONNX Runtime on the same inputs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,16 +29,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--models", nargs="*", help="only these models (default: all in the repository)")
     ap.add_argument("--calibration-samples", type=int, default=256, help="int8: samples from <model>/calibration/")
     ap.add_argument("--skip-parity", action="store_true", help="do not compare engines against ONNX Runtime")
-    ap.add_argument("--skip-existing", action="store_true",
-                    help="keep engines already built for this GPU, TensorRT, precision and ONNX (a cache)")
-    ap.add_argument("--activate", action="store_true",
-                    help="switch each built model's config.pbtxt to backend tensorrt on KIND_GPU")
+    ap.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="keep engines already built for this GPU, TensorRT, precision and ONNX (a cache)",
+    )
+    ap.add_argument(
+        "--activate", action="store_true", help="switch each built model's config.pbtxt to backend tensorrt on KIND_GPU"
+    )
     args = ap.parse_args(argv)
     try:
-        built = build_repository_engines(args.repository, precision=args.precision, workspace_mib=args.workspace_mib,
-                                         models=args.models, calibration_samples=args.calibration_samples,
-                                         parity=not args.skip_parity, skip_existing=args.skip_existing,
-                                         activate=args.activate)
+        built = build_repository_engines(
+            args.repository,
+            precision=args.precision,
+            workspace_mib=args.workspace_mib,
+            models=args.models,
+            calibration_samples=args.calibration_samples,
+            parity=not args.skip_parity,
+            skip_existing=args.skip_existing,
+            activate=args.activate,
+        )
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

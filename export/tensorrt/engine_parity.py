@@ -1,4 +1,5 @@
 """An engine against ONNX Runtime, with the ONNX export's own parity criterion (export/eager_parity.py)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -14,8 +15,9 @@ from cnncore.engine_manifest import EngineRecord
 PARITY_TOLERANCE = {"fp32": (1e-4, 1e-3), "fp16": (1e-3, 2e-2), "int8": (float("inf"), 0.0)}
 
 
-def parity_against_onnxruntime(backend, onnx_path: Path, batch_sizes: Sequence[int], atol: float, rtol: float,
-                               label: str, seed: int = 0):
+def parity_against_onnxruntime(
+    backend, onnx_path: Path, batch_sizes: Sequence[int], atol: float, rtol: float, label: str, seed: int = 0
+):
     """Any backend against ONNX Runtime (CPU, FP32) on the same random inputs, as the ONNX export's own
     parity report (export/eager_parity.py: scale-aware max |d| <= atol + rtol * max |ref|, per output and
     batch size)."""
@@ -41,7 +43,12 @@ def engine_parity(version_dir: Path, record: EngineRecord, batch_sizes: Sequence
     engine = EngineRunner(Path(version_dir) / record.file)
     try:
         return parity_against_onnxruntime(
-            engine, Path(version_dir) / ONNX_FILENAME, list(batch_sizes or default_batch_sizes(record.max_batch or 1)),
-            atol, rtol, f"{Path(version_dir).parent.name} ({record.precision} engine)")
+            engine,
+            Path(version_dir) / ONNX_FILENAME,
+            list(batch_sizes or default_batch_sizes(record.max_batch or 1)),
+            atol,
+            rtol,
+            f"{Path(version_dir).parent.name} ({record.precision} engine)",
+        )
     finally:
         engine.close()

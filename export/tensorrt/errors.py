@@ -1,4 +1,5 @@
 """The engine builder's one error type."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Which GPU an engine is built for."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

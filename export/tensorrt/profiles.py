@@ -1,4 +1,5 @@
 """Optimization-profile shapes for an engine, derived from the model's config.pbtxt (CPU-testable)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,8 +20,10 @@ def derive_profile(
     """
     dims = tuple(int(d) for d in dims)
     if any(d <= 0 for d in dims):
-        raise BuildError(f"input dims {list(dims)} have a variable (-1) or empty dimension besides the batch: "
-                         "a TensorRT profile needs fixed sizes; export the model at a fixed input size")
+        raise BuildError(
+            f"input dims {list(dims)} have a variable (-1) or empty dimension besides the batch: "
+            "a TensorRT profile needs fixed sizes; export the model at a fixed input size"
+        )
     if max_batch_size < 0:
         raise BuildError(f"max_batch_size must be >= 0, got {max_batch_size}")
     if max_batch_size == 0:  # Triton: no batching, dims are the full shape

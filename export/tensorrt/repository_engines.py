@@ -1,4 +1,5 @@
 """Engines for every model of a repository: cached ones kept, failures reported per model."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -59,8 +60,10 @@ def build_repository_engines(
     gpu = probe_gpu()
     cache = timing_cache_path(repository, gpu, trt.__version__)
     names = list(models) if models else model_names(repository)
-    progress(f"building {precision} engines for {len(names)} model(s) on {gpu.name} (compute capability "
-             f"{gpu.compute_capability}), TensorRT {trt.__version__}; timing cache {cache}")
+    progress(
+        f"building {precision} engines for {len(names)} model(s) on {gpu.name} (compute capability "
+        f"{gpu.compute_capability}), TensorRT {trt.__version__}; timing cache {cache}"
+    )
     built: dict[str, EngineRecord] = {}
     failed: dict[str, str] = {}
     for i, name in enumerate(names, 1):
@@ -75,8 +78,10 @@ def build_repository_engines(
             explicit = qdq_onnx(version_dir / ONNX_FILENAME)
             model_precision = engine_precision(version_dir / ONNX_FILENAME, precision)
             if explicit:
-                progress(f"    {ONNX_FILENAME} is QDQ INT8 (export's gated INT8): "
-                         f"explicit-quantization {model_precision} engine")
+                progress(
+                    f"    {ONNX_FILENAME} is QDQ INT8 (export's gated INT8): "
+                    f"explicit-quantization {model_precision} engine"
+                )
             existing = current_engine(version_dir, gpu, trt.__version__, model_precision) if skip_existing else None
             if existing is not None:
                 progress(f"    cached: {existing.file}")
@@ -88,23 +93,34 @@ def build_repository_engines(
             calib = None
             if model_precision == "int8" and not explicit:  # implicit INT8: TensorRT's calibrator
                 if len(profiles) != 1:
-                    raise BuildError(f"{name}: int8 calibration supports single-input models, this one has "
-                                     f"{', '.join(profiles)}")
+                    raise BuildError(
+                        f"{name}: int8 calibration supports single-input models, this one has {', '.join(profiles)}"
+                    )
                 p = next(iter(profiles.values()))
                 files = select_calibration_files(model_dir / CALIBRATION_DIRNAME, calibration_samples)
                 calib = load_calibration_samples(files, model_dir, p.max[1:])
                 progress(f"    calibrating on {len(calib)} samples")
-            record = build_engine(version_dir / ONNX_FILENAME, profiles, precision=model_precision,
-                                  workspace_mib=workspace_mib, timing_cache=cache, calibration=calib,
-                                  gpu=gpu, progress=progress)
+            record = build_engine(
+                version_dir / ONNX_FILENAME,
+                profiles,
+                precision=model_precision,
+                workspace_mib=workspace_mib,
+                timing_cache=cache,
+                calibration=calib,
+                gpu=gpu,
+                progress=progress,
+            )
             if parity:
                 report = engine_parity(version_dir, record)
                 worst = report.worst()
-                progress(f"    parity vs ONNX Runtime, batches {report.batch_sizes}: max abs {worst.max_abs:.3g} "
-                         f"(tolerance {worst.tolerance:.3g}), max rel {worst.max_rel:.3g}")
+                progress(
+                    f"    parity vs ONNX Runtime, batches {report.batch_sizes}: max abs {worst.max_abs:.3g} "
+                    f"(tolerance {worst.tolerance:.3g}), max rel {worst.max_rel:.3g}"
+                )
                 if not report.ok:
-                    raise BuildError(report.failure_message().replace("PyTorch vs ONNX Runtime",
-                                                                      "TensorRT vs ONNX Runtime"))
+                    raise BuildError(
+                        report.failure_message().replace("PyTorch vs ONNX Runtime", "TensorRT vs ONNX Runtime")
+                    )
             manifest = EngineManifest.read(version_dir)
             manifest.add(record)
             manifest.write(version_dir)

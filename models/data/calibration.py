@@ -13,6 +13,7 @@ are those the server will feed. Deterministic by seed; torch-free (numpy, Pillow
   Calibration: CALIBRATION_PHOTOS, each as CALIBRATION_CROPS random crops; held-out: HELDOUT_PHOTOS,
   a disjoint set of photos, each as HELDOUT_CROPS crops. ImageNet itself is not available offline.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -29,13 +30,25 @@ SHAPES_CALIBRATION_SIZE = 32
 FASHION_CALIBRATION_SIZE = 256
 # (module, name): scikit-image's skimage.data functions, or ("sklearn", file) for load_sample_image.
 CALIBRATION_PHOTOS: tuple[tuple[str, str], ...] = (
-    ("skimage", "chelsea"), ("skimage", "coffee"), ("skimage", "astronaut"), ("skimage", "rocket"),
+    ("skimage", "chelsea"),
+    ("skimage", "coffee"),
+    ("skimage", "astronaut"),
+    ("skimage", "rocket"),
     ("sklearn", "china.jpg"),
 )
 HELDOUT_PHOTOS: tuple[tuple[str, str], ...] = (
-    ("sklearn", "flower.jpg"), ("skimage", "stereo_motorcycle"), ("skimage", "camera"), ("skimage", "coins"),
-    ("skimage", "clock"), ("skimage", "immunohistochemistry"), ("skimage", "hubble_deep_field"),
-    ("skimage", "brick"), ("skimage", "gravel"), ("skimage", "grass"), ("skimage", "moon"), ("skimage", "retina"),
+    ("sklearn", "flower.jpg"),
+    ("skimage", "stereo_motorcycle"),
+    ("skimage", "camera"),
+    ("skimage", "coins"),
+    ("skimage", "clock"),
+    ("skimage", "immunohistochemistry"),
+    ("skimage", "hubble_deep_field"),
+    ("skimage", "brick"),
+    ("skimage", "gravel"),
+    ("skimage", "grass"),
+    ("skimage", "moon"),
+    ("skimage", "retina"),
 )
 CALIBRATION_CROPS = 8
 HELDOUT_CROPS = 24
@@ -85,7 +98,8 @@ def photo_crops(photos: tuple[tuple[str, str], ...], crops: int, seed: int) -> l
     except (ImportError, AttributeError, OSError) as exc:
         raise CalibrationDataMissing(
             f"natural photos for the ImageNet classifiers come from scikit-image and scikit-learn "
-            f"(the export extra and dev dependencies): {exc}") from None
+            f"(the export extra and dev dependencies): {exc}"
+        ) from None
 
 
 def jpeg_reencoded(pictures: list[Image.Image], quality: int) -> list[Image.Image]:
@@ -123,8 +137,9 @@ def shapes_calibration_pictures(n: int = SHAPES_CALIBRATION_SIZE, seed: int = 0)
     from models.segmentation.evaluate import IMAGE_SIZES
 
     seeds = np.random.default_rng(seed).choice(SHAPES_TRAIN_SEED_LIMIT, size=n, replace=False)
-    return [Image.fromarray(generate_sample(int(s), IMAGE_SIZES[i % len(IMAGE_SIZES)]).image)
-            for i, s in enumerate(seeds)]
+    return [
+        Image.fromarray(generate_sample(int(s), IMAGE_SIZES[i % len(IMAGE_SIZES)]).image) for i, s in enumerate(seeds)
+    ]
 
 
 def preprocess_all(pictures: list[Image.Image], spec: PreprocessSpec) -> np.ndarray:
@@ -146,17 +161,24 @@ def calibration_inputs(model: str, spec: PreprocessSpec) -> tuple[np.ndarray, st
     """
     if model in ("fashion_resnet20", "fashion_mnist_autoencoder", "fashion_mnist_encoder"):
         images = fashion_calibration_images()
-        return (preprocess_all(fashion_pictures(images, spec), spec),
-                f"{len(images)} Fashion-MNIST training images (seeded sample, seed 0)")
+        return (
+            preprocess_all(fashion_pictures(images, spec), spec),
+            f"{len(images)} Fashion-MNIST training images (seeded sample, seed 0)",
+        )
     if model == "shapes_detector" or model.startswith("shapes_segmenter"):
         pics = shapes_calibration_pictures()
-        return (preprocess_all(pics, spec),
-                f"{len(pics)} generated shapes pictures from training seeds (< 10**6, seed 0)")
+        return (
+            preprocess_all(pics, spec),
+            f"{len(pics)} generated shapes pictures from training seeds (< 10**6, seed 0)",
+        )
     if spec.resize == "shorter_side_then_center_crop" and spec.input_size == (224, 224):
         pics = photo_crops(CALIBRATION_PHOTOS, CALIBRATION_CROPS, seed=0)
         names = ", ".join(n for _, n in CALIBRATION_PHOTOS)
-        return (preprocess_all(pics, spec),
-                f"{len(pics)} natural photos ({names}; {CALIBRATION_CROPS} random crops each, seed 0)")
+        return (
+            preprocess_all(pics, spec),
+            f"{len(pics)} natural photos ({names}; {CALIBRATION_CROPS} random crops each, seed 0)",
+        )
     raise CalibrationDataMissing(
         f"{model}: no calibration data defined for this model (calibration needs real pictures of its "
-        "task; random tensors would give ranges the served inputs never have)")
+        "task; random tensors would give ranges the served inputs never have)"
+    )

@@ -6,6 +6,7 @@ picture pixels with the same Geometry the server uses, so the number is what is 
 measures its PyTorch model with it, the accuracy gate an exported file; `python -m
 export.evaluate.detection` measures an exported file on a runtime.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -52,7 +53,10 @@ def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
 
 
 def mean_average_precision(
-    predictions: Sequence[Detections], ground_truth: Sequence[tuple[np.ndarray, np.ndarray]], num_classes: int, iou_threshold: float = 0.5
+    predictions: Sequence[Detections],
+    ground_truth: Sequence[tuple[np.ndarray, np.ndarray]],
+    num_classes: int,
+    iou_threshold: float = 0.5,
 ) -> dict[str, float]:
     """mAP over foreground classes 1..num_classes; each ground truth matches at most one detection."""
     per_class: dict[str, float] = {}
@@ -84,7 +88,10 @@ def mean_average_precision(
         recall = tp / n_gt if len(hits) else np.zeros(0)
         precision = tp / np.maximum(tp + fp, 1) if len(hits) else np.zeros(0)
         per_class[str(c)] = average_precision(recall, precision)
-    return {"mAP50": float(np.mean(list(per_class.values()))) if per_class else 0.0, **{f"AP50_class{k}": v for k, v in per_class.items()}}
+    return {
+        "mAP50": float(np.mean(list(per_class.values()))) if per_class else 0.0,
+        **{f"AP50_class{k}": v for k, v in per_class.items()},
+    }
 
 
 def heldout_set(n: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED):
@@ -98,7 +105,11 @@ def heldout_set(n: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED):
 
 
 def evaluate_runner(
-    run: Callable[[np.ndarray], dict[str, np.ndarray]], spec: PreprocessSpec, num_classes: int, n: int = HELDOUT_SIZE, batch: int = 8
+    run: Callable[[np.ndarray], dict[str, np.ndarray]],
+    spec: PreprocessSpec,
+    num_classes: int,
+    n: int = HELDOUT_SIZE,
+    batch: int = 8,
 ) -> dict[str, float]:
     """mAP of any batch runner (input [B,3,H,W] -> output dict) on the held-out set."""
     preds: list[Detections] = []

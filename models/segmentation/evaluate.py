@@ -8,6 +8,7 @@ resolution, so on an exported file the number measures the served output. Torch-
 `python -m export.evaluate.segmentation` runs it on an exported file; training and the accuracy gate
 use the held-out set and the metric directly.
 """
+
 from __future__ import annotations
 
 import time
@@ -53,8 +54,13 @@ def held_out_samples(n: int = HELD_OUT_SIZE) -> list:
     return shape_samples(n, HELD_OUT_SEED)
 
 
-def evaluate_runner(run: Callable[[np.ndarray], dict[str, np.ndarray]], spec: PreprocessSpec,
-                    labels: list[str] | None, n: int = HELD_OUT_SIZE, batch_size: int = 8) -> dict:
+def evaluate_runner(
+    run: Callable[[np.ndarray], dict[str, np.ndarray]],
+    spec: PreprocessSpec,
+    labels: list[str] | None,
+    n: int = HELD_OUT_SIZE,
+    batch_size: int = 8,
+) -> dict:
     """{"iou": {class: IoU}, "miou": float, "images": n, "seconds": float} of any batch runner whose first
     output is the [B, classes, H, W] logits."""
     from PIL import Image

@@ -18,6 +18,7 @@ Why the recipe looks like this (2 shared CPU cores):
 - One thread: on cores shared with other jobs, two-thread kernels were measured up to 15x slower
   than one (threads spin at barriers waiting for a descheduled sibling).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,15 @@ def stem_session(model, example: np.ndarray):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "stem.onnx"
         # The TorchScript exporter is enough for plain convolutions and exports in seconds.
-        torch.onnx.export(stem, (torch.from_numpy(example),), str(path), dynamo=False, input_names=["x"],
-                          output_names=["c3", "c4"], dynamic_axes={"x": {0: "n"}})
+        torch.onnx.export(
+            stem,
+            (torch.from_numpy(example),),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["c3", "c4"],
+            dynamic_axes={"x": {0: "n"}},
+        )
         return ort_session(path, OrtSettings(intra_op_threads=1, inter_op_threads=1))
 
 
@@ -107,8 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     model = build_shapes_detector(pretrained_backbone=True)
     spec = SHAPES_PREPROCESS
     t0 = time.time()
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns) as progress:
         # Training seeds: < 10**6, disjoint from the evaluation seeds.
         seeds = rng.choice(10**6, size=args.samples, replace=False)
@@ -138,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         warmup = min(100, args.steps // 10)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, args.steps - warmup))),
+            lambda i: (
+                (i + 1) / warmup
+                if i < warmup
+                else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, args.steps - warmup)))
+            ),
         )
         model.train()
         for m in model.get_submodule("backbone.body").modules():  # frozen BatchNorm statistics (see module docstring)
@@ -184,10 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     # fp16 halves the committed file; the loader casts back to fp32 (the difference is far below
     # what the detector's thresholds notice, and the export is checked against the loaded model).
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(args.out), metadata={"recipe": "models/training/train_detector.py", "args": str(vars(args)),
-                                              "train_minutes": f"{train_minutes:.1f}", "mAP50_torch": str(metrics.get("mAP50"))})
-    print(f"trained in {train_minutes:.1f} min; PyTorch mAP@0.5 on {args.eval} held-out pictures: "
-          f"{metrics.get('mAP50', float('nan')):.4f}; wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+    save_file(
+        state,
+        str(args.out),
+        metadata={
+            "recipe": "models/training/train_detector.py",
+            "args": str(vars(args)),
+            "train_minutes": f"{train_minutes:.1f}",
+            "mAP50_torch": str(metrics.get("mAP50")),
+        },
+    )
+    print(
+        f"trained in {train_minutes:.1f} min; PyTorch mAP@0.5 on {args.eval} held-out pictures: "
+        f"{metrics.get('mAP50', float('nan')):.4f}; wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)"
+    )
     return 0
 
 

@@ -4,6 +4,7 @@ Each module imports its heavy library (TensorRT, CUDA runtime, torch) only when 
 so importing all of them keeps the CPU-only serving image torch-free; a missing library surfaces as
 BackendUnavailable for that model alone.
 """
+
 try:
     from server.backends import ort_backend  # noqa: F401  (registers "onnxruntime")
 except ImportError as _exc:  # a GPU box without onnxruntime/protobuf still runs the torch and TensorRT backends

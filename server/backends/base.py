@@ -6,6 +6,7 @@ instance (1 unless the backend says otherwise); the batcher
 runs `instance_count` instances for concurrent executions. Adding TensorRT, a CUDA provider or torch
 means adding a class here and registering it: nothing in the service or batcher changes.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

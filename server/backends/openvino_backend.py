@@ -20,6 +20,7 @@ Cold start: with the repository's cache directory (BackendOptions.cache_dir) the
 in `<cache_dir>/openvino/<sha256 of the model file>` (OpenVINO's CACHE_DIR), so a second load imports
 the blob instead of compiling, and a changed file (another hash) never meets a blob of its old self.
 """
+
 from __future__ import annotations
 
 import logging
@@ -80,8 +81,9 @@ class OpenVinoBackend(Backend):
         super().__init__(model_file, options)
         _import_openvino()
         if options.device_kind == "gpu" or options.accelerators:
-            raise BackendUnavailable("the openvino backend serves on the CPU only (instance_group KIND_CPU, "
-                                     "no execution_accelerators)")
+            raise BackendUnavailable(
+                "the openvino backend serves on the CPU only (instance_group KIND_CPU, no execution_accelerators)"
+            )
         params = dict(options.extra)
         config: dict[str, object] = OpenVinoSettings().properties()
         if options.intra_op_threads > 0:
@@ -93,7 +95,9 @@ class OpenVinoBackend(Backend):
             config["CACHE_DIR"] = str(cached)
         try:
             # bounded dynamic batch: [1..max_batch_size] on every input's first dimension
-            self.compiled = compile_openvino(model_file, config, max_batch=options.max_batch_size if options.batched else 0)
+            self.compiled = compile_openvino(
+                model_file, config, max_batch=options.max_batch_size if options.batched else 0
+            )
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own for bad graphs
             raise RuntimeError(f"openvino could not compile {model_file}: {_reason(exc)}") from exc
         # one request per stream computing, plus one being filled with the next batch
@@ -113,8 +117,9 @@ class OpenVinoBackend(Backend):
             if arr.dtype == np.object_:
                 raise ValueError(f"input '{name}': BYTES tensors are not supported by the openvino backend")
             if self.options.batched and self.options.max_batch_size and arr.shape[0] > self.options.max_batch_size:
-                raise ValueError(f"input '{name}': batch {arr.shape[0]} exceeds max_batch_size "
-                                 f"{self.options.max_batch_size}")
+                raise ValueError(
+                    f"input '{name}': batch {arr.shape[0]} exceeds max_batch_size {self.options.max_batch_size}"
+                )
 
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         request = self._requests.get()  # never waits: the batcher runs at most concurrent_executions at once

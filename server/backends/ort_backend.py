@@ -6,6 +6,7 @@ instance_group kind KIND_GPU -> CUDA EP; optimization.execution_accelerators gpu
 EP, cpu "openvino" -> OpenVINO EP. A provider this onnxruntime build lacks fails the model's load with
 BackendUnavailable naming what is missing, rather than silently running on the CPU.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server.backends.base import Backend, BackendOptions, BackendUnavailable, TensorSpec, register_backend
 from cnncore.datatypes import from_ort, to_numpy
 from cnncore.runtime import OrtSettings, RuntimeUnavailable, ort_providers, ort_session
+from server.backends.base import Backend, BackendOptions, BackendUnavailable, TensorSpec, register_backend
 
 
 def _spec(arg: ort.NodeArg, batched: bool) -> TensorSpec:
@@ -50,14 +51,21 @@ class OrtBackend(Backend):
         if spin not in ("0", "1"):
             raise ValueError(f"config parameter intra_op_allow_spinning must be 0 or 1, got {spin!r}")
         try:
-            providers = ort_providers([(name, dict(params)) for name, params in options.accelerators],
-                                      gpu=options.device_kind == "gpu", device_id=options.device_id)
+            providers = ort_providers(
+                [(name, dict(params)) for name, params in options.accelerators],
+                gpu=options.device_kind == "gpu",
+                device_id=options.device_id,
+            )
         except RuntimeUnavailable as exc:
             raise BackendUnavailable(str(exc)) from None
         # Batches of different sizes arrive in any order; ORT's default arena grows to the largest
         # and keeps it, which is what a server wants (no per-request allocation).
-        settings = OrtSettings(intra_op_threads=options.intra_op_threads, inter_op_threads=options.inter_op_threads,
-                               allow_spinning=spin == "1", providers=providers)
+        settings = OrtSettings(
+            intra_op_threads=options.intra_op_threads,
+            inter_op_threads=options.inter_op_threads,
+            allow_spinning=spin == "1",
+            providers=providers,
+        )
         try:
             self.session = ort_session(model_file, settings)
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt/unsupported graphs
@@ -78,8 +86,10 @@ class OrtBackend(Backend):
                 try:
                     x.decode("utf-8") if isinstance(x, bytes) else None
                 except UnicodeDecodeError as exc:
-                    raise ValueError(f"input '{name}': BYTES element {i} is not UTF-8 ({exc.reason}); "
-                                     "ONNX Runtime string tensors hold UTF-8 text") from None
+                    raise ValueError(
+                        f"input '{name}': BYTES element {i} is not UTF-8 ({exc.reason}); "
+                        "ONNX Runtime string tensors hold UTF-8 text"
+                    ) from None
 
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {k: _to_ort_strings(v) if v.dtype == np.object_ else v for k, v in inputs.items()}

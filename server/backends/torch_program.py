@@ -8,6 +8,7 @@ The device comes from the model's instance group: KIND_GPU -> cuda:<gpu> (Backen
 and device_id, set by the loader), otherwise cpu. `optimization { cuda { graphs: true } }` in the config
 captures a CUDA graph per batch size at load (CudaGraphs below).
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,10 @@ def resolve_device(options: BackendOptions) -> str:
         return "cpu"
     torch = _torch()
     if not torch.cuda.is_available():
-        raise BackendUnavailable(f"the pytorch backend was asked for a GPU but torch {torch.__version__} sees no "
-                                 "CUDA device; use instance_group kind KIND_CPU or another backend")
+        raise BackendUnavailable(
+            f"the pytorch backend was asked for a GPU but torch {torch.__version__} sees no "
+            "CUDA device; use instance_group kind KIND_CPU or another backend"
+        )
     if options.device_id >= torch.cuda.device_count():
         raise BackendUnavailable(f"GPU {options.device_id} requested, torch sees {torch.cuda.device_count()}")
     return f"cuda:{options.device_id}"
@@ -87,7 +90,10 @@ class CudaGraphs:
             # Largest first: the smaller captures then fit in blocks the pool already holds. Graphs share
             # intermediates safely because an instance replays one at a time and copies outputs out.
             for b in reversed(self.sizes):
-                static = [torch.zeros((b, *spec.shape), dtype=dt, device=device) for spec, dt in zip(inputs, dtypes, strict=True)]
+                static = [
+                    torch.zeros((b, *spec.shape), dtype=dt, device=device)
+                    for spec, dt in zip(inputs, dtypes, strict=True)
+                ]
                 side.wait_stream(current)
                 with torch.cuda.stream(side):  # warm-up off the capture: lazy init, workspace allocation
                     for _ in range(2):
@@ -134,8 +140,9 @@ class TorchProgramBackend(Backend):
         self.device = resolve_device(options)
         torch = self._torch = _torch()
         if not self.model_file.is_file():
-            raise BackendUnavailable(f"{self.model_file}: no exported program; write it with "
-                                     "python -m export.torch_program --repository DIR")
+            raise BackendUnavailable(
+                f"{self.model_file}: no exported program; write it with python -m export.torch_program --repository DIR"
+            )
         program, input_names, output_names = load_program(self.model_file)
         if self.device != "cpu":
             # The documented way to relocate an ExportedProgram (constants included), then unlift it.
@@ -148,7 +155,9 @@ class TorchProgramBackend(Backend):
             torch.set_num_threads(options.intra_op_threads)
         self._module = program.module()
         self._batched = getattr(options, "batched", True)
-        self._inputs = [self._spec(name, node) for name, node in zip(input_names, self._placeholders(program), strict=False)]
+        self._inputs = [
+            self._spec(name, node) for name, node in zip(input_names, self._placeholders(program), strict=False)
+        ]
         self._output_names = output_names
         self._outputs = self._output_specs(program, output_names)
         self._graphs: CudaGraphs | None = None
@@ -156,9 +165,13 @@ class TorchProgramBackend(Backend):
             self._graphs = self._capture(options)
 
     def _capture(self, options: BackendOptions) -> CudaGraphs | None:
-        why = ("it runs on the CPU" if self.device == "cpu" else
-               "the model is unbatched (max_batch_size 0)" if not (self._batched and options.max_batch_size > 0)
-               else None)
+        why = (
+            "it runs on the CPU"
+            if self.device == "cpu"
+            else "the model is unbatched (max_batch_size 0)"
+            if not (self._batched and options.max_batch_size > 0)
+            else None
+        )
         if why is None:
             try:
                 graphs = CudaGraphs(self._torch, self._module, self._inputs, options.max_batch_size, self.device)

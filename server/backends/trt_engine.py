@@ -3,6 +3,7 @@
 TensorRT and cuda-python are imported when a model asks for this backend, never at server start: a
 machine without them fails that model with BackendUnavailable and serves the rest.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,8 +30,7 @@ class TensorRTBackend(Backend):
     def __init__(self, model_file: Path, options: BackendOptions) -> None:
         super().__init__(model_file, options)
         try:
-            self._runner = trt_runtime.EngineRunner(self.model_file, options.device_id,
-                                                    batched=options.batched)
+            self._runner = trt_runtime.EngineRunner(self.model_file, options.device_id, batched=options.batched)
         except trt_runtime.TensorRTUnavailable as exc:
             raise BackendUnavailable(str(exc)) from None
         self.max_batch = self._runner.max_batch

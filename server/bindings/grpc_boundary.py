@@ -8,6 +8,7 @@ do not parse reach the handler as `_Malformed` (gRPC would answer its deserializ
 and are answered INVALID_ARGUMENT here. The REST bindings map the same `InferError` through
 `InferError.http_status`; `server.errors.status_of` is what both use for an exception that is not one.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -98,18 +99,21 @@ def guard_handler(handler: Handler, rpc: str) -> Handler:
     deserialize = _tolerant(handler.request_deserializer)
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _guard_unary(handler.unary_unary, rpc), deserialize, handler.response_serializer)
+            _guard_unary(handler.unary_unary, rpc), deserialize, handler.response_serializer
+        )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _guard_streaming(handler.unary_stream, rpc), deserialize, handler.response_serializer)
+            _guard_streaming(handler.unary_stream, rpc), deserialize, handler.response_serializer
+        )
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            _guard_unary(handler.stream_unary, rpc, streaming_request=True), deserialize, handler.response_serializer)
+            _guard_unary(handler.stream_unary, rpc, streaming_request=True), deserialize, handler.response_serializer
+        )
     if handler.stream_stream is None:  # grpc's handlers carry exactly one of the four behaviours
         raise ValueError(f"{rpc}: the method handler has no behaviour")
     return grpc.stream_stream_rpc_method_handler(
-        _guard_streaming(handler.stream_stream, rpc, streaming_request=True), deserialize,
-        handler.response_serializer)
+        _guard_streaming(handler.stream_stream, rpc, streaming_request=True), deserialize, handler.response_serializer
+    )
 
 
 class _HandlerCapture:
@@ -126,16 +130,19 @@ class _HandlerCapture:
         self.service, self.handlers = service, dict(handlers)
 
 
-def guard_servicer(server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: Any,
-                   overrides: dict[str, Handler] | None = None) -> str:
+def guard_servicer(
+    server: grpc.aio.Server,
+    add_to_server: Callable[[Any, Any], None],
+    servicer: Any,
+    overrides: dict[str, Handler] | None = None,
+) -> str:
     """Register `servicer` (through its generated `add_to_server`) with every method behind the
     boundary; `overrides` replaces generated handlers (e.g. ModelInfer taking raw bytes). Returns the
     full service name (for reflection and health)."""
     capture = _HandlerCapture()
     add_to_server(servicer, capture)
     handlers = {**capture.handlers, **(overrides or {})}
-    guarded = {name: guard_handler(h, f"{capture.service.rsplit('.', 1)[-1]}/{name}")
-               for name, h in handlers.items()}
+    guarded = {name: guard_handler(h, f"{capture.service.rsplit('.', 1)[-1]}/{name}") for name, h in handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, guarded),))
     server.add_registered_method_handlers(capture.service, guarded)
     return capture.service

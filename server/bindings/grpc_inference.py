@@ -5,12 +5,14 @@ check lives), the result into the protocol's response (server/bindings/v2_messag
 raised, never answered here: the error boundary (server/bindings/grpc_boundary.py) maps them to a
 status for every RPC alike.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -21,8 +23,15 @@ from protos import grpc_service_pb2_grpc as pb_grpc
 from server import logs, tracing
 from server.bindings import v2_messages as v2
 from server.bindings.grpc_boundary import guard_servicer
-from server.bindings.grpc_wire import (WireError, WireInferRequest, encode_output, from_message,
-                                       parameters_of, parse_infer_request, tensor_in)
+from server.bindings.grpc_wire import (
+    WireError,
+    WireInferRequest,
+    encode_output,
+    from_message,
+    parameters_of,
+    parse_infer_request,
+    tensor_in,
+)
 from server.dataplane.normalize import OutputIn
 from server.dataplane.plane import DataPlane, InferenceResponse
 from server.dataplane.tensors import TensorIn
@@ -41,11 +50,14 @@ def tensors_in(request: WireInferRequest) -> list[TensorIn]:
     params = [parameters_of(t.parameters) if t.parameters else {} for t in header.inputs]
     wanting = [t for t, p in zip(header.inputs, params) if REGION not in p]
     if raw and len(raw) != len(wanting):
-        raise invalid(f"raw_input_contents has {len(raw)} entries for {len(wanting)} inputs not in shared "
-                      "memory; when raw contents are used every such input must have one")
+        raise invalid(
+            f"raw_input_contents has {len(raw)} entries for {len(wanting)} inputs not in shared "
+            "memory; when raw contents are used every such input must have one"
+        )
     raw_entries = iter(raw)
-    return [tensor_in(t, next(raw_entries) if raw and REGION not in p else None, p)
-            for t, p in zip(header.inputs, params)]
+    return [
+        tensor_in(t, next(raw_entries) if raw and REGION not in p else None, p) for t, p in zip(header.inputs, params)
+    ]
 
 
 def outputs_in(request: WireInferRequest) -> list[OutputIn]:
@@ -53,8 +65,7 @@ def outputs_in(request: WireInferRequest) -> list[OutputIn]:
 
 
 def build_response(response: InferenceResponse) -> pb.ModelInferResponse:
-    out = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version,
-                                id=response.id)
+    out = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
     for o in response.outputs:
         if o.region is None:
             encode_output(o.name, o.array, out)
@@ -135,22 +146,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.CudaSharedMemoryStatusResponse()
 
     # -- logging and trace extensions (server/logs.py, server/tracing.py) ------------------------------
-    async def LogSettings(self, request: pb.LogSettingsRequest,
-                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.LogSettingsResponse:
+    async def LogSettings(
+        self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.LogSettingsResponse:
         return logs.settings_rpc(request)
 
-    async def TraceSetting(self, request: pb.TraceSettingRequest,
-                           context: grpc.aio.ServicerContext[Any, Any]) -> pb.TraceSettingResponse:
+    async def TraceSetting(
+        self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.TraceSettingResponse:
         return tracing.setting_rpc(request, self.plane.repository)
 
     # -- inference -----------------------------------------------------------------------------------
-    async def _infer(self, request: WireInferRequest, context: grpc.aio.ServicerContext,
-                     received_ns: int) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: WireInferRequest, context: grpc.aio.ServicerContext, received_ns: int
+    ) -> pb.ModelInferResponse:
         header = request.header
         normalized = await self.plane.normalize(
-            header.model_name, header.model_version, tensors_in(request), outputs=outputs_in(request),
-            parameters=parameters_of(header.parameters), request_id=header.id,
-            transport_remaining_s=context.time_remaining(), received_ns=received_ns)
+            header.model_name,
+            header.model_version,
+            tensors_in(request),
+            outputs=outputs_in(request),
+            parameters=parameters_of(header.parameters),
+            request_id=header.id,
+            transport_remaining_s=context.time_remaining(),
+            received_ns=received_ns,
+        )
         return build_response(await self.plane.infer(normalized))
 
     async def ModelInfer(self, request: bytes, context):
@@ -180,11 +200,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     await out.put(pb.ModelStreamInferResponse(infer_response=resp))
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - answers this request; the stream goes on
+            except Exception as exc:
                 err = status_of(exc, "ModelStreamInfer")
-                await out.put(pb.ModelStreamInferResponse(
-                    error_message=err.message,
-                    infer_response=pb.ModelInferResponse(model_name=req.model_name, id=req.id)))
+                await out.put(
+                    pb.ModelStreamInferResponse(
+                        error_message=err.message,
+                        infer_response=pb.ModelInferResponse(model_name=req.model_name, id=req.id),
+                    )
+                )
 
         async def reader() -> None:
             # The end mark goes out however reading ends: after a message that does not parse the loop
@@ -219,7 +242,8 @@ def add_inference_service(server: grpc.aio.Server, plane: DataPlane) -> str:
     servicer = InferenceServicer(plane)
     # ModelInfer takes the serialized request (no deserializer) so tensors are read without copies.
     model_infer = grpc.unary_unary_rpc_method_handler(
-        servicer.ModelInfer, request_deserializer=None,
-        response_serializer=pb.ModelInferResponse.SerializeToString)
-    return guard_servicer(server, pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer,
-                          overrides={"ModelInfer": model_infer})
+        servicer.ModelInfer, request_deserializer=None, response_serializer=pb.ModelInferResponse.SerializeToString
+    )
+    return guard_servicer(
+        server, pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, overrides={"ModelInfer": model_infer}
+    )

@@ -4,6 +4,7 @@ Pictures in, the data plane's answer out as the RPC's response (server/bindings/
 admission counts the request by its received size, and failures go to the same error boundary as
 ModelInfer's (server/bindings/grpc_boundary.py).
 """
+
 from __future__ import annotations
 
 import grpc
@@ -21,35 +22,66 @@ class VisionServicer(vpb_grpc.VisionServiceServicer):
 
     async def Classify(self, request: vpb.ClassifyRequest, context: Context) -> vpb.ClassifyResponse:
         with self.plane.admitted(request.ByteSize()):
-            return to_message(await self.plane.vision.classify(
-                request.model_name, request.model_version, list(request.images), top_k=request.top_k,
-                transport_remaining_s=context.time_remaining()), vpb.ClassifyResponse)
+            return to_message(
+                await self.plane.vision.classify(
+                    request.model_name,
+                    request.model_version,
+                    list(request.images),
+                    top_k=request.top_k,
+                    transport_remaining_s=context.time_remaining(),
+                ),
+                vpb.ClassifyResponse,
+            )
 
     async def Detect(self, request: vpb.DetectRequest, context: Context) -> vpb.DetectResponse:
         with self.plane.admitted(request.ByteSize()):
-            return to_message(await self.plane.vision.detect(
-                request.model_name, request.model_version, list(request.images),
-                score_threshold=request.score_threshold, max_detections=request.max_detections,
-                transport_remaining_s=context.time_remaining()), vpb.DetectResponse)
+            return to_message(
+                await self.plane.vision.detect(
+                    request.model_name,
+                    request.model_version,
+                    list(request.images),
+                    score_threshold=request.score_threshold,
+                    max_detections=request.max_detections,
+                    transport_remaining_s=context.time_remaining(),
+                ),
+                vpb.DetectResponse,
+            )
 
     async def Segment(self, request: vpb.SegmentRequest, context: Context) -> vpb.SegmentResponse:
         with self.plane.admitted(request.ByteSize()):
-            return to_message(await self.plane.vision.segment(
-                request.model_name, request.model_version, list(request.images),
-                transport_remaining_s=context.time_remaining()), vpb.SegmentResponse)
+            return to_message(
+                await self.plane.vision.segment(
+                    request.model_name,
+                    request.model_version,
+                    list(request.images),
+                    transport_remaining_s=context.time_remaining(),
+                ),
+                vpb.SegmentResponse,
+            )
 
     async def Encode(self, request: vpb.EncodeRequest, context: Context) -> vpb.EncodeResponse:
         with self.plane.admitted(request.ByteSize()):
-            return to_message(await self.plane.vision.encode(
-                request.model_name, request.model_version, list(request.images),
-                transport_remaining_s=context.time_remaining()), vpb.EncodeResponse)
+            return to_message(
+                await self.plane.vision.encode(
+                    request.model_name,
+                    request.model_version,
+                    list(request.images),
+                    transport_remaining_s=context.time_remaining(),
+                ),
+                vpb.EncodeResponse,
+            )
 
-    async def Reconstruct(self, request: vpb.ReconstructRequest,
-                          context: Context) -> vpb.ReconstructResponse:
+    async def Reconstruct(self, request: vpb.ReconstructRequest, context: Context) -> vpb.ReconstructResponse:
         with self.plane.admitted(request.ByteSize()):
-            return to_message(await self.plane.vision.reconstruct(
-                request.model_name, request.model_version, list(request.images),
-                transport_remaining_s=context.time_remaining()), vpb.ReconstructResponse)
+            return to_message(
+                await self.plane.vision.reconstruct(
+                    request.model_name,
+                    request.model_version,
+                    list(request.images),
+                    transport_remaining_s=context.time_remaining(),
+                ),
+                vpb.ReconstructResponse,
+            )
 
 
 def add_vision_service(server: grpc.aio.Server, plane: DataPlane) -> str:

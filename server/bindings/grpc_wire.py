@@ -8,6 +8,7 @@ bytes; this module walks the top-level wire format once, hands everything except
 (raw_input_contents) to protobuf (a few hundred bytes of names, shapes and parameters), and returns
 the raw contents as memoryviews into the received buffer, which numpy then wraps without a copy.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -31,9 +32,18 @@ class WireError(ValueError):
 
 # Which InferTensorContents field holds each datatype when sent typed (FP16/BF16 have none: raw only).
 _TYPED_FIELD = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
 }
 
 
@@ -75,9 +85,9 @@ def parse_infer_request(data: bytes) -> WireInferRequest:
             if pos + length > end:
                 raise WireError(f"field {field} overruns the message")
             if field == _RAW_INPUT_CONTENTS:
-                raw.append(buf[pos:pos + length])
+                raw.append(buf[pos : pos + length])
             else:
-                header_parts.append(buf[start:pos + length])
+                header_parts.append(buf[start : pos + length])
             pos += length
         elif wire == _VARINT:
             _, pos = _varint(buf, pos, end)
@@ -112,8 +122,11 @@ def parameters_of(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
     return out
 
 
-def tensor_in(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | memoryview | None,
-              parameters: Mapping[str, Any] | None = None) -> TensorIn:
+def tensor_in(
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | memoryview | None,
+    parameters: Mapping[str, Any] | None = None,
+) -> TensorIn:
     """A gRPC input tensor (with its raw_input_contents entry, if any) as the data plane takes it. Typed
     contents go along when given, or when nothing else is (so a missing tensor is named by its count)."""
     shape = tuple(int(d) for d in tensor.shape)
@@ -124,9 +137,16 @@ def tensor_in(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | memory
         values = getattr(tensor.contents, field) if field else ()
     elif raw is None and REGION not in params and field is not None:
         values = getattr(tensor.contents, field)
-    return TensorIn(tensor.name, tensor.datatype, shape, raw=raw, values=values,
-                    values_field=f"contents.{field}" if field else "contents", raw_field="raw_input_contents",
-                    parameters=params)
+    return TensorIn(
+        tensor.name,
+        tensor.datatype,
+        shape,
+        raw=raw,
+        values=values,
+        values_field=f"contents.{field}" if field else "contents",
+        raw_field="raw_input_contents",
+        parameters=params,
+    )
 
 
 def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | memoryview | None) -> np.ndarray:

@@ -12,6 +12,7 @@ refused. Tensor `data` must hold the declared datatype's JSON type (numbers for 
 datatype's range for INT*/UINT*, true/false for BOOL, strings for BYTES): numpy would otherwise turn
 null into NaN, "1" into 1.0, 1.5 into 1 and 1e999 into inf without a word.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,10 +39,13 @@ UTF8_CHARSETS = {"utf-8", "utf8", "us-ascii", "ascii"}
 # What aiohttp's multipart parser raises for a body it cannot read (bad boundary, header, part charset).
 FORM_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, HttpProcessingError)
 
-_INT_RANGE = {dt: (int(np.iinfo(dt.lower()).min), int(np.iinfo(dt.lower()).max))
-              for dt in ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")}
-_FLOAT_MAX = {dt: float(np.finfo(t).max) for dt, t in (("FP16", np.float16), ("FP32", np.float32),
-                                                         ("FP64", np.float64))}
+_INT_RANGE = {
+    dt: (int(np.iinfo(dt.lower()).min), int(np.iinfo(dt.lower()).max))
+    for dt in ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")
+}
+_FLOAT_MAX = {
+    dt: float(np.finfo(t).max) for dt, t in (("FP16", np.float16), ("FP32", np.float32), ("FP64", np.float64))
+}
 _JSON_KIND: dict[str, tuple[frozenset[type], str]] = {
     "BOOL": (frozenset({bool}), "true or false"),
     "BYTES": (frozenset({str}), "strings"),
@@ -75,14 +79,15 @@ def content_codings(values: Iterable[str]) -> list[str]:
     codings = [c for c in codings if c != "identity"]
     for c in codings:
         if c not in TAKEN_ENCODINGS:
-            raise not_taken(f"Content-Encoding {echo(c, 40)} is not taken; request bodies may be "
-                                   f"{', '.join(TAKEN_ENCODINGS)} or identity")
+            raise not_taken(
+                f"Content-Encoding {echo(c, 40)} is not taken; request bodies may be "
+                f"{', '.join(TAKEN_ENCODINGS)} or identity"
+            )
     return codings
 
 
 def _too_large(cap: int, coding: str) -> InferError:
-    return too_large(f"request body decoded from {coding} exceeds the limit of {cap} bytes "
-                            "(--http-max-input-size)")
+    return too_large(f"request body decoded from {coding} exceeds the limit of {cap} bytes (--http-max-input-size)")
 
 
 def _inflate_flate(data: bytes, coding: str, cap: int) -> bytes:
@@ -133,8 +138,9 @@ def inflate(data: bytes, codings: Sequence[str], cap: int) -> bytes:
 def _check_charset(request: web.Request) -> None:
     charset = request.charset
     if charset and charset.lower() not in UTF8_CHARSETS:
-        raise not_taken(f"Content-Type charset {echo(charset, 40)} is not taken; request bodies are "
-                               "UTF-8 (JSON) or binary")
+        raise not_taken(
+            f"Content-Type charset {echo(charset, 40)} is not taken; request bodies are UTF-8 (JSON) or binary"
+        )
 
 
 async def decode_body(request: web.Request, body: bytes, cap: int) -> bytes:
@@ -187,8 +193,7 @@ def tensor_values(values: list[Any], datatype: str, where: str) -> list[Any]:
         lo, hi = _INT_RANGE[datatype]
         if min(values) < lo or max(values) > hi:
             i = next(i for i, v in enumerate(values) if not lo <= v <= hi)
-            raise invalid(f"{where}: data[{i}] = {echo(values[i], 40)} is out of range for {datatype} "
-                          f"[{lo}, {hi}]")
+            raise invalid(f"{where}: data[{i}] = {echo(values[i], 40)} is out of range for {datatype} [{lo}, {hi}]")
     elif datatype in _FLOAT_MAX:
         limit = _FLOAT_MAX[datatype]
         try:
@@ -197,8 +202,10 @@ def tensor_values(values: list[Any], datatype: str, where: str) -> list[Any]:
             fits = np.array([abs(v) <= limit for v in values])
         if not fits.all():
             i = int(np.argmin(fits))
-            raise invalid(f"{where}: data[{i}] = {echo(values[i], 40)} is out of range for {datatype} "
-                          f"(finite, magnitude at most {limit:g})")
+            raise invalid(
+                f"{where}: data[{i}] = {echo(values[i], 40)} is out of range for {datatype} "
+                f"(finite, magnitude at most {limit:g})"
+            )
     return values
 
 
@@ -207,4 +214,3 @@ def uint64_field(value: int, key: str, where: str) -> int:
     if not 0 <= value < UINT64_LIMIT:
         raise invalid(f"{where}: '{key}' must be an integer in [0, 2^64), got {echo(value, 40)}")
     return value
-

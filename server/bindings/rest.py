@@ -15,12 +15,14 @@ closed), so a client that trickles its bytes holds a request slot for that long 
 that never completes its request line and headers is closed after --http-idle-timeout-secs; header lines
 and fields are capped at --http-max-header-bytes (aiohttp answers 400).
 """
+
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -86,16 +88,19 @@ class RestBody:
         """`read()` of the body under the size cap and the body timeout."""
         limit = self.limits.max_input_size
         if request.content_length is not None and request.content_length > limit:
-            raise too_large(f"request body of {request.content_length} bytes exceeds the limit of "
-                            f"{limit} bytes (--http-max-input-size)")
+            raise too_large(
+                f"request body of {request.content_length} bytes exceeds the limit of "
+                f"{limit} bytes (--http-max-input-size)"
+            )
         try:
             async with asyncio.timeout(self.limits.body_timeout_s):
                 return await read()
         except web.HTTPRequestEntityTooLarge:
             raise too_large(f"request body exceeds the limit of {limit} bytes (--http-max-input-size)") from None
         except TimeoutError:
-            raise too_slow(f"request body not received within {self.limits.body_timeout_s:g} s "
-                           "(--http-body-timeout-secs)") from None
+            raise too_slow(
+                f"request body not received within {self.limits.body_timeout_s:g} s (--http-body-timeout-secs)"
+            ) from None
 
     async def content(self, request: web.Request) -> bytes:
         """The body as sent before its Content-Encoding (inflated off the loop under the size cap)."""
@@ -133,8 +138,13 @@ def error_response(err: InferError) -> web.Response:
 
 
 class RestServer:
-    def __init__(self, plane: DataPlane, bindings: list[RestBinding], policy: AccessPolicy | None = None,
-                 limits: HttpLimits = HttpLimits()) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        bindings: list[RestBinding],
+        policy: AccessPolicy | None = None,
+        limits: HttpLimits = HttpLimits(),
+    ) -> None:
         self.plane = plane
         self.bindings = bindings
         self.policy = policy
@@ -173,17 +183,22 @@ class RestServer:
                 raise
             if exc.status == 404 and (err := unsupported(request.path)) is not None:  # Triton's API, not ours
                 return error_response(err)
-            return web.json_response({"error": exc.reason}, status=exc.status,
-                                     headers={k: v for k, v in exc.headers.items() if k == "Allow"} or None)
+            return web.json_response(
+                {"error": exc.reason},
+                status=exc.status,
+                headers={k: v for k, v in exc.headers.items() if k == "Allow"} or None,
+            )
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the boundary: one request fails, the server serves on
+        except Exception as exc:
             return error_response(status_of(exc, f"HTTP {request.method} {request.path}"))
 
     # -- life cycle ------------------------------------------------------------------------------------------
     async def start(self, address: str, port: int, tls: TlsFiles | None, reuse_port: bool = False) -> int:
         runner = web.AppRunner(
-            self.app(), handle_signals=False, access_log=None,
+            self.app(),
+            handle_signals=False,
+            access_log=None,
             shutdown_timeout=1.0,  # stop() runs after the drain: no inference is left in flight
             auto_decompress=False,  # bodies are inflated by http_body.py: bounded, off the loop
             keepalive_timeout=self.limits.idle_timeout_s,
@@ -192,13 +207,17 @@ class RestServer:
             lingering_time=1.0,
             # aiohttp pauses the socket each time 2x this much body is buffered unread; 64 KiB (its
             # default) means a dozen pause/resume cycles and loop wake-ups per 600 KB tensor.
-            read_bufsize=1 << 20, max_line_size=self.limits.max_header_bytes,
-            max_field_size=self.limits.max_header_bytes, max_headers=MAX_HEADERS)
+            read_bufsize=1 << 20,
+            max_line_size=self.limits.max_header_bytes,
+            max_field_size=self.limits.max_header_bytes,
+            max_headers=MAX_HEADERS,
+        )
         await runner.setup()
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         try:
-            sock = socket.create_server((address.strip("[]"), port), family=family, backlog=1024,
-                                        reuse_port=reuse_port)  # --workers share the port
+            sock = socket.create_server(
+                (address.strip("[]"), port), family=family, backlog=1024, reuse_port=reuse_port
+            )  # --workers share the port
         except OSError as exc:
             await runner.cleanup()
             raise SystemExit(f"could not bind HTTP to {address}:{port}: {exc.strerror or exc}") from None

@@ -10,6 +10,7 @@ start). The gRPC LogSettings
 and TraceSetting RPCs (server/bindings/grpc_inference.py) change the same state. This file and its line
 in server.app.REST_BINDINGS are the whole binding.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,8 +30,11 @@ class SettingsRoutes:
     def routes(self) -> list[RestRoute]:
         return [
             *(RestRoute(verb, "/v2/logging", self.log_settings, "logging") for verb in ("GET", "POST")),
-            *(RestRoute(verb, path, self.trace_setting, "trace") for verb in ("GET", "POST")
-              for path in ("/v2/trace/setting", "/v2/models/{model}/trace/setting")),
+            *(
+                RestRoute(verb, path, self.trace_setting, "trace")
+                for verb in ("GET", "POST")
+                for path in ("/v2/trace/setting", "/v2/models/{model}/trace/setting")
+            ),
         ]
 
     async def _updates(self, request: web.Request, what: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ JSON header and the rest holds, in input order, the raw bytes of each input whos
 Inputs and outputs may instead name a system shared-memory region (`shared_memory_region`,
 `shared_memory_byte_size`, `shared_memory_offset`), the registry the gRPC binding uses.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -53,8 +54,7 @@ from server.shared_memory import BYTE_SIZE, REGION
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # What an infer body may be labelled: JSON, the binary-data extension, or nothing / curl's default form
 # type (curl -d sends that unless told otherwise).
-_INFER_TYPES = {"", "application/json", "application/octet-stream", "application/x-www-form-urlencoded",
-                "text/plain"}
+_INFER_TYPES = {"", "application/json", "application/octet-stream", "application/x-www-form-urlencoded", "text/plain"}
 
 
 def _flatten(data: Any, where: str) -> list:
@@ -95,16 +95,30 @@ def _tensors_in(inputs: list, binary: memoryview) -> list[TensorIn]:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise invalid(f"{where}: parameters.binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
-                raise invalid(f"{where}: binary_data_size {size} runs past the binary data "
-                              f"({len(binary) - offset} bytes left after the header)")
-            raw = binary[offset:offset + size]
+                raise invalid(
+                    f"{where}: binary_data_size {size} runs past the binary data "
+                    f"({len(binary) - offset} bytes left after the header)"
+                )
+            raw = binary[offset : offset + size]
             offset += size
         values = tensor_values(_flatten(t["data"], where), datatype, where) if "data" in t else None
-        tensors.append(TensorIn(name, datatype, tuple(shape), raw=raw, values=values, values_field="data",
-                                raw_field="parameters.binary_data_size", parameters=params))
+        tensors.append(
+            TensorIn(
+                name,
+                datatype,
+                tuple(shape),
+                raw=raw,
+                values=values,
+                values_field="data",
+                raw_field="parameters.binary_data_size",
+                parameters=params,
+            )
+        )
     if offset != len(binary):
-        raise invalid(f"{len(binary)} bytes of binary data follow the JSON header, the inputs' "
-                      f"binary_data_size add up to {offset}")
+        raise invalid(
+            f"{len(binary)} bytes of binary data follow the JSON header, the inputs' "
+            f"binary_data_size add up to {offset}"
+        )
     return tensors
 
 
@@ -123,8 +137,10 @@ def _output_json(o: OutputTensor, binary: bool, chunks: list[bytes | memoryview]
         try:
             entry["data"] = [bytes(v).decode() for v in arr.reshape(-1)]
         except UnicodeDecodeError:
-            raise invalid(f"output '{o.name}' holds bytes that are not UTF-8 and cannot be JSON; "
-                          "ask for it with parameters.binary_data: true") from None
+            raise invalid(
+                f"output '{o.name}' holds bytes that are not UTF-8 and cannot be JSON; "
+                "ask for it with parameters.binary_data: true"
+            ) from None
     else:
         entry["data"] = arr.reshape(-1).tolist()
     return entry
@@ -153,14 +169,14 @@ class KServeV2Routes:
             RestRoute("GET", "/v2/systemsharedmemory/region/{region}/status", self.shm_status, "shared-memory"),
             RestRoute("POST", "/v2/systemsharedmemory/region/{region}/register", self.shm_register, "shared-memory"),
             RestRoute("POST", "/v2/systemsharedmemory/unregister", self.shm_unregister, "shared-memory"),
-            RestRoute("POST", "/v2/systemsharedmemory/region/{region}/unregister", self.shm_unregister,
-                      "shared-memory"),
+            RestRoute(
+                "POST", "/v2/systemsharedmemory/region/{region}/unregister", self.shm_unregister, "shared-memory"
+            ),
             RestRoute("GET", "/v2/cudasharedmemory/status", self.cuda_status, "shared-memory"),
             RestRoute("GET", "/v2/cudasharedmemory/region/{region}/status", self.cuda_status, "shared-memory"),
             RestRoute("POST", "/v2/cudasharedmemory/region/{region}/register", self.cuda_register, "shared-memory"),
             RestRoute("POST", "/v2/cudasharedmemory/unregister", self.cuda_unregister, "shared-memory"),
-            RestRoute("POST", "/v2/cudasharedmemory/region/{region}/unregister", self.cuda_unregister,
-                      "shared-memory"),
+            RestRoute("POST", "/v2/cudasharedmemory/region/{region}/unregister", self.cuda_unregister, "shared-memory"),
         ]
         for base in (m, mv):
             routes += [
@@ -251,8 +267,10 @@ class KServeV2Routes:
     async def infer(self, request: web.Request) -> web.StreamResponse:
         received = time.perf_counter_ns()
         if request.content_type.lower() not in _INFER_TYPES:
-            raise invalid(f"infer takes application/json (or the binary-data extension as "
-                          f"application/octet-stream), got Content-Type {request.content_type!r:.80}")
+            raise invalid(
+                f"infer takes application/json (or the binary-data extension as "
+                f"application/octet-stream), got Content-Type {request.content_type!r:.80}"
+            )
         name, version = _model(request)
         # Admitted on the declared length, before the body is read, as gRPC admits on the received size
         # (a chunked body declares none; --http-max-input-size still bounds it).
@@ -268,8 +286,9 @@ class KServeV2Routes:
                 except ValueError:
                     n = -1
                 if not 0 <= n <= len(body):
-                    raise invalid(f"{HEADER_LENGTH} {header_len!r:.40} is not a length within the "
-                                  f"{len(body)}-byte body")
+                    raise invalid(
+                        f"{HEADER_LENGTH} {header_len!r:.40} is not a length within the {len(body)}-byte body"
+                    )
                 view = memoryview(body)
                 header, binary = view[:n], view[n:]
             doc = await self.body.json(header, "inference request")
@@ -291,8 +310,15 @@ class KServeV2Routes:
                 wanted[out_name] = bool(out_params.get("binary_data", binary_default))
                 outputs_in.append(OutputIn(out_name, out_params))
             normalized = await self.plane.normalize(
-                name, version, _tensors_in(inputs, binary), outputs=outputs_in, parameters=params,
-                request_id=request_id, received_ns=received, protocol="http")
+                name,
+                version,
+                _tensors_in(inputs, binary),
+                outputs=outputs_in,
+                parameters=params,
+                request_id=request_id,
+                received_ns=received,
+                protocol="http",
+            )
             result = await self.plane.infer(normalized)
             chunks: list[bytes | memoryview] = []
             out_json = [_output_json(o, wanted.get(o.name, binary_default), chunks) for o in result.outputs]
@@ -309,8 +335,9 @@ class KServeV2Routes:
                 # clients that send Accept-Encoding by default (aiohttp's) would pay on every call.
                 plain.enable_compression()
                 return plain
-            response = web.StreamResponse(headers={HEADER_LENGTH: str(len(head)),
-                                                   "Content-Type": "application/octet-stream"})
+            response = web.StreamResponse(
+                headers={HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
+            )
             response.content_length = len(head) + sum(len(c) for c in chunks)
             await response.prepare(request)
             for part in (head, *chunks):

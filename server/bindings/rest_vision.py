@@ -8,6 +8,7 @@ file part a picture; its filename comes back as the result's `source`); options 
 gRPC vision API (the same messages, server/bindings/vision_messages.py), PNG fields (mask_png,
 image_png) in base64. This file and its line in server.app.REST_BINDINGS are the whole binding.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,8 +32,10 @@ class VisionRoutes:
         self.body = body
 
     def routes(self) -> list[RestRoute]:
-        return [RestRoute("POST", base + "/{call}", self.call, "inference")
-                for base in ("/v2/vision/models/{model}", "/v2/vision/models/{model}/versions/{version}")]
+        return [
+            RestRoute("POST", base + "/{call}", self.call, "inference")
+            for base in ("/v2/vision/models/{model}", "/v2/vision/models/{model}/versions/{version}")
+        ]
 
     async def call(self, request: web.Request) -> web.Response:
         call = request.match_info["call"]
@@ -73,8 +76,10 @@ class VisionRoutes:
             return [f.file.read() for f in files], [f.filename or "" for f in files]
         if ctype.startswith("image/") or ctype == "application/octet-stream":
             return [await self.body.content(request)], [""]
-        raise invalid(f"vision calls take a picture (image/*, application/octet-stream) or "
-                      f"multipart/form-data, got Content-Type {request.content_type!r:.80}")
+        raise invalid(
+            f"vision calls take a picture (image/*, application/octet-stream) or "
+            f"multipart/form-data, got Content-Type {request.content_type!r:.80}"
+        )
 
 
 def routes(plane: DataPlane, body: RestBody) -> list[RestRoute]:

@@ -11,6 +11,7 @@ an UNSUPPORTED error, and what gRPC answers (UNIMPLEMENTED) for an RPC it does n
 no Triton API at all stay 404. The REST server's error middleware (rest.py) asks `unsupported` about
 every 404, so an endpoint that gains a handler needs no change here.
 """
+
 from __future__ import annotations
 
 import re
@@ -32,6 +33,5 @@ def unsupported(path: str) -> InferError | None:
     """UNIMPLEMENTED (501) for a Triton API path that no route served; None for any other path."""
     for api, pattern in TRITON_ENDPOINTS:
         if pattern.fullmatch(path):
-            return InferError(grpc.StatusCode.UNIMPLEMENTED,
-                              f"the {api} API ({path}) is not supported by this server")
+            return InferError(grpc.StatusCode.UNIMPLEMENTED, f"the {api} API ({path}) is not supported by this server")
     return None

@@ -4,6 +4,7 @@ The gRPC binding sends these messages; the REST binding sends the same messages 
 (cnncore.protojson), which is what KServe v2's REST schema is. Requests are never built here: each
 binding reads its own wire form straight into data-plane calls.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -24,10 +25,14 @@ def model_metadata(model: ServedModel, versions: Iterable[int]) -> pb.ModelMetad
         name=model.name,
         versions=[str(v) for v in versions],
         platform=model.platform,
-        inputs=[pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype,
-                                                        shape=s.metadata_shape(batched)) for s in model.inputs],
-        outputs=[pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype,
-                                                         shape=s.metadata_shape(batched)) for s in model.outputs],
+        inputs=[
+            pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.metadata_shape(batched))
+            for s in model.inputs
+        ],
+        outputs=[
+            pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.metadata_shape(batched))
+            for s in model.outputs
+        ],
     )
 
 
@@ -35,8 +40,13 @@ def model_statistics(models: Iterable[ServedModel]) -> pb.ModelStatisticsRespons
     out = pb.ModelStatisticsResponse()
     for m in models:
         s = m.stats
-        ms = out.model_stats.add(name=m.name, version=str(m.version), last_inference=s.last_inference_ms,
-                                 inference_count=s.inference_count, execution_count=s.execution_count)
+        ms = out.model_stats.add(
+            name=m.name,
+            version=str(m.version),
+            last_inference=s.last_inference_ms,
+            inference_count=s.inference_count,
+            execution_count=s.execution_count,
+        )
         st = ms.inference_stats
         for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
             d = getattr(s, field)
@@ -60,6 +70,9 @@ def repository_index(entries: Iterable[IndexEntry]) -> pb.RepositoryIndexRespons
 def region_status(regions: Iterable[RegionStatus]) -> pb.SystemSharedMemoryStatusResponse:
     out = pb.SystemSharedMemoryStatusResponse()
     for r in regions:
-        out.regions[r.name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
-            name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size))
+        out.regions[r.name].CopyFrom(
+            pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size
+            )
+        )
     return out

@@ -3,6 +3,7 @@
 The gRPC vision binding sends them; the REST vision binding sends the same messages as JSON, so both
 APIs (and the CLI, which prints the gRPC answer as JSON) answer alike.
 """
+
 from __future__ import annotations
 
 from typing import Any, TypeVar, overload
@@ -28,8 +29,9 @@ def _fill(call: str, result: Any, r: ImageResult) -> None:
     elif call == "Detect":
         for d in r.detections:
             x1, y1, x2, y2 = d.box
-            result.detections.add(box=vpb.Box(x1=x1, y1=y1, x2=x2, y2=y2), class_index=d.class_index,
-                                  label=d.label, score=d.score)
+            result.detections.add(
+                box=vpb.Box(x1=x1, y1=y1, x2=x2, y2=y2), class_index=d.class_index, label=d.label, score=d.score
+            )
     elif call == "Segment":
         result.mask_png = r.mask_png
         for f in r.fractions:

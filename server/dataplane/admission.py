@@ -17,6 +17,7 @@ leaving an admitted request gets the trailer too, so clients back off from eithe
 A request larger than the whole byte budget is admitted when nothing else is in flight, so a budget
 below one message never refuses a client forever (gRPC's message limit bounds it instead).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -34,14 +35,26 @@ DEFAULT_RETRY_PUSHBACK_MS = 100
 DEFAULT_MAX_INFLIGHT_REQUESTS = 1024
 DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 
-REFUSED = Counter("cnnserve_admission_refused", "Inference requests refused by the server-wide admission limit",
-                  ["limit"], registry=REGISTRY)
+REFUSED = Counter(
+    "cnnserve_admission_refused",
+    "Inference requests refused by the server-wide admission limit",
+    ["limit"],
+    registry=REGISTRY,
+)
 # livesum: under --workers (prometheus_client's multiprocess mode) the one scrape shows the sum over the
 # running workers, not one series per pid; a single process ignores the mode.
-INFLIGHT_REQUESTS = Gauge("cnnserve_inflight_requests", "Inference requests admitted and not yet answered",
-                          registry=REGISTRY, multiprocess_mode="livesum")
-INFLIGHT_BYTES = Gauge("cnnserve_inflight_request_bytes", "Request bytes of the admitted, unanswered requests",
-                       registry=REGISTRY, multiprocess_mode="livesum")
+INFLIGHT_REQUESTS = Gauge(
+    "cnnserve_inflight_requests",
+    "Inference requests admitted and not yet answered",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+INFLIGHT_BYTES = Gauge(
+    "cnnserve_inflight_request_bytes",
+    "Request bytes of the admitted, unanswered requests",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 
 
 class AdmissionRefused(InferError):
@@ -54,8 +67,9 @@ class AdmissionRefused(InferError):
 class Admission:
     """Counts admitted requests and bytes; used only from the event loop thread (no lock needed)."""
 
-    def __init__(self, max_requests: int = 0, max_bytes: int = 0,
-                 retry_pushback_ms: int = DEFAULT_RETRY_PUSHBACK_MS) -> None:
+    def __init__(
+        self, max_requests: int = 0, max_bytes: int = 0, retry_pushback_ms: int = DEFAULT_RETRY_PUSHBACK_MS
+    ) -> None:
         if max_requests < 0 or max_bytes < 0 or retry_pushback_ms < 0:
             raise ValueError("admission limits and the retry pushback must be >= 0 (0 = no limit)")
         self.max_requests = max_requests
@@ -66,8 +80,9 @@ class Admission:
 
     def _refuse(self, limit: str, message: str) -> AdmissionRefused:
         REFUSED.labels(limit).inc()
-        return AdmissionRefused(f"server is at its {message}; retry after {self.retry_pushback_ms} ms",
-                                self.retry_pushback_ms)
+        return AdmissionRefused(
+            f"server is at its {message}; retry after {self.retry_pushback_ms} ms", self.retry_pushback_ms
+        )
 
     @contextmanager
     def admit(self, nbytes: int) -> Iterator[None]:
@@ -75,8 +90,11 @@ class Admission:
         if self.max_requests and self.requests >= self.max_requests:
             raise self._refuse("requests", f"limit of {self.max_requests} in-flight requests (--max-inflight-requests)")
         if self.max_bytes and self.requests and self.bytes + nbytes > self.max_bytes:
-            raise self._refuse("bytes", f"limit of {self.max_bytes} in-flight request bytes "
-                                        f"({self.bytes} held, this request {nbytes}; --max-inflight-bytes)")
+            raise self._refuse(
+                "bytes",
+                f"limit of {self.max_bytes} in-flight request bytes "
+                f"({self.bytes} held, this request {nbytes}; --max-inflight-bytes)",
+            )
         self.requests += 1
         self.bytes += nbytes
         INFLIGHT_REQUESTS.set(self.requests)

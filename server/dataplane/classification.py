@@ -11,10 +11,12 @@ Ties keep the lower index first. The answer's shape is [batch, min(N, classes)] 
 [min(N, classes)] otherwise. Outputs that hold no numbers (BYTES, BOOL) are refused INVALID_ARGUMENT, as
 Triton refuses them, and so is a count that is not a positive integer or is combined with shared memory.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -34,8 +36,9 @@ def read_labels(config: mc.ModelConfig, model_dir: Path) -> dict[str, list[str]]
             continue
         path = model_dir / out.label_filename
         if Path(out.label_filename).is_absolute() or ".." in Path(out.label_filename).parts:
-            raise ValueError(f"output '{out.name}': label_filename {out.label_filename!r} must name a file in "
-                             "the model directory")
+            raise ValueError(
+                f"output '{out.name}': label_filename {out.label_filename!r} must name a file in the model directory"
+            )
         try:
             labels[out.name] = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
@@ -51,8 +54,10 @@ def class_counts(outputs: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, 
             continue
         count = params[CLASSIFICATION]
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise invalid(f"output '{name}': parameter '{CLASSIFICATION}' must be a positive integer "
-                          f"(the number of classes to return), got {count!r:.40}")
+            raise invalid(
+                f"output '{name}': parameter '{CLASSIFICATION}' must be a positive integer "
+                f"(the number of classes to return), got {count!r:.40}"
+            )
         if "shared_memory_region" in params:
             raise invalid(f"output '{name}': '{CLASSIFICATION}' and a shared memory region cannot be combined")
         counts[name] = count
@@ -63,12 +68,14 @@ def _value(v: np.generic) -> str:
     return f"{float(v):f}" if isinstance(v, np.floating) else str(int(v))
 
 
-def top_classes(arr: np.ndarray, count: int, batched: bool, labels: list[str] | None = None,
-                name: str = "") -> np.ndarray:
+def top_classes(
+    arr: np.ndarray, count: int, batched: bool, labels: list[str] | None = None, name: str = ""
+) -> np.ndarray:
     """`arr`'s `count` highest classes per batch entry as Triton's "<value>:<index>[:<label>]" strings."""
     if arr.dtype.kind not in "iuf":
-        raise invalid(f"class result not available for output '{name}' due to unsupported type "
-                      f"'{from_numpy(arr.dtype)}'")
+        raise invalid(
+            f"class result not available for output '{name}' due to unsupported type '{from_numpy(arr.dtype)}'"
+        )
     rows = arr.reshape(arr.shape[0], -1) if batched else arr.reshape(1, -1)
     k = min(count, rows.shape[1])
     # Descending by value, the lower index first among equals (a stable sort of the negated values).

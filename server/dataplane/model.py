@@ -5,6 +5,7 @@ The data plane's Normalize (server/dataplane/normalize.py) calls `check_declared
 decoding it and `validate` on the decoded set, then queues the request on `batcher`. Validation errors
 are INVALID_ARGUMENT and name the input, what was expected and what came.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -43,8 +44,16 @@ def io_specs(tensors: list[mc.ModelInput] | list[mc.ModelOutput]) -> list[IOSpec
 
 
 class ServedModel:
-    def __init__(self, name: str, version: int, config: mc.ModelConfig, meta: ModelMeta | None,
-                 instances: list[Backend], batcher: DynamicBatcher, platform: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        config: mc.ModelConfig,
+        meta: ModelMeta | None,
+        instances: list[Backend],
+        batcher: DynamicBatcher,
+        platform: str,
+    ) -> None:
         self.name = name
         self.version = version
         self.config = config
@@ -85,8 +94,9 @@ class ServedModel:
             raise invalid(f"input '{name}': shape {list(shape)} has a negative dimension")
         if datatype != spec.datatype:
             if datatype not in PROTOCOL_DATATYPES:
-                raise invalid(f"input '{name}': unsupported datatype {datatype!r}; "
-                              f"supported: {', '.join(PROTOCOL_DATATYPES)}")
+                raise invalid(
+                    f"input '{name}': unsupported datatype {datatype!r}; supported: {', '.join(PROTOCOL_DATATYPES)}"
+                )
             raise invalid(f"{where}: input '{name}': expected datatype {spec.datatype}, got {datatype}")
         expected = self._expected_shapes[name]
         if len(shape) != len(expected) or any(e != -1 and e != g for e, g in zip(expected, shape, strict=True)):
@@ -95,8 +105,9 @@ class ServedModel:
             if shape[0] < 1:
                 raise invalid(f"{where}: input '{name}': batch size must be at least 1, got {shape[0]}")
             if shape[0] > self.max_batch_size:
-                raise invalid(f"{where}: input '{name}': batch size {shape[0]} exceeds max_batch_size "
-                              f"{self.max_batch_size}")
+                raise invalid(
+                    f"{where}: input '{name}': batch size {shape[0]} exceeds max_batch_size {self.max_batch_size}"
+                )
 
     def validate(self, inputs: dict[str, np.ndarray], declarations_checked: bool = False) -> None:
         """INVALID_ARGUMENT unless `inputs` match the config exactly (names, dtypes, shapes, batch).
@@ -106,19 +117,24 @@ class ServedModel:
         missing = [n for n in self._inputs_by_name if n not in inputs]
         extra = [n for n in inputs if n not in self._inputs_by_name]
         if missing:
-            raise invalid(f"{where}: missing input(s) {', '.join(repr(m) for m in missing)}; "
-                          f"expected inputs {sorted(self._inputs_by_name)}, got {sorted(inputs)}")
+            raise invalid(
+                f"{where}: missing input(s) {', '.join(repr(m) for m in missing)}; "
+                f"expected inputs {sorted(self._inputs_by_name)}, got {sorted(inputs)}"
+            )
         if extra:
-            raise invalid(f"{where}: unexpected input(s) {', '.join(repr(e) for e in extra)}; "
-                          f"expected inputs {sorted(self._inputs_by_name)}")
+            raise invalid(
+                f"{where}: unexpected input(s) {', '.join(repr(e) for e in extra)}; "
+                f"expected inputs {sorted(self._inputs_by_name)}"
+            )
         batch: int | None = None
         for name, arr in inputs.items():
             if not declarations_checked:
                 self.check_declared(name, from_numpy(arr.dtype), arr.shape)
             if self.max_batch_size > 0:
                 if batch is not None and arr.shape[0] != batch:
-                    raise invalid(f"{where}: input '{name}': batch size {arr.shape[0]} differs from the other "
-                                  f"inputs' {batch}")
+                    raise invalid(
+                        f"{where}: input '{name}': batch size {arr.shape[0]} differs from the other inputs' {batch}"
+                    )
                 batch = arr.shape[0]
         try:
             self.instances[0].check_inputs(inputs)

@@ -11,6 +11,7 @@ are digits to Python's str.isdigit, not version numbers.
 Error messages quote what the client sent only through `server.errors.echo` (cut, repr'd), so a 10 KB
 name can never make a status message larger than gRPC clients accept (their metadata limit is 8 KB).
 """
+
 from __future__ import annotations
 
 import unicodedata
@@ -27,8 +28,10 @@ def check_model_name(name: str) -> str:
         raise invalid("model name is empty")
     size = len(name.encode("utf-8", "surrogatepass"))
     if size > MAX_NAME_BYTES:
-        raise invalid(f"model name {echo(name)} is {size} bytes long; a model name is a directory name "
-                      f"of at most {MAX_NAME_BYTES} bytes")
+        raise invalid(
+            f"model name {echo(name)} is {size} bytes long; a model name is a directory name "
+            f"of at most {MAX_NAME_BYTES} bytes"
+        )
     if name in (".", "..") or "/" in name or "\\" in name:
         raise invalid(f"model name {echo(name)} is not a directory name: no '/', '\\', '.' or '..'")
     if name.startswith("."):
@@ -44,8 +47,10 @@ def parse_version(version: str) -> int | None:
     if version == "":
         return None
     if not (version.isascii() and version.isdigit()):
-        raise invalid(f"model version {echo(version)} is not a version number: expected ASCII digits "
-                      "(or empty for the latest version)")
+        raise invalid(
+            f"model version {echo(version)} is not a version number: expected ASCII digits "
+            "(or empty for the latest version)"
+        )
     significant = version.lstrip("0") or "0"
     if len(significant) > len(str(INT64_MAX)) or int(significant) > INT64_MAX:
         raise invalid(f"model version {echo(version)} is out of range: versions are at most {INT64_MAX}")

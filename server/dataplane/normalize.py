@@ -27,12 +27,14 @@ the model and runs `normalize` here. Every check a request must satisfy runs onc
 The vision calls (server/dataplane/vision.py) make their input arrays from pictures and enter at step 6
 (`normalize_arrays`), so both APIs share steps 1-3 and 6, the batcher and the statistics.
 """
+
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,8 +50,9 @@ from server.shared_memory import OutputTarget, SharedMemoryRegistry, output_targ
 _OFFLOAD_BYTES = 1 << 20
 
 
-def deadline_from(transport_remaining_s: float | None, timeout_us: int | None,
-                  default_timeout_us: int = 0) -> float | None:
+def deadline_from(
+    transport_remaining_s: float | None, timeout_us: int | None, default_timeout_us: int = 0
+) -> float | None:
     """Absolute deadline on the event-loop clock: the earliest of the transport's (gRPC deadline, in
     seconds remaining; None or absurdly large = none), the request's `timeout` parameter and the
     model's default timeout (microseconds; 0 = none)."""
@@ -100,9 +103,15 @@ class InferenceRequest:
 def _source(t: TensorIn, shm: SharedMemoryRegistry) -> TensorIn:
     """Step 5's exclusivity: exactly one source of contents; a region becomes its window (raw bytes)."""
     window = tensor_source(shm, t.name, t.parameters) if t.parameters else None
-    given = [what for what, present in (("a shared memory region", window is not None),
-                                        (t.raw_field, t.raw is not None),
-                                        (t.values_field, t.values is not None)) if present]
+    given = [
+        what
+        for what, present in (
+            ("a shared memory region", window is not None),
+            (t.raw_field, t.raw is not None),
+            (t.values_field, t.values is not None),
+        )
+        if present
+    ]
     if len(given) > 1:
         raise invalid(f"input '{t.name}': both {' and '.join(given)} given; send its contents one way")
     if not given:
@@ -116,22 +125,32 @@ def _targets(model: ServedModel, outputs: Sequence[OutputIn], shm: SharedMemoryR
     targets = {}
     for o in outputs:
         if o.name not in model.output_names:
-            raise invalid(f"model '{model.name}': requested output '{o.name}' does not exist; "
-                          f"outputs are {model.output_names}")
+            raise invalid(
+                f"model '{model.name}': requested output '{o.name}' does not exist; outputs are {model.output_names}"
+            )
         if o.parameters and (target := output_target(shm, o.name, o.parameters)) is not None:
             targets[o.name] = target
     return targets
 
 
-async def normalize(model: ServedModel, inputs: Sequence[TensorIn], outputs: Sequence[OutputIn],
-                    parameters: Mapping[str, Any], shm: SharedMemoryRegistry, *, request_id: str = "",
-                    transport_remaining_s: float | None = None, received_ns: int,
-                    protocol: str = "grpc") -> InferenceRequest:
+async def normalize(
+    model: ServedModel,
+    inputs: Sequence[TensorIn],
+    outputs: Sequence[OutputIn],
+    parameters: Mapping[str, Any],
+    shm: SharedMemoryRegistry,
+    *,
+    request_id: str = "",
+    transport_remaining_s: float | None = None,
+    received_ns: int,
+    protocol: str = "grpc",
+) -> InferenceRequest:
     """Steps 3-6 for a tensor request on its resolved model; InferError names what is wrong. `protocol`
     ("grpc" or "http") says which wire parameters the binding itself consumed (binary data over REST)."""
     with model.refusals_counted():
-        check_infer_parameters(protocol, parameters, ((t.name, t.parameters) for t in inputs),
-                               ((o.name, o.parameters) for o in outputs))
+        check_infer_parameters(
+            protocol, parameters, ((t.name, t.parameters) for t in inputs), ((o.name, o.parameters) for o in outputs)
+        )
         deadline = deadline_from(transport_remaining_s, timeout_parameter(parameters), model.default_timeout_us)
         targets = _targets(model, outputs, shm)
         classes = class_counts((o.name, o.parameters) for o in outputs)
@@ -146,12 +165,21 @@ async def normalize(model: ServedModel, inputs: Sequence[TensorIn], outputs: Seq
             else:
                 arrays[t.name] = decode_tensor(t)
         model.validate(arrays, declarations_checked=True)
-    return InferenceRequest(model, arrays, [o.name for o in outputs] or list(model.output_names), request_id,
-                            deadline, received_ns, targets, classes)
+    return InferenceRequest(
+        model,
+        arrays,
+        [o.name for o in outputs] or list(model.output_names),
+        request_id,
+        deadline,
+        received_ns,
+        targets,
+        classes,
+    )
 
 
-def normalize_arrays(model: ServedModel, inputs: dict[str, np.ndarray], *, deadline: float | None,
-                     received_ns: int) -> InferenceRequest:
+def normalize_arrays(
+    model: ServedModel, inputs: dict[str, np.ndarray], *, deadline: float | None, received_ns: int
+) -> InferenceRequest:
     """Step 6 for arrays the data plane made itself (the vision calls' pictures, whose deadline the
     call computed once with `deadline_from`): each array against its declaration, then the set."""
     with model.refusals_counted():

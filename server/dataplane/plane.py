@@ -13,12 +13,14 @@ are `InferError`s (server/errors.py), which each binding maps to its status once
     answer = await plane.vision.classify("resnet", "", [png_bytes], top_k=3)
     plane.close()                                             # with the server: the vision pool
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -38,8 +40,17 @@ from server.tracing import TRACER, Trace
 SERVER_NAME = "cnnserve"
 SERVER_VERSION = "0.1.0"
 # The protocol extensions this server implements (what server metadata advertises to clients).
-EXTENSIONS = ["classification", "model_configuration", "model_repository", "model_repository(unload_dependents)",
-              "statistics", "system_shared_memory", "binary_tensor_data", "logging", "trace"]
+EXTENSIONS = [
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "statistics",
+    "system_shared_memory",
+    "binary_tensor_data",
+    "logging",
+    "trace",
+]
 # not "parameters": custom ones are refused
 
 
@@ -70,8 +81,9 @@ class IndexEntry:
 
 
 class DataPlane:
-    def __init__(self, repository: ModelRepository, state: ServerState,
-                 vision_threads: int = DEFAULT_VISION_THREADS) -> None:
+    def __init__(
+        self, repository: ModelRepository, state: ServerState, vision_threads: int = DEFAULT_VISION_THREADS
+    ) -> None:
         self.repository = repository
         self.state = state
         self.vision = VisionCalls(self.resolve, self._execute, threads=vision_threads)
@@ -116,21 +128,39 @@ class DataPlane:
             raise unavailable("server is shutting down; not accepting new requests")
         return self.repository.get(name, version)
 
-    async def normalize(self, name: str, version: str, inputs: Sequence[TensorIn], *,
-                        outputs: Sequence[OutputIn] = (), parameters: Mapping[str, Any] | None = None,
-                        request_id: str = "", transport_remaining_s: float | None = None,
-                        received_ns: int | None = None, protocol: str = "grpc") -> InferenceRequest:
+    async def normalize(
+        self,
+        name: str,
+        version: str,
+        inputs: Sequence[TensorIn],
+        *,
+        outputs: Sequence[OutputIn] = (),
+        parameters: Mapping[str, Any] | None = None,
+        request_id: str = "",
+        transport_remaining_s: float | None = None,
+        received_ns: int | None = None,
+        protocol: str = "grpc",
+    ) -> InferenceRequest:
         """Every check of a tensor request, once, in Normalize's order; InferError names what is wrong.
         `protocol`: "grpc" or "http", whose own wire parameters (binary data) the binding consumed."""
         received_ns = received_ns or time.perf_counter_ns()
         model = self.resolve(name, version)
-        return await normalize(model, inputs, outputs, parameters or {}, self.state.shared_memory,
-                               request_id=request_id, transport_remaining_s=transport_remaining_s,
-                               received_ns=received_ns, protocol=protocol)
+        return await normalize(
+            model,
+            inputs,
+            outputs,
+            parameters or {},
+            self.state.shared_memory,
+            request_id=request_id,
+            transport_remaining_s=transport_remaining_s,
+            received_ns=received_ns,
+            protocol=protocol,
+        )
 
     async def _execute(self, request: InferenceRequest, trace: Trace | None = None) -> dict[str, np.ndarray]:
-        return await request.model.batcher.infer(request.inputs, deadline=request.deadline,
-                                                 received_ns=request.received_ns, trace=trace)
+        return await request.model.batcher.infer(
+            request.inputs, deadline=request.deadline, received_ns=request.received_ns, trace=trace
+        )
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Queue a normalized request on its model's batcher (traced when sampled: server/tracing.py);
@@ -145,8 +175,9 @@ class DataPlane:
             if target is None:
                 outputs.append(OutputTensor(name, results[name]))
             else:
-                outputs.append(OutputTensor(name, results[name], target.region.name,
-                                            target.write(raw_view(results[name]))))
+                outputs.append(
+                    OutputTensor(name, results[name], target.region.name, target.write(raw_view(results[name])))
+                )
         return InferenceResponse(model.name, str(model.version), request.id, outputs)
 
     # -- repository -----------------------------------------------------------------------------------------
@@ -170,9 +201,11 @@ class DataPlane:
     def _check_model_control(self) -> None:
         # Triton's answer (status and wording) in modes that do not take load/unload requests.
         if self.state.model_control_mode != "explicit":
-            raise unavailable("explicit model load / unload is not allowed in model-control-mode "
-                              f"{self.state.model_control_mode}; start the server with "
-                              "--model-control-mode explicit to load and unload models on request")
+            raise unavailable(
+                "explicit model load / unload is not allowed in model-control-mode "
+                f"{self.state.model_control_mode}; start the server with "
+                "--model-control-mode explicit to load and unload models on request"
+            )
 
     async def load(self, name: str, override: LoadOverride | None = None) -> None:
         """(Re)load `name`, from the repository or from the request's `override` (server/model_overrides.py)."""
@@ -208,8 +241,10 @@ class DataPlane:
         return []
 
     def cuda_register_region(self, name: str) -> None:
-        raise InferError(grpc.StatusCode.UNIMPLEMENTED, "CUDA shared memory is not supported by this server; "
-                                                        "use system shared memory")
+        raise InferError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "CUDA shared memory is not supported by this server; use system shared memory",
+        )
 
     def cuda_unregister_region(self, name: str = "") -> None:
         return None

@@ -13,9 +13,11 @@ Custom parameters (Triton's `parameters` extension passes them to the backend) a
 here reads any. Normalize (server/dataplane/normalize.py, step 3) runs `check_infer_parameters` for every
 binding. The REST JSON objects are checked the same way by the REST binding: unknown keys are refused.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from server.dataplane.classification import CLASSIFICATION
 from server.errors import echo, invalid
@@ -26,17 +28,21 @@ REQUEST = {"timeout", "priority", "sequence_id", "sequence_start", "sequence_end
 INPUT = {"grpc": SHARED_MEMORY, "http": SHARED_MEMORY | {"binary_data_size"}}
 OUTPUT = {"grpc": SHARED_MEMORY | {CLASSIFICATION}, "http": SHARED_MEMORY | {CLASSIFICATION, "binary_data"}}
 # REST JSON: the keys each object may have.
-JSON_KEYS = {"request": {"id", "parameters", "inputs", "outputs"},
-             "input": {"name", "shape", "datatype", "parameters", "data"},
-             "output": {"name", "parameters"},
-             "repository index request": {"ready"},
-             "register request": {"key", "offset", "byte_size"}}
+JSON_KEYS = {
+    "request": {"id", "parameters", "inputs", "outputs"},
+    "input": {"name", "shape", "datatype", "parameters", "data"},
+    "output": {"name", "parameters"},
+    "repository index request": {"ready"},
+    "register request": {"key", "offset", "byte_size"},
+}
 _UNSET = (None, 0, False, "")
 
 
 def _unknown(where: str, key: str, allowed: set[str]) -> None:
-    raise invalid(f"{where}: unknown parameter {echo(key)}; accepted here: {', '.join(sorted(allowed))} "
-                  "(custom parameters are not taken: no backend of this server reads any)")
+    raise invalid(
+        f"{where}: unknown parameter {echo(key)}; accepted here: {', '.join(sorted(allowed))} "
+        "(custom parameters are not taken: no backend of this server reads any)"
+    )
 
 
 def check_request_parameters(params: Mapping[str, Any]) -> None:
@@ -44,11 +50,15 @@ def check_request_parameters(params: Mapping[str, Any]) -> None:
         if key not in REQUEST:
             _unknown("inference request", key, REQUEST)
         if key == "priority" and value not in _UNSET:
-            raise invalid(f"inference request: parameter 'priority' {value!r:.40} is not supported: no model "
-                          "here has priority levels (send 0 or leave it out)")
+            raise invalid(
+                f"inference request: parameter 'priority' {value!r:.40} is not supported: no model "
+                "here has priority levels (send 0 or leave it out)"
+            )
         if key.startswith("sequence_") and value not in _UNSET:
-            raise invalid(f"inference request: parameter '{key}' {value!r:.40} is not supported: models here "
-                          "are stateless (no sequence batching)")
+            raise invalid(
+                f"inference request: parameter '{key}' {value!r:.40} is not supported: models here "
+                "are stateless (no sequence batching)"
+            )
 
 
 def _check_tensors(kind: str, tensors: Iterable[tuple[str, Mapping[str, Any]]], allowed: set[str]) -> None:
@@ -58,9 +68,12 @@ def _check_tensors(kind: str, tensors: Iterable[tuple[str, Mapping[str, Any]]], 
                 _unknown(f"{kind} {echo(name)}", key, allowed)
 
 
-def check_infer_parameters(protocol: str, request: Mapping[str, Any],
-                           inputs: Iterable[tuple[str, Mapping[str, Any]]],
-                           outputs: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
+def check_infer_parameters(
+    protocol: str,
+    request: Mapping[str, Any],
+    inputs: Iterable[tuple[str, Mapping[str, Any]]],
+    outputs: Iterable[tuple[str, Mapping[str, Any]]],
+) -> None:
     """The parameters of a whole inference request (`protocol` "grpc" or "http")."""
     check_request_parameters(request)
     _check_tensors("input", inputs, INPUT[protocol])
@@ -79,8 +92,9 @@ def check_json_request(doc: Mapping[str, Any]) -> None:
     they are read; the parameters by Normalize, as every binding's)."""
     for key in doc:
         if key not in JSON_KEYS["request"]:
-            raise invalid(f"inference request: unknown field {echo(key)}; fields are "
-                          f"{', '.join(sorted(JSON_KEYS['request']))}")
+            raise invalid(
+                f"inference request: unknown field {echo(key)}; fields are {', '.join(sorted(JSON_KEYS['request']))}"
+            )
     for kind, field in (("input", "inputs"), ("output", "outputs")):
         items = doc.get(field)
         for t in items if isinstance(items, list) else ():
@@ -88,5 +102,7 @@ def check_json_request(doc: Mapping[str, Any]) -> None:
                 continue  # refused, with its index, where the tensors are read
             for key in t:
                 if key not in JSON_KEYS[kind]:
-                    raise invalid(f"{kind} {echo(t.get('name', ''))}: unknown field {echo(key)}; fields are "
-                                  f"{', '.join(sorted(JSON_KEYS[kind]))}")
+                    raise invalid(
+                        f"{kind} {echo(t.get('name', ''))}: unknown field {echo(key)}; fields are "
+                        f"{', '.join(sorted(JSON_KEYS[kind]))}"
+                    )

@@ -1,4 +1,5 @@
 """What the data plane knows about the process: readiness, draining, admission, shared memory."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

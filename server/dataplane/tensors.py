@@ -8,6 +8,7 @@ declaration (name, datatype, shape) has been checked against the model. Raw cont
 without a copy (np.frombuffer over the request's bytes); the batcher copies once when it concatenates.
 `raw_view` is the one array -> raw-bytes encoding every binding answers with.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -58,8 +59,9 @@ def decode_tensor(t: TensorIn) -> np.ndarray:
         raise invalid(f"input '{name}': {t.datatype} must be sent in {t.raw_field}")
     values = t.values
     if len(values) != count:
-        raise invalid(f"input '{name}': expected {count} elements in {t.values_field} for shape {list(shape)}, "
-                      f"got {len(values)}")
+        raise invalid(
+            f"input '{name}': expected {count} elements in {t.values_field} for shape {list(shape)}, got {len(values)}"
+        )
     if t.datatype == "BYTES":
         arr = np.empty(count, dtype=np.object_)
         arr[:] = [v if isinstance(v, bytes) else str(v).encode() for v in values]

@@ -9,6 +9,7 @@ error; the others are answered. Failures of the model itself (queue full, deadli
 call's error, an `InferError` like every other refusal. The answers are dataclasses; the gRPC and REST
 bindings (server/bindings/grpc_vision.py, rest_vision.py) turn them into their wire forms.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,22 +53,31 @@ CALL_TASKS: dict[str, tuple[Task, ...]] = {
 }
 
 PREPROCESS_TIME = Histogram(
-    "cnnserve_vision_preprocess_seconds", "Decode + preprocess time per image (worker thread)",
-    ["model"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+    "cnnserve_vision_preprocess_seconds",
+    "Decode + preprocess time per image (worker thread)",
+    ["model"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
     registry=metrics.REGISTRY,
 )
 POSTPROCESS_TIME = Histogram(
-    "cnnserve_vision_postprocess_seconds", "Postprocess time per image (top-k, boxes, mask PNG)",
-    ["model"], buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
+    "cnnserve_vision_postprocess_seconds",
+    "Postprocess time per image (top-k, boxes, mask PNG)",
+    ["model"],
+    buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
     registry=metrics.REGISTRY,
 )
 IMAGES_PER_REQUEST = Histogram(
-    "cnnserve_vision_images_per_request", "Images per vision API request",
-    ["model", "rpc"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=metrics.REGISTRY,
+    "cnnserve_vision_images_per_request",
+    "Images per vision API request",
+    ["model", "rpc"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+    registry=metrics.REGISTRY,
 )
 IMAGE_ERRORS = Counter(
-    "cnnserve_vision_image_errors", "Images refused by the vision API, by reason",
-    ["model", "reason"], registry=metrics.REGISTRY,
+    "cnnserve_vision_image_errors",
+    "Images refused by the vision API, by reason",
+    ["model", "reason"],
+    registry=metrics.REGISTRY,
 )
 
 
@@ -129,8 +139,13 @@ Resolve = Callable[[str, str], ServedModel]
 
 
 class VisionCalls:
-    def __init__(self, resolve: Resolve, infer: Infer, threads: int = DEFAULT_VISION_THREADS,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        resolve: Resolve,
+        infer: Infer,
+        threads: int = DEFAULT_VISION_THREADS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
         self._resolve = resolve
         self._infer = infer
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="vision")
@@ -140,61 +155,99 @@ class VisionCalls:
         self._pool.shutdown(wait=True)
 
     # -- the calls -----------------------------------------------------------------------------------------
-    async def classify(self, name: str, version: str, images: list[bytes], *, top_k: int = 0,
-                       transport_remaining_s: float | None = None) -> VisionAnswer:
+    async def classify(
+        self,
+        name: str,
+        version: str,
+        images: list[bytes],
+        *,
+        top_k: int = 0,
+        transport_remaining_s: float | None = None,
+    ) -> VisionAnswer:
         _check_count("Classify", "top_k", top_k)
         k = top_k or DEFAULT_TOP_K
 
-        async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer) -> None:
+        async def fill(
+            model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer
+        ) -> None:
             idx, probs = await self._post(model, postprocess.top_k, _first(o.outputs)[0], k)
-            result.classes = [Labelled(c, postprocess.label_of(meta.labels, c), p)
-                              for c, p in zip(idx.tolist(), probs.tolist(), strict=True)]
+            result.classes = [
+                Labelled(c, postprocess.label_of(meta.labels, c), p)
+                for c, p in zip(idx.tolist(), probs.tolist(), strict=True)
+            ]
 
         return await self._run("Classify", name, version, images, transport_remaining_s, fill)
 
-    async def detect(self, name: str, version: str, images: list[bytes], *,
-                     score_threshold: float = DEFAULT_SCORE_THRESHOLD, max_detections: int = 0,
-                     transport_remaining_s: float | None = None) -> VisionAnswer:
+    async def detect(
+        self,
+        name: str,
+        version: str,
+        images: list[bytes],
+        *,
+        score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+        max_detections: int = 0,
+        transport_remaining_s: float | None = None,
+    ) -> VisionAnswer:
         if not math.isfinite(score_threshold) or not 0.0 <= score_threshold <= 1.0:
             raise invalid(f"Detect: score_threshold must be in [0, 1], got {score_threshold}")
         _check_count("Detect", "max_detections", max_detections)
 
-        async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer) -> None:
+        async def fill(
+            model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer
+        ) -> None:
             out = o.outputs
             det = await self._post(
-                model, postprocess.detections, _named(out, "num_detections")[0], _named(out, "boxes")[0],
-                _named(out, "scores")[0], _named(out, "labels")[0], o.prepared.geometry,
-                score_threshold, max_detections,
+                model,
+                postprocess.detections,
+                _named(out, "num_detections")[0],
+                _named(out, "boxes")[0],
+                _named(out, "scores")[0],
+                _named(out, "labels")[0],
+                o.prepared.geometry,
+                score_threshold,
+                max_detections,
             )
-            result.detections = [Detection(tuple(box), cls, postprocess.label_of(meta.labels, cls), score)
-                                 for box, score, cls in zip(det.boxes.tolist(), det.scores.tolist(),
-                                                            det.classes.tolist(), strict=True)]
+            result.detections = [
+                Detection(tuple(box), cls, postprocess.label_of(meta.labels, cls), score)
+                for box, score, cls in zip(det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(), strict=True)
+            ]
 
         return await self._run("Detect", name, version, images, transport_remaining_s, fill)
 
-    async def segment(self, name: str, version: str, images: list[bytes], *,
-                      transport_remaining_s: float | None = None) -> VisionAnswer:
-        async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer) -> None:
+    async def segment(
+        self, name: str, version: str, images: list[bytes], *, transport_remaining_s: float | None = None
+    ) -> VisionAnswer:
+        async def fill(
+            model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer
+        ) -> None:
             logits = _first(o.outputs)[0]
             num_classes = logits.shape[0]
-            result.mask_png, fractions = await self._post(model, _segment_one, logits, o.prepared.geometry,
-                                                          offload=True)
-            result.fractions = [Labelled(c, postprocess.label_of(meta.labels, c), f)
-                                for c, f in enumerate(fractions.tolist())]
+            result.mask_png, fractions = await self._post(
+                model, _segment_one, logits, o.prepared.geometry, offload=True
+            )
+            result.fractions = [
+                Labelled(c, postprocess.label_of(meta.labels, c), f) for c, f in enumerate(fractions.tolist())
+            ]
             answer.labels = [postprocess.label_of(meta.labels, c) for c in range(num_classes)]
 
         return await self._run("Segment", name, version, images, transport_remaining_s, fill)
 
-    async def encode(self, name: str, version: str, images: list[bytes], *,
-                     transport_remaining_s: float | None = None) -> VisionAnswer:
-        async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer) -> None:
+    async def encode(
+        self, name: str, version: str, images: list[bytes], *, transport_remaining_s: float | None = None
+    ) -> VisionAnswer:
+        async def fill(
+            model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer
+        ) -> None:
             result.latent = _named(o.outputs, "latent")[0].reshape(-1).tolist()
 
         return await self._run("Encode", name, version, images, transport_remaining_s, fill)
 
-    async def reconstruct(self, name: str, version: str, images: list[bytes], *,
-                          transport_remaining_s: float | None = None) -> VisionAnswer:
-        async def fill(model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer) -> None:
+    async def reconstruct(
+        self, name: str, version: str, images: list[bytes], *, transport_remaining_s: float | None = None
+    ) -> VisionAnswer:
+        async def fill(
+            model: ServedModel, meta: ModelMeta, result: ImageResult, o: _Answered, answer: VisionAnswer
+        ) -> None:
             result.latent = _named(o.outputs, "latent")[0].reshape(-1).tolist()
             recon = _named(o.outputs, "reconstruction")[0]
             result.image_png = await self._post(model, _reconstruct_one, recon, meta, offload=True)
@@ -208,14 +261,16 @@ class VisionCalls:
         if meta is None:
             raise failed_precondition(
                 f"model '{name}' has no model.json (task and preprocessing), so {call} cannot "
-                "feed it pictures; use ModelInfer with tensors")
+                "feed it pictures; use ModelInfer with tensors"
+            )
         if meta.task not in CALL_TASKS[call]:
             wanted = " or ".join(t.value for t in CALL_TASKS[call])
             raise failed_precondition(f"model '{name}' is a {meta.task.value} model; {call} needs a {wanted} model")
         if not any(spec.name == meta.input_name for spec in model.inputs):
             raise failed_precondition(
                 f"model '{name}': model.json names input '{meta.input_name}', the model has "
-                f"{', '.join(spec.name for spec in model.inputs)}")
+                f"{', '.join(spec.name for spec in model.inputs)}"
+            )
         return model, meta
 
     def _prepare(self, model: ServedModel, data: bytes, meta: ModelMeta, index: int, pixels: bool) -> PreparedImage:
@@ -224,8 +279,9 @@ class VisionCalls:
         PREPROCESS_TIME.labels(model.name).observe(time.perf_counter() - start)
         return prepared
 
-    async def _one(self, model: ServedModel, meta: ModelMeta, data: bytes, index: int,
-                   deadline: float | None, received_ns: int) -> _Outcome:
+    async def _one(
+        self, model: ServedModel, meta: ModelMeta, data: bytes, index: int, deadline: float | None, received_ns: int
+    ) -> _Outcome:
         loop = asyncio.get_running_loop()
         dtype = next(spec.dtype for spec in model.inputs if spec.name == meta.input_name)
         # A model exported with --input-dtype uint8 normalizes in its graph: it takes the pixels as they are.
@@ -241,10 +297,15 @@ class VisionCalls:
         request = normalize_arrays(model, {meta.input_name: tensor}, deadline=deadline, received_ns=received_ns)
         return _Answered(prepared, await self._infer(request))
 
-    async def _run(self, call: str, name: str, version: str, images: list[bytes],
-                   transport_remaining_s: float | None,
-                   fill: Callable[[ServedModel, ModelMeta, ImageResult, _Answered, VisionAnswer], Awaitable[None]]
-                   ) -> VisionAnswer:
+    async def _run(
+        self,
+        call: str,
+        name: str,
+        version: str,
+        images: list[bytes],
+        transport_remaining_s: float | None,
+        fill: Callable[[ServedModel, ModelMeta, ImageResult, _Answered, VisionAnswer], Awaitable[None]],
+    ) -> VisionAnswer:
         received_ns = time.perf_counter_ns()
         if not name:
             raise invalid(f"{call}: model_name is empty")
@@ -255,7 +316,8 @@ class VisionCalls:
         deadline = deadline_from(transport_remaining_s, None, model.default_timeout_us)
         # gather cancels the siblings when one fails, so a refused request leaves nothing queued.
         outcomes = await _gather_or_cancel(
-            [self._one(model, meta, data, i, deadline, received_ns) for i, data in enumerate(images)])
+            [self._one(model, meta, data, i, deadline, received_ns) for i, data in enumerate(images)]
+        )
         errors = [o for o in outcomes if isinstance(o, ImageDecodeError)]
         if len(errors) == len(outcomes):
             raise invalid("no image could be decoded: " + "; ".join(str(e) for e in errors))

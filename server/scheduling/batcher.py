@@ -53,6 +53,7 @@ in native code cannot be interrupted, and a pool's exit hook would join that thr
 Waits shorter than a millisecond poll the event loop instead of arming a timer: epoll rounds timeouts
 up to whole milliseconds, so the default 100 us delay would otherwise hold every lone request ~1 ms.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -61,9 +62,10 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -118,7 +120,7 @@ class _InstanceThread:
                 continue
             try:
                 fut.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request, never lost
+            except BaseException as exc:
                 fut.set_exception(exc)
 
     def stop(self) -> None:
@@ -154,7 +156,7 @@ class _BatchBuffers:
         for name, buf in out.items():
             off = 0
             for r in batch:
-                buf[off:off + r.items] = r.inputs[name]
+                buf[off : off + r.items] = r.inputs[name]
                 off += r.items
         return out
 
@@ -162,8 +164,15 @@ class _BatchBuffers:
 class _Request:
     __slots__ = ("inputs", "items", "key", "future", "enqueued_ns", "received_ns", "timer", "state", "trace")
 
-    def __init__(self, inputs: dict[str, np.ndarray], items: int, key: tuple, future: asyncio.Future,
-                 received_ns: int, trace: Any = None) -> None:
+    def __init__(
+        self,
+        inputs: dict[str, np.ndarray],
+        items: int,
+        key: tuple,
+        future: asyncio.Future,
+        received_ns: int,
+        trace: Any = None,
+    ) -> None:
         self.inputs = inputs
         self.items = items
         self.key = key  # per-item shapes: only requests with equal keys can be concatenated
@@ -176,8 +185,15 @@ class _Request:
 
 
 class DynamicBatcher:
-    def __init__(self, name: str, version: str, instances: Sequence[Backend], settings: BatchSettings,
-                 stats: ModelStats | None = None, on_fault: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        instances: Sequence[Backend],
+        settings: BatchSettings,
+        stats: ModelStats | None = None,
+        on_fault: Callable[[str], None] | None = None,
+    ) -> None:
         if not instances:
             raise ValueError("a batcher needs at least one backend instance")
         self.name = name
@@ -206,7 +222,7 @@ class DynamicBatcher:
         self._latency = metrics.REQUEST_LATENCY.labels(name, version)
         self._queue_time = metrics.QUEUE_TIME.labels(name, version)
         self._batch_size = metrics.BATCH_SIZE.labels(name, version)
-        preferred = sorted({p for p in settings.preferred_batch_sizes if 0 < p})
+        preferred = sorted({p for p in settings.preferred_batch_sizes if p > 0})
         if settings.max_batch_size:
             preferred = [p for p in preferred if p <= settings.max_batch_size]
         self._preferred = preferred
@@ -239,8 +255,13 @@ class DynamicBatcher:
         return self._queued
 
     # -- submission --------------------------------------------------------------------------------------
-    async def infer(self, inputs: dict[str, np.ndarray], deadline: float | None = None,
-                    received_ns: int | None = None, trace: Any = None) -> dict[str, np.ndarray]:
+    async def infer(
+        self,
+        inputs: dict[str, np.ndarray],
+        deadline: float | None = None,
+        received_ns: int | None = None,
+        trace: Any = None,
+    ) -> dict[str, np.ndarray]:
         if received_ns is None:
             received_ns = time.perf_counter_ns()
         if self.fault is not None:
@@ -250,8 +271,10 @@ class DynamicBatcher:
         s = self.settings
         if s.max_queue_size and self._queued >= s.max_queue_size:
             self.stats.record_failure("REJECTED", time.perf_counter_ns() - received_ns)
-            raise InferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"model '{self.name}': queue is full ({s.max_queue_size} requests queued)")
+            raise InferError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"model '{self.name}': queue is full ({s.max_queue_size} requests queued)",
+            )
         loop = asyncio.get_running_loop()
         first = next(iter(inputs.values()))
         items = first.shape[0] if s.max_batch_size and first.ndim else 1
@@ -261,8 +284,10 @@ class DynamicBatcher:
             if deadline <= loop.time():
                 self.stats.never_executed += 1
                 self.stats.record_failure("TIMEOUT", time.perf_counter_ns() - received_ns)
-                raise InferError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                 f"model '{self.name}': request deadline passed before it was queued")
+                raise InferError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"model '{self.name}': request deadline passed before it was queued",
+                )
             req.timer = loop.call_at(deadline, self._expire, req)
         self._queue.append(req)
         self._queued += 1
@@ -299,9 +324,12 @@ class DynamicBatcher:
         self._drop(req)
         waited_us = (time.perf_counter_ns() - req.enqueued_ns) // 1000
         self.stats.record_failure("TIMEOUT", time.perf_counter_ns() - req.received_ns)
-        req.future.set_exception(InferError(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"model '{self.name}': request timed out after {waited_us} us in the queue, not executed"))
+        req.future.set_exception(
+            InferError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"model '{self.name}': request timed out after {waited_us} us in the queue, not executed",
+            )
+        )
 
     # -- scheduling --------------------------------------------------------------------------------------
     def _prune_head(self) -> None:
@@ -415,8 +443,9 @@ class DynamicBatcher:
         self._running_items[instance] += items
         hung = False
         try:
-            running = asyncio.wrap_future(self._threads[slot].submit(self._run_batch, self.instances[instance],
-                                                                     self._buffers[slot], batch))
+            running = asyncio.wrap_future(
+                self._threads[slot].submit(self._run_batch, self.instances[instance], self._buffers[slot], batch)
+            )
             limit_ms = self.settings.execution_timeout_ms
             if limit_ms:
                 limit = asyncio.timeout(limit_ms / 1000)
@@ -431,22 +460,26 @@ class DynamicBatcher:
             else:
                 outputs, (t_in, t_infer, t_out) = await running
         except _ExecutionHung:
-            reason = (f"an execution on instance {instance} did not finish within execution_timeout_ms "
-                      f"({self.settings.execution_timeout_ms} ms); reload the model to serve it again")
+            reason = (
+                f"an execution on instance {instance} did not finish within execution_timeout_ms "
+                f"({self.settings.execution_timeout_ms} ms); reload the model to serve it again"
+            )
             log.error("execution timed out", extra={"model": self.name, "version": self.version, "error": reason})
             for r in batch:
                 self.stats.pending -= 1
                 if not r.future.done():
-                    r.future.set_exception(InferError(
-                        grpc.StatusCode.INTERNAL, f"model '{self.name}' execution failed: {reason}"))
+                    r.future.set_exception(
+                        InferError(grpc.StatusCode.INTERNAL, f"model '{self.name}' execution failed: {reason}")
+                    )
             self._set_fault(reason)
         except Exception as exc:  # a backend failure fails this batch's requests, never the server
             log.error("execution failed", extra={"model": self.name, "version": self.version, "error": str(exc)})
             for r in batch:
                 self.stats.pending -= 1
                 if not r.future.done():
-                    r.future.set_exception(InferError(
-                        grpc.StatusCode.INTERNAL, f"model '{self.name}' execution failed: {exc}"))
+                    r.future.set_exception(
+                        InferError(grpc.StatusCode.INTERNAL, f"model '{self.name}' execution failed: {exc}")
+                    )
         else:
             self.stats.record_execution(items, len(batch), t_in, t_infer, t_out)
             self._batch_size.observe(items)
@@ -471,13 +504,15 @@ class DynamicBatcher:
         for r in list(self._queue):
             if r.state == _QUEUED and not r.future.done():
                 self._drop(r)
-                r.future.set_exception(InferError(
-                    grpc.StatusCode.UNAVAILABLE, f"model '{self.name}' is not ready: {reason}"))
+                r.future.set_exception(
+                    InferError(grpc.StatusCode.UNAVAILABLE, f"model '{self.name}' is not ready: {reason}")
+                )
         if self._on_fault is not None:
             self._on_fault(reason)
 
-    def _run_batch(self, backend: Backend, buffers: _BatchBuffers,
-                   batch: list[_Request]) -> tuple[list[dict[str, np.ndarray]], tuple[int, int, int]]:
+    def _run_batch(
+        self, backend: Backend, buffers: _BatchBuffers, batch: list[_Request]
+    ) -> tuple[list[dict[str, np.ndarray]], tuple[int, int, int]]:
         """Worker thread: gather, execute, split. Returns per-request outputs and stage timings (ns)."""
         t0 = time.perf_counter_ns()
         reused = len(batch) > 1
@@ -485,8 +520,10 @@ class DynamicBatcher:
         t1 = time.perf_counter_ns()
         outputs = backend.execute(inputs)
         if reused:  # an output aliasing the buffer (an identity graph) would change under the next batch
-            outputs = {name: arr.copy() if any(np.may_share_memory(arr, b) for b in inputs.values()) else arr
-                       for name, arr in outputs.items()}
+            outputs = {
+                name: arr.copy() if any(np.may_share_memory(arr, b) for b in inputs.values()) else arr
+                for name, arr in outputs.items()
+            }
         t2 = time.perf_counter_ns()
         if len(batch) == 1:
             split = [outputs]
@@ -497,7 +534,7 @@ class DynamicBatcher:
                     raise RuntimeError(f"output '{name}' has shape {list(arr.shape)}; expected batch {total} first")
             split, off = [], 0
             for r in batch:
-                split.append({name: arr[off:off + r.items] for name, arr in outputs.items()})
+                split.append({name: arr[off : off + r.items] for name, arr in outputs.items()})
                 off += r.items
         t3 = time.perf_counter_ns()
         for r in batch:
