@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_cold_start import rss_mib  # noqa: E402
 from bench_frontend import perf_analyzer, repository_target, start, write_repository  # noqa: E402
 from bench_server import Point, model_file, ort_runner, run_raw  # noqa: E402
-from cnncore.runtime import OpenVinoRunner, OpenVinoSettings, compile_openvino  # noqa: E402
+from cnncore.runtime import OpenVinoRunner, OpenVinoSettings, OrtRunner, compile_openvino  # noqa: E402
 
 
-def raw_runner(repo: Path, name: str, threads: int, max_batch: int):  # type: ignore[no-untyped-def]
+def raw_runner(repo: Path, name: str, threads: int, max_batch: int) -> tuple[str, OpenVinoRunner | OrtRunner]:
     """The served file on its runtime as the server sets it up (OpenVINO: the batch bounded by the
     config's max_batch_size, as the backend compiles it; unbounded dynamic shapes run slower kernels)."""
     meta = json.loads((repo / name / "model.json").read_text()) if (repo / name / "model.json").is_file() else {}

@@ -222,19 +222,20 @@ def build_card(name: str, module: nn.Module, input_shape: Sequence[int], example
 
 def render_card(card: Card, console=None, max_rows: int | None = None) -> None:
     """Print the card as rich tables (the `describe` command)."""
-    from rich.console import Console
+    from rich.console import Console, JustifyMethod
     from rich.table import Table
 
     console = console or Console()
     table = Table(title=f"{card.model}  input 1x{'x'.join(map(str, card.input_shape))}")
-    for col, just in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("#", "right"),
         ("layer", "left"),
         ("type", "left"),
         ("output", "left"),
         ("params", "right"),
         ("MACs", "right"),
-    ):
+    )
+    for col, just in columns:
         table.add_column(col, justify=just)
     rows = card.layers if max_rows is None else card.layers[:max_rows]
     for i, r in enumerate(rows):

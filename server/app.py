@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -113,7 +114,7 @@ class InferenceServer:
         self.http: RestServer | None = None
         self.http_port = 0
         self.metrics_port = 0
-        self._metrics_http = None
+        self._metrics_http: ThreadingHTTPServer | None = None
         self._poller: RepositoryPoller | None = None
         self._stop = asyncio.Event()
 

@@ -147,7 +147,7 @@ def _check_io(cfg_specs: Iterable, backend_specs: list[TensorSpec], kind: str, w
         if want != have:
             raise LoadError(f"{where}: {kind} '{t.name}': config says {want}, model has {have}")
         dims = list(t.dims)
-        if len(dims) != len(b.shape) or any(c != -1 and m != -1 and c != m for c, m in zip(dims, b.shape)):
+        if len(dims) != len(b.shape) or any(c != -1 and m != -1 and c != m for c, m in zip(dims, b.shape, strict=True)):
             raise LoadError(f"{where}: {kind} '{t.name}': config dims {dims} do not match the model's {list(b.shape)}")
     if kind == "input" and cfg_names != set(by_name):
         raise LoadError(f"{where}: model inputs {sorted(by_name)} differ from config inputs {sorted(cfg_names)}")
@@ -232,7 +232,8 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults, override: LoadOverri
                 raise LoadError(str(exc).replace(str(files_dir), f"<{model_dir.name}: load request files>")) from None
     name = model_dir.name
     try:
-        cfg = override.config_copy() if override is not None else load_config(model_dir)
+        given = override.config_copy() if override is not None else None
+        cfg = given if given is not None else load_config(model_dir)
     except ConfigError as exc:
         raise LoadError(str(exc)) from None
     if cfg.name and cfg.name != name:

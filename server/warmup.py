@@ -127,7 +127,7 @@ def samples(cfg: mc.ModelConfig, model_dir: Path) -> list[WarmupSample]:
                 )
             dims = list(spec.dims)
             want = list(model_in.dims)
-            if len(dims) != len(want) or any(d < 1 or (m != -1 and d != m) for d, m in zip(dims, want)):
+            if len(dims) != len(want) or any(d < 1 or (m != -1 and d != m) for d, m in zip(dims, want, strict=True)):
                 raise WarmupError(
                     f"warm-up sample '{sample}' input '{name}': dims {dims} do not fit the "
                     f"model's {want} (positive sizes; -1 in the model accepts any)"

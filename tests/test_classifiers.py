@@ -294,8 +294,9 @@ def test_resnet_blocks_cost_and_identity_shortcut():
     assert model.layer2[0].downsample is not None  # stride 2 + more channels: projection shortcut
 
 
-def test_mobilenetv2_inverted_residuals_with_linear_bottlenecks():
-    model: MobileNetV2 = build_meta("mobilenet_v2")
+def test_mobilenetv2_inverted_residuals_with_linear_bottlenecks() -> None:
+    model = build_meta("mobilenet_v2")
+    assert isinstance(model, MobileNetV2)
     blocks = [m for m in model.features if isinstance(m, InvertedResidual)]
     assert len(blocks) == 17
     for block in blocks:
@@ -303,7 +304,10 @@ def test_mobilenetv2_inverted_residuals_with_linear_bottlenecks():
         assert len(depthwise) == 1 and depthwise[0].groups == depthwise[0].in_channels == depthwise[0].out_channels
         # Linear bottleneck: the projection ends in conv + BN, no activation.
         assert isinstance(block.conv[-2], nn.Conv2d) and isinstance(block.conv[-1], nn.BatchNorm2d)
-        expand = block.conv[0][0]
+        first = block.conv[0]
+        assert isinstance(first, nn.Sequential)  # a Conv2dNormActivation: conv, BN, activation
+        expand = first[0]
+        assert isinstance(expand, nn.Conv2d)
         if expand.kernel_size == (1, 1):  # inverted: expand thin -> wide before the depthwise conv
             assert expand.out_channels == 6 * expand.in_channels
     assert sum(b.use_res_connect for b in blocks) == 10

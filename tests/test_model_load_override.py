@@ -6,6 +6,7 @@ import base64
 import http.client
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,7 +90,7 @@ def test_config_override_wins_until_a_load_without_one(server: ServerProcess, pr
 
 def test_bad_overrides_refused_as_invalid_argument_over_grpc(server: ServerProcess) -> None:
     client = tc.InferenceServerClient(server.grpc_url)
-    bad = {
+    bad: dict[str, dict[str, Any]] = {
         "not JSON at all": dict(config="max_batch_size: 8"),
         "unknown field": dict(config=json.dumps({"max_batch_size": 8, "no_such_field": 1})),
         "wrong type": dict(config=json.dumps({"max_batch_size": "eight"})),
@@ -107,7 +108,7 @@ def test_bad_overrides_refused_as_invalid_argument_over_grpc(server: ServerProce
 
 
 def test_bad_overrides_refused_with_400_over_http(server: ServerProcess) -> None:
-    cases = [
+    cases: list[dict[str, Any]] = [
         {"parameters": {"config": "{not json"}},
         {"parameters": {"config": json.dumps({"max_batch_size": 8, "no_such_field": 1})}},
         {"parameters": {"config": 8}},

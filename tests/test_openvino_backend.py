@@ -126,7 +126,7 @@ def test_spare_infer_requests_take_executions_at_once(tmp_path: Path) -> None:
     assert ov_b.concurrent_executions == streams + 1 >= 2
     rng = np.random.default_rng(1)
     # read-only views, as requests arrive from the message bytes: shared with OpenVINO, not copied
-    feeds = [
+    feeds: list[dict[str, np.ndarray]] = [
         {
             "a": np.frombuffer(rng.standard_normal((n, 4)).astype(np.float32).tobytes(), np.float32).reshape(n, 4),
             "b": rng.integers(-9, 9, (n, 2)),

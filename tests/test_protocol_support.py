@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, server_factory) -> ServerPr
     return server_factory(repo)
 
 
-def _request(server: ServerProcess, method: str, path: str, doc: dict | None = None) -> tuple[int, dict | list]:
+def _request(server: ServerProcess, method: str, path: str, doc: dict | None = None) -> tuple[int, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
     try:
         conn.request(
@@ -61,7 +62,7 @@ def test_request_parameters_honoured_or_refused_over_grpc(server: ServerProcess)
     client = tc.InferenceServerClient(server.grpc_url)
     # honoured
     client.infer("affine", _inputs(tc), timeout=10_000_000, priority=0)
-    refused = [
+    refused: list[tuple[dict[str, Any], str]] = [
         (dict(parameters={"my_custom": "x"}), "'my_custom'"),
         (dict(priority=3), "priority"),
         (dict(sequence_id=7, sequence_start=True), "sequence_"),
@@ -177,4 +178,4 @@ def test_repository_and_shared_memory_bodies_refuse_unknown_fields(server: Serve
         assert stub.RepositoryIndex(tpb.RepositoryIndexRequest(), timeout=30).models
         with pytest.raises(grpc.RpcError) as err:
             stub.RepositoryIndex(tpb.RepositoryIndexRequest(repository_name="other"), timeout=30)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "repository_name" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "repository_name" in (err.value.details() or "")

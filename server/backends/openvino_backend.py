@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import queue
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,14 +52,14 @@ def compiled_cache_dir(cache_root: Path, model_file: Path) -> Path | None:
     return where
 
 
-def _import_openvino():  # type: ignore[no-untyped-def]
+def _import_openvino() -> Any:
     try:
         return import_openvino()
     except RuntimeUnavailable as exc:
         raise BackendUnavailable(str(exc)) from None
 
 
-def _spec(port, batched: bool) -> TensorSpec:  # type: ignore[no-untyped-def]
+def _spec(port: Any, batched: bool) -> TensorSpec:
     shape = port.get_partial_shape()
     dims = [d.get_length() if d.is_static else -1 for d in shape]
     if batched:
@@ -109,8 +110,8 @@ class OpenVinoBackend(Backend):
             self._requests.put(self.compiled.create_infer_request())
         self._inputs = [_spec(p, options.batched) for p in self.compiled.inputs]
         self._outputs = [_spec(p, options.batched) for p in self.compiled.outputs]
-        self._input_ports = {s.name: p for s, p in zip(self._inputs, self.compiled.inputs)}
-        self._output_ports = [(s.name, p) for s, p in zip(self._outputs, self.compiled.outputs)]
+        self._input_ports = {s.name: p for s, p in zip(self._inputs, self.compiled.inputs, strict=True)}
+        self._output_ports = [(s.name, p) for s, p in zip(self._outputs, self.compiled.outputs, strict=True)]
 
     def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
         for name, arr in inputs.items():
@@ -132,7 +133,7 @@ class OpenVinoBackend(Backend):
 
     def close(self) -> None:
         self._requests = queue.LifoQueue()
-        self.compiled = None  # type: ignore[assignment]
+        self.compiled = None
 
 
 register_backend("openvino", OpenVinoBackend)

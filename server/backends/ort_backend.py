@@ -94,10 +94,13 @@ class OrtBackend(Backend):
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {k: _to_ort_strings(v) if v.dtype == np.object_ else v for k, v in inputs.items()}
         results = self.session.run(self._output_names, feed)
-        return {k: _from_ort_strings(v) if v.dtype == np.object_ else v for k, v in zip(self._output_names, results)}
+        return {
+            k: _from_ort_strings(v) if v.dtype == np.object_ else v
+            for k, v in zip(self._output_names, results, strict=True)
+        }
 
     def close(self) -> None:
-        self.session = None  # type: ignore[assignment]
+        self.session = None
 
 
 register_backend("onnxruntime", OrtBackend)

@@ -41,6 +41,9 @@ from server.shared_memory import BYTE_SIZE, REGION
 
 log = logging.getLogger("cnnserve.grpc")
 
+# the servicer never reads or writes typed messages through the context (only time_remaining())
+Context = grpc.aio.ServicerContext[Any, Any]
+
 
 def tensors_in(request: WireInferRequest) -> list[TensorIn]:
     """The request's inputs with their raw_input_contents entries. As in Triton, raw entries belong, in
@@ -48,7 +51,7 @@ def tensors_in(request: WireInferRequest) -> list[TensorIn]:
     whether a region exists, the data plane checks)."""
     header, raw = request.header, request.raw
     params = [parameters_of(t.parameters) if t.parameters else {} for t in header.inputs]
-    wanting = [t for t, p in zip(header.inputs, params) if REGION not in p]
+    wanting = [t for t, p in zip(header.inputs, params, strict=True) if REGION not in p]
     if raw and len(raw) != len(wanting):
         raise invalid(
             f"raw_input_contents has {len(raw)} entries for {len(wanting)} inputs not in shared "
@@ -56,7 +59,8 @@ def tensors_in(request: WireInferRequest) -> list[TensorIn]:
         )
     raw_entries = iter(raw)
     return [
-        tensor_in(t, next(raw_entries) if raw and REGION not in p else None, p) for t, p in zip(header.inputs, params)
+        tensor_in(t, next(raw_entries) if raw and REGION not in p else None, p)
+        for t, p in zip(header.inputs, params, strict=True)
     ]
 
 
@@ -84,82 +88,92 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.plane = plane
 
     # -- health and metadata -----------------------------------------------------------------------------
-    async def ServerLive(self, request, context):
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.plane.ready())
 
-    async def ModelReady(self, request, context):
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version))
 
-    async def ServerMetadata(self, request, context):
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
         return v2.server_metadata()
 
-    async def ModelMetadata(self, request, context):
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         model = self.plane.model(request.name, request.version)
         return v2.model_metadata(model, self.plane.versions(model))
 
-    async def ModelConfig(self, request, context):
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=self.plane.model(request.name, request.version).config)
 
-    async def ModelStatistics(self, request, context):
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         return v2.model_statistics(self.plane.statistics(request.name, request.version))
 
     # -- repository ----------------------------------------------------------------------------------
-    async def RepositoryIndex(self, request, context):
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
         check_repository_name(request.repository_name)
         return v2.repository_index(self.plane.repository_index(request.ready))
 
-    async def RepositoryModelLoad(self, request, context):
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
         await self.plane.load(request.model_name, load_override(request))
         return pb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(self, request, context):
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
         check_unload(request)
         await self.plane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # -- system shared memory (server/shared_memory.py) ------------------------------------------------
-    async def SystemSharedMemoryRegister(self, request, context):
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryRegisterResponse:
         self.plane.register_region(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
-    async def SystemSharedMemoryUnregister(self, request, context):
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
         self.plane.unregister_region(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
-    async def SystemSharedMemoryStatus(self, request, context):
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Context
+    ) -> pb.SystemSharedMemoryStatusResponse:
         return v2.region_status(self.plane.region_status(request.name))
 
     # CUDA shared memory: the data plane's answers (no region can exist here), alike over REST.
-    async def CudaSharedMemoryRegister(self, request, context):
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: Context
+    ) -> pb.CudaSharedMemoryRegisterResponse:
         self.plane.cuda_register_region(request.name)
         return pb.CudaSharedMemoryRegisterResponse()
 
-    async def CudaSharedMemoryUnregister(self, request, context):
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
         self.plane.cuda_unregister_region(request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
 
-    async def CudaSharedMemoryStatus(self, request, context):
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Context
+    ) -> pb.CudaSharedMemoryStatusResponse:
         self.plane.cuda_region_status(request.name)  # lists none
         return pb.CudaSharedMemoryStatusResponse()
 
     # -- logging and trace extensions (server/logs.py, server/tracing.py) ------------------------------
-    async def LogSettings(
-        self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.LogSettingsResponse:
+    async def LogSettings(self, request: pb.LogSettingsRequest, context: Context) -> pb.LogSettingsResponse:
         return logs.settings_rpc(request)
 
-    async def TraceSetting(
-        self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.TraceSettingResponse:
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: Context) -> pb.TraceSettingResponse:
         return tracing.setting_rpc(request, self.plane.repository)
 
     # -- inference -----------------------------------------------------------------------------------
-    async def _infer(
-        self, request: WireInferRequest, context: grpc.aio.ServicerContext, received_ns: int
-    ) -> pb.ModelInferResponse:
+    async def _infer(self, request: WireInferRequest, context: Context, received_ns: int) -> pb.ModelInferResponse:
         header = request.header
         normalized = await self.plane.normalize(
             header.model_name,
@@ -173,7 +187,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         return build_response(await self.plane.infer(normalized))
 
-    async def ModelInfer(self, request: bytes, context):
+    async def ModelInfer(self, request: bytes, context: Context) -> pb.ModelInferResponse:
         # Registered with no request deserializer: `request` is the serialized message, decoded here
         # without copying tensor bytes (server/bindings/grpc_wire.py).
         received = time.perf_counter_ns()
@@ -184,12 +198,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise invalid(f"malformed ModelInferRequest: {exc}") from None
             return await self._infer(parsed, context, received)
 
-    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # Requests of one stream run concurrently (so they can share batches); responses go back as each
         # finishes, matched by `id` as the protocol allows. Errors answer that request, not the stream:
         # its status message (from the same status_of every binding uses) goes in error_message.
         out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task] = set()
+        tasks: set[asyncio.Task[None]] = set()
 
         async def one(req: pb.ModelInferRequest) -> None:
             # Admission's refusal is inside the try: it answers this request like any other failure
@@ -241,7 +257,7 @@ def add_inference_service(server: grpc.aio.Server, plane: DataPlane) -> str:
     """The gRPC binding's registration (server.app.GRPC_BINDINGS); returns the full service name."""
     servicer = InferenceServicer(plane)
     # ModelInfer takes the serialized request (no deserializer) so tensors are read without copies.
-    model_infer = grpc.unary_unary_rpc_method_handler(
+    model_infer: grpc.RpcMethodHandler[bytes, pb.ModelInferResponse] = grpc.unary_unary_rpc_method_handler(
         servicer.ModelInfer, request_deserializer=None, response_serializer=pb.ModelInferResponse.SerializeToString
     )
     return guard_servicer(

@@ -65,7 +65,7 @@ class HttpLimits:
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
 
 
-def field(obj: dict, key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
+def field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
     """`obj[key]` checked to be of `kind` (INVALID_ARGUMENT naming it otherwise); `default` when absent."""
     if key not in obj:
         if default is ...:
@@ -116,7 +116,7 @@ class RestBody:
         except RecursionError:
             raise invalid(f"{what} nests too deeply") from None
 
-    async def json_object(self, request: web.Request, what: str) -> dict:
+    async def json_object(self, request: web.Request, what: str) -> dict[str, Any]:
         """An optional JSON object body (repository calls): {} when empty."""
         body = await self.content(request)
         if not body.strip():

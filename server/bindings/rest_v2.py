@@ -57,23 +57,24 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 _INFER_TYPES = {"", "application/json", "application/octet-stream", "application/x-www-form-urlencoded", "text/plain"}
 
 
-def _flatten(data: Any, where: str) -> list:
+def _flatten(data: Any, where: str) -> list[Any]:
     """v2 JSON `data` may be flat or nested as the shape; the data plane takes it flat."""
     while data and isinstance(data, list) and isinstance(data[0], list):
         try:
             data = list(itertools.chain.from_iterable(data))
         except TypeError:  # [[1, 2], 3]: a number beside a list
             raise invalid(f"{where}: 'data' mixes lists and values at one nesting level") from None
-    if not isinstance(data, list):
-        data = [data]
-    return data
+    if isinstance(data, list):
+        return data
+    return [data]
 
 
-def _parameters(obj: dict, where: str) -> dict[str, Any]:
-    return field(obj, "parameters", dict, where, {})
+def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    params: dict[str, Any] = field(obj, "parameters", dict, where, {})
+    return params
 
 
-def _tensors_in(inputs: list, binary: memoryview) -> list[TensorIn]:
+def _tensors_in(inputs: list[Any], binary: memoryview) -> list[TensorIn]:
     """JSON inputs (+ their slices of the binary section) as the data plane's TensorIn, nothing decoded
     yet; which sources an input may give, and its shared-memory region, the data plane checks."""
     tensors: list[TensorIn] = []

@@ -10,8 +10,9 @@ API (what the data plane calls with a normalized request, for ModelInfer, REST a
     deadline:    absolute time on the event loop clock (asyncio.get_running_loop().time()) after which
                  the request must not start executing; None = no limit. The data plane computed it
                  (the config's default_timeout_us included); the batcher only enforces it: a request
-                 still queued at its deadline fails with DEADLINE_EXCEEDED and is never executed; one whose awaiting task is
-                 cancelled (client gone, gRPC deadline) is dropped from the queue and never executed.
+                 still queued at its deadline fails with DEADLINE_EXCEEDED and is never executed; one whose
+                 awaiting task is cancelled (client gone, gRPC deadline) is dropped from the queue and never
+                 executed.
     received_ns: time.perf_counter_ns() when the request arrived, so latency metrics include decoding.
     returns:     {output name: np.ndarray} with this request's batch size first; views into the batch's
                  output arrays (read-only use; copy if you mutate).
@@ -483,7 +484,7 @@ class DynamicBatcher:
         else:
             self.stats.record_execution(items, len(batch), t_in, t_infer, t_out)
             self._batch_size.observe(items)
-            for r, out in zip(batch, outputs):
+            for r, out in zip(batch, outputs, strict=True):
                 self.stats.pending -= 1
                 if not r.future.done():  # the client may have gone while it ran
                     r.future.set_result(out)
