@@ -60,8 +60,42 @@ def test_same_outputs_and_specs_as_onnxruntime_on_small_graphs(tmp_path: Path) -
         want, got = ort_b.execute(feed), ov_b.execute(feed)
         for k in want:
             _close(got[k], want[k], FP32_RTOL, f"affine.{k} batch {batch}")
-    with pytest.raises(ValueError, match="batch 9 exceeds max_batch_size 8"):
-        ov_b.check_inputs({"a": np.zeros((9, 4), np.float32), "b": np.zeros((9, 2), np.int64)})
+
+
+def test_a_batch_over_the_bound_is_refused_by_the_data_plane(tmp_path: Path) -> None:
+    """The batch bound is checked once, by the data plane, before an OpenVINO request is touched."""
+    import grpc
+
+    from server.dataplane.plane import DataPlane
+    from server.dataplane.state import ServerState
+    from server.dataplane.tensors import TensorIn
+    from server.errors import InferError
+
+    write_model(tmp_path, "affine", affine_model(), 'backend: "openvino"\nmax_batch_size: 8\ndynamic_batching { }\n')
+
+    async def refused() -> InferError:
+        repo = ModelRepository(tmp_path)
+        await repo.load_all()
+        assert isinstance(repo.get("affine").instances[0], OpenVinoBackend)
+        state = ServerState()
+        state.started = True
+        plane = DataPlane(repo, state, vision_threads=1)
+        a, b = np.zeros((9, 4), np.float32), np.zeros((9, 2), np.int64)
+        try:
+            with pytest.raises(InferError) as err:
+                await plane.normalize(
+                    "affine",
+                    "",
+                    [TensorIn("a", "FP32", a.shape, raw=a.tobytes()), TensorIn("b", "INT64", b.shape, raw=b.tobytes())],
+                )
+            return err.value
+        finally:
+            plane.close()
+            await repo.close()
+
+    err = asyncio.run(refused())
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'a': batch size 9 exceeds max_batch_size 8" in err.message, err.message
 
 
 def test_threads_from_the_config_reach_openvino(tmp_path: Path) -> None:

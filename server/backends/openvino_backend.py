@@ -114,13 +114,10 @@ class OpenVinoBackend(Backend):
         self._output_ports = [(s.name, p) for s, p in zip(self._outputs, self.compiled.outputs, strict=True)]
 
     def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+        # The batch bound is the data plane's (check_declared) and warm-up's: checked once, before here.
         for name, arr in inputs.items():
             if arr.dtype == np.object_:
                 raise ValueError(f"input '{name}': BYTES tensors are not supported by the openvino backend")
-            if self.options.batched and self.options.max_batch_size and arr.shape[0] > self.options.max_batch_size:
-                raise ValueError(
-                    f"input '{name}': batch {arr.shape[0]} exceeds max_batch_size {self.options.max_batch_size}"
-                )
 
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         request = self._requests.get()  # never waits: the batcher runs at most concurrent_executions at once
