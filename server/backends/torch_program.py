@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +122,16 @@ class CudaGraphs:
             return tuple(o[:n].cpu() for o in outs)
 
 
+# torch.export.load keeps its deserializer in a module global and asserts it is unset: two models loaded
+# at once (the repository loads them in threads) fail with "_CURRENT_DESERIALIZER is already set".
+_LOAD_LOCK = threading.Lock()
+
+
 def load_program(path: Path) -> tuple[Any, list[str], list[str]]:
     """A torch.export program written by export.torch_program, with its inputs' and outputs' names."""
     extra = {PROGRAM_NAMES_FILE: ""}
-    program = _torch().export.load(str(path), extra_files=extra)
+    with _LOAD_LOCK:
+        program = _torch().export.load(str(path), extra_files=extra)
     names = json.loads(extra[PROGRAM_NAMES_FILE]) if extra[PROGRAM_NAMES_FILE] else {}
     n_out = len(program.graph_signature.user_outputs)
     inputs = names.get("inputs") or list(program.graph_signature.user_inputs)
