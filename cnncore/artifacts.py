@@ -12,6 +12,10 @@ from pathlib import Path
 ONNX_FILENAME = "model.onnx"
 PROGRAM_FILENAME = "model.pt2"  # torch.export program (the torch backend)
 PLAN_FILENAME = "model.plan"  # a single TensorRT engine named in config.pbtxt's default_model_filename
+# The gated variants `export` keeps beside model.onnx (the served copy of one of them; export/variants.py).
+FP32_FILENAME = "model.fp32.onnx"  # the FP32 parent
+INT8_FILENAME = "model.int8.onnx"  # symmetric, zero point 0: TensorRT, ONNX Runtime, `export engine`
+INT8_OPENVINO_FILENAME = "model.int8.openvino.onnx"  # unsigned activations (TensorRT cannot read), full bias correction
 # Inside a torch.export archive: the protocol names of the program's inputs and outputs (JSON).
 PROGRAM_NAMES_FILE = "cnnserve.json"
 

@@ -8,7 +8,9 @@ The server picks the record matching its GPU and TensorRT before touching the by
 refuses with a message saying what exists and the command that builds the missing engine.
 
 Layout inside `<repo>/<model>/<version>/`:
-    model.onnx
+    model.onnx                  the served file (one of the variants below, or the only file)
+    model.fp32.onnx             FP32 parent: FP32 and FP16 engines are built from it
+    model.int8.onnx             symmetric QDQ INT8: INT8 engines are built from it (tensorrt_source)
     model.sm86.trt10.7.0.fp16.plan
     engines.json
 """
@@ -23,7 +25,8 @@ from typing import Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cnncore.artifacts import ONNX_FILENAME, file_sha256
+from cnncore.artifacts import FP32_FILENAME, INT8_FILENAME, INT8_OPENVINO_FILENAME, ONNX_FILENAME, file_sha256
+from cnncore.spec import META_FILENAME, ModelMeta, ServingChoice
 
 MANIFEST_FILENAME = "engines.json"
 Precision = Literal["fp32", "fp16", "int8"]
@@ -75,7 +78,12 @@ class EngineRecord(BaseModel):
     tensorrt_version: str = Field(description="tensorrt.__version__ at build time")
     precision: Precision
     gpu_name: str = ""
-    onnx_sha256: str = Field(description="hash of the model.onnx the engine was built from")
+    onnx_file: str = Field(
+        default=ONNX_FILENAME,
+        description="the ONNX file of the version directory the engine was built from (tensorrt_source); "
+        "manifests written before it was recorded built from model.onnx",
+    )
+    onnx_sha256: str = Field(description="hash of onnx_file when the engine was built")
     profiles: dict[str, ProfileShapes] = Field(default_factory=dict, description="input name -> shapes")
     workspace_mib: int = 0
     built_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -123,6 +131,46 @@ class EngineManifest(BaseModel):
         self.engines.sort(key=lambda e: (e.compute_capability, e.tensorrt_version, e.precision))
 
 
+def _serving(version_dir: Path) -> ServingChoice | None:
+    path = version_dir.parent / META_FILENAME
+    if not path.is_file():
+        return None  # a hand-made or Triton-style repository: only its files say what it holds
+    try:
+        return ModelMeta.read(version_dir.parent).serving
+    except ValueError as exc:
+        raise EngineMismatch(f"{path}: unreadable model metadata ({exc}); re-export the model") from None
+
+
+def tensorrt_source(version_dir: Path, precision: str) -> Path:
+    """The ONNX file of `version_dir` a TensorRT engine of `precision` is built from (and checked against).
+
+    model.onnx is whatever `export` serves, which may be OpenVINO's INT8 file: its unsigned activations
+    are not TensorRT's INT8 (symmetric, zero point 0) and its parser refuses them. So an INT8 engine is
+    built from the symmetric QDQ file export keeps beside it, and FP32 / FP16 engines from the FP32
+    parent (not from a quantized served file). A directory without those files (written before export
+    kept variants, or by hand) builds from model.onnx. So does one whose model.json lists no variants:
+    with --input-dtype uint8 the kept files are the float-input parents, model.onnx the pixel-input graph
+    the config declares.
+    """
+    version_dir = Path(version_dir)
+    served = version_dir / ONNX_FILENAME
+    serving = _serving(version_dir)
+    kept_interchangeable = serving is None or bool(serving.variants)
+    if precision == "int8":
+        if kept_interchangeable and (version_dir / INT8_FILENAME).is_file():
+            return version_dir / INT8_FILENAME
+        if serving is not None and serving.precision == "int8" and serving.runtime == "openvino":
+            raise EngineMismatch(
+                f"{served}: OpenVINO's INT8 file (unsigned activations; {INT8_OPENVINO_FILENAME}) is "
+                f"served and no symmetric {INT8_FILENAME} beside it for TensorRT to build an INT8 engine "
+                f"from; re-export the model (python -m export), or build with --precision fp16"
+            )
+        return served
+    if kept_interchangeable and (version_dir / FP32_FILENAME).is_file():
+        return version_dir / FP32_FILENAME
+    return served
+
+
 def select_engine(
     version_dir: Path,
     compute_capability: str,
@@ -133,8 +181,10 @@ def select_engine(
     """The record of the engine to load on this GPU, or EngineMismatch saying what exists and what to do.
 
     precision None prefers the fastest one present (int8 > fp16 > fp32). When `onnx_path` is given
-    (default: `<version_dir>/model.onnx` if it exists) an engine built from another ONNX is stale and
-    refused: it would run, but serve a different model than the repository says.
+    (default: the engine's TensorRT source in the version directory, `tensorrt_source`, if it exists) an
+    engine built from another ONNX is stale and refused: it would run, but serve a different model than
+    the repository says. The comparison is by hash, so an engine recorded as built from model.onnx stays
+    current while that file's bytes are now the FP32 parent's or the symmetric INT8 file's.
     """
     version_dir = Path(version_dir)
     manifest = EngineManifest.read(version_dir)
@@ -178,11 +228,12 @@ def select_engine(
     engine_path = version_dir / record.file
     if not engine_path.is_file():
         raise EngineMismatch(f"{engine_path}: listed in {MANIFEST_FILENAME} but the file is missing; {rebuild}")
-    if onnx_path is None and (version_dir / ONNX_FILENAME).is_file():
-        onnx_path = version_dir / ONNX_FILENAME
+    if onnx_path is None:
+        source = tensorrt_source(version_dir, record.precision)
+        onnx_path = source if source.is_file() else None
     if onnx_path is not None and file_sha256(Path(onnx_path)) != record.onnx_sha256:
         raise EngineMismatch(
-            f"{engine_path}: stale engine: built from a different {Path(onnx_path).name} than the "
-            f"one in the repository now; {rebuild}"
+            f"{engine_path}: stale engine: built from {record.onnx_file}, whose bytes differ from "
+            f"{Path(onnx_path).name} in the repository now (the {record.precision} engine's source); {rebuild}"
         )
     return record

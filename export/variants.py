@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from cnncore.artifacts import ONNX_FILENAME, file_sha256
+from cnncore.artifacts import FP32_FILENAME, INT8_FILENAME, INT8_OPENVINO_FILENAME, ONNX_FILENAME, file_sha256
 from cnncore.cpu import CpuInfo, current_cpu
 from cnncore.spec import (
     GatedVariant,
@@ -42,10 +42,8 @@ from export.runtimes import Runner, RuntimeMissing, available_runtimes, throughp
 
 MEASURE_BATCHES = (1, 8)
 MEASURE_ROUNDS = 3
-# The file each variant is served from, in the version directory beside model.onnx (the served copy).
-FP32_FILENAME = "model.fp32.onnx"
-INT8_FILENAME = "model.int8.onnx"  # symmetric, zero point 0: TensorRT, ONNX Runtime, `export engine`
-INT8_OPENVINO_FILENAME = "model.int8.openvino.onnx"  # unsigned activations, full bias correction
+# The file each variant is served from (FP32_FILENAME, INT8_FILENAME, INT8_OPENVINO_FILENAME, imported above
+# from cnncore.artifacts, where `export engine` reads them too) sits beside model.onnx, the served copy.
 # CPU flags without which a variant measured slower than FP32 (issue 18's measurements: BF16 0.71x
 # without AMX; INT8 needs VNNI dot products to beat FP32's FMA kernels).
 NEEDS: dict[str, list[str]] = {"bf16": ["amx_bf16"], "int8": ["avx512_vnni"]}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnncore.artifacts import file_sha256
+from cnncore.artifacts import FP32_FILENAME, INT8_FILENAME, INT8_OPENVINO_FILENAME, ONNX_FILENAME, file_sha256
 from cnncore.config import parse_config
 from cnncore.engine_manifest import (
     MANIFEST_FILENAME,
@@ -25,8 +25,9 @@ from cnncore.engine_manifest import (
     capability_tag,
     engine_filename,
     select_engine,
+    tensorrt_source,
 )
-from cnncore.spec import ModelMeta, PreprocessSpec, Task
+from cnncore.spec import GatedVariant, ModelMeta, PreprocessSpec, ServingChoice, Task, VariantPrecision, VariantRuntime
 from export.tensorrt.activation import activate_tensorrt
 from export.tensorrt.build import check_precision_supported, timing_cache_path
 from export.tensorrt.calibration import calibration_batches, load_calibration_samples, select_calibration_files
@@ -154,6 +155,124 @@ def test_select_engine_refuses_missing_precision_file_and_stale_onnx(tmp_path):
     (vdir / "model.onnx").write_bytes(b"onnx graph bytes v1")
     (vdir / rec.file).unlink()
     with pytest.raises(EngineMismatch, match="file is missing"):
+        select_engine(vdir, "8.6", "10.7.0")
+
+
+# ------------------------------------------------------------------ the file an engine is built from
+
+_BYTES = {
+    FP32_FILENAME: b"fp32 parent",
+    INT8_FILENAME: b"symmetric qdq int8",
+    INT8_OPENVINO_FILENAME: b"openvino's int8, unsigned activations",
+}
+_SERVED_FILE: dict[tuple[VariantPrecision, VariantRuntime], str] = {
+    ("fp32", "onnxruntime"): FP32_FILENAME,
+    ("bf16", "openvino"): FP32_FILENAME,
+    ("int8", "onnxruntime"): INT8_FILENAME,
+    ("int8", "openvino"): INT8_OPENVINO_FILENAME,
+}
+
+
+def _exported(
+    tmp_path: Path,
+    served: tuple[VariantPrecision, VariantRuntime] | None,
+    kept: tuple[str, ...],
+    variants: bool = True,
+) -> Path:
+    """A version directory as `export` writes it: model.onnx a copy of the served variant's file, the
+    kept files beside it, model.json's serving naming the served variant (None: no model.json)."""
+    vdir = tmp_path / "repo" / "m" / "1"
+    vdir.mkdir(parents=True)
+    for f in kept:
+        (vdir / f).write_bytes(_BYTES[f])
+    if served is None:
+        (vdir / ONNX_FILENAME).write_bytes(b"the only file")
+        return vdir
+    (vdir / ONNX_FILENAME).write_bytes(_BYTES[_SERVED_FILE[served]])
+    listed = [GatedVariant(precision=p, runtime=r, file=f) for (p, r), f in _SERVED_FILE.items() if f in kept]
+    serving = ServingChoice(precision=served[0], runtime=served[1], variants=listed if variants else [])
+    spec = PreprocessSpec(input_size=(8, 8), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    ModelMeta(name="m", task=Task.classification, preprocess=spec, serving=serving).write(vdir.parent)
+    return vdir
+
+
+ALL_KEPT = (FP32_FILENAME, INT8_FILENAME, INT8_OPENVINO_FILENAME)
+
+
+@pytest.mark.parametrize(
+    "served, kept, variants, int8_from, fp16_from",
+    [
+        # written before export kept variants, or by hand: the one file
+        (None, (), True, ONNX_FILENAME, ONNX_FILENAME),
+        # FP32 served, INT8 not quantized (no calibration data): an INT8 engine calibrates the FP32 file
+        (("fp32", "onnxruntime"), (FP32_FILENAME,), True, ONNX_FILENAME, FP32_FILENAME),
+        # FP32 or BF16 served, the symmetric INT8 kept (gated or not) for `export engine`
+        (("fp32", "onnxruntime"), (FP32_FILENAME, INT8_FILENAME), True, INT8_FILENAME, FP32_FILENAME),
+        (("bf16", "openvino"), ALL_KEPT, True, INT8_FILENAME, FP32_FILENAME),
+        # the symmetric INT8 served by ONNX Runtime: model.onnx has its bytes, the kept file is named
+        (("int8", "onnxruntime"), (FP32_FILENAME, INT8_FILENAME), True, INT8_FILENAME, FP32_FILENAME),
+        # OpenVINO's INT8 served: model.onnx is a file TensorRT cannot parse, never the source
+        (("int8", "openvino"), ALL_KEPT, True, INT8_FILENAME, FP32_FILENAME),
+        # --input-dtype uint8: the kept files are float-input parents, model.onnx the pixel-input graph
+        (("int8", "onnxruntime"), (FP32_FILENAME, INT8_FILENAME), False, ONNX_FILENAME, ONNX_FILENAME),
+    ],
+)
+def test_tensorrt_source_names_the_symmetric_int8_or_the_fp32_parent(
+    tmp_path, served, kept, variants, int8_from, fp16_from
+):
+    vdir = _exported(tmp_path, served, kept, variants)
+    assert tensorrt_source(vdir, "int8") == vdir / int8_from
+    assert tensorrt_source(vdir, "fp16") == tensorrt_source(vdir, "fp32") == vdir / fp16_from
+
+
+def test_tensorrt_source_refuses_openvinos_int8_without_the_symmetric_file(tmp_path):
+    vdir = _exported(tmp_path, ("int8", "openvino"), (FP32_FILENAME, INT8_OPENVINO_FILENAME))
+    with pytest.raises(EngineMismatch) as err:
+        tensorrt_source(vdir, "int8")
+    assert "OpenVINO's INT8" in str(err.value) and INT8_FILENAME in str(err.value)
+    assert "re-export" in str(err.value) and "--precision fp16" in str(err.value)
+    assert tensorrt_source(vdir, "fp16") == vdir / FP32_FILENAME  # FP16 from the parent still builds
+
+
+def _built_from(vdir: Path, source: str, precision: Precision) -> EngineRecord:
+    rec = _record(vdir, "8.6", "10.7.0", precision)
+    return rec.model_copy(update={"onnx_file": source, "onnx_sha256": file_sha256(vdir / source)})
+
+
+def test_select_engine_checks_each_engine_against_its_own_source(tmp_path):
+    vdir = _exported(tmp_path, ("int8", "openvino"), ALL_KEPT)
+    m = EngineManifest()
+    m.add(_built_from(vdir, INT8_FILENAME, "int8"))
+    m.add(_built_from(vdir, FP32_FILENAME, "fp16"))
+    m.write(vdir)
+    assert EngineManifest.read(vdir).engines[1].onnx_file == INT8_FILENAME  # recorded in engines.json
+    assert select_engine(vdir, "8.6", "10.7.0").precision == "int8"
+    # The served file changes (a re-export serving another variant): neither engine's source did.
+    (vdir / ONNX_FILENAME).write_bytes(_BYTES[FP32_FILENAME] + b" re-served")
+    assert select_engine(vdir, "8.6", "10.7.0", "int8").onnx_file == INT8_FILENAME
+    assert select_engine(vdir, "8.6", "10.7.0", "fp16").onnx_file == FP32_FILENAME
+    # A re-quantized symmetric file makes the INT8 engine stale, and only it.
+    (vdir / INT8_FILENAME).write_bytes(b"re-quantized")
+    with pytest.raises(EngineMismatch, match=rf"stale engine: built from {INT8_FILENAME}, whose bytes differ"):
+        select_engine(vdir, "8.6", "10.7.0", "int8")
+    assert select_engine(vdir, "8.6", "10.7.0", "fp16").precision == "fp16"
+
+
+def test_a_manifest_written_before_sources_were_recorded_keeps_working(tmp_path):
+    """engines.json without onnx_file: the engine was built from model.onnx. It stays current while its
+    hash matches the source the builder would use now (here the FP32 parent, model.onnx's old bytes)."""
+    vdir = _version_dir(tmp_path)
+    rec = _record(vdir, "8.6", "10.7.0", "fp16")
+    old = {"engines": [{k: v for k, v in rec.model_dump(mode="json").items() if k != "onnx_file"}]}
+    (vdir / MANIFEST_FILENAME).write_text(json.dumps(old))
+    assert select_engine(vdir, "8.6", "10.7.0").onnx_file == ONNX_FILENAME
+    # re-exported with variants: the FP32 parent has the old model.onnx's bytes, INT8 is served now
+    (vdir / FP32_FILENAME).write_bytes((vdir / ONNX_FILENAME).read_bytes())
+    (vdir / ONNX_FILENAME).write_bytes(_BYTES[INT8_FILENAME])
+    (vdir / INT8_FILENAME).write_bytes(_BYTES[INT8_FILENAME])
+    assert select_engine(vdir, "8.6", "10.7.0").precision == "fp16"
+    (vdir / FP32_FILENAME).write_bytes(b"another parent")
+    with pytest.raises(EngineMismatch, match=rf"built from {ONNX_FILENAME}, whose bytes differ from {FP32_FILENAME}"):
         select_engine(vdir, "8.6", "10.7.0")
 
 
@@ -366,6 +485,7 @@ def test_build_engine_and_parity_on_gpu(tmp_path):
         vdir / "model.onnx", profiles, precision="fp32", workspace_mib=256, timing_cache=tmp_path / "timing.cache"
     )
     assert (vdir / rec.file).is_file() and (tmp_path / "timing.cache").is_file()
+    assert rec.onnx_file == "model.onnx" and rec.onnx_sha256 == file_sha256(vdir / "model.onnx")
     report = engine_parity(vdir, rec)
     assert report.ok, report.failure_message()
     assert report.batch_sizes == [1, 2, 3, 16]

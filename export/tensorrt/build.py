@@ -199,6 +199,7 @@ def build_engine(
         tensorrt_version=trt.__version__,
         precision=record_precision,
         gpu_name=gpu.name,
+        onnx_file=onnx_path.name,
         onnx_sha256=file_sha256(onnx_path),
         profiles=profiles,
         workspace_mib=workspace_mib,

@@ -2,11 +2,14 @@
 
     python -m export engine --repository DIR [--precision fp16|fp32|int8] [--workspace-mib N]
 
-Per model: parse `<version>/model.onnx` with TensorRT's ONNX parser, add one optimization profile
-derived from config.pbtxt (batch min 1, opt at the preferred batch, max at max_batch_size), build with
-a timing cache shared by all builds on this GPU + TensorRT (later builds skip kernel timing they already
-did), write `model.<sm>.trt<ver>.<precision>.plan` and record it in `engines.json`
-(cnncore/engine_manifest.py), then check the engine against ONNX Runtime on the same inputs.
+Per model: parse the version's TensorRT source with TensorRT's ONNX parser (cnncore.engine_manifest's
+tensorrt_source: the symmetric QDQ `model.int8.onnx` for INT8, the FP32 parent `model.fp32.onnx` for
+FP32 / FP16, `model.onnx` where export kept no variants; a model served as INT8 gets an INT8 engine by
+default), add one optimization profile derived from config.pbtxt (batch min 1, opt at the preferred
+batch, max at max_batch_size), build with a timing cache shared by all builds on this GPU + TensorRT
+(later builds skip kernel timing they already did), write `model.<sm>.trt<ver>.<precision>.plan` and
+record it and its source in `engines.json` (cnncore/engine_manifest.py), then check the engine against
+ONNX Runtime running the same source on the same inputs.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cnncore.artifacts import ONNX_FILENAME
 from cnncore.engine_manifest import EngineRecord
 
 # Parity (atol, rtol) against ONNX Runtime FP32 by engine precision, in export/eager_parity.py's criterion
@@ -35,7 +34,7 @@ def parity_against_onnxruntime(
 
 
 def engine_parity(version_dir: Path, record: EngineRecord, batch_sizes: Sequence[int] | None = None):
-    """The engine against ONNX Runtime, with tolerances by engine precision."""
+    """The engine against ONNX Runtime running the file it was built from, with tolerances by engine precision."""
     from cnncore.trt_runtime import EngineRunner
     from export.eager_parity import default_batch_sizes
 
@@ -44,7 +43,7 @@ def engine_parity(version_dir: Path, record: EngineRecord, batch_sizes: Sequence
     try:
         return parity_against_onnxruntime(
             engine,
-            Path(version_dir) / ONNX_FILENAME,
+            Path(version_dir) / record.onnx_file,
             list(batch_sizes or default_batch_sizes(record.max_batch or 1)),
             atol,
             rtol,

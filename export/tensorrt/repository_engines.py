@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cnncore.artifacts import ONNX_FILENAME
-from cnncore.engine_manifest import EngineManifest, EngineMismatch, EngineRecord, select_engine
+from cnncore.engine_manifest import EngineManifest, EngineMismatch, EngineRecord, select_engine, tensorrt_source
 from export.tensorrt.activation import activate_tensorrt
 from export.tensorrt.build import (
     Progress,
@@ -75,13 +75,17 @@ def build_repository_engines(
                 raise BuildError(f"{model_dir}: no version directory with {ONNX_FILENAME}")
             version_dir = model_dir / str(versions[-1])
             progress(f"[{i}/{len(names)}] {name} v{versions[-1]}")
-            explicit = qdq_onnx(version_dir / ONNX_FILENAME)
+            # A served INT8 model (either INT8 file) gets an INT8 engine by default, built from the
+            # symmetric QDQ file; FP32 / FP16 ones are built from the FP32 parent (tensorrt_source).
             model_precision = engine_precision(version_dir / ONNX_FILENAME, precision)
+            source = tensorrt_source(version_dir, model_precision)
+            explicit = qdq_onnx(source)
             if explicit:
                 progress(
-                    f"    {ONNX_FILENAME} is QDQ INT8 (export's gated INT8): "
-                    f"explicit-quantization {model_precision} engine"
+                    f"    {source.name} is QDQ INT8 (export's INT8): explicit-quantization {model_precision} engine"
                 )
+            elif source.name != ONNX_FILENAME:
+                progress(f"    building from {source.name} (the FP32 parent of the served {ONNX_FILENAME})")
             existing = current_engine(version_dir, gpu, trt.__version__, model_precision) if skip_existing else None
             if existing is not None:
                 progress(f"    cached: {existing.file}")
@@ -101,7 +105,7 @@ def build_repository_engines(
                 calib = load_calibration_samples(files, model_dir, p.max[1:])
                 progress(f"    calibrating on {len(calib)} samples")
             record = build_engine(
-                version_dir / ONNX_FILENAME,
+                source,
                 profiles,
                 precision=model_precision,
                 workspace_mib=workspace_mib,
