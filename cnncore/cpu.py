@@ -56,6 +56,11 @@ class CpuInfo(BaseModel):
     def has(self, flag: str) -> bool:
         return bool(self.flags.get(flag, False))
 
+    def computes_bf16(self) -> bool:
+        """Whether oneDNN has bfloat16 instructions here (AVX-512 BF16 or AMX); without them OpenVINO's
+        BF16 hint silently runs FP32."""
+        return self.has("avx512_bf16") or self.has("amx_bf16")
+
     def same_features(self, other: CpuInfo) -> bool:
         return all(self.has(f) == other.has(f) for f in FLAGS)
 

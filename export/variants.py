@@ -193,7 +193,7 @@ def _candidates(name: str, options: VariantOptions, cpu: CpuInfo) -> tuple[list[
                 raise VariantRefused(
                     f"{name}: --precision bf16 is served by OpenVINO (INFERENCE_PRECISION_HINT bf16); {why}"
                 )
-            if not (cpu.has("avx512_bf16") or cpu.has("amx_bf16")):
+            if not cpu.computes_bf16():
                 raise VariantRefused(
                     f"{name}: --precision bf16, but this CPU ({cpu.summary()}) has no BF16 "
                     "instructions: OpenVINO would run FP32 and call it BF16"
@@ -202,7 +202,7 @@ def _candidates(name: str, options: VariantOptions, cpu: CpuInfo) -> tuple[list[
         return [options.precision], runtimes
     precisions = ["fp32", "int8"]
     # BF16 only where the CPU computes in bfloat16 (else OpenVINO silently runs FP32); measured below
-    if "openvino" in runtimes and (cpu.has("avx512_bf16") or cpu.has("amx_bf16")):
+    if "openvino" in runtimes and cpu.computes_bf16():
         precisions.insert(1, "bf16")
     return precisions, runtimes
 
