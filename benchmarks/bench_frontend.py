@@ -287,7 +287,8 @@ def served_requests(metrics_port: int) -> float:
         s.value
         for fam in text_string_to_metric_families(text)
         for s in fam.samples
-        if s.name == "nv_inference_request_success"
+        # the parser names a counter's samples <family>_total even where the page has Triton's bare name
+        if s.name in ("nv_inference_request_success", "nv_inference_request_success_total")
     )
 
 
@@ -350,7 +351,7 @@ def perf_analyzer(
     return {
         "rps": float(found.group(1)) if found else float("nan"),
         "p50_ms": float(found.group(2)) / 1e3 if found else float("nan"),
-        "cpu_us": cpu / max(1.0, served) * 1e6,
+        "cpu_us": cpu / served * 1e6 if served else float("nan"),  # nothing counted: no figure, not CPU/1
         "n": int(served),
     }
 

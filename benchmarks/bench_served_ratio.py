@@ -1,16 +1,26 @@
 """Served / raw, as users measure it: Triton's perf_analyzer against the server at one concurrency, over
 the bytes path and system shared memory, against the served variant run raw in-process on its own
-runtime with the same threads, interleaved in one run.
+runtime with the same settings, interleaved in one run.
 
     .venv/bin/python benchmarks/bench_served_ratio.py --repository model_repository --model mobilenet_v2 \
-        [--concurrency 8] [--seconds 3] [--rounds 2] [--perf-analyzer bash benchmarks/perf_analyzer.sh]
+        [--concurrency 8] [--seconds 2] [--rounds 2] [--parameter ENABLE_CPU_PINNING=NO ...] \
+        [--perf-analyzer bash benchmarks/perf_analyzer.sh]
 
-The raw side is the file the repository serves (model.json `serving`: OpenVINO or ONNX Runtime, FP32 or
-INT8) at batch 1 and 8 with the server's runtime settings; its best batch is the reference. The
-server's resident memory is printed after the run (what a soak at this concurrency leaves);
-`--serve-all` serves every model of the repository beside it, for the whole repository's RSS. Target
-(issue 19): served / raw >= 0.85 through shared memory, >= 0.75 through bytes. perf_analyzer shares the
-machine's cores with the server, so on a small machine its own CPU shows up in the bytes figure.
+Raw is the server's own backend, built in this process by the server's loader (server.repository
+.build_model) from the same config.pbtxt with the same server-wide threads: the same file, variant,
+runtime, compile properties (streams, threads, pinning, precision hint, bounded batch) and infer
+requests; only the batcher and the frontend are missing. It runs batch 1, 2, 4 and 8 from one thread
+(one execution at a time) and from as many threads as the backend takes executions at once (its
+`concurrent_executions`: OpenVINO's infer requests); the best of these is the reference. The settings
+both sides resolved (OpenVINO's compiled properties: the server logs them at load) are printed and
+compared. `--parameter KEY=VALUE` writes a config parameter (an OpenVINO property the backend passes
+through, e.g. PERFORMANCE_HINT=THROUGHPUT, ENABLE_CPU_PINNING=NO) into the measured copy of the model,
+so server and raw change together.
+
+Targets (issue 19): served / raw >= 0.85 through shared memory, >= 0.75 through bytes. perf_analyzer
+shares the machine's cores with the server, so on a small machine its own CPU shows up in the bytes
+figure. The server's resident memory is printed after the run; `--serve-all` serves every model of the
+repository beside it, for the whole repository's RSS.
 """
 
 from __future__ import annotations
@@ -20,36 +30,103 @@ import json
 import os
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_cold_start import rss_mib  # noqa: E402
 from bench_frontend import perf_analyzer, repository_target, start, write_repository  # noqa: E402
-from bench_server import Point, model_file, ort_runner, run_raw  # noqa: E402
-from cnncore.runtime import OpenVinoRunner, OpenVinoSettings, OrtRunner, compile_openvino  # noqa: E402
+from bench_server import pct  # noqa: E402
+
+TARGETS = {"pa-shm": 0.85, "pa-bytes": 0.75}  # served / raw at the concurrency measured
+RAW_BATCHES = (1, 2, 4, 8)
 
 
-def raw_runner(repo: Path, name: str, threads: int, max_batch: int) -> tuple[str, OpenVinoRunner | OrtRunner]:
-    """The served file on its runtime as the server sets it up (OpenVINO: the batch bounded by the
-    config's max_batch_size, as the backend compiles it; unbounded dynamic shapes run slower kernels)."""
-    meta = json.loads((repo / name / "model.json").read_text()) if (repo / name / "model.json").is_file() else {}
-    runtime = (meta.get("serving") or {}).get("runtime", "onnxruntime")
-    path = model_file(repo, name)
-    if runtime == "openvino":
-        return f"raw {runtime}", OpenVinoRunner(
-            compile_openvino(path, OpenVinoSettings(threads=threads).properties(), max_batch=max_batch)
-        )
-    return f"raw {runtime}", ort_runner(path, threads)
+def set_parameters(config: Path, parameters: list[str]) -> None:
+    """KEY=VALUE config parameters, added to (or replacing those in) a config.pbtxt."""
+    from google.protobuf import text_format
 
-
-def target_max_batch(model_dir: Path) -> int:
     from cnncore.config import load_config
 
-    return load_config(model_dir).max_batch_size
+    cfg = load_config(config.parent)
+    for kv in parameters:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--parameter {kv!r}: expected KEY=VALUE")
+        cfg.parameters[key].string_value = value
+    config.write_text(text_format.MessageToString(cfg))
+
+
+def raw_backend(model_dir: Path, threads: int):  # -> server.backends.base.Backend
+    """The model's first instance as the server builds it (variant choice, options, compile, warm-up)."""
+    from server.repository import RuntimeDefaults, build_model
+
+    built = build_model(model_dir, RuntimeDefaults(intra_op_threads=threads))
+    for b in built[1:]:
+        for inst in b.instances:
+            inst.close()
+    for inst in built[0].instances[1:]:
+        inst.close()
+    return built[0].instances[0]
+
+
+class RawPoint:
+    def __init__(self) -> None:
+        self.items = 0
+        self.wall = 0.0
+        self.lat: list[float] = []
+
+    def ips(self) -> float:
+        return self.items / self.wall if self.wall else float("nan")
+
+
+def run_raw(backend, batch: int, threads: int, seconds: float, point: RawPoint) -> None:
+    """`threads` loops, each executing its own batch of `batch` random items back to back."""
+    spec = backend.inputs[0]
+    rng = np.random.default_rng(0)
+    feeds = [
+        {s.name: rng.standard_normal((batch, *s.shape)).astype(s.dtype) for s in backend.inputs} for _ in range(threads)
+    ]
+    assert all(-1 not in s.shape for s in backend.inputs), f"{spec.name}: raw needs static per-item shapes"
+    for f in feeds:
+        backend.execute(f)  # this batch size's first run: kernels, buffers
+    lat: list[list[float]] = [[] for _ in range(threads)]
+    stop = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop or len(lat[i]) < 2:
+            t = time.perf_counter()
+            backend.execute(feeds[i])
+            lat[i].append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    point.wall += time.perf_counter() - t0
+    point.items += batch * sum(len(x) for x in lat)
+    point.lat += [x for xs in lat for x in xs]
+
+
+def server_properties(log: Path) -> list[dict]:
+    """What the server's OpenVINO instances resolved their compile properties to (its load log)."""
+    out = []
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("msg") == "openvino model compiled":
+            out.append({"properties": rec["properties"], "infer_requests": rec["infer_requests"]})
+    return out
 
 
 def main() -> None:
@@ -58,16 +135,21 @@ def main() -> None:
     ap.add_argument("--model", default="mobilenet_v2")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="runtime threads, server and raw (default 2)")
-    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--seconds", type=float, default=2.0, help="per point per round (default 2)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--parameter", action="append", default=[], metavar="KEY=VALUE", help="config parameter")
     ap.add_argument("--serve-all", action="store_true", help="load every model of --repository (RSS of all)")
     ap.add_argument("--perf-analyzer", nargs="+", default=["bash", str(ROOT / "benchmarks" / "perf_analyzer.sh")])
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_ratio_"))
     models = sorted(p.parent.name for p in a.repository.glob("*/config.pbtxt")) if a.serve_all else [a.model]
     write_repository(work / "repo", a.repository, models)
+    if a.parameter:
+        set_parameters(work / "repo" / a.model / "config.pbtxt", a.parameter)
     target = repository_target(work / "repo", a.model)
-    label, raw = raw_runner(a.repository, a.model, a.threads, target_max_batch(work / "repo" / a.model))
+    load_before = os.getloadavg()
+    backend = raw_backend(work / "repo" / a.model, a.threads)
+    raw_props = {"properties": getattr(backend, "properties", {}), "infer_requests": backend.concurrent_executions}
     proc, info = start(
         [
             sys.executable,
@@ -86,7 +168,7 @@ def main() -> None:
             "--allow-http",
             "false",
             "--log-level",
-            "warning",
+            "info",  # the load's "openvino model compiled" line: the settings the server runs with
             "--intra-op-threads",
             str(a.threads),
             "--model-control-mode",
@@ -96,44 +178,63 @@ def main() -> None:
         work,
         "server",
     )
-    raw_pts = {bs: Point() for bs in (1, 8)}
+    thread_counts = sorted({1, backend.concurrent_executions})
+    raw_pts = {(bs, t): RawPoint() for bs in RAW_BATCHES for t in thread_counts}
     served: dict[str, list[dict]] = {"pa-bytes": [], "pa-shm": []}
     try:
         for r in range(a.rounds):
-            for bs, pt in raw_pts.items():
-                run_raw(raw, bs, a.seconds, pt)
-            for mode in ("pa-bytes", "pa-shm") if r % 2 == 0 else ("pa-shm", "pa-bytes"):
-                served[mode].append(
-                    perf_analyzer(
-                        a.perf_analyzer,
-                        info["grpc_port"],
-                        info["metrics_port"],
-                        [proc.pid],
-                        mode,
-                        target,
-                        a.concurrency,
-                        a.seconds,
+            # interleaved: raw and each served path take turns, in another order each round
+            steps: list[tuple] = [("raw", k) for k in raw_pts] + [("served", m) for m in served]
+            for kind, key in steps if r % 2 == 0 else steps[::-1]:
+                if kind == "raw":
+                    run_raw(backend, key[0], key[1], a.seconds, raw_pts[key])
+                else:
+                    served[key].append(
+                        perf_analyzer(
+                            a.perf_analyzer,
+                            info["grpc_port"],
+                            info["metrics_port"],
+                            [proc.pid],
+                            key,
+                            target,
+                            a.concurrency,
+                            a.seconds,
+                        )
                     )
-                )
         rss = rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(60)
-    best_bs, best = max(((bs, pt.row()["ips"]) for bs, pt in raw_pts.items()), key=lambda x: x[1])
+        backend.close()
+    srv_props = server_properties(work / "server.log")
+    (best_bs, best_t), best = max(((k, pt.ips()) for k, pt in raw_pts.items()), key=lambda x: x[1])
+    load_after = os.getloadavg()
     print(
-        f"\n{a.model}, {a.threads} threads, concurrency {a.concurrency}, {a.rounds} x {a.seconds:g} s, "
-        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+        f"\n{a.model} ({type(backend).__name__}, {backend.model_file.name}), {a.threads} threads, concurrency "
+        f"{a.concurrency}, {a.rounds} x {a.seconds:g} s, {os.cpu_count()} CPUs, load {load_before[0]:.1f} before, "
+        f"{load_after[0]:.1f} after (1-min average)"
     )
-    for bs, pt in raw_pts.items():
-        row = pt.row()
-        print(f"  {label} batch {bs:<3} {row['ips']:8.1f} img/s  p50 {row['p50_ms']:7.2f} ms")
+    print(f"  parameters: {', '.join(a.parameter) or '(the config as exported)'}")
+    print(f"  raw settings:    {json.dumps(raw_props, sort_keys=True)}")
+    for p in srv_props:
+        print(f"  server settings: {json.dumps(p, sort_keys=True)}")
+    if srv_props:
+        same = all(p == raw_props for p in srv_props)
+        print(f"  settings identical (raw vs server): {'yes' if same else 'NO: the ratio compares different setups'}")
+    for (bs, t), pt in raw_pts.items():
+        print(
+            f"  raw batch {bs:<2} x {t} thread(s) {pt.ips():8.1f} img/s  p50 {pct(pt.lat, 50) * 1e3:7.2f} ms / batch"
+        )
+    print(f"  raw best: batch {best_bs} x {best_t} thread(s) {best:.1f} img/s")
     for mode, runs in served.items():
-        rps = float(np.nanmean([x["rps"] for x in runs]))
-        p50 = float(np.nanmean([x["p50_ms"] for x in runs]))
+        rps = float(np.nanmean([x["rps"] for x in runs])) if any(x["rps"] == x["rps"] for x in runs) else float("nan")
+        p50 = float(np.nanmean([x["p50_ms"] for x in runs])) if rps == rps else float("nan")
         cpu = float(np.nanmean([x["cpu_us"] for x in runs]))
+        ratio = rps / best
+        verdict = "PASS" if ratio >= TARGETS[mode] else "MISS"
         print(
             f"  served {mode:<9} {rps:8.1f} img/s  p50 {p50:7.2f} ms  server CPU {cpu:6.0f} us/req  "
-            f"served/raw (batch {best_bs}) {rps / best:.2f}"
+            f"served/raw {ratio:.2f} (target >= {TARGETS[mode]:.2f}: {verdict})"
         )
     print(f"  server RSS after the run ({len(models)} model(s) loaded): {rss:.0f} MiB")
 

@@ -4,7 +4,8 @@
                 requested_providers / ort_providers (a config's CUDA / TensorRT / OpenVINO execution
                 providers, their options, checked against this onnxruntime build)
     ov.py       OpenVinoSettings (NUM_STREAMS, INFERENCE_NUM_THREADS, PERFORMANCE_HINT,
-                INFERENCE_PRECISION_HINT, CACHE_DIR), compile_openvino (with a bounded dynamic batch)
+                INFERENCE_PRECISION_HINT, ENABLE_CPU_PINNING, CACHE_DIR), compile_openvino (with a bounded
+                dynamic batch), compiled_properties (what OpenVINO resolved them to)
     runner.py   a file on a runtime as a callable (numpy batch -> output dict) and its throughput
 
 The server's backends, export (parity, the UINT8 input's check, TensorRT engine parity, and through
@@ -26,7 +27,13 @@ from cnncore.runtime.ort import (
     ort_session,
     requested_providers,
 )
-from cnncore.runtime.ov import OpenVinoSettings, compile_openvino, import_openvino, openvino_available
+from cnncore.runtime.ov import (
+    OpenVinoSettings,
+    compile_openvino,
+    compiled_properties,
+    import_openvino,
+    openvino_available,
+)
 from cnncore.runtime.runner import (
     RUNTIMES,
     OpenVinoRunner,
@@ -53,6 +60,7 @@ __all__ = [
     "RuntimeUnavailable",
     "available_runtimes",
     "compile_openvino",
+    "compiled_properties",
     "import_openvino",
     "numpy_dtype",
     "openvino_available",

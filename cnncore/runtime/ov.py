@@ -41,6 +41,7 @@ class OpenVinoSettings:
     streams: int | str | None = None  # NUM_STREAMS: a count or "AUTO"; None: what the hint picks
     performance_hint: str = "LATENCY"  # PERFORMANCE_HINT: LATENCY | THROUGHPUT | CUMULATIVE_THROUGHPUT
     precision_hint: str = "f32"  # INFERENCE_PRECISION_HINT: f32 | bf16 | f16
+    cpu_pinning: bool | None = None  # ENABLE_CPU_PINNING; None: the plugin's choice (on, on Linux)
     cache_dir: Path | None = None  # CACHE_DIR: compiled blobs kept there, so a second load skips compiling
     extra: Mapping[str, object] = field(default_factory=dict)  # further properties by name; they win
 
@@ -53,10 +54,39 @@ class OpenVinoSettings:
             props["INFERENCE_NUM_THREADS"] = self.threads
         if self.streams is not None:
             props["NUM_STREAMS"] = self.streams
+        if self.cpu_pinning is not None:
+            props["ENABLE_CPU_PINNING"] = self.cpu_pinning
         if self.cache_dir is not None:
             props["CACHE_DIR"] = str(self.cache_dir)
         props.update(self.extra)
         return props
+
+
+# What decides how a compiled model uses the CPU, as OpenVINO resolved it (a hint picks streams and
+# threads; the plugin picks pinning): two processes compare these to know they run the same way.
+REPORTED_PROPERTIES = (
+    "PERFORMANCE_HINT",
+    "NUM_STREAMS",
+    "INFERENCE_NUM_THREADS",
+    "ENABLE_CPU_PINNING",
+    "ENABLE_HYPER_THREADING",
+    "SCHEDULING_CORE_TYPE",
+    "INFERENCE_PRECISION_HINT",
+    "OPTIMAL_NUMBER_OF_INFER_REQUESTS",
+)
+
+
+def compiled_properties(compiled: Any) -> dict[str, str]:
+    """REPORTED_PROPERTIES of a compiled model as OpenVINO resolved them, as text (JSON-safe, comparable
+    across processes); a property this OpenVINO lacks is left out."""
+    out: dict[str, str] = {}
+    for key in REPORTED_PROPERTIES:
+        try:
+            value = compiled.get_property(key)
+        except RuntimeError:
+            continue
+        out[key] = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+    return out
 
 
 def compile_openvino(

@@ -5,6 +5,8 @@ Nothing is accepted and ignored. What each place takes (README, "Protocol suppor
     request   timeout (µs, honoured); priority (0 only: no model here has priority levels);
               sequence_id / sequence_start / sequence_end (absent, 0 or false only: no sequence batching);
               binary_data_output (REST: honoured; gRPC: outputs are always binary, so a no-op by nature)
+              triton_enable_empty_final_response (Triton's clients and perf_analyzer send it: no model
+              here is decoupled, every request has one response and it is the final one)
     input     shared_memory_region / _byte_size / _offset (both); binary_data_size (REST only)
     output    shared_memory_region / _byte_size / _offset (both); classification (both);
               binary_data (REST only)
@@ -24,7 +26,15 @@ from server.errors import echo, invalid
 from server.shared_memory import BYTE_SIZE, OFFSET, REGION
 
 SHARED_MEMORY = {REGION, BYTE_SIZE, OFFSET}
-REQUEST = {"timeout", "priority", "sequence_id", "sequence_start", "sequence_end", "binary_data_output"}
+REQUEST = {
+    "timeout",
+    "priority",
+    "sequence_id",
+    "sequence_start",
+    "sequence_end",
+    "binary_data_output",
+    "triton_enable_empty_final_response",
+}
 INPUT = {"grpc": SHARED_MEMORY, "http": SHARED_MEMORY | {"binary_data_size"}}
 OUTPUT = {"grpc": SHARED_MEMORY | {CLASSIFICATION}, "http": SHARED_MEMORY | {CLASSIFICATION, "binary_data"}}
 # REST JSON: the keys each object may have.
