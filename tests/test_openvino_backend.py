@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -271,3 +272,86 @@ def test_every_default_model_matches_onnxruntime(default_repository: Path) -> No
                 _detections_match(got, want, f"{name} served")
                 break
             _close(got[k], want[k], FP32_RTOL if precision == "fp32" else INT8_RTOL, f"{name}.{k} {precision}")
+
+
+def _request_in_turn(backend: OpenVinoBackend) -> Any:  # an openvino InferRequest
+    """The infer request the next lone execution takes (the backend's requests are last in, first out)."""
+    return backend._requests.queue[-1]
+
+
+def test_inputs_and_outputs_are_shared_with_openvino_not_copied(tmp_path: Path) -> None:
+    """A lone request's inputs arrive as read-only views over the message bytes: the infer request reads
+    that memory itself (OpenVINO's own share_inputs would copy a read-only array); each output is
+    computed into the array the backend returns, and a later execution never writes into it."""
+    p = tmp_path / "affine.onnx"
+    p.write_bytes(affine_model())
+    ov_b = OpenVinoBackend(p, BackendOptions(intra_op_threads=1, max_batch_size=8))
+    rng = np.random.default_rng(2)
+
+    def message_views(n: int) -> dict[str, np.ndarray]:
+        a = rng.standard_normal((n, 4)).astype(np.float32)
+        b = rng.integers(-9, 9, (n, 2))
+        return {
+            "a": np.frombuffer(a.tobytes(), np.float32).reshape(n, 4),
+            "b": np.frombuffer(b.tobytes()).view(b.dtype).reshape(n, 2),
+        }
+
+    first_in = message_views(3)
+    assert not first_in["a"].flags.writeable
+    request = _request_in_turn(ov_b)
+    first = ov_b.execute(first_in)
+    for name, port in ov_b._input_ports.items():
+        assert request.get_tensor(port[0]).data.ctypes.data == first_in[name].ctypes.data, f"input {name} copied"
+    for spec, port in ov_b._output_ports:
+        assert request.get_tensor(port).data.ctypes.data == first[spec.name].ctypes.data, f"output {spec.name} copied"
+    kept = {k: v.copy() for k, v in first.items()}
+    assert _request_in_turn(ov_b) is request  # the same request runs the next batch
+    second_in = message_views(5)
+    second = ov_b.execute(second_in)
+    for k in kept:  # the first answer stays as computed
+        np.testing.assert_array_equal(first[k], kept[k])
+    np.testing.assert_allclose(first["y"], first_in["a"] * 2 + 1, rtol=1e-6)
+    np.testing.assert_array_equal(second["z"], second_in["b"] + 3)
+
+
+def test_the_server_and_an_in_process_build_compile_with_the_same_settings(tmp_path: Path, server_factory) -> None:
+    """What bench_served_ratio relies on: the server's instance and the one the benchmark builds with the
+    server's loader (build_model, same threads) resolve to the same OpenVINO properties and infer
+    requests; a config parameter (ENABLE_CPU_PINNING) reaches both; and the served answers are right."""
+    import json
+
+    import tritonclient.grpc as tc
+
+    from cnncore.runtime import compiled_properties
+    from server.repository import RuntimeDefaults, build_model
+
+    config = (
+        'backend: "openvino"\nmax_batch_size: 8\ndynamic_batching { }\n'
+        'parameters { key: "ENABLE_CPU_PINNING" value { string_value: "NO" } }\n'
+    )
+    write_model(tmp_path / "repo", "affine", affine_model(), config)
+    srv = server_factory(tmp_path / "repo", "--log-level", "info")
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    client = tc.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
+    inputs = [tc.InferInput("a", [2, 4], "FP32"), tc.InferInput("b", [2, 2], "INT64")]
+    inputs[0].set_data_from_numpy(x)
+    inputs[1].set_data_from_numpy(np.ones((2, 2), np.int64))
+    res = client.infer("affine", inputs)
+    np.testing.assert_allclose(res.as_numpy("y"), x * 2 + 1)
+    np.testing.assert_array_equal(res.as_numpy("z"), np.full((2, 2), 4))
+    logged = [
+        json.loads(line)
+        for line in srv.log_path.read_text().splitlines()
+        if line.startswith("{") and '"openvino model compiled"' in line
+    ]
+    assert len(logged) == 1, srv.log_path.read_text()[-2000:]
+    built = build_model(tmp_path / "repo" / "affine", RuntimeDefaults(intra_op_threads=1))
+    here = built[0].instances[0]
+    try:
+        assert isinstance(here, OpenVinoBackend)
+        assert logged[0]["properties"] == here.properties == compiled_properties(here.compiled)
+        assert logged[0]["infer_requests"] == here.concurrent_executions
+        assert here.properties["ENABLE_CPU_PINNING"] == "False"
+        assert here.properties["INFERENCE_NUM_THREADS"] == "1"
+    finally:
+        here.close()

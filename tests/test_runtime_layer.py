@@ -19,6 +19,7 @@ from cnncore.runtime import (
     OrtSettings,
     RuntimeUnavailable,
     compile_openvino,
+    compiled_properties,
     numpy_dtype,
     openvino_available,
     openvino_runner,
@@ -238,3 +239,15 @@ def test_export_runtimes_delegate_to_the_layer(pool_onnx: Path) -> None:
     so = run.session.get_session_options()  # type: ignore[attr-defined]
     assert (so.intra_op_num_threads, so.inter_op_num_threads) == (2, 1)
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+@needs_openvino
+def test_compiled_properties_report_what_openvino_resolved(pool_onnx: Path) -> None:
+    latency = compiled_properties(compile_openvino(pool_onnx, OpenVinoSettings(threads=2).properties()))
+    assert latency["PERFORMANCE_HINT"] == "LATENCY" and latency["NUM_STREAMS"] == "1"
+    assert latency["INFERENCE_NUM_THREADS"] == "2" and latency["INFERENCE_PRECISION_HINT"] == "f32"
+    settings = OpenVinoSettings(threads=2, performance_hint="THROUGHPUT", streams=2, cpu_pinning=False)
+    assert settings.properties()["ENABLE_CPU_PINNING"] is False
+    resolved = compiled_properties(compile_openvino(pool_onnx, settings.properties()))
+    assert resolved["NUM_STREAMS"] == "2" and resolved["OPTIMAL_NUMBER_OF_INFER_REQUESTS"] == "2"
+    assert resolved["ENABLE_CPU_PINNING"] == "False"
