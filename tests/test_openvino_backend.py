@@ -108,6 +108,8 @@ def test_threads_from_the_config_reach_openvino(tmp_path: Path) -> None:
     assert int(own.compiled.get_property("INFERENCE_NUM_THREADS")) == 2
     # FP32 stays FP32 on CPUs with bfloat16 support
     assert "float32" in str(one.compiled.get_property("INFERENCE_PRECISION_HINT"))
+    # the server's default: threads unpinned (its cores are shared with its own threads and neighbours)
+    assert one.properties["ENABLE_CPU_PINNING"] == "False" and one.properties["PERFORMANCE_HINT"] == "LATENCY"
 
 
 def _scale_model(k: float) -> bytes:
@@ -327,7 +329,7 @@ def test_the_server_and_an_in_process_build_compile_with_the_same_settings(tmp_p
 
     config = (
         'backend: "openvino"\nmax_batch_size: 8\ndynamic_batching { }\n'
-        'parameters { key: "ENABLE_CPU_PINNING" value { string_value: "NO" } }\n'
+        'parameters { key: "ENABLE_CPU_PINNING" value { string_value: "YES" } }\n'
     )
     write_model(tmp_path / "repo", "affine", affine_model(), config)
     srv = server_factory(tmp_path / "repo", "--log-level", "info")
@@ -351,7 +353,7 @@ def test_the_server_and_an_in_process_build_compile_with_the_same_settings(tmp_p
         assert isinstance(here, OpenVinoBackend)
         assert logged[0]["properties"] == here.properties == compiled_properties(here.compiled)
         assert logged[0]["infer_requests"] == here.concurrent_executions
-        assert here.properties["ENABLE_CPU_PINNING"] == "False"
+        assert here.properties["ENABLE_CPU_PINNING"] == "True"  # the config's, over the server's default
         assert here.properties["INFERENCE_NUM_THREADS"] == "1"
     finally:
         here.close()

@@ -4,11 +4,12 @@ QDQ INT8; OpenVINO runs the quantized pairs as INT8 kernels).
 
 The batch dimension stays dynamic, bounded by the config's max_batch_size so the CPU plugin can plan
 for the sizes the batcher sends. Config parameters: `intra_op_thread_count` (the server-wide default
-otherwise, as for ONNX Runtime) or OpenVINO's own `INFERENCE_NUM_THREADS`; `NUM_STREAMS` and
-`PERFORMANCE_HINT` pass through. Inference precision is pinned to f32: on CPUs with bfloat16 support
-(this one has avx512_bf16) OpenVINO would otherwise run FP32 models in bfloat16 and serve different
-numbers than the graph's. A model OpenVINO cannot read or compile fails to load with OpenVINO's
-reason; the other models keep serving.
+otherwise, as for ONNX Runtime) or OpenVINO's own `INFERENCE_NUM_THREADS`; `NUM_STREAMS`,
+`PERFORMANCE_HINT` (LATENCY by default) and `ENABLE_CPU_PINNING` (off by default: the cores are shared
+with the server's other threads and its neighbours) pass through. Inference precision is pinned to
+f32: on CPUs with bfloat16 support (this one has avx512_bf16) OpenVINO would otherwise run FP32 models
+in bfloat16 and serve different numbers than the graph's. A model OpenVINO cannot read or compile fails
+to load with OpenVINO's reason; the other models keep serving.
 
 Overlap: each instance holds one infer request more than the streams the CPU plugin chose
 (OPTIMAL_NUMBER_OF_INFER_REQUESTS) and takes that many executions at once (`concurrent_executions`),
@@ -75,13 +76,20 @@ def compiled_cache_dir(cache_root: Path, model_file: Path) -> Path | None:
 
 
 def openvino_settings(options: BackendOptions, model_file: Path) -> OpenVinoSettings:
-    """The compile properties of an instance: the runtime layer's defaults (f32 inference precision),
-    the server's threads (or the config's intra_op_thread_count), the config's OpenVINO parameters
+    """The compile properties of an instance: the runtime layer's defaults (f32 inference precision, a
+    LATENCY hint), no CPU pinning, the server's threads (or the config's intra_op_thread_count), the
+    config's OpenVINO parameters
     (_PASSTHROUGH, by their property names; they win), and the repository's compiled-model cache."""
     params = dict(options.extra)
     cache = compiled_cache_dir(options.cache_dir, model_file) if options.cache_dir is not None else None
     return OpenVinoSettings(
         threads=max(0, options.intra_op_threads),
+        # Unpinned: the server's own threads (event loop, gRPC, batcher), its clients and other processes
+        # share these cores, and a pinned thread waits for its core while another is free. Measured on 2
+        # shared cores (load 5-7): served throughput the same within noise pinned or not, raw in-process
+        # at batch 2-8 1.5-3x slower pinned (README, "As users measure"). ENABLE_CPU_PINNING in the
+        # config turns it back on.
+        cpu_pinning=False,
         cache_dir=cache,
         extra={key: params[key] for key in _PASSTHROUGH if key in params},
     )
