@@ -332,13 +332,23 @@ def perf_analyzer(
     if mode == "pa-shm":
         cmd += ["--shared-memory", "system", "--output-shared-memory-size", str(target.output_nbytes)]
     served0, cpu0, t0 = served_requests(metrics_port), cpu_seconds(pids), time.perf_counter()
+    kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 12 + 60, preexec_fn=_cap_memory)
     except subprocess.TimeoutExpired:  # seen once here: perf_analyzer stalled on 600 KB tensors at load 11
         print(f"perf_analyzer: timed out on {target.label} {mode}", file=sys.stderr)
-        return {"rps": float("nan"), "p50_ms": float("nan"), "cpu_us": float("nan"), "n": 0, "server_rps": float("nan")}
+        return {
+            "rps": float("nan"),
+            "p50_ms": float("nan"),
+            "cpu_us": float("nan"),
+            "n": 0,
+            "server_rps": float("nan"),
+            "client_cpu_us": float("nan"),
+        }
     served, cpu = served_requests(metrics_port) - served0, cpu_seconds(pids) - cpu0
     wall = time.perf_counter() - t0
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime  # perf_analyzer's own
     found = re.search(r"Concurrency: \d+, throughput: ([\d.]+) infer/sec, latency (\d+) usec", res.stdout)
     if not found and "Failed to obtain stable measurement" in res.stdout + res.stderr:
         # no stable window (it exits 1 then): its figure is missing from this point; the server's CPU per
@@ -350,12 +360,20 @@ def perf_analyzer(
             f"{res.stderr[-1000:]}",
             file=sys.stderr,
         )
-        return {"rps": float("nan"), "p50_ms": float("nan"), "cpu_us": float("nan"), "n": 0, "server_rps": float("nan")}
+        return {
+            "rps": float("nan"),
+            "p50_ms": float("nan"),
+            "cpu_us": float("nan"),
+            "n": 0,
+            "server_rps": float("nan"),
+            "client_cpu_us": float("nan"),
+        }
     return {
         "rps": float(found.group(1)) if found else float("nan"),
         "p50_ms": float(found.group(2)) / 1e3 if found else float("nan"),
         "cpu_us": cpu / served * 1e6 if served else float("nan"),  # nothing counted: no figure, not CPU/1
         "n": int(served),
+        "client_cpu_us": client_cpu / served * 1e6 if served else float("nan"),
         # what the server answered over perf_analyzer's whole run (its start-up included): a figure where
         # perf_analyzer found no stable window
         "server_rps": served / wall,
