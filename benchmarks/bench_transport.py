@@ -14,7 +14,8 @@ load that other jobs put on the machine drifts over all modes alike:
   http       REST with Triton's binary-data extension
   grpc-tls   gRPC over TLS
 Prints requests/s, p50/p99 and the serving process's CPU time per request (user+system from /proc: what
-the server itself spends, which other jobs on the machine do not change) per mode, and the ratios the
+the server itself spends, which other jobs on the machine do not change) and the client's (this
+process's) per mode, and the ratios the
 issue sets targets for, over all slices and as the median of the per-slice ratios (PASS/MISS on the
 median), with the load average before and after:
   http / grpc       (target >= 0.95)
@@ -55,7 +56,7 @@ TARGETS = {"http/grpc": 0.95, "grpc-tls/grpc": 0.9}
 
 async def measure(
     targets: list[Target], plain: dict, tls: dict, ca: Path, concurrency: int, seconds: float, rounds: int
-) -> dict[tuple[str, str], list[tuple[float, list[float], float]]]:
+) -> dict[tuple[str, str], list[tuple[float, list[float], float, float]]]:
     """(model, mode) -> per slice (requests/s, latencies, server CPU seconds per request)."""
     import tritonclient.grpc.aio as tga
     import tritonclient.http.aio as tha
@@ -63,7 +64,7 @@ async def measure(
     grpc_plain = tga.InferenceServerClient(f"127.0.0.1:{plain['grpc_port']}")
     grpc_tls = tga.InferenceServerClient(f"127.0.0.1:{tls['grpc_port']}", ssl=True, root_certificates=str(ca))
     http = tha.InferenceServerClient(f"127.0.0.1:{plain['http_port']}", conn_limit=concurrency)
-    results: dict[tuple[str, str], list[tuple[float, list[float], float]]] = {}
+    results: dict[tuple[str, str], list[tuple[float, list[float], float, float]]] = {}
     pid = {"grpc": plain["pid"], "http": plain["pid"], "grpc-tls": tls["pid"]}
     try:
         calls = {}
@@ -92,10 +93,11 @@ async def measure(
         for r in range(rounds):
             for label, by_mode in calls.items():
                 for mode in MODES:
-                    cpu0 = cpu_seconds([pid[mode]])
+                    cpu0, client0 = cpu_seconds([pid[mode]]), time.process_time()
                     rps, lat = await drive(by_mode[mode], concurrency, seconds)
                     cpu = (cpu_seconds([pid[mode]]) - cpu0) / max(1, len(lat))
-                    results.setdefault((label, mode), []).append((rps, lat, cpu))
+                    client = (time.process_time() - client0) / max(1, len(lat))  # this process: the client
+                    results.setdefault((label, mode), []).append((rps, lat, cpu, client))
             if (r + 1) % max(1, rounds // 4) == 0 or r + 1 == rounds:
                 print(
                     f"  slice {r + 1}/{rounds}: "
@@ -171,23 +173,27 @@ def main() -> None:
                 p.wait(30)
 
     summary: dict[str, dict] = {}
-    print(f"\n{'model':<14}{'mode':<10}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'server CPU ms/req':>19}")
+    print(
+        f"\n{'model':<14}{'mode':<10}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'server CPU ms/req':>19}{'client CPU ms/req':>19}"
+    )
     for t in targets:
         row: dict = {}
         for mode in MODES:
             runs = results[(t.label, mode)]
-            lat = [x for _, ls, _ in runs for x in ls]
+            lat = [x for _, ls, _, _ in runs for x in ls]
             total_s = args.seconds * len(runs)
             row[mode] = {
                 "rps": len(lat) / total_s,
                 "p50_ms": pct(lat, 50) * 1e3,
                 "p99_ms": pct(lat, 99) * 1e3,
-                "server_cpu_ms": float(np.median([c for _, _, c in runs])) * 1e3,
+                "server_cpu_ms": float(np.median([c for _, _, c, _ in runs])) * 1e3,
+                "client_cpu_ms": float(np.median([c for _, _, _, c in runs])) * 1e3,
             }
             m = row[mode]
             print(
                 f"{t.label:<14}{mode:<10}{m['rps']:>9.1f}{m['p50_ms']:>9.2f}{m['p99_ms']:>9.2f}"
-                f"{m['server_cpu_ms']:>19.2f}"
+                f"{m['server_cpu_ms']:>19.2f}{m['client_cpu_ms']:>19.2f}"
             )
         for name, mode in (("http/grpc", "http"), ("grpc-tls/grpc", "grpc-tls")):
             per_slice = [a[0] / b[0] for a, b in zip(results[(t.label, mode)], results[(t.label, "grpc")], strict=True)]
