@@ -179,3 +179,20 @@ def test_repository_and_shared_memory_bodies_refuse_unknown_fields(server: Serve
         with pytest.raises(grpc.RpcError) as err:
             stub.RepositoryIndex(tpb.RepositoryIndexRequest(repository_name="other"), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "repository_name" in (err.value.details() or "")
+
+
+def test_the_empty_final_response_flag_triton_clients_send_is_taken(server: ServerProcess) -> None:
+    """tritonclient's streams and perf_analyzer send `triton_enable_empty_final_response`; no model here
+    is decoupled, so every request's one response is its final one and the flag changes nothing."""
+    import queue
+
+    answers: queue.Queue = queue.Queue()
+    client = tc.InferenceServerClient(server.grpc_url)
+    client.start_stream(lambda result, error: answers.put((result, error)))
+    try:
+        client.async_stream_infer("affine", _inputs(tc), enable_empty_final_response=True)
+        result, error = answers.get(timeout=60)
+    finally:
+        client.stop_stream()
+    assert error is None, error
+    np.testing.assert_allclose(result.as_numpy("y"), np.full((1, 4), 3.0))
