@@ -247,7 +247,10 @@ def main() -> None:
         same = all(p == raw_props for p in srv_props)
         print(f"  settings identical (raw vs server): {'yes' if same else 'NO: the ratio compares different setups'}")
     for (bs, t), pt in sweep.items():
-        print(f"  raw batch {bs:<2} x {t} thread(s) {pt.ips():8.1f} img/s  p50 {pct(pt.lat, 50) * 1e3:7.2f} ms / batch")
+        print(
+            f"  raw batch {bs:<2} x {t} thread(s) {pt.ips():8.1f} img/s  p50 {pct(pt.lat, 50) * 1e3:7.2f} ms / batch  "
+            f"CPU {pt.cpu / max(1, pt.items) * 1e6:6.0f} us/img"
+        )
     print(
         f"  raw best: batch {best_bs} x {best_t} thread(s), in the rounds {raw_best.ips():.1f} img/s "
         f"({', '.join(f'{x:.0f}' for x in raw_rounds)})"
