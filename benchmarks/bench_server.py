@@ -9,7 +9,8 @@ side alike):
 raw ONNX Runtime at each batch size, and the server (a subprocess) driven by tritonclient aio clients at
 each concurrency, every client sending batch-1 requests back to back. Prints images/s, p50/p99, the
 server's own breakdown per point (queue, compute, the rest = protocol/copies/event loop; mean executed
-batch) and the two target ratios:
+batch; `input` is gathering the batch and, for ONNX Runtime, waiting while the instance's other slot
+runs) and the target ratios:
   concurrency-8 throughput / raw throughput at its best batch   (target >= 0.95)
   concurrency-1 p50 - raw batch-1 p50                            (target <= 1.5 ms)
 Raw ORT uses the session options of the server's ONNX Runtime backend, with the same thread count.
@@ -89,6 +90,7 @@ class Point:
             "p50_ms": pct(self.lat, 50) * 1e3,
             "p99_ms": pct(self.lat, 99) * 1e3,
             "n": len(self.lat),
+            "mean_ms": float(np.mean(self.lat)) * 1e3 if self.lat else float("nan"),
         }
         if self.cpu_server and self.lat:
             out.update(
@@ -100,8 +102,9 @@ class Point:
             out.update(
                 server_request_ms=s["request_ns"] / n / 1e6,
                 server_queue_ms=s["queue_ns"] / n / 1e6,
+                server_input_ms=s["input_ns"] / n / 1e6,
                 server_compute_ms=s["infer_ns"] / n / 1e6,
-                server_other_ms=(s["request_ns"] - s["queue_ns"] - s["infer_ns"]) / n / 1e6,
+                server_other_ms=(s["request_ns"] - s["queue_ns"] - s["input_ns"] - s["infer_ns"]) / n / 1e6,
                 mean_batch=s["items"] / max(1, s["executions"]),
             )
         return out
@@ -178,6 +181,7 @@ async def run_server(
     s["requests"] += a.success.count - b.success.count
     s["request_ns"] += a.success.ns - b.success.ns
     s["queue_ns"] += a.queue.ns - b.queue.ns
+    s["input_ns"] += a.compute_input.ns - b.compute_input.ns  # gathering, and waiting for the runtime
     s["infer_ns"] += a.compute_infer.ns - b.compute_infer.ns
     s["items"] += after.inference_count - before.inference_count
     s["executions"] += after.execution_count - before.execution_count
@@ -425,7 +429,7 @@ def main() -> None:
         )
         print(
             f"{'mode':<30}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'n':>6}{'CPU/req ms':>16}   "
-            "server: request = queue + compute + other ms, mean batch"
+            "server: request = queue + input + compute + other ms, mean batch"
         )
         print(f"{'':<62}{'server':>8}{'client':>8}")
         for key, x in r["raw"].items():
@@ -435,7 +439,7 @@ def main() -> None:
                 cpu = f"{x['server_cpu_ms']:8.2f}{x['client_cpu_ms']:8.2f}" if "server_cpu_ms" in x else " " * 16
                 extra = (
                     (
-                        f"   {x['server_request_ms']:.2f} = {x['server_queue_ms']:.2f} + "
+                        f"   {x['server_request_ms']:.2f} = {x['server_queue_ms']:.2f} + {x['server_input_ms']:.2f} + "
                         f"{x['server_compute_ms']:.2f} + {x['server_other_ms']:.2f}, {x['mean_batch']:.1f}"
                     )
                     if "server_request_ms" in x
@@ -455,6 +459,17 @@ def main() -> None:
             if 1 in r["server"] and f"{label} batch 1" in rows:
                 d = r["server"][1]["p50_ms"] - rows[f"{label} batch 1"]["p50_ms"]
                 print(f"conc-1 p50 - {label} batch-1 p50: {d:+.2f} ms  (target <= 1.5 ms)")
+        one = r["server"].get(1, {})
+        if "server_compute_ms" in one:
+            # The same requests' compute, measured inside the server, taken out of their latency: what the
+            # request path costs, whatever the compute did under other jobs' load meanwhile.
+            path = one["mean_ms"] - one["server_compute_ms"]
+            inside = one["server_request_ms"] - one["server_compute_ms"]
+            print(
+                f"conc-1 mean latency - the server's mean compute of the same requests: {path:+.2f} ms = "
+                f"{inside:.2f} in the server (queue {one['server_queue_ms']:.2f}) + {path - inside:.2f} in gRPC and "
+                f"the client; CPU per request: server {one['server_cpu_ms']:.2f}, client {one['client_cpu_ms']:.2f} ms"
+            )
         for c, k in r.get("kserve", {}).items():
             x = r["server"][c]
             print(

@@ -467,16 +467,31 @@ def test_one_batch_buffer_is_reused_across_batches(affine_file: Path, identity: 
             np.testing.assert_array_equal(o["z"], r["b"] + 3)
 
 
+class _Arrivals:
+    """Counts slots reaching a run lock, across instances; `two` is set at the second."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.two = threading.Event()
+        self.lock = threading.Lock()  # the slots' threads count concurrently
+
+    def arrive(self) -> None:
+        with self.lock:
+            self.count += 1
+            if self.count == 2:
+                self.two.set()
+
+
 class _GatedRun(OrtBackend):
     """ONNX Runtime whose runs pass a gate; counts the slots that reached the instance's run lock (its
-    `runtime_turn`) and the runs inside it."""
+    `runtime_turn`), here and in `arrivals` (shared between instances), and the runs inside it."""
 
-    def __init__(self, path: Path, gate: Gate) -> None:
+    def __init__(self, path: Path, gate: Gate, arrivals: _Arrivals | None = None) -> None:
         super().__init__(path, BackendOptions(intra_op_threads=1, inter_op_threads=1))
         self.gate = gate
+        self.arrivals = arrivals or _Arrivals()
         self.arrived = 0
-        self.two_arrived = threading.Event()  # set once two slots have a gathered batch at the lock
-        self._count = threading.Lock()  # the slots' threads count concurrently
+        self._count = threading.Lock()
         self.running = 0
         self.most_running = 0
         self.sizes: list[int] = []
@@ -485,8 +500,7 @@ class _GatedRun(OrtBackend):
     def runtime_turn(self) -> Iterator[None]:
         with self._count:
             self.arrived += 1
-            if self.arrived == 2:
-                self.two_arrived.set()
+        self.arrivals.arrive()
         with super().runtime_turn():
             yield
 
@@ -520,7 +534,7 @@ def test_onnxruntime_gathers_the_next_batch_while_one_runs_and_runs_one_at_a_tim
         first = asyncio.create_task(b.infer(reqs[0]))
         await asyncio.to_thread(gate.wait_entered, 1)  # batch 1 is running, held inside its run
         rest = [asyncio.create_task(b.infer(r)) for r in reqs[1:]]
-        await asyncio.to_thread(backend.two_arrived.wait)  # the spare slot gathered requests 2 and 3
+        await asyncio.to_thread(backend.arrivals.two.wait)  # the spare slot gathered requests 2 and 3
         held = (backend.running, b.queued, gate.entered, first.done())
         gate.open()
         outs = [await first, *await asyncio.gather(*rest)]
@@ -535,3 +549,26 @@ def test_onnxruntime_gathers_the_next_batch_while_one_runs_and_runs_one_at_a_tim
         np.testing.assert_array_equal(o["y"], r["a"] * 2 + 1)
         np.testing.assert_array_equal(o["z"], r["b"] + 3)
     assert b.stats.execution_count == 2
+
+
+def test_a_second_batch_goes_to_an_idle_instance_before_a_busy_ones_spare_slot(affine_file: Path) -> None:
+    # Two ONNX Runtime instances, two slots each: the second request runs beside the first on the other
+    # instance, not behind it on the first one's spare slot.
+    async def main():
+        gate, arrivals = Gate(), _Arrivals()
+        backends = [_GatedRun(affine_file, gate, arrivals) for _ in range(2)]
+        b = DynamicBatcher("affine", "1", backends, BatchSettings(max_batch_size=1))
+        b.start()
+        reqs = [_affine_inputs(1, 40), _affine_inputs(1, 41)]
+        tasks = [asyncio.create_task(b.infer(r)) for r in reqs]
+        await asyncio.to_thread(arrivals.two.wait)  # both dispatched and at an instance's run lock
+        placed = [x.arrived for x in backends]
+        gate.open()
+        outs = await asyncio.gather(*tasks)
+        await b.stop()
+        return placed, reqs, outs
+
+    placed, reqs, outs = _run(main())
+    assert placed == [1, 1]
+    for r, o in zip(reqs, outs, strict=True):
+        np.testing.assert_array_equal(o["y"], r["a"] * 2 + 1)

@@ -219,7 +219,9 @@ class DynamicBatcher:
         self._computes = [max(1, b.concurrent_executions - 1) for b in self.instances]
         self.fault: str | None = None  # why this model stopped executing (an execution timed out)
         self._on_fault = on_fault
-        self._free: asyncio.Queue[int] | None = None
+        # free execution slots, the most recently freed last; _slot_freed is set when one is put back
+        self._free_slots: list[int] = []
+        self._slot_freed: asyncio.Event | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._exec_tasks: set[asyncio.Task] = set()
@@ -235,9 +237,8 @@ class DynamicBatcher:
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
         """Start scheduling; call from the event loop that will call `infer`."""
-        self._free = asyncio.Queue()
-        for slot in range(len(self._slot_instance)):
-            self._free.put_nowait(slot)
+        self._free_slots = list(range(len(self._slot_instance)))
+        self._slot_freed = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._schedule(), name=f"batcher-{self.name}")
 
@@ -369,8 +370,26 @@ class DynamicBatcher:
                 best = i + 1
         return taken[:best] if best else taken
 
+    async def _take_slot(self) -> int:
+        """A free execution slot on the instance running the fewest executions (with two slots per
+        instance, a second batch goes to an idle instance before it queues behind a busy one's run);
+        among those the most recently freed, whose thread and buffers are warm. Waits for one if none
+        is free."""
+        assert self._slot_freed is not None
+        while not self._free_slots:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        slot = min(reversed(self._free_slots), key=lambda s: self._running[self._slot_instance[s]])
+        self._free_slots.remove(slot)
+        return slot
+
+    def _put_slot(self, slot: int) -> None:
+        assert self._slot_freed is not None
+        self._free_slots.append(slot)
+        self._slot_freed.set()
+
     async def _schedule(self) -> None:
-        assert self._free is not None and self._wakeup is not None
+        assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         s = self.settings
         delay_s = s.max_queue_delay_us / 1e6 if s.dynamic and s.max_batch_size else 0.0
@@ -383,7 +402,7 @@ class DynamicBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            slot = await self._free.get()
+            slot = await self._take_slot()
             instance = self._slot_instance[slot]
             # Gather: wait for more requests until the batch is full, reaches the largest preferred size,
             # or the oldest request has waited max_queue_delay.
@@ -421,7 +440,7 @@ class DynamicBatcher:
                     pass
             self._prune_head()
             if not self._queue:
-                self._free.put_nowait(slot)
+                self._put_slot(slot)
                 continue
             batch = self._choose(self._candidates()[0])
             for r in batch:
@@ -431,6 +450,9 @@ class DynamicBatcher:
             ids = {id(r) for r in batch}
             self._queue = deque(r for r in self._queue if id(r) not in ids and r.state == _QUEUED)
             self._queued -= len(batch)
+            # counted at dispatch, not when the task starts: the next slot is chosen by these
+            self._running[instance] += 1
+            self._running_items[instance] += sum(r.items for r in batch)
             task = loop.create_task(self._execute(slot, batch))
             self._exec_tasks.add(task)
             task.add_done_callback(self._exec_tasks.discard)
@@ -444,8 +466,6 @@ class DynamicBatcher:
             self._queue_time.observe(q / 1e9)
         self._inflight += 1
         items = sum(r.items for r in batch)
-        self._running[instance] += 1
-        self._running_items[instance] += items
         hung = False
         try:
             running = asyncio.wrap_future(
@@ -496,10 +516,10 @@ class DynamicBatcher:
             self._inflight -= 1
             self._running[instance] -= 1
             self._running_items[instance] -= items
-            assert self._free is not None and self._wakeup is not None
+            assert self._wakeup is not None
             self._wakeup.set()  # a slot gathering while the runtime was saturated may dispatch now
             if not hung:  # a hung slot's thread is still inside the backend: it never takes work again
-                self._free.put_nowait(slot)
+                self._put_slot(slot)
 
     def _set_fault(self, reason: str) -> None:
         """Stop serving: fail what is queued, refuse what comes, tell the owner (readiness)."""
