@@ -453,24 +453,26 @@ class DynamicBatcher:
             # counted at dispatch, not when the task starts: the next slot is chosen by these
             self._running[instance] += 1
             self._running_items[instance] += sum(r.items for r in batch)
-            task = loop.create_task(self._execute(slot, batch))
+            dispatched = time.perf_counter_ns()
+            for r in batch:
+                q = dispatched - r.enqueued_ns
+                self.stats.queue.add(q)
+                self._queue_time.observe(q / 1e9)
+            # Submitted here, not from the task: the slot's thread starts gathering and running now, an
+            # event-loop pass before the task that awaits it first runs.
+            running = self._threads[slot].submit(self._run_batch, self.instances[instance], self._buffers[slot], batch)
+            task = loop.create_task(self._execute(slot, batch, running))
             self._exec_tasks.add(task)
             task.add_done_callback(self._exec_tasks.discard)
 
-    async def _execute(self, slot: int, batch: list[_Request]) -> None:
+    async def _execute(self, slot: int, batch: list[_Request], submitted: Future) -> None:
+        """Await the batch `submitted` to the slot's thread; answer its requests, free the slot."""
         instance = self._slot_instance[slot]
-        start = time.perf_counter_ns()
-        for r in batch:
-            q = start - r.enqueued_ns
-            self.stats.queue.add(q)
-            self._queue_time.observe(q / 1e9)
         self._inflight += 1
         items = sum(r.items for r in batch)
         hung = False
         try:
-            running = asyncio.wrap_future(
-                self._threads[slot].submit(self._run_batch, self.instances[instance], self._buffers[slot], batch)
-            )
+            running = asyncio.wrap_future(submitted)
             limit_ms = self.settings.execution_timeout_ms
             if limit_ms:
                 limit = asyncio.timeout(limit_ms / 1000)
