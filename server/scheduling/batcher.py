@@ -460,8 +460,10 @@ class DynamicBatcher:
                 self._queue_time.observe(q / 1e9)
             # Submitted here, not from the task: the slot's thread starts gathering and running now, an
             # event-loop pass before the task that awaits it first runs.
-            running = self._threads[slot].submit(self._run_batch, self.instances[instance], self._buffers[slot], batch)
-            task = loop.create_task(self._execute(slot, batch, running))
+            submitted = self._threads[slot].submit(
+                self._run_batch, self.instances[instance], self._buffers[slot], batch
+            )
+            task = loop.create_task(self._execute(slot, batch, submitted))
             self._exec_tasks.add(task)
             task.add_done_callback(self._exec_tasks.discard)
 
