@@ -96,7 +96,9 @@ class GatedBackend(Backend):
         super().__init__(inner.model_file, inner.options)
         self.inner = inner
         self.gate = gate
-        self.concurrent_executions = inner.concurrent_executions
+        # The gate holds a whole execution, outside any lock the inner backend takes (ONNX Runtime's
+        # overlap slot waits on one): one execution at a time unless a test asks for more.
+        self.concurrent_executions = 1
         self._inputs = inner.inputs
         self._outputs = inner.outputs
 
@@ -110,6 +112,9 @@ class GatedBackend(Backend):
 
 class FaultyBackend(OrtBackend):
     kind = KIND
+    # Faults are injected before ONNX Runtime's run lock: one execution at a time keeps the order the
+    # fault tests set up (which request hangs or raises while which is queued).
+    concurrent_executions = 1
 
     def __init__(self, model_file: Path, options: BackendOptions) -> None:
         super().__init__(model_file, options)

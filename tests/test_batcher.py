@@ -8,6 +8,9 @@ expire are an hour long (a test that waited for one would hit the pytest timeout
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -462,3 +465,110 @@ def test_one_batch_buffer_is_reused_across_batches(affine_file: Path, identity: 
         for r, o in zip(reqs, outs, strict=True):
             np.testing.assert_array_equal(o["y"], r["a"] if identity else r["a"] * 2 + 1)
             np.testing.assert_array_equal(o["z"], r["b"] + 3)
+
+
+class _Arrivals:
+    """Counts slots reaching a run lock, across instances; `two` is set at the second."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.two = threading.Event()
+        self.lock = threading.Lock()  # the slots' threads count concurrently
+
+    def arrive(self) -> None:
+        with self.lock:
+            self.count += 1
+            if self.count == 2:
+                self.two.set()
+
+
+class _GatedRun(OrtBackend):
+    """ONNX Runtime whose runs pass a gate; counts the slots that reached the instance's run lock (its
+    `runtime_turn`), here and in `arrivals` (shared between instances), and the runs inside it."""
+
+    def __init__(self, path: Path, gate: Gate, arrivals: _Arrivals | None = None) -> None:
+        super().__init__(path, BackendOptions(intra_op_threads=1, inter_op_threads=1))
+        self.gate = gate
+        self.arrivals = arrivals or _Arrivals()
+        self.arrived = 0
+        self._count = threading.Lock()
+        self.running = 0
+        self.most_running = 0
+        self.sizes: list[int] = []
+
+    @contextmanager
+    def runtime_turn(self) -> Iterator[None]:
+        with self._count:
+            self.arrived += 1
+        self.arrivals.arrive()
+        with super().runtime_turn():
+            yield
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._count:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            self.sizes.append(len(inputs["a"]))
+        try:
+            self.gate.pass_through()
+            return super().execute(inputs)
+        finally:
+            with self._count:
+                self.running -= 1
+
+
+def test_onnxruntime_gathers_the_next_batch_while_one_runs_and_runs_one_at_a_time(affine_file: Path) -> None:
+    # The second execution slot takes requests 2 and 3 as a batch of the preferred 2 while batch 1 is held
+    # inside its run; it waits on the instance's run lock, not in the queue, and runs once batch 1 returns.
+    async def main():
+        gate = Gate()
+        backend = _GatedRun(affine_file, gate)
+        b = DynamicBatcher(
+            "affine",
+            "1",
+            [backend],
+            BatchSettings(max_batch_size=4, preferred_batch_sizes=(2,), max_queue_delay_us=HOUR_US),
+        )
+        b.start()
+        reqs = [_affine_inputs(2, 0), _affine_inputs(1, 1), _affine_inputs(1, 2)]
+        first = asyncio.create_task(b.infer(reqs[0]))
+        await asyncio.to_thread(gate.wait_entered, 1)  # batch 1 is running, held inside its run
+        rest = [asyncio.create_task(b.infer(r)) for r in reqs[1:]]
+        await asyncio.to_thread(backend.arrivals.two.wait)  # the spare slot gathered requests 2 and 3
+        held = (backend.running, b.queued, gate.entered, first.done())
+        gate.open()
+        outs = [await first, *await asyncio.gather(*rest)]
+        await b.stop()
+        return held, reqs, outs, backend, b
+
+    held, reqs, outs, backend, b = _run(main())
+    assert backend.concurrent_executions == 2
+    assert held == (1, 0, 1, False)  # batch 2 gathered and waiting for the runtime, nothing left queued
+    assert backend.most_running == 1 and backend.sizes == [2, 2]
+    for r, o in zip(reqs, outs, strict=True):
+        np.testing.assert_array_equal(o["y"], r["a"] * 2 + 1)
+        np.testing.assert_array_equal(o["z"], r["b"] + 3)
+    assert b.stats.execution_count == 2
+
+
+def test_a_second_batch_goes_to_an_idle_instance_before_a_busy_ones_spare_slot(affine_file: Path) -> None:
+    # Two ONNX Runtime instances, two slots each: the second request runs beside the first on the other
+    # instance, not behind it on the first one's spare slot.
+    async def main():
+        gate, arrivals = Gate(), _Arrivals()
+        backends = [_GatedRun(affine_file, gate, arrivals) for _ in range(2)]
+        b = DynamicBatcher("affine", "1", backends, BatchSettings(max_batch_size=1))
+        b.start()
+        reqs = [_affine_inputs(1, 40), _affine_inputs(1, 41)]
+        tasks = [asyncio.create_task(b.infer(r)) for r in reqs]
+        await asyncio.to_thread(arrivals.two.wait)  # both dispatched and at an instance's run lock
+        placed = [x.arrived for x in backends]
+        gate.open()
+        outs = await asyncio.gather(*tasks)
+        await b.stop()
+        return placed, reqs, outs
+
+    placed, reqs, outs = _run(main())
+    assert placed == [1, 1]
+    for r, o in zip(reqs, outs, strict=True):
+        np.testing.assert_array_equal(o["y"], r["a"] * 2 + 1)

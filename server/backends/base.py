@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,12 @@ class Backend(ABC):
     @abstractmethod
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch. Arrays are C-contiguous with the batch dimension first."""
+
+    def runtime_turn(self) -> AbstractContextManager[object]:
+        """Held by the batcher around each `execute`, after the batch is gathered: a backend that takes more
+        executions than its runtime runs at once (ONNX Runtime: one slot gathers while one runs) returns
+        its lock, so waiting for the runtime counts as input time, not compute. Default: no wait."""
+        return nullcontext()
 
     def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:  # noqa: B027 - an optional hook, not abstract
         """Backend-specific request checks, run before queueing so one bad request never fails a batch.

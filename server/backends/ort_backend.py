@@ -5,10 +5,20 @@ and `intra_op_allow_spinning` (0/1) tune it. A config asks for others the way Tr
 instance_group kind KIND_GPU -> CUDA EP; optimization.execution_accelerators gpu "tensorrt" -> TensorRT
 EP, cpu "openvino" -> OpenVINO EP. A provider this onnxruntime build lacks fails the model's load with
 BackendUnavailable naming what is missing, rather than silently running on the CPU.
+
+Overlap: an instance takes two executions at once (the batcher gives it two execution slots) but runs
+one session at a time: `runtime_turn` is its lock, which the batcher holds around each run. While one
+batch computes, the other slot gathers and copies in the next and waits on the lock, so the next run
+starts the moment the current one returns, on its own thread, without a round trip through the event
+loop (measured on resnet18 at concurrency 8 under load: 5.6 ms p50 between runs, 2.8% of the
+instance's time idle). Two runs of one session at once would split the same cores and double each
+batch's time (measured on 2 cores), hence the lock.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +52,8 @@ def _from_ort_strings(arr: np.ndarray) -> np.ndarray:
 
 class OrtBackend(Backend):
     kind = "onnxruntime"
+    # one running, one gathering the next batch and waiting on the run lock (module docstring)
+    concurrent_executions = 2
 
     def __init__(self, model_file: Path, options: BackendOptions) -> None:
         super().__init__(model_file, options)
@@ -73,6 +85,10 @@ class OrtBackend(Backend):
         self._inputs = [_spec(a, options.batched) for a in self.session.get_inputs()]
         self._outputs = [_spec(a, options.batched) for a in self.session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]
+        self._run_lock = threading.Lock()
+
+    def runtime_turn(self) -> AbstractContextManager[object]:
+        return self._run_lock
 
     @property
     def providers(self) -> list[str]:
