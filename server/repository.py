@@ -318,6 +318,8 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults, override: LoadOverri
 
 class ModelRepository:
     def __init__(self, root: Path, defaults: RuntimeDefaults = RuntimeDefaults()) -> None:
+        # before the loaders and execution threads exist, which would each take an arena (server/heap.py)
+        heap.limit_arenas()
         self.root = Path(root)
         self.defaults = defaults
         self.models: dict[str, ModelState] = {}
