@@ -52,8 +52,10 @@ def test_model_exports_with_parity_and_lint(name: str, tmp_path: Path):
 
     cfg = outcome.staged.config
     # sized from the served variant's measured curve (export/batch_sizing.py), within the entry's range
-    sizing = outcome.staged.meta.serving.batching
-    assert sizing is not None and sizing.ceiling == entry.max_batch_size
+    serving = outcome.staged.meta.serving
+    assert serving is not None and serving.batching is not None
+    sizing = serving.batching
+    assert sizing.ceiling == entry.max_batch_size
     assert cfg.max_batch_size == sizing.max_batch_size <= entry.max_batch_size
     assert [w.batch_size for w in cfg.model_warmup] == sizing.warmup_batch_sizes
     assert [i.name for i in cfg.input] == ["input"]
