@@ -12,10 +12,10 @@ keeps its own freed memory. The server's threads (gRPC, the batcher's execution 
 runtimes' pools) each fill one with request-sized blocks, so resident memory grows under load with
 memory no one holds. `limit_arenas` caps them at MALLOC_ARENAS (2, one per core of the 2-core box),
 as MALLOC_ARENA_MAX=2 in the environment would; an explicit MALLOC_ARENA_MAX is left to win. Measured
-on the default repository (2 shared cores, load 6-8, one run each): after a 60 s soak at concurrency 8,
-520 MiB with glibc's default and 481 MiB with 2 arenas; served mobilenet_v2 at concurrency 8 272 / 233
-against 226 / 242 img/s, shapes_detector 51.8 / 31.2 against 56.8 / 22.6 (no difference the noise
-shows).
+on the default repository (2 shared cores): after a 60 s soak at concurrency 8, 520 MiB with glibc's
+default and 481 MiB with 2 arenas (load 6-8); served at concurrency 8 (load 1.8-2.6) mobilenet_v2 354
+/ 332 img/s against 342 / 331 with the default, shapes_detector 113 / 108 against 114 / 107, each
+holding 11-23 MiB less afterwards.
 """
 
 from __future__ import annotations
