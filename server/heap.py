@@ -21,11 +21,8 @@ holding 11-23 MiB less afterwards.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from collections.abc import Callable
-
-log = logging.getLogger("cnnserve.heap")
 
 
 def _find_trim() -> Callable[[int], int] | None:
