@@ -10,7 +10,9 @@ Target: at most 5 s to ready for the default repository with warm-up.
 
 The server's resident memory (VmRSS) once ready is printed per round; `--per-model-rss` also starts an
 empty server and one server per model (`--model-control-mode explicit --load-model M`) and prints what
-each model adds to the empty server's RSS (target: the whole repository at most 500 MiB). The first
+each model adds to the empty server's RSS (target: the whole repository at most 500 MiB); `--soak 60`
+then serves the whole repository under load (gRPC, concurrency 8, each model in turn: soak_load.py)
+and prints its RSS once ready, after each model and at the end (the same target). The first
 round may compile where the repository's OpenVINO cache (<repository>/.cache) is still empty; later
 rounds import the cached blobs.
 """
@@ -20,11 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,7 +54,9 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def time_to_ready(repo: Path, work: Path, *only: str) -> tuple[float, dict[str, float], float]:
+def start_server(repo: Path, work: Path, *only: str) -> tuple[subprocess.Popen, float, dict]:
+    """The server on `repo` (only the models `only`, when given), once ready: (process, seconds from
+    process start to ready, the ready file's JSON). The caller terminates it."""
     ready = work / "ready.json"
     log = work / "server.log"
     ready.unlink(missing_ok=True)
@@ -94,19 +100,92 @@ def time_to_ready(repo: Path, work: Path, *only: str) -> tuple[float, dict[str, 
                 raise SystemExit(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             time.sleep(0.005)
         elapsed = time.monotonic() - t0
-        models = json.loads(ready.read_text())["models"]
-        if any(state != "READY" for state in models.values()):
-            raise SystemExit(f"not every model loaded: {models}")
+        info = json.loads(ready.read_text())
+        if any(state != "READY" for state in info["models"].values()):
+            raise SystemExit(f"not every model loaded: {info['models']}")
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, elapsed, info
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(60)
+
+
+def time_to_ready(repo: Path, work: Path, *only: str) -> tuple[float, dict[str, float], float]:
+    proc, elapsed, _ = start_server(repo, work, *only)
+    try:
         rss = rss_mib(proc.pid)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop(proc)
     warm = {}
-    for line in log.read_text().splitlines():
+    for line in (work / "server.log").read_text().splitlines():
         if line.startswith("{") and '"model warmed up"' in line:
             rec = json.loads(line)
             warm[rec["model"]] = rec["ms"]
     return elapsed, warm, rss
+
+
+def soak(repo: Path, work: Path, seconds: float, concurrency: int) -> None:
+    """The whole repository under load: gRPC clients at `concurrency` against each model in turn
+    (benchmarks/soak_load.py, `seconds` split evenly), the server's VmRSS sampled throughout; prints it
+    once ready, after each model's slice, its peak and at the end."""
+    proc, elapsed, info = start_server(repo, work)
+    try:
+        ready_rss = rss_mib(proc.pid)
+        print(f"soak: ready in {elapsed:.2f} s, {ready_rss:.0f} MiB RSS; concurrency {concurrency}, {seconds:.0f} s")
+        load = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "soak_load.py"),
+                "--url",
+                f"127.0.0.1:{info['grpc_port']}",
+                "--seconds",
+                str(seconds),
+                "--concurrency",
+                str(concurrency),
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        peak = ready_rss
+        lines: queue.Queue[str] = queue.Queue()
+        assert load.stdout is not None
+        out = load.stdout
+
+        def read() -> None:
+            for ln in out:
+                lines.put(ln)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + seconds + 120  # bounded: the load's own slices plus its start
+        while time.monotonic() < deadline and (load.poll() is None or reader.is_alive() or not lines.empty()):
+            peak = max(peak, rss_mib(proc.pid))
+            try:
+                line = lines.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            _, model, done, errors = line.split()
+            print(f"  after {model} ({done} requests, {errors} errors): {rss_mib(proc.pid):.0f} MiB", flush=True)
+        if load.poll() is None:
+            load.kill()
+            raise SystemExit("soak: the load did not finish in time")
+        end_rss = rss_mib(proc.pid)
+        print(
+            f"soak RSS: {ready_rss:.0f} MiB once ready, {end_rss:.0f} MiB after {seconds:.0f} s at concurrency "
+            f"{concurrency}, peak {max(peak, end_rss):.0f} MiB (target <= 500 MiB); load exit {load.returncode}"
+        )
+    finally:
+        stop(proc)
 
 
 def main() -> None:
@@ -114,6 +193,10 @@ def main() -> None:
     ap.add_argument("--repository", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--per-model-rss", action="store_true", help="also each model's RSS over an empty server")
+    ap.add_argument(
+        "--soak", type=float, default=0.0, metavar="SECONDS", help="then the whole repository under load this long"
+    )
+    ap.add_argument("--concurrency", type=int, default=8, help="the soak's concurrent requests (default: 8)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         bare = without_warmup(a.repository, Path(tmp) / "no_warmup")
@@ -136,11 +219,14 @@ def main() -> None:
             print(f"RSS once ready: empty server {empty:.0f} MiB; each model adds (with its warm-up):")
             for name in names:
                 print(f"  {name}: {time_to_ready(a.repository, Path(tmp), name)[2] - empty:.0f} MiB", flush=True)
-    mw, mn = statistics.median(with_w), statistics.median(without_w)
-    print(
-        f"median cold start to ready: with warm-up {mw:.2f} s (target <= 5 s), without {mn:.2f} s; "
-        f"warm-up adds {mw - mn:.2f} s ({mw / mn:.2f}x)"
-    )
+        if a.soak > 0:
+            soak(a.repository, Path(tmp), a.soak, a.concurrency)
+    if with_w:
+        mw, mn = statistics.median(with_w), statistics.median(without_w)
+        print(
+            f"median cold start to ready: with warm-up {mw:.2f} s (target <= 5 s), without {mn:.2f} s; "
+            f"warm-up adds {mw - mn:.2f} s ({mw / mn:.2f}x)"
+        )
     for model, ms in sorted(warm.items()):
         print(f"  {model}: warm-up {ms:.0f} ms")
     print(f"load average: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")

@@ -100,6 +100,25 @@ class GatedVariant(BaseModel):
     )
 
 
+class BatchSizing(BaseModel):
+    """The served variant's throughput per batch size on the machine that built the repository, and the
+    batching export derived from it for config.pbtxt (export/batch_sizing.py holds the rule)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images_per_s: dict[int, float] = Field(
+        default_factory=dict, description="batch size -> images/s of the served variant, one execution at a time"
+    )
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    max_batch_size: int = 0
+    max_queue_delay_us: int = 0
+    warmup_batch_sizes: list[int] = Field(default_factory=list)
+    rule: str = Field(default="", description="how the sizes follow from the curve, and what was pinned")
+    ceiling: int = Field(
+        default=0, description="the largest batch the export allowed (the entry's or --max-batch-size)"
+    )
+
+
 class ServingChoice(BaseModel):
     """Which variant `export` serves (precision x runtime), why, and what it measured."""
 
@@ -116,6 +135,7 @@ class ServingChoice(BaseModel):
     gate: list[GateFigure] = Field(default_factory=list)
     calibration: str = ""
     fp32_onnx_sha256: str = Field(default="", description="the FP32 parent an INT8 file was quantized from")
+    batching: BatchSizing | None = Field(default=None, description="batch sizes measured for the served variant")
 
 
 class ModelMeta(BaseModel):

@@ -45,7 +45,9 @@ ENCODER_GALLERY_IMAGES = 2_000
 ENCODER_QUERY_IMAGES = 2_000
 DETECTOR_HELDOUT = 150
 SEGMENTER_HELDOUT = 200
-EVAL_BATCH = 32  # every default model's max_batch_size allows it; small models run far faster batched
+# Raw runners (export/runtimes.py) take any batch: the config's max_batch_size, sized afterwards from the
+# served variant's curve (export/batch_sizing.py), never bounds them. Small models run far faster batched.
+EVAL_BATCH = 32
 
 
 @dataclass(frozen=True)

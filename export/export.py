@@ -138,6 +138,25 @@ def cmd_describe(args: argparse.Namespace) -> int:
     console = _console()
     render_card(card, console, max_rows=None if args.all else 60)
     _describe_serving(console, Path(args.repository), args.name)
+    if args.rss:
+        return _describe_rss(console, Path(args.repository), args.name)
+    return 0
+
+
+def _describe_rss(console, repo: Path, name: str) -> int:
+    from export.server_rss import RssUnavailable, served_rss
+
+    if not (repo / name).is_dir():
+        return _err(f"--rss: {name} is not in {repo}")
+    try:
+        rss = served_rss(repo, name)
+    except RssUnavailable as exc:
+        return _err(f"--rss: {exc}")
+    console.print(
+        f"  resident memory (measured now, VmRSS of `python -m server` once ready, after warm-up): "
+        f"+{rss.model_mib:.0f} MiB ({rss.loaded_mib:.0f} MiB with only {name}, {rss.empty_mib:.0f} MiB with no "
+        f"model; ready in {rss.ready_s:.2f} s; load average {os.getloadavg()[0]:.1f})"
+    )
     return 0
 
 
@@ -166,6 +185,15 @@ def _describe_serving(console, repo: Path, name: str) -> None:
     for v in serving.variants:
         needs = f", needs {'/'.join(v.needs)}" if v.needs else ""
         console.print(f"  gated variant {v.precision}/{v.runtime}: {v.file} {v.images_per_s:g} img/s{needs}")
+    if serving.batching is not None:
+        b = serving.batching
+        curve = ", ".join(f"{k}: {r:g}" for k, r in sorted(b.images_per_s.items())) or "not measured"
+        console.print(
+            f"  batching: preferred {b.preferred_batch_sizes}, max_batch_size {b.max_batch_size}, queue delay "
+            f"{b.max_queue_delay_us} us, warm-up at {b.warmup_batch_sizes}"
+        )
+        console.print(f"  images/s by batch of {serving.precision}/{serving.runtime} (export machine): {curve}")
+        console.print(f"  why: {b.rule}")
 
 
 def _options(args: argparse.Namespace):
@@ -218,6 +246,11 @@ def _print_outcome(console, outcome) -> None:
         f"TensorRT {lint.tensorrt_version} lint: {'[green]ok[/]' if lint.ok else '[red]FAILED[/]'} "
         f"({lint.node_count} nodes, ops: {', '.join(sorted(lint.op_types))})"
     )
+    serving = outcome.staged.meta.serving
+    if serving is not None and serving.batching is not None:
+        from export.batch_sizing import describe_sizing
+
+        console.print(f"batching: {describe_sizing(serving.batching)}")
 
 
 def _export_into(repo: Path, names: Sequence[str], args: argparse.Namespace) -> int:
@@ -320,7 +353,8 @@ def _add_export_options(p: argparse.ArgumentParser, precision: str = "auto", run
         "--max-batch-size",
         type=int,
         default=None,
-        help="max_batch_size in config.pbtxt and the exported dynamic range (default: the entry's)",
+        help="max_batch_size in config.pbtxt and the exported dynamic range (default: the exported range is "
+        "the entry's; config.pbtxt's is sized from the served variant's measured throughput, at least 8)",
     )
     p.add_argument(
         "--parity-batch-sizes",
@@ -341,8 +375,9 @@ def _add_export_options(p: argparse.ArgumentParser, precision: str = "auto", run
     p.add_argument(
         "--max-queue-delay-us",
         type=int,
-        default=100,
-        help="dynamic_batching.max_queue_delay_microseconds (default: %(default)s)",
+        default=None,
+        help="dynamic_batching.max_queue_delay_microseconds (default: 1%% of the served variant's measured "
+        "batch-1 latency, 100 to 1000 us; export/batch_sizing.py)",
     )
     p.add_argument("--instances", type=int, default=1, help="instance_group count, KIND_CPU (default: %(default)s)")
     p.add_argument(
@@ -408,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="registry model name")
     p.add_argument("--all", action="store_true", help="print every layer (default: the first 60)")
     p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="repository to read the served variant from")
+    p.add_argument(
+        "--rss",
+        action="store_true",
+        help="measure the resident memory the model adds to the server: starts the server on the repository "
+        "with only this model and with none, and reads VmRSS once ready (after warm-up)",
+    )
     p.set_defaults(func=cmd_describe)
     p = sub.add_parser("onnx", help="export one model into the repository")
     p.add_argument("name", help="registry model name")

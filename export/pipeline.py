@@ -18,6 +18,7 @@ import torch
 
 from cnncore.artifacts import ONNX_FILENAME, file_sha256
 from cnncore.spec import META_FILENAME, ModelMeta, Task
+from export.batch_sizing import BatchPins
 from export.eager_parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityError, ParityReport, check_parity, default_batch_sizes
 from export.onnx_export import DEFAULT_OPSET, ExportResult, example_batch, export_onnx
 from export.progress import Step
@@ -208,7 +209,17 @@ def export_model(
     )
     try:
         staged = select_variant(
-            staged, workdir, options.variant, step, previous=repository / name if repository is not None else None
+            staged,
+            workdir,
+            options.variant,
+            step,
+            previous=repository / name if repository is not None else None,
+            batching=BatchPins(
+                ceiling=max_batch,
+                max_batch_size=options.max_batch_size,
+                preferred=tuple(options.batching.preferred_batch_sizes),
+                queue_delay_us=options.batching.max_queue_delay_microseconds,
+            ),
         )
     except VariantRefused as exc:
         raise ExportFailed(str(exc)) from None

@@ -62,9 +62,12 @@ class BatchingDefaults:
     keeping a lone request's added latency far below a millisecond.
     """
 
-    max_queue_delay_microseconds: int = 100
+    max_queue_delay_microseconds: int | None = None  # None: derived (DEFAULT_QUEUE_DELAY_US until measured)
     instance_count: int = 1
-    preferred_batch_sizes: tuple[int, ...] = ()  # empty: derived from max_batch_size
+    preferred_batch_sizes: tuple[int, ...] = ()  # empty: derived from max_batch_size, then from the measured curve
+
+
+DEFAULT_QUEUE_DELAY_US = 100
 
 
 def preferred_batch_sizes(max_batch_size: int) -> list[int]:
@@ -117,19 +120,41 @@ def build_config(
         dtype, dims = _tensor_dims(vi, name)
         cfg.output.add(name=vi.name, data_type=DataType.Value(dtype), dims=dims)
     sizes = list(batching.preferred_batch_sizes) or preferred_batch_sizes(max_batch_size)
-    cfg.dynamic_batching.preferred_batch_size.extend(sizes)
-    cfg.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_microseconds
-    cfg.dynamic_batching.default_queue_policy.max_queue_size = default_queue_size(
-        max_batch_size, batching.instance_count
+    delay = batching.max_queue_delay_microseconds
+    set_batching(
+        cfg, max_batch_size, sizes, DEFAULT_QUEUE_DELAY_US if delay is None else delay, batching.instance_count
     )
-    cfg.instance_group.add(count=batching.instance_count, kind=ModelInstanceGroup.KIND_CPU)
-    for batch in warmup_batch_sizes(max_batch_size, sizes):
+    return cfg
+
+
+def set_batching(
+    cfg: ModelConfig,
+    max_batch_size: int,
+    preferred: Sequence[int],
+    queue_delay_us: int,
+    instance_count: int | None = None,
+    warmup: Sequence[int] | None = None,
+) -> None:
+    """max_batch_size, dynamic_batching (preferred sizes, queue delay, queue bound) and the warm-up
+    samples of `cfg`, in place. `warmup`: the batch sizes to warm up, else `warmup_batch_sizes`;
+    `instance_count`: else the config's own."""
+    count = instance_count if instance_count is not None else sum(max(1, g.count) for g in cfg.instance_group) or 1
+    cfg.max_batch_size = max_batch_size
+    db = cfg.dynamic_batching
+    del db.preferred_batch_size[:]
+    db.preferred_batch_size.extend(preferred)
+    db.max_queue_delay_microseconds = queue_delay_us
+    db.default_queue_policy.max_queue_size = default_queue_size(max_batch_size, count)
+    if not cfg.instance_group:
+        cfg.instance_group.add(count=count, kind=ModelInstanceGroup.KIND_CPU)
+    sizes = warmup if warmup is not None else warmup_batch_sizes(max_batch_size, preferred)
+    del cfg.model_warmup[:]
+    for batch in sizes:
         sample = cfg.model_warmup.add(name=f"random_batch_{batch}", batch_size=batch if max_batch_size else 0)
         for t in cfg.input:
             sample.inputs[t.name].CopyFrom(
                 ModelWarmup.Input(data_type=t.data_type, dims=[d if d > 0 else 1 for d in t.dims], random_data=True)
             )
-    return cfg
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,6 +36,7 @@ from cnncore.spec import (
     is_variant_runtime,
 )
 from export.accuracy_gate import GateRefused, GateThresholds, check, describe, run_gate
+from export.batch_sizing import BatchPins, apply_sizing, measure_curve, size_batches
 from export.progress import Step
 from export.quantize import EXCLUDE_NODES, FAST_BIAS_CORRECTION_ONLY, QuantizationError, QuantizeResult, quantize_onnx
 from export.repository import PARITY_FILENAME, StagedModel
@@ -123,6 +125,33 @@ def _speed_sample(name: str, staged: StagedModel, calib):
     return calib[0]
 
 
+def _served_figures(tp: dict[str, float], precision: str, runtime: str) -> dict[int, float]:
+    """The variant measurement's figures (batch 1 and 8) of the served variant: points of its curve."""
+    return {b: tp[f"{precision}/{runtime}/b{b}"] for b in MEASURE_BATCHES if f"{precision}/{runtime}/b{b}" in tp}
+
+
+def sized(
+    staged: StagedModel, pins: BatchPins, runner: Callable[[], Runner] | None, sample, known: dict[int, float]
+) -> StagedModel:
+    """`staged` with its config's batching from the served variant's curve (export/batch_sizing.py):
+    the curve recorded in model.json where the served file is the one it was measured for (a kept
+    choice), else measured now with `runner()` (None: not measurable, the config keeps its defaults)."""
+    serving = staged.meta.serving
+    old = serving.batching if serving is not None else None
+    if old is not None and old.images_per_s and (runner is None or old.ceiling == pins.ceiling):
+        curve = dict(old.images_per_s)
+    elif runner is not None:
+        curve = measure_curve(runner(), sample, pins.max_batch_size or pins.ceiling, known)
+    else:
+        return staged
+    sizing = size_batches(curve, pins)
+    apply_sizing(staged.config, sizing)
+    meta = staged.meta
+    if serving is not None:
+        meta = meta.model_copy(update={"serving": serving.model_copy(update={"batching": sizing})})
+    return replace(staged, meta=meta)
+
+
 def _previous_choice(staged: StagedModel, previous: Path | None, options: VariantOptions) -> StagedModel | None:
     """The choice the repository already holds for this model, when nothing it depends on changed: the
     same FP32 parent (parity.json's onnx_sha256; the export is deterministic), the same options, and
@@ -208,16 +237,32 @@ def _candidates(name: str, options: VariantOptions, cpu: CpuInfo) -> tuple[list[
 
 
 def select_variant(
-    staged: StagedModel, workdir: Path, options: VariantOptions, step: Step | None = None, previous: Path | None = None
+    staged: StagedModel,
+    workdir: Path,
+    options: VariantOptions,
+    step: Step | None = None,
+    previous: Path | None = None,
+    batching: BatchPins | None = None,
 ) -> StagedModel:
     """The staged model to write, with the chosen file, config, model.json and parity.json figures.
-    `previous`: the model's directory in the target repository, whose choice is kept if still valid."""
+    `previous`: the model's directory in the target repository, whose choice is kept if still valid.
+    `batching`: size the config's batching from the served variant's measured curve (None: keep it)."""
     from models.data.calibration import CalibrationDataMissing, calibration_inputs
 
     step = step or (lambda _d: nullcontext())
     kept = _previous_choice(staged, previous, options)
     if kept is not None:
-        return kept
+        if batching is None or kept.meta.serving is None:
+            return kept
+        s = kept.meta.serving
+        with step(f"{staged.name}: batch sizes of {s.precision}/{s.runtime} (kept, or measured if not recorded)"):
+            return sized(
+                kept,
+                batching,
+                lambda: variant_runner(kept.onnx_path, s.precision, s.runtime, options.threads),
+                _speed_sample(staged.name, staged, None),
+                _served_figures(s.throughput, s.precision, s.runtime),
+            )
     name, meta = staged.name, staged.meta
     cpu = current_cpu()
     precisions, runtimes = _candidates(name, options, cpu)
@@ -402,10 +447,20 @@ def select_variant(
         parity["accuracy_gate"] = {v: [f.model_dump(mode="json") for f in figs] for v, figs in gated.items()}
     if tp:
         parity["throughput_images_per_s"] = tp
-    return replace(
+    chosen_staged = replace(
         staged,
         onnx_path=served_path,
         meta=meta.model_copy(update={"serving": serving}),
         parity=parity,
         variant_files=tuple(sorted((f, files[f]) for f in kept_files)),
     )
+    if batching is None:
+        return chosen_staged
+    with step(f"{name}: throughput of {precision}/{runtime} by batch size (config's batch sizes)"):
+        return sized(
+            chosen_staged,
+            batching,
+            lambda: session(precision, runtime),
+            _speed_sample(name, staged, calib),
+            _served_figures(tp, precision, runtime),
+        )

@@ -34,7 +34,7 @@ from cnncore.layout import version_numbers
 from cnncore.spec import META_FILENAME, ModelMeta
 from protos import model_config_pb2 as mc
 from server import backends as _backends  # noqa: F401  (registers the backends)
-from server import variant_choice, warmup
+from server import heap, variant_choice, warmup
 from server.backends.base import (
     Backend,
     BackendOptions,
@@ -311,11 +311,15 @@ def build_model(model_dir: Path, defaults: RuntimeDefaults, override: LoadOverri
             for inst in b.instances:
                 inst.close()
         raise
+    # the load's temporaries (parsed graphs, warm-up tensors) are free now; glibc would keep them resident
+    heap.release_freed_memory()
     return built
 
 
 class ModelRepository:
     def __init__(self, root: Path, defaults: RuntimeDefaults = RuntimeDefaults()) -> None:
+        # before the loaders and execution threads exist, which would each take an arena (server/heap.py)
+        heap.limit_arenas()
         self.root = Path(root)
         self.defaults = defaults
         self.models: dict[str, ModelState] = {}

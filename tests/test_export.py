@@ -51,7 +51,13 @@ def test_model_exports_with_parity_and_lint(name: str, tmp_path: Path):
     assert path.is_file() and sorted(p.name for p in path.parent.iterdir()) == sorted({"model.onnx", FP32_FILENAME})
 
     cfg = outcome.staged.config
-    assert cfg.max_batch_size == entry.max_batch_size
+    # sized from the served variant's measured curve (export/batch_sizing.py), within the entry's range
+    serving = outcome.staged.meta.serving
+    assert serving is not None and serving.batching is not None
+    sizing = serving.batching
+    assert sizing.ceiling == entry.max_batch_size
+    assert cfg.max_batch_size == sizing.max_batch_size <= entry.max_batch_size
+    assert [w.batch_size for w in cfg.model_warmup] == sizing.warmup_batch_sizes
     assert [i.name for i in cfg.input] == ["input"]
     assert tuple(cfg.input[0].dims) == entry.input_shape
     assert [o.name for o in cfg.output] == list(entry.output_names)

@@ -8,6 +8,7 @@ compiled: the serving half without it still imports this module.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +16,27 @@ from typing import Any
 
 from cnncore.runtime.errors import RuntimeUnavailable
 
+_FIRST_USE = threading.Lock()
+_first_use_done = False
+
 
 def import_openvino() -> Any:
+    global _first_use_done
     try:
         import openvino
     except ImportError as exc:
         raise RuntimeUnavailable(f"openvino is not installed ({exc}); pip install openvino") from None
+    if not _first_use_done:
+        # Type.to_dtype() builds a C++ function-local static on its first call and waits for the GIL
+        # inside that initialisation: two loading threads making the first call at once deadlock (one
+        # holds the static's guard waiting for the GIL, the other the GIL waiting for the guard; seen as
+        # a server hung at start, 4 models loading in parallel). Made once, under a lock whose waiters
+        # release the GIL.
+        with _FIRST_USE:
+            if not _first_use_done:
+                for name in ("f32", "f16", "f64", "i8", "u8", "i16", "u16", "i32", "u32", "i64", "u64", "boolean"):
+                    getattr(openvino.Type, name).to_dtype()
+                _first_use_done = True
     return openvino
 
 
