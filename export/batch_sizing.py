@@ -39,7 +39,7 @@ import numpy as np
 
 from cnncore.runtime import Runner, throughput
 from cnncore.spec import BatchSizing
-from export.repository import set_batching
+from export.repository import set_batching, warmup_batch_sizes
 from protos.model_config_pb2 import ModelConfig
 
 SIZING_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -105,7 +105,7 @@ def size_batches(curve: Mapping[int, float], pins: BatchPins) -> BatchSizing:
         preferred_batch_sizes=preferred,
         max_batch_size=max_batch,
         max_queue_delay_us=delay,
-        warmup_batch_sizes=sorted({1, *preferred}),
+        warmup_batch_sizes=warmup_batch_sizes(max_batch, preferred),
         rule="; ".join(why),
         ceiling=pins.ceiling,
     )

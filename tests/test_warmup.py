@@ -219,11 +219,12 @@ def test_export_writes_warmup_for_served_batch_sizes_and_a_queue_bound(tmp_path:
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3, 8, 8])],
     )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    # Before anything is measured (build_config alone): batch 1 and the largest preferred size
+    # Before anything is measured (build_config alone): batch 1 and every preferred size
+    assert warmup_batch_sizes(16) == [1, 16] and warmup_batch_sizes(4, (2, 4, 8)) == [1, 2, 4]
     cfg = build_config("r", model, 16, BatchingDefaults(instance_count=2))
-    assert [w.batch_size for w in cfg.model_warmup] == warmup_batch_sizes(16) == [1, 16]
+    assert [w.batch_size for w in cfg.model_warmup] == warmup_batch_sizes(16, (4, 8, 16)) == [1, 4, 8, 16]
     narrow = build_config("r", model, 16, BatchingDefaults(preferred_batch_sizes=(2, 4)))
-    assert [w.batch_size for w in narrow.model_warmup] == warmup_batch_sizes(16, (2, 4)) == [1, 4]
+    assert [w.batch_size for w in narrow.model_warmup] == warmup_batch_sizes(16, (2, 4)) == [1, 2, 4]
     # What export writes from a measured curve (export/batch_sizing.py): the sizes up to the machine's
     # knee at 4 are preferred and warmed up; max_batch_size 8, the queue bound follows it
     sizing = size_batches({1: 100.0, 2: 150.0, 4: 196.0, 8: 200.0, 16: 199.0}, BatchPins(ceiling=16))
@@ -236,7 +237,9 @@ def test_export_writes_warmup_for_served_batch_sizes_and_a_queue_bound(tmp_path:
         (inp,) = w.inputs.items()
         assert inp[0] == "input" and list(inp[1].dims) == [3, 8, 8] and inp[1].random_data
         assert inp[1].data_type == mc.TYPE_FP32
-    assert cfg.dynamic_batching.default_queue_policy.max_queue_size == default_queue_size(8, 2) == 32
+    # The queue bound: two full batches per instance, not below 64 (concurrency-32 clients keep working)
+    assert cfg.dynamic_batching.default_queue_policy.max_queue_size == default_queue_size(8, 2) == 64
+    assert default_queue_size(32, 2) == 128
     # What export writes, the server runs: the config loads and warms up on a real ONNX Runtime session.
     d = tmp_path / "r"
     (d / "1").mkdir(parents=True)

@@ -57,7 +57,11 @@ class OpenVinoSettings:
     streams: int | str | None = None  # NUM_STREAMS: a count or "AUTO"; None: what the hint picks
     performance_hint: str = "LATENCY"  # PERFORMANCE_HINT: LATENCY | THROUGHPUT | CUMULATIVE_THROUGHPUT
     precision_hint: str = "f32"  # INFERENCE_PRECISION_HINT: f32 | bf16 | f16
-    cpu_pinning: bool | None = None  # ENABLE_CPU_PINNING; None: the plugin's choice (on, on Linux)
+    # ENABLE_CPU_PINNING; None: the plugin's choice (on, on Linux). Off by default, so export's variant
+    # and batch-size measurements run as the server does: on cores shared with the server's own threads,
+    # its clients and other processes a pinned thread waits for its core while another is free (raw at
+    # batch 2-8 ran 1.5-3x slower pinned on 2 shared cores; README, "As users measure").
+    cpu_pinning: bool | None = False
     cache_dir: Path | None = None  # CACHE_DIR: compiled blobs kept there, so a second load skips compiling
     extra: Mapping[str, object] = field(default_factory=dict)  # further properties by name; they win
 

@@ -84,12 +84,8 @@ def openvino_settings(options: BackendOptions, model_file: Path) -> OpenVinoSett
     cache = compiled_cache_dir(options.cache_dir, model_file) if options.cache_dir is not None else None
     return OpenVinoSettings(
         threads=max(0, options.intra_op_threads),
-        # Unpinned: the server's own threads (event loop, gRPC, batcher), its clients and other processes
-        # share these cores, and a pinned thread waits for its core while another is free. Measured on 2
-        # shared cores (load 5-7): served throughput the same within noise pinned or not, raw in-process
-        # at batch 2-8 1.5-3x slower pinned (README, "As users measure"). ENABLE_CPU_PINNING in the
-        # config turns it back on.
-        cpu_pinning=False,
+        # Unpinned (the runtime layer's default, which export measures with too): the server's own threads,
+        # its clients and other processes share these cores. ENABLE_CPU_PINNING in the config turns it on.
         cache_dir=cache,
         extra={key: params[key] for key in _PASSTHROUGH if key in params},
     )
