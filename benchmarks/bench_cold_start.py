@@ -132,6 +132,9 @@ def time_to_ready(repo: Path, work: Path, *only: str) -> tuple[float, dict[str, 
     return elapsed, warm, rss
 
 
+QUIET_S = 5.0
+
+
 def soak(repo: Path, work: Path, seconds: float, concurrency: int) -> None:
     """The whole repository under load: gRPC clients at `concurrency` against each model in turn
     (benchmarks/soak_load.py, `seconds` split evenly), the server's VmRSS sampled throughout; prints it
@@ -180,9 +183,14 @@ def soak(repo: Path, work: Path, seconds: float, concurrency: int) -> None:
             load.kill()
             raise SystemExit("soak: the load did not finish in time")
         end_rss = rss_mib(proc.pid)
+        # The server gives freed heap back once it has gone quiet after serving (server/heap.py
+        # IdleRelease, checked every 2 s): what it holds between bursts, beside the peak under load.
+        time.sleep(QUIET_S)
+        quiet_rss = rss_mib(proc.pid)
         print(
             f"soak RSS: {ready_rss:.0f} MiB once ready, {end_rss:.0f} MiB after {seconds:.0f} s at concurrency "
-            f"{concurrency}, peak {max(peak, end_rss):.0f} MiB (target <= 500 MiB); load exit {load.returncode}"
+            f"{concurrency}, {quiet_rss:.0f} MiB {QUIET_S:.0f} s later (quiet), peak {max(peak, end_rss):.0f} MiB "
+            f"(target <= 500 MiB); load exit {load.returncode}"
         )
     finally:
         stop(proc)

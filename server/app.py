@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server import metrics, tracing
+from server import heap, metrics, tracing
 from server.access import AccessInterceptor, AccessPolicy
 from server.bindings import rest_settings, rest_v2, rest_vision
 from server.bindings.grpc_inference import GrpcBinding, add_inference_service
@@ -116,6 +116,8 @@ class InferenceServer:
         self.metrics_port = 0
         self._metrics_http: ThreadingHTTPServer | None = None
         self._poller: RepositoryPoller | None = None
+        admission = self.state.admission
+        self._idle_release = heap.IdleRelease(lambda: (admission.requests, admission.admitted))
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -160,6 +162,7 @@ class InferenceServer:
             await self.repository.load_all()
         if self._poller is not None:
             self._poller.start()
+        self._idle_release.start()
         self.state.started = True
         for n in names:
             await self.health.set(n, health_pb2.HealthCheckResponse.SERVING)
@@ -238,6 +241,7 @@ class InferenceServer:
     async def abandon_start(self) -> None:
         """Release what a failed or interrupted start() bound, so the process exits without gRPC's
         'Event loop is closed' noise from a server never stopped."""
+        await self._idle_release.stop()
         if self._poller is not None:
             await self._poller.stop()
         if self.http is not None:
@@ -261,6 +265,7 @@ class InferenceServer:
         )
         self.state.shutting_down = True
         await self.health.enter_graceful_shutdown()
+        await self._idle_release.stop()
         if self._poller is not None:
             await self._poller.stop()
         # Drain first with the server still up: accepted inference RPCs finish (the batchers keep

@@ -138,7 +138,8 @@ def samples(cfg: mc.ModelConfig, model_dir: Path) -> list[WarmupSample]:
 
 
 def run(cfg: mc.ModelConfig, instances: list[Backend], model_dir: Path) -> int:
-    """Blocking: every instance executes every sample `count` times; returns the executions run."""
+    """Blocking: every instance warms every sample `count` times (Backend.warm_up: on each of its infer
+    requests where it holds several); returns the executions run."""
     todo = samples(cfg, model_dir)
     runs = 0
     for inst in instances:
@@ -146,8 +147,7 @@ def run(cfg: mc.ModelConfig, instances: list[Backend], model_dir: Path) -> int:
             try:
                 inst.check_inputs(s.inputs)
                 for _ in range(s.count):
-                    inst.execute(s.inputs)
-                    runs += 1
+                    runs += inst.warm_up(s.inputs)
             except Exception as exc:  # the load fails with the reason; the server keeps serving the rest
                 raise WarmupError(f"warm-up sample '{s.name}' failed: {exc}") from None
     return runs

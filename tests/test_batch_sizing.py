@@ -25,13 +25,13 @@ KNEE_AT_4 = {1: 100.0, 2: 150.0, 4: 191.0, 8: 199.0, 16: 200.0, 32: 194.0}
 
 def test_preferred_is_the_smallest_batch_near_the_best_and_max_batch_not_below_8() -> None:
     s = size_batches(KNEE_AT_4, BatchPins(ceiling=32))
-    # up to 4 (191 >= 0.95 * 200; 150 is not), and the sizes below it: the batches the batcher may form
+    # up to 4 (191 >= 0.9 * 200; 150 is not), and the sizes below it: the batches the batcher may form
     assert s.preferred_batch_sizes == [2, 4]
     assert s.max_batch_size == 8  # client-visible: never below 8 while the ceiling allows it
     assert s.warmup_batch_sizes == [1, 2, 4]
     assert s.max_queue_delay_us == 100  # 1% of 10 ms is 100 us
     assert s.images_per_s == KNEE_AT_4 and s.ceiling == 32
-    assert "smallest batch within 5%" in s.rule
+    assert "smallest batch within 10%" in s.rule
     # batching that does not pay: batch 1 alone
     flat = size_batches({1: 290.0, 2: 288.0, 4: 295.0, 8: 293.0}, BatchPins(ceiling=32))
     assert (flat.preferred_batch_sizes, flat.max_batch_size, flat.warmup_batch_sizes) == ([1], 8, [1])

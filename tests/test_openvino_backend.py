@@ -177,6 +177,23 @@ def test_spare_infer_requests_take_executions_at_once(tmp_path: Path) -> None:
         np.testing.assert_array_equal(out["z"], feed["b"] + 3)
 
 
+def test_warm_up_reaches_every_infer_request(tmp_path: Path) -> None:
+    """A sample warms each infer request, not only the one `execute` would take: the spare ones would
+    otherwise allocate for that batch shape on their first batches under load."""
+    p = tmp_path / "affine.onnx"
+    p.write_bytes(affine_model())
+    ov_b = OpenVinoBackend(p, BackendOptions(intra_op_threads=1, max_batch_size=8))
+    sample: dict[str, np.ndarray] = {"a": np.ones((5, 4), np.float32), "b": np.ones((5, 2), np.int64)}
+    assert ov_b.warm_up(sample) == ov_b.concurrent_executions >= 2
+    requests = list(ov_b._requests.queue)
+    assert len(requests) == ov_b.concurrent_executions  # every request is back for the batcher
+    port = ov_b._input_ports["a"][0]
+    assert [tuple(r.get_tensor(port).shape) for r in requests] == [(5, 4)] * len(requests)
+    # execute alone touches one: the reason warm-up cannot simply call it
+    ov_b.execute({"a": np.ones((3, 4), np.float32), "b": np.ones((3, 2), np.int64)})
+    assert sorted(tuple(r.get_tensor(port).shape) for r in ov_b._requests.queue).count((3, 4)) == 1
+
+
 def _unknown_op_model() -> bytes:
     """A graph ONNX Runtime and OpenVINO both parse but OpenVINO has no kernel for: a custom-domain op."""
     g = helper.make_graph(

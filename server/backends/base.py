@@ -79,6 +79,13 @@ class Backend(ABC):
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch. Arrays are C-contiguous with the batch dimension first."""
 
+    def warm_up(self, inputs: dict[str, np.ndarray]) -> int:
+        """Run a warm-up sample on every piece of per-execution state that keeps buffers per batch shape,
+        so the first real batches of that shape allocate nothing; returns the executions run. Default:
+        one execution (a session shared by every run); OpenVINO runs it on each infer request."""
+        self.execute(inputs)
+        return 1
+
     def runtime_turn(self) -> AbstractContextManager[object]:
         """Held by the batcher around each `execute`, after the batch is gathered: a backend that takes more
         executions than its runtime runs at once (ONNX Runtime: one slot gathers while one runs) returns

@@ -77,6 +77,7 @@ class Admission:
         self.retry_pushback_ms = retry_pushback_ms
         self.requests = 0
         self.bytes = 0
+        self.admitted = 0  # requests admitted since start: server/heap.py's IdleRelease reads activity from it
 
     def _refuse(self, limit: str, message: str) -> AdmissionRefused:
         REFUSED.labels(limit).inc()
@@ -97,6 +98,7 @@ class Admission:
             )
         self.requests += 1
         self.bytes += nbytes
+        self.admitted += 1
         INFLIGHT_REQUESTS.set(self.requests)
         INFLIGHT_BYTES.set(self.bytes)
         try:
