@@ -32,6 +32,7 @@ import threading
 import time
 from pathlib import Path
 
+from cnncore import loopback
 from cnncore.config import CONFIG_FILENAME, load_config, render_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,89 +48,26 @@ def without_warmup(repo: Path, into: Path) -> Path:
     return into
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def start_server(repo: Path, work: Path, *only: str) -> tuple[subprocess.Popen, float, dict]:
-    """The server on `repo` (only the models `only`, when given), once ready: (process, seconds from
-    process start to ready, the ready file's JSON). The caller terminates it."""
-    ready = work / "ready.json"
-    log = work / "server.log"
-    ready.unlink(missing_ok=True)
-    t0 = time.monotonic()
-    with open(log, "w") as logf:  # the server writes to its own copy of the descriptor
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "server",
-                "--model-repository",
-                str(repo),
-                "--grpc-address",
-                "127.0.0.1",
-                "--grpc-port",
-                "0",
-                "--metrics-address",
-                "127.0.0.1",
-                "--metrics-port",
-                "0",
-                "--allow-http",
-                "false",
-                "--ready-file",
-                str(ready),
-                "--strict-readiness",
-                "true",
-                *(
-                    ["--model-control-mode", "explicit", *[a for m in only for a in ("--load-model", m)]]
-                    if only
-                    else []
-                ),
-            ],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-        )
+def start_server(repo: Path, work: Path, models: list[str] | None = None) -> loopback.LoopbackServer:
+    """The server on `repo` (only `models`, when given), once ready, strict readiness; the caller stops it."""
     try:
-        while not ready.exists():
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            time.sleep(0.005)
-        elapsed = time.monotonic() - t0
-        info = json.loads(ready.read_text())
-        if any(state != "READY" for state in info["models"].values()):
-            raise SystemExit(f"not every model loaded: {info['models']}")
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, elapsed, info
+        return loopback.start(repo, work, models=models, extra_args=("--strict-readiness", "true"))
+    except loopback.ServerNotReady as exc:
+        raise SystemExit(f"{exc}\n{(work / 'server.log').read_text()[-3000:]}") from None
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
+def time_to_ready(repo: Path, work: Path, models: list[str] | None = None) -> tuple[float, dict[str, float], float]:
+    server = start_server(repo, work, models)
     try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(60)
-
-
-def time_to_ready(repo: Path, work: Path, *only: str) -> tuple[float, dict[str, float], float]:
-    proc, elapsed, _ = start_server(repo, work, *only)
-    try:
-        rss = rss_mib(proc.pid)
+        rss = server.rss_mib()
     finally:
-        stop(proc)
+        server.stop()
     warm = {}
     for line in (work / "server.log").read_text().splitlines():
         if line.startswith("{") and '"model warmed up"' in line:
             rec = json.loads(line)
             warm[rec["model"]] = rec["ms"]
-    return elapsed, warm, rss
+    return server.ready_s, warm, rss
 
 
 QUIET_S = 5.0
@@ -139,9 +77,10 @@ def soak(repo: Path, work: Path, seconds: float, concurrency: int) -> None:
     """The whole repository under load: gRPC clients at `concurrency` against each model in turn
     (benchmarks/soak_load.py, `seconds` split evenly), the server's VmRSS sampled throughout; prints it
     once ready, after each model's slice, its peak and at the end."""
-    proc, elapsed, info = start_server(repo, work)
+    server = start_server(repo, work)
+    elapsed, info = server.ready_s, server.info
     try:
-        ready_rss = rss_mib(proc.pid)
+        ready_rss = server.rss_mib()
         print(f"soak: ready in {elapsed:.2f} s, {ready_rss:.0f} MiB RSS; concurrency {concurrency}, {seconds:.0f} s")
         load = subprocess.Popen(
             [
@@ -172,28 +111,28 @@ def soak(repo: Path, work: Path, seconds: float, concurrency: int) -> None:
         reader.start()
         deadline = time.monotonic() + seconds + 120  # bounded: the load's own slices plus its start
         while time.monotonic() < deadline and (load.poll() is None or reader.is_alive() or not lines.empty()):
-            peak = max(peak, rss_mib(proc.pid))
+            peak = max(peak, server.rss_mib())
             try:
                 line = lines.get(timeout=0.25)
             except queue.Empty:
                 continue
             _, model, done, errors = line.split()
-            print(f"  after {model} ({done} requests, {errors} errors): {rss_mib(proc.pid):.0f} MiB", flush=True)
+            print(f"  after {model} ({done} requests, {errors} errors): {server.rss_mib():.0f} MiB", flush=True)
         if load.poll() is None:
             load.kill()
             raise SystemExit("soak: the load did not finish in time")
-        end_rss = rss_mib(proc.pid)
+        end_rss = server.rss_mib()
         # The server gives freed heap back once it has gone quiet after serving (server/heap.py
         # IdleRelease, checked every 2 s): what it holds between bursts, beside the peak under load.
         time.sleep(QUIET_S)
-        quiet_rss = rss_mib(proc.pid)
+        quiet_rss = server.rss_mib()
         print(
             f"soak RSS: {ready_rss:.0f} MiB once ready, {end_rss:.0f} MiB after {seconds:.0f} s at concurrency "
             f"{concurrency}, {quiet_rss:.0f} MiB {QUIET_S:.0f} s later (quiet), peak {max(peak, end_rss):.0f} MiB "
             f"(target <= 500 MiB); load exit {load.returncode}"
         )
     finally:
-        stop(proc)
+        server.stop()
 
 
 def main() -> None:
@@ -223,10 +162,10 @@ def main() -> None:
             )
         if a.per_model_rss:
             names = sorted(p.parent.name for p in a.repository.glob(f"*/{CONFIG_FILENAME}"))
-            empty = time_to_ready(a.repository, Path(tmp), "none_such_model")[2]
+            empty = time_to_ready(a.repository, Path(tmp), [])[2]
             print(f"RSS once ready: empty server {empty:.0f} MiB; each model adds (with its warm-up):")
             for name in names:
-                print(f"  {name}: {time_to_ready(a.repository, Path(tmp), name)[2] - empty:.0f} MiB", flush=True)
+                print(f"  {name}: {time_to_ready(a.repository, Path(tmp), [name])[2] - empty:.0f} MiB", flush=True)
         if a.soak > 0:
             soak(a.repository, Path(tmp), a.soak, a.concurrency)
     if with_w:

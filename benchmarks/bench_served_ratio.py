@@ -47,9 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_cold_start import rss_mib  # noqa: E402
 from bench_frontend import perf_analyzer, repository_target, start, write_repository  # noqa: E402
 from bench_server import pct  # noqa: E402
+from cnncore.loopback import vmrss_mib  # noqa: E402
 
 TARGETS = {"pa-shm": 0.85, "pa-bytes": 0.75}  # served / raw at the concurrency measured
 RAW_BATCHES = (1, 2, 4, 8)
@@ -227,7 +227,7 @@ def main() -> None:
                     (res["rps"], True) if res["rps"] == res["rps"] else (res["server_rps"], False)
                 )
                 served[step].append(res)
-        rss = rss_mib(proc.pid)
+        rss = vmrss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(60)

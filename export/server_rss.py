@@ -10,16 +10,12 @@ does not include: the memory a model grows under load beyond its warm-up (benchm
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from cnncore import loopback
 
 
 class RssUnavailable(RuntimeError):
@@ -37,64 +33,15 @@ class ServedRss:
         return self.loaded_mib - self.empty_mib
 
 
-def vmrss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RssUnavailable(f"no VmRSS for process {pid}")
-
-
 def _server_rss(repo: Path, models: list[str], work: Path, timeout_s: float) -> tuple[float, float]:
-    ready = work / "ready.json"
-    log = work / "server.log"
-    ready.unlink(missing_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "server",
-        "--model-repository",
-        str(repo),
-        "--grpc-address",
-        "127.0.0.1",
-        "--grpc-port",
-        "0",
-        "--metrics-address",
-        "127.0.0.1",
-        "--metrics-port",
-        "0",
-        "--allow-http",
-        "false",
-        "--ready-file",
-        str(ready),
-        "--model-control-mode",
-        "explicit",
-        *[a for m in models for a in ("--load-model", m)],
-    ]
-    t0 = time.monotonic()
-    with open(log, "w") as logf:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=logf, stderr=subprocess.STDOUT
-        )
     try:
-        while not ready.exists():
-            if proc.poll() is not None:
-                tail = log.read_text().strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-                raise RssUnavailable(f"the server exited before it was ready: {tail[0][:300]}")
-            if time.monotonic() - t0 > timeout_s:
-                raise RssUnavailable(f"the server was not ready within {timeout_s:.0f} s")
-            time.sleep(0.01)
-        elapsed = time.monotonic() - t0
-        states = json.loads(ready.read_text()).get("models", {})
-        if any(states.get(m) != "READY" for m in models):
-            raise RssUnavailable(f"not loaded: {states}")
-        return vmrss_mib(proc.pid), elapsed
+        server = loopback.start(repo, work, models=models, timeout_s=timeout_s)
+    except loopback.ServerNotReady as exc:
+        raise RssUnavailable(str(exc)) from None
+    try:
+        return server.rss_mib(), server.ready_s
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
+        server.stop(30)
 
 
 def served_rss(repo: Path, name: str, timeout_s: float = 300.0) -> ServedRss:
