@@ -483,10 +483,11 @@ def test_overload_is_bounded_and_loses_no_accepted_request(tmp_path: Path, serve
             await burst(stub, 64, 16, held=False)  # warm: connections, arena, gRPC buffers
             rss = [srv.rss_bytes()]
             gate.close()
-            results = [await burst(stub, 400, 64, held=True)]
+            # twice the queue bound at once, so the held wave surely overflows it
+            results = [await burst(stub, 400, 2 * queue_size, held=True)]
             rss.append(srv.rss_bytes())
             for _ in range(2):  # the soak: the same burst again must not grow the server further
-                results.append(await burst(stub, 400, 64, held=False))
+                results.append(await burst(stub, 400, 2 * queue_size, held=False))
                 rss.append(srv.rss_bytes())
             return results, rss
 
