@@ -100,18 +100,14 @@ def torch_outputs(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> di
     return {n: t.detach().cpu().numpy() for n, t in zip(names, flat, strict=True)}
 
 
+def _failed(batch: int, name: str, error: str) -> OutputParity:
+    """A comparison that cannot pass: infinite error, the reason in `detail`."""
+    return OutputParity(batch, name, float("inf"), float("inf"), 0.0, 0.0, False, {"error": error})
+
+
 def _compare(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float, batch: int, name: str) -> OutputParity:
     if ref.shape != got.shape:
-        return OutputParity(
-            batch,
-            name,
-            float("inf"),
-            float("inf"),
-            0.0,
-            0.0,
-            False,
-            {"error": f"shape {got.shape} != eager {ref.shape}"},
-        )
+        return _failed(batch, name, f"shape {got.shape} != eager {ref.shape}")
     if not np.issubdtype(ref.dtype, np.floating):
         mismatches = int(np.count_nonzero(ref != got))
         return OutputParity(
@@ -120,27 +116,9 @@ def _compare(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float, batch: 
     ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
     if not np.all(np.isfinite(ref64)):
         # NaN == NaN everywhere would "pass" while proving nothing about the exported graph
-        return OutputParity(
-            batch,
-            name,
-            float("inf"),
-            float("inf"),
-            0.0,
-            0.0,
-            False,
-            {"error": "eager output is not finite (overflow?): parity would be meaningless"},
-        )
+        return _failed(batch, name, "eager output is not finite (overflow?): parity would be meaningless")
     if not np.all(np.isfinite(got64)):
-        return OutputParity(
-            batch,
-            name,
-            float("inf"),
-            float("inf"),
-            0.0,
-            0.0,
-            False,
-            {"error": "ONNX Runtime output is not finite where eager is"},
-        )
+        return _failed(batch, name, "ONNX Runtime output is not finite where eager is")
     diff = np.abs(got64 - ref64)
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.abs(ref64).max()) if ref64.size else 0.0
