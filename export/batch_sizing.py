@@ -153,13 +153,8 @@ def measure_curve(
 
 def apply_sizing(cfg: ModelConfig, sizing: BatchSizing) -> None:
     """Write `sizing` into `cfg` in place: max_batch_size, dynamic_batching, warm-up, the parameter."""
-    set_batching(
-        cfg,
-        sizing.max_batch_size,
-        sizing.preferred_batch_sizes,
-        sizing.max_queue_delay_us,
-        warmup=sizing.warmup_batch_sizes,
-    )
+    # the warm-up follows from the same two (repository.warmup_batch_sizes, as sizing.warmup_batch_sizes)
+    set_batching(cfg, sizing.max_batch_size, sizing.preferred_batch_sizes, sizing.max_queue_delay_us)
     cfg.parameters[PARAMETER].string_value = describe_sizing(sizing)
 
 

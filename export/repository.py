@@ -136,11 +136,9 @@ def set_batching(
     preferred: Sequence[int],
     queue_delay_us: int,
     instance_count: int | None = None,
-    warmup: Sequence[int] | None = None,
 ) -> None:
     """max_batch_size, dynamic_batching (preferred sizes, queue delay, queue bound) and the warm-up
-    samples of `cfg`, in place. `warmup`: the batch sizes to warm up, else `warmup_batch_sizes`;
-    `instance_count`: else the config's own."""
+    samples of `cfg` (`warmup_batch_sizes`), in place. `instance_count`: else the config's own."""
     count = instance_count if instance_count is not None else sum(max(1, g.count) for g in cfg.instance_group) or 1
     cfg.max_batch_size = max_batch_size
     db = cfg.dynamic_batching
@@ -150,9 +148,8 @@ def set_batching(
     db.default_queue_policy.max_queue_size = default_queue_size(max_batch_size, count)
     if not cfg.instance_group:
         cfg.instance_group.add(count=count, kind=ModelInstanceGroup.KIND_CPU)
-    sizes = warmup if warmup is not None else warmup_batch_sizes(max_batch_size, preferred)
     del cfg.model_warmup[:]
-    for batch in sizes:
+    for batch in warmup_batch_sizes(max_batch_size, preferred):
         sample = cfg.model_warmup.add(name=f"random_batch_{batch}", batch_size=batch if max_batch_size else 0)
         for t in cfg.input:
             sample.inputs[t.name].CopyFrom(
