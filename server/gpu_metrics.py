@@ -13,6 +13,7 @@ machine) registration logs one line and does nothing, so the server starts the s
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,7 +75,9 @@ class NvmlCollector(Collector):
         yield from (util, total, used, power)
 
 
-_registered: dict[int, NvmlCollector] = {}
+# Keyed by the registry itself, weakly: an id() outlives its registry, so a new registry given a
+# collected one's address was taken for registered and got no GPU series (a flaky test_deploy run).
+_registered: weakref.WeakKeyDictionary[CollectorRegistry, NvmlCollector] = weakref.WeakKeyDictionary()
 
 
 def register_gpu_metrics(registry: CollectorRegistry | None = None, nvml: Any | None = None) -> NvmlCollector | None:
@@ -85,8 +88,8 @@ def register_gpu_metrics(registry: CollectorRegistry | None = None, nvml: Any | 
         from server.metrics import REGISTRY
 
         registry = REGISTRY
-    if id(registry) in _registered:
-        return _registered[id(registry)]
+    if registry in _registered:
+        return _registered[registry]
     if nvml is None:
         try:
             import pynvml
@@ -104,6 +107,6 @@ def register_gpu_metrics(registry: CollectorRegistry | None = None, nvml: Any | 
         log.info("GPU metrics disabled: NVML sees no GPU")
         return None
     registry.register(collector)
-    _registered[id(registry)] = collector
+    _registered[registry] = collector
     log.info("GPU metrics enabled for %d GPU(s)", collector.gpu_count)
     return collector
